@@ -1,0 +1,28 @@
+"""kvshard.quant — KV-cache quantization for MLX: TurboQuant (mse, prod), residual VQ, PolarQuant and QJL as
+compressed mlx_lm caches, attention straight from the codes, and RateQuant bit allocation."""
+
+from .builder import KVCacheBuilder, KVCacheConfig, install_attention_hook
+from .cache import CompressedKVCache
+from .methods import METHODS, make_method
+
+__all__ = [
+    "KVCacheBuilder",
+    "KVCacheConfig",
+    "CompressedKVCache",
+    "METHODS",
+    "make_method",
+    "install_attention_hook",
+]
+
+
+def __getattr__(name):
+    # Heavier pieces load on first use so that `import kvshard.quant` stays cheap.
+    if name in ("load_model",):
+        from .models import load_model
+
+        return load_model
+    if name in ("calibrate_layer_sensitivities", "allocate_bits_ratequant", "fit_distortion_curve"):
+        from . import ratequant
+
+        return getattr(ratequant, name)
+    raise AttributeError(name)

@@ -1,0 +1,131 @@
+"""KVCacheConfig and KVCacheBuilder: the public way to make compressed caches (the seed's API, kept),
+and the hook that routes mlx_lm's attention to the codes."""
+
+import sys
+from dataclasses import dataclass, field, replace
+
+import mlx_lm.models.cache as mlx_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+from .cache import CompressedKVCache
+
+# load_prompt_cache looks cache classes up by name in mlx_lm's module; make ours findable there.
+mlx_cache.CompressedKVCache = CompressedKVCache
+
+
+@dataclass
+class KVCacheConfig:
+    method: str = "turboquant_mse"
+    bit_width_inlier: int | list[int] = 4  # key bits: one int, or one per attention layer
+    bit_width_value: int | list[int] | None = None  # value bits; None = same as the keys
+    sink_tokens: int = 0  # first tokens kept in fp16 (attention sinks)
+    window: int = 0  # most recent tokens kept in fp16
+    seed: int = 42
+    head_dim: int | None = None  # for standalone caches; for_model reads it from the model
+    center_keys: bool = True
+    value_method: str | None = None  # None = same method as the keys
+    extra: dict = field(default_factory=dict)
+
+    def bits_for_layer(self, values: bool, layer: int, n_layers: int) -> int:
+        name = "bit_width_value" if values else "bit_width_inlier"
+        bits = getattr(self, name)
+        if values and bits is None:
+            return self.bits_for_layer(False, layer, n_layers)
+        if isinstance(bits, (list, tuple)):
+            if len(bits) != n_layers:
+                raise ValueError(f"{name} has {len(bits)} entries but the model has {n_layers} attention layers")
+            return bits[layer]
+        return bits
+
+    def make_cache(self, layer: int = 0, n_layers: int = 1, head_dim=None, n_kv_heads=None) -> CompressedKVCache:
+        return CompressedKVCache(
+            head_dim=head_dim if head_dim is not None else self.head_dim,
+            n_kv_heads=n_kv_heads,
+            method=self.method,
+            key_bits=self.bits_for_layer(False, layer, n_layers),
+            value_bits=self.bits_for_layer(True, layer, n_layers),
+            seed=self.seed,
+            sink_tokens=self.sink_tokens,
+            window=self.window,
+            center_keys=self.center_keys,
+            value_method=self.value_method,
+        )
+
+
+def _attention_shape(layer) -> tuple[int | None, int | None]:
+    attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+    return getattr(attn, "head_dim", None), getattr(attn, "n_kv_heads", None)
+
+
+def install_attention_hook(model) -> None:
+    """Make the model's attention modules call CompressedKVCache.attention (which reads codes) instead of
+    mlx_lm's SDPA on materialised K/V. mlx_lm's model files import `scaled_dot_product_attention` by name,
+    so the name is wrapped in each module that the model's layers come from."""
+    modules = {type(m).__module__ for _, m in model.named_modules()}
+    for module_name in modules:
+        module = sys.modules.get(module_name)
+        original = getattr(module, "scaled_dot_product_attention", None)
+        if original is None or getattr(original, "kvshard_hook", False):
+            continue
+
+        def sdpa(queries, keys, values, cache, scale, mask, sinks=None, _original=original):
+            if isinstance(cache, CompressedKVCache):
+                if sinks is not None:
+                    raise ValueError("compressed caches do not support learned attention sinks")
+                return cache.attention(queries, scale=scale, mask=mask)
+            return _original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+        sdpa.kvshard_hook = True
+        module.scaled_dot_product_attention = sdpa
+
+
+class KVCacheBuilder:
+    """Fluent construction of a standalone cache, or `for_model` for one cache per layer of a model."""
+
+    def __init__(self, config: KVCacheConfig | None = None):
+        self.config = config or KVCacheConfig()
+        self.n_kv_heads = None
+
+    def with_method(self, method: str) -> "KVCacheBuilder":
+        self.config = replace(self.config, method=method)
+        return self
+
+    def with_head_dim(self, head_dim: int) -> "KVCacheBuilder":
+        self.config = replace(self.config, head_dim=head_dim)
+        return self
+
+    def with_kv_heads(self, n_kv_heads: int) -> "KVCacheBuilder":
+        self.n_kv_heads = n_kv_heads
+        return self
+
+    def with_bit_width(self, inlier: int, value: int | None = None) -> "KVCacheBuilder":
+        self.config = replace(self.config, bit_width_inlier=inlier, bit_width_value=value)
+        return self
+
+    def with_seed(self, seed: int) -> "KVCacheBuilder":
+        self.config = replace(self.config, seed=seed)
+        return self
+
+    def with_sinks(self, tokens: int) -> "KVCacheBuilder":
+        self.config = replace(self.config, sink_tokens=tokens)
+        return self
+
+    def with_window(self, tokens: int) -> "KVCacheBuilder":
+        self.config = replace(self.config, window=tokens)
+        return self
+
+    def build(self) -> CompressedKVCache:
+        return self.config.make_cache(n_kv_heads=self.n_kv_heads)
+
+    @staticmethod
+    def for_model(model, config: KVCacheConfig) -> list:
+        """One cache per layer: a CompressedKVCache wherever the model would use a plain KVCache (full
+        attention); other layers (sliding-window, recurrent) keep the model's own cache."""
+        caches = make_prompt_cache(model)
+        layers = getattr(model, "layers", None) or model.model.layers
+        attention = [i for i, c in enumerate(caches) if type(c) is KVCache]
+        for rank, i in enumerate(attention):
+            head_dim, n_kv_heads = _attention_shape(layers[i]) if i < len(layers) else (None, None)
+            caches[i] = config.make_cache(rank, len(attention), head_dim, n_kv_heads)
+        install_attention_hook(model)
+        return caches

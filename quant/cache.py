@@ -1,0 +1,366 @@
+"""CompressedKVCache: an mlx_lm-compatible KV cache that holds keys AND values as packed codes.
+
+Token order inside the cache: optional fp16 attention sinks (the first tokens), then codes, then an optional
+fp16 window of the most recent tokens. Tokens leave the window for the codes as new ones arrive. Between
+steps the cache holds only these — no fp16 copy of the history.
+"""
+
+import json
+
+import mlx.core as mx
+from mlx_lm.models.cache import _BaseCache
+
+from .attention import CodeSegment, ExactSegment, compressed_attention
+from .methods import make_method
+
+_GROW_TOKENS = 256  # codes are preallocated in steps, as mlx_lm's KVCache does, so decode appends in place
+_MIN_TOKENS_FOR_MEAN = 8  # tokens wait in fp16 until the key mean is estimated from at least this many
+
+
+def _check_count(value, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{field} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _slice(codes: dict, start: int, stop: int) -> dict:
+    return {name: a[:, :, start:stop] for name, a in codes.items()}
+
+
+class CompressedKVCache(_BaseCache):
+    def __init__(
+        self,
+        head_dim: int | None = None,
+        n_kv_heads: int | None = None,
+        method: str = "turboquant_mse",
+        key_bits: int = 4,
+        value_bits: int | None = None,
+        seed: int = 42,
+        sink_tokens: int = 0,
+        window: int = 0,
+        center_keys: bool = True,
+        value_method: str | None = None,
+    ):
+        self.method = method
+        self.value_method_name = value_method or method
+        self.key_bits = key_bits
+        self.value_bits = key_bits if value_bits is None else value_bits
+        self.seed = seed
+        self.sink_tokens = _check_count(sink_tokens, "sink_tokens")
+        self.window = _check_count(window, "window")
+        self.center_keys = bool(center_keys)
+        self.head_dim = None
+        self.n_kv_heads = None
+        # Build the quantizers now when the shape is known, so bad bits/method fail at construction.
+        probe_dim = head_dim if head_dim is not None else 64
+        make_method(method, probe_dim, key_bits, seed)
+        make_method(self.value_method_name, probe_dim, self.value_bits, seed)
+        if head_dim is not None:
+            self._init_shape(head_dim, n_kv_heads)
+        self._clear()
+
+    # ---- construction -------------------------------------------------------------------------------------
+
+    def _init_shape(self, head_dim: int, n_kv_heads: int | None) -> None:
+        self.head_dim = head_dim
+        self.n_kv_heads = n_kv_heads
+        self.key_quantizer = make_method(self.method, head_dim, self.key_bits, self.seed)
+        self.value_quantizer = make_method(self.value_method_name, head_dim, self.value_bits, self.seed)
+
+    def _clear(self) -> None:
+        self.offset = 0
+        self.n_encoded = 0
+        self.sink_keys = self.sink_values = None
+        self.window_keys = self.window_values = None
+        self.key_codes = self.value_codes = None
+        self.key_mean = None
+
+    @property
+    def config(self) -> dict:
+        return {
+            "head_dim": self.head_dim,
+            "n_kv_heads": self.n_kv_heads,
+            "method": self.method,
+            "value_method": self.value_method_name,
+            "key_bits": self.key_bits,
+            "value_bits": self.value_bits,
+            "seed": self.seed,
+            "sink_tokens": self.sink_tokens,
+            "window": self.window,
+            "center_keys": self.center_keys,
+        }
+
+    # ---- appending --------------------------------------------------------------------------------------
+
+    def _validate(self, keys: mx.array, values: mx.array, check_finite: bool) -> None:
+        for field, x in (("keys", keys), ("values", values)):
+            if not isinstance(x, mx.array):
+                raise TypeError(f"{field} must be an mx.array, got {type(x).__name__}")
+            if x.ndim != 4:
+                raise ValueError(f"{field} must have shape (batch, kv_heads, tokens, head_dim), got {tuple(x.shape)}")
+            if not mx.issubdtype(x.dtype, mx.floating):
+                raise ValueError(f"{field} must be a floating-point array, got {x.dtype}")
+        if keys.shape != values.shape:
+            raise ValueError(f"values shape {tuple(values.shape)} must match keys shape {tuple(keys.shape)}")
+        B, H, _, D = keys.shape
+        if self.head_dim is not None and D != self.head_dim:
+            raise ValueError(f"head_dim of keys must be {self.head_dim}, got {D}")
+        if self.n_kv_heads is not None and H != self.n_kv_heads:
+            raise ValueError(f"kv_heads of keys must be {self.n_kv_heads}, got {H}")
+        held = self.sink_keys if self.sink_keys is not None else self.window_keys
+        if held is not None and held.shape[0] != B:
+            raise ValueError(f"batch of keys must be {held.shape[0]}, got {B}")
+        if check_finite:
+            for field, x in (("keys", keys), ("values", values)):
+                if not mx.isfinite(x).all().item():
+                    raise ValueError(f"{field} contain NaN or Inf")
+
+    def _store(self, keys: mx.array, values: mx.array) -> None:
+        if self.head_dim is None or self.n_kv_heads is None:
+            self._init_shape(keys.shape[-1], keys.shape[1])
+        keys, values = keys.astype(mx.float16), values.astype(mx.float16)
+        n = keys.shape[2]
+        self.offset += n
+        held_sinks = 0 if self.sink_keys is None else self.sink_keys.shape[2]
+        take = min(self.sink_tokens - held_sinks, n)
+        if take > 0:
+            self.sink_keys = _concat(self.sink_keys, keys[:, :, :take])
+            self.sink_values = _concat(self.sink_values, values[:, :, :take])
+            keys, values = keys[:, :, take:], values[:, :, take:]
+        if keys.shape[2] == 0:
+            return
+        self.window_keys = _concat(self.window_keys, keys)
+        self.window_values = _concat(self.window_values, values)
+        overflow = self.window_keys.shape[2] - self.window
+        if self.center_keys and self.key_mean is None:
+            if self.window_keys.shape[2] < _MIN_TOKENS_FOR_MEAN:
+                return
+            # Keys share a large common direction; encoding k − μ spends the bits on what differs between them.
+            self.key_mean = self.window_keys.astype(mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
+        if overflow > 0:
+            self._encode(self.window_keys[:, :, :overflow], self.window_values[:, :, :overflow])
+            self.window_keys = self.window_keys[:, :, overflow:]
+            self.window_values = self.window_values[:, :, overflow:]
+
+    def _encode(self, keys: mx.array, values: mx.array) -> None:
+        if self.key_mean is not None:
+            keys = keys - self.key_mean
+        new_k, new_v = self.key_quantizer.encode(keys), self.value_quantizer.encode(values)
+        n = keys.shape[2]
+        if self.key_codes is None:
+            self.key_codes, self.value_codes = {}, {}
+        needed = self.n_encoded + n
+        capacity = 0 if not self.key_codes else next(iter(self.key_codes.values())).shape[2]
+        if needed > capacity:
+            grow = ((needed - capacity + _GROW_TOKENS - 1) // _GROW_TOKENS) * _GROW_TOKENS
+            for held, fresh in ((self.key_codes, new_k), (self.value_codes, new_v)):
+                for name, a in fresh.items():
+                    extra = mx.zeros((*a.shape[:2], grow, a.shape[3]), dtype=a.dtype)
+                    held[name] = extra if name not in held else mx.concatenate([held[name][:, :, : self.n_encoded], extra], axis=2)
+        for held, fresh in ((self.key_codes, new_k), (self.value_codes, new_v)):
+            for name, a in fresh.items():
+                held[name][:, :, self.n_encoded : needed] = a
+        self.n_encoded = needed
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """mlx_lm's entry point. Returns the full K/V *lazily*: kvshard's attention hook never evaluates them
+        (it reads the codes), but any attention that does gets the right answer."""
+        self._validate(keys, values, check_finite=False)
+        self._store(keys, values)
+        return self.dequantized()
+
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Append tokens: (head_dim,), (tokens, head_dim), (kv_heads, tokens, head_dim) or (1, kv_heads, tokens,
+        head_dim). Invalid input raises ValueError naming the field and leaves the cache as it was."""
+        keys, values = _as_4d(keys, "keys"), _as_4d(values, "values")
+        self._validate(keys, values, check_finite=True)
+        self._store(keys, values)
+        mx.eval(self._arrays())
+
+    # ---- reading ----------------------------------------------------------------------------------------
+
+    def segments(self) -> list:
+        parts = []
+        if self.sink_keys is not None:
+            parts.append(ExactSegment(self.sink_keys, self.sink_values))
+        if self.n_encoded:
+            parts.append(
+                CodeSegment(
+                    _slice(self.key_codes, 0, self.n_encoded),
+                    _slice(self.value_codes, 0, self.n_encoded),
+                    self.key_mean,
+                    self.n_encoded,
+                )
+            )
+        if self.window_keys is not None and self.window_keys.shape[2]:
+            parts.append(ExactSegment(self.window_keys, self.window_values))
+        return parts
+
+    def attention(self, queries: mx.array, scale: float, mask=None) -> mx.array:
+        """Attention of (B, Hq, L, D) queries over every held token, read from the codes."""
+        return compressed_attention(
+            queries,
+            self.segments(),
+            n_kv_heads=self.n_kv_heads,
+            key_method=self.key_quantizer,
+            value_method=self.value_quantizer,
+            scale=scale,
+            mask=mask,
+        )
+
+    def attend(self, q: mx.array, scale: float | None = None) -> mx.array:
+        """Attention of queries over all held tokens (no causal mask): (D,), (Lq, D), (Hq, Lq, D) or
+        (1, Hq, Lq, D); the output has the query's shape."""
+        if self.offset == 0:
+            raise ValueError("cache is empty: append keys and values before attend")
+        q4 = _as_4d(q, "q")
+        if q4.shape[-1] != self.head_dim:
+            raise ValueError(f"head_dim of q must be {self.head_dim}, got {q4.shape[-1]}")
+        if q4.shape[1] % self.n_kv_heads:
+            raise ValueError(f"query heads ({q4.shape[1]}) must be a multiple of kv_heads ({self.n_kv_heads})")
+        scale = self.head_dim**-0.5 if scale is None else scale
+        return self.attention(q4, scale).reshape(q.shape)
+
+    def dequantized(self) -> tuple[mx.array, mx.array]:
+        """All held K and V in fp16, for code that needs them (tests, generic attention)."""
+        keys, values = [], []
+        for segment in self.segments():
+            if isinstance(segment, ExactSegment):
+                keys.append(segment.keys)
+                values.append(segment.values)
+            else:
+                k = self.key_quantizer.decode(segment.key_codes)
+                if segment.key_mean is not None:
+                    k = k + segment.key_mean
+                keys.append(k.astype(mx.float16))
+                values.append(self.value_quantizer.decode(segment.value_codes).astype(mx.float16))
+        return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
+
+    def __len__(self) -> int:
+        return self.offset
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    def _arrays(self) -> list:
+        arrays = [a for a in (self.sink_keys, self.sink_values, self.window_keys, self.window_values, self.key_mean) if a is not None]
+        for codes in (self.key_codes or {}, self.value_codes or {}):
+            arrays.extend(a[:, :, : self.n_encoded] for a in codes.values())
+        return arrays
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held for the tokens: packed codes, norms, fp16 sinks, window and key mean."""
+        return sum(a.nbytes for a in self._arrays())
+
+    def memory_bytes(self) -> int:
+        return self.nbytes
+
+    @property
+    def fp16_key_bytes(self) -> int:
+        """What the keys would take in fp16, for compression ratios."""
+        return 0 if self.head_dim is None else 2 * self.offset * self.head_dim * (self.n_kv_heads or 0) * self._batch()
+
+    @property
+    def compressed_key_bytes(self) -> int:
+        held = [self.sink_keys, self.window_keys, self.key_mean]
+        held_bytes = sum(a.nbytes for a in held if a is not None)
+        return held_bytes + sum(a[:, :, : self.n_encoded].nbytes for a in (self.key_codes or {}).values())
+
+    def _batch(self) -> int:
+        for a in (self.sink_keys, self.window_keys):
+            if a is not None:
+                return a.shape[0]
+        return next(iter(self.key_codes.values())).shape[0] if self.key_codes else 1
+
+    # ---- trimming -----------------------------------------------------------------------------------------
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the last n tokens (window first, then codes, then sinks); returns how many were dropped."""
+        n = min(_check_count(n, "n"), self.offset)
+        left = n
+        if left and self.window_keys is not None:
+            drop = min(left, self.window_keys.shape[2])
+            keep = self.window_keys.shape[2] - drop
+            self.window_keys, self.window_values = self.window_keys[:, :, :keep], self.window_values[:, :, :keep]
+            left -= drop
+        if left and self.n_encoded:
+            drop = min(left, self.n_encoded)
+            self.n_encoded -= drop
+            left -= drop
+        if left and self.sink_keys is not None:
+            keep = self.sink_keys.shape[2] - left
+            self.sink_keys, self.sink_values = self.sink_keys[:, :, :keep], self.sink_values[:, :, :keep]
+        self.offset -= n
+        return n
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        from mlx_lm.models.cache import create_attention_mask
+
+        return create_attention_mask(N, self.offset, return_array=return_array, window_size=window_size)
+
+    # ---- state --------------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> dict:
+        meta = dict(self.config, offset=self.offset, n_encoded=self.n_encoded)
+        state = {"meta": json.dumps(meta, sort_keys=True)}
+        for name in ("sink_keys", "sink_values", "window_keys", "window_values", "key_mean"):
+            if getattr(self, name) is not None:
+                state[name] = getattr(self, name)
+        if self.n_encoded:
+            state["key_codes"] = _slice(self.key_codes, 0, self.n_encoded)
+            state["value_codes"] = _slice(self.value_codes, 0, self.n_encoded)
+        return state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        meta = json.loads(state["meta"])
+        self.__init__(
+            head_dim=meta["head_dim"],
+            n_kv_heads=meta["n_kv_heads"],
+            method=meta["method"],
+            key_bits=meta["key_bits"],
+            value_bits=meta["value_bits"],
+            seed=meta["seed"],
+            sink_tokens=meta["sink_tokens"],
+            window=meta["window"],
+            center_keys=meta["center_keys"],
+            value_method=meta["value_method"],
+        )
+        for name in ("sink_keys", "sink_values", "window_keys", "window_values", "key_mean"):
+            setattr(self, name, state.get(name))
+        self.key_codes = dict(state["key_codes"]) if "key_codes" in state else None
+        self.value_codes = dict(state["value_codes"]) if "value_codes" in state else None
+        self.offset, self.n_encoded = meta["offset"], meta["n_encoded"]
+
+    @property
+    def meta_state(self) -> str:
+        return self.state["meta"]
+
+
+def _concat(held: mx.array | None, new: mx.array) -> mx.array:
+    return new if held is None else mx.concatenate([held, new], axis=2)
+
+
+def _as_4d(x, field: str) -> mx.array:
+    if not isinstance(x, mx.array):
+        try:
+            x = mx.array(x)
+        except Exception as err:
+            raise TypeError(f"{field} must be an array, got {type(x).__name__}") from err
+    if x.ndim == 1:
+        return x[None, None, None]
+    if x.ndim == 2:
+        return x[None, None]
+    if x.ndim == 3:
+        return x[None]
+    if x.ndim == 4:
+        return x
+    raise ValueError(f"{field} must have 1 to 4 dimensions, got shape {tuple(x.shape)}")

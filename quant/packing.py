@@ -1,0 +1,58 @@
+"""Bit packing of b-bit codes (1 <= b <= 8) into bytes, vectorized over every leading axis.
+
+Codes are laid out little-endian bit by bit: code j of a row occupies bits [j·b, (j+1)·b) of the row's bit
+stream, and bit k of the stream is bit (k mod 8) of byte k // 8. Rows are padded to whole bytes.
+"""
+
+import mlx.core as mx
+
+_BYTE_WEIGHTS = mx.array([1 << i for i in range(8)], dtype=mx.uint32)
+
+
+def packed_size(n: int, bits: int) -> int:
+    """Bytes that n codes of `bits` bits occupy."""
+    return (n * bits + 7) // 8
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+
+
+def pack(codes: mx.array, bits: int) -> mx.array:
+    """(..., n) integer codes < 2**bits -> (..., packed_size(n, bits)) uint8."""
+    _check_bits(bits)
+    if bits == 8:
+        return codes.astype(mx.uint8)
+    *lead, n = codes.shape
+    per_byte = 8 // bits
+    if 8 % bits == 0 and n % per_byte == 0:
+        # 1, 2 and 4 bits: whole codes per byte, one shift per slot.
+        grouped = codes.astype(mx.uint32).reshape(*lead, n // per_byte, per_byte)
+        shifts = mx.arange(0, 8, bits, dtype=mx.uint32)
+        return (grouped << shifts).sum(axis=-1).astype(mx.uint8)
+    shifts = mx.arange(bits, dtype=mx.uint32)
+    stream = (codes.astype(mx.uint32)[..., None] >> shifts) & 1  # (..., n, bits)
+    stream = stream.reshape(*lead, n * bits)
+    pad = packed_size(n, bits) * 8 - n * bits
+    if pad:
+        stream = mx.concatenate([stream, mx.zeros((*lead, pad), dtype=mx.uint32)], axis=-1)
+    stream = stream.reshape(*lead, -1, 8)
+    return (stream * _BYTE_WEIGHTS).sum(axis=-1).astype(mx.uint8)
+
+
+def unpack(packed: mx.array, bits: int, n: int) -> mx.array:
+    """Inverse of `pack`: (..., packed_size(n, bits)) uint8 -> (..., n) uint8 codes."""
+    _check_bits(bits)
+    if bits == 8:
+        return packed[..., :n]
+    *lead, nbytes = packed.shape
+    per_byte = 8 // bits
+    if 8 % bits == 0 and n % per_byte == 0:
+        shifts = mx.arange(0, 8, bits, dtype=mx.uint8)
+        codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*lead, n)
+    stream = (packed.astype(mx.uint32)[..., None] >> mx.arange(8, dtype=mx.uint32)) & 1
+    stream = stream.reshape(*lead, nbytes * 8)[..., : n * bits].reshape(*lead, n, bits)
+    weights = mx.array([1 << i for i in range(bits)], dtype=mx.uint32)
+    return (stream * weights).sum(axis=-1).astype(mx.uint8)

@@ -1,0 +1,57 @@
+"""Seeded random rotations Π that spread a vector's energy evenly over its coordinates.
+
+After rotation every coordinate of a unit vector follows (nearly) the same law, which is what lets one scalar
+codebook serve all coordinates. Power-of-two head dims use a randomized Hadamard transform (O(d log d));
+others (80, 96, 192 occur in real models) use a dense orthogonal matrix from the QR of a seeded Gaussian.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """y = Π x and x = Πᵀ y along the last axis. Π is exactly orthogonal, so norms and inner products survive."""
+
+    dim: int
+    signs: mx.array | None  # ±1 diagonal of the randomized Hadamard transform
+    matrix: mx.array | None  # dense orthogonal Π for non-power-of-two dims
+
+    def rotate(self, x: mx.array) -> mx.array:
+        if self.signs is not None:
+            return mx.hadamard_transform(x.astype(mx.float32) * self.signs)
+        return x.astype(mx.float32) @ self.matrix.T
+
+    def unrotate(self, y: mx.array) -> mx.array:
+        if self.signs is not None:
+            return mx.hadamard_transform(y.astype(mx.float32)) * self.signs
+        return y.astype(mx.float32) @ self.matrix
+
+
+@lru_cache(maxsize=256)
+def make_rotation(dim: int, seed: int) -> Rotation:
+    if dim < 2:
+        raise ValueError(f"head_dim must be >= 2, got {dim}")
+    rng = np.random.default_rng(seed)
+    if _is_power_of_two(dim):
+        signs = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=dim)
+        return Rotation(dim, mx.array(signs), None)
+    gaussian = rng.standard_normal((dim, dim))
+    q, r = np.linalg.qr(gaussian)
+    # Fix the signs so the draw is Haar-distributed, not biased by the QR convention.
+    q = q * np.sign(np.diag(r))
+    return Rotation(dim, None, mx.array(q.astype(np.float32)))
+
+
+@lru_cache(maxsize=256)
+def gaussian_sketch(rows: int, dim: int, seed: int) -> mx.array:
+    """S with iid N(0, 1) entries, the QJL projection. Seeded apart from the rotation drawn with the same seed."""
+    rng = np.random.default_rng([seed, 0x514A4C])  # "QJL"
+    return mx.array(rng.standard_normal((rows, dim)).astype(np.float32))
