@@ -1,0 +1,66 @@
+"""Errors the service raises, and the one table that turns any exception into a gRPC status.
+
+Library code raises ValueError/TypeError naming the bad field; the service adds the few conditions that are
+about sessions rather than arguments. The interceptor calls `status_for` on whatever a handler raised.
+"""
+
+import grpc
+
+
+class SessionNotFound(LookupError):
+    """Unknown id, expired, or owned by another tenant: all three look the same to the caller."""
+
+    def __init__(self, session_id: str):
+        super().__init__(f"session_id: no session {session_id!r}")
+
+
+class SessionExists(Exception):
+    def __init__(self, session_id: str):
+        super().__init__(f"session_id: session {session_id!r} already exists")
+
+
+class OffsetMismatch(Exception):
+    """expected_offset differs from the session's offset: the call was applied already, or raced another."""
+
+    def __init__(self, expected: int, current: int, field: str = "expected_offset"):
+        super().__init__(f"{field}: expected {expected}, the session is at offset {current}")
+        self.current = current
+
+
+class FailedPrecondition(Exception):
+    """The session cannot serve this call: another model's session, or a raw session asked to generate."""
+
+
+class LimitExceeded(Exception):
+    """A configured limit (sizes, counts, memory) would be exceeded."""
+
+
+class Unauthenticated(Exception):
+    pass
+
+
+class NotReady(Exception):
+    """The server is loading its model or draining."""
+
+
+CURRENT_OFFSET_KEY = "kvshard-current-offset"
+
+_CODES = (
+    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (SessionExists, grpc.StatusCode.ALREADY_EXISTS),
+    (OffsetMismatch, grpc.StatusCode.ABORTED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+    ((ValueError, TypeError), grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
+    """(code, details, trailing metadata) for an exception; anything unexpected is INTERNAL."""
+    for kinds, code in _CODES:
+        if isinstance(error, kinds):
+            trailers = ((CURRENT_OFFSET_KEY, str(error.current)),) if isinstance(error, OffsetMismatch) else ()
+            return code, str(error), trailers
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}", ()

@@ -1,0 +1,214 @@
+"""Token-by-token generation over a model session.
+
+A session's conversation is `record.token_ids`; its caches hold a prefix of it, and the rest (the last
+generated token, or a new turn's input) is fed on the next step. One `Decoder.step` is one model call on the
+MLX thread: feed what is pending, sample the next token, append it to the conversation. Between steps other
+sessions use the worker, and the handler streams the token and commits checkpoints.
+"""
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from kvshard.service.errors import LimitExceeded
+from kvshard.service.sessions import Session, SessionManager
+
+PREFILL_CHUNK = 256  # tokens per forward pass while feeding a long input
+_STOP, _LENGTH = "stop", "length"
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+
+    def check(self, vocab_size: int) -> "Sampling":
+        checks = (
+            ("temperature", 0 <= self.temperature <= 100, "in [0, 100]"),
+            ("top_p", 0 <= self.top_p <= 1, "in [0, 1]"),
+            ("top_k", 0 <= self.top_k < vocab_size, f"in [0, {vocab_size})"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+        )
+        for name, ok, allowed in checks:
+            value = getattr(self, name)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise ValueError(f"sampling.{name}: must be {allowed}, got {value}")
+        return self
+
+    def sample(self, logits: mx.array, position: int) -> int:
+        """Greedy at temperature 0; otherwise a draw keyed by (seed, position), so a resumed or retried call
+        draws the same token at the same place."""
+        if self.temperature == 0:
+            return mx.argmax(logits, axis=-1).item()
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if self.top_k:
+            logprobs = apply_top_k(logprobs, self.top_k)
+        if 0 < self.top_p < 1:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        if self.min_p:
+            logprobs = apply_min_p(logprobs, self.min_p)
+        key = mx.random.key((self.seed * 1_000_003 + position) % (1 << 63))
+        return mx.random.categorical(logprobs * (1 / self.temperature), key=key).item()
+
+
+@dataclass
+class GenerateOptions:
+    max_tokens: int
+    sampling: Sampling
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()
+    replay_from: int | None = None  # stream the session's tokens from here first (resume only)
+
+
+@dataclass
+class GeneratedToken:
+    token_id: int
+    text: str
+    offset: int
+    committed_offset: int
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class Decoder:
+    def __init__(self, model, session: Session, prompt: list[int], sampling: Sampling, progress: dict):
+        self.model = model
+        self.session = session
+        self.prompt = prompt
+        self.sampling = sampling
+        self.progress = progress  # the session's last_generate, counted here so it matches the tokens
+
+    def step(self) -> int:
+        """(MLX thread) Feed the pending tokens, sample one, append it. On error the session is as before."""
+        caches, tokens = self.session.caches, self.session.record.token_ids
+        before_tokens, before_offsets = len(tokens), [c.offset for c in caches]
+        try:
+            tokens.extend(self.prompt)
+            self.prompt = []
+            if caches[0].offset == len(tokens):
+                # Nothing pending (the conversation was trimmed to a token already in the cache): feed it again.
+                for cache in caches:
+                    cache.trim(1)
+            pending = tokens[caches[0].offset :]
+            for start in range(0, len(pending), PREFILL_CHUNK):
+                logits = self.model.model(mx.array(pending[start : start + PREFILL_CHUNK])[None], cache=caches)[:, -1, :]
+                mx.eval(logits)
+            token = self.sampling.sample(logits.astype(mx.float32), len(tokens))
+        except BaseException:
+            for cache, offset in zip(caches, before_offsets):
+                cache.trim(cache.offset - offset)
+            del tokens[before_tokens:]
+            raise
+        tokens.append(token)
+        self.progress["generated_tokens"] += 1
+        self.session.mark_all_changed()
+        return token
+
+
+class TextStream:
+    """Incremental detokenization with stop strings.
+
+    Text is released once it decodes to whole characters (a token can end mid-UTF-8 sequence), and any tail
+    that could be the start of a stop string is held back until the next token settles it.
+    """
+
+    def __init__(self, decode, stop: list[str]):
+        self._decode = decode
+        self._stop = [s for s in stop if s]
+        self._ids: list[int] = []
+        self._prefix = self._read = 0
+        self._held = ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self._ids.append(token)
+        settled = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) > len(settled) and not text.endswith("\ufffd"):
+            self._held += text[len(settled) :]
+            self._prefix, self._read = self._read, len(self._ids)
+        hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self._held = self._held[: min(hits)], ""
+            return out
+        keep = max((k for s in self._stop for k in range(1, len(s)) if self._held.endswith(s[:k])), default=0)
+        out, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self._held = self._held, ""
+        return out
+
+
+async def generate(manager: SessionManager, model, session: Session, prompt: list[int], options: GenerateOptions):
+    """Run one Generate call on a session the caller holds; yields a GeneratedToken per token.
+
+    Commits every `checkpoint_tokens` tokens and at the end; the last token is yielded only after its commit,
+    so a final message means a durable turn. If the caller goes away (or anything fails) after some tokens,
+    what was generated is committed, and GetSession's last_generate tells a client where to resume.
+    """
+    limits = manager.limits
+    record = session.record
+    start = record.offset
+    if len(prompt) > limits.max_prompt_tokens:
+        raise LimitExceeded(f"prompt: {len(prompt)} tokens exceed max_prompt_tokens {limits.max_prompt_tokens}")
+    if start + len(prompt) + options.max_tokens > limits.max_session_tokens:
+        raise LimitExceeded(
+            f"max_tokens: the session holds {start} tokens; {len(prompt)} more input and {options.max_tokens} generated "
+            f"would exceed max_session_tokens {limits.max_session_tokens}"
+        )
+    text = TextStream(model.decode, options.stop)
+    replay = [] if options.replay_from is None else _replayed(record, options.replay_from)
+    for i, token in enumerate(replay):
+        last = i == len(replay) - 1 and options.max_tokens == 0
+        delta = text.add(token) + (text.flush() if last else "")
+        finish = (record.last_generate or {}).get("finish_reason") if last else None
+        yield GeneratedToken(token, delta, options.replay_from + i + 1, session.committed_offset, finish, 0, i + 1)
+    if options.max_tokens == 0:
+        return
+    progress = dict(start_offset=start, prompt_tokens=len(prompt), generated_tokens=0, max_tokens=options.max_tokens, finished=False)
+    record.last_generate = progress
+    decoder = Decoder(model, session, prompt, options.sampling, progress)
+    stop_ids = options.stop_token_ids
+    try:
+        for generated in range(1, options.max_tokens + 1):
+            token = await manager.mlx.run(decoder.step)
+            delta = text.add(token)
+            finish = _STOP if (token in stop_ids or text.stopped) else _LENGTH if generated == options.max_tokens else None
+            if finish is not None:
+                delta += "" if text.stopped else text.flush()
+                progress.update(finished=True, finish_reason=finish)
+                await manager.commit(session)
+            elif generated % limits.checkpoint_tokens == 0:
+                await manager.commit(session)
+            yield GeneratedToken(
+                token_id=token,
+                text=delta,
+                offset=record.offset,
+                committed_offset=session.committed_offset,
+                finish_reason=finish,
+                prompt_tokens=len(prompt),
+                generated_tokens=len(replay) + generated,
+            )
+            if finish is not None:
+                return
+    finally:
+        if session.session_id in manager.hot:
+            # Cut short (client gone, deadline, error): keep what was generated. The check runs on the MLX
+            # thread after any step still in flight; shielded, so the commit completes even when the handler
+            # was cancelled (the caller closes this generator before releasing the session lock).
+            await asyncio.shield(manager.commit(session, only_if_changed=True))
+
+
+def _replayed(record, replay_from: int) -> list[int]:
+    if replay_from > record.offset:
+        raise ValueError(f"replay_from: {replay_from} is past the session's offset {record.offset}")
+    return record.token_ids[replay_from:]

@@ -1,0 +1,303 @@
+"""RPC handlers: protobuf in, one session call, protobuf out.
+
+Each handler checks the request's fields (raising ValueError naming the field), takes the session through
+the manager (which serializes calls per session), calls it, commits, and answers. Status codes are decided
+in errors.py; the interceptor applies them.
+"""
+
+from contextlib import aclosing
+
+from kvshard.quant import METHODS
+from kvshard.service import calibration, logs, metrics
+from kvshard.service.auth import current_tenant
+from kvshard.service.errors import FailedPrecondition, OffsetMismatch
+from kvshard.service.generation import GenerateOptions, Sampling, generate
+from kvshard.service.proto import kvshard_pb2 as pb
+from kvshard.service.proto import kvshard_pb2_grpc as pb_grpc
+from kvshard.service.sessions import SessionManager, resolve_spec
+from kvshard.service.store import SessionRecord
+from kvshard.service.tensors import from_numpy, to_numpy
+
+DEFAULT_SEED = 42
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_LABELS = 32
+_KINDS = {"model": pb.MODEL, "raw": pb.RAW}
+_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.STOP, "length": pb.LENGTH}
+
+
+class KVShardServicer(pb_grpc.KVShardServicer):
+    def __init__(self, manager: SessionManager, version: str, auth_required: bool):
+        self.manager = manager
+        self.limits = manager.limits
+        self.version = version
+        self.auth_required = auth_required
+
+    @property
+    def model(self):
+        # Loaded after the server starts (health says NOT_SERVING until then).
+        return self.manager.model
+
+    # ---- sessions -----------------------------------------------------------------------------------------
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.Session:
+        spec = self._session_spec(request, request.cache)
+        session = await self.manager.create(current_tenant(), spec)
+        logs.note(session=session.session_id)
+        return session_message(session.record, session)
+
+    def _session_spec(self, request, cache: pb.CacheConfig, key_bits=None):
+        kind = "raw" if request.kind == pb.RAW else "model"
+        if request.kind not in (pb.SESSION_KIND_UNSPECIFIED, pb.MODEL, pb.RAW):
+            raise ValueError(f"kind: unknown session kind {request.kind}")
+        if kind == "raw":
+            if not request.HasField("raw"):
+                raise ValueError("raw: required for a RAW session (layers, n_kv_heads, head_dim)")
+            shape = dict(layers=request.raw.layers, n_kv_heads=request.raw.n_kv_heads, head_dim=request.raw.head_dim)
+        else:
+            if request.HasField("raw"):
+                raise ValueError("raw: must be unset for a MODEL session; the model fixes the shape")
+            if self.model is None:
+                raise FailedPrecondition("kind: this server serves no model; create a RAW session")
+            shape = self.model.shape
+        if len(request.labels) > MAX_LABELS:
+            raise ValueError(f"labels: at most {MAX_LABELS}, got {len(request.labels)}")
+        return resolve_spec(
+            kind,
+            shape,
+            method=cache.method,
+            key_bits=list(key_bits if key_bits is not None else cache.key_bits),
+            value_bits=list(cache.value_bits),
+            sink_tokens=cache.sink_tokens,
+            window=cache.window,
+            seed=cache.seed if cache.HasField("seed") else DEFAULT_SEED,
+            limits=self.limits,
+            session_id=request.session_id,
+            labels=dict(request.labels),
+        )
+
+    async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
+        logs.note(session=request.session_id)
+        record, session = await self.manager.describe(current_tenant(), request.session_id)
+        return session_message(record, session, include_token_ids=request.include_token_ids)
+
+    async def ListSessions(self, request: pb.ListSessionsRequest, context) -> pb.ListSessionsResponse:
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        if page_size > MAX_PAGE_SIZE:
+            raise ValueError(f"page_size: at most {MAX_PAGE_SIZE}, got {page_size}")
+        records, next_token = await self.manager.list(current_tenant(), page_size, request.page_token)
+        sessions = [session_message(r, self.manager.hot.get(r.session_id)) for r in records]
+        return pb.ListSessionsResponse(sessions=sessions, next_page_token=next_token)
+
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:
+        logs.note(session=request.session_id)
+        await self.manager.delete(current_tenant(), request.session_id)
+        return pb.DeleteSessionResponse()
+
+    # ---- raw caches ---------------------------------------------------------------------------------------
+
+    async def Append(self, request: pb.AppendRequest, context) -> pb.AppendResponse:
+        logs.note(session=request.session_id, layer=request.layer)
+        keys = to_numpy(request.keys, "keys")
+        values = to_numpy(request.values, "values")
+        async with self.manager.open(current_tenant(), request.session_id) as session:
+            session.check_raw("Append")
+            session.check_layer(request.layer)
+            if request.HasField("expected_offset"):
+                _check_offset(request.expected_offset, session.record.layer_offsets[request.layer])
+            offset = await self.manager.mlx.run(session.append, request.layer, keys, values, self.limits)
+            await self.manager.commit(session)
+        logs.note(tokens=keys.shape[-2])
+        metrics.TOKENS_APPENDED.inc(keys.shape[-2])
+        return pb.AppendResponse(offset=offset, memory_bytes=session.memory_bytes)
+
+    async def Attend(self, request: pb.AttendRequest, context) -> pb.AttendResponse:
+        logs.note(session=request.session_id, layer=request.layer)
+        queries = to_numpy(request.queries, "queries")
+        async with self.manager.open(current_tenant(), request.session_id) as session:
+            output = await self.manager.mlx.run(session.attend, request.layer, queries, self.limits)
+            offset = session.record.layer_offsets[request.layer]
+        return pb.AttendResponse(output=from_numpy(output, request.queries.dtype), offset=offset)
+
+    async def Trim(self, request: pb.TrimRequest, context) -> pb.TrimResponse:
+        logs.note(session=request.session_id)
+        layer = request.layer if request.HasField("layer") else None
+        async with self.manager.open(current_tenant(), request.session_id) as session:
+            if layer is not None:
+                session.check_layer(layer)
+            if request.HasField("expected_offset"):
+                current = session.offset if layer is None else session.record.layer_offsets[layer]
+                _check_offset(request.expected_offset, current)
+            trimmed = await self.manager.mlx.run(session.trim, request.n, layer)
+            await self.manager.commit(session)
+            offset = session.offset if layer is None else session.record.layer_offsets[layer]
+        return pb.TrimResponse(trimmed=trimmed, offset=offset)
+
+    # ---- the model ----------------------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        logs.note(session=request.session_id)
+        model = self._served_model("Generate")
+        options = self._generate_options(request)
+        source = request.WhichOneof("input")
+        prompt = self._prompt_tokens(request, source)
+        async with self.manager.open(current_tenant(), request.session_id) as session:
+            if session.record.kind != "model":
+                raise FailedPrecondition("session_id: Generate needs a model session; this is a raw cache session")
+            if request.HasField("expected_offset"):
+                _check_offset(request.expected_offset, session.offset)
+            if source == "chat":
+                messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+                prompt = model.render_chat(messages, session.record.token_ids)
+            elif source == "resume" and not session.record.token_ids:
+                raise ValueError("resume: the session is empty; there is nothing to continue")
+            generated = 0
+            async with aclosing(generate(self.manager, model, session, prompt, options)) as stream:
+                async for token in stream:
+                    generated += 1
+                    metrics.TOKENS_GENERATED.inc()
+                    logs.note(tokens=generated, prompt_tokens=len(prompt))
+                    yield token_message(token)
+
+    def _served_model(self, rpc: str):
+        if self.model is None:
+            raise FailedPrecondition(f"{rpc}: this server serves no model (started with --model none)")
+        return self.model
+
+    def _generate_options(self, request: pb.GenerateRequest) -> GenerateOptions:
+        replay = request.HasField("replay_from")
+        if replay and request.WhichOneof("input") != "resume":
+            raise ValueError("replay_from: only with resume")
+        if not (0 if replay else 1) <= request.max_tokens <= self.limits.max_tokens:
+            raise ValueError(f"max_tokens: must be in [1, {self.limits.max_tokens}], got {request.max_tokens}")
+        if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in request.stop):
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters")
+        stop_ids = self.model.check_token_ids(list(request.stop_token_ids), "stop_token_ids")
+        if not request.ignore_eos:
+            stop_ids += self.model.eos_token_ids
+        s = request.sampling
+        sampling = Sampling(s.temperature, s.top_p, s.top_k, s.min_p, s.seed if s.HasField("seed") else DEFAULT_SEED)
+        return GenerateOptions(
+            max_tokens=request.max_tokens,
+            sampling=sampling.check(self.model.vocab_size),
+            stop=list(request.stop),
+            stop_token_ids=frozenset(stop_ids),
+            replay_from=request.replay_from if replay else None,
+        )
+
+    def _prompt_tokens(self, request: pb.GenerateRequest, source: str | None) -> list[int]:
+        """Token ids of a text or token input; chat turns are rendered later, against the session's history."""
+        if source is None:
+            raise ValueError("prompt: empty; set one of prompt, prompt_tokens, chat or resume")
+        if source == "prompt":
+            if not request.prompt:
+                raise ValueError("prompt: empty")
+            return self.model.encode(request.prompt)
+        if source == "prompt_tokens":
+            if not request.prompt_tokens.ids:
+                raise ValueError("prompt_tokens.ids: empty")
+            return self.model.check_token_ids(list(request.prompt_tokens.ids), "prompt_tokens.ids")
+        if source == "chat" and not request.chat.messages:
+            raise ValueError("chat.messages: empty")
+        if source == "resume" and not request.resume:
+            raise ValueError("resume: set it to true, or give a prompt")
+        return []
+
+    async def Calibrate(self, request: pb.CalibrateRequest, context) -> pb.CalibrateResponse:
+        model = self._served_model("Calibrate")
+        plan = calibration.check_request(request, self.limits, METHODS)
+        result = await self.manager.mlx.run(calibration.calibrate, model, plan)
+        response = pb.CalibrateResponse(
+            sensitivities=result.sensitivities, key_bits=result.key_bits, average_bits=result.average_bits, beta=result.beta
+        )
+        if request.apply:
+            cache = pb.CacheConfig()
+            cache.CopyFrom(request.cache)
+            cache.method = plan.method
+            spec = self._session_spec(pb.CreateSessionRequest(kind=pb.MODEL), cache, key_bits=result.key_bits)
+            session = await self.manager.create(current_tenant(), spec)
+            logs.note(session=session.session_id)
+            response.session.CopyFrom(session_message(session.record, session))
+        return response
+
+    async def ServerInfo(self, request: pb.ServerInfoRequest, context) -> pb.ServerInfoResponse:
+        limits = self.limits
+        info = pb.ServerInfoResponse(
+            methods=list(METHODS),
+            limits=pb.Limits(
+                max_tokens=limits.max_tokens,
+                max_prompt_tokens=limits.max_prompt_tokens,
+                max_session_tokens=limits.max_session_tokens,
+                max_append_tokens=limits.max_append_tokens,
+                max_message_bytes=limits.max_message_bytes,
+                max_sessions=limits.max_sessions,
+                memory_budget_bytes=limits.memory_budget_bytes,
+                min_bits=limits.min_bits,
+                max_bits=limits.max_bits,
+                session_ttl_s=limits.session_ttl_s,
+            ),
+            version=self.version,
+            store=self.manager.store.kind,
+            auth_required=self.auth_required,
+            tenant=current_tenant(),
+        )
+        if self.model is not None:
+            info.model = self.model.name
+            info.model_fingerprint = self.model.fingerprint
+            info.model_shape.CopyFrom(pb.RawShape(**self.model.shape))
+        return info
+
+
+def _check_offset(expected: int, current: int) -> None:
+    if expected != current:
+        raise OffsetMismatch(expected, current)
+
+
+def session_message(record: SessionRecord, session=None, include_token_ids: bool = False) -> pb.Session:
+    config = record.config
+    message = pb.Session(
+        session_id=record.session_id,
+        kind=_KINDS[record.kind],
+        cache=pb.CacheConfig(
+            method=config["method"],
+            key_bits=config["key_bits"],
+            value_bits=config["value_bits"],
+            sink_tokens=config["sink_tokens"],
+            window=config["window"],
+            seed=config["seed"],
+        ),
+        shape=pb.RawShape(**record.shape),
+        offset=record.offset,
+        layer_offsets=record.layer_offsets,
+        committed_offset=session.committed_offset if session is not None else record.offset,
+        memory_bytes=session.memory_bytes if session is not None else record.memory_bytes,
+        stored_bytes=record.stored_bytes,
+        model_fingerprint=record.model_fingerprint,
+        hot=session is not None,
+        version=record.version,
+        created_at_ms=record.created_at_ms,
+        updated_at_ms=record.updated_at_ms,
+        labels=record.labels,
+    )
+    if record.last_generate:
+        progress = dict(record.last_generate)
+        progress["finish_reason"] = _FINISH[progress.get("finish_reason")]
+        message.last_generate.CopyFrom(pb.GenerateProgress(**progress))
+    if include_token_ids:
+        message.token_ids.extend(record.token_ids)
+    return message
+
+
+def token_message(token) -> pb.GenerateResponse:
+    message = pb.GenerateResponse(
+        token_id=token.token_id,
+        text=token.text,
+        offset=token.offset,
+        committed_offset=token.committed_offset,
+        finish_reason=_FINISH[token.finish_reason],
+    )
+    if token.finish_reason is not None:
+        message.usage.CopyFrom(pb.Usage(prompt_tokens=token.prompt_tokens, generated_tokens=token.generated_tokens))
+    return message

@@ -1,0 +1,431 @@
+"""Sessions: a durable record plus live compressed caches, and the map of hot ones.
+
+Session methods that touch caches run on the MLX thread (the manager's `mlx` executor); everything else runs
+on the event loop. Every mutating RPC ends with `SessionManager.commit`, so a session held in memory never
+has acknowledged state the store lacks: dropping it from memory is always safe, and a crash loses only
+calls that had not answered OK.
+"""
+
+import asyncio
+import dataclasses
+import re
+import time
+import uuid
+import weakref
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from kvshard.quant import METHODS, CompressedKVCache, KVCacheBuilder, KVCacheConfig
+from kvshard.service.errors import FailedPrecondition, LimitExceeded, SessionNotFound
+from kvshard.service.store import LayerDelta, SessionRecord, SessionStore
+from kvshard.service.store.codec import join_state, split_state
+from kvshard.service.worker import SerialExecutor
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_MAX_LAYERS = 256
+_MAX_KV_HEADS = 256
+_MAX_HEAD_DIM = 1024
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Limits:
+    max_tokens: int = 1024
+    max_prompt_tokens: int = 4096
+    max_session_tokens: int = 16384
+    max_append_tokens: int = 4096
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_sessions: int = 10000
+    memory_budget_bytes: int = 1 << 30
+    min_bits: int = 1
+    max_bits: int = 8
+    session_ttl_s: int = 0
+    checkpoint_tokens: int = 8  # a streaming Generate commits every this many tokens
+
+
+@dataclass
+class SessionSpec:
+    """A validated CreateSession request."""
+
+    kind: str  # "model" or "raw"
+    config: dict  # method, key_bits (per layer), value_bits (per layer), sink_tokens, window, seed
+    shape: dict  # layers, n_kv_heads, head_dim
+    session_id: str = ""
+    labels: dict = dataclasses.field(default_factory=dict)
+
+
+def resolve_spec(
+    kind: str, shape: dict, method: str, key_bits: list[int], value_bits: list[int], sink_tokens: int, window: int,
+    seed: int, limits: Limits, session_id: str = "", labels: dict | None = None,
+) -> SessionSpec:
+    """Check a session's configuration, naming the wire field of whatever is wrong, and expand per-layer bits."""
+    if session_id and not _SESSION_ID.fullmatch(session_id):
+        raise ValueError(f"session_id: must be 1-64 characters of [A-Za-z0-9_.-], got {session_id!r}")
+    for name, low, high in (("layers", 1, _MAX_LAYERS), ("n_kv_heads", 1, _MAX_KV_HEADS), ("head_dim", 2, _MAX_HEAD_DIM)):
+        if not low <= shape[name] <= high:
+            raise ValueError(f"raw.{name}: must be in [{low}, {high}], got {shape[name]}")
+    method = method or "turboquant_mse"
+    if method not in METHODS:
+        raise ValueError(f"cache.method: unknown method {method!r}; one of {', '.join(METHODS)}")
+    layers = shape["layers"]
+    per_layer = {}
+    for field, bits in (("key_bits", key_bits or [4]), ("value_bits", value_bits or key_bits or [4])):
+        if len(bits) not in (1, layers):
+            raise ValueError(f"cache.{field}: give one value or one per layer ({layers}), got {len(bits)}")
+        for i, b in enumerate(bits):
+            if not limits.min_bits <= b <= limits.max_bits:
+                raise ValueError(f"cache.{field}[{i}]: {b} bits is out of range [{limits.min_bits}, {limits.max_bits}]")
+        per_layer[field] = list(bits) * layers if len(bits) == 1 else list(bits)
+    for field, value in (("sink_tokens", sink_tokens), ("window", window)):
+        if value > limits.max_session_tokens:
+            raise ValueError(f"cache.{field}: {value} exceeds max_session_tokens {limits.max_session_tokens}")
+    config = dict(method=method, **per_layer, sink_tokens=sink_tokens, window=window, seed=seed)
+    return SessionSpec(kind=kind, config=config, shape=dict(shape), session_id=session_id, labels=dict(labels or {}))
+
+
+def cache_config(config: dict) -> KVCacheConfig:
+    return KVCacheConfig(
+        method=config["method"],
+        bit_width_inlier=config["key_bits"],
+        bit_width_value=config["value_bits"],
+        sink_tokens=config["sink_tokens"],
+        window=config["window"],
+        seed=config["seed"],
+    )
+
+
+def _expect_kv_shape(field: str, shape: tuple, n_kv_heads: int, head_dim: int) -> int:
+    """Token count of a (H, L, D) or (1, H, L, D) tensor, or ValueError naming the field."""
+    fits = len(shape) in (3, 4) and (len(shape) == 3 or shape[0] == 1) and shape[-3] == n_kv_heads and shape[-1] == head_dim
+    if not fits:
+        raise ValueError(
+            f"{field}.shape: must be ({n_kv_heads}, tokens, {head_dim}) or (1, {n_kv_heads}, tokens, {head_dim}), got {list(shape)}"
+        )
+    return shape[-2]
+
+
+class Session:
+    """A hot session. `record` is its durable metadata, kept current; `caches` hold one layer each."""
+
+    def __init__(self, record: SessionRecord, caches: list, block_starts: list[list[int]]):
+        self.record = record
+        self.caches = caches
+        # Persisted code blocks per layer: block i covers [starts[i], starts[i + 1]), the last one up to
+        # encoded_until. Codes are append-only, so a commit only adds the range past the last block.
+        self.block_starts = block_starts
+        self.encoded_until = [c.n_encoded for c in caches]
+        self.dirty: set[int] = set()
+        self.memory_bytes = sum(c.nbytes for c in caches)
+        self.committed_offset = record.offset
+        self.committed_tokens = len(record.token_ids)
+        self.lock = asyncio.Lock()
+        self.last_used = time.monotonic()
+
+    @property
+    def session_id(self) -> str:
+        return self.record.session_id
+
+    @property
+    def offset(self) -> int:
+        return self.record.offset
+
+    # ---- construction (MLX thread) ----------------------------------------------------------------------
+
+    @classmethod
+    def new(cls, spec: SessionSpec, tenant: str, model=None) -> "Session":
+        config = cache_config(spec.config)
+        if spec.kind == "model":
+            caches = KVCacheBuilder.for_model(model.model, config)
+        else:
+            layers = spec.shape["layers"]
+            caches = [config.make_cache(i, layers, spec.shape["head_dim"], spec.shape["n_kv_heads"]) for i in range(layers)]
+        stamp = now_ms()
+        record = SessionRecord(
+            session_id=spec.session_id or uuid.uuid4().hex,
+            tenant=tenant,
+            kind=spec.kind,
+            config=spec.config,
+            shape=spec.shape,
+            model_fingerprint=model.fingerprint if spec.kind == "model" else "",
+            layer_offsets=[0] * len(caches),
+            labels=spec.labels,
+            created_at_ms=stamp,
+            updated_at_ms=stamp,
+        )
+        session = cls(record, caches, [[] for _ in caches])
+        session.dirty = set(range(len(caches)))
+        return session
+
+    @classmethod
+    def restore(cls, record: SessionRecord, layers: list[tuple[bytes, list[tuple[int, bytes]]]]) -> "Session":
+        caches = [CompressedKVCache.from_state(join_state(tail, [b for _, b in blocks])) for tail, blocks in layers]
+        mx.eval([c.state.get(group, {}) for c in caches for group in ("key_codes", "value_codes")])
+        return cls(record, caches, [[start for start, _ in blocks] for _, blocks in layers])
+
+    # ---- raw cache operations (MLX thread) ----------------------------------------------------------------
+
+    def check_layer(self, layer: int) -> CompressedKVCache:
+        if not 0 <= layer < len(self.caches):
+            raise ValueError(f"layer: {layer} is out of range, the session has {len(self.caches)} layers")
+        return self.caches[layer]
+
+    def check_raw(self, rpc: str) -> None:
+        if self.record.kind != "raw":
+            raise FailedPrecondition(f"session_id: {rpc} needs a raw cache session; this is a model session (use Generate)")
+
+    def append(self, layer: int, keys: np.ndarray, values: np.ndarray, limits: Limits) -> int:
+        """Append (H, L, D) keys and values to one layer; nothing changes unless every check passes."""
+        self.check_raw("Append")
+        cache = self.check_layer(layer)
+        heads, dim = self.record.shape["n_kv_heads"], self.record.shape["head_dim"]
+        tokens = _expect_kv_shape("keys", keys.shape, heads, dim)
+        _expect_kv_shape("values", values.shape, heads, dim)
+        if keys.shape != values.shape:
+            raise ValueError(f"values.shape: must equal keys.shape {list(keys.shape)}, got {list(values.shape)}")
+        if tokens > limits.max_append_tokens:
+            raise LimitExceeded(f"keys.shape: {tokens} tokens exceed max_append_tokens {limits.max_append_tokens}")
+        if cache.offset + tokens > limits.max_session_tokens:
+            raise LimitExceeded(
+                f"keys.shape: layer {layer} would hold {cache.offset + tokens} tokens, over max_session_tokens {limits.max_session_tokens}"
+            )
+        cache.append(mx.array(keys), mx.array(values))
+        self._changed([layer])
+        return cache.offset
+
+    def attend(self, layer: int, queries: np.ndarray, limits: Limits) -> np.ndarray:
+        self.check_raw("Attend")
+        cache = self.check_layer(layer)
+        heads, dim = self.record.shape["n_kv_heads"], self.record.shape["head_dim"]
+        shape = queries.shape
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[0] != 1) or shape[-1] != dim or shape[-3] % heads:
+            raise ValueError(
+                f"queries.shape: must be (n_q_heads, tokens, {dim}) or (1, n_q_heads, tokens, {dim}) with n_q_heads a multiple of {heads}, got {list(shape)}"
+            )
+        if shape[-2] > limits.max_append_tokens:
+            raise LimitExceeded(f"queries.shape: {shape[-2]} tokens exceed max_append_tokens {limits.max_append_tokens}")
+        if cache.offset == 0:
+            raise FailedPrecondition(f"layer: layer {layer} holds no tokens; Append before Attend")
+        out = cache.attend(mx.array(queries))
+        return np.array(out.astype(mx.float32))
+
+    def trim(self, n: int, layer: int | None) -> int:
+        """Drop the last n tokens of one layer or of every layer (MODEL sessions: of the conversation)."""
+        if self.record.kind == "model":
+            if layer is not None:
+                raise ValueError("layer: a model session trims every layer together; leave layer unset")
+            tokens = self.record.token_ids
+            trimmed = min(n, len(tokens))
+            keep = len(tokens) - trimmed
+            for cache in self.caches:
+                cache.trim(max(cache.offset - keep, 0))
+            del tokens[keep:]
+            self.record.last_generate = None
+            self._changed(range(len(self.caches)))
+            return trimmed
+        targets = range(len(self.caches)) if layer is None else [layer]
+        for i in targets:
+            self.check_layer(i)
+        trimmed = [self.caches[i].trim(min(n, self.caches[i].offset)) for i in targets]
+        self._changed(targets)
+        return max(trimmed)
+
+    def _changed(self, layers) -> None:
+        """Bookkeeping after a mutation (MLX thread)."""
+        self.dirty.update(layers)
+        self.record.layer_offsets = [c.offset for c in self.caches]
+        self.memory_bytes = sum(c.nbytes for c in self.caches)
+
+    def mark_all_changed(self) -> None:
+        self._changed(range(len(self.caches)))
+
+    # ---- commits ------------------------------------------------------------------------------------------
+
+    def snapshot(self, only_if_changed: bool = False) -> tuple[SessionRecord, list[LayerDelta]] | None:
+        """(MLX thread) The record and the per-layer deltas that bring the store up to this state."""
+        if only_if_changed and not self.dirty and self.committed_tokens == len(self.record.token_ids):
+            return None
+        deltas = []
+        for layer in sorted(self.dirty):
+            cache, starts = self.caches[layer], self.block_starts[layer]
+            n = cache.n_encoded
+            ends = starts[1:] + [self.encoded_until[layer]]
+            keep_until = max((end for end in ends if end <= n), default=0)
+            tail, block = split_state(cache.state, keep_until)
+            deltas.append(LayerDelta(layer=layer, keep_until=keep_until, block=block, tail=tail))
+        record = dataclasses.replace(
+            self.record,
+            token_ids=list(self.record.token_ids),
+            layer_offsets=list(self.record.layer_offsets),
+            last_generate=dict(self.record.last_generate) if self.record.last_generate else None,
+            memory_bytes=self.memory_bytes,
+            version=self.record.version + 1,
+            updated_at_ms=now_ms(),
+        )
+        return record, deltas
+
+    def committed(self, record: SessionRecord, deltas: list[LayerDelta]) -> None:
+        """(event loop) The store now holds `record` and `deltas`."""
+        for delta in deltas:
+            starts = [s for s in self.block_starts[delta.layer] if s < delta.keep_until]
+            if delta.block is not None:
+                starts.append(delta.keep_until)
+            self.block_starts[delta.layer] = starts
+            self.encoded_until[delta.layer] = self.caches[delta.layer].n_encoded
+            self.dirty.discard(delta.layer)
+        self.record.version = record.version
+        self.record.updated_at_ms = record.updated_at_ms
+        self.committed_offset = record.offset
+        self.committed_tokens = len(record.token_ids)
+
+
+class SessionManager:
+    """Hot sessions under a byte budget (least recently used dropped first), loaded from the store on use."""
+
+    def __init__(self, store: SessionStore, mlx: SerialExecutor, io: SerialExecutor, model, limits: Limits):
+        self.store = store
+        self.mlx = mlx
+        self.io = io
+        self.model = model
+        self.limits = limits
+        self.hot: OrderedDict[str, Session] = OrderedDict()
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    # ---- lookups ------------------------------------------------------------------------------------------
+
+    async def create(self, tenant: str, spec: SessionSpec) -> Session:
+        if spec.kind == "model" and self.model is None:
+            raise FailedPrecondition("kind: this server serves no model; create a RAW session")
+        if self.limits.max_sessions and await self.io.run(self.store.count) >= self.limits.max_sessions:
+            raise LimitExceeded(f"max_sessions: the server holds {self.limits.max_sessions} sessions already")
+        session = await self.mlx.run(Session.new, spec, tenant, self.model)
+        record, deltas = await self.mlx.run(session.snapshot)
+        await self.io.run(self.store.create, record, deltas)
+        session.committed(record, deltas)
+        self._locks[session.session_id] = session.lock
+        self.hot[session.session_id] = session
+        await self._evict()
+        return session
+
+    @asynccontextmanager
+    async def open(self, tenant: str, session_id: str):
+        """The session, loaded if cold, held exclusively for the duration: calls on one session run in order."""
+        lock = self._lock_for(session_id)
+        async with lock:
+            session = self.hot.get(session_id)
+            if session is None:
+                session = await self._load(tenant, session_id, lock)
+            elif session.record.tenant != tenant:
+                raise SessionNotFound(session_id)
+            self.hot.move_to_end(session_id)
+            try:
+                yield session
+            finally:
+                session.last_used = time.monotonic()
+        await self._evict()
+
+    def _lock_for(self, session_id: str) -> asyncio.Lock:
+        # Weak values: a lock lives while a caller waits on it or a hot session holds it.
+        lock = self._locks.get(session_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[session_id] = lock
+        return lock
+
+    async def _load(self, tenant: str, session_id: str, lock: asyncio.Lock) -> Session:
+        record = await self._record(tenant, session_id)
+        if record.kind == "model":
+            if self.model is None:
+                raise FailedPrecondition("session_id: a model session, and this server serves no model")
+            if record.model_fingerprint != self.model.fingerprint:
+                raise FailedPrecondition(
+                    f"session_id: the session belongs to model {record.model_fingerprint[:16]}…, "
+                    f"this server serves {self.model.fingerprint[:16]}…"
+                )
+        layers = await self.io.run(self.store.load_layers, session_id, record.shape["layers"])
+        session = await self.mlx.run(Session.restore, record, layers)
+        session.lock = lock
+        self.hot[session_id] = session
+        return session
+
+    async def _record(self, tenant: str, session_id: str) -> SessionRecord:
+        if not session_id:
+            raise ValueError("session_id: required")
+        if not _SESSION_ID.fullmatch(session_id):
+            raise SessionNotFound(session_id)
+        record = await self.io.run(self.store.load_record, session_id)
+        if record is None or record.tenant != tenant:
+            raise SessionNotFound(session_id)
+        if self.limits.session_ttl_s and record.updated_at_ms < now_ms() - 1000 * self.limits.session_ttl_s:
+            await self.io.run(self.store.delete, session_id)
+            raise SessionNotFound(session_id)
+        return record
+
+    async def describe(self, tenant: str, session_id: str) -> tuple[SessionRecord, Session | None]:
+        """The live record of a hot session, else the stored one; takes no lock, so it answers mid-Generate."""
+        session = self.hot.get(session_id)
+        if session is not None and session.record.tenant == tenant:
+            session.record.stored_bytes = await self.io.run(self.store.stored_bytes, session_id)
+            return session.record, session
+        return await self._record(tenant, session_id), None
+
+    async def list(self, tenant: str, page_size: int, after: str) -> tuple[list[SessionRecord], str]:
+        records = await self.io.run(self.store.page, tenant, after, page_size + 1)
+        more = len(records) > page_size
+        records = records[:page_size]
+        return records, (records[-1].session_id if more else "")
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        async with self._lock_for(session_id):
+            await self.describe(tenant, session_id)
+            await self.io.run(self.store.delete, session_id)
+            self.hot.pop(session_id, None)
+
+    # ---- commits and memory -------------------------------------------------------------------------------
+
+    async def commit(self, session: Session, only_if_changed: bool = False) -> None:
+        """Make the session's state durable. If the store fails, the hot copy (now ahead of the store) is
+        dropped, so the next call sees exactly what the store holds."""
+        snapshot = await self.mlx.run(session.snapshot, only_if_changed)
+        if snapshot is None:
+            return
+        record, deltas = snapshot
+        try:
+            await self.io.run(self.store.commit, record, deltas)
+        except BaseException:
+            self.hot.pop(session.session_id, None)
+            raise
+        session.committed(record, deltas)
+
+    def hot_bytes(self) -> int:
+        return sum(s.memory_bytes for s in self.hot.values())
+
+    async def _evict(self) -> None:
+        total = self.hot_bytes()
+        for session_id, session in list(self.hot.items()):
+            if total <= self.limits.memory_budget_bytes:
+                break
+            if session.lock.locked():
+                continue
+            del self.hot[session_id]
+            total -= session.memory_bytes
+
+    async def expire_idle(self) -> int:
+        """Delete sessions idle longer than the TTL; returns how many."""
+        if not self.limits.session_ttl_s:
+            return 0
+        horizon = now_ms() - 1000 * self.limits.session_ttl_s
+        expired = 0
+        for session_id in await self.io.run(self.store.idle_since, horizon):
+            session = self.hot.get(session_id)
+            if session is not None and (session.lock.locked() or time.monotonic() - session.last_used < self.limits.session_ttl_s):
+                continue
+            self.hot.pop(session_id, None)
+            expired += await self.io.run(self.store.delete, session_id)
+        return expired

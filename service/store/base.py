@@ -1,0 +1,95 @@
+"""What a session store keeps, and the small interface every backend implements.
+
+Per session: one record (config, shape, offsets, token ids, model fingerprint, version), and per layer a tail
+blob plus code blocks keyed by the token index they start at. A commit is atomic: new blocks, rewritten tails
+and the record land together or not at all, so the store always holds a state some OK RPC acknowledged.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    tenant: str
+    kind: str  # "model" or "raw"
+    config: dict  # method, key_bits (per layer), value_bits (per layer), sink_tokens, window, seed
+    shape: dict  # layers, n_kv_heads, head_dim
+    model_fingerprint: str = ""
+    token_ids: list[int] = field(default_factory=list)  # model sessions: the conversation so far
+    layer_offsets: list[int] = field(default_factory=list)
+    last_generate: dict | None = None
+    labels: dict = field(default_factory=dict)
+    memory_bytes: int = 0  # bytes the caches held at the last commit
+    version: int = 0  # commits so far
+    created_at_ms: int = 0
+    updated_at_ms: int = 0
+    stored_bytes: int = 0  # filled in by the store on reads
+    format: int = FORMAT_VERSION
+
+    @property
+    def offset(self) -> int:
+        if self.kind == "model":
+            return len(self.token_ids)
+        return min(self.layer_offsets, default=0)
+
+    def to_json(self) -> str:
+        """Everything but the token ids, which are stored as packed uint32."""
+        fields = asdict(self)
+        del fields["token_ids"], fields["stored_bytes"]
+        return json.dumps(fields, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, token_ids: list[int], stored_bytes: int) -> "SessionRecord":
+        fields = json.loads(text)
+        if fields.get("format") != FORMAT_VERSION:
+            raise ValueError(f"session store format {fields.get('format')!r} is not {FORMAT_VERSION}")
+        return cls(**fields, token_ids=token_ids, stored_bytes=stored_bytes)
+
+
+@dataclass
+class LayerDelta:
+    """What one commit changes in one layer: blocks from `keep_until` on are replaced by `block` (which starts
+    at keep_until, or is None when no codes follow), and the tail is rewritten."""
+
+    layer: int
+    keep_until: int
+    block: bytes | None
+    tail: bytes
+
+
+class SessionStore(Protocol):
+    kind: str
+
+    def create(self, record: SessionRecord, deltas: list[LayerDelta]) -> None:
+        """Insert a new session; SessionExists if the id is taken."""
+
+    def commit(self, record: SessionRecord, deltas: list[LayerDelta]) -> None:
+        """Apply the deltas and replace the record, atomically."""
+
+    def load_record(self, session_id: str) -> SessionRecord | None: ...
+
+    def load_layers(self, session_id: str, layers: int) -> list[tuple[bytes, list[tuple[int, bytes]]]]:
+        """Per layer: (tail, [(start, block), ...] in token order)."""
+
+    def stored_bytes(self, session_id: str) -> int:
+        """Bytes the store holds for the session: record, token ids, tails and code blocks."""
+
+    def delete(self, session_id: str) -> bool: ...
+
+    def page(self, tenant: str, after: str, limit: int) -> list[SessionRecord]:
+        """Records of a tenant with ids > after, in id order, without token ids."""
+
+    def count(self) -> int: ...
+
+    def idle_since(self, before_ms: int) -> list[str]:
+        """Ids of sessions last updated before this time."""
+
+    def total_bytes(self) -> int: ...
+
+    def close(self) -> None:
+        """Flush and release; later calls are errors."""

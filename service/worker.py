@@ -1,0 +1,23 @@
+"""One-thread executors the asyncio handlers hand blocking work to.
+
+All MLX work runs on a single dedicated thread: MLX arrays, streams and the compiled samplers are not safe to
+drive from arbitrary threads, and one compute worker per model is the shard's contract anyway. Sessions take
+turns on it token by token, so many sessions progress in parallel. Store I/O gets its own thread so an fsync
+never stalls compute.
+"""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+
+class SerialExecutor:
+    def __init__(self, name: str):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn, *args):
+        """Run fn(*args) on the thread. If the caller is cancelled, fn still runs to its end; callers keep
+        session state consistent by doing every mutation inside fn."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
