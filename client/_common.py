@@ -263,10 +263,11 @@ class GenerateProgress:
 
 
 def calibrate_request(
-    target_avg_bits=4.0, method="turboquant_mse", bit_choices=(), beta=0.0, prompts=(), apply=False, options=None
+    target_avg_bits=4.0, method="turboquant_mse", bit_choices=(), beta=0.0, prompts=(), apply=False, mode="kl", options=None
 ) -> pb.CalibrateRequest:
     request = pb.CalibrateRequest(
-        prompts=list(prompts), method=method, target_avg_bits=target_avg_bits, bit_choices=list(bit_choices), beta=beta, apply=apply
+        prompts=list(prompts), method=method, target_avg_bits=target_avg_bits, bit_choices=list(bit_choices), beta=beta,
+        apply=apply, mode=mode,
     )
     if options is not None:
         request.cache.CopyFrom(options.cache_config())

@@ -115,8 +115,8 @@ class AsyncClient:
         await self.call("DeleteSession", pb.DeleteSessionRequest(session_id=session_id), recover=_pure(delete_recover))
 
     async def calibrate(self, target_avg_bits: float = 4.0, method: str = "turboquant_mse", bit_choices=(), beta: float = 0.0,
-                        prompts=(), apply: bool = False, timeout: float | None = None, **options) -> CalibrationResult:
-        request = calibrate_request(target_avg_bits, method, bit_choices, beta, prompts, apply, SessionOptions(**options))
+                        prompts=(), apply: bool = False, mode: str = "kl", timeout: float | None = None, **options) -> CalibrationResult:
+        request = calibrate_request(target_avg_bits, method, bit_choices, beta, prompts, apply, mode, SessionOptions(**options))
         if apply:
             answer = await self.stub.Calibrate(request, timeout=timeout or self.timeout, metadata=self.metadata)
         else:

@@ -125,9 +125,9 @@ class Client:
         self.call("DeleteSession", pb.DeleteSessionRequest(session_id=session_id), recover=delete_recover)
 
     def calibrate(self, target_avg_bits: float = 4.0, method: str = "turboquant_mse", bit_choices=(), beta: float = 0.0,
-                  prompts=(), apply: bool = False, timeout: float | None = None, **options) -> CalibrationResult:
+                  prompts=(), apply: bool = False, mode: str = "kl", timeout: float | None = None, **options) -> CalibrationResult:
         """RateQuant on the served model; apply=True also creates a model session with the allocation."""
-        request = calibrate_request(target_avg_bits, method, bit_choices, beta, prompts, apply, SessionOptions(**options))
+        request = calibrate_request(target_avg_bits, method, bit_choices, beta, prompts, apply, mode, SessionOptions(**options))
         # Applying creates a session, which a blind retry would do twice: only plain calibration retries.
         answer = self.call("Calibrate", request, timeout) if not apply else self._once("Calibrate", request, timeout)
         session = RemoteSession(self, answer.session) if answer.HasField("session") else None

@@ -9,6 +9,7 @@ DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8)
 DEFAULT_TARGET_BITS = 4.0
 MAX_PROMPTS = 32
 MAX_PROMPT_CHARS = 8192
+MODES = ("kl", "key_norm")
 
 
 @dataclass
@@ -18,6 +19,7 @@ class CalibrationPlan:
     target_avg_bits: float
     bit_choices: tuple[int, ...]
     beta: float | None  # None: fit it for the method
+    mode: str
 
 
 @dataclass
@@ -45,16 +47,21 @@ def check_request(request, limits, methods) -> CalibrationPlan:
         raise ValueError(f"target_avg_bits: must be within the bit choices [{choices[0]}, {choices[-1]}], got {target}")
     if request.beta and not (math.isfinite(request.beta) and request.beta > 1):
         raise ValueError(f"beta: must be greater than 1, got {request.beta}")
-    return CalibrationPlan(method, list(request.prompts) or None, target, choices, request.beta or None)
+    mode = request.mode or MODES[0]
+    if mode not in MODES:
+        raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+    return CalibrationPlan(method, list(request.prompts) or None, target, choices, request.beta or None, mode)
 
 
 def calibrate(model, plan: CalibrationPlan) -> CalibrationResult:
     """(MLX thread) Sensitivities on real activations, then the allocation for the target average."""
-    if plan.prompts is None:
-        sensitivities = quant.calibrate_layer_sensitivities(model.model, model.tokenizer)
+    sensitivities = quant.calibrate_layer_sensitivities(
+        model.model, model.tokenizer, prompts=plan.prompts, method=plan.method, mode=plan.mode, progress=False
+    )
+    if plan.beta is not None:
+        beta = plan.beta
     else:
-        sensitivities = quant.calibrate_layer_sensitivities(model.model, model.tokenizer, prompts=plan.prompts)
-    beta = plan.beta if plan.beta is not None else quant.fit_distortion_curve(plan.method, head_dim=model.shape["head_dim"])
+        _, beta = quant.fit_distortion_curve(plan.method, head_dim=model.shape["head_dim"])
     bits = quant.allocate_bits_ratequant(
         sensitivities, target_avg_bits=plan.target_avg_bits, beta=beta, bit_choices=plan.bit_choices
     )

@@ -335,7 +335,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., offset: _Optional[int] = ..., committed_offset: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class CalibrateRequest(_message.Message):
-    __slots__ = ("prompts", "method", "target_avg_bits", "bit_choices", "beta", "apply", "cache")
+    __slots__ = ("prompts", "method", "target_avg_bits", "bit_choices", "beta", "apply", "cache", "mode")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     TARGET_AVG_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -343,6 +343,7 @@ class CalibrateRequest(_message.Message):
     BETA_FIELD_NUMBER: _ClassVar[int]
     APPLY_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     method: str
     target_avg_bits: float
@@ -350,7 +351,8 @@ class CalibrateRequest(_message.Message):
     beta: float
     apply: bool
     cache: CacheConfig
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., target_avg_bits: _Optional[float] = ..., bit_choices: _Optional[_Iterable[int]] = ..., beta: _Optional[float] = ..., apply: _Optional[bool] = ..., cache: _Optional[_Union[CacheConfig, _Mapping]] = ...) -> None: ...
+    mode: str
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., target_avg_bits: _Optional[float] = ..., bit_choices: _Optional[_Iterable[int]] = ..., beta: _Optional[float] = ..., apply: _Optional[bool] = ..., cache: _Optional[_Union[CacheConfig, _Mapping]] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class CalibrateResponse(_message.Message):
     __slots__ = ("sensitivities", "key_bits", "average_bits", "beta", "session")

@@ -1,0 +1,88 @@
+"""Shared test helpers: a kvshard server as a real process on a free loopback port."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    if os.path.exists(OPENBLAS):
+        env["LD_PRELOAD"] = OPENBLAS  # MLX's CPU wheel links the reference BLAS otherwise (~60x slower matmuls)
+    return env
+
+
+class ShardProcess:
+    """`kvshard serve` in a child process; start() waits until health says SERVING."""
+
+    def __init__(self, tmp_path, *args: str, store: str | None = None, port: int | None = None):
+        self.args = list(args)
+        self.port = port or free_port()
+        self.store = store or f"sqlite:///{tmp_path}/kvshard.sqlite3"
+        self.log_path = tmp_path / f"server-{self.port}.log"
+        self.proc = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True, timeout: float = 120) -> "ShardProcess":
+        command = [sys.executable, "-m", "kvshard.service.cli", "serve", "--port", str(self.port), "--store", self.store, *self.args]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(command, stdout=log, stderr=log, env=child_env())
+        if wait:
+            self.wait_serving(timeout)
+        return self
+
+    def wait_serving(self, timeout: float = 120, credentials=None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            channel = grpc.secure_channel(self.target, credentials) if credentials else grpc.insecure_channel(self.target)
+            try:
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            finally:
+                channel.close()
+            time.sleep(0.2)
+        raise TimeoutError(f"server not serving after {timeout}s:\n{self.log()}")
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])

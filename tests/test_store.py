@@ -1,0 +1,276 @@
+"""Session store: exact restore of every method's codes, compressed bytes, atomic commits, Redis parity."""
+
+import asyncio
+import shutil
+import sqlite3
+import subprocess
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import free_port
+from kvshard.quant import METHODS
+from kvshard.service.errors import SessionExists, SessionNotFound
+from kvshard.service.sessions import Limits, SessionManager, resolve_spec
+from kvshard.service.store import open_store
+from kvshard.service.worker import SerialExecutor
+
+HEADS, DIM = 3, 64
+LIMITS = Limits()
+
+
+def kv(rng, tokens):
+    return [rng.standard_normal((HEADS, tokens, DIM)).astype(np.float32) for _ in range(2)]
+
+
+def code_arrays(cache) -> dict:
+    state = cache.state
+    return {f"{g}/{k}": np.array(v) for g in ("key_codes", "value_codes") for k, v in state.get(g, {}).items()} | {
+        k: np.array(state[k]) for k in ("sink_keys", "window_keys", "key_mean") if k in state
+    }
+
+
+class Harness:
+    """A SessionManager over a store, driven from one event loop, as the server does."""
+
+    def __init__(self, store):
+        self.store = store
+        self.mlx, self.io = SerialExecutor("test-mlx"), SerialExecutor("test-io")
+        self.manager = SessionManager(store, self.mlx, self.io, None, LIMITS)
+
+    async def create(self, method="turboquant_mse", bits=4, layers=2, sinks=0, window=0, session_id=""):
+        spec = resolve_spec("raw", dict(layers=layers, n_kv_heads=HEADS, head_dim=DIM), method, [bits], [], sinks, window, 42, LIMITS, session_id)
+        return await self.manager.create("tenant", spec)
+
+    async def append(self, session_id, layer, k, v):
+        async with self.manager.open("tenant", session_id) as session:
+            await self.mlx.run(session.append, layer, k, v, LIMITS)
+            await self.manager.commit(session)
+
+    async def trim(self, session_id, n, layer=None):
+        async with self.manager.open("tenant", session_id) as session:
+            await self.mlx.run(session.trim, n, layer)
+            await self.manager.commit(session)
+
+    async def cold(self, session_id):
+        """The session as a fresh process would load it."""
+        self.manager.hot.clear()
+        async with self.manager.open("tenant", session_id) as session:
+            return session
+
+    def close(self):
+        self.mlx.shutdown()
+        self.io.shutdown()
+        self.store.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path}/store.sqlite3"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_restore_is_bit_identical_for_every_method(sqlite_url, method):
+    async def scenario():
+        h = Harness(open_store(sqlite_url))
+        rng = np.random.default_rng(0)
+        live = await h.create(method, bits=3, sinks=2, window=4)
+        for tokens in (5, 7, 20, 1, 3):  # crosses the key-mean warm-up, the sinks and the window
+            await h.append(live.session_id, 0, *kv(rng, tokens))
+        await h.trim(live.session_id, 6, layer=0)  # trims rewrite the tail block
+        await h.append(live.session_id, 0, *kv(rng, 4))
+        await h.append(live.session_id, 1, *kv(rng, 9))
+        q = rng.standard_normal((9, 2, DIM)).astype(np.float32)
+        expected = [await h.mlx.run(live.attend, layer, q, LIMITS) for layer in (0, 1)]
+        expected_codes = [await h.mlx.run(code_arrays, c) for c in live.caches]
+        restored = await h.cold(live.session_id)
+        assert restored is not live and restored.record.layer_offsets == [34, 9]
+        for layer in (0, 1):
+            assert np.array_equal(await h.mlx.run(restored.attend, layer, q, LIMITS), expected[layer])
+            codes = await h.mlx.run(code_arrays, restored.caches[layer])
+            assert codes.keys() == expected_codes[layer].keys()
+            for name, array in codes.items():
+                assert np.array_equal(array, expected_codes[layer][name]), name
+        h.close()
+
+    asyncio.run(scenario())
+
+
+def test_stored_bytes_are_the_compressed_size(sqlite_url):
+    async def scenario():
+        h = Harness(open_store(sqlite_url))
+        rng = np.random.default_rng(1)
+        session = await h.create(bits=4, layers=1)
+        for _ in range(4):
+            await h.append(session.session_id, 0, *kv(rng, 64))
+        blocks = sqlite3.connect(sqlite_url.removeprefix("sqlite:///")).execute("SELECT SUM(LENGTH(data)) FROM blocks").fetchone()[0]
+        fp16 = 2 * 256 * HEADS * DIM * 2  # keys and values of 256 tokens
+        # 4-bit codes + one fp16 norm per vector: (64·4/8 + 2) / (64·2) ≈ 27% of fp16, plus block headers.
+        assert blocks < 0.3 * fp16, (blocks, fp16)
+        record = await h.io.run(h.store.load_record, session.session_id)
+        assert record.stored_bytes < 0.32 * fp16
+        assert record.memory_bytes == session.memory_bytes
+        h.close()
+
+    asyncio.run(scenario())
+
+
+def test_appends_only_add_blocks_and_trim_replaces_the_tail(sqlite_url):
+    async def scenario():
+        h = Harness(open_store(sqlite_url))
+        rng = np.random.default_rng(2)
+        session = await h.create(layers=1)
+        db = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+        for tokens in (16, 8, 8):
+            await h.append(session.session_id, 0, *kv(rng, tokens))
+        first = db.execute("SELECT start, data FROM blocks ORDER BY start").fetchall()
+        assert [start for start, _ in first] == [0, 16, 24]  # one block per commit, never rewritten
+        await h.trim(session.session_id, 4)
+        after = db.execute("SELECT start, data FROM blocks ORDER BY start").fetchall()
+        assert after[:2] == first[:2] and after[2][0] == 24 and len(after[2][1]) < len(first[2][1])
+        h.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_commit_leaves_the_store_and_drops_the_hot_copy(sqlite_url):
+    async def scenario():
+        h = Harness(open_store(sqlite_url))
+        rng = np.random.default_rng(3)
+        session = await h.create(layers=1)
+        await h.append(session.session_id, 0, *kv(rng, 10))
+        real_commit = h.store.commit
+
+        def failing_commit(record, deltas):
+            h.store._db.execute("BEGIN IMMEDIATE")
+            h.store._db.execute("DELETE FROM blocks")
+            h.store._db.execute("ROLLBACK")
+            raise OSError("disk full")
+
+        h.store.commit = failing_commit
+        with pytest.raises(OSError):
+            await h.append(session.session_id, 0, *kv(rng, 5))
+        h.store.commit = real_commit
+        assert session.session_id not in h.manager.hot
+        restored = await h.cold(session.session_id)
+        assert restored.record.layer_offsets == [10]
+        h.close()
+
+    asyncio.run(scenario())
+
+
+def test_ids_tenants_paging_and_delete(sqlite_url):
+    async def scenario():
+        h = Harness(open_store(sqlite_url))
+        ids = [(await h.create(session_id=f"s{i:02d}")).session_id for i in range(5)]
+        with pytest.raises(SessionExists):
+            await h.create(session_id="s00")
+        page, token = await h.manager.list("tenant", 2, "")
+        assert [r.session_id for r in page] == ids[:2] and token == "s01"
+        page, token = await h.manager.list("tenant", 3, token)
+        assert [r.session_id for r in page] == ids[2:] and token == ""
+        assert (await h.manager.list("someone-else", 10, ""))[0] == []
+        with pytest.raises(SessionNotFound):
+            await h.manager.describe("someone-else", "s00")
+        await h.manager.delete("tenant", "s00")
+        with pytest.raises(SessionNotFound):
+            await h.cold("s00")
+        assert h.store.count() == 4
+        h.close()
+
+    asyncio.run(scenario())
+
+
+def test_memory_budget_drops_least_recently_used(sqlite_url):
+    async def scenario():
+        h = Harness(open_store(sqlite_url))
+        rng = np.random.default_rng(4)
+        a, b = await h.create(layers=1), await h.create(layers=1)
+        await h.append(a.session_id, 0, *kv(rng, 32))
+        await h.append(b.session_id, 0, *kv(rng, 32))
+        h.manager.limits = Limits(memory_budget_bytes=b.memory_bytes * 3 // 2)  # room for one of the two
+        await h.append(b.session_id, 0, *kv(rng, 1))  # b is used last; a goes
+        assert list(h.manager.hot) == [b.session_id]
+        async with h.manager.open("tenant", a.session_id) as reloaded:  # reloaded on use
+            assert reloaded.record.layer_offsets == [32]
+        assert list(h.manager.hot) == [a.session_id]
+        h.close()
+
+    asyncio.run(scenario())
+
+
+def test_idle_sessions_expire(sqlite_url):
+    async def scenario():
+        h = Harness(open_store(sqlite_url))
+        h.manager.limits = Limits(session_ttl_s=1)
+        session = await h.create(layers=1)
+        h.manager.hot.clear()
+        time.sleep(1.1)
+        assert await h.manager.expire_idle() == 1
+        with pytest.raises(SessionNotFound):
+            await h.manager.describe("tenant", session.session_id)
+        h.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    pytest.importorskip("redis")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    import redis
+
+    for _ in range(100):
+        try:
+            redis.Redis(port=port).ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait()
+
+
+def test_redis_store_restores_exactly_and_pages(redis_url):
+    async def scenario():
+        h = Harness(open_store(redis_url))
+        rng = np.random.default_rng(5)
+        live = await h.create("turboquant_prod", bits=3, window=4, session_id="r1")
+        await h.create(session_id="r0")
+        for tokens in (9, 3, 20):
+            await h.append("r1", 0, *kv(rng, tokens))
+        await h.trim("r1", 5, layer=0)
+        await h.append("r1", 0, *kv(rng, 2))
+        q = rng.standard_normal((3, 1, DIM)).astype(np.float32)
+        expected = await h.mlx.run(live.attend, 0, q, LIMITS)
+        restored = await h.cold("r1")
+        assert np.array_equal(await h.mlx.run(restored.attend, 0, q, LIMITS), expected)
+        assert restored.record.layer_offsets == [29, 0]
+        page, token = await h.manager.list("tenant", 1, "")
+        assert [r.session_id for r in page] == ["r0"] and token == "r0"
+        assert h.store.stored_bytes("r1") > 0 and h.store.count() == 2
+        with pytest.raises(SessionExists):
+            await h.create(session_id="r1")
+        await h.manager.delete("tenant", "r1")
+        assert h.store.load_record("r1") is None and h.store.count() == 1
+        h.close()
+
+    asyncio.run(scenario())
+
+
+def test_mx_bfloat16_survives_the_codec():
+    from kvshard.service.store.codec import pack_arrays, unpack_arrays
+
+    arrays = {"a": mx.array([[1.5, -2.25]], dtype=mx.bfloat16), "b": mx.arange(6, dtype=mx.uint32).reshape(1, 2, 3)}
+    back = unpack_arrays(pack_arrays(arrays))
+    assert back["a"].dtype == mx.bfloat16 and mx.array_equal(back["a"], arrays["a"]).item()
+    assert back["b"].dtype == mx.uint32 and mx.array_equal(back["b"], arrays["b"]).item()
