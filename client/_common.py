@@ -249,7 +249,9 @@ class GenerateProgress:
         if self.base is None:
             self.base = progress.start_offset + progress.prompt_tokens
         remaining = 0 if progress.finished else self.original.max_tokens - (session.offset - self.base)
-        replay_from = self.base if self.last_offset is None else self.last_offset
+        # Tokens delivered past the last checkpoint were lost with the server: they are generated again
+        # (the same draws) and dropped as duplicates.
+        replay_from = min(self.base if self.last_offset is None else self.last_offset, session.offset)
         if replay_from >= session.offset and remaining <= 0:
             return None
         request = pb.GenerateRequest()

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Any
 
-from kvshard.quant import load_model
+from kvshard.quant import install_attention_hook, load_model
 from kvshard.quant.models import model_fingerprint
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -25,6 +25,10 @@ class ServedModel:
     def load(cls, name: str) -> "ServedModel":
         """Load on the MLX thread: the weights belong to it from then on."""
         model, tokenizer = load_model(name)
+        # Sessions restored from the store never pass through KVCacheBuilder.for_model, which installs the
+        # hook that makes attention read the codes; without it they would attend over dequantized fp16 K/V
+        # and drift from sessions that were never restored.
+        install_attention_hook(model)
         attention = model.layers[0].self_attn
         return cls(
             name=name,
