@@ -274,3 +274,23 @@ def test_mx_bfloat16_survives_the_codec():
     back = unpack_arrays(pack_arrays(arrays))
     assert back["a"].dtype == mx.bfloat16 and mx.array_equal(back["a"], arrays["a"]).item()
     assert back["b"].dtype == mx.uint32 and mx.array_equal(back["b"], arrays["b"]).item()
+
+
+def test_a_server_on_redis_survives_a_restart(tmp_path, redis_url):
+    from conftest import ShardProcess
+    from kvshard.client import Client
+
+    rng = np.random.default_rng(6)
+    k, v = kv(rng, 12)
+    first = ShardProcess(tmp_path, "--model", "none", store=redis_url).start()
+    cache = Client(first.target).create_cache(head_dim=DIM, n_kv_heads=HEADS, key_bits=3, window=2)
+    cache.append(k, v)
+    q = rng.standard_normal((HEADS, 1, DIM)).astype(np.float32)
+    before = cache.attend(q)
+    first.kill9()
+    second = ShardProcess(tmp_path, "--model", "none", store=redis_url).start()
+    client = Client(second.target)
+    (again,) = client.session(cache.session_id)
+    assert len(again) == 12 and np.array_equal(again.attend(q), before)
+    assert client.server_info().store == "redis"
+    second.stop()

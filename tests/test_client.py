@@ -1,0 +1,157 @@
+"""The SDK: arrays on the wire, retries that never apply a call twice, exactly-once generation bookkeeping,
+and the asyncio twin against a real server."""
+
+import asyncio
+
+import grpc
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import ShardProcess
+from kvshard.client import AsyncClient, Client, RetryPolicy
+from kvshard.client._common import GenerateProgress, from_tensor, to_tensor
+from kvshard.service.cli import main as cli_main
+from kvshard.service.proto import kvshard_pb2 as pb
+
+
+@pytest.fixture(scope="module")
+def shard(module_tmp):
+    server = ShardProcess(module_tmp, "--model", "none").start()
+    yield server
+    server.stop()
+
+
+class Unavailable(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "connection lost after the server applied the call"
+
+
+class LoseFirstAnswer:
+    """A stub whose first call of `method` reaches the server but whose answer is lost."""
+
+    def __init__(self, stub, method):
+        self._stub, self._method, self.lost = stub, method, False
+
+    def __getattr__(self, name):
+        real = getattr(self._stub, name)
+        if name != self._method:
+            return real
+
+        def call(*args, **kwargs):
+            answer = real(*args, **kwargs)
+            if not self.lost:
+                self.lost = True
+                raise Unavailable()
+            return answer
+
+        return call
+
+
+@pytest.mark.parametrize("method", ["Append", "Trim"])
+def test_a_retry_after_a_lost_answer_is_not_applied_twice(shard, method):
+    client = Client(shard.target, retry=RetryPolicy(attempts=3, initial_backoff=0.01))
+    cache = client.create_cache(head_dim=8, n_kv_heads=2)
+    kv = np.ones((2, 3, 8), np.float32)
+    cache.append(kv, kv)
+    client.stub = LoseFirstAnswer(client.stub, method)
+    if method == "Append":
+        cache.append(kv, kv)
+        expected = 6
+    else:
+        assert cache.trim(2) == 2
+        expected = 1
+    assert client.stub.lost and len(cache) == expected
+    assert client.get_session(cache.session_id).offset == expected
+
+
+def test_a_lost_create_answer_returns_the_created_session(shard):
+    client = Client(shard.target, retry=RetryPolicy(attempts=3, initial_backoff=0.01))
+    client.stub = LoseFirstAnswer(client.stub, "CreateSession")
+    cache = client.create_cache(head_dim=8, n_kv_heads=2)
+    assert client.stub.lost and [s.session_id for s in client.list_sessions()].count(cache.session_id) == 1
+
+
+def test_arrays_keep_their_kind_and_dtype():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7
+    assert np.array_equal(from_tensor(to_tensor(x), x), x)
+    half = x.astype(np.float16)
+    assert to_tensor(half).dtype == pb.FLOAT16 and np.array_equal(from_tensor(to_tensor(half), half), half)
+    as_mx = mx.array(x).astype(mx.bfloat16)
+    wire = to_tensor(as_mx)
+    assert wire.dtype == pb.BFLOAT16 and len(wire.data) == 2 * 24
+    back = from_tensor(wire, as_mx)
+    assert back.dtype == mx.bfloat16 and mx.array_equal(back, as_mx).item()
+    assert to_tensor(x.astype(np.float64)).dtype == pb.FLOAT32
+
+
+def message(offset, finish=pb.FINISH_REASON_UNSPECIFIED):
+    return pb.GenerateResponse(token_id=offset, offset=offset, finish_reason=finish)
+
+
+def session_at(offset, start, prompt, generated, finished=False):
+    return pb.Session(offset=offset, last_generate=pb.GenerateProgress(start_offset=start, prompt_tokens=prompt, generated_tokens=generated, finished=finished))
+
+
+def test_generate_progress_resends_when_nothing_was_committed():
+    request = pb.GenerateRequest(session_id="s", prompt="hi", max_tokens=8, expected_offset=10)
+    progress = GenerateProgress(request)
+    assert [progress.accept(message(o)) is not None for o in (13, 14)] == [True, True]
+    assert progress.next_request(pb.Session(offset=10)) is request
+    assert progress.accept(message(13)) is None and progress.accept(message(14)) is None  # replays dropped
+    assert progress.accept(message(15)).offset == 15
+
+
+def test_generate_progress_resumes_after_a_checkpoint():
+    progress = GenerateProgress(pb.GenerateRequest(session_id="s", prompt="hi", max_tokens=8, expected_offset=10))
+    for offset in range(13, 19):  # prompt of 2 tokens: tokens at offsets 13..18 delivered (6 of 8)
+        progress.accept(message(offset))
+    resume = progress.next_request(session_at(16, 10, 2, 4))  # the store kept 4 of them
+    assert resume.resume and resume.replay_from == 16 and resume.max_tokens == 4 and resume.expected_offset == 16
+    assert [progress.accept(message(o)) is not None for o in (17, 18, 19, 20)] == [False, False, True, True]
+    assert progress.finished is False
+
+
+def test_generate_progress_replays_committed_tokens_never_received():
+    progress = GenerateProgress(pb.GenerateRequest(session_id="s", prompt="hi", max_tokens=8, expected_offset=10))
+    progress.accept(message(13))
+    resume = progress.next_request(session_at(20, 10, 2, 8, finished=True))  # the call ended; 7 answers lost
+    assert resume.replay_from == 13 and resume.max_tokens == 0
+    for offset in range(14, 21):
+        assert progress.accept(message(offset, pb.LENGTH if offset == 20 else 0)) is not None
+    assert progress.finished
+    with pytest.raises(LookupError):
+        progress.next_request(session_at(30, 21, 1, 1))  # someone else moved the session
+
+
+def test_async_client_mirrors_the_sync_one(shard):
+    async def scenario():
+        async with AsyncClient(shard.target) as client:
+            caches = await client.create_caches(2, head_dim=8, n_kv_heads=2, key_bits=3)
+            rng = np.random.default_rng(0)
+            k, v = (rng.standard_normal((2, 5, 8)).astype(np.float32) for _ in range(2))
+            await asyncio.gather(caches[0].append(k, v), caches[1].append(v, k))
+            out = await caches[1].attend(mx.array(k[:, :1]))
+            assert isinstance(out, mx.array) and out.shape == (2, 1, 8)
+            assert len(caches[0]) == 5 and await caches[0].trim(2) == 2 and len(caches[0]) == 3
+            assert await caches[0].memory_bytes() > 0
+            session_ids = [s.session_id async for s in client.list_sessions(page_size=1)]
+            assert caches[0].session_id in session_ids
+            await caches[0].delete()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.get_session(caches[0].session_id)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+    asyncio.run(scenario())
+
+
+def test_cli_dispatches_subcommands(capsys):
+    with pytest.raises(SystemExit) as usage:
+        cli_main([])
+    assert usage.value.code == 2 and "serve" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as helped:
+        cli_main(["serve", "--help"])
+    assert helped.value.code == 0 and "--store" in capsys.readouterr().out

@@ -1,0 +1,27 @@
+"""The committed stubs are exactly what the build generates from proto/, and the wire contract has every RPC."""
+
+import pathlib
+
+from kvshard.service import protogen
+from kvshard.service.proto import kvshard_pb2 as pb
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    generated = protogen.generate(tmp_path)
+    assert generated, "no stubs generated"
+    for path in generated:
+        committed = protogen.STUB_DIR / path.name
+        assert committed.exists(), f"{path.name} is generated but not committed; run python service/protogen.py"
+        assert committed.read_text() == path.read_text(), f"{path.name} drifted from the .proto; run python service/protogen.py"
+    stale = {p.name for p in protogen.STUB_DIR.glob("*_pb2*.py*")} - {p.name for p in generated}
+    assert not stale, f"stubs without a .proto: {stale}"
+
+
+def test_the_service_has_the_contracted_rpcs():
+    service = pb.DESCRIPTOR.services_by_name["KVShard"]
+    rpcs = {m.name: m for m in service.methods}
+    assert set(rpcs) == {"CreateSession", "GetSession", "ListSessions", "DeleteSession", "Append", "Attend", "Generate", "Calibrate", "Trim", "ServerInfo"}
+    assert rpcs["Generate"].server_streaming and not any(m.server_streaming for n, m in rpcs.items() if n != "Generate")
+    for message in ("AppendRequest", "GenerateRequest", "TrimRequest"):
+        assert "expected_offset" in pb.DESCRIPTOR.message_types_by_name[message].fields_by_name
+    assert pb.DESCRIPTOR.name == "kvshard/v1/kvshard.proto" and pathlib.Path(protogen.PROTO_ROOT, pb.DESCRIPTOR.name).exists()
