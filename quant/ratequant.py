@@ -11,6 +11,7 @@ bits per layer for `KVCacheConfig(bit_width_inlier=[...])`.
 """
 
 import math
+from numbers import Real
 
 import mlx.core as mx
 import numpy as np
@@ -48,7 +49,7 @@ def _check_weights(weights) -> np.ndarray:
 
 
 def _check_beta(beta) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 1:
+    if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta) or beta <= 1:
         raise ValueError(f"beta must be a finite number > 1, got {beta!r}")
     return float(beta)
 
@@ -64,7 +65,7 @@ def _check_choices(bit_choices) -> list[int]:
 
 
 def _check_target(target, low: int, high: int) -> float:
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+    if isinstance(target, bool) or not isinstance(target, Real) or not math.isfinite(target):
         raise ValueError(f"target_avg_bits must be a finite number, got {target!r}")
     if not low <= target <= high:
         raise ValueError(f"target_avg_bits must lie in [{low}, {high}] (the range of bit_choices), got {target}")
@@ -125,7 +126,7 @@ def allocate_bits_ratequant(
         candidates = np.full((len(choices), span + 1), np.inf)
         for j, step in enumerate(steps):
             candidates[j, step:] = best[: span + 1 - step] + cost[i, j]
-        pick = np.argmin(candidates, axis=0)  # first minimum: the lower choice on a tie
+        pick = np.argmin(candidates, axis=0).astype(np.int32)  # first minimum: the lower choice on a tie
         best = candidates[pick, np.arange(span + 1)]
         picks.append(pick)
 

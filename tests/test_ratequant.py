@@ -104,6 +104,12 @@ def test_allocation_is_the_exact_minimiser_of_the_model_distortion(seed):
         assert model_distortion(weights, bits, 3.5) == pytest.approx(best, rel=1e-12)
 
 
+def test_numpy_inputs_are_accepted():
+    bits = allocate_bits_ratequant(np.array([1.0, 5.0, 25.0]), np.float32(2.0), beta=np.float64(3.5),
+                                   bit_choices=np.arange(1, 5))
+    assert bits == [1, 2, 3] and all(type(b) is int for b in bits)
+
+
 def test_equal_weights_give_a_near_uniform_allocation():
     bits = allocate_bits_ratequant([2.0] * 10, 2.3)
     assert sorted(bits) == [2] * 7 + [3] * 3
