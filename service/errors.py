@@ -27,6 +27,13 @@ class OffsetMismatch(Exception):
         self.current = current
 
 
+class SessionConflict(Exception):
+    """Another shard committed the session since this one loaded it (shared stores)."""
+
+    def __init__(self, session_id: str):
+        super().__init__(f"session_id: session {session_id!r} was changed by another shard; retry the call")
+
+
 class FailedPrecondition(Exception):
     """The session cannot serve this call: another model's session, or a raw session asked to generate."""
 
@@ -48,7 +55,7 @@ CURRENT_OFFSET_KEY = "kvshard-current-offset"
 _CODES = (
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (SessionExists, grpc.StatusCode.ALREADY_EXISTS),
-    (OffsetMismatch, grpc.StatusCode.ABORTED),
+    ((OffsetMismatch, SessionConflict), grpc.StatusCode.ABORTED),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),

@@ -319,6 +319,10 @@ class SessionManager:
         lock = self._lock_for(session_id)
         async with lock:
             session = self.hot.get(session_id)
+            if session is not None and self.store.shared:
+                if await self.io.run(self.store.version, session_id) != session.record.version:
+                    self.hot.pop(session_id)  # another shard moved it on: this copy is stale
+                    session = None
             if session is None:
                 session = await self._load(tenant, session_id, lock)
             elif session.record.tenant != tenant:

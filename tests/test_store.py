@@ -12,7 +12,7 @@ import pytest
 
 from conftest import free_port
 from kvshard.quant import METHODS
-from kvshard.service.errors import SessionExists, SessionNotFound
+from kvshard.service.errors import SessionConflict, SessionExists, SessionNotFound
 from kvshard.service.sessions import Limits, SessionManager, resolve_spec
 from kvshard.service.store import open_store
 from kvshard.service.worker import SerialExecutor
@@ -263,6 +263,28 @@ def test_redis_store_restores_exactly_and_pages(redis_url):
         await h.manager.delete("tenant", "r1")
         assert h.store.load_record("r1") is None and h.store.count() == 1
         h.close()
+
+    asyncio.run(scenario())
+
+
+def test_two_shards_on_one_redis_never_use_a_stale_copy(redis_url):
+    async def scenario():
+        a, b = Harness(open_store(redis_url)), Harness(open_store(redis_url))
+        rng = np.random.default_rng(7)
+        await a.create(layers=1, session_id="shared")
+        await a.append("shared", 0, *kv(rng, 3))
+        await b.append("shared", 0, *kv(rng, 2))  # b loads it: 5 tokens
+        await a.append("shared", 0, *kv(rng, 4))  # a's hot copy is stale: it reloads, then appends: 9
+        async with b.manager.open("tenant", "shared") as session:
+            assert session.record.layer_offsets == [9]
+            b_session = session
+        b.manager.hot["shared"] = b_session
+        b_session.record.version -= 1  # pretend b missed a commit: its next commit must be refused
+        with pytest.raises(SessionConflict):
+            await b.manager.commit(b_session)
+        assert "shared" not in b.manager.hot
+        a.close()
+        b.close()
 
     asyncio.run(scenario())
 

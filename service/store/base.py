@@ -64,12 +64,17 @@ class LayerDelta:
 
 class SessionStore(Protocol):
     kind: str
+    shared: bool  # other shards may write it: hot copies are checked against the stored version before use
 
     def create(self, record: SessionRecord, deltas: list[LayerDelta]) -> None:
         """Insert a new session; SessionExists if the id is taken."""
 
     def commit(self, record: SessionRecord, deltas: list[LayerDelta]) -> None:
-        """Apply the deltas and replace the record, atomically."""
+        """Apply the deltas and replace the record, atomically, if the stored version is record.version - 1;
+        SessionConflict otherwise (another writer got there first)."""
+
+    def version(self, session_id: str) -> int | None:
+        """The stored version (commit count) of a session, None if it does not exist."""
 
     def load_record(self, session_id: str) -> SessionRecord | None: ...
 

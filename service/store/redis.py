@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from kvshard.service.errors import SessionExists
+from kvshard.service.errors import SessionConflict, SessionExists
 from kvshard.service.store.base import LayerDelta, SessionRecord
 from kvshard.service.store.sqlite import pack_tokens, unpack_tokens
 
@@ -38,6 +38,7 @@ _UPDATED = PREFIX + "updated"
 
 class RedisStore:
     kind = "redis"
+    shared = True  # several shards may serve the same sessions
 
     def __init__(self, client: redis.Redis):
         self._redis = client
@@ -64,23 +65,41 @@ class RedisStore:
                 raise SessionExists(record.session_id) from None
 
     def commit(self, record: SessionRecord, deltas: list[LayerDelta]) -> None:
-        # Blocks past keep_until are found before the transaction; only this session's holder writes them.
-        stale = {d.layer: self._starts_from(record.session_id, d.layer, d.keep_until) for d in deltas}
-        with self._redis.pipeline(transaction=True) as pipe:
-            for layer, starts in stale.items():
-                if starts:
-                    pipe.hdel(_blocks_key(record.session_id, layer), *starts)
-            self._write(pipe, record, deltas)
-            pipe.execute()
+        key = _session_key(record.session_id)
+        with self._redis.pipeline() as pipe:
+            try:
+                # Optimistic: the transaction fails if another shard commits this session meanwhile.
+                pipe.watch(key)
+                if pipe.hget(key, "version") != str(record.version - 1).encode():
+                    raise SessionConflict(record.session_id)
+                stale = {d.layer: self._starts_from(pipe, record.session_id, d.layer, d.keep_until) for d in deltas}
+                pipe.multi()
+                for layer, starts in stale.items():
+                    if starts:
+                        pipe.hdel(_blocks_key(record.session_id, layer), *starts)
+                self._write(pipe, record, deltas)
+                pipe.execute()
+            except redis.WatchError:
+                raise SessionConflict(record.session_id) from None
 
-    def _starts_from(self, session_id: str, layer: int, keep_until: int) -> list[bytes]:
-        return [s for s in self._redis.hkeys(_blocks_key(session_id, layer)) if int(s) >= keep_until]
+    def version(self, session_id: str) -> int | None:
+        value = self._redis.hget(_session_key(session_id), "version")
+        return None if value is None else int(value)
+
+    @staticmethod
+    def _starts_from(client, session_id: str, layer: int, keep_until: int) -> list[bytes]:
+        return [s for s in client.hkeys(_blocks_key(session_id, layer)) if int(s) >= keep_until]
 
     def _write(self, pipe, record: SessionRecord, deltas: list[LayerDelta]) -> None:
         sid = record.session_id
         pipe.hset(
             _session_key(sid),
-            mapping={"record": record.to_json(), "token_ids": pack_tokens(record.token_ids), "tenant": record.tenant},
+            mapping={
+                "record": record.to_json(),
+                "token_ids": pack_tokens(record.token_ids),
+                "tenant": record.tenant,
+                "version": record.version,
+            },
         )
         pipe.zadd(_UPDATED, {sid: record.updated_at_ms})
         for delta in deltas:

@@ -10,7 +10,7 @@ import sqlite3
 import threading
 from array import array
 
-from kvshard.service.errors import SessionExists
+from kvshard.service.errors import SessionConflict, SessionExists
 from kvshard.service.store.base import LayerDelta, SessionRecord
 
 _SCHEMA = """
@@ -19,7 +19,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     tenant TEXT NOT NULL,
     record TEXT NOT NULL,
     token_ids BLOB NOT NULL,
-    updated_at_ms INTEGER NOT NULL
+    updated_at_ms INTEGER NOT NULL,
+    version INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_by_tenant ON sessions (tenant, session_id);
 CREATE INDEX IF NOT EXISTS sessions_by_update ON sessions (updated_at_ms);
@@ -57,6 +58,7 @@ def unpack_tokens(blob: bytes) -> list[int]:
 
 class SQLiteStore:
     kind = "sqlite"
+    shared = False  # one shard per file
 
     def __init__(self, path: str):
         if path != ":memory:":
@@ -79,8 +81,8 @@ class SQLiteStore:
         with self._lock, self._transaction():
             try:
                 self._db.execute(
-                    "INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
-                    (record.session_id, record.tenant, record.to_json(), pack_tokens(record.token_ids), record.updated_at_ms),
+                    "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
+                    (record.session_id, record.tenant, record.to_json(), pack_tokens(record.token_ids), record.updated_at_ms, record.version),
                 )
             except sqlite3.IntegrityError:
                 raise SessionExists(record.session_id) from None
@@ -88,11 +90,18 @@ class SQLiteStore:
 
     def commit(self, record: SessionRecord, deltas: list[LayerDelta]) -> None:
         with self._lock, self._transaction():
-            self._db.execute(
-                "UPDATE sessions SET record = ?, token_ids = ?, updated_at_ms = ? WHERE session_id = ?",
-                (record.to_json(), pack_tokens(record.token_ids), record.updated_at_ms, record.session_id),
+            updated = self._db.execute(
+                "UPDATE sessions SET record = ?, token_ids = ?, updated_at_ms = ?, version = ? WHERE session_id = ? AND version = ?",
+                (record.to_json(), pack_tokens(record.token_ids), record.updated_at_ms, record.version, record.session_id, record.version - 1),
             )
+            if updated.rowcount != 1:
+                raise SessionConflict(record.session_id)
             self._write_layers(record.session_id, deltas)
+
+    def version(self, session_id: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT version FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+        return None if row is None else row[0]
 
     def _write_layers(self, session_id: str, deltas: list[LayerDelta]) -> None:
         for delta in deltas:
