@@ -102,6 +102,12 @@ def auth_metadata(token: str | None) -> tuple:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def call_metadata(base: tuple, request) -> tuple:
+    """Metadata of one call: auth, plus the session id a proxy can route on (deploy/envoy.yaml hashes it)."""
+    session_id = getattr(request, "session_id", "")
+    return base + (("kvshard-session", session_id),) if session_id else base
+
+
 # ---- arrays ---------------------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from kvshard.client._common import (
     SessionOptions,
     append_call,
     auth_metadata,
+    call_metadata,
     calibrate_request,
     channel_credentials,
     create_request,
@@ -51,12 +52,12 @@ class AsyncClient:
     async def __aexit__(self, *exc):
         await self.close()
 
-    async def call(self, method: str, request, timeout: float | None = None, recover=None):
-        delays = self.retry.delays()
+    async def call(self, method: str, request, timeout: float | None = None, recover=None, retry: bool = True):
+        delays = self.retry.delays() if retry else iter(())
         retried = False
         while True:
             try:
-                return await getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
+                return await getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=call_metadata(self.metadata, request))
             except grpc.aio.AioRpcError as error:
                 if retried and recover is not None:
                     answer = await recover(error)
@@ -117,10 +118,7 @@ class AsyncClient:
     async def calibrate(self, target_avg_bits: float = 4.0, method: str = "turboquant_mse", bit_choices=(), beta: float = 0.0,
                         prompts=(), apply: bool = False, mode: str = "kl", timeout: float | None = None, **options) -> CalibrationResult:
         request = calibrate_request(target_avg_bits, method, bit_choices, beta, prompts, apply, mode, SessionOptions(**options))
-        if apply:
-            answer = await self.stub.Calibrate(request, timeout=timeout or self.timeout, metadata=self.metadata)
-        else:
-            answer = await self.call("Calibrate", request, timeout)
+        answer = await self.call("Calibrate", request, timeout, retry=not apply)
         session = AsyncRemoteSession(self, answer.session) if answer.HasField("session") else None
         return CalibrationResult(list(answer.sensitivities), list(answer.key_bits), answer.average_bits, answer.beta, session)
 
@@ -192,7 +190,7 @@ class AsyncRemoteSession:
         next_request = request
         while next_request is not None:
             try:
-                async for message in self.client.stub.Generate(next_request, timeout=timeout, metadata=self.client.metadata):
+                async for message in self.client.stub.Generate(next_request, timeout=timeout, metadata=call_metadata(self.client.metadata, next_request)):
                     token = progress.accept(message)
                     if token is not None:
                         self.offset = token.offset

@@ -14,6 +14,7 @@ from kvshard.client._common import (
     SessionOptions,
     append_call,
     auth_metadata,
+    call_metadata,
     calibrate_request,
     channel_credentials,
     create_request,
@@ -54,14 +55,14 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def call(self, method: str, request, timeout: float | None = None, recover=None):
-        """A unary call, retried on UNAVAILABLE. After a retry, recover(error) may return a substitute
-        answer for an error that only says the earlier attempt was applied."""
-        delays = self.retry.delays()
+    def call(self, method: str, request, timeout: float | None = None, recover=None, retry: bool = True):
+        """A unary call, retried on UNAVAILABLE (unless retry=False). After a retry, recover(error) may return
+        a substitute answer for an error that only says the earlier attempt was applied."""
+        delays = self.retry.delays() if retry else iter(())
         retried = False
         while True:
             try:
-                return getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
+                return getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=call_metadata(self.metadata, request))
             except grpc.RpcError as error:
                 if retried and recover is not None:
                     answer = recover(error)
@@ -129,12 +130,9 @@ class Client:
         """RateQuant on the served model; apply=True also creates a model session with the allocation."""
         request = calibrate_request(target_avg_bits, method, bit_choices, beta, prompts, apply, mode, SessionOptions(**options))
         # Applying creates a session, which a blind retry would do twice: only plain calibration retries.
-        answer = self.call("Calibrate", request, timeout) if not apply else self._once("Calibrate", request, timeout)
+        answer = self.call("Calibrate", request, timeout, retry=not apply)
         session = RemoteSession(self, answer.session) if answer.HasField("session") else None
         return CalibrationResult(list(answer.sensitivities), list(answer.key_bits), answer.average_bits, answer.beta, session)
-
-    def _once(self, method: str, request, timeout: float | None = None):
-        return getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
 
 
 class RemoteKVCache:
@@ -210,7 +208,7 @@ class RemoteSession:
         next_request = request
         while next_request is not None:
             try:
-                for message in self.client.stub.Generate(next_request, timeout=timeout, metadata=self.client.metadata):
+                for message in self.client.stub.Generate(next_request, timeout=timeout, metadata=call_metadata(self.client.metadata, next_request)):
                     token = progress.accept(message)
                     if token is not None:
                         self.offset = token.offset
