@@ -20,7 +20,7 @@ MAX_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def shard(module_tmp):
-    server = ShardProcess(module_tmp, "--max-tokens", str(MAX_TOKENS), "--checkpoint-tokens", "4").start()
+    server = ShardProcess(module_tmp, "--max-tokens", str(MAX_TOKENS), "--max-prompt-tokens", "200", "--checkpoint-tokens", "4").start()
     yield server
     server.stop()
 
@@ -63,6 +63,7 @@ BAD_GENERATE = [
     ("bad role", dict(chat=pb.ChatTurn(messages=[pb.ChatMessage(role="robot", content="hi")])), grpc.StatusCode.INVALID_ARGUMENT, "chat.messages[0].role"),
     ("zero max_tokens", dict(prompt="hi", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
     ("absurd max_tokens", dict(prompt="hi", max_tokens=10**9), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens: must be in [1, 64]"),
+    ("prompt too long", dict(prompt="word " * 300), grpc.StatusCode.RESOURCE_EXHAUSTED, "max_prompt_tokens 200"),
     ("token out of vocab", dict(prompt_tokens=pb.TokenIds(ids=[1, 10**7])), grpc.StatusCode.INVALID_ARGUMENT, "prompt_tokens.ids[1]"),
     ("stop token out of vocab", dict(prompt="hi", stop_token_ids=[10**7]), grpc.StatusCode.INVALID_ARGUMENT, "stop_token_ids[0]"),
     ("temperature", dict(prompt="hi", sampling=pb.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),

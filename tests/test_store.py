@@ -12,7 +12,7 @@ import pytest
 
 from conftest import free_port
 from kvshard.quant import METHODS
-from kvshard.service.errors import SessionConflict, SessionExists, SessionNotFound
+from kvshard.service.errors import LimitExceeded, SessionConflict, SessionExists, SessionNotFound
 from kvshard.service.sessions import Limits, SessionManager, resolve_spec
 from kvshard.service.store import open_store
 from kvshard.service.worker import SerialExecutor
@@ -196,6 +196,19 @@ def test_memory_budget_drops_least_recently_used(sqlite_url):
         async with h.manager.open("tenant", a.session_id) as reloaded:  # reloaded on use
             assert reloaded.record.layer_offsets == [32]
         assert list(h.manager.hot) == [a.session_id]
+        h.close()
+
+    asyncio.run(scenario())
+
+
+def test_max_sessions_is_enforced(sqlite_url):
+    async def scenario():
+        h = Harness(open_store(sqlite_url))
+        h.manager.limits = Limits(max_sessions=2)
+        await h.create()
+        await h.create()
+        with pytest.raises(LimitExceeded, match="max_sessions"):
+            await h.create()
         h.close()
 
     asyncio.run(scenario())
