@@ -64,6 +64,12 @@ def sphere_coordinate_law(dim: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.exp(log_density - log_density.max())
 
 
+def _symmetric(centroids: np.ndarray) -> np.ndarray:
+    """Symmetric laws have symmetric optimal codebooks; remove the grid's tiny tilt (the 0 point falls in the
+    upper cell) so that x and −x quantize to mirror codes."""
+    return (centroids - centroids[::-1]) / 2
+
+
 def _to_codebook(centroids: np.ndarray, bits: int) -> Codebook:
     boundaries = (centroids[1:] + centroids[:-1]) / 2
     return Codebook(mx.array(centroids.astype(np.float32)), mx.array(boundaries.astype(np.float32)), bits)
@@ -73,7 +79,7 @@ def _to_codebook(centroids: np.ndarray, bits: int) -> Codebook:
 def sphere_codebook(dim: int, bits: int) -> Codebook:
     """Lloyd-Max codebook for a coordinate of a rotated unit vector (TurboQuant's stage-1 codebook)."""
     values, weights = sphere_coordinate_law(dim)
-    return _to_codebook(lloyd_max(values, weights, bits), bits)
+    return _to_codebook(_symmetric(lloyd_max(values, weights, bits)), bits)
 
 
 @lru_cache(maxsize=None)
@@ -84,10 +90,10 @@ def residual_codebook(dim: int, first_bits: int, bits: int) -> Codebook:
     narrower than the input's, so a codebook scaled for the input would waste most of its levels.
     """
     values, weights = sphere_coordinate_law(dim)
-    first = lloyd_max(values, weights, first_bits)
+    first = _symmetric(lloyd_max(values, weights, first_bits))
     boundaries = (first[1:] + first[:-1]) / 2
     residual = values - first[np.searchsorted(boundaries, values)]
-    return _to_codebook(lloyd_max(residual, weights, bits), bits)
+    return _to_codebook(_symmetric(lloyd_max(residual, weights, bits)), bits)
 
 
 @lru_cache(maxsize=None)

@@ -1,7 +1,9 @@
 """Seeded random rotations Π that spread a vector's energy evenly over its coordinates.
 
 After rotation every coordinate of a unit vector follows (nearly) the same law, which is what lets one scalar
-codebook serve all coordinates. Power-of-two head dims use a randomized Hadamard transform (O(d log d));
+codebook serve all coordinates. Power-of-two head dims use three rounds of a randomized Hadamard transform
+(H·D₃·H·D₂·H·D₁, O(d log d)): one round is not random enough for sparse inputs (a basis vector comes out with
+only ±1/√d entries, and its distortion breaks TurboQuant's bound); three behave like a uniform rotation.
 others (80, 96, 192 occur in real models) use a dense orthogonal matrix from the QR of a seeded Gaussian.
 """
 
@@ -10,6 +12,9 @@ from functools import lru_cache
 
 import mlx.core as mx
 import numpy as np
+
+
+HADAMARD_ROUNDS = 3
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -21,18 +26,24 @@ class Rotation:
     """y = Π x and x = Πᵀ y along the last axis. Π is exactly orthogonal, so norms and inner products survive."""
 
     dim: int
-    signs: mx.array | None  # ±1 diagonal of the randomized Hadamard transform
+    signs: mx.array | None  # (ROUNDS, d) ±1 diagonals of the randomized Hadamard rounds
     matrix: mx.array | None  # dense orthogonal Π for non-power-of-two dims
 
     def rotate(self, x: mx.array) -> mx.array:
-        if self.signs is not None:
-            return mx.hadamard_transform(x.astype(mx.float32) * self.signs)
-        return x.astype(mx.float32) @ self.matrix.T
+        x = x.astype(mx.float32)
+        if self.signs is None:
+            return x @ self.matrix.T
+        for signs in self.signs:
+            x = mx.hadamard_transform(x * signs)
+        return x
 
     def unrotate(self, y: mx.array) -> mx.array:
-        if self.signs is not None:
-            return mx.hadamard_transform(y.astype(mx.float32)) * self.signs
-        return y.astype(mx.float32) @ self.matrix
+        y = y.astype(mx.float32)
+        if self.signs is None:
+            return y @ self.matrix
+        for signs in self.signs[::-1]:
+            y = mx.hadamard_transform(y) * signs
+        return y
 
 
 @lru_cache(maxsize=256)
@@ -41,7 +52,7 @@ def make_rotation(dim: int, seed: int) -> Rotation:
         raise ValueError(f"head_dim must be >= 2, got {dim}")
     rng = np.random.default_rng(seed)
     if _is_power_of_two(dim):
-        signs = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=dim)
+        signs = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(HADAMARD_ROUNDS, dim))
         return Rotation(dim, mx.array(signs), None)
     gaussian = rng.standard_normal((dim, dim))
     q, r = np.linalg.qr(gaussian)
