@@ -102,7 +102,7 @@ class Decoder:
                 mx.eval(logits)
             token = self.sampling.sample(logits.astype(mx.float32), len(tokens))
         except BaseException:
-            for cache, offset in zip(caches, before_offsets):
+            for cache, offset in zip(caches, before_offsets, strict=True):
                 cache.trim(cache.offset - offset)
             del tokens[before_tokens:]
             raise

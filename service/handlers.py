@@ -10,7 +10,7 @@ from contextlib import aclosing
 from kvshard.quant import METHODS
 from kvshard.service import calibration, logs, metrics
 from kvshard.service.auth import current_tenant
-from kvshard.service.errors import FailedPrecondition, OffsetMismatch
+from kvshard.service.errors import FailedPrecondition
 from kvshard.service.generation import GenerateOptions, Sampling, generate
 from kvshard.service.proto import kvshard_pb2 as pb
 from kvshard.service.proto import kvshard_pb2_grpc as pb_grpc
@@ -102,12 +102,9 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         logs.note(session=request.session_id, layer=request.layer)
         keys = to_numpy(request.keys, "keys")
         values = to_numpy(request.values, "values")
+        expected = request.expected_offset if request.HasField("expected_offset") else None
         async with self.manager.open(current_tenant(), request.session_id) as session:
-            session.check_raw("Append")
-            session.check_layer(request.layer)
-            if request.HasField("expected_offset"):
-                _check_offset(request.expected_offset, session.record.layer_offsets[request.layer])
-            offset = await self.manager.mlx.run(session.append, request.layer, keys, values, self.limits)
+            offset = await self.manager.mlx.run(session.append, request.layer, keys, values, self.limits, expected)
             await self.manager.commit(session)
         logs.note(tokens=keys.shape[-2])
         metrics.TOKENS_APPENDED.inc(keys.shape[-2])
@@ -118,22 +115,16 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         queries = to_numpy(request.queries, "queries")
         async with self.manager.open(current_tenant(), request.session_id) as session:
             output = await self.manager.mlx.run(session.attend, request.layer, queries, self.limits)
-            offset = session.record.layer_offsets[request.layer]
-        return pb.AttendResponse(output=from_numpy(output, request.queries.dtype), offset=offset)
+        return pb.AttendResponse(output=from_numpy(output, request.queries.dtype), offset=session.offset_of(request.layer))
 
     async def Trim(self, request: pb.TrimRequest, context) -> pb.TrimResponse:
         logs.note(session=request.session_id)
         layer = request.layer if request.HasField("layer") else None
+        expected = request.expected_offset if request.HasField("expected_offset") else None
         async with self.manager.open(current_tenant(), request.session_id) as session:
-            if layer is not None:
-                session.check_layer(layer)
-            if request.HasField("expected_offset"):
-                current = session.offset if layer is None else session.record.layer_offsets[layer]
-                _check_offset(request.expected_offset, current)
-            trimmed = await self.manager.mlx.run(session.trim, request.n, layer)
+            trimmed = await self.manager.mlx.run(session.trim, request.n, layer, expected)
             await self.manager.commit(session)
-            offset = session.offset if layer is None else session.record.layer_offsets[layer]
-        return pb.TrimResponse(trimmed=trimmed, offset=offset)
+        return pb.TrimResponse(trimmed=trimmed, offset=session.offset_of(layer))
 
     # ---- the model ----------------------------------------------------------------------------------------
 
@@ -146,8 +137,7 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         async with self.manager.open(current_tenant(), request.session_id) as session:
             if session.record.kind != "model":
                 raise FailedPrecondition("session_id: Generate needs a model session; this is a raw cache session")
-            if request.HasField("expected_offset"):
-                _check_offset(request.expected_offset, session.offset)
+            session.check_offset(request.expected_offset if request.HasField("expected_offset") else None)
             if source == "chat":
                 messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
                 prompt = model.render_chat(messages, session.record.token_ids)
@@ -248,11 +238,6 @@ class KVShardServicer(pb_grpc.KVShardServicer):
             info.model_fingerprint = self.model.fingerprint
             info.model_shape.CopyFrom(pb.RawShape(**self.model.shape))
         return info
-
-
-def _check_offset(expected: int, current: int) -> None:
-    if expected != current:
-        raise OffsetMismatch(expected, current)
 
 
 def session_message(record: SessionRecord, session=None, include_token_ids: bool = False) -> pb.Session:

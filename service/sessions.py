@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvshard.quant import METHODS, CompressedKVCache, KVCacheBuilder, KVCacheConfig
-from kvshard.service.errors import FailedPrecondition, LimitExceeded, SessionNotFound
+from kvshard.service.errors import FailedPrecondition, LimitExceeded, OffsetMismatch, SessionNotFound
 from kvshard.service.store import LayerDelta, SessionRecord, SessionStore
 from kvshard.service.store.codec import join_state, split_state
 from kvshard.service.worker import SerialExecutor
@@ -136,6 +136,10 @@ class Session:
     def offset(self) -> int:
         return self.record.offset
 
+    def offset_of(self, layer: int | None) -> int:
+        """The session's offset, or one layer's."""
+        return self.offset if layer is None else self.record.layer_offsets[layer]
+
     # ---- construction (MLX thread) ----------------------------------------------------------------------
 
     @classmethod
@@ -180,10 +184,15 @@ class Session:
         if self.record.kind != "raw":
             raise FailedPrecondition(f"session_id: {rpc} needs a raw cache session; this is a model session (use Generate)")
 
-    def append(self, layer: int, keys: np.ndarray, values: np.ndarray, limits: Limits) -> int:
+    def check_offset(self, expected: int | None, layer: int | None = None) -> None:
+        if expected is not None and expected != self.offset_of(layer):
+            raise OffsetMismatch(expected, self.offset_of(layer))
+
+    def append(self, layer: int, keys: np.ndarray, values: np.ndarray, limits: Limits, expected_offset: int | None = None) -> int:
         """Append (H, L, D) keys and values to one layer; nothing changes unless every check passes."""
         self.check_raw("Append")
         cache = self.check_layer(layer)
+        self.check_offset(expected_offset, layer)
         heads, dim = self.record.shape["n_kv_heads"], self.record.shape["head_dim"]
         tokens = _expect_kv_shape("keys", keys.shape, heads, dim)
         _expect_kv_shape("values", values.shape, heads, dim)
@@ -215,8 +224,11 @@ class Session:
         out = cache.attend(mx.array(queries))
         return np.array(out.astype(mx.float32))
 
-    def trim(self, n: int, layer: int | None) -> int:
+    def trim(self, n: int, layer: int | None, expected_offset: int | None = None) -> int:
         """Drop the last n tokens of one layer or of every layer (MODEL sessions: of the conversation)."""
+        if layer is not None:
+            self.check_layer(layer)
+        self.check_offset(expected_offset, layer)
         if self.record.kind == "model":
             if layer is not None:
                 raise ValueError("layer: a model session trims every layer together; leave layer unset")
@@ -230,8 +242,6 @@ class Session:
             self._changed(range(len(self.caches)))
             return trimmed
         targets = range(len(self.caches)) if layer is None else [layer]
-        for i in targets:
-            self.check_layer(i)
         trimmed = [self.caches[i].trim(min(n, self.caches[i].offset)) for i in targets]
         self._changed(targets)
         return max(trimmed)
@@ -319,10 +329,9 @@ class SessionManager:
         lock = self._lock_for(session_id)
         async with lock:
             session = self.hot.get(session_id)
-            if session is not None and self.store.shared:
-                if await self.io.run(self.store.version, session_id) != session.record.version:
-                    self.hot.pop(session_id)  # another shard moved it on: this copy is stale
-                    session = None
+            if session is not None and self.store.shared and await self.io.run(self.store.version, session_id) != session.record.version:
+                self.hot.pop(session_id)  # another shard moved it on: this copy is stale
+                session = None
             if session is None:
                 session = await self._load(tenant, session_id, lock)
             elif session.record.tenant != tenant:

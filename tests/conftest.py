@@ -43,8 +43,8 @@ class ShardProcess:
 
     def start(self, wait: bool = True, timeout: float = 120) -> "ShardProcess":
         command = [sys.executable, "-m", "kvshard.service.cli", "serve", "--port", str(self.port), "--store", self.store, *self.args]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(command, stdout=log, stderr=log, env=child_env())
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(command, stdout=log, stderr=log, env=child_env())
         if wait:
             self.wait_serving(timeout)
         return self

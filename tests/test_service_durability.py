@@ -110,7 +110,7 @@ def test_kill9_mid_stream_then_restart_continues_bit_exact(tmp_path):
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "model" in refused.value.details()
 
     assert third.stop() == 0
-    for resumed_layer, baseline_layer in zip(stored_codes(db_path, session.session_id), stored_codes(db_path, baseline.session_id)):
+    for resumed_layer, baseline_layer in zip(stored_codes(db_path, session.session_id), stored_codes(db_path, baseline.session_id), strict=True):
         assert resumed_layer.keys() == baseline_layer.keys()
         for name in resumed_layer:
             assert np.array_equal(resumed_layer[name], baseline_layer[name]), name
