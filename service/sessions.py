@@ -170,6 +170,7 @@ class Session:
     @classmethod
     def restore(cls, record: SessionRecord, layers: list[tuple[bytes, list[tuple[int, bytes]]]]) -> "Session":
         caches = [CompressedKVCache.from_state(join_state(tail, [b for _, b in blocks])) for tail, blocks in layers]
+        # Join the blocks now, so the stored bytes can be freed and the session's first call does not pay for it.
         mx.eval([c.state.get(group, {}) for c in caches for group in ("key_codes", "value_codes")])
         return cls(record, caches, [[start for start, _ in blocks] for _, blocks in layers])
 
