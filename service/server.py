@@ -20,7 +20,6 @@ from kvshard.service.auth import Authenticator
 from kvshard.service.handlers import KVShardServicer
 from kvshard.service.interceptor import ShardInterceptor
 from kvshard.service.metrics import serve_metrics
-from kvshard.service.model import ServedModel
 from kvshard.service.proto import kvshard_pb2 as pb
 from kvshard.service.proto import kvshard_pb2_grpc as pb_grpc
 from kvshard.service.sessions import Limits, SessionManager
@@ -101,6 +100,9 @@ class Shard:
         if self.config.metrics_port:
             serve_metrics(self.config.metrics_port, self.config.host, self.manager)
         if self.config.model != NO_MODEL:
+            # Imported here: a raw-cache shard never needs the model loader (and its transformers import).
+            from kvshard.service.model import ServedModel
+
             self.manager.model = await self.mlx.run(ServedModel.load, self.config.model)
             self.log.info("model loaded", model=self.config.model, fingerprint=self.manager.model.fingerprint)
         self.not_ready = None
