@@ -1,0 +1,285 @@
+"""Real-model quality of KV-cache configurations: chunked perplexity on shipped English text.
+
+Every configuration runs the same token stream through the same model; only the per-layer caches differ.
+Reported per configuration and text: ΔPPL % against mlx_lm's `KVCache` holding float16 K/V, top-1
+agreement with that run's argmax predictions, and effective bits per stored K/V element (bytes actually
+held after the run).
+
+`kvshard eval --out DIR` writes DIR/eval.json and DIR/eval.png.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TEXTS = {
+    "pride_and_prejudice": "pride_and_prejudice.txt",
+    "persuasion": "persuasion.txt",
+}
+MLX_AFFINE_BITS = (8, 4, 3, 2)
+MLX_AFFINE_GROUP = 64
+
+
+class Float16KVCache(KVCache):
+    """mlx_lm's KVCache holding keys and values as float16 whatever the model computes in (float32 on
+    the CPU), like llama.cpp's default f16 cache; attention still runs in the model's dtype."""
+
+    def update_and_fetch(self, keys, values):
+        k, v = super().update_and_fetch(keys.astype(mx.float16), values.astype(mx.float16))
+        return k.astype(keys.dtype), v.astype(values.dtype)
+
+
+class Float16QuantizedKVCache(QuantizedKVCache):
+    """mlx_lm's QuantizedKVCache fed float16 keys and values, so its scales and biases are float16:
+    bits + 32 / group_size bits per element, as on a float16 model."""
+
+    def update_and_fetch(self, keys, values):
+        return super().update_and_fetch(keys.astype(mx.float16), values.astype(mx.float16))
+
+
+@dataclass
+class EvalConfig:
+    """One cache configuration: `make_caches()` returns a fresh list of per-layer caches."""
+
+    label: str
+    family: str
+    make_caches: Callable[[], list]
+
+
+def load_text(name: str) -> str:
+    """A shipped text by name (see quant/data/README.md), or a path to any UTF-8 text file."""
+    path = os.path.join(DATA_DIR, TEXTS[name]) if name in TEXTS else name
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def perplexity(model, tokens, make_caches, chunk: int = 256, context: int = 1024) -> dict:
+    """Chunked next-token perplexity of the first `context` tokens, attended through `make_caches()`.
+
+    Tokens go through the model `chunk` at a time, so every position after the first chunk attends to
+    keys and values read back from the caches. Returns ppl, nll (sum, nats), count (predicted
+    positions), predictions (argmax token per predicted position, an int32 mx.array) and caches (the
+    filled caches, whose bytes `effective_bits` counts).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    tokens = mx.array(tokens[:context]) if not isinstance(tokens, mx.array) else tokens[:context]
+    if tokens.size < 2:
+        raise ValueError(f"tokens: need at least 2 tokens to predict one, got {tokens.size}")
+    caches = make_caches()
+    inputs, targets = tokens[:-1], tokens[1:]
+    nll = mx.array(0.0, dtype=mx.float32)
+    predictions = []
+    for start in range(0, inputs.size, chunk):
+        logits = model(inputs[None, start : start + chunk], cache=caches)[0].astype(mx.float32)
+        target = targets[start : start + chunk]
+        nll = nll + nn.losses.cross_entropy(logits, target, reduction="sum")
+        predictions.append(mx.argmax(logits, axis=-1).astype(mx.int32))
+        mx.eval(nll, predictions[-1])
+    count = targets.size
+    nll = nll.item()
+    return {
+        "ppl": math.exp(nll / count),
+        "nll": nll,
+        "count": count,
+        "predictions": mx.concatenate(predictions),
+        "caches": caches,
+    }
+
+
+def held_bytes(cache) -> int:
+    """Bytes a cache holds for its tokens. mlx_lm caches preallocate in steps of 256 tokens, so their
+    arrays are counted only up to `offset`; any other cache reports its own `nbytes`."""
+    if isinstance(cache, (KVCache, QuantizedKVCache)):
+        if cache.keys is None:
+            return 0
+        arrays = cache.keys + cache.values if isinstance(cache, QuantizedKVCache) else [cache.keys, cache.values]
+        return sum(a[..., : cache.offset, :].nbytes for a in arrays)
+    return int(cache.nbytes)
+
+
+def effective_bits(model, caches, tokens_held: int) -> float:
+    """8 · bytes held / number of K and V elements (2 · layers · kv_heads · head_dim · tokens)."""
+    args = model.args
+    head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+    elements = 2 * len(caches) * args.num_key_value_heads * head_dim * tokens_held
+    return 8 * sum(held_bytes(c) for c in caches) / elements
+
+
+def baseline_config(model) -> EvalConfig:
+    return EvalConfig("fp16", "fp16", lambda: [Float16KVCache() for _ in model.layers])
+
+
+def mlx_affine_configs(model, bits=MLX_AFFINE_BITS, group_size: int = MLX_AFFINE_GROUP) -> List[EvalConfig]:
+    def make(b):
+        return lambda: [Float16QuantizedKVCache(group_size=group_size, bits=b) for _ in model.layers]
+
+    return [EvalConfig(f"mlx_lm affine {b}-bit g{group_size}", "mlx_lm affine", make(b)) for b in bits]
+
+
+def our_configs(model) -> List[EvalConfig]:
+    """kvshard's own cache configurations; empty while `kvshard.quant` does not provide the builder."""
+    try:
+        from kvshard.quant import KVCacheBuilder, KVCacheConfig
+    except ImportError:
+        return []
+    configs = []
+    for bits in (4, 3, 2):
+        config = KVCacheConfig(method="turboquant_mse", bit_width_inlier=bits, seed=42)
+        configs.append(
+            EvalConfig(
+                f"turboquant_mse {bits}-bit",
+                "turboquant_mse",
+                lambda config=config: KVCacheBuilder.for_model(model, config),
+            )
+        )
+    return configs
+
+
+def compare(model, tokens, configs: List[EvalConfig], chunk: int = 256, progress: str = "") -> List[dict]:
+    """Run the fp16 baseline, then every config, on one token stream; rows of ΔPPL, agreement, bits.
+    With `progress` set, each finished run is reported on stderr under that name."""
+    runs = []
+    for config in [baseline_config(model)] + [c for c in configs if c.label != "fp16"]:
+        start = time.perf_counter()
+        run = perplexity(model, tokens, config.make_caches, chunk, len(tokens))
+        runs.append((config, run, time.perf_counter() - start))
+        if progress:
+            print(f"{progress}: {config.label}: ppl {run['ppl']:.3f} in {runs[-1][2]:.1f} s", file=sys.stderr)
+    base = runs[0][1]
+    return [
+        {
+            "label": config.label,
+            "family": config.family,
+            "ppl": run["ppl"],
+            "delta_ppl_pct": 100.0 * (run["ppl"] / base["ppl"] - 1.0),
+            "top1_agreement": mx.mean(run["predictions"] == base["predictions"]).item(),
+            "effective_bits": effective_bits(model, run["caches"], run["count"]),
+            "seconds": seconds,
+        }
+        for config, run, seconds in runs
+    ]
+
+
+def _mean_rows(per_text: dict) -> List[dict]:
+    labels = [r["label"] for r in next(iter(per_text.values()))]
+    means = []
+    for i, label in enumerate(labels):
+        rows = [rows[i] for rows in per_text.values()]
+        mean = {"label": label, "family": rows[0]["family"]}
+        for key in ("ppl", "delta_ppl_pct", "top1_agreement", "effective_bits", "seconds"):
+            mean[key] = sum(r[key] for r in rows) / len(rows)
+        means.append(mean)
+    return means
+
+
+def plot(mean_rows: List[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families = []
+    for row in mean_rows:
+        if row["family"] != "fp16" and row["family"] not in families:
+            families.append(row["family"])
+    for family in families:
+        rows = sorted((r for r in mean_rows if r["family"] == family), key=lambda r: r["effective_bits"])
+        # A log axis cannot show ΔPPL <= 0; such points sit at the floor.
+        ys = [max(r["delta_ppl_pct"], 1e-3) for r in rows]
+        ax.plot([r["effective_bits"] for r in rows], ys, marker="o", label=family)
+        for r, y in zip(rows, ys):
+            ax.annotate(r["label"], (r["effective_bits"], y), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per K/V element (bytes held)")
+    ax.set_ylabel("ΔPPL % vs fp16 KV cache")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_eval(model, tokenizer, texts, n_tokens: int, chunk: int, configs: List[EvalConfig]) -> dict:
+    per_text = {}
+    for name in texts:
+        tokens = tokenizer.encode(load_text(name), add_special_tokens=False)
+        if len(tokens) < n_tokens:
+            raise ValueError(f"texts: {name!r} has {len(tokens)} tokens, fewer than --tokens {n_tokens}")
+        per_text[name] = compare(model, tokens[:n_tokens], configs, chunk, progress=name)
+    return {"per_text": per_text, "mean": _mean_rows(per_text)}
+
+
+def _select(configs: List[EvalConfig], wanted: Optional[List[str]]) -> List[EvalConfig]:
+    if not wanted:
+        return configs
+    chosen = [c for c in configs if c.label in wanted or c.family in wanted]
+    unknown = set(wanted) - {c.label for c in chosen} - {c.family for c in chosen}
+    if unknown:
+        known = sorted({c.label for c in configs} | {c.family for c in configs})
+        raise ValueError(f"configs: unknown {sorted(unknown)}; known: {known}")
+    return chosen
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kvshard eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for eval.json and eval.png")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens of each text to score")
+    parser.add_argument("--chunk", type=int, default=256, help="tokens per forward pass")
+    parser.add_argument("--texts", nargs="+", default=list(TEXTS), help="shipped text names or file paths")
+    parser.add_argument("--configs", nargs="+", help="labels or families to run (default: all)")
+    args = parser.parse_args(argv)
+
+    from kvshard.quant.models import load_model, model_fingerprint
+
+    model, tokenizer = load_model(args.model)
+    configs = _select(mlx_affine_configs(model) + our_configs(model), args.configs)
+    result = run_eval(model, tokenizer, args.texts, args.tokens, args.chunk, configs)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.machine(),
+            "cpus": os.cpu_count(),
+            "mlx": mx.__version__,
+            "device": str(mx.default_device()),
+        },
+        "model": {"name": args.model, "fingerprint": model_fingerprint(model)},
+        "tokens": args.tokens,
+        "chunk": args.chunk,
+        "texts": args.texts,
+        **result,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot(
+        report["mean"],
+        os.path.join(args.out, "eval.png"),
+        f"{args.model}: chunked PPL, {args.tokens} tokens × {len(args.texts)} texts, chunk {args.chunk}",
+    )
+    for row in report["mean"]:
+        print(
+            f"{row['label']:<32} bits {row['effective_bits']:6.3f}  ppl {row['ppl']:8.3f}  "
+            f"ΔPPL {row['delta_ppl_pct']:+9.2f}%  top-1 {row['top1_agreement']:.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
