@@ -5,11 +5,18 @@ block at a time, the softmax runs online across blocks (flash-decoding), values 
 rotated domain and un-rotated once at the end. No fp16 K or V of the history is ever materialised; peak
 memory is one block. fp16 segments (attention sinks, the recent window) are attended exactly beside the codes.
 GQA: query heads are grouped under their KV head; K/V are never repeated.
+
+`compressed_attention` dispatches: TurboQuant-MSE code segments go to fused kernels on a GPU (CUDA or Metal,
+`kernels.py`) or to the CPU fast path; everything else, and any case a fast path does not cover (other
+methods, masks over codes on the GPU), takes the portable loop below. `backend=` or the environment variable
+KVSHARD_ATTENTION=pure|cpu|cuda|metal forces a path (tests compare them).
 """
 
 from dataclasses import dataclass
 
 import mlx.core as mx
+
+from . import kernels
 
 BLOCK_TOKENS = 4096
 
@@ -67,9 +74,119 @@ def _apply_mask(scores: mx.array, mask) -> mx.array:
 
 
 def compressed_attention(
-    queries, segments, *, n_kv_heads: int, key_method, value_method, scale: float, mask=None
+    queries, segments, *, n_kv_heads: int, key_method, value_method, scale: float, mask=None, backend=None
 ) -> mx.array:
-    """softmax(q·Kᵀ·scale + mask)·V over segments in token order. queries: (B, Hq, L, D) -> (B, Hq, L, D)."""
+    """softmax(q·Kᵀ·scale + mask)·V over segments in token order. queries: (B, Hq, L, D) -> (B, Hq, L, D).
+
+    backend: None/"auto" picks the fastest path that covers the case; "pure", "cpu", "cuda" or "metal" force one
+    (a forced fast path that does not cover the case raises ValueError)."""
+    choice = kernels.requested_backend(backend)
+    path = _pick_path(choice, queries, segments, key_method, value_method, mask)
+    if path == "pure":
+        return _pure_attention(queries, segments, n_kv_heads, key_method, value_method, scale, mask)
+    return _fast_attention(path, queries, segments, n_kv_heads, key_method, value_method, scale, mask)
+
+
+def _code_segments(segments):
+    """(start, segment) of every non-empty code segment."""
+    start, found = 0, []
+    for segment in segments:
+        if isinstance(segment, CodeSegment) and segment.length:
+            found.append((start, segment))
+        start += segment.length
+    return found
+
+
+def _pick_path(choice, queries, segments, key_method, value_method, mask) -> str:
+    codes = _code_segments(segments)
+    if choice == "pure" or (choice == "auto" and not codes):
+        return "pure"
+    L = queries.shape[2]
+    total = sum(s.length for s in segments)
+    if choice == "auto":
+        gpu = kernels.gpu_backend()
+        if gpu is None:
+            tokens = sum(seg.length for _, seg in codes)
+            return "cpu" if kernels.cpu_supported(key_method, value_method, tokens) else "pure"
+        covered = all(
+            _allowed(mask, L, total, start, seg.length) is None
+            and kernels.gpu_supported(queries, seg, key_method, value_method)
+            for start, seg in codes
+        )
+        return gpu if covered else "pure"
+    if choice == "cpu":
+        if not kernels.cpu_supported(key_method, value_method):
+            raise ValueError("backend 'cpu' covers turboquant_mse keys and values with 1, 2 or 4 bits")
+        return "cpu"
+    if kernels.gpu_backend() != choice:
+        raise ValueError(f"backend {choice!r} needs the default device to be a {choice} GPU")
+    for start, seg in codes:
+        if _allowed(mask, L, total, start, seg.length) is not None:
+            raise ValueError(f"backend {choice!r} does not take a mask over code tokens")
+        if not kernels.gpu_supported(queries, seg, key_method, value_method):
+            raise ValueError(f"backend {choice!r} does not cover this method, head_dim, bits or group size")
+    return choice
+
+
+def _exact_part(q, segment: ExactSegment, allowed):
+    """Attention of q (B, Hkv, g, L, D) fp32 over fp16 tokens: (normalised output, log-sum-exp)."""
+    scores = q @ segment.keys[:, :, None].astype(mx.float32).swapaxes(-1, -2)
+    scores = _apply_mask(scores, allowed)
+    peak = scores.max(axis=-1, keepdims=True)
+    safe = mx.where(mx.isinf(peak), 0.0, peak)
+    weights = mx.exp(scores - safe)
+    total = weights.sum(axis=-1, keepdims=True)
+    out = (weights @ segment.values[:, :, None].astype(mx.float32)) / mx.maximum(total, 1e-30)
+    return out, safe + mx.log(total)
+
+
+def _merge(parts):
+    """Exact merge of (output, lse) pairs computed over disjoint key sets."""
+    peak = parts[0][1]
+    for _, lse in parts[1:]:
+        peak = mx.maximum(peak, lse)
+    peak = mx.where(mx.isinf(peak), 0.0, peak)
+    weights = [mx.exp(lse - peak) for _, lse in parts]
+    out = sum(w * o for w, (o, _) in zip(weights, parts))
+    return out / mx.maximum(sum(weights), 1e-30)
+
+
+def _fast_attention(path, queries, segments, n_kv_heads, key_method, value_method, scale, mask):
+    B, n_q_heads, L, D = queries.shape
+    group = n_q_heads // n_kv_heads
+    total = sum(s.length for s in segments)
+    codes = _code_segments(segments)
+    if path in ("cuda", "metal") and len(codes) == 1 and all(
+        s.length == 0 for s in segments if isinstance(s, ExactSegment)
+    ):
+        # The common decode step: one code segment, nothing in fp16. The kernel writes the final output.
+        return kernels.gpu_attention(queries, codes[0][1], key_method, value_method, scale, path)[0]
+
+    q = (queries.astype(mx.float32) * scale).reshape(B, n_kv_heads, group, L, D)
+    parts, start = [], 0
+    for segment in segments:
+        if segment.length == 0:
+            pass
+        elif isinstance(segment, ExactSegment):
+            parts.append(_exact_part(q, segment, _allowed(mask, L, total, start, segment.length)))
+        elif path == "cpu":
+            offset = start
+            parts.append(
+                kernels.cpu_code_attention(
+                    q, segment, key_method, value_method,
+                    lambda s, n, offset=offset: _allowed(mask, L, total, offset + s, n),
+                )
+            )
+        else:
+            out, lse = kernels.gpu_attention(queries, segment, key_method, value_method, scale, path)
+            parts.append(
+                (out.astype(mx.float32).reshape(B, n_kv_heads, group, L, D), lse.reshape(B, n_kv_heads, group, L, 1))
+            )
+        start += segment.length
+    return _merge(parts).reshape(B, n_q_heads, L, D).astype(queries.dtype)
+
+
+def _pure_attention(queries, segments, n_kv_heads, key_method, value_method, scale, mask) -> mx.array:
     B, n_q_heads, L, D = queries.shape
     group = n_q_heads // n_kv_heads
     q = (queries.astype(mx.float32) * scale).reshape(B, n_kv_heads, group, L, D)

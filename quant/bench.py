@@ -1,0 +1,679 @@
+"""`kvshard bench`: side-by-side speed of mlx_lm's caches and kvshard's compressed caches, in one process.
+
+Sections (each writes JSON, most a PNG, under --out, suffixed with the device tag):
+  attention  one decode step of attention at 1K..128K tokens: fp16 SDPA (mlx_lm KVCache), mlx_lm
+             QuantizedKVCache 4/8-bit, kvshard per method and bit budget; on a GPU the fused kernel is also
+             checked against the portable path and against exact attention on the dequantized K/V.
+  append     quantize-on-append throughput for a full layer: a 4096-token chunk, and single-token steps.
+  decode     end-to-end greedy decode tokens/s and peak memory of the embedded model (SmolLM2-135M shape),
+             short and long context.
+  service    Generate over gRPC vs in-process generation, Attend latency, resume-from-store vs re-prefill.
+
+Timing: warm-up first, then the median of many `mx.eval` + `mx.synchronize()` calls ("latency"); on a GPU also
+the median per call of groups of calls evaluated together ("throughput": launch gaps overlap, closer to the
+kernel time). Slow cases are skipped when the previous context says one call would take too long; the JSON
+says so and gives the estimate.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+
+from .attention import CodeSegment
+from .cache import CompressedKVCache
+
+SHAPES = {
+    "llama-3.1-8b": {"n_q_heads": 32, "n_kv_heads": 8, "head_dim": 128},
+    "smollm2-135m": {"n_q_heads": 9, "n_kv_heads": 3, "head_dim": 64},
+}
+CONTEXTS = (1024, 4096, 16384, 32768, 131072)
+QUICK_CONTEXTS = (1024, 4096, 32768)
+# kvshard series: (label, key method, key bits, value bits). Only turboquant_mse has fused kernels; the other
+# methods run the portable path and are measured at the shorter contexts.
+OURS = (
+    ("turboquant_mse k4/v4", "turboquant_mse", 4, 4),
+    ("turboquant_mse k4/v2", "turboquant_mse", 4, 2),
+    ("turboquant_mse k2/v2", "turboquant_mse", 2, 2),
+    ("turboquant_prod k4/v4", "turboquant_prod", 4, 4),
+    ("turboquant_rvq k2/v2", "turboquant_rvq", 2, 2),
+    ("polar k4/v4", "polar", 4, 4),
+    ("qjl k4/v4", "qjl", 4, 4),
+)
+SPEC_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # HBM bytes/s, vendor figures
+
+
+# ---- timing -------------------------------------------------------------------------------------------
+
+
+def _sync():
+    mx.synchronize()
+
+
+def time_call(fn, repeats: int, warmup: int = 2) -> dict:
+    """Median wall time of `mx.eval(fn())`, in ms."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    _sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        _sync()
+        times.append(time.perf_counter() - start)
+    return {"ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "repeats": repeats}
+
+
+def time_grouped(fn, groups: int, per_group: int) -> float:
+    """Median per-call ms of `per_group` calls built lazily and evaluated together."""
+    times = []
+    for i in range(groups + 1):
+        start = time.perf_counter()
+        mx.eval([fn() for _ in range(per_group)])
+        _sync()
+        if i:  # the first group is a warm-up
+            times.append((time.perf_counter() - start) / per_group)
+    return 1e3 * statistics.median(times)
+
+
+def _repeats_for(first_ms: float, budget_ms: float, low: int, high: int) -> int:
+    return int(min(high, max(low, budget_ms // max(first_ms, 1e-3))))
+
+
+def device_info() -> dict:
+    info = {"mlx": mx.__version__, "device": str(mx.default_device()), "platform": platform.platform()}
+    if mx.default_device() == mx.gpu:
+        try:
+            info.update({k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))})
+        except Exception:  # noqa: BLE001 (device_info differs across MLX versions and backends)
+            pass
+        info["gpu"] = _gpu_name()
+    else:
+        info["cpu"] = _cpu_name()
+        info["cpu_count"] = os.cpu_count()
+        info["ld_preload"] = os.environ.get("LD_PRELOAD", "")
+    return info
+
+
+def _gpu_name() -> str:
+    try:
+        import subprocess  # noqa: PLC0415
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        return str(mx.device_info().get("device_name", "gpu")) if hasattr(mx, "device_info") else "gpu"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device copy (read + write counted), measured here: the bandwidth floor's yardstick."""
+    n = 256 * 1024 * 1024 if mx.default_device() == mx.gpu else 32 * 1024 * 1024
+    x = mx.zeros((n,), dtype=mx.float16)
+    mx.eval(x)
+    t = time_call(lambda: x + 1, repeats=20 if mx.default_device() == mx.gpu else 5)
+    return 2 * x.nbytes / (t["ms"] * 1e-3)
+
+
+# ---- attention ----------------------------------------------------------------------------------------
+
+
+def _mlx_lm_quantized(keys, values, bits):
+    from mlx_lm.models.cache import QuantizedKVCache  # noqa: PLC0415
+
+    cache = QuantizedKVCache(group_size=64, bits=bits)
+    qk, qv = cache.update_and_fetch(keys, values)
+    mx.eval(qk, qv)
+    return cache, qk, qv
+
+
+def _tree_nbytes(tree) -> int:
+    if isinstance(tree, (tuple, list)):
+        return sum(_tree_nbytes(t) for t in tree)
+    return tree.nbytes
+
+
+def attention_case(shape: dict, tokens: int, series: list, skip: dict, check: bool, budget_ms: float, grouped: bool):
+    """Time every series at one context length. Returns rows and, on a GPU, error checks."""
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention  # noqa: PLC0415
+
+    Hq, Hkv, D = shape["n_q_heads"], shape["n_kv_heads"], shape["head_dim"]
+    scale = D**-0.5
+    mx.random.seed(tokens)
+    keys = (mx.random.normal((1, Hkv, tokens, D)) + 0.3 * mx.random.normal((1, Hkv, 1, D))).astype(mx.float16)
+    values = mx.random.normal((1, Hkv, tokens, D)).astype(mx.float16)
+    queries = mx.random.normal((1, Hq, 1, D)).astype(mx.float16)
+    mx.eval(keys, values, queries)
+    rows, checks = [], []
+
+    def record(name, fn, nbytes, bits, extra=None):
+        estimate = skip.get(name)
+        if estimate is not None and estimate * tokens / skip[name + "@tokens"] > _max_call_ms():
+            rows.append({"series": name, "tokens": tokens, "skipped": True,
+                         "estimated_ms": estimate * tokens / skip[name + "@tokens"]})
+            return
+        try:
+            start = time.perf_counter()
+            mx.eval(fn())
+            _sync()
+            first = 1e3 * (time.perf_counter() - start)
+            t = time_call(fn, repeats=_repeats_for(first, budget_ms, 3, 200), warmup=1 if first > 1000 else 3)
+            row = {"series": name, "tokens": tokens, "ms": t["ms"], "min_ms": t["min_ms"], "repeats": t["repeats"],
+                   "bytes": nbytes, "effective_bits": bits}
+            if grouped and t["ms"] < 50:
+                row["throughput_ms"] = time_grouped(fn, groups=5, per_group=20)
+            row.update(extra or {})
+            rows.append(row)
+            skip[name], skip[name + "@tokens"] = t["ms"], tokens
+            print(f"  {name:34s} {tokens:>7d}  {t['ms']:10.3f} ms", flush=True)
+        except Exception as err:  # noqa: BLE001 (one failing series must not stop the others)
+            rows.append({"series": name, "tokens": tokens, "error": f"{type(err).__name__}: {err}"})
+            print(f"  {name:34s} {tokens:>7d}  ERROR {err}", flush=True)
+
+    elements = 2 * Hkv * tokens * D
+    if "fp16" in series:
+        record("mlx_lm KVCache fp16 SDPA",
+               lambda: mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale),
+               keys.nbytes + values.nbytes, 16.0)
+    for bits in (4, 8):
+        if f"q{bits}" not in series:
+            continue
+        _, qk, qv = _mlx_lm_quantized(keys, values, bits)
+        nbytes = _tree_nbytes(qk) + _tree_nbytes(qv)
+        record(f"mlx_lm QuantizedKVCache {bits}-bit",
+               lambda qk=qk, qv=qv, bits=bits: quantized_scaled_dot_product_attention(
+                   queries, qk, qv, scale=scale, mask=None, group_size=64, bits=bits),
+               nbytes, 8 * nbytes / elements)
+        del qk, qv
+    for label, method, key_bits, value_bits in OURS:
+        if label not in series:
+            continue
+        cache = CompressedKVCache(head_dim=D, n_kv_heads=Hkv, method=method, key_bits=key_bits, value_bits=value_bits)
+        cache.append(keys, values)
+        nbytes = cache.nbytes
+        bits = 8 * nbytes / elements
+        backend = _path_name(cache, queries)
+        record(f"kvshard {label}", lambda cache=cache: cache.attention(queries, scale=scale), nbytes, bits,
+               {"path": backend})
+        if method == "turboquant_mse" and backend != "pure" and f"kvshard {label} (pure path)" in series:
+            record(f"kvshard {label} (pure path)",
+                   lambda cache=cache: _attention(cache, queries, scale, "pure"), nbytes, bits, {"path": "pure"})
+        if check and method == "turboquant_mse":
+            checks.append(_check(cache, queries, scale, label, tokens))
+        del cache
+    return rows, checks
+
+
+def _attention(cache, queries, scale, backend):
+    from .attention import compressed_attention  # noqa: PLC0415
+
+    return compressed_attention(queries, cache.segments(), n_kv_heads=cache.n_kv_heads, key_method=cache.key_quantizer,
+                                value_method=cache.value_quantizer, scale=scale, backend=backend)
+
+
+def _path_name(cache, queries) -> str:
+    from .attention import _pick_path  # noqa: PLC0415
+
+    return _pick_path("auto", queries, cache.segments(), cache.key_quantizer, cache.value_quantizer, None)
+
+
+def _check(cache, queries, scale, label, tokens) -> dict:
+    """Max |fast − pure| and |fast − exact attention on the dequantized K/V| for one case."""
+    fast = _attention(cache, queries, scale, "auto").astype(mx.float32)
+    pure = _attention(cache, queries, scale, "pure").astype(mx.float32)
+    k, v = cache.dequantized()
+    exact = mx.fast.scaled_dot_product_attention(queries.astype(mx.float32), k.astype(mx.float32),
+                                                 v.astype(mx.float32), scale=scale)
+    out = {
+        "series": f"kvshard {label}",
+        "tokens": tokens,
+        "path": _path_name(cache, queries),
+        "max_abs_err_vs_pure": float(mx.abs(fast - pure).max()),
+        "max_abs_err_vs_exact_dequantized": float(mx.abs(fast - exact).max()),
+        "pure_max_abs_err_vs_exact_dequantized": float(mx.abs(pure - exact).max()),
+        "output_max_abs": float(mx.abs(exact).max()),
+    }
+    print(f"  check {label} {tokens}: fast-pure {out['max_abs_err_vs_pure']:.2e}  "
+          f"fast-exact {out['max_abs_err_vs_exact_dequantized']:.2e}", flush=True)
+    return out
+
+
+def _max_call_ms() -> float:
+    return float(os.environ.get("KVSHARD_BENCH_MAX_CALL_MS", "30000"))
+
+
+def bench_attention(args, tag: str) -> dict:
+    gpu = mx.default_device() == mx.gpu
+    contexts = args.contexts or (QUICK_CONTEXTS if args.quick else CONTEXTS)
+    bandwidth = copy_bandwidth()
+    info = device_info()
+    spec = next((v for k, v in SPEC_BANDWIDTH.items() if k in info.get("gpu", "")), None)
+    from . import kernels  # noqa: PLC0415
+
+    result = {"section": "attention", "device": info, "copy_bandwidth_bytes_per_s": bandwidth,
+              "gpu_kernel_config": {"coords_per_lane": kernels.GPU_COORDS or "auto", "unroll": kernels.GPU_UNROLL,
+                                    "target_blocks": kernels.GPU_TARGET_BLOCKS, "warps": kernels.GPU_WARPS},
+              "spec_bandwidth_bytes_per_s": spec, "batch": 1, "query_tokens": 1, "shapes": {}, "checks": []}
+    fused_pure = [f"kvshard {label} (pure path)" for label, method, *_ in OURS if method == "turboquant_mse"]
+    for name, shape in SHAPES.items():
+        print(f"attention: {name} {shape}", flush=True)
+        skip, rows = {}, []
+        for tokens in contexts:
+            series = ["fp16", "q4", "q8"] + fused_pure
+            # Methods without fused kernels run the portable path: measured up to 32K.
+            series += [label for label, method, *_ in OURS if method == "turboquant_mse" or tokens <= 32768]
+            r, c = attention_case(shape, tokens, series, skip, check=gpu or tokens <= 4096,
+                                  budget_ms=args.budget_ms, grouped=gpu)
+            rows += r
+            result["checks"] += [dict(x, shape=name) for x in c]
+        for row in rows:
+            if "bytes" in row:
+                row["bandwidth_floor_ms"] = 1e3 * row["bytes"] / bandwidth
+                if spec:
+                    row["spec_bandwidth_floor_ms"] = 1e3 * row["bytes"] / spec
+        result["shapes"][name] = {"shape": shape, "rows": rows, "summary": _attention_summary(rows, contexts)}
+    _write(args.out, f"attention_{tag}", result)
+    _plot_attention(args.out, f"attention_{tag}", result)
+    return result
+
+
+def _attention_summary(rows, contexts) -> list:
+    """Per context: ours (k4/v4) against fp16 SDPA and mlx_lm 4-bit, as ratios, with the bandwidth floor."""
+    by = {(r["series"], r["tokens"]): r for r in rows if "ms" in r}
+    out = []
+    for tokens in contexts:
+        ours = by.get(("kvshard turboquant_mse k4/v4", tokens))
+        fp16 = by.get(("mlx_lm KVCache fp16 SDPA", tokens))
+        q4 = by.get(("mlx_lm QuantizedKVCache 4-bit", tokens))
+        if not ours:
+            continue
+        entry = {"tokens": tokens, "ours_ms": ours["ms"], "ours_effective_bits": ours["effective_bits"],
+                 "ours_path": ours.get("path"), "bandwidth_floor_ms": ours.get("bandwidth_floor_ms"),
+                 "spec_bandwidth_floor_ms": ours.get("spec_bandwidth_floor_ms")}
+        for key in ("throughput_ms",):
+            if key in ours:
+                entry["ours_" + key] = ours[key]
+        if fp16:
+            entry["fp16_sdpa_ms"] = fp16["ms"]
+            entry["ours_over_fp16"] = ours["ms"] / fp16["ms"]
+            if "throughput_ms" in ours and "throughput_ms" in fp16:
+                entry["ours_over_fp16_throughput"] = ours["throughput_ms"] / fp16["throughput_ms"]
+        if q4:
+            entry["mlx_lm_q4_ms"] = q4["ms"]
+            entry["speedup_vs_mlx_lm_q4"] = q4["ms"] / ours["ms"]
+        if ours.get("bandwidth_floor_ms"):
+            entry["ours_over_floor"] = ours["ms"] / ours["bandwidth_floor_ms"]
+            if "throughput_ms" in ours:
+                entry["ours_throughput_over_floor"] = ours["throughput_ms"] / ours["bandwidth_floor_ms"]
+        out.append(entry)
+    return out
+
+
+def bench_tune(args, tag: str) -> dict:
+    """GPU only: sweep the split kernel's launch shape at the Llama shape; the JSON lists every configuration."""
+    from . import kernels  # noqa: PLC0415
+
+    shape = SHAPES["llama-3.1-8b"]
+    Hq, Hkv, D = shape["n_q_heads"], shape["n_kv_heads"], shape["head_dim"]
+    defaults = (kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS)
+    result = {"section": "tune", "device": device_info(), "shape": shape, "rows": []}
+    for tokens in (32768, 131072):
+        mx.random.seed(3)
+        keys = mx.random.normal((1, Hkv, tokens, D)).astype(mx.float16)
+        values = mx.random.normal((1, Hkv, tokens, D)).astype(mx.float16)
+        queries = mx.random.normal((1, Hq, 1, D)).astype(mx.float16)
+        cache = CompressedKVCache(head_dim=D, n_kv_heads=Hkv, key_bits=4, value_bits=4)
+        cache.append(keys, values)
+        pure = _attention(cache, queries, D**-0.5, "pure").astype(mx.float32)
+        for coords in (16, 8):
+            for unroll in (1, 2, 4):
+                for blocks in (512, 1024, 2048):
+                    kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS = coords, unroll, blocks
+                    try:
+                        fn = lambda: cache.attention(queries, scale=D**-0.5)  # noqa: E731
+                        err = float(mx.abs(fn().astype(mx.float32) - pure).max())
+                        t = time_call(fn, repeats=50, warmup=3)
+                        row = {"tokens": tokens, "coords": coords, "unroll": unroll, "target_blocks": blocks,
+                               "ms": t["ms"], "throughput_ms": time_grouped(fn, 5, 20), "max_abs_err_vs_pure": err}
+                    except Exception as e:  # noqa: BLE001
+                        row = {"tokens": tokens, "coords": coords, "unroll": unroll, "target_blocks": blocks,
+                               "error": f"{type(e).__name__}: {e}"}
+                    result["rows"].append(row)
+                    print("tune", row, flush=True)
+        del cache, keys, values
+    kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS = defaults
+    ok = [r for r in result["rows"] if r["tokens"] == 131072 and "ms" in r and r["max_abs_err_vs_pure"] < 1e-2]
+    if ok:
+        best = min(ok, key=lambda r: r["throughput_ms"])
+        result["best"] = best
+        if args.apply_tune:
+            kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS = (
+                best["coords"], best["unroll"], best["target_blocks"])
+            print(f"tune: using {best} for the sections that follow", flush=True)
+    _write(args.out, f"tune_{tag}", result)
+    return result
+
+
+# ---- append -------------------------------------------------------------------------------------------
+
+
+def bench_append(args, tag: str) -> dict:
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache  # noqa: PLC0415
+
+    result = {"section": "append", "device": device_info(), "shapes": {}}
+    chunk = 1024 if args.quick else 4096
+    steps = 16 if args.quick else 64
+    for name, shape in SHAPES.items():
+        Hkv, D = shape["n_kv_heads"], shape["head_dim"]
+        mx.random.seed(1)
+        keys = mx.random.normal((1, Hkv, chunk, D)).astype(mx.float16)
+        values = mx.random.normal((1, Hkv, chunk, D)).astype(mx.float16)
+        one_k = keys[:, :, :1]
+        one_v = values[:, :, :1]
+        mx.eval(keys, values, one_k, one_v)
+        makers = {
+            "mlx_lm KVCache fp16": (KVCache, lambda c: [c.keys, c.values]),
+            "mlx_lm QuantizedKVCache 4-bit": (lambda: QuantizedKVCache(group_size=64, bits=4), lambda c: [c.keys, c.values]),
+            "mlx_lm QuantizedKVCache 8-bit": (lambda: QuantizedKVCache(group_size=64, bits=8), lambda c: [c.keys, c.values]),
+        }
+        for label, method, key_bits, value_bits in OURS:
+            makers[f"kvshard {label}"] = (
+                lambda method=method, kb=key_bits, vb=value_bits: CompressedKVCache(
+                    head_dim=D, n_kv_heads=Hkv, method=method, key_bits=kb, value_bits=vb),
+                lambda c: c._arrays(),
+            )
+        rows = []
+        for series, (make, held) in makers.items():
+            try:
+                def chunk_append(make=make, held=held):
+                    cache = make()
+                    cache.update_and_fetch(keys, values)
+                    return held(cache)
+
+                t_chunk = time_call(chunk_append, repeats=3 if args.quick else 5, warmup=1)
+                cache = make()
+                cache.update_and_fetch(keys, values)
+                mx.eval(held(cache))
+
+                def step(cache=cache, held=held):
+                    cache.update_and_fetch(one_k, one_v)
+                    return held(cache)
+
+                for _ in range(3):
+                    mx.eval(step())
+                _sync()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    mx.eval(step())
+                _sync()
+                per_step = (time.perf_counter() - start) / steps
+                rows.append({"series": series, "chunk_tokens": chunk, "chunk_ms": t_chunk["ms"],
+                             "chunk_tokens_per_s": chunk / (t_chunk["ms"] * 1e-3),
+                             "step_ms": 1e3 * per_step, "step_tokens_per_s": 1 / per_step})
+                print(f"append {name:14s} {series:34s} chunk {chunk / (t_chunk['ms'] * 1e-3):12.0f} tok/s   "
+                      f"step {1e3 * per_step:8.3f} ms", flush=True)
+            except Exception as err:  # noqa: BLE001
+                rows.append({"series": series, "error": f"{type(err).__name__}: {err}"})
+                print(f"append {series} ERROR {err}", flush=True)
+        result["shapes"][name] = {"shape": shape, "rows": rows}
+    _write(args.out, f"append_{tag}", result)
+    return result
+
+
+# ---- end-to-end decode --------------------------------------------------------------------------------
+
+
+def random_smollm2_shape():
+    """A random-weight llama with SmolLM2-135M's shape (30 layers, 9 q / 3 kv heads, head_dim 64)."""
+    from mlx_lm.models import llama  # noqa: PLC0415
+
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, vocab_size=49152,
+        rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192,
+    )
+    model = llama.Model(args)
+    # fp16 on a GPU; fp32 on the CPU, where MLX's fp16 matmuls do not go through BLAS.
+    model.set_dtype(mx.float16 if mx.default_device() == mx.gpu else mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+def _decode_model(args):
+    """(model, description): the real embedded model where it can be loaded, else a random one of its shape."""
+    if args.model == "random":
+        dtype = "fp16" if mx.default_device() == mx.gpu else "fp32"
+        return random_smollm2_shape(), f"random-weight llama with SmolLM2-135M's shape ({dtype} weights)"
+    try:
+        from .models import load_model  # noqa: PLC0415
+
+        model, _ = load_model("smollm2-135m")
+        return model, "SmolLM2-135M-Instruct (embedded GGUF" + (", dequantized to fp32)" if mx.default_device() == mx.cpu else ", 4-bit weights)")
+    except Exception as err:  # noqa: BLE001
+        print(f"decode: embedded model not loadable ({err}); using random weights", flush=True)
+        return random_smollm2_shape(), f"random-weight llama with SmolLM2-135M's shape (embedded model unavailable: {err})"
+
+
+def _decode_run(model, prompt, new_tokens, make_cache, kv_bits=None):
+    from mlx_lm.generate import generate_step  # noqa: PLC0415
+
+    cache = make_cache()
+    mx.synchronize()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    first = None
+    count = 0
+    kwargs = {"kv_bits": kv_bits, "kv_group_size": 64, "quantized_kv_start": 0} if kv_bits else {}
+    for token, _ in generate_step(prompt, model, max_tokens=new_tokens, prompt_cache=cache, **kwargs):
+        count += 1
+        if first is None:
+            mx.eval(token)
+            first = time.perf_counter()
+    mx.synchronize()
+    end = time.perf_counter()
+    return {"prefill_s": first - start, "decode_tokens_per_s": (count - 1) / (end - first),
+            "peak_memory_bytes": mx.get_peak_memory(), "tokens": count}
+
+
+def bench_decode(args, tag: str) -> dict:
+    from mlx_lm.models.cache import make_prompt_cache  # noqa: PLC0415
+
+    from .builder import KVCacheBuilder, KVCacheConfig  # noqa: PLC0415
+
+    gpu = mx.default_device() == mx.gpu
+    model, description = _decode_model(args)
+    contexts = {"short": 128, "long": (16384 if gpu else 2048) if not args.quick else (4096 if gpu else 512)}
+    new_tokens = 64 if gpu else 24
+    result = {"section": "decode", "device": device_info(), "model": description, "new_tokens": new_tokens, "rows": []}
+    variants = [
+        ("mlx_lm KVCache fp16", lambda: make_prompt_cache(model), None),
+        ("mlx_lm QuantizedKVCache 4-bit", lambda: make_prompt_cache(model), 4),
+        ("mlx_lm QuantizedKVCache 8-bit", lambda: make_prompt_cache(model), 8),
+        ("kvshard turboquant_mse k4/v4", lambda: KVCacheBuilder.for_model(model, KVCacheConfig(bit_width_inlier=4)), None),
+        ("kvshard turboquant_mse k4/v2",
+         lambda: KVCacheBuilder.for_model(model, KVCacheConfig(bit_width_inlier=4, bit_width_value=2)), None),
+    ]
+    vocab = model.args.vocab_size
+    for context, length in contexts.items():
+        mx.random.seed(7)
+        prompt = mx.random.randint(0, vocab, (length,)).astype(mx.int32)
+        for series, make_cache, kv_bits in variants:
+            try:
+                _decode_run(model, prompt[:32], 4, make_cache, kv_bits)  # warm-up (compiles kernels)
+                row = _decode_run(model, prompt, new_tokens, make_cache, kv_bits)
+                row.update({"series": series, "context": context, "prompt_tokens": length})
+                result["rows"].append(row)
+                print(f"decode {context:5s} {length:6d} {series:32s} {row['decode_tokens_per_s']:8.1f} tok/s  "
+                      f"peak {row['peak_memory_bytes'] / 2**20:8.1f} MiB", flush=True)
+            except Exception as err:  # noqa: BLE001
+                result["rows"].append({"series": series, "context": context, "error": f"{type(err).__name__}: {err}"})
+                print(f"decode {series} ERROR {err}", flush=True)
+    _write(args.out, f"decode_{tag}", result)
+    _plot_decode(args.out, f"decode_{tag}", result)
+    return result
+
+
+def bench_service(args, tag: str) -> dict:
+    raise NotImplementedError("service benchmark not written yet")
+
+
+# ---- output -------------------------------------------------------------------------------------------
+
+
+def _write(folder: str, name: str, data: dict) -> None:
+    os.makedirs(folder, exist_ok=True)
+    data = dict(data, written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    with open(os.path.join(folder, name + ".json"), "w") as f:
+        json.dump(data, f, indent=1, sort_keys=False, default=float)
+    print(f"wrote {os.path.join(folder, name + '.json')}", flush=True)
+
+
+def _pyplot():
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+
+        return plt
+    except ImportError:
+        print("matplotlib not installed: no PNG", flush=True)
+        return None
+
+
+def _plot_attention(folder, name, result) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
+    shapes = result["shapes"]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 5), squeeze=False)
+    for ax, (shape_name, data) in zip(axes[0], shapes.items()):
+        series = {}
+        for row in data["rows"]:
+            if "ms" in row:
+                series.setdefault(row["series"], []).append((row["tokens"], row["ms"]))
+        for label, points in series.items():
+            points.sort()
+            style = "-" if label.startswith("kvshard") else "--"
+            if "(pure path)" in label:
+                style = ":"
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label, linewidth=1.5)
+        floor = sorted((r["tokens"], r["bandwidth_floor_ms"]) for r in data["rows"]
+                       if r.get("series") == "kvshard turboquant_mse k4/v4" and "bandwidth_floor_ms" in r)
+        if floor:
+            ax.plot([p[0] for p in floor], [p[1] for p in floor], color="gray", linewidth=3, alpha=0.4,
+                    label="bandwidth floor of k4/v4 bytes")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context tokens")
+        ax.set_ylabel("ms per decode step (one layer)")
+        ax.set_title(f"{shape_name}: {data['shape']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    device = result["device"].get("gpu") or result["device"].get("cpu") or result["device"]["device"]
+    fig.suptitle(f"Decode attention, one step, batch 1 — {device}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, name + ".png"), dpi=110)
+    plt.close(fig)
+
+
+def _plot_decode(folder, name, result) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
+    rows = [r for r in result["rows"] if "decode_tokens_per_s" in r]
+    contexts = sorted({r["context"] for r in rows}, key=lambda c: c != "short")
+    series = list(dict.fromkeys(r["series"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(1, len(series))
+    for i, label in enumerate(series):
+        tps = [next((r["decode_tokens_per_s"] for r in rows if r["series"] == label and r["context"] == c), 0) for c in contexts]
+        mem = [next((r["peak_memory_bytes"] / 2**20 for r in rows if r["series"] == label and r["context"] == c), 0) for c in contexts]
+        xs = [j + i * width for j in range(len(contexts))]
+        axes[0].bar(xs, tps, width, label=label)
+        axes[1].bar(xs, mem, width, label=label)
+    for ax, title in zip(axes, ("decode tokens/s", "peak memory (MiB)")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(contexts))])
+        ax.set_xticklabels([f"{c} ({next(r['prompt_tokens'] for r in rows if r['context'] == c)} tokens)" for c in contexts])
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"End-to-end decode — {result['model']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, name + ".png"), dpi=110)
+    plt.close(fig)
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+SECTIONS = ("attention", "append", "decode", "service")
+EXTRA_SECTIONS = ("tune",)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kvshard bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG results")
+    parser.add_argument("--quick", action="store_true", help="fewer contexts and repeats (a few minutes on a CPU)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--tag", help="suffix of result files (default: cpu or gpu)")
+    parser.add_argument("--budget-ms", type=float, default=None, help="time spent timing each case (default 2000 on GPU, 3000 on CPU)")
+    parser.add_argument("--contexts", type=lambda t: tuple(int(x) for x in t.split(",")), default=None,
+                        help="attention section: comma-separated context lengths (default 1K,4K,16K,32K,128K)")
+    parser.add_argument("--plot-only", action="store_true", help="re-render the PNGs from the JSON already in --out")
+    parser.add_argument("--apply-tune", action="store_true", help="after the tune section, use its best launch shape")
+    parser.add_argument("--model", choices=("embedded", "random"), default="embedded",
+                        help="decode section: the embedded SmolLM2 or a random model of its shape")
+    args = parser.parse_args(argv)
+    if args.device != "auto":
+        mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    gpu = mx.default_device() == mx.gpu
+    tag = args.tag or ("gpu" if gpu else "cpu")
+    if args.budget_ms is None:
+        args.budget_ms = 2000.0 if gpu else 3000.0
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS) - set(EXTRA_SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    if not gpu and "libblas" not in os.environ.get("LD_PRELOAD", "") and sys.platform.startswith("linux"):
+        print("note: LD_PRELOAD has no OpenBLAS; MLX's CPU matmuls use the reference BLAS (much slower)", flush=True)
+    if args.plot_only:
+        for name in sorted(os.listdir(args.out)):
+            if name.endswith(".json") and name.startswith(("attention_", "decode_")):
+                with open(os.path.join(args.out, name)) as f:
+                    data = json.load(f)
+                plot = _plot_attention if name.startswith("attention_") else _plot_decode
+                plot(args.out, name[:-5], data)
+        return 0
+    for section in sections:
+        if section == "attention":
+            bench_attention(args, tag)
+        elif section == "tune":
+            bench_tune(args, tag)
+        elif section == "append":
+            bench_append(args, tag)
+        elif section == "decode":
+            bench_decode(args, tag)
+        elif section == "service":
+            bench_service(args, tag)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

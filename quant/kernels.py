@@ -1,0 +1,1020 @@
+"""Fused attention over TurboQuant-MSE codes: CUDA and Metal kernels, and the CPU fast path.
+
+Every path computes what `attention.compressed_attention`'s portable loop computes, for one code segment:
+softmax(q·K̂ᵀ·scale)·V̂ with K̂, V̂ never materialised in fp16. The query is rotated once (⟨q, Πᵀŷ⟩ = ⟨Πq, ŷ⟩),
+scores come from the packed codes, values are accumulated in the rotated domain and un-rotated once.
+Each path returns the normalised output and the log-sum-exp of its scores, so that code segments and fp16
+segments (sinks, recent window) merge exactly.
+
+GPU (CUDA through `mx.fast.cuda_kernel`, Metal through `mx.fast.metal_kernel`), flash-decoding in two passes:
+  1. split: one block per (batch, kv head, slice of the context). A group of LPT lanes reads one token's packed
+     key and value bytes with one vector load each; each lane owns C = D / LPT coordinates, looks its codes up
+     in the centroids (shared memory), and holds those C coordinates of every query row of the GQA group
+     (R = query heads per kv head × query length), so K/V are read once for the whole group. Lanes of a token
+     reduce the score with shuffles; online softmax per token slot; the block merges its slots and warps and
+     writes (m, l, Σ p·v̂) for its slice.
+  2. combine: one block per (batch, kv head, row) merges the slices, normalises, un-rotates (randomized
+     Hadamard in shared memory) and writes the output in the query's dtype, plus the row's log-sum-exp.
+The query rotation happens inside the split kernel too, so a decode step is two launches.
+
+CPU: MLX's gather runs at tens of ns per element on this CPU, so table look-ups (per-query LUTs, centroid
+gathers) lose to fp32 SDPA. What wins is decoding a cache-resident block of codes with a compiled select
+tree (b levels of `where` on the code's bits: exact centroids, fused by mx.compile into one loop), one
+slice of coordinates per code slot of a byte, then BLAS matmuls against the matching slices of the rotated
+query. Blocks have a fixed size so compiled functions are traced once; the last block overlaps the one
+before it and masks what was already counted.
+"""
+
+import math
+import os
+import shutil
+from functools import lru_cache
+
+import mlx.core as mx
+
+ENV_BACKEND = "KVSHARD_ATTENTION"  # auto | pure | cpu | cuda | metal
+BACKENDS = ("auto", "pure", "cpu", "cuda", "metal")
+FUSED_METHOD = "turboquant_mse"
+
+GPU_WARPS = 4  # warps per split block
+GPU_UNROLL = 2  # token steps whose loads are issued together, per lane group
+GPU_TARGET_BLOCKS = 1024  # split blocks per call to aim for: several waves on a 132-SM GPU
+GPU_COMBINE_THREADS = 128
+GPU_COORDS = None  # coordinates per lane; None picks by group size (benchmarks sweep it)
+CPU_BLOCK = 1024  # tokens per CPU block: one block of decoded fp32 coordinates stays in cache
+# On the CPU, MLX builds each compiled function with the system C++ compiler the first time it meets it
+# (~10 s on a small machine; cached on disk afterwards). Below these sizes the eager paths are about as fast,
+# so short contexts and small appends (tests, single-token decode steps) never pay that compile.
+CPU_MIN_TOKENS = 1024
+CPU_ENCODE_MIN_ELEMENTS = 1 << 16
+
+
+def requested_backend(backend: str | None) -> str:
+    choice = backend or os.environ.get(ENV_BACKEND) or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
+def gpu_backend() -> str | None:
+    """The fused-kernel flavour for the default device, or None when it is the CPU."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
+def _is_mse(method) -> bool:
+    return getattr(method, "name", None) == FUSED_METHOD
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------
+
+
+def gpu_plan(head_dim: int, rows: int, key_bits: int, value_bits: int) -> dict | None:
+    """Launch shape for the split kernel, or None when the fused kernel does not cover this case.
+
+    C (coordinates per lane) is chosen so a lane's codes are one 4-, 8- or 16-byte load and its registers
+    (C·R query values + C·R accumulators) stay within budget."""
+    D, R = head_dim, rows
+    if key_bits not in (1, 2, 4, 8) or value_bits not in (1, 2, 4, 8):
+        return None
+    if D < 16 or D > 256 or D & (D - 1) or R < 1:
+        return None
+    if GPU_COORDS:
+        C = GPU_COORDS
+    else:
+        C = 1 << max(0, int(math.log2(max(1, 64 // R))))
+        C = min(C, D)
+        while C * max(key_bits, value_bits) > 128 and C > 1:
+            C //= 2
+        while C * min(key_bits, value_bits) < 32 and C < D:
+            C *= 2
+    lanes = D // C
+    if (
+        D % C
+        or C * R > 128
+        or C * min(key_bits, value_bits) < 32
+        or C * max(key_bits, value_bits) > 128
+        or not 1 <= lanes <= 32
+        or R * D * (GPU_WARPS + 1) * 4 > 44 * 1024
+    ):
+        return None
+    return {"C": C, "LPT": lanes}
+
+
+def gpu_supported(queries, segment, key_method, value_method) -> bool:
+    if not (_is_mse(key_method) and _is_mse(value_method)):
+        return False
+    if key_method.rotation.signs is None or value_method.rotation.signs is None:
+        return False  # non-power-of-two head dims rotate with a dense matrix: portable path
+    B, n_q_heads, L, D = queries.shape
+    n_kv_heads = segment.key_codes["idx"].shape[1]
+    rows = (n_q_heads // n_kv_heads) * L
+    return gpu_plan(D, rows, key_method.bits, value_method.bits) is not None
+
+
+def _splits(batch: int, n_kv_heads: int, tokens: int) -> int:
+    """Tokens per split block: the smallest power of two ≥ 64 that keeps the grid near the target."""
+    per_split = 64
+    while per_split < 4096 and batch * n_kv_heads * -(-tokens // per_split) > GPU_TARGET_BLOCKS:
+        per_split *= 2
+    return per_split
+
+
+@lru_cache(maxsize=None)
+def _scale_param(scale: float) -> mx.array:
+    return mx.array([scale], dtype=mx.float32)
+
+
+@lru_cache(maxsize=None)
+def _placeholder() -> mx.array:
+    return mx.zeros((1, 1, 1, 1), dtype=mx.float16)
+
+
+def gpu_attention(queries, segment, key_method, value_method, scale: float, backend: str):
+    """One code segment, no mask. queries (B, Hq, L, D) -> (out (B, Hq, L, D) in queries.dtype, lse (B, Hkv, R))."""
+    B, n_q_heads, L, D = queries.shape
+    kidx, knorm = segment.key_codes["idx"], segment.key_codes["norm"]
+    vidx, vnorm = segment.value_codes["idx"], segment.value_codes["norm"]
+    n_kv_heads = kidx.shape[1]
+    R = (n_q_heads // n_kv_heads) * L
+    plan = gpu_plan(D, R, key_method.bits, value_method.bits)
+    per_split = _splits(B, n_kv_heads, segment.length)
+    n_splits = -(-segment.length // per_split)
+    split_kernel, combine_kernel = _gpu_kernels(backend)
+    threads = GPU_WARPS * 32
+    part_o, part_ml = split_kernel(
+        inputs=[
+            queries,
+            _scale_param(float(scale)),
+            key_method.rotation.signs,
+            key_method.codebook.centroids,
+            value_method.codebook.centroids,
+            kidx,
+            knorm,
+            vidx,
+            vnorm,
+        ],
+        template=[
+            ("D", D),
+            ("R", R),
+            ("KB", key_method.bits),
+            ("VB", value_method.bits),
+            ("LPT", plan["LPT"]),
+            ("WARPS", GPU_WARPS),
+            ("U", GPU_UNROLL),
+            ("TPS", per_split),
+            ("ROUNDS", key_method.rotation.signs.shape[0]),
+        ],
+        grid=(n_splits * threads, n_kv_heads, B),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(B, n_kv_heads, n_splits, R, D), (B, n_kv_heads, n_splits, R, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    has_mean = segment.key_mean is not None
+    out, lse = combine_kernel(
+        inputs=[
+            queries,
+            _scale_param(float(scale)),
+            value_method.rotation.signs,
+            segment.key_mean if has_mean else _placeholder(),
+            part_o,
+            part_ml,
+        ],
+        template=[
+            ("D", D),
+            ("R", R),
+            ("HAS_MEAN", has_mean),
+            ("NT", GPU_COMBINE_THREADS),
+            ("ROUNDS", value_method.rotation.signs.shape[0]),
+            ("OutT", queries.dtype),
+        ],
+        grid=(R * GPU_COMBINE_THREADS, n_kv_heads, B),
+        threadgroup=(GPU_COMBINE_THREADS, 1, 1),
+        output_shapes=[(B, n_q_heads, L, D), (B, n_kv_heads, R)],
+        output_dtypes=[queries.dtype, mx.float32],
+    )
+    return out, lse
+
+
+SPLIT_INPUTS = ["q", "params", "signs", "kcent", "vcent", "kidx", "knorm", "vidx", "vnorm"]
+SPLIT_OUTPUTS = ["part_o", "part_ml"]
+COMBINE_INPUTS = ["q", "params", "signs", "kmean", "part_o", "part_ml"]
+COMBINE_OUTPUTS = ["out", "lse"]
+
+CUDA_HEADER = r"""
+template <int NW>
+__device__ __forceinline__ void kvs_load(const uint8_t* p, uint32_t (&w)[NW]) {
+  if constexpr (NW == 4) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+  } else if constexpr (NW == 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x; w[1] = v.y;
+  } else {
+    w[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
+  }
+}
+
+// Code c of a lane's little-endian bit stream (c and BITS are compile-time constants once unrolled).
+template <int BITS, int NW>
+__device__ __forceinline__ int kvs_code(const uint32_t (&w)[NW], int c) {
+  return (w[(c * BITS) >> 5] >> ((c * BITS) & 31)) & ((1 << BITS) - 1);
+}
+
+__device__ __forceinline__ float kvs_finite_or_zero(float m) {
+  return m == -cuda::std::numeric_limits<float>::infinity() ? 0.0f : m;
+}
+
+template <int NT>
+__device__ __forceinline__ float kvs_block_max(float v, float* red) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = red[0];
+  for (int i = 1; i < NT / 32; ++i) v = fmaxf(v, red[i]);
+  __syncthreads();
+  return v;
+}
+
+template <int NT>
+__device__ __forceinline__ float kvs_block_sum(float v, float* red) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = red[0];
+  for (int i = 1; i < NT / 32; ++i) v += red[i];
+  __syncthreads();
+  return v;
+}
+"""
+
+CUDA_SPLIT = r"""
+  constexpr int C = D / LPT;            // coordinates per lane
+  constexpr int TPW = 32 / LPT;         // tokens per warp step
+  constexpr int NT = WARPS * 32;
+  constexpr int KWORDS = C * KB / 32;
+  constexpr int VWORDS = C * VB / 32;
+  constexpr int STEP = WARPS * TPW * U;
+  constexpr unsigned FULL = 0xffffffffu;
+  const float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
+
+  __shared__ float sq[R * D];
+  __shared__ float sck[1 << KB];
+  __shared__ float scv[1 << VB];
+  __shared__ float sacc[WARPS * R * D];
+  __shared__ float sml[WARPS * R * 2];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int grp = lane / LPT;
+  const int sub = lane % LPT;
+  const int split = blockIdx.x;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int H = gridDim.y;
+  const int n_splits = gridDim.x;
+  const int T = kidx_shape[2];
+  const int L = q_shape[2];
+  const int G = R / L;
+
+  for (int i = tid; i < (1 << KB); i += NT) sck[i] = kcent[i];
+  for (int i = tid; i < (1 << VB); i += NT) scv[i] = vcent[i];
+  const float scale = params[0];
+  for (int i = tid; i < R * D; i += NT) {
+    const int r = i / D, d = i % D;
+    const int hq = h * G + r / L, pos = r % L;
+    const float x = static_cast<float>(
+        q[b * q_strides[0] + hq * q_strides[1] + pos * q_strides[2] + d * q_strides[3]]);
+    sq[i] = x * scale;
+  }
+  __syncthreads();
+  // The key rotation: ROUNDS of (±1 diagonal, then Hadamard in Sylvester order as mx.hadamard_transform),
+  // in place; the 1/√D of every round is applied once at the end.
+  for (int rd = 0; rd < ROUNDS; ++rd) {
+    for (int i = tid; i < R * D; i += NT) sq[i] *= signs[rd * D + i % D];
+    __syncthreads();
+    for (int len = 1; len < D; len <<= 1) {
+      for (int i = tid; i < R * D / 2; i += NT) {
+        const int r = i / (D / 2), k = i % (D / 2);
+        const int lo = r * D + (k / len) * 2 * len + (k % len);
+        const float a = sq[lo], c = sq[lo + len];
+        sq[lo] = a + c;
+        sq[lo + len] = a - c;
+      }
+      __syncthreads();
+    }
+  }
+  const float hnorm = powf(static_cast<float>(D), -0.5f * ROUNDS);
+  float qr[R][C];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < C; ++c) qr[r][c] = sq[r * D + sub * C + c] * hnorm;
+
+  const int start = split * TPS;
+  const int end = min(start + TPS, T);
+  const uint8_t* kp = kidx + b * kidx_strides[0] + h * kidx_strides[1] + sub * (C * KB / 8);
+  const uint8_t* vp = vidx + b * vidx_strides[0] + h * vidx_strides[1] + sub * (C * VB / 8);
+  const int64_t kt = kidx_strides[2], vt = vidx_strides[2];
+  const auto* knp = knorm + b * knorm_strides[0] + h * knorm_strides[1];
+  const auto* vnp = vnorm + b * vnorm_strides[0] + h * vnorm_strides[1];
+  const int64_t knt = knorm_strides[2], vnt = vnorm_strides[2];
+
+  float m[R], l[R], acc[R][C];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = NEG_INF;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[r][c] = 0.0f;
+  }
+
+  for (int t0 = start + warp * TPW * U; t0 < end; t0 += STEP) {
+    uint32_t kw[U][KWORDS], vw[U][VWORDS];
+    float kn[U], vn[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int t = t0 + u * TPW + grp;
+      if (t < end) {
+        kvs_load<KWORDS>(kp + t * kt, kw[u]);
+        kvs_load<VWORDS>(vp + t * vt, vw[u]);
+        kn[u] = static_cast<float>(knp[t * knt]);
+        vn[u] = static_cast<float>(vnp[t * vnt]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < KWORDS; ++i) kw[u][i] = 0u;
+#pragma unroll
+        for (int i = 0; i < VWORDS; ++i) vw[u][i] = 0u;
+        kn[u] = 0.0f;
+        vn[u] = 0.0f;
+      }
+    }
+    float s[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kc[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) kc[c] = sck[kvs_code<KB>(kw[u], c)];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float a = 0.0f;
+#pragma unroll
+        for (int c = 0; c < C; ++c) a = fmaf(qr[r][c], kc[c], a);
+        s[u][r] = a;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int off = LPT / 2; off > 0; off >>= 1) s[u][r] += __shfl_xor_sync(FULL, s[u][r], off);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool valid = t0 + u * TPW + grp < end;
+#pragma unroll
+      for (int r = 0; r < R; ++r) s[u][r] = valid ? s[u][r] * kn[u] : NEG_INF;
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float mnew = m[r];
+#pragma unroll
+      for (int u = 0; u < U; ++u) mnew = fmaxf(mnew, s[u][r]);
+      const float ms = kvs_finite_or_zero(mnew);
+      const float corr = __expf(m[r] - ms);
+      l[r] *= corr;
+#pragma unroll
+      for (int c = 0; c < C; ++c) acc[r][c] *= corr;
+      m[r] = mnew;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        s[u][r] = __expf(s[u][r] - ms);
+        l[r] += s[u][r];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vc[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) vc[c] = scv[kvs_code<VB>(vw[u], c)];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float pv = s[u][r] * vn[u];
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[r][c] = fmaf(pv, vc[c], acc[r][c]);
+      }
+    }
+  }
+
+  // Merge the token slots of the warp (lanes with the same `sub`), then the warps of the block.
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float mw = m[r];
+#pragma unroll
+    for (int off = LPT; off < 32; off <<= 1) mw = fmaxf(mw, __shfl_xor_sync(FULL, mw, off));
+    const float f = __expf(m[r] - kvs_finite_or_zero(mw));
+    float lw = l[r] * f;
+#pragma unroll
+    for (int off = LPT; off < 32; off <<= 1) lw += __shfl_xor_sync(FULL, lw, off);
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      float a = acc[r][c] * f;
+#pragma unroll
+      for (int off = LPT; off < 32; off <<= 1) a += __shfl_xor_sync(FULL, a, off);
+      acc[r][c] = a;
+    }
+    m[r] = mw;
+    l[r] = lw;
+  }
+  if (grp == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int c = 0; c < C; ++c) sacc[(warp * R + r) * D + sub * C + c] = acc[r][c];
+      if (sub == 0) {
+        sml[(warp * R + r) * 2] = m[r];
+        sml[(warp * R + r) * 2 + 1] = l[r];
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t row0 = (static_cast<int64_t>(b * H + h) * n_splits + split) * R;
+  for (int i = tid; i < R * D; i += NT) {
+    const int r = i / D;
+    float mb = NEG_INF;
+    for (int w = 0; w < WARPS; ++w) mb = fmaxf(mb, sml[(w * R + r) * 2]);
+    const float ms = kvs_finite_or_zero(mb);
+    float v = 0.0f;
+    for (int w = 0; w < WARPS; ++w) v += sacc[(w * R + r) * D + i % D] * __expf(sml[(w * R + r) * 2] - ms);
+    part_o[row0 * D + i] = v;
+  }
+  if (tid < R) {
+    float mb = NEG_INF;
+    for (int w = 0; w < WARPS; ++w) mb = fmaxf(mb, sml[(w * R + tid) * 2]);
+    const float ms = kvs_finite_or_zero(mb);
+    float lb = 0.0f;
+    for (int w = 0; w < WARPS; ++w) lb += sml[(w * R + tid) * 2 + 1] * __expf(sml[(w * R + tid) * 2] - ms);
+    part_ml[(row0 + tid) * 2] = mb;
+    part_ml[(row0 + tid) * 2 + 1] = lb;
+  }
+"""
+
+CUDA_COMBINE = r"""
+  const float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
+  __shared__ float so[D];
+  __shared__ float red[NT / 32];
+  const int tid = threadIdx.x;
+  const int r = blockIdx.x;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int H = gridDim.y;
+  const int S = part_ml_shape[2];
+  const int L = q_shape[2];
+  const int G = R / L;
+  const int hq = h * G + r / L, pos = r % L;
+  const int64_t split0 = static_cast<int64_t>(b * H + h) * S;
+
+  float mx_ = NEG_INF;
+  for (int s = tid; s < S; s += NT) mx_ = fmaxf(mx_, part_ml[((split0 + s) * R + r) * 2]);
+  mx_ = kvs_block_max<NT>(mx_, red);
+  const float ms = kvs_finite_or_zero(mx_);
+  float lsum = 0.0f;
+  for (int s = tid; s < S; s += NT)
+    lsum += part_ml[((split0 + s) * R + r) * 2 + 1] * __expf(part_ml[((split0 + s) * R + r) * 2] - ms);
+  lsum = kvs_block_sum<NT>(lsum, red);
+  const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+  for (int d = tid; d < D; d += NT) {
+    float v = 0.0f;
+    for (int s = 0; s < S; ++s)
+      v += part_o[((split0 + s) * R + r) * D + d] * __expf(part_ml[((split0 + s) * R + r) * 2] - ms);
+    so[d] = v * inv;
+  }
+  __syncthreads();
+  // Un-rotate with the value rotation's inverse: rounds in reverse, each a Hadamard then its ±1 diagonal.
+  for (int rd = ROUNDS - 1; rd >= 0; --rd) {
+    for (int len = 1; len < D; len <<= 1) {
+      for (int k = tid; k < D / 2; k += NT) {
+        const int lo = (k / len) * 2 * len + (k % len);
+        const float a = so[lo], c = so[lo + len];
+        so[lo] = a + c;
+        so[lo + len] = a - c;
+      }
+      __syncthreads();
+    }
+    for (int d = tid; d < D; d += NT) so[d] *= signs[rd * D + d];
+    __syncthreads();
+  }
+  const float hnorm = powf(static_cast<float>(D), -0.5f * ROUNDS);
+  const int64_t out0 = (static_cast<int64_t>(b * H + h) * R + r) * D;
+  for (int d = tid; d < D; d += NT) out[out0 + d] = static_cast<OutT>(so[d] * hnorm);
+
+  float qm = 0.0f;
+  if constexpr (HAS_MEAN) {
+    // Keys were encoded as k − μ: q·μ is added back to every score of the segment, i.e. to its lse.
+    for (int d = tid; d < D; d += NT)
+      qm += static_cast<float>(q[b * q_strides[0] + hq * q_strides[1] + pos * q_strides[2] + d * q_strides[3]]) *
+            static_cast<float>(kmean[b * kmean_strides[0] + h * kmean_strides[1] + d * kmean_strides[3]]);
+    qm = kvs_block_sum<NT>(qm, red) * params[0];
+  }
+  if (tid == 0) lse[(b * H + h) * R + r] = lsum > 0.0f ? mx_ + logf(lsum) + qm : NEG_INF;
+"""
+
+METAL_HEADER = r"""
+template <int NW>
+inline void kvs_load(const device uint8_t* p, thread uint32_t* w) {
+  const device uint32_t* p32 = reinterpret_cast<const device uint32_t*>(p);
+  for (int i = 0; i < NW; ++i) w[i] = p32[i];
+}
+
+template <int BITS>
+inline int kvs_code(const thread uint32_t* w, int c) {
+  return (w[(c * BITS) >> 5] >> ((c * BITS) & 31)) & ((1 << BITS) - 1);
+}
+
+inline float kvs_finite_or_zero(float m) {
+  return m == -INFINITY ? 0.0f : m;
+}
+"""
+
+METAL_SPLIT = r"""
+  constexpr int C = D / LPT;
+  constexpr int TPW = 32 / LPT;
+  constexpr int NT = WARPS * 32;
+  constexpr int KWORDS = C * KB / 32;
+  constexpr int VWORDS = C * VB / 32;
+  constexpr int STEP = WARPS * TPW * U;
+
+  threadgroup float sq[R * D];
+  threadgroup float sck[1 << KB];
+  threadgroup float scv[1 << VB];
+  threadgroup float sacc[WARPS * R * D];
+  threadgroup float sml[WARPS * R * 2];
+
+  const int tid = thread_position_in_threadgroup.x;
+  const int lane = thread_index_in_simdgroup;
+  const int warp = simdgroup_index_in_threadgroup;
+  const int grp = lane / LPT;
+  const int sub = lane % LPT;
+  const int split = threadgroup_position_in_grid.x;
+  const int h = threadgroup_position_in_grid.y;
+  const int b = threadgroup_position_in_grid.z;
+  const int H = threadgroups_per_grid.y;
+  const int n_splits = threadgroups_per_grid.x;
+  const int T = kidx_shape[2];
+  const int L = q_shape[2];
+  const int G = R / L;
+
+  for (int i = tid; i < (1 << KB); i += NT) sck[i] = kcent[i];
+  for (int i = tid; i < (1 << VB); i += NT) scv[i] = vcent[i];
+  const float scale = params[0];
+  for (int i = tid; i < R * D; i += NT) {
+    const int r = i / D, d = i % D;
+    const int hq = h * G + r / L, pos = r % L;
+    const float x = static_cast<float>(
+        q[b * q_strides[0] + hq * q_strides[1] + pos * q_strides[2] + d * q_strides[3]]);
+    sq[i] = x * scale;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int rd = 0; rd < ROUNDS; ++rd) {
+    for (int i = tid; i < R * D; i += NT) sq[i] *= signs[rd * D + i % D];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int len = 1; len < D; len <<= 1) {
+      for (int i = tid; i < R * D / 2; i += NT) {
+        const int r = i / (D / 2), k = i % (D / 2);
+        const int lo = r * D + (k / len) * 2 * len + (k % len);
+        const float a = sq[lo], c = sq[lo + len];
+        sq[lo] = a + c;
+        sq[lo + len] = a - c;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+  }
+  const float hnorm = metal::pow(static_cast<float>(D), -0.5f * ROUNDS);
+  float qr[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) qr[r][c] = sq[r * D + sub * C + c] * hnorm;
+
+  const int start = split * TPS;
+  const int end = metal::min(start + TPS, T);
+  const device uint8_t* kp = kidx + b * kidx_strides[0] + h * kidx_strides[1] + sub * (C * KB / 8);
+  const device uint8_t* vp = vidx + b * vidx_strides[0] + h * vidx_strides[1] + sub * (C * VB / 8);
+  const int64_t kt = kidx_strides[2], vt = vidx_strides[2];
+  const int64_t kn0 = b * knorm_strides[0] + h * knorm_strides[1];
+  const int64_t vn0 = b * vnorm_strides[0] + h * vnorm_strides[1];
+  const int64_t knt = knorm_strides[2], vnt = vnorm_strides[2];
+
+  float m[R], l[R], acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+    for (int c = 0; c < C; ++c) acc[r][c] = 0.0f;
+  }
+
+  for (int t0 = start + warp * TPW * U; t0 < end; t0 += STEP) {
+    uint32_t kw[U][KWORDS], vw[U][VWORDS];
+    float kn[U], vn[U];
+    for (int u = 0; u < U; ++u) {
+      const int t = t0 + u * TPW + grp;
+      if (t < end) {
+        kvs_load<KWORDS>(kp + t * kt, kw[u]);
+        kvs_load<VWORDS>(vp + t * vt, vw[u]);
+        kn[u] = static_cast<float>(knorm[kn0 + t * knt]);
+        vn[u] = static_cast<float>(vnorm[vn0 + t * vnt]);
+      } else {
+        for (int i = 0; i < KWORDS; ++i) kw[u][i] = 0u;
+        for (int i = 0; i < VWORDS; ++i) vw[u][i] = 0u;
+        kn[u] = 0.0f;
+        vn[u] = 0.0f;
+      }
+    }
+    float s[U][R];
+    for (int u = 0; u < U; ++u) {
+      float kc[C];
+      for (int c = 0; c < C; ++c) kc[c] = sck[kvs_code<KB>(kw[u], c)];
+      for (int r = 0; r < R; ++r) {
+        float a = 0.0f;
+        for (int c = 0; c < C; ++c) a = metal::fma(qr[r][c], kc[c], a);
+        s[u][r] = a;
+      }
+    }
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < R; ++r)
+        for (int off = LPT / 2; off > 0; off >>= 1) s[u][r] += simd_shuffle_xor(s[u][r], ushort(off));
+    for (int u = 0; u < U; ++u) {
+      const bool valid = t0 + u * TPW + grp < end;
+      for (int r = 0; r < R; ++r) s[u][r] = valid ? s[u][r] * kn[u] : -INFINITY;
+    }
+    for (int r = 0; r < R; ++r) {
+      float mnew = m[r];
+      for (int u = 0; u < U; ++u) mnew = metal::max(mnew, s[u][r]);
+      const float ms = kvs_finite_or_zero(mnew);
+      const float corr = metal::exp(m[r] - ms);
+      l[r] *= corr;
+      for (int c = 0; c < C; ++c) acc[r][c] *= corr;
+      m[r] = mnew;
+      for (int u = 0; u < U; ++u) {
+        s[u][r] = metal::exp(s[u][r] - ms);
+        l[r] += s[u][r];
+      }
+    }
+    for (int u = 0; u < U; ++u) {
+      float vc[C];
+      for (int c = 0; c < C; ++c) vc[c] = scv[kvs_code<VB>(vw[u], c)];
+      for (int r = 0; r < R; ++r) {
+        const float pv = s[u][r] * vn[u];
+        for (int c = 0; c < C; ++c) acc[r][c] = metal::fma(pv, vc[c], acc[r][c]);
+      }
+    }
+  }
+
+  for (int r = 0; r < R; ++r) {
+    float mw = m[r];
+    for (int off = LPT; off < 32; off <<= 1) mw = metal::max(mw, simd_shuffle_xor(mw, ushort(off)));
+    const float f = metal::exp(m[r] - kvs_finite_or_zero(mw));
+    float lw = l[r] * f;
+    for (int off = LPT; off < 32; off <<= 1) lw += simd_shuffle_xor(lw, ushort(off));
+    for (int c = 0; c < C; ++c) {
+      float a = acc[r][c] * f;
+      for (int off = LPT; off < 32; off <<= 1) a += simd_shuffle_xor(a, ushort(off));
+      acc[r][c] = a;
+    }
+    m[r] = mw;
+    l[r] = lw;
+  }
+  if (grp == 0) {
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < C; ++c) sacc[(warp * R + r) * D + sub * C + c] = acc[r][c];
+      if (sub == 0) {
+        sml[(warp * R + r) * 2] = m[r];
+        sml[(warp * R + r) * 2 + 1] = l[r];
+      }
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const int64_t row0 = (int64_t(b * H + h) * n_splits + split) * R;
+  for (int i = tid; i < R * D; i += NT) {
+    const int r = i / D;
+    float mb = -INFINITY;
+    for (int w = 0; w < WARPS; ++w) mb = metal::max(mb, sml[(w * R + r) * 2]);
+    const float ms = kvs_finite_or_zero(mb);
+    float v = 0.0f;
+    for (int w = 0; w < WARPS; ++w) v += sacc[(w * R + r) * D + i % D] * metal::exp(sml[(w * R + r) * 2] - ms);
+    part_o[row0 * D + i] = v;
+  }
+  if (tid < R) {
+    float mb = -INFINITY;
+    for (int w = 0; w < WARPS; ++w) mb = metal::max(mb, sml[(w * R + tid) * 2]);
+    const float ms = kvs_finite_or_zero(mb);
+    float lb = 0.0f;
+    for (int w = 0; w < WARPS; ++w) lb += sml[(w * R + tid) * 2 + 1] * metal::exp(sml[(w * R + tid) * 2] - ms);
+    part_ml[(row0 + tid) * 2] = mb;
+    part_ml[(row0 + tid) * 2 + 1] = lb;
+  }
+"""
+
+METAL_COMBINE = r"""
+  threadgroup float so[D];
+  threadgroup float red[NT / 32];
+  const int tid = thread_position_in_threadgroup.x;
+  const int lane = thread_index_in_simdgroup;
+  const int warp = simdgroup_index_in_threadgroup;
+  const int r = threadgroup_position_in_grid.x;
+  const int h = threadgroup_position_in_grid.y;
+  const int b = threadgroup_position_in_grid.z;
+  const int H = threadgroups_per_grid.y;
+  const int S = part_ml_shape[2];
+  const int L = q_shape[2];
+  const int G = R / L;
+  const int hq = h * G + r / L, pos = r % L;
+  const int64_t split0 = int64_t(b * H + h) * S;
+
+  float mx_ = -INFINITY;
+  for (int s = tid; s < S; s += NT) mx_ = metal::max(mx_, part_ml[((split0 + s) * R + r) * 2]);
+  mx_ = simd_max(mx_);
+  if (lane == 0) red[warp] = mx_;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  mx_ = red[0];
+  for (int i = 1; i < NT / 32; ++i) mx_ = metal::max(mx_, red[i]);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const float ms = kvs_finite_or_zero(mx_);
+  float lsum = 0.0f;
+  for (int s = tid; s < S; s += NT)
+    lsum += part_ml[((split0 + s) * R + r) * 2 + 1] * metal::exp(part_ml[((split0 + s) * R + r) * 2] - ms);
+  lsum = simd_sum(lsum);
+  if (lane == 0) red[warp] = lsum;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  lsum = red[0];
+  for (int i = 1; i < NT / 32; ++i) lsum += red[i];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+  for (int d = tid; d < D; d += NT) {
+    float v = 0.0f;
+    for (int s = 0; s < S; ++s)
+      v += part_o[((split0 + s) * R + r) * D + d] * metal::exp(part_ml[((split0 + s) * R + r) * 2] - ms);
+    so[d] = v * inv;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int rd = ROUNDS - 1; rd >= 0; --rd) {
+    for (int len = 1; len < D; len <<= 1) {
+      for (int k = tid; k < D / 2; k += NT) {
+        const int lo = (k / len) * 2 * len + (k % len);
+        const float a = so[lo], c = so[lo + len];
+        so[lo] = a + c;
+        so[lo + len] = a - c;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    for (int d = tid; d < D; d += NT) so[d] *= signs[rd * D + d];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  const float hnorm = metal::pow(static_cast<float>(D), -0.5f * ROUNDS);
+  const int64_t out0 = (int64_t(b * H + h) * R + r) * D;
+  for (int d = tid; d < D; d += NT) out[out0 + d] = static_cast<OutT>(so[d] * hnorm);
+
+  float qm = 0.0f;
+  if (HAS_MEAN) {
+    for (int d = tid; d < D; d += NT)
+      qm += static_cast<float>(q[b * q_strides[0] + hq * q_strides[1] + pos * q_strides[2] + d * q_strides[3]]) *
+            static_cast<float>(kmean[b * kmean_strides[0] + h * kmean_strides[1] + d * kmean_strides[3]]);
+    qm = simd_sum(qm);
+    if (lane == 0) red[warp] = qm;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    qm = red[0];
+    for (int i = 1; i < NT / 32; ++i) qm += red[i];
+    qm *= params[0];
+  }
+  if (tid == 0) lse[(b * H + h) * R + r] = lsum > 0.0f ? mx_ + metal::log(lsum) + qm : -INFINITY;
+"""
+
+
+@lru_cache(maxsize=None)
+def _gpu_kernels(backend: str):
+    if backend == "cuda":
+        make, header, split, combine = mx.fast.cuda_kernel, CUDA_HEADER, CUDA_SPLIT, CUDA_COMBINE
+    elif backend == "metal":
+        make, header, split, combine = mx.fast.metal_kernel, METAL_HEADER, METAL_SPLIT, METAL_COMBINE
+    else:
+        raise ValueError(f"backend must be 'cuda' or 'metal', got {backend!r}")
+    # Codes are read through their strides: the cache hands over slices of preallocated buffers, and a
+    # contiguous copy would cost a full pass over the history at every step.
+    return (
+        make(name="kvshard_tq_split", input_names=SPLIT_INPUTS, output_names=SPLIT_OUTPUTS, source=split,
+             header=header, ensure_row_contiguous=False),
+        make(name="kvshard_tq_combine", input_names=COMBINE_INPUTS, output_names=COMBINE_OUTPUTS, source=combine,
+             header=header, ensure_row_contiguous=False),
+    )
+
+
+def cuda_translation_unit(kind: str, dtypes: dict, template: dict) -> str:
+    """The CUDA source MLX would hand NVRTC for one instantiation, with a stand-in for MLX's device header,
+    so `nvcc` can compile-check the kernels on a machine without a GPU (tests/test_kernels.py does)."""
+    names, outputs, body = {
+        "split": (SPLIT_INPUTS, SPLIT_OUTPUTS, CUDA_SPLIT),
+        "combine": (COMBINE_INPUTS, COMBINE_OUTPUTS, CUDA_COMBINE),
+    }[kind]
+    stand_in = (
+        "#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
+        "#include <cuda/std/array>\n#include <cuda/std/limits>\n"
+        "namespace mlx::core::cu {\nusing Shape = cuda::std::array<int32_t, 8>;\n"
+        "using Strides = cuda::std::array<int64_t, 8>;\n}\n"
+    )
+    params = []
+    for name in names:
+        params.append(f"    const {dtypes.get(name, 'float')}* {name}")
+        for suffix, kind_ in (("_shape", "Shape"), ("_strides", "Strides")):
+            if name + suffix in body:
+                params.append(f"    const __grid_constant__ {kind_} {name}{suffix}")
+    for name in outputs:
+        params.append(f"    {dtypes.get(name, 'float')}* {name}")
+    consts = []
+    for key, value in template.items():
+        if isinstance(value, bool):
+            consts.append(f"  constexpr bool {key} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            consts.append(f"  constexpr int {key} = {value};")
+        else:
+            consts.append(f"  using {key} = {value};")
+    return (
+        stand_in + CUDA_HEADER + "namespace mlx::core::cu {\n__global__ void kvshard_check(\n"
+        + ",\n".join(params) + ") {\n" + "\n".join(consts) + "\n" + body + "\n}\n}\n"
+    )
+
+
+def nvcc_path() -> str | None:
+    return shutil.which("nvcc")
+
+
+# ---- CPU ------------------------------------------------------------------------------------------------
+
+
+def cpu_supported(key_method, value_method, tokens: int | None = None) -> bool:
+    """Whether the CPU fast path covers these methods (and, given `tokens`, whether it is worth taking)."""
+    return (
+        (tokens is None or tokens >= CPU_MIN_TOKENS)
+        and _is_mse(key_method)
+        and _is_mse(value_method)
+        and key_method.bits in (1, 2, 4)
+        and value_method.bits in (1, 2, 4)
+    )
+
+
+def _select_tree(codes: mx.array, values, bits: int) -> mx.array:
+    """values[codes] without a gather: one `where` level per bit of the code."""
+    level = list(values)
+    for k in range(bits):
+        bit = (codes & (1 << k)) > 0
+        level = [mx.where(bit, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
+
+
+@lru_cache(maxsize=None)
+def _centroid_decoder(centroids: tuple, bits: int):
+    """Compiled codes -> centroids ((..., n) uint8 -> (..., n) fp32). The centroids are constants of the
+    compiled kernel (as inputs the fused loop runs ~10x slower); MLX compiles it once per codebook and
+    caches the binary on disk. Its input is always a fresh contiguous array, so one variant is built."""
+    return mx.compile(lambda codes: _select_tree(codes, centroids, bits))
+
+
+def _decoders(method) -> list:
+    """One callable per code slot of a byte; slot k of byte i holds coordinate i·(8/bits) + k."""
+    bits = method.bits
+    decode = _centroid_decoder(tuple(float(c) for c in method.codebook.centroids.tolist()), bits)
+    mask = (1 << bits) - 1
+    return [lambda packed, shift=k * bits: decode((packed >> shift) & mask) for k in range(8 // bits)]
+
+
+def _cpu_blocks(length: int):
+    """(start, size, first_new) per block: fixed-size blocks; the last overlaps its predecessor and counts
+    only tokens from first_new on. Contexts shorter than a block use one block rounded up to a power of two."""
+    if length >= CPU_BLOCK:
+        blocks = [(s, CPU_BLOCK, s) for s in range(0, length - CPU_BLOCK + 1, CPU_BLOCK)]
+        done = blocks[-1][0] + CPU_BLOCK
+        if done < length:
+            blocks.append((length - CPU_BLOCK, CPU_BLOCK, done))
+        return blocks
+    return [(0, max(64, 1 << (length - 1).bit_length()), 0)]
+
+
+def _take_block(codes: dict, start: int, size: int, length: int) -> dict:
+    """Tokens [start, start + size) of a code dict, zero-padded past `length` (only for short contexts)."""
+    stop = min(start + size, length)
+    out = {}
+    for name, a in codes.items():
+        block = a[:, :, start:stop]
+        if stop - start < size:
+            pad = mx.zeros((*a.shape[:2], size - (stop - start), a.shape[3]), dtype=a.dtype)
+            block = mx.concatenate([block, pad], axis=2)
+        out[name] = block
+    return out
+
+
+def cpu_code_attention(q, segment, key_method, value_method, allowed_for):
+    """One code segment on the CPU fast path.
+
+    q: (B, Hkv, g, L, D) fp32, already scaled. allowed_for(start, size) gives the caller's mask for key
+    positions [start, start + size) of the segment (None, bool or additive), shaped for (B, Hkv, g, L, t).
+    Returns (out (B, Hkv, g, L, D) fp32, lse (B, Hkv, g, L, 1))."""
+    from .attention import _apply_mask  # noqa: PLC0415 (attention imports this module)
+
+    B, H, g, L, D = q.shape
+    R = g * L
+    q_rot = key_method.rotate_query(q).reshape(B, H, R, D)
+    key_slots, value_slots = 8 // key_method.bits, 8 // value_method.bits
+    q_slots = [q_rot[..., k::key_slots] for k in range(key_slots)]
+    key_decoders, value_decoders = _decoders(key_method), _decoders(value_method)
+    length = segment.length
+
+    running_max = mx.full((B, H, R, 1), -mx.inf)
+    denominator = mx.zeros((B, H, R, 1))
+    acc = [mx.zeros((B, H, R, D // value_slots)) for _ in range(value_slots)]
+    for start, size, first_new in _cpu_blocks(length):
+        kc = _take_block(segment.key_codes, start, size, length)
+        vc = _take_block(segment.value_codes, start, size, length)
+        scores = sum(qs @ dec(kc["idx"]).swapaxes(-1, -2) for qs, dec in zip(q_slots, key_decoders))
+        scores = scores * kc["norm"].astype(mx.float32).swapaxes(-1, -2)
+        scores = scores.reshape(B, H, g, L, size)
+        real = min(size, length - start)
+        allowed = allowed_for(start, real)
+        if real < size:
+            allowed = _pad_mask(allowed, size - real)
+        scores = _apply_mask(scores, allowed)
+        if first_new > start or real < size:
+            positions = mx.arange(start, start + size)
+            scores = mx.where((positions >= first_new) & (positions < length), scores, -mx.inf)
+        scores = scores.reshape(B, H, R, size)
+        block_max = mx.maximum(running_max, scores.max(axis=-1, keepdims=True))
+        safe_max = mx.where(mx.isinf(block_max), 0.0, block_max)
+        correction = mx.exp(running_max - safe_max)
+        weights = mx.exp(scores - safe_max)
+        denominator = denominator * correction + weights.sum(axis=-1, keepdims=True)
+        weights = weights * vc["norm"].astype(mx.float32).swapaxes(-1, -2)
+        acc = [a * correction + weights @ dec(vc["idx"]) for a, dec in zip(acc, value_decoders)]
+        running_max = block_max
+
+    rotated = mx.stack(acc, axis=-1).reshape(B, H, R, D) if value_slots > 1 else acc[0]
+    out = value_method.unrotate(rotated) / mx.maximum(denominator, 1e-30)
+    lse = mx.where(mx.isinf(running_max), 0.0, running_max) + mx.log(denominator)
+    if segment.key_mean is not None:
+        lse = lse + (q.reshape(B, H, R, D) * segment.key_mean.astype(mx.float32)).sum(-1, keepdims=True)
+    return out.reshape(B, H, g, L, D), lse.reshape(B, H, g, L, 1)
+
+
+def _pad_mask(allowed, pad: int):
+    """Extend a block mask over `pad` padded key positions (which the caller masks out anyway)."""
+    if allowed is None:
+        return None
+    filler = mx.zeros((*allowed.shape[:-1], pad), dtype=allowed.dtype)
+    return mx.concatenate([allowed, filler], axis=-1)
+
+
+# ---- encode -------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _quantize_pack(boundaries: tuple, bits: int):
+    """Compiled nearest-centroid index (count of boundaries below) and byte packing, for bits dividing 8."""
+    slots = 8 // bits
+
+    def quantize_pack(y):
+        idx = (y > boundaries[0]).astype(mx.uint8)
+        for b in boundaries[1:]:
+            idx = idx + (y > b).astype(mx.uint8)
+        if slots == 1:
+            return idx
+        idx = idx.reshape(*y.shape[:-1], y.shape[-1] // slots, slots)
+        packed = idx[..., 0]
+        for k in range(1, slots):
+            packed = packed | (idx[..., k] << (k * bits))
+        return packed
+
+    return mx.compile(quantize_pack)
+
+
+@lru_cache(maxsize=None)
+def _unit():
+    """x / max(‖x‖, 1e-12) in one compiled pass: unit_and_norm's division."""
+    return mx.compile(lambda x, norm: x / mx.maximum(norm, 1e-12))
+
+
+def encode(method, x: mx.array) -> dict:
+    """method.encode(x), bit for bit, with fewer and fused passes for TurboQuant-MSE.
+
+    The method normalises (unit_and_norm), rotates (randomized Hadamard) and quantizes by comparing every
+    coordinate with every boundary through a (…, D, 2^b − 1) intermediate. Here the division is one fused pass
+    and counting boundaries + packing another (the rotation is the method's own). Tests check the codes are
+    identical to method.encode."""
+    if not _is_mse(method) or method.bits not in (1, 2, 4) or method.head_dim % (8 // method.bits):
+        return method.encode(x)
+    if mx.default_device() == mx.cpu and x.size < CPU_ENCODE_MIN_ELEMENTS:
+        return method.encode(x)
+    x32 = x.astype(mx.float32)
+    norm = mx.linalg.norm(x32, axis=-1, keepdims=True)
+    y = method.rotation.rotate(_unit()(x32, norm))
+    boundaries = tuple(float(b) for b in method.codebook.boundaries.tolist())
+    return {"idx": _quantize_pack(boundaries, method.bits)(y), "norm": norm.astype(mx.float16)}

@@ -1,0 +1,198 @@
+"""Fast attention paths against the portable path and against exact attention on the dequantized K/V.
+
+On this CPU: the CPU fast path (compiled select-tree decode + BLAS) and the fused encode. Everywhere: the
+dispatch rules. With nvcc: the CUDA kernels compile for sm_90 without register spills. On a GPU: the fused
+kernel against the portable path (the benchmarks record the same check on the lent GPU).
+"""
+
+import subprocess
+
+import mlx.core as mx
+import pytest
+
+from kvshard.quant import kernels
+from kvshard.quant.attention import ExactSegment, compressed_attention
+from kvshard.quant.cache import CompressedKVCache
+from kvshard.quant.methods import make_method
+
+ON_GPU = kernels.gpu_backend() is not None
+
+
+def _filled(tokens, n_kv_heads=2, head_dim=64, key_bits=4, value_bits=4, window=0, sinks=0, center=True, seed=0):
+    mx.random.seed(seed)
+    cache = CompressedKVCache(head_dim=head_dim, n_kv_heads=n_kv_heads, key_bits=key_bits, value_bits=value_bits,
+                              window=window, sink_tokens=sinks, center_keys=center)
+    # A shared offset makes the key mean matter; a few large keys make the softmax peaky.
+    keys = mx.random.normal((1, n_kv_heads, tokens, head_dim)) + 0.7 * mx.random.normal((1, n_kv_heads, 1, head_dim))
+    keys = keys * (1 + 3 * (mx.random.uniform(shape=(1, n_kv_heads, tokens, 1)) > 0.98))
+    cache.append(keys, mx.random.normal((1, n_kv_heads, tokens, head_dim)))
+    return cache
+
+
+def _attend(cache, queries, backend, mask=None):
+    return compressed_attention(queries, cache.segments(), n_kv_heads=cache.n_kv_heads, key_method=cache.key_quantizer,
+                                value_method=cache.value_quantizer, scale=cache.head_dim**-0.5, mask=mask,
+                                backend=backend)
+
+
+def _exact(cache, queries, mask=None):
+    """Plain softmax attention on the K/V the cache holds, dequantized in fp32 and repeated per query head."""
+    keys, values = [], []
+    for segment in cache.segments():
+        if isinstance(segment, ExactSegment):
+            keys.append(segment.keys.astype(mx.float32))
+            values.append(segment.values.astype(mx.float32))
+        else:
+            k = cache.key_quantizer.decode(segment.key_codes)
+            keys.append(k if segment.key_mean is None else k + segment.key_mean.astype(mx.float32))
+            values.append(cache.value_quantizer.decode(segment.value_codes))
+    group = queries.shape[1] // cache.n_kv_heads
+    keys = mx.repeat(mx.concatenate(keys, axis=2), group, axis=1)
+    values = mx.repeat(mx.concatenate(values, axis=2), group, axis=1)
+    return mx.fast.scaled_dot_product_attention(queries.astype(mx.float32), keys, values,
+                                                scale=cache.head_dim**-0.5, mask=mask)
+
+
+def _max_err(a, b):
+    return mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+
+
+@pytest.mark.parametrize(
+    "tokens, key_bits, value_bits, window, sinks, center",
+    [
+        (100, 4, 4, 0, 0, True),  # shorter than a block: one padded block
+        (1024, 4, 4, 0, 0, True),  # exactly one block
+        (2500, 4, 4, 0, 0, False),  # two blocks and an overlapping tail, no key mean
+        (1500, 4, 4, 32, 4, True),  # fp16 sinks and window beside the codes
+        (1100, 2, 4, 0, 0, True),  # mixed bits
+        (700, 1, 2, 0, 0, True),
+    ],
+)
+def test_cpu_path_matches_pure_and_exact(tokens, key_bits, value_bits, window, sinks, center):
+    cache = _filled(tokens, key_bits=key_bits, value_bits=value_bits, window=window, sinks=sinks, center=center)
+    queries = mx.random.normal((1, 8, 1, 64))  # GQA: 4 query heads per kv head
+    fast, pure = _attend(cache, queries, "cpu"), _attend(cache, queries, "pure")
+    assert fast.shape == queries.shape
+    assert _max_err(fast, pure) < 2e-5
+    assert _max_err(fast, _exact(cache, queries)) < 1e-4
+
+
+@pytest.mark.parametrize("window", [0, 24])
+def test_cpu_path_causal_prefill_across_blocks(window):
+    cache = _filled(1300, window=window)
+    queries = mx.random.normal((1, 8, 37, 64))
+    fast, pure = _attend(cache, queries, "cpu", mask="causal"), _attend(cache, queries, "pure", mask="causal")
+    assert _max_err(fast, pure) < 2e-5
+    causal = mx.arange(1300 - 37, 1300)[:, None] >= mx.arange(1300)[None]
+    assert _max_err(fast, _exact(cache, queries, mask=causal)) < 1e-4
+
+
+def test_cpu_path_array_masks():
+    cache = _filled(1200)
+    queries = mx.random.normal((1, 8, 3, 64))
+    allowed = mx.random.uniform(shape=(3, 1200)) > 0.3
+    additive = mx.where(allowed, 0.0, -1e9)
+    for mask in (allowed, additive):
+        assert _max_err(_attend(cache, queries, "cpu", mask), _attend(cache, queries, "pure", mask)) < 2e-5
+    # A row with every key masked gives zeros on every path, not NaN.
+    blocked = mx.zeros((3, 1200), dtype=mx.bool_)
+    out = _attend(cache, queries, "cpu", blocked)
+    assert not mx.isnan(out).any().item() and _max_err(out, _attend(cache, queries, "pure", blocked)) == 0
+
+
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_fused_encode_is_bit_identical(head_dim, bits):
+    method = make_method("turboquant_mse", head_dim, bits)
+    x = mx.random.normal((1, 2, 300, head_dim)).astype(mx.float16)
+    expected, got = method.encode(x), kernels.encode(method, x)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype
+        assert mx.array_equal(got[name], expected[name]).item(), name
+
+
+def test_dispatch_rules(monkeypatch):
+    cache = _filled(1100)
+    queries = mx.random.normal((1, 8, 1, 64))
+    from kvshard.quant.attention import _pick_path
+
+    segs = cache.segments()
+    if not ON_GPU:
+        assert _pick_path("auto", queries, segs, cache.key_quantizer, cache.value_quantizer, None) == "cpu"
+        short = _filled(200)
+        assert _pick_path("auto", queries, short.segments(), short.key_quantizer, short.value_quantizer, None) == "pure"
+        with pytest.raises(ValueError):
+            _attend(cache, queries, "cuda")
+    other = CompressedKVCache(head_dim=64, n_kv_heads=2, method="polar")
+    other.append(mx.random.normal((1, 2, 1100, 64)), mx.random.normal((1, 2, 1100, 64)))
+    assert _pick_path("auto", queries, other.segments(), other.key_quantizer, other.value_quantizer, None) == "pure"
+    with pytest.raises(ValueError):
+        _attend(other, queries, "cpu")
+    with pytest.raises(ValueError):
+        _attend(cache, queries, "tpu")
+    monkeypatch.setenv(kernels.ENV_BACKEND, "pure")
+    assert kernels.requested_backend(None) == "pure"
+
+
+def test_gpu_plan_covers_the_benchmarked_shapes():
+    assert kernels.gpu_plan(128, 4, 4, 4) == {"C": 16, "LPT": 8}  # Llama-3.1-8B decode: 32 q / 8 kv heads
+    assert kernels.gpu_plan(64, 3, 4, 4) == {"C": 16, "LPT": 4}  # SmolLM2-135M: 9 q / 3 kv heads
+    assert kernels.gpu_plan(128, 4, 4, 2) is not None
+    assert kernels.gpu_plan(128, 4, 3, 4) is None  # codes that straddle bytes: portable path
+    assert kernels.gpu_plan(96, 4, 4, 4) is None  # dense rotation: portable path
+    assert kernels.gpu_plan(128, 64, 4, 4) is None  # too many rows per kv head for the registers
+
+
+def test_generation_uses_fast_path_and_matches_pure(monkeypatch):
+    """Greedy tokens of a tiny random llama with compressed caches: identical on the fast and portable paths,
+    with a prompt long enough (> CPU_MIN_TOKENS) that the CPU fast path is taken."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models import llama
+
+    from kvshard.quant import KVCacheBuilder, KVCacheConfig
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                        vocab_size=256, rope_theta=10000.0))
+    prompt = mx.random.randint(0, 256, (kernels.CPU_MIN_TOKENS + 50,))
+
+    def tokens(backend):
+        monkeypatch.setenv(kernels.ENV_BACKEND, backend)
+        caches = KVCacheBuilder.for_model(model, KVCacheConfig(bit_width_inlier=4))
+        return [int(t) for t, _ in generate_step(prompt, model, max_tokens=6, prompt_cache=caches)]
+
+    assert tokens("auto") == tokens("pure")
+
+
+def _nvcc_compile(kind, template, tmp_path):
+    dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
+              "kmean": "__half"}
+    source = tmp_path / f"{kind}.cu"
+    source.write_text(kernels.cuda_translation_unit(kind, dtypes, template))
+    result = subprocess.run(
+        [kernels.nvcc_path(), "-std=c++17", "-arch=sm_90", "-c", "-o", str(tmp_path / f"{kind}.o"),
+         "-Xptxas", "-v", str(source)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr
+
+
+@pytest.mark.skipif(kernels.nvcc_path() is None, reason="nvcc not installed")
+def test_cuda_kernels_compile_without_spills(tmp_path):
+    log = _nvcc_compile("split", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=kernels.GPU_UNROLL, TPS=256, ROUNDS=3),
+                        tmp_path)
+    assert " 0 bytes spill stores" in log, log
+    _nvcc_compile("combine", dict(D=64, R=3, HAS_MEAN=True, NT=128, ROUNDS=3, OutT="__half"), tmp_path)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
+@pytest.mark.parametrize("tokens", [1, 100, 4096, 70000])
+@pytest.mark.parametrize("queries_per_kv, length", [(4, 1), (3, 1), (2, 5)])
+def test_gpu_kernel_matches_pure(tokens, queries_per_kv, length):
+    cache = _filled(tokens + 8, head_dim=128 if queries_per_kv == 4 else 64)
+    queries = mx.random.normal((1, 2 * queries_per_kv, length, cache.head_dim)).astype(mx.float16)
+    fast, pure = _attend(cache, queries, kernels.gpu_backend()), _attend(cache, queries, "pure")
+    assert _max_err(fast, pure) < 2e-3  # fp16 output
