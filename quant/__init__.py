@@ -21,7 +21,16 @@ def __getattr__(name):
         from .models import load_model
 
         return load_model
-    if name in ("calibrate_layer_sensitivities", "allocate_bits_ratequant", "fit_distortion_curve"):
+    if name in ("calibrate_key_scales",):
+        from .key_scales import calibrate_key_scales
+
+        return calibrate_key_scales
+    if name in (
+        "calibrate_layer_sensitivities",
+        "allocate_bits_ratequant",
+        "allocate_kv_bits_ratequant",
+        "fit_distortion_curve",
+    ):
         from . import ratequant
 
         return getattr(ratequant, name)

@@ -24,6 +24,7 @@ class KVCacheConfig:
     head_dim: int | None = None  # for standalone caches; for_model reads it from the model
     center_keys: bool = True
     value_method: str | None = None  # None = same method as the keys
+    key_scales: list | None = None  # per attention layer, a (kv_heads, head_dim) array: calibrate_key_scales
     extra: dict = field(default_factory=dict)
 
     def bits_for_layer(self, values: bool, layer: int, n_layers: int) -> int:
@@ -49,6 +50,7 @@ class KVCacheConfig:
             window=self.window,
             center_keys=self.center_keys,
             value_method=self.value_method,
+            key_scale=None if self.key_scales is None else self.key_scales[layer],
         )
 
 
@@ -58,7 +60,7 @@ def _attention_shape(layer) -> tuple[int | None, int | None]:
 
 
 def install_attention_hook(model) -> None:
-    """Make the model's attention modules call CompressedKVCache.attention (which reads codes) instead of
+    """Make the model's attention modules call the cache's own `attention` (CompressedKVCache's reads codes) instead of
     mlx_lm's SDPA on materialised K/V. mlx_lm's model files import `scaled_dot_product_attention` by name,
     so the name is wrapped in each module that the model's layers come from."""
     modules = {type(m).__module__ for _, m in model.named_modules()}
@@ -69,7 +71,7 @@ def install_attention_hook(model) -> None:
             continue
 
         def sdpa(queries, keys, values, cache, scale, mask, sinks=None, _original=original):
-            if isinstance(cache, CompressedKVCache):
+            if callable(getattr(cache, "attention", None)):  # CompressedKVCache, or any cache that attends itself
                 if sinks is not None:
                     raise ValueError("compressed caches do not support learned attention sinks")
                 return cache.attention(queries, scale=scale, mask=mask)

@@ -10,8 +10,10 @@ import json
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
+from . import kernels
 from .attention import CodeSegment, ExactSegment, compressed_attention
 from .methods import make_method
+from .methods.scaled import ScaledKeys
 
 _GROW_TOKENS = 256  # codes are preallocated in steps, as mlx_lm's KVCache does, so decode appends in place
 _MIN_TOKENS_FOR_MEAN = 8  # tokens wait in fp16 until the key mean is estimated from at least this many
@@ -40,8 +42,10 @@ class CompressedKVCache(_BaseCache):
         window: int = 0,
         center_keys: bool = True,
         value_method: str | None = None,
+        key_scale: mx.array | None = None,
     ):
         self.method = method
+        self.key_scale = None if key_scale is None else mx.array(key_scale).astype(mx.float16)
         self.value_method_name = value_method or method
         self.key_bits = key_bits
         self.value_bits = key_bits if value_bits is None else value_bits
@@ -65,6 +69,13 @@ class CompressedKVCache(_BaseCache):
         self.head_dim = head_dim
         self.n_kv_heads = n_kv_heads
         self.key_quantizer = make_method(self.method, head_dim, self.key_bits, self.seed)
+        if self.key_scale is not None:
+            if self.key_scale.shape != (n_kv_heads, head_dim):
+                raise ValueError(
+                    f"key_scale must have shape (kv_heads, head_dim) = ({n_kv_heads}, {head_dim}), "
+                    f"got {tuple(self.key_scale.shape)}"
+                )
+            self.key_quantizer = ScaledKeys(self.key_quantizer, self.key_scale)
         self.value_quantizer = make_method(self.value_method_name, head_dim, self.value_bits, self.seed)
 
     def _clear(self) -> None:
@@ -145,7 +156,8 @@ class CompressedKVCache(_BaseCache):
     def _encode(self, keys: mx.array, values: mx.array) -> None:
         if self.key_mean is not None:
             keys = keys - self.key_mean
-        new_k, new_v = self.key_quantizer.encode(keys), self.value_quantizer.encode(values)
+        # kernels.encode is the quantizer's encode, bit for bit, with quantize + pack fused (much cheaper).
+        new_k, new_v = kernels.encode(self.key_quantizer, keys), kernels.encode(self.value_quantizer, values)
         n = keys.shape[2]
         if self.key_codes is None:
             self.key_codes, self.value_codes = {}, {}
@@ -246,7 +258,8 @@ class CompressedKVCache(_BaseCache):
         return self.offset == 0
 
     def _arrays(self) -> list:
-        arrays = [a for a in (self.sink_keys, self.sink_values, self.window_keys, self.window_values, self.key_mean) if a is not None]
+        held = (self.sink_keys, self.sink_values, self.window_keys, self.window_values, self.key_mean, self.key_scale)
+        arrays = [a for a in held if a is not None]
         for codes in (self.key_codes or {}, self.value_codes or {}):
             arrays.extend(a[:, :, : self.n_encoded] for a in codes.values())
         return arrays
@@ -311,7 +324,7 @@ class CompressedKVCache(_BaseCache):
     def state(self) -> dict:
         meta = dict(self.config, offset=self.offset, n_encoded=self.n_encoded)
         state = {"meta": json.dumps(meta, sort_keys=True)}
-        for name in ("sink_keys", "sink_values", "window_keys", "window_values", "key_mean"):
+        for name in ("sink_keys", "sink_values", "window_keys", "window_values", "key_mean", "key_scale"):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name)
         if self.n_encoded:
@@ -333,6 +346,7 @@ class CompressedKVCache(_BaseCache):
             window=meta["window"],
             center_keys=meta["center_keys"],
             value_method=meta["value_method"],
+            key_scale=state.get("key_scale"),
         )
         for name in ("sink_keys", "sink_values", "window_keys", "window_values", "key_mean"):
             setattr(self, name, state.get(name))

@@ -10,6 +10,7 @@ held after the run).
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -129,22 +130,74 @@ def mlx_affine_configs(model, bits=MLX_AFFINE_BITS, group_size: int = MLX_AFFINE
     return [EvalConfig(f"mlx_lm affine {b}-bit g{group_size}", "mlx_lm affine", make(b)) for b in bits]
 
 
-def our_configs(model) -> List[EvalConfig]:
-    """kvshard's own cache configurations; empty while `kvshard.quant` does not provide the builder."""
-    try:
-        from kvshard.quant import KVCacheBuilder, KVCacheConfig
-    except ImportError:
-        return []
+# One plain configuration per method (same bits for K and V, nothing else), to compare the methods.
+PLAIN = (
+    ("turboquant_mse", 4),
+    ("turboquant_mse", 3),
+    ("turboquant_mse", 2),
+    ("turboquant_prod", 4),
+    ("turboquant_rvq", 2),
+    ("turboquant_rvq", 1),
+    ("polar", 4),
+    ("qjl", 2),
+)
+# The issue's budgets, in effective bits per K/V element, for the tuned configuration.
+BUDGETS = (4.5, 3.5, 2.5)
+SINK_TOKENS = 4
+
+
+def _head_dim(model) -> int:
+    args = model.args
+    return args.head_dim or args.hidden_size // args.num_attention_heads
+
+
+def tuned_config(model, tokenizer, budget: float, calibration: dict):
+    """kvshard's best recipe under an effective-bit budget: TurboQuant-MSE with key and value bits per layer
+    from one RateQuant water-filling over measured sensitivities, query-aware key scales, mean-centred keys
+    and 4 fp16 sink tokens. Code bits = budget − the fp16 norm (16 / head_dim) − the sinks' share."""
+    from kvshard.quant import KVCacheConfig, allocate_kv_bits_ratequant
+
+    code_bits = budget - 16 / _head_dim(model) - 0.05
+    key_bits, value_bits = allocate_kv_bits_ratequant(
+        calibration["keys"], calibration["values"], code_bits, beta=calibration["beta"], bit_choices=range(1, 9)
+    )
+    return KVCacheConfig(
+        method="turboquant_mse",
+        bit_width_inlier=key_bits,
+        bit_width_value=value_bits,
+        sink_tokens=SINK_TOKENS,
+        key_scales=calibration["key_scales"],
+    )
+
+
+def calibrate(model, tokenizer) -> dict:
+    """Everything the tuned recipe measures on the model, from the calibration prompts (not the eval texts)."""
+    from kvshard.quant import calibrate_key_scales, calibrate_layer_sensitivities, fit_distortion_curve
+
+    return {
+        "keys": calibrate_layer_sensitivities(model, tokenizer, target="keys", progress=False),
+        "values": calibrate_layer_sensitivities(model, tokenizer, target="values", progress=False),
+        "key_scales": calibrate_key_scales(model, tokenizer),
+        "beta": fit_distortion_curve("turboquant_mse", _head_dim(model))[1],
+    }
+
+
+def our_configs(model, tokenizer) -> List[EvalConfig]:
+    """kvshard's configurations: each method plain, then the tuned recipe at each budget. Calibration runs
+    once, and only if a tuned configuration is actually run."""
+    from kvshard.quant import KVCacheBuilder, KVCacheConfig
+
     configs = []
-    for bits in (4, 3, 2):
-        config = KVCacheConfig(method="turboquant_mse", bit_width_inlier=bits, seed=42)
-        configs.append(
-            EvalConfig(
-                f"turboquant_mse {bits}-bit",
-                "turboquant_mse",
-                lambda config=config: KVCacheBuilder.for_model(model, config),
-            )
+    for method, bits in PLAIN:
+        config = KVCacheConfig(method=method, bit_width_inlier=bits, seed=42)
+        make = lambda config=config: KVCacheBuilder.for_model(model, config)  # noqa: E731
+        configs.append(EvalConfig(f"{method} {bits}-bit", method, make))
+    calibration = functools.cache(lambda: calibrate(model, tokenizer))
+    for budget in BUDGETS:
+        make = lambda budget=budget: KVCacheBuilder.for_model(  # noqa: E731
+            model, tuned_config(model, tokenizer, budget, calibration())
         )
+        configs.append(EvalConfig(f"kvshard tuned <= {budget} bits", "kvshard tuned", make))
     return configs
 
 
@@ -248,7 +301,7 @@ def main(argv=None) -> int:
     from kvshard.quant.models import load_model, model_fingerprint
 
     model, tokenizer = load_model(args.model)
-    configs = _select(mlx_affine_configs(model) + our_configs(model), args.configs)
+    configs = _select(mlx_affine_configs(model) + our_configs(model, tokenizer), args.configs)
     result = run_eval(model, tokenizer, args.texts, args.tokens, args.chunk, configs)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

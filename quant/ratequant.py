@@ -141,6 +141,21 @@ def allocate_bits_ratequant(
     return bits
 
 
+def allocate_kv_bits_ratequant(
+    key_weights, value_weights, target_avg_bits: float, beta: float = DEFAULT_BETA, bit_choices=(1, 2, 3, 4)
+) -> tuple[list[int], list[int]]:
+    """Key bits and value bits per layer under ONE budget (the mean over all 2·L of them).
+
+    Keys and values are separate groups of the same water-filling: when their sensitivities are measured on
+    the same scale (`calibrate_layer_sensitivities` for target="keys" and "values"), the bits go where the
+    damage is — on SmolLM2 mostly to keys, which is what plain uniform bits get wrong."""
+    keys, values = list(key_weights), list(value_weights)
+    if len(keys) != len(values):
+        raise ValueError(f"value_weights has {len(values)} entries, key_weights {len(keys)}: one per layer each")
+    bits = allocate_bits_ratequant(keys + values, target_avg_bits, beta=beta, bit_choices=bit_choices)
+    return bits[: len(keys)], bits[len(keys) :]
+
+
 # ---- distortion curve ---------------------------------------------------------------------------------------
 
 

@@ -76,10 +76,26 @@ def test_perplexity_rejects_bad_arguments(smollm, tokens):
 
 
 def test_our_configs_are_plain_label_family_factory_triples(smollm):
-    model, _ = smollm
-    for config in quality.our_configs(model):
+    model, tokenizer = smollm
+    configs = quality.our_configs(model, tokenizer)
+    for config in configs:
         assert isinstance(config, quality.EvalConfig) and config.label and config.family
         assert callable(config.make_caches)
+    assert {c.family for c in configs} >= {"turboquant_mse", "turboquant_prod", "turboquant_rvq", "polar", "qjl"}
+
+
+def test_tuned_config_spends_the_budget_where_the_weights_say(smollm):
+    model, tokenizer = smollm
+    layers = len(model.layers)
+    calibration = {"keys": [4.0] * layers, "values": [1.0] * layers, "key_scales": None, "beta": 3.4}
+    for budget in quality.BUDGETS:
+        config = quality.tuned_config(model, tokenizer, budget, calibration)
+        keys, values = config.bit_width_inlier, config.bit_width_value
+        mean_code_bits = (sum(keys) + sum(values)) / (2 * layers)
+        # Code bits plus the fp16 norm (16 bits per 64-element vector) stay inside the budget, and close to it.
+        assert budget - 0.35 <= mean_code_bits + 0.25 <= budget
+        # Keys weigh 4x the values here, so they get log_3.4(4) ≈ 1.1 more bits.
+        assert min(keys) >= max(values) + 1
 
 
 def test_shipped_texts_are_long_enough(smollm):

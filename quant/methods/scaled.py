@@ -1,0 +1,45 @@
+"""Query-aware channel scaling of keys, wrapped around any method.
+
+The score error of a quantized key is q·e. With e spread evenly over coordinates (the rotation does that),
+E[(q·e)²] ∝ Σ_j σq_j² · Σ_j σk_j² for per-channel spreads σq, σk. Quantizing k·a and scoring with q/a leaves
+q·k unchanged and, for a_j² ∝ σq_j / σk_j, lowers that product to (Σ_j σq_j σk_j)² — the Cauchy-Schwarz
+minimum. The scales are per KV head and channel, measured once on the model (`calibrate_key_scales`).
+"""
+
+import mlx.core as mx
+
+
+class ScaledKeys:
+    """`inner` applied to k·scale; queries are divided by the same scale. scale: (H, D), one row per KV head."""
+
+    def __init__(self, inner, scale: mx.array):
+        self.inner, self.scale = inner, scale.astype(mx.float32)
+        self._per_head = self.scale[:, None, :]  # broadcasts over (B, H, T, D)
+        # A distinct name keeps method-specific fast paths (which know nothing of the scale) away.
+        self.name, self.bits, self.head_dim = f"{inner.name}+scaled", inner.bits, inner.head_dim
+        self.layout, self.rotated_dim = inner.layout, inner.rotated_dim
+
+    def _heads(self, x: mx.array) -> mx.array:
+        # Queries arrive grouped as (B, H, group, L, D): the head axis is 1 either way, and the scale follows it.
+        return self._per_head if x.ndim == 4 else self._per_head[:, None]
+
+    def encode(self, x: mx.array) -> dict[str, mx.array]:
+        return self.inner.encode(x.astype(mx.float32) * self._heads(x))
+
+    def decode_rotated(self, codes: dict[str, mx.array]) -> mx.array:
+        return self.inner.decode_rotated(codes)
+
+    def rotate_query(self, q: mx.array) -> mx.array:
+        return self.inner.rotate_query(q.astype(mx.float32) / self._heads(q))
+
+    def unrotate(self, y: mx.array) -> mx.array:
+        return self.inner.unrotate(y) / self._heads(y)
+
+    def decode(self, codes: dict[str, mx.array]) -> mx.array:
+        return self.unrotate(self.decode_rotated(codes))
+
+    def score(self, q: mx.array, codes: dict[str, mx.array]) -> mx.array:
+        return self.rotate_query(q) @ self.decode_rotated(codes).swapaxes(-1, -2)
+
+    def bytes_per_token(self) -> int:
+        return self.inner.bytes_per_token()
