@@ -32,7 +32,9 @@ def client(shard):
 
 
 def test_multi_turn_chat_continues_one_session(client):
-    session = client.create_session(key_bits=4)
+    # Near-lossless bits: this checks that turns share one session, not quantization quality (at 4-bit K/V a
+    # 135M model's greedy answer to a short prompt can flip to another first token).
+    session = client.create_session(key_bits=6, value_bits=5)
     chat = session.chat()
     first = chat.send("What is the capital of France?", max_tokens=10)
     assert "Paris" in first
