@@ -7,9 +7,10 @@ memory is one block. fp16 segments (attention sinks, the recent window) are atte
 GQA: query heads are grouped under their KV head; K/V are never repeated.
 
 `compressed_attention` dispatches: TurboQuant-MSE code segments go to fused kernels on a GPU (CUDA or Metal,
-`kernels.py`) or to the CPU fast path; everything else, and any case a fast path does not cover (other
-methods, masks over codes on the GPU), takes the portable loop below. `backend=` or the environment variable
-KVSHARD_ATTENTION=pure|cpu|cuda|metal forces a path (tests compare them).
+`kernels.py`) or to the CPU fast path; on a GPU, masked multi-query attention over codes (prefill) decodes the
+layer's history once and runs MLX's fused SDPA; everything else (other methods, shapes the kernels do not
+cover) takes the portable loop below. `backend=` or the environment variable
+KVSHARD_ATTENTION=pure|cpu|cuda|metal|prefill forces a path (tests compare them).
 """
 
 from dataclasses import dataclass
@@ -84,7 +85,31 @@ def compressed_attention(
     path = _pick_path(choice, queries, segments, key_method, value_method, mask)
     if path == "pure":
         return _pure_attention(queries, segments, n_kv_heads, key_method, value_method, scale, mask)
+    if path == "prefill":
+        return _prefill_attention(queries, segments, key_method, value_method, scale, mask)
     return _fast_attention(path, queries, segments, n_kv_heads, key_method, value_method, scale, mask)
+
+
+def _prefill_attention(queries, segments, key_method, value_method, scale, mask):
+    """Many queries under a mask on a GPU (prefill): decode this layer's history to the queries' dtype once and
+    run MLX's fused SDPA. The fp16 K/V exist only while this layer's attention runs; decode steps never come
+    here. Matmul-shaped work is what GPUs do best, and the blocked portable loop keeps every block's
+    scores alive until the graph is evaluated (gigabytes at 16K tokens)."""
+    keys, values = [], []
+    for segment in segments:
+        if segment.length == 0:
+            continue
+        if isinstance(segment, ExactSegment):
+            keys.append(segment.keys.astype(queries.dtype))
+            values.append(segment.values.astype(queries.dtype))
+        else:
+            k = key_method.decode(segment.key_codes)
+            if segment.key_mean is not None:
+                k = k + segment.key_mean.astype(mx.float32)
+            keys.append(k.astype(queries.dtype))
+            values.append(value_method.decode(segment.value_codes).astype(queries.dtype))
+    keys, values = mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
 
 def _code_segments(segments):
@@ -108,12 +133,12 @@ def _pick_path(choice, queries, segments, key_method, value_method, mask) -> str
         if gpu is None:
             tokens = sum(seg.length for _, seg in codes)
             return "cpu" if kernels.cpu_supported(key_method, value_method, tokens) else "pure"
-        covered = all(
-            _allowed(mask, L, total, start, seg.length) is None
-            and kernels.gpu_supported(queries, seg, key_method, value_method)
-            for start, seg in codes
-        )
+        if any(_allowed(mask, L, total, start, seg.length) is not None for start, seg in codes):
+            return "prefill"
+        covered = all(kernels.gpu_supported(queries, seg, key_method, value_method) for _, seg in codes)
         return gpu if covered else "pure"
+    if choice == "prefill":
+        return "prefill"
     if choice == "cpu":
         if not kernels.cpu_supported(key_method, value_method):
             raise ValueError("backend 'cpu' covers turboquant_mse keys and values with 1, 2 or 4 bits")

@@ -32,13 +32,13 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-ENV_BACKEND = "KVSHARD_ATTENTION"  # auto | pure | cpu | cuda | metal
-BACKENDS = ("auto", "pure", "cpu", "cuda", "metal")
+ENV_BACKEND = "KVSHARD_ATTENTION"  # auto | pure | cpu | cuda | metal | prefill
+BACKENDS = ("auto", "pure", "cpu", "cuda", "metal", "prefill")
 FUSED_METHOD = "turboquant_mse"
 
 GPU_WARPS = 4  # warps per split block
-GPU_UNROLL = 2  # token steps whose loads are issued together, per lane group
-GPU_TARGET_BLOCKS = 1024  # split blocks per call to aim for: several waves on a 132-SM GPU
+GPU_UNROLL = 4  # token steps whose loads are issued together, per lane group (tuned on an H200)
+GPU_TARGET_BLOCKS = 512  # split blocks per call to aim for (tuned on an H200: ~2 waves of 132 SMs)
 GPU_COMBINE_THREADS = 128
 GPU_COORDS = None  # coordinates per lane; None picks by group size (benchmarks sweep it)
 CPU_BLOCK = 1024  # tokens per CPU block: one block of decoded fp32 coordinates stays in cache
@@ -69,6 +69,18 @@ def gpu_backend() -> str | None:
 
 def _is_mse(method) -> bool:
     return getattr(method, "name", None) == FUSED_METHOD
+
+
+_FLOATS = {}
+
+
+def _floats(array: mx.array) -> tuple:
+    """A codebook array as Python floats, read once: `tolist()` is a device-to-host sync, which at every
+    append or attention call would stall MLX's asynchronous pipeline. Keyed by the (long-lived) array."""
+    hit = _FLOATS.get(id(array))
+    if hit is None or hit[0] is not array:
+        hit = _FLOATS[id(array)] = (array, tuple(float(v) for v in array.tolist()))
+    return hit[1]
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------
@@ -468,6 +480,7 @@ CUDA_SPLIT = r"""
 CUDA_COMBINE = r"""
   const float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
   __shared__ float so[D];
+  __shared__ float sw[NT];
   __shared__ float red[NT / 32];
   const int tid = threadIdx.x;
   const int r = blockIdx.x;
@@ -489,12 +502,32 @@ CUDA_COMBINE = r"""
     lsum += part_ml[((split0 + s) * R + r) * 2 + 1] * __expf(part_ml[((split0 + s) * R + r) * 2] - ms);
   lsum = kvs_block_sum<NT>(lsum, red);
   const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
-  for (int d = tid; d < D; d += NT) {
-    float v = 0.0f;
-    for (int s = 0; s < S; ++s)
-      v += part_o[((split0 + s) * R + r) * D + d] * __expf(part_ml[((split0 + s) * R + r) * 2] - ms);
-    so[d] = v * inv;
+  // Each output coordinate sums S partials: the splits' weights go to shared memory a chunk at a time, so
+  // the loads of a thread are independent (no exp on their path) and the loop unrolls.
+  constexpr int PER_THREAD = (D + NT - 1) / NT;
+  float acc_d[PER_THREAD];
+#pragma unroll
+  for (int j = 0; j < PER_THREAD; ++j) acc_d[j] = 0.0f;
+  for (int s0 = 0; s0 < S; s0 += NT) {
+    const int chunk = min(NT, S - s0);
+    if (tid < chunk) sw[tid] = __expf(part_ml[((split0 + s0 + tid) * R + r) * 2] - ms);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+      const int d = tid + j * NT;
+      if (d < D) {
+        const float* po = part_o + ((split0 + s0) * R + r) * D + d;
+        float v = 0.0f;
+#pragma unroll 8
+        for (int k = 0; k < chunk; ++k) v += po[static_cast<int64_t>(k) * R * D] * sw[k];
+        acc_d[j] += v;
+      }
+    }
+    __syncthreads();
   }
+#pragma unroll
+  for (int j = 0; j < PER_THREAD; ++j)
+    if (tid + j * NT < D) so[tid + j * NT] = acc_d[j] * inv;
   __syncthreads();
   // Un-rotate with the value rotation's inverse: rounds in reverse, each a Hadamard then its ±1 diagonal.
   for (int rd = ROUNDS - 1; rd >= 0; --rd) {
@@ -720,6 +753,7 @@ METAL_SPLIT = r"""
 
 METAL_COMBINE = r"""
   threadgroup float so[D];
+  threadgroup float sw[NT];
   threadgroup float red[NT / 32];
   const int tid = thread_position_in_threadgroup.x;
   const int lane = thread_index_in_simdgroup;
@@ -753,12 +787,25 @@ METAL_COMBINE = r"""
   for (int i = 1; i < NT / 32; ++i) lsum += red[i];
   threadgroup_barrier(mem_flags::mem_threadgroup);
   const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
-  for (int d = tid; d < D; d += NT) {
-    float v = 0.0f;
-    for (int s = 0; s < S; ++s)
-      v += part_o[((split0 + s) * R + r) * D + d] * metal::exp(part_ml[((split0 + s) * R + r) * 2] - ms);
-    so[d] = v * inv;
+  constexpr int PER_THREAD = (D + NT - 1) / NT;
+  float acc_d[PER_THREAD];
+  for (int j = 0; j < PER_THREAD; ++j) acc_d[j] = 0.0f;
+  for (int s0 = 0; s0 < S; s0 += NT) {
+    const int chunk = metal::min(NT, S - s0);
+    if (tid < chunk) sw[tid] = metal::exp(part_ml[((split0 + s0 + tid) * R + r) * 2] - ms);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int j = 0; j < PER_THREAD; ++j) {
+      const int d = tid + j * NT;
+      if (d < D) {
+        float v = 0.0f;
+        for (int k = 0; k < chunk; ++k) v += part_o[((split0 + s0 + k) * R + r) * D + d] * sw[k];
+        acc_d[j] += v;
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
   }
+  for (int j = 0; j < PER_THREAD; ++j)
+    if (tid + j * NT < D) so[tid + j * NT] = acc_d[j] * inv;
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int rd = ROUNDS - 1; rd >= 0; --rd) {
     for (int len = 1; len < D; len <<= 1) {
@@ -793,12 +840,168 @@ METAL_COMBINE = r"""
 """
 
 
+ENCODE_INPUTS = ["x", "signs", "bounds"]
+ENCODE_OUTPUTS = ["idx", "norm"]
+
+# One warp per vector: lane l holds coordinates [l·E, (l+1)·E), E = D / 32. Norm by warp reduction, the
+# rotation's rounds as in-register butterflies (partners closer than E) and shuffles (farther), then the
+# count of boundaries below each coordinate, packed little-endian into the lane's E·BITS/8 bytes.
+CUDA_ENCODE = r"""
+  constexpr int E = D / 32;
+  constexpr int NBOUNDS = (1 << BITS) - 1;
+  constexpr int BYTES = E * BITS / 8;
+  __shared__ float sb[NBOUNDS];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  for (int i = threadIdx.x; i < NBOUNDS; i += blockDim.x) sb[i] = bounds[i];
+  __syncthreads();
+  const int H = x_shape[1], T = x_shape[2];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp;
+  if (row >= static_cast<int64_t>(x_shape[0]) * H * T) return;
+  const int t = row % T, h = (row / T) % H, b = row / (static_cast<int64_t>(T) * H);
+  const int64_t base = b * x_strides[0] + h * x_strides[1] + t * x_strides[2];
+  float v[E];
+  float ss = 0.0f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    v[e] = static_cast<float>(x[base + (lane * E + e) * x_strides[3]]);
+    ss += v[e] * v[e];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  const float nrm = sqrtf(ss);
+  const float inv = 1.0f / fmaxf(nrm, 1e-12f);
+#pragma unroll
+  for (int e = 0; e < E; ++e) v[e] *= inv;
+#pragma unroll
+  for (int rd = 0; rd < ROUNDS; ++rd) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] *= signs[rd * D + lane * E + e];
+#pragma unroll
+    for (int len = 1; len < E; len <<= 1)
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if ((e & len) == 0) {
+          const float a = v[e], c = v[e + len];
+          v[e] = a + c;
+          v[e + len] = a - c;
+        }
+#pragma unroll
+    for (int len = E; len < D; len <<= 1) {
+      const int partner = len / E;
+      const bool upper = lane & partner;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float other = __shfl_xor_sync(0xffffffffu, v[e], partner);
+        v[e] = upper ? other - v[e] : v[e] + other;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] *= rsqrtf(static_cast<float>(D));
+  }
+  uint32_t packed = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    uint32_t code = 0;
+#pragma unroll
+    for (int i = 0; i < NBOUNDS; ++i) code += v[e] > sb[i] ? 1u : 0u;
+    packed |= code << (e * BITS);
+  }
+  uint8_t* out = idx + row * (D * BITS / 8) + lane * BYTES;
+#pragma unroll
+  for (int i = 0; i < BYTES; ++i) out[i] = static_cast<uint8_t>(packed >> (8 * i));
+  if (lane == 0) norm[row] = static_cast<__half>(nrm);
+"""
+
+METAL_ENCODE = r"""
+  constexpr int E = D / 32;
+  constexpr int NBOUNDS = (1 << BITS) - 1;
+  constexpr int BYTES = E * BITS / 8;
+  threadgroup float sb[NBOUNDS];
+  const int lane = thread_index_in_simdgroup;
+  const int warp = simdgroup_index_in_threadgroup;
+  const int nt = threads_per_threadgroup.x;
+  for (int i = thread_position_in_threadgroup.x; i < NBOUNDS; i += nt) sb[i] = bounds[i];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const int H = x_shape[1], T = x_shape[2];
+  const int64_t row = int64_t(threadgroup_position_in_grid.x) * (nt / 32) + warp;
+  if (row >= int64_t(x_shape[0]) * H * T) return;
+  const int t = row % T, h = (row / T) % H, b = row / (int64_t(T) * H);
+  const int64_t base = b * x_strides[0] + h * x_strides[1] + t * x_strides[2];
+  float v[E];
+  float ss = 0.0f;
+  for (int e = 0; e < E; ++e) {
+    v[e] = static_cast<float>(x[base + (lane * E + e) * x_strides[3]]);
+    ss += v[e] * v[e];
+  }
+  ss = simd_sum(ss);
+  const float nrm = metal::sqrt(ss);
+  const float inv = 1.0f / metal::max(nrm, 1e-12f);
+  for (int e = 0; e < E; ++e) v[e] *= inv;
+  for (int rd = 0; rd < ROUNDS; ++rd) {
+    for (int e = 0; e < E; ++e) v[e] *= signs[rd * D + lane * E + e];
+    for (int len = 1; len < E; len <<= 1)
+      for (int e = 0; e < E; ++e)
+        if ((e & len) == 0) {
+          const float a = v[e], c = v[e + len];
+          v[e] = a + c;
+          v[e + len] = a - c;
+        }
+    for (int len = E; len < D; len <<= 1) {
+      const int partner = len / E;
+      const bool upper = lane & partner;
+      for (int e = 0; e < E; ++e) {
+        const float other = simd_shuffle_xor(v[e], ushort(partner));
+        v[e] = upper ? other - v[e] : v[e] + other;
+      }
+    }
+    for (int e = 0; e < E; ++e) v[e] *= metal::rsqrt(static_cast<float>(D));
+  }
+  uint32_t packed = 0;
+  for (int e = 0; e < E; ++e) {
+    uint32_t code = 0;
+    for (int i = 0; i < NBOUNDS; ++i) code += v[e] > sb[i] ? 1u : 0u;
+    packed |= code << (e * BITS);
+  }
+  device uint8_t* out = idx + row * (D * BITS / 8) + lane * BYTES;
+  for (int i = 0; i < BYTES; ++i) out[i] = static_cast<uint8_t>(packed >> (8 * i));
+  if (lane == 0) norm[row] = static_cast<half>(nrm);
+"""
+
+
+def gpu_encode_supported(method) -> bool:
+    if not _is_mse(method) or method.rotation.signs is None:
+        return False
+    D, bits = method.head_dim, method.bits
+    return 32 <= D <= 256 and bits in (1, 2, 4, 8) and (D // 32) * bits % 8 == 0
+
+
+def gpu_encode(method, x: mx.array, backend: str) -> dict:
+    """TurboQuant-MSE encode in one launch: (B, H, n, D) -> {"idx": (B, H, n, D·b/8) uint8, "norm": (B, H, n, 1)}.
+    Same arithmetic as the method's encode; summation orders differ, so a coordinate within float rounding of
+    a boundary can land on the other side (as between MLX backends)."""
+    B, H, n, D = x.shape
+    rows = B * H * n
+    warps = 4
+    idx, norm = _gpu_kernels(backend)[2](
+        inputs=[x, method.rotation.signs, method.codebook.boundaries],
+        template=[("D", D), ("BITS", method.bits), ("ROUNDS", method.rotation.signs.shape[0])],
+        grid=(-(-rows // warps) * warps * 32, 1, 1),
+        threadgroup=(warps * 32, 1, 1),
+        output_shapes=[(B, H, n, D * method.bits // 8), (B, H, n, 1)],
+        output_dtypes=[mx.uint8, mx.float16],
+    )
+    return {"idx": idx, "norm": norm}
+
+
 @lru_cache(maxsize=None)
 def _gpu_kernels(backend: str):
     if backend == "cuda":
-        make, header, split, combine = mx.fast.cuda_kernel, CUDA_HEADER, CUDA_SPLIT, CUDA_COMBINE
+        make, header, split, combine, encode_ = (
+            mx.fast.cuda_kernel, CUDA_HEADER, CUDA_SPLIT, CUDA_COMBINE, CUDA_ENCODE)
     elif backend == "metal":
-        make, header, split, combine = mx.fast.metal_kernel, METAL_HEADER, METAL_SPLIT, METAL_COMBINE
+        make, header, split, combine, encode_ = (
+            mx.fast.metal_kernel, METAL_HEADER, METAL_SPLIT, METAL_COMBINE, METAL_ENCODE)
     else:
         raise ValueError(f"backend must be 'cuda' or 'metal', got {backend!r}")
     # Codes are read through their strides: the cache hands over slices of preallocated buffers, and a
@@ -807,6 +1010,8 @@ def _gpu_kernels(backend: str):
         make(name="kvshard_tq_split", input_names=SPLIT_INPUTS, output_names=SPLIT_OUTPUTS, source=split,
              header=header, ensure_row_contiguous=False),
         make(name="kvshard_tq_combine", input_names=COMBINE_INPUTS, output_names=COMBINE_OUTPUTS, source=combine,
+             header=header, ensure_row_contiguous=False),
+        make(name="kvshard_tq_encode", input_names=ENCODE_INPUTS, output_names=ENCODE_OUTPUTS, source=encode_,
              header=header, ensure_row_contiguous=False),
     )
 
@@ -817,6 +1022,7 @@ def cuda_translation_unit(kind: str, dtypes: dict, template: dict) -> str:
     names, outputs, body = {
         "split": (SPLIT_INPUTS, SPLIT_OUTPUTS, CUDA_SPLIT),
         "combine": (COMBINE_INPUTS, COMBINE_OUTPUTS, CUDA_COMBINE),
+        "encode": (ENCODE_INPUTS, ENCODE_OUTPUTS, CUDA_ENCODE),
     }[kind]
     stand_in = (
         "#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
@@ -884,7 +1090,7 @@ def _centroid_decoder(centroids: tuple, bits: int):
 def _decoders(method) -> list:
     """One callable per code slot of a byte; slot k of byte i holds coordinate i·(8/bits) + k."""
     bits = method.bits
-    decode = _centroid_decoder(tuple(float(c) for c in method.codebook.centroids.tolist()), bits)
+    decode = _centroid_decoder(_floats(method.codebook.centroids), bits)
     mask = (1 << bits) - 1
     return [lambda packed, shift=k * bits: decode((packed >> shift) & mask) for k in range(8 // bits)]
 
@@ -1003,18 +1209,21 @@ def _unit():
 
 
 def encode(method, x: mx.array) -> dict:
-    """method.encode(x), bit for bit, with fewer and fused passes for TurboQuant-MSE.
+    """method.encode(x) for the cache's appends. On a GPU, TurboQuant-MSE encodes in one fused kernel
+    (`gpu_encode`). Elsewhere it is method.encode, bit for bit, with fewer and fused passes.
 
     The method normalises (unit_and_norm), rotates (randomized Hadamard) and quantizes by comparing every
     coordinate with every boundary through a (…, D, 2^b − 1) intermediate. Here the division is one fused pass
     and counting boundaries + packing another (the rotation is the method's own). Tests check the codes are
     identical to method.encode."""
+    gpu = gpu_backend()
+    if gpu is not None and gpu_encode_supported(method) and os.environ.get(ENV_BACKEND) != "pure":
+        return gpu_encode(method, x, gpu)
     if not _is_mse(method) or method.bits not in (1, 2, 4) or method.head_dim % (8 // method.bits):
         return method.encode(x)
-    if mx.default_device() == mx.cpu and x.size < CPU_ENCODE_MIN_ELEMENTS:
+    if gpu is None and x.size < CPU_ENCODE_MIN_ELEMENTS:
         return method.encode(x)
     x32 = x.astype(mx.float32)
     norm = mx.linalg.norm(x32, axis=-1, keepdims=True)
     y = method.rotation.rotate(_unit()(x32, norm))
-    boundaries = tuple(float(b) for b in method.codebook.boundaries.tolist())
-    return {"idx": _quantize_pack(boundaries, method.bits)(y), "norm": norm.astype(mx.float16)}
+    return {"idx": _quantize_pack(_floats(method.codebook.boundaries), method.bits)(y), "norm": norm.astype(mx.float16)}

@@ -112,6 +112,16 @@ def test_fused_encode_is_bit_identical(head_dim, bits):
         assert mx.array_equal(got[name], expected[name]).item(), name
 
 
+@pytest.mark.parametrize("mask", [None, "causal", "array"])
+def test_prefill_path_matches_pure(mask):
+    """The GPU prefill path (decode the layer once, MLX SDPA) computes the same function; it runs anywhere."""
+    cache = _filled(300, window=16, sinks=2)
+    queries = mx.random.normal((1, 8, 20, 64))
+    if mask == "array":
+        mask = mx.random.uniform(shape=(20, 300)) > 0.2
+    assert _max_err(_attend(cache, queries, "prefill", mask), _attend(cache, queries, "pure", mask)) < 2e-5
+
+
 def test_dispatch_rules(monkeypatch):
     cache = _filled(1100)
     queries = mx.random.normal((1, 8, 1, 64))
@@ -168,7 +178,7 @@ def test_generation_uses_fast_path_and_matches_pure(monkeypatch):
 
 def _nvcc_compile(kind, template, tmp_path):
     dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
-              "kmean": "__half"}
+              "kmean": "__half", "x": "__half", "idx": "uint8_t", "norm": "__half"}
     source = tmp_path / f"{kind}.cu"
     source.write_text(kernels.cuda_translation_unit(kind, dtypes, template))
     result = subprocess.run(
@@ -186,6 +196,7 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
                         tmp_path)
     assert " 0 bytes spill stores" in log, log
     _nvcc_compile("combine", dict(D=64, R=3, HAS_MEAN=True, NT=128, ROUNDS=3, OutT="__half"), tmp_path)
+    _nvcc_compile("encode", dict(D=128, BITS=4, ROUNDS=3), tmp_path)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
@@ -194,5 +205,23 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
 def test_gpu_kernel_matches_pure(tokens, queries_per_kv, length):
     cache = _filled(tokens + 8, head_dim=128 if queries_per_kv == 4 else 64)
     queries = mx.random.normal((1, 2 * queries_per_kv, length, cache.head_dim)).astype(mx.float16)
-    fast, pure = _attend(cache, queries, kernels.gpu_backend()), _attend(cache, queries, "pure")
+    fast = _attend(cache, queries, kernels.gpu_backend())
+    with mx.stream(mx.cpu):  # the reference in fp32 on the CPU: GPU matmuls may round through TF32
+        pure = _attend(cache, queries, "pure")
     assert _max_err(fast, pure) < 2e-3  # fp16 output
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
+@pytest.mark.parametrize("head_dim, bits", [(128, 4), (64, 4), (128, 2), (64, 8)])
+def test_gpu_encode_matches_method(head_dim, bits):
+    method = make_method("turboquant_mse", head_dim, bits)
+    x = mx.random.normal((2, 3, 257, head_dim)).astype(mx.float16)
+    fast = kernels.gpu_encode(method, x, kernels.gpu_backend())
+    with mx.stream(mx.cpu):
+        ref = method.encode(x)
+    assert _max_err(fast["norm"], ref["norm"]) <= 1e-3 * _max_err(ref["norm"], 0 * ref["norm"])
+    # Codes agree except where a coordinate sits within float rounding of a boundary.
+    from kvshard.quant.packing import unpack
+
+    a, b = unpack(fast["idx"], bits, head_dim), unpack(ref["idx"], bits, head_dim)
+    assert (a != b).mean().item() < 1e-3 and (mx.abs(a.astype(mx.int32) - b.astype(mx.int32)) <= 1).all().item()
