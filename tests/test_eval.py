@@ -93,7 +93,7 @@ def test_tuned_config_spends_the_budget_where_the_weights_say(smollm):
         keys, values = config.bit_width_inlier, config.bit_width_value
         mean_code_bits = (sum(keys) + sum(values)) / (2 * layers)
         # Code bits plus the fp16 norm (16 bits per 64-element vector) stay inside the budget, and close to it.
-        assert budget - 0.35 <= mean_code_bits + 0.25 <= budget
+        assert budget - 0.4 <= mean_code_bits + 0.25 <= budget - 0.05
         # Keys weigh 4x the values here, so they get log_3.4(4) ≈ 1.1 more bits.
         assert min(keys) >= max(values) + 1
 
