@@ -288,7 +288,8 @@ def bench_attention(args, tag: str) -> dict:
 
     result = {"section": "attention", "device": info, "copy_bandwidth_bytes_per_s": bandwidth,
               "gpu_kernel_config": {"coords_per_lane": kernels.GPU_COORDS or "auto", "unroll": kernels.GPU_UNROLL,
-                                    "target_blocks": kernels.GPU_TARGET_BLOCKS, "warps": kernels.GPU_WARPS},
+                                    "target_blocks": kernels.GPU_TARGET_BLOCKS, "warps": kernels.GPU_WARPS,
+                                    "single_launch": kernels.GPU_SINGLE_LAUNCH},
               "spec_bandwidth_bytes_per_s": spec, "batch": 1, "query_tokens": 1, "shapes": {}, "checks": []}
     fused_pure = [f"kvshard {label} (pure path)" for label, method, *_ in OURS if method == "turboquant_mse"]
     for name, shape in SHAPES.items():
@@ -351,7 +352,7 @@ def bench_tune(args, tag: str) -> dict:
 
     shape = SHAPES["llama-3.1-8b"]
     Hq, Hkv, D = shape["n_q_heads"], shape["n_kv_heads"], shape["head_dim"]
-    defaults = (kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS)
+    defaults = (kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS, kernels.GPU_SINGLE_LAUNCH)
     result = {"section": "tune", "device": device_info(), "shape": shape, "rows": []}
     for tokens in (32768, 131072):
         mx.random.seed(3)
@@ -361,32 +362,78 @@ def bench_tune(args, tag: str) -> dict:
         cache = CompressedKVCache(head_dim=D, n_kv_heads=Hkv, key_bits=4, value_bits=4)
         cache.append(keys, values)
         pure = _attention(cache, queries, D**-0.5, "pure").astype(mx.float32)
-        for coords in (16, 8):
-            for unroll in (1, 2, 4):
-                for blocks in (512, 1024, 2048):
+        for single in (True, False):
+            for unroll in (2, 4):
+                for blocks in (256, 512, 1024):
+                    coords = 16
                     kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS = coords, unroll, blocks
+                    kernels.GPU_SINGLE_LAUNCH = single
                     try:
                         fn = lambda: cache.attention(queries, scale=D**-0.5)  # noqa: E731
                         err = float(mx.abs(fn().astype(mx.float32) - pure).max())
                         t = time_call(fn, repeats=50, warmup=3)
                         row = {"tokens": tokens, "coords": coords, "unroll": unroll, "target_blocks": blocks,
-                               "ms": t["ms"], "throughput_ms": time_grouped(fn, 5, 20), "max_abs_err_vs_pure": err}
+                               "single_launch": single, "ms": t["ms"], "throughput_ms": time_grouped(fn, 5, 20), "max_abs_err_vs_pure": err}
                     except Exception as e:  # noqa: BLE001
                         row = {"tokens": tokens, "coords": coords, "unroll": unroll, "target_blocks": blocks,
-                               "error": f"{type(e).__name__}: {e}"}
+                               "single_launch": single, "error": f"{type(e).__name__}: {e}"}
                     result["rows"].append(row)
                     print("tune", row, flush=True)
         del cache, keys, values
-    kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS = defaults
+    kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS, kernels.GPU_SINGLE_LAUNCH = defaults
     ok = [r for r in result["rows"] if r["tokens"] == 131072 and "ms" in r and r["max_abs_err_vs_pure"] < 1e-2]
     if ok:
         best = min(ok, key=lambda r: r["throughput_ms"])
         result["best"] = best
         if args.apply_tune:
-            kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS = (
-                best["coords"], best["unroll"], best["target_blocks"])
+            kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS, kernels.GPU_SINGLE_LAUNCH = (
+                best["coords"], best["unroll"], best["target_blocks"], best["single_launch"])
             print(f"tune: using {best} for the sections that follow", flush=True)
     _write(args.out, f"tune_{tag}", result)
+    return result
+
+
+def bench_overhead(args, tag: str) -> dict:
+    """GPU only: what a launch costs through MLX, to read the attention numbers against (builtin op, custom
+    kernel, two chained custom kernels, our one- and two-launch attention at 1K tokens)."""
+    from . import kernels  # noqa: PLC0415
+
+    x = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
+    copy = mx.fast.cuda_kernel(name="kvshard_copy", input_names=["inp"], output_names=["out"],
+                               source="const int i = blockIdx.x * blockDim.x + threadIdx.x;"
+                                      " if (i < inp_size) out[i] = inp[i];".replace("inp_size", str(x.size)))
+
+    def custom(a):
+        return copy(inputs=[a], grid=(a.size, 1, 1), threadgroup=(128, 1, 1), output_shapes=[a.shape],
+                    output_dtypes=[a.dtype])[0]
+
+    shape = SHAPES["llama-3.1-8b"]
+    cache = CompressedKVCache(head_dim=128, n_kv_heads=8)
+    cache.append(mx.random.normal((1, 8, 1024, 128)), mx.random.normal((1, 8, 1024, 128)))
+    queries = mx.random.normal((1, shape["n_q_heads"], 1, 128)).astype(mx.float16)
+    one = mx.random.normal((1, 8, 1, 128)).astype(mx.float16)
+    cases = {
+        "builtin op (x + 1)": lambda: x + 1,
+        "custom kernel (copy)": lambda: custom(x),
+        "two chained custom kernels": lambda: custom(custom(x)),
+        "kvshard encode_pair, 1 token, 8 kv heads": lambda: kernels.encode_pair(
+            cache.key_quantizer, one, cache.value_quantizer, one),
+    }
+    rows = []
+    for single in (True, False):
+        kernels.GPU_SINGLE_LAUNCH = single
+        cases[f"kvshard attention 1K, {'one launch' if single else 'two launches'}"] = (
+            lambda: cache.attention(queries, scale=128**-0.5))
+        for name, fn in list(cases.items()):
+            if any(r["case"] == name for r in rows):
+                continue
+            t = time_call(fn, repeats=200, warmup=5)
+            rows.append({"case": name, "ms": t["ms"], "throughput_ms": time_grouped(fn, 10, 50),
+                         "graph_build_us": _graph_build_us(fn)})
+            print("overhead", rows[-1], flush=True)
+    kernels.GPU_SINGLE_LAUNCH = True
+    result = {"section": "overhead", "device": device_info(), "rows": rows}
+    _write(args.out, f"overhead_{tag}", result)
     return result
 
 
@@ -643,7 +690,7 @@ def _plot_decode(folder, name, result) -> None:
 # ---- command line -------------------------------------------------------------------------------------
 
 SECTIONS = ("attention", "append", "decode", "service")
-EXTRA_SECTIONS = ("tune",)
+EXTRA_SECTIONS = ("tune", "overhead")
 
 
 def main(argv=None) -> int:
@@ -686,6 +733,8 @@ def main(argv=None) -> int:
             bench_attention(args, tag)
         elif section == "tune":
             bench_tune(args, tag)
+        elif section == "overhead":
+            bench_overhead(args, tag)
         elif section == "append":
             bench_append(args, tag)
         elif section == "decode":

@@ -41,6 +41,7 @@ GPU_UNROLL = 4  # token steps whose loads are issued together, per lane group (t
 GPU_TARGET_BLOCKS = 512  # split blocks per call to aim for (tuned on an H200: ~2 waves of 132 SMs)
 GPU_COMBINE_THREADS = 128
 GPU_COORDS = None  # coordinates per lane; None picks by group size (benchmarks sweep it)
+GPU_SINGLE_LAUNCH = True  # CUDA: split and combine in one launch (the last block merges); else two launches
 CPU_BLOCK = 1024  # tokens per CPU block: one block of decoded fp32 coordinates stays in cache
 # On the CPU, MLX builds each compiled function with the system C++ compiler the first time it meets it
 # (~10 s on a small machine; cached on disk afterwards). Below these sizes the eager paths are about as fast,
@@ -157,37 +158,59 @@ def gpu_attention(queries, segment, key_method, value_method, scale: float, back
     plan = gpu_plan(D, R, key_method.bits, value_method.bits)
     per_split = _splits(B, n_kv_heads, segment.length)
     n_splits = -(-segment.length // per_split)
-    split_kernel, combine_kernel = _gpu_kernels(backend)
+    kernels_ = _gpu_kernels(backend)
     threads = GPU_WARPS * 32
+    has_mean = segment.key_mean is not None
+    split_inputs = [
+        queries,
+        _scale_param(float(scale)),
+        key_method.rotation.signs,
+        key_method.codebook.centroids,
+        value_method.codebook.centroids,
+        kidx,
+        knorm,
+        vidx,
+        vnorm,
+    ]
+    split_template = [
+        ("D", D),
+        ("R", R),
+        ("KB", key_method.bits),
+        ("VB", value_method.bits),
+        ("LPT", plan["LPT"]),
+        ("WARPS", GPU_WARPS),
+        ("U", GPU_UNROLL),
+        ("TPS", per_split),
+        ("ROUNDS", key_method.rotation.signs.shape[0]),
+    ]
+    partial_shapes = [(B, n_kv_heads, n_splits, R, D), (B, n_kv_heads, n_splits, R, 2)]
+    if GPU_SINGLE_LAUNCH and len(kernels_) > 3:
+        outs = kernels_[3](
+            inputs=split_inputs + [
+                value_method.rotation.signs,
+                segment.key_mean if has_mean else _placeholder(),
+                mx.zeros((B * n_kv_heads,), dtype=mx.int32),  # tickets: which split block finishes last
+            ],
+            template=split_template + [
+                ("HAS_MEAN", has_mean),
+                ("VROUNDS", value_method.rotation.signs.shape[0]),
+                ("OutT", queries.dtype),
+            ],
+            grid=(n_splits * threads, n_kv_heads, B),
+            threadgroup=(threads, 1, 1),
+            output_shapes=partial_shapes + [(B, n_q_heads, L, D), (B, n_kv_heads, R)],
+            output_dtypes=[mx.float32, mx.float32, queries.dtype, mx.float32],
+        )
+        return outs[2], outs[3]
+    split_kernel, combine_kernel = kernels_[0], kernels_[1]
     part_o, part_ml = split_kernel(
-        inputs=[
-            queries,
-            _scale_param(float(scale)),
-            key_method.rotation.signs,
-            key_method.codebook.centroids,
-            value_method.codebook.centroids,
-            kidx,
-            knorm,
-            vidx,
-            vnorm,
-        ],
-        template=[
-            ("D", D),
-            ("R", R),
-            ("KB", key_method.bits),
-            ("VB", value_method.bits),
-            ("LPT", plan["LPT"]),
-            ("WARPS", GPU_WARPS),
-            ("U", GPU_UNROLL),
-            ("TPS", per_split),
-            ("ROUNDS", key_method.rotation.signs.shape[0]),
-        ],
+        inputs=split_inputs,
+        template=split_template,
         grid=(n_splits * threads, n_kv_heads, B),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(B, n_kv_heads, n_splits, R, D), (B, n_kv_heads, n_splits, R, 2)],
+        output_shapes=partial_shapes,
         output_dtypes=[mx.float32, mx.float32],
     )
-    has_mean = segment.key_mean is not None
     out, lse = combine_kernel(
         inputs=[
             queries,
@@ -240,6 +263,73 @@ __device__ __forceinline__ int kvs_code(const uint32_t (&w)[NW], int c) {
 
 __device__ __forceinline__ float kvs_finite_or_zero(float m) {
   return m == -cuda::std::numeric_limits<float>::infinity() ? 0.0f : m;
+}
+
+// TurboQuant-MSE encode of one row (vector) by one warp: lane l holds coordinates [l·E, (l+1)·E), E = D / 32.
+// Norm by warp reduction; the rotation's rounds as in-register butterflies (partners closer than E) and
+// shuffles (farther); then the count of boundaries below each coordinate, packed little-endian into the
+// lane's E·BITS/8 bytes. Rows past the end return (whole warps, so the shuffles stay converged).
+template <int D, int BITS, int ROUNDS, typename T, typename S, typename St>
+__device__ __forceinline__ void kvs_encode_row(const T* x, const S& shape, const St& strides, const float* signs,
+                                               const float* sb, uint8_t* idx, __half* norm, int64_t row, int lane) {
+  constexpr int E = D / 32;
+  constexpr int BYTES = E * BITS / 8;
+  const int H = shape[1], T_ = shape[2];
+  if (row >= static_cast<int64_t>(shape[0]) * H * T_) return;
+  const int t = row % T_, h = (row / T_) % H;
+  const int64_t b = row / (static_cast<int64_t>(T_) * H);
+  const int64_t base = b * strides[0] + h * strides[1] + t * strides[2];
+  float v[E];
+  float ss = 0.0f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    v[e] = static_cast<float>(x[base + (lane * E + e) * strides[3]]);
+    ss += v[e] * v[e];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  const float nrm = sqrtf(ss);
+  const float inv = 1.0f / fmaxf(nrm, 1e-12f);
+#pragma unroll
+  for (int e = 0; e < E; ++e) v[e] *= inv;
+#pragma unroll
+  for (int rd = 0; rd < ROUNDS; ++rd) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] *= signs[rd * D + lane * E + e];
+#pragma unroll
+    for (int len = 1; len < E; len <<= 1)
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if ((e & len) == 0) {
+          const float a = v[e], c = v[e + len];
+          v[e] = a + c;
+          v[e + len] = a - c;
+        }
+#pragma unroll
+    for (int len = E; len < D; len <<= 1) {
+      const int partner = len / E;
+      const bool upper = lane & partner;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float other = __shfl_xor_sync(0xffffffffu, v[e], partner);
+        v[e] = upper ? other - v[e] : v[e] + other;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] *= rsqrtf(static_cast<float>(D));
+  }
+  uint32_t packed = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    uint32_t code = 0;
+#pragma unroll
+    for (int i = 0; i < (1 << BITS) - 1; ++i) code += v[e] > sb[i] ? 1u : 0u;
+    packed |= code << (e * BITS);
+  }
+  uint8_t* out = idx + row * (D * BITS / 8) + lane * BYTES;
+#pragma unroll
+  for (int i = 0; i < BYTES; ++i) out[i] = static_cast<uint8_t>(packed >> (8 * i));
+  if (lane == 0) norm[row] = static_cast<__half>(nrm);
 }
 
 template <int NT>
@@ -474,6 +564,98 @@ CUDA_SPLIT = r"""
     for (int w = 0; w < WARPS; ++w) lb += sml[(w * R + tid) * 2 + 1] * __expf(sml[(w * R + tid) * 2] - ms);
     part_ml[(row0 + tid) * 2] = mb;
     part_ml[(row0 + tid) * 2 + 1] = lb;
+  }
+"""
+
+# The single-launch variant: the split kernel, then the last block of each (batch, kv head) to finish — found
+# with an atomic ticket — merges all splits, un-rotates and writes the output (what the combine kernel does).
+ATTEND_INPUTS = SPLIT_INPUTS + ["vsigns", "kmean", "counter"]
+ATTEND_OUTPUTS = SPLIT_OUTPUTS + ["out", "lse"]
+CUDA_ATTEND_TAIL = r"""
+  __shared__ int is_last;
+  __shared__ float srm[R], srl[R];
+  __shared__ float swt[32 * R];
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(const_cast<int*>(counter) + (b * H + h), 1) == n_splits - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int64_t split0 = static_cast<int64_t>(b * H + h) * n_splits;
+  for (int r = warp; r < R; r += WARPS) {
+    float mr = NEG_INF;
+    for (int s = lane; s < n_splits; s += 32) mr = fmaxf(mr, __ldcg(part_ml + ((split0 + s) * R + r) * 2));
+    for (int off = 16; off > 0; off >>= 1) mr = fmaxf(mr, __shfl_xor_sync(FULL, mr, off));
+    const float ms = kvs_finite_or_zero(mr);
+    float lr = 0.0f;
+    for (int s = lane; s < n_splits; s += 32)
+      lr += __ldcg(part_ml + ((split0 + s) * R + r) * 2 + 1) * __expf(__ldcg(part_ml + ((split0 + s) * R + r) * 2) - ms);
+    for (int off = 16; off > 0; off >>= 1) lr += __shfl_xor_sync(FULL, lr, off);
+    if (lane == 0) {
+      srm[r] = mr;
+      srl[r] = lr;
+    }
+  }
+  __syncthreads();
+  constexpr int PER = (R * D + NT - 1) / NT;
+  float accv[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) accv[j] = 0.0f;
+  for (int s0 = 0; s0 < n_splits; s0 += 32) {
+    const int chunk = min(32, n_splits - s0);
+    for (int i = tid; i < 32 * R; i += NT) {
+      const int k = i / R, r = i % R;
+      swt[i] = k < chunk ? __expf(__ldcg(part_ml + ((split0 + s0 + k) * R + r) * 2) - kvs_finite_or_zero(srm[r])) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int i = tid + j * NT;
+      if (i < R * D) {
+        const int r = i / D;
+        const float* po = part_o + (split0 + s0) * R * D + i;
+        float v = 0.0f;
+#pragma unroll 8
+        for (int k = 0; k < chunk; ++k) v += __ldcg(po + static_cast<int64_t>(k) * R * D) * swt[k * R + r];
+        accv[j] += v;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int i = tid + j * NT;
+    if (i < R * D) sq[i] = srl[i / D] > 0.0f ? accv[j] / srl[i / D] : 0.0f;
+  }
+  __syncthreads();
+  for (int rd = VROUNDS - 1; rd >= 0; --rd) {
+    for (int len = 1; len < D; len <<= 1) {
+      for (int i = tid; i < R * D / 2; i += NT) {
+        const int r = i / (D / 2), k = i % (D / 2);
+        const int lo = r * D + (k / len) * 2 * len + (k % len);
+        const float a = sq[lo], c = sq[lo + len];
+        sq[lo] = a + c;
+        sq[lo + len] = a - c;
+      }
+      __syncthreads();
+    }
+    for (int i = tid; i < R * D; i += NT) sq[i] *= vsigns[rd * D + i % D];
+    __syncthreads();
+  }
+  const float onorm = powf(static_cast<float>(D), -0.5f * VROUNDS);
+  const int64_t out0 = static_cast<int64_t>(b * H + h) * R * D;
+  for (int i = tid; i < R * D; i += NT) out[out0 + i] = static_cast<OutT>(sq[i] * onorm);
+  for (int r = warp; r < R; r += WARPS) {
+    float qm = 0.0f;
+    if constexpr (HAS_MEAN) {
+      const int hq = h * G + r / L, pos = r % L;
+      for (int d = lane; d < D; d += 32)
+        qm += static_cast<float>(q[b * q_strides[0] + hq * q_strides[1] + pos * q_strides[2] + d * q_strides[3]]) *
+              static_cast<float>(kmean[b * kmean_strides[0] + h * kmean_strides[1] + d * kmean_strides[3]]);
+      for (int off = 16; off > 0; off >>= 1) qm += __shfl_xor_sync(FULL, qm, off);
+      qm *= scale;
+    }
+    if (lane == 0) lse[(b * H + h) * R + r] = srl[r] > 0.0f ? srm[r] + logf(srl[r]) + qm : NEG_INF;
   }
 """
 
@@ -847,70 +1029,29 @@ ENCODE_OUTPUTS = ["idx", "norm"]
 # rotation's rounds as in-register butterflies (partners closer than E) and shuffles (farther), then the
 # count of boundaries below each coordinate, packed little-endian into the lane's E·BITS/8 bytes.
 CUDA_ENCODE = r"""
-  constexpr int E = D / 32;
-  constexpr int NBOUNDS = (1 << BITS) - 1;
-  constexpr int BYTES = E * BITS / 8;
-  __shared__ float sb[NBOUNDS];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  for (int i = threadIdx.x; i < NBOUNDS; i += blockDim.x) sb[i] = bounds[i];
+  __shared__ float sb[(1 << BITS) - 1];
+  for (int i = threadIdx.x; i < (1 << BITS) - 1; i += blockDim.x) sb[i] = bounds[i];
   __syncthreads();
-  const int H = x_shape[1], T = x_shape[2];
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp;
-  if (row >= static_cast<int64_t>(x_shape[0]) * H * T) return;
-  const int t = row % T, h = (row / T) % H, b = row / (static_cast<int64_t>(T) * H);
-  const int64_t base = b * x_strides[0] + h * x_strides[1] + t * x_strides[2];
-  float v[E];
-  float ss = 0.0f;
-#pragma unroll
-  for (int e = 0; e < E; ++e) {
-    v[e] = static_cast<float>(x[base + (lane * E + e) * x_strides[3]]);
-    ss += v[e] * v[e];
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-  const float nrm = sqrtf(ss);
-  const float inv = 1.0f / fmaxf(nrm, 1e-12f);
-#pragma unroll
-  for (int e = 0; e < E; ++e) v[e] *= inv;
-#pragma unroll
-  for (int rd = 0; rd < ROUNDS; ++rd) {
-#pragma unroll
-    for (int e = 0; e < E; ++e) v[e] *= signs[rd * D + lane * E + e];
-#pragma unroll
-    for (int len = 1; len < E; len <<= 1)
-#pragma unroll
-      for (int e = 0; e < E; ++e)
-        if ((e & len) == 0) {
-          const float a = v[e], c = v[e + len];
-          v[e] = a + c;
-          v[e + len] = a - c;
-        }
-#pragma unroll
-    for (int len = E; len < D; len <<= 1) {
-      const int partner = len / E;
-      const bool upper = lane & partner;
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        const float other = __shfl_xor_sync(0xffffffffu, v[e], partner);
-        v[e] = upper ? other - v[e] : v[e] + other;
-      }
-    }
-#pragma unroll
-    for (int e = 0; e < E; ++e) v[e] *= rsqrtf(static_cast<float>(D));
-  }
-  uint32_t packed = 0;
-#pragma unroll
-  for (int e = 0; e < E; ++e) {
-    uint32_t code = 0;
-#pragma unroll
-    for (int i = 0; i < NBOUNDS; ++i) code += v[e] > sb[i] ? 1u : 0u;
-    packed |= code << (e * BITS);
-  }
-  uint8_t* out = idx + row * (D * BITS / 8) + lane * BYTES;
-#pragma unroll
-  for (int i = 0; i < BYTES; ++i) out[i] = static_cast<uint8_t>(packed >> (8 * i));
-  if (lane == 0) norm[row] = static_cast<__half>(nrm);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  kvs_encode_row<D, BITS, ROUNDS>(x, x_shape, x_strides, signs, sb, idx, norm, row, threadIdx.x & 31);
+"""
+
+# Keys and values of one append in one launch: the first half of the warps encode keys, the rest values.
+ENCODE_PAIR_INPUTS = ["xk", "xv", "ksigns", "vsigns", "kbounds", "vbounds"]
+ENCODE_PAIR_OUTPUTS = ["kidx", "knorm", "vidx", "vnorm"]
+CUDA_ENCODE_PAIR = r"""
+  __shared__ float sbk[(1 << KBITS) - 1];
+  __shared__ float sbv[(1 << VBITS) - 1];
+  for (int i = threadIdx.x; i < (1 << KBITS) - 1; i += blockDim.x) sbk[i] = kbounds[i];
+  for (int i = threadIdx.x; i < (1 << VBITS) - 1; i += blockDim.x) sbv[i] = vbounds[i];
+  __syncthreads();
+  const int64_t rows = static_cast<int64_t>(xk_shape[0]) * xk_shape[1] * xk_shape[2];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row < rows)
+    kvs_encode_row<D, KBITS, KROUNDS>(xk, xk_shape, xk_strides, ksigns, sbk, kidx, knorm, row, threadIdx.x & 31);
+  else
+    kvs_encode_row<D, VBITS, VROUNDS>(xv, xv_shape, xv_strides, vsigns, sbv, vidx, vnorm, row - rows,
+                                      threadIdx.x & 31);
 """
 
 METAL_ENCODE = r"""
@@ -1013,6 +1154,12 @@ def _gpu_kernels(backend: str):
              header=header, ensure_row_contiguous=False),
         make(name="kvshard_tq_encode", input_names=ENCODE_INPUTS, output_names=ENCODE_OUTPUTS, source=encode_,
              header=header, ensure_row_contiguous=False),
+    ) + (
+        (make(name="kvshard_tq_attend", input_names=ATTEND_INPUTS, output_names=ATTEND_OUTPUTS,
+              source=split + CUDA_ATTEND_TAIL, header=header, ensure_row_contiguous=False),
+         make(name="kvshard_tq_encode_pair", input_names=ENCODE_PAIR_INPUTS, output_names=ENCODE_PAIR_OUTPUTS,
+              source=CUDA_ENCODE_PAIR, header=header, ensure_row_contiguous=False))
+        if backend == "cuda" else ()
     )
 
 
@@ -1023,6 +1170,8 @@ def cuda_translation_unit(kind: str, dtypes: dict, template: dict) -> str:
         "split": (SPLIT_INPUTS, SPLIT_OUTPUTS, CUDA_SPLIT),
         "combine": (COMBINE_INPUTS, COMBINE_OUTPUTS, CUDA_COMBINE),
         "encode": (ENCODE_INPUTS, ENCODE_OUTPUTS, CUDA_ENCODE),
+        "encode_pair": (ENCODE_PAIR_INPUTS, ENCODE_PAIR_OUTPUTS, CUDA_ENCODE_PAIR),
+        "attend": (ATTEND_INPUTS, ATTEND_OUTPUTS, CUDA_SPLIT + CUDA_ATTEND_TAIL),
     }[kind]
     stand_in = (
         "#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
@@ -1227,3 +1376,26 @@ def encode(method, x: mx.array) -> dict:
     norm = mx.linalg.norm(x32, axis=-1, keepdims=True)
     y = method.rotation.rotate(_unit()(x32, norm))
     return {"idx": _quantize_pack(_floats(method.codebook.boundaries), method.bits)(y), "norm": norm.astype(mx.float16)}
+
+
+def encode_pair(key_method, keys: mx.array, value_method, values: mx.array) -> tuple[dict, dict]:
+    """encode(key_method, keys), encode(value_method, values); on CUDA in one launch."""
+    gpu = gpu_backend()
+    if (gpu == "cuda" and os.environ.get(ENV_BACKEND) != "pure" and keys.shape == values.shape
+            and gpu_encode_supported(key_method) and gpu_encode_supported(value_method)):
+        B, H, n, D = keys.shape
+        rows, warps = B * H * n, 4
+        kidx, knorm, vidx, vnorm = _gpu_kernels(gpu)[4](
+            inputs=[keys, values, key_method.rotation.signs, value_method.rotation.signs,
+                    key_method.codebook.boundaries, value_method.codebook.boundaries],
+            template=[("D", D), ("KBITS", key_method.bits), ("VBITS", value_method.bits),
+                      ("KROUNDS", key_method.rotation.signs.shape[0]),
+                      ("VROUNDS", value_method.rotation.signs.shape[0])],
+            grid=(-(-2 * rows // warps) * warps * 32, 1, 1),
+            threadgroup=(warps * 32, 1, 1),
+            output_shapes=[(B, H, n, D * key_method.bits // 8), (B, H, n, 1),
+                           (B, H, n, D * value_method.bits // 8), (B, H, n, 1)],
+            output_dtypes=[mx.uint8, mx.float16, mx.uint8, mx.float16],
+        )
+        return {"idx": kidx, "norm": knorm}, {"idx": vidx, "norm": vnorm}
+    return encode(key_method, keys), encode(value_method, values)

@@ -178,7 +178,8 @@ def test_generation_uses_fast_path_and_matches_pure(monkeypatch):
 
 def _nvcc_compile(kind, template, tmp_path):
     dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
-              "kmean": "__half", "x": "__half", "idx": "uint8_t", "norm": "__half"}
+              "kmean": "__half", "x": "__half", "idx": "uint8_t", "norm": "__half", "counter": "int32_t",
+              "xk": "__half", "xv": "__half", "kidx_out": "uint8_t", "vnorm_out": "__half"}
     source = tmp_path / f"{kind}.cu"
     source.write_text(kernels.cuda_translation_unit(kind, dtypes, template))
     result = subprocess.run(
@@ -197,12 +198,18 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     assert " 0 bytes spill stores" in log, log
     _nvcc_compile("combine", dict(D=64, R=3, HAS_MEAN=True, NT=128, ROUNDS=3, OutT="__half"), tmp_path)
     _nvcc_compile("encode", dict(D=128, BITS=4, ROUNDS=3), tmp_path)
+    _nvcc_compile("encode_pair", dict(D=64, KBITS=4, VBITS=2, KROUNDS=3, VROUNDS=3), tmp_path)
+    log = _nvcc_compile("attend", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=kernels.GPU_UNROLL, TPS=256, ROUNDS=3,
+                                       HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
+    assert " 0 bytes spill stores" in log, log
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
+@pytest.mark.parametrize("single_launch", [True, False])
 @pytest.mark.parametrize("tokens", [1, 100, 4096, 70000])
 @pytest.mark.parametrize("queries_per_kv, length", [(4, 1), (3, 1), (2, 5)])
-def test_gpu_kernel_matches_pure(tokens, queries_per_kv, length):
+def test_gpu_kernel_matches_pure(tokens, queries_per_kv, length, single_launch, monkeypatch):
+    monkeypatch.setattr(kernels, "GPU_SINGLE_LAUNCH", single_launch)
     cache = _filled(tokens + 8, head_dim=128 if queries_per_kv == 4 else 64)
     queries = mx.random.normal((1, 2 * queries_per_kv, length, cache.head_dim)).astype(mx.float16)
     fast = _attend(cache, queries, kernels.gpu_backend())
@@ -225,3 +232,9 @@ def test_gpu_encode_matches_method(head_dim, bits):
 
     a, b = unpack(fast["idx"], bits, head_dim), unpack(ref["idx"], bits, head_dim)
     assert (a != b).mean().item() < 1e-3 and (mx.abs(a.astype(mx.int32) - b.astype(mx.int32)) <= 1).all().item()
+    if kernels.gpu_backend() == "cuda":
+        value_method = make_method("turboquant_mse", head_dim, 2)
+        pair_k, pair_v = kernels.encode_pair(method, x, value_method, x * 0.5)
+        single_v = kernels.gpu_encode(value_method, x * 0.5, "cuda")
+        assert mx.array_equal(pair_k["idx"], fast["idx"]).item() and mx.array_equal(pair_v["idx"], single_v["idx"]).item()
+        assert mx.array_equal(pair_v["norm"], single_v["norm"]).item()
