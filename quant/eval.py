@@ -151,14 +151,18 @@ def _head_dim(model) -> int:
     return args.head_dim or args.hidden_size // args.num_attention_heads
 
 
-def tuned_config(model, tokenizer, budget: float, calibration: dict):
+def tuned_config(model, tokenizer, budget: float, calibration: dict, tokens: int = 1024):
     """kvshard's best recipe under an effective-bit budget: TurboQuant-MSE with key and value bits per layer
     from one RateQuant water-filling over measured sensitivities, query-aware key scales, mean-centred keys
-    and 4 fp16 sink tokens. Code bits = budget − the fp16 norm (16 / head_dim) − 0.1 for what else is held:
-    at 1024 tokens the sinks cost ≈0.06 bits and the per-layer key mean and scales ≈0.016."""
+    and 4 fp16 sink tokens.
+
+    Code bits = budget − the fp16 norm (16 / head_dim) − the fp16 sinks, key mean and key scales spread over
+    `tokens` (16 · (sinks + 1) / tokens), rounded down to a whole number of layer-bits."""
     from kvshard.quant import KVCacheConfig, allocate_kv_bits_ratequant
 
-    code_bits = budget - 16 / _head_dim(model) - 0.1
+    slots = 2 * len(calibration["keys"])
+    code_bits = budget - 16 / _head_dim(model) - 16 * (SINK_TOKENS + 1) / tokens
+    code_bits = math.floor(code_bits * slots) / slots
     key_bits, value_bits = allocate_kv_bits_ratequant(
         calibration["keys"], calibration["values"], code_bits, beta=calibration["beta"], bit_choices=range(1, 9)
     )
@@ -183,7 +187,7 @@ def calibrate(model, tokenizer) -> dict:
     }
 
 
-def our_configs(model, tokenizer) -> List[EvalConfig]:
+def our_configs(model, tokenizer, tokens: int = 1024) -> List[EvalConfig]:
     """kvshard's configurations: each method plain, then the tuned recipe at each budget. Calibration runs
     once, and only if a tuned configuration is actually run."""
     from kvshard.quant import KVCacheBuilder, KVCacheConfig
@@ -196,7 +200,7 @@ def our_configs(model, tokenizer) -> List[EvalConfig]:
     calibration = functools.cache(lambda: calibrate(model, tokenizer))
     for budget in BUDGETS:
         make = lambda budget=budget: KVCacheBuilder.for_model(  # noqa: E731
-            model, tuned_config(model, tokenizer, budget, calibration())
+            model, tuned_config(model, tokenizer, budget, calibration(), tokens)
         )
         configs.append(EvalConfig(f"kvshard tuned <= {budget} bits", "kvshard tuned", make))
     return configs
@@ -302,7 +306,7 @@ def main(argv=None) -> int:
     from kvshard.quant.models import load_model, model_fingerprint
 
     model, tokenizer = load_model(args.model)
-    configs = _select(mlx_affine_configs(model) + our_configs(model, tokenizer), args.configs)
+    configs = _select(mlx_affine_configs(model) + our_configs(model, tokenizer, args.tokens), args.configs)
     result = run_eval(model, tokenizer, args.texts, args.tokens, args.chunk, configs)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
