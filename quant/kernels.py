@@ -38,7 +38,7 @@ FUSED_METHOD = "turboquant_mse"
 
 GPU_WARPS = 4  # warps per split block
 GPU_UNROLL = 4  # token steps whose loads are issued together, per lane group (tuned on an H200)
-GPU_TARGET_BLOCKS = 512  # split blocks per call to aim for (tuned on an H200: ~2 waves of 132 SMs)
+GPU_TARGET_BLOCKS = 256  # split blocks per call to aim for (tuned on an H200: 256-512 about equal)
 GPU_COMBINE_THREADS = 128
 GPU_COORDS = None  # coordinates per lane; None picks by group size (benchmarks sweep it)
 GPU_SINGLE_LAUNCH = True  # CUDA: split and combine in one launch (the last block merges); else two launches
