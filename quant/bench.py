@@ -183,7 +183,8 @@ def attention_case(shape: dict, tokens: int, series: list, skip: dict, check: bo
             mx.eval(fn())
             _sync()
             first = 1e3 * (time.perf_counter() - start)
-            t = time_call(fn, repeats=_repeats_for(first, budget_ms, 3, 200), warmup=1 if first > 1000 else 3)
+            t = time_call(fn, repeats=_repeats_for(first, budget_ms, 2 if first > 5000 else 3, 200),
+                          warmup=1 if first > 1000 else 3)
             row = {"series": name, "tokens": tokens, "ms": t["ms"], "min_ms": t["min_ms"], "repeats": t["repeats"],
                    "bytes": nbytes, "effective_bits": bits}
             if grouped and t["ms"] < 50:
@@ -297,8 +298,10 @@ def bench_attention(args, tag: str) -> dict:
         skip, rows = {}, []
         for tokens in contexts:
             series = ["fp16", "q4", "q8"] + fused_pure
-            # Methods without fused kernels run the portable path: measured up to 32K.
-            series += [label for label, method, *_ in OURS if method == "turboquant_mse" or tokens <= 32768]
+            # Methods without fused kernels run the portable path: measured up to 32K (4K on a CPU, where each
+            # costs minutes per context).
+            longest_other = 32768 if gpu else 4096
+            series += [label for label, method, *_ in OURS if method == "turboquant_mse" or tokens <= longest_other]
             r, c = attention_case(shape, tokens, series, skip, check=gpu or tokens <= 4096,
                                   budget_ms=args.budget_ms, grouped=gpu)
             rows += r
@@ -558,6 +561,12 @@ def _decode_run(model, prompt, new_tokens, make_cache, kv_bits=None):
             "peak_memory_bytes": mx.get_peak_memory(), "tokens": count}
 
 
+class _CacheWithoutLazyKV(CompressedKVCache):
+    def update_and_fetch(self, keys, values):
+        self._store(keys, values)
+        return keys, values
+
+
 def bench_decode(args, tag: str) -> dict:
     from mlx_lm.models.cache import make_prompt_cache  # noqa: PLC0415
 
@@ -576,6 +585,16 @@ def bench_decode(args, tag: str) -> dict:
         ("kvshard turboquant_mse k4/v2",
          lambda: KVCacheBuilder.for_model(model, KVCacheConfig(bit_width_inlier=4, bit_width_value=2)), None),
     ]
+    def without_lazy_kv():
+        # Experiment: CompressedKVCache.update_and_fetch builds a lazy graph of the dequantized history at every
+        # step (for attention code other than the hook, which never evaluates it). This shows what building it
+        # costs: the same caches, returning the new K/V instead (the hook ignores them).
+        caches = KVCacheBuilder.for_model(model, KVCacheConfig(bit_width_inlier=4))
+        for cache in caches:
+            cache.__class__ = _CacheWithoutLazyKV
+        return caches
+
+    variants.append(("kvshard turboquant_mse k4/v4, no lazy K/V graph (experiment)", without_lazy_kv, None))
     vocab = model.args.vocab_size
     for context, length in contexts.items():
         mx.random.seed(7)
@@ -596,8 +615,170 @@ def bench_decode(args, tag: str) -> dict:
     return result
 
 
+class _Shard:
+    """`kvshard serve` as a child process on a free loopback port, with its own SQLite store."""
+
+    def __init__(self, store: str, model: str, extra: list):
+        import socket  # noqa: PLC0415
+        import subprocess  # noqa: PLC0415
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.target = f"127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "kvshard.service.cli", "serve", "--host", "127.0.0.1", "--port",
+                   str(self.port), "--store", store, "--model", model, "--log-format", "console", *extra]
+        self.log = open(store.split("///", 1)[1] + f".{self.port}.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+    def wait_ready(self, timeout: float = 600.0) -> float:
+        from kvshard.client import Client  # noqa: PLC0415
+
+        start = time.perf_counter()
+        while time.perf_counter() - start < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"kvshard serve exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                with Client(self.target, timeout=2) as client:
+                    client.server_info()
+                return time.perf_counter() - start
+            except Exception:  # noqa: BLE001 (not up yet)
+                time.sleep(0.5)
+        raise TimeoutError(f"kvshard serve not ready after {timeout} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except Exception:  # noqa: BLE001
+            self.process.kill()
+        self.log.close()
+
+
 def bench_service(args, tag: str) -> dict:
-    raise NotImplementedError("service benchmark not written yet")
+    """Generate over gRPC vs in-process, Attend latency vs in-process attend, resume-from-store vs re-prefill."""
+    import tempfile  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from mlx_lm.generate import generate_step  # noqa: PLC0415
+
+    from kvshard.client import Client  # noqa: PLC0415
+
+    from .builder import KVCacheBuilder, KVCacheConfig  # noqa: PLC0415
+    from .models import load_model  # noqa: PLC0415
+
+    new_tokens = 32 if args.quick else 64
+    resume_tokens = args.service_tokens or (4096 if args.quick else 32768)
+    result = {"section": "service", "device": device_info(), "model": "SmolLM2-135M-Instruct (embedded GGUF)",
+              "cache": "turboquant_mse, 4-bit keys and values", "store": "sqlite (WAL)"}
+    folder = tempfile.mkdtemp(prefix="kvshard-bench-")
+    store = f"sqlite:///{folder}/store.sqlite3"
+    limits = ["--max-session-tokens", str(resume_tokens + 1024), "--max-prompt-tokens", "4096",
+              "--memory-budget", "4GiB", "--max-tokens", str(new_tokens + 8)]
+    prompt = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
+
+    shard = _Shard(store, "smollm2-135m", limits)
+    try:
+        result["server_start_s"] = shard.wait_ready()
+        with Client(shard.target, timeout=600) as client:
+            # 1. Generate over gRPC (warm-up session first: compiles, fills caches).
+            client.create_session(key_bits=4).generate_text(prompt, max_tokens=8, ignore_eos=True)
+            session = client.create_session(key_bits=4)
+            stamps = []
+            for _ in session.generate(prompt, max_tokens=new_tokens, ignore_eos=True):
+                stamps.append(time.perf_counter())
+            grpc_tps = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+            ids = session.token_ids()
+            prompt_ids, grpc_generated = ids[: len(ids) - new_tokens], ids[len(ids) - new_tokens :]
+
+            # The same prompt, cache and greedy decoding in this process.
+            model, _ = load_model("smollm2-135m")
+            local = []
+            for run in range(2):  # the first run warms up
+                caches = KVCacheBuilder.for_model(model, KVCacheConfig(bit_width_inlier=4))
+                stamps, tokens = [], []
+                for token, _ in generate_step(mx.array(prompt_ids), model, max_tokens=new_tokens, prompt_cache=caches):
+                    tokens.append(int(token))
+                    stamps.append(time.perf_counter())
+                local.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            result["generate"] = {
+                "new_tokens": new_tokens, "prompt_tokens": len(prompt_ids),
+                "grpc_tokens_per_s": grpc_tps, "in_process_tokens_per_s": local[-1],
+                "grpc_over_in_process": grpc_tps / local[-1],
+                "same_greedy_tokens": tokens == grpc_generated,
+                "note": "in-process: mlx_lm generate_step (what mlx_lm.generate runs) with the same compressed "
+                        "caches and prompt token ids; gRPC: a streaming Generate on a fresh session",
+            }
+            print("service generate", result["generate"], flush=True)
+
+            # 2. Attend RPC latency against the same attend in process.
+            rng = np.random.default_rng(0)
+            cache = client.create_cache(head_dim=64, n_kv_heads=3, key_bits=4)
+            k = rng.standard_normal((3, 4096, 64)).astype(np.float32)
+            v = rng.standard_normal((3, 4096, 64)).astype(np.float32)
+            cache.append(k, v)
+            q = rng.standard_normal((9, 1, 64)).astype(np.float32)
+            rpc = []
+            for i in range(60):
+                start = time.perf_counter()
+                cache.attend(q)
+                if i >= 10:
+                    rpc.append(time.perf_counter() - start)
+            here = CompressedKVCache(head_dim=64, n_kv_heads=3, key_bits=4)
+            here.append(mx.array(k), mx.array(v))
+            t = time_call(lambda: here.attend(mx.array(q)), repeats=50, warmup=10)
+            result["attend"] = {"tokens": 4096, "query_heads": 9, "kv_heads": 3, "head_dim": 64,
+                                "rpc_ms": 1e3 * statistics.median(rpc), "in_process_ms": t["ms"]}
+            print("service attend", result["attend"], flush=True)
+
+            # 3. A long raw session (the model's 30 layers), stored; the server restarts; first use = resume.
+            layers = client.create_caches(30, head_dim=64, n_kv_heads=3, key_bits=4)
+            resume_session = layers[0].session_id
+            start = time.perf_counter()
+            for chunk in range(0, resume_tokens, 4096):
+                n = min(4096, resume_tokens - chunk)
+                kc = rng.standard_normal((3, n, 64)).astype(np.float32)
+                for layer in layers:
+                    layer.append(kc, kc)
+            fill_s = time.perf_counter() - start
+        shard.stop()
+        shard = _Shard(store, "smollm2-135m", limits)
+        shard.wait_ready()
+        with Client(shard.target, timeout=600) as client:
+            start = time.perf_counter()
+            layer0 = client.session(resume_session)[0]  # GetSession, then the first Attend: the store load
+            layer0.attend(q)
+            cold = time.perf_counter() - start
+            warm = []
+            for _ in range(10):
+                start = time.perf_counter()
+                layer0.attend(q)
+                warm.append(time.perf_counter() - start)
+            info = client.get_session(resume_session)
+        resume_s = cold - statistics.median(warm)
+
+        # Re-prefill: the model over as many tokens, into the same kind of compressed caches.
+        caches = KVCacheBuilder.for_model(model, KVCacheConfig(bit_width_inlier=4))
+        prefill_ids = mx.random.randint(0, model.args.vocab_size, (resume_tokens,)).astype(mx.int32)
+        start = time.perf_counter()
+        for token, _ in generate_step(prefill_ids, model, max_tokens=1, prompt_cache=caches):
+            mx.eval(token)
+        prefill_s = time.perf_counter() - start
+        result["resume"] = {
+            "tokens": resume_tokens, "layers": 30, "stored_bytes": int(getattr(info, "memory_bytes", 0)),
+            "fill_over_grpc_s": fill_s, "first_attend_after_restart_s": cold,
+            "warm_attend_s": statistics.median(warm), "resume_s": resume_s, "re_prefill_s": prefill_s,
+            "speedup": prefill_s / max(resume_s, 1e-9),
+            "note": "resume = GetSession + first Attend after a restart (loads the session from SQLite) minus a warm "
+                    "Attend; "
+                    "re-prefill = the embedded model's prefill over as many tokens into the same compressed caches, "
+                    "in process (no gRPC)",
+        }
+        print("service resume", result["resume"], flush=True)
+    finally:
+        shard.stop()
+    _write(args.out, f"service_{tag}", result)
+    return result
 
 
 # ---- output -------------------------------------------------------------------------------------------
@@ -705,6 +886,8 @@ def main(argv=None) -> int:
                         help="attention section: comma-separated context lengths (default 1K,4K,16K,32K,128K)")
     parser.add_argument("--plot-only", action="store_true", help="re-render the PNGs from the JSON already in --out")
     parser.add_argument("--apply-tune", action="store_true", help="after the tune section, use its best launch shape")
+    parser.add_argument("--service-tokens", type=int, default=None,
+                        help="service section: tokens of the session resumed from the store (default 32768)")
     parser.add_argument("--model", choices=("embedded", "random"), default="embedded",
                         help="decode section: the embedded SmolLM2 or a random model of its shape")
     args = parser.parse_args(argv)

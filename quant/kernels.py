@@ -15,7 +15,18 @@ GPU (CUDA through `mx.fast.cuda_kernel`, Metal through `mx.fast.metal_kernel`), 
      writes (m, l, Σ p·v̂) for its slice.
   2. combine: one block per (batch, kv head, row) merges the slices, normalises, un-rotates (randomized
      Hadamard in shared memory) and writes the output in the query's dtype, plus the row's log-sum-exp.
-The query rotation happens inside the split kernel too, so a decode step is two launches.
+The query rotation happens inside the split kernel too, so a decode step is two launches; on CUDA,
+GPU_SINGLE_LAUNCH makes it one (the last split block of each kv head, found with an atomic ticket, does the
+combine). Measured on an H200 the two are equally fast; the single launch builds its graph ~10 µs faster.
+Appends encode keys and values in one launch (`encode_pair`: norm, randomized Hadamard rounds by warp
+shuffles, boundary count, packing). The Metal kernels mirror the CUDA ones line for line and have not been
+run on Apple hardware.
+
+Where the time goes (H200, Llama-3.1-8B decode shape, benchmarks/README.md): at 128K tokens the split kernel
+runs ~0.2 ms against a 0.03-0.06 ms bandwidth floor. It is bound by instruction issue and latency, not bytes:
+per token and lane, 2·C centroid look-ups, 2·C·R fp32 FMAs and log2(LPT)·R shuffles, at 2 blocks (8 warps)
+per SM for the ~210 registers a lane holds. Closing the gap needs tensor cores (mma.sync with centroid pairs
+dequantized straight into fragments), not more of this design.
 
 CPU: MLX's gather runs at tens of ns per element on this CPU, so table look-ups (per-query LUTs, centroid
 gathers) lose to fp32 SDPA. What wins is decoding a cache-resident block of codes with a compiled select
