@@ -8,8 +8,10 @@ minimum. The scales are per KV head and channel, measured once on the model (`ca
 
 import mlx.core as mx
 
+from .common import RotatedDomainMethod
 
-class ScaledKeys:
+
+class ScaledKeys(RotatedDomainMethod):
     """`inner` applied to k·scale; queries are divided by the same scale. scale: (H, D), one row per KV head."""
 
     def __init__(self, inner, scale: mx.array):
@@ -34,12 +36,3 @@ class ScaledKeys:
 
     def unrotate(self, y: mx.array) -> mx.array:
         return self.inner.unrotate(y) / self._heads(y)
-
-    def decode(self, codes: dict[str, mx.array]) -> mx.array:
-        return self.unrotate(self.decode_rotated(codes))
-
-    def score(self, q: mx.array, codes: dict[str, mx.array]) -> mx.array:
-        return self.rotate_query(q) @ self.decode_rotated(codes).swapaxes(-1, -2)
-
-    def bytes_per_token(self) -> int:
-        return self.inner.bytes_per_token()
