@@ -164,7 +164,8 @@ class CompressedKVCache(_BaseCache):
         needed = self.n_encoded + n
         capacity = 0 if not self.key_codes else next(iter(self.key_codes.values())).shape[2]
         if needed > capacity:
-            grow = ((needed - capacity + _GROW_TOKENS - 1) // _GROW_TOKENS) * _GROW_TOKENS
+            # Kept codes are cut at n_encoded (a trim may have left capacity beyond it), so grow from there.
+            grow = ((n + _GROW_TOKENS - 1) // _GROW_TOKENS) * _GROW_TOKENS
             for held, fresh in ((self.key_codes, new_k), (self.value_codes, new_v)):
                 for name, a in fresh.items():
                     extra = mx.zeros((*a.shape[:2], grow, a.shape[3]), dtype=a.dtype)

@@ -90,3 +90,19 @@ def test_calibrated_scales_are_one_per_attention_layer_and_normalised():
     caches = KVCacheBuilder.for_model(model, config)
     out = model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]), cache=caches)
     assert mx.isfinite(out).all().item() and caches[0].key_scale is not None
+
+
+def test_a_large_append_after_a_trim_fits_in_the_grown_buffer():
+    rng = np.random.default_rng(3)
+    k = mx.array(rng.standard_normal((1, H, 600, D)).astype(np.float32))
+    # No key centring: its mean would come from a different first chunk in the two caches.
+    cache = CompressedKVCache(D, H, key_bits=3, center_keys=False)
+    cache.append(k[:, :, :512], k[:, :, :512])
+    cache.trim(412)  # 100 tokens kept, capacity 512 left behind
+    cache.append(k[:, :, 100:600], k[:, :, 100:600])
+    reference = CompressedKVCache(D, H, key_bits=3, center_keys=False)
+    reference.append(k[:, :, :100], k[:, :, :100])
+    reference.append(k[:, :, 100:600], k[:, :, 100:600])
+    assert len(cache) == 600
+    for name, codes in cache.state["key_codes"].items():
+        assert mx.array_equal(codes, reference.state["key_codes"][name]).item()
