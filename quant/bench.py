@@ -810,7 +810,9 @@ def _plot_attention(folder, name, result) -> None:
     if plt is None:
         return
     shapes = result["shapes"]
-    fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 6.5), squeeze=False)
+    order = list(dict.fromkeys(r["series"] for data in shapes.values() for r in data["rows"] if "ms" in r))
+    colors = plt.get_cmap("tab20").colors
     for ax, (shape_name, data) in zip(axes[0], shapes.items()):
         series = {}
         for row in data["rows"]:
@@ -821,7 +823,10 @@ def _plot_attention(folder, name, result) -> None:
             style = "-" if label.startswith("kvshard") else "--"
             if "(pure path)" in label:
                 style = ":"
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label, linewidth=1.5)
+            main = label == "kvshard turboquant_mse k4/v4" or label == FP16_SERIES
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label,
+                    linewidth=3 if main else 1.2, markersize=5 if main else 3,
+                    color=colors[order.index(label) % len(colors)])
         floor = sorted((r["tokens"], r["bandwidth_floor_ms"]) for r in data["rows"]
                        if r.get("series") == "kvshard turboquant_mse k4/v4" and "bandwidth_floor_ms" in r)
         if floor:
@@ -833,10 +838,14 @@ def _plot_attention(folder, name, result) -> None:
         ax.set_ylabel("ms per decode step (one layer)")
         ax.set_title(f"{shape_name}: {data['shape']}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend.keys()), loc="lower center", ncol=4, fontsize=8, frameon=False)
     device = result["device"].get("gpu") or result["device"].get("cpu") or result["device"]["device"]
-    fig.suptitle(f"Decode attention, one step, batch 1 — {device}")
-    fig.tight_layout()
+    fig.suptitle(f"Decode attention, one step, batch 1 — {device} (latency: eval + synchronize per call)")
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(os.path.join(folder, name + ".png"), dpi=110)
     plt.close(fig)
 
