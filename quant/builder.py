@@ -25,6 +25,8 @@ class KVCacheConfig:
     center_keys: bool = True
     value_method: str | None = None  # None = same method as the keys
     key_scales: list | None = None  # per attention layer, a (kv_heads, head_dim) array: calibrate_key_scales
+    key_plans: list | None = None  # method "klt": per attention layer, a KLTPlan (klt_calibration.plan_klt)
+    value_plans: list | None = None
     extra: dict = field(default_factory=dict)
 
     def bits_for_layer(self, values: bool, layer: int, n_layers: int) -> int:
@@ -51,6 +53,8 @@ class KVCacheConfig:
             center_keys=self.center_keys,
             value_method=self.value_method,
             key_scale=None if self.key_scales is None else self.key_scales[layer],
+            key_plan=None if self.key_plans is None else self.key_plans[layer],
+            value_plan=None if self.value_plans is None else self.value_plans[layer],
         )
 
 

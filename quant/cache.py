@@ -13,6 +13,7 @@ from mlx_lm.models.cache import _BaseCache
 from . import kernels
 from .attention import CodeSegment, ExactSegment, compressed_attention
 from .methods import make_method
+from .methods.klt import KLT, KLTPlan
 from .methods.scaled import ScaledKeys
 
 _GROW_TOKENS = 256  # codes are preallocated in steps, as mlx_lm's KVCache does, so decode appends in place
@@ -43,8 +44,13 @@ class CompressedKVCache(_BaseCache):
         center_keys: bool = True,
         value_method: str | None = None,
         key_scale: mx.array | None = None,
+        key_plan: KLTPlan | None = None,
+        value_plan: KLTPlan | None = None,
     ):
         self.method = method
+        # Calibrated `klt` transforms. Like codebooks and rotations they belong to the model, shared by every
+        # session; `nbytes` counts what each cache holds per token, so they are not in it.
+        self.key_plan, self.value_plan = key_plan, value_plan
         self.key_scale = None if key_scale is None else mx.array(key_scale).astype(mx.float16)
         self.value_method_name = value_method or method
         self.key_bits = key_bits
@@ -59,6 +65,11 @@ class CompressedKVCache(_BaseCache):
         probe_dim = head_dim if head_dim is not None else 64
         make_method(method, probe_dim, key_bits, seed)
         make_method(self.value_method_name, probe_dim, self.value_bits, seed)
+        for field, plan, name in (("key_plan", key_plan, method), ("value_plan", value_plan, self.value_method_name)):
+            if plan is not None and (not isinstance(plan, KLTPlan) or name != "klt"):
+                raise ValueError(f"{field} must be a KLTPlan and needs method 'klt', got {type(plan).__name__} with {name!r}")
+        if key_plan is not None and key_scale is not None:
+            raise ValueError("key_scale and key_plan exclude each other: a klt plan already weighs keys by the queries")
         if head_dim is not None:
             self._init_shape(head_dim, n_kv_heads)
         self._clear()
@@ -77,6 +88,15 @@ class CompressedKVCache(_BaseCache):
                 )
             self.key_quantizer = ScaledKeys(self.key_quantizer, self.key_scale)
         self.value_quantizer = make_method(self.value_method_name, head_dim, self.value_bits, self.seed)
+        for field, plan in (("key_plan", self.key_plan), ("value_plan", self.value_plan)):
+            if plan is not None and plan.analysis.shape[:2] not in ((n_kv_heads, head_dim), (1, head_dim)):
+                raise ValueError(
+                    f"{field} must be for (kv_heads, head_dim) = ({n_kv_heads}, {head_dim}), got {plan.analysis.shape[:2]}"
+                )
+        if self.key_plan is not None:
+            self.key_quantizer = KLT(head_dim, self.key_bits, self.seed, plan=self.key_plan)
+        if self.value_plan is not None:
+            self.value_quantizer = KLT(head_dim, self.value_bits, self.seed, plan=self.value_plan)
 
     def _clear(self) -> None:
         self.offset = 0
@@ -99,6 +119,9 @@ class CompressedKVCache(_BaseCache):
             "sink_tokens": self.sink_tokens,
             "window": self.window,
             "center_keys": self.center_keys,
+            "key_plan_bits": None if self.key_plan is None else [int(b) for b in self.key_plan.coordinate_bits],
+            "value_plan_bits": None if self.value_plan is None else [int(b) for b in self.value_plan.coordinate_bits],
+            "plan_norm_bits": [None if p is None else p.norm_bits for p in (self.key_plan, self.value_plan)],
         }
 
     # ---- appending --------------------------------------------------------------------------------------
@@ -328,6 +351,10 @@ class CompressedKVCache(_BaseCache):
         for name in ("sink_keys", "sink_values", "window_keys", "window_values", "key_mean", "key_scale"):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name)
+        for side, plan in (("key", self.key_plan), ("value", self.value_plan)):
+            if plan is not None:
+                state[f"{side}_plan_analysis"] = mx.array(plan.analysis.astype("float32"))
+                state[f"{side}_plan_energies"] = mx.array(plan.energies.astype("float32"))
         if self.n_encoded:
             state["key_codes"] = _slice(self.key_codes, 0, self.n_encoded)
             state["value_codes"] = _slice(self.value_codes, 0, self.n_encoded)
@@ -348,6 +375,8 @@ class CompressedKVCache(_BaseCache):
             center_keys=meta["center_keys"],
             value_method=meta["value_method"],
             key_scale=state.get("key_scale"),
+            key_plan=_plan_from_state(state, "key", meta.get("key_plan_bits"), meta.get("plan_norm_bits", [16, 16])[0]),
+            value_plan=_plan_from_state(state, "value", meta.get("value_plan_bits"), meta.get("plan_norm_bits", [16, 16])[1]),
         )
         for name in ("sink_keys", "sink_values", "window_keys", "window_values", "key_mean"):
             setattr(self, name, state.get(name))
@@ -358,6 +387,15 @@ class CompressedKVCache(_BaseCache):
     @property
     def meta_state(self) -> str:
         return self.state["meta"]
+
+
+def _plan_from_state(state: dict, side: str, bits, norm_bits) -> KLTPlan | None:
+    if bits is None:
+        return None
+    import numpy as np
+
+    analysis = np.array(state[f"{side}_plan_analysis"], dtype=np.float64)
+    return KLTPlan(analysis, np.array(state[f"{side}_plan_energies"], dtype=np.float64), tuple(bits), norm_bits)
 
 
 def _concat(held: mx.array | None, new: mx.array) -> mx.array:

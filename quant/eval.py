@@ -175,11 +175,26 @@ def tuned_config(model, tokenizer, budget: float, calibration: dict, tokens: int
     )
 
 
+def klt_config(model, budget: float, calibration: dict, tokens: int = 1024):
+    """kvshard's transform-coding recipe under an effective-bit budget: the `klt` method with one bit allocation
+    over every layer's key and value coordinates (klt_calibration.plan_klt), mean-centred keys and 4 fp16 sink
+    tokens. Code bits = budget − the 8-bit log norm − the fp16 sinks and key mean spread over `tokens`; the
+    allocation rounds each token's codes to whole bytes inside that."""
+    from kvshard.quant import KVCacheConfig
+    from kvshard.quant.klt_calibration import plan_klt
+
+    code_bits = budget - 8 / _head_dim(model) - 16 * (SINK_TOKENS + 1) / tokens
+    key_plans, value_plans = plan_klt(calibration["moments"], calibration["keys"], calibration["values"], code_bits)
+    return KVCacheConfig(method="klt", sink_tokens=SINK_TOKENS, key_plans=key_plans, value_plans=value_plans)
+
+
 def calibrate(model, tokenizer) -> dict:
     """Everything the tuned recipe measures on the model, from the calibration prompts (not the eval texts)."""
     from kvshard.quant import calibrate_key_scales, calibrate_layer_sensitivities, fit_distortion_curve
+    from kvshard.quant.klt_calibration import calibration_texts, collect_moments
 
     return {
+        "moments": collect_moments(model, tokenizer, calibration_texts()),
         "keys": calibrate_layer_sensitivities(model, tokenizer, target="keys", progress=False),
         "values": calibrate_layer_sensitivities(model, tokenizer, target="values", progress=False),
         "key_scales": calibrate_key_scales(model, tokenizer),
@@ -203,6 +218,11 @@ def our_configs(model, tokenizer, tokens: int = 1024) -> List[EvalConfig]:
             model, tuned_config(model, tokenizer, budget, calibration(), tokens)
         )
         configs.append(EvalConfig(f"kvshard tuned <= {budget} bits", "kvshard tuned", make))
+    for budget in BUDGETS:
+        make = lambda budget=budget: KVCacheBuilder.for_model(  # noqa: E731
+            model, klt_config(model, budget, calibration(), tokens)
+        )
+        configs.append(EvalConfig(f"kvshard klt <= {budget} bits", "kvshard klt", make))
     return configs
 
 

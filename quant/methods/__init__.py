@@ -2,6 +2,7 @@
 encode(x) -> codes, decode(codes) -> x̂, score(q, codes) -> q·k̂, plus the rotated-domain pieces
 (rotate_query, decode_rotated, unrotate) that attention uses to avoid materialising x̂."""
 
+from .klt import KLT
 from .polar import PolarQuant
 from .qjl import QJL
 from .turboquant_mse import TurboQuantMSE
@@ -9,7 +10,7 @@ from .turboquant_prod import TurboQuantProd
 from .turboquant_rvq import TurboQuantRVQ
 
 METHODS = {
-    m.name: m for m in (TurboQuantMSE, TurboQuantProd, TurboQuantRVQ, PolarQuant, QJL)
+    m.name: m for m in (TurboQuantMSE, TurboQuantProd, TurboQuantRVQ, PolarQuant, QJL, KLT)
 }
 
 
