@@ -194,7 +194,7 @@ def calibrate(model, tokenizer) -> dict:
     from kvshard.quant.klt_calibration import calibration_texts, collect_moments
 
     return {
-        "moments": collect_moments(model, tokenizer, calibration_texts()),
+        "moments": collect_moments(model, tokenizer, calibration_texts(), skip_tokens=SINK_TOKENS),
         "keys": calibrate_layer_sensitivities(model, tokenizer, target="keys", progress=False),
         "values": calibrate_layer_sensitivities(model, tokenizer, target="values", progress=False),
         "key_scales": calibrate_key_scales(model, tokenizer),

@@ -71,9 +71,11 @@ def _read(name: str) -> str:
         return ""
 
 
-def collect_moments(model, tokenizer, texts, max_tokens: int = 1024) -> list[dict]:
+def collect_moments(model, tokenizer, texts, max_tokens: int = 1024, skip_tokens: int = 4) -> list[dict]:
     """Per attention layer: query second moment grouped by KV head, centred key covariance and uncentred value
-    second moment, each (H, d, d) float64, averaged over the texts' tokens."""
+    second moment, each (H, d, d) float64, averaged over the texts' tokens. The first `skip_tokens` keys and
+    values of each text are left out: caches keep them as fp16 attention sinks, and they are outliers that
+    would pull the transform towards themselves (+17.1% ΔPPL at 2.5 bits with them, +16.0% without)."""
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise ValueError("texts must be a non-empty list of non-empty strings")
     layers = [i for i, c in enumerate(make_prompt_cache(model)) if type(c) is KVCache]
@@ -86,14 +88,14 @@ def collect_moments(model, tokenizer, texts, max_tokens: int = 1024) -> list[dic
         model(mx.array(tokenizer.encode(text)[:max_tokens])[None], cache=caches)
         for acc, i in zip(sums, layers):
             cache = caches[i]
-            k = cache.keys[0, :, : cache.offset].astype(mx.float32)
-            v = cache.values[0, :, : cache.offset].astype(mx.float32)
-            k = k - k.mean(axis=1, keepdims=True)  # the cache codes k − μ, μ the sequence's own mean
+            k = cache.keys[0, :, skip_tokens : cache.offset].astype(mx.float32)
+            v = cache.values[0, :, skip_tokens : cache.offset].astype(mx.float32)
+            k = k - k.mean(axis=1, keepdims=True)  # the cache codes k − μ, μ the mean of its tokens after the sinks
             acc["query"] = acc["query"] + np.array(cache.query_moment, np.float64)
             acc["nq"] += cache.query_count
             acc["keys"] = acc["keys"] + np.array(k.swapaxes(-1, -2) @ k, np.float64)
             acc["values"] = acc["values"] + np.array(v.swapaxes(-1, -2) @ v, np.float64)
-            acc["nk"] += cache.offset
+            acc["nk"] += k.shape[1]
     return [
         {"query": a["query"] / a["nq"], "keys": a["keys"] / a["nk"], "values": a["values"] / a["nk"]} for a in sums
     ]
