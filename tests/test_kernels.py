@@ -5,7 +5,10 @@ dispatch rules. With nvcc: the CUDA kernels compile for sm_90 without register s
 kernel against the portable path (the benchmarks record the same check on the lent GPU).
 """
 
+import ctypes
+import shutil
 import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -145,6 +148,17 @@ def test_dispatch_rules(monkeypatch):
     assert kernels.requested_backend(None) == "pure"
 
 
+def test_tensor_core_kernel_coverage(monkeypatch):
+    monkeypatch.setattr(kernels, "_tensor_cores", lambda: True)
+    assert kernels.mma_supported(128, 4, 4, 4)  # Llama-3.1-8B decode
+    assert kernels.mma_supported(64, 3, 4, 4)  # SmolLM2-135M decode
+    assert not kernels.mma_supported(128, 4, 4, 2)  # 2-bit values: the CUDA-core kernel
+    assert not kernels.mma_supported(128, 10, 4, 4)  # more than 8 query rows per kv head
+    assert not kernels.mma_supported(256, 4, 4, 4)
+    monkeypatch.setattr(kernels, "_tensor_cores", lambda: False)
+    assert not kernels.mma_supported(128, 4, 4, 4)
+
+
 def test_gpu_plan_covers_the_benchmarked_shapes():
     assert kernels.gpu_plan(128, 4, 4, 4) == {"C": 16, "LPT": 8}  # Llama-3.1-8B decode: 32 q / 8 kv heads
     assert kernels.gpu_plan(64, 3, 4, 4) == {"C": 16, "LPT": 4}  # SmolLM2-135M: 9 q / 3 kv heads
@@ -202,6 +216,109 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     log = _nvcc_compile("attend", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=kernels.GPU_UNROLL, TPS=256, ROUNDS=3,
                                        HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
+    mma = dict(D=128, R=4, WARPS=kernels.GPU_MMA_WARPS, U=kernels.GPU_MMA_UNROLL, ROUNDS=3)
+    log = _nvcc_compile("mma_attend", dict(mma, HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
+    assert " 0 bytes spill stores" in log, log
+    log = _nvcc_compile("mma_split", dict(mma, D=64, R=3), tmp_path)
+    assert " 0 bytes spill stores" in log, log
+
+
+def _emulated(kind, dtypes, template, tmp_path):
+    """The CUDA kernel's own source compiled by g++ against tests/cuda_emulator.h: a callable
+    (pointers, shapes, strides, grid, threads)."""
+    headers, function = kernels.cuda_kernel_function(kind, dtypes, template)
+    headers = [h for h in headers if h is not kernels.CUDA_MMA_ASM]  # the emulator supplies these primitives
+    declaration = "extern __shared__ __align__(16) unsigned char kvs_smem[];"
+    assert declaration in function
+    function = function.replace(declaration, "unsigned char* kvs_smem = emu::shared_memory;")
+    names, outputs = kernels._cuda_parts(kind)[:2]
+    args = []
+    for i, name in enumerate(names):
+        args.append(f"(const {dtypes.get(name, 'float')}*)p[{i}]")
+        args += [f"emu_array<mlx::core::cu::{kind_}>({arr} + 8 * {i})"
+                 for suffix, kind_, arr in (("_shape", "Shape", "shp"), ("_strides", "Strides", "str"))
+                 if name + suffix in function]
+    args += [f"({dtypes.get(name, 'float')}*)p[{len(names) + j}]" for j, name in enumerate(outputs)]
+    source = tmp_path / f"{kind}_emulated.cpp"
+    source.write_text(
+        '#include "cuda_emulator.h"\nnamespace mlx::core::cu {\nusing Shape = cuda::std::array<int32_t, 8>;\n'
+        "using Strides = cuda::std::array<int64_t, 8>;\n}\nusing std::min;\n"
+        "template <class A, class T> A emu_array(const T* p) { A a; for (int i = 0; i < 8; ++i) a.v[i] = p[i]; return a; }\n"
+        + "".join(headers) + function
+        + 'extern "C" void launch(void** p, const int32_t* shp, const int64_t* str, int gx, int gy, int gz, int nt) {\n'
+        "  emu::launch({unsigned(gx), unsigned(gy), unsigned(gz)}, nt, [&] { mlx::core::cu::kvshard_check("
+        + ", ".join(args) + "); });\n}\n")
+    library = tmp_path / f"{kind}_emulated.so"
+    result = subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas",
+                             f"-I{Path(__file__).parent}", "-o", str(library), str(source)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return ctypes.CDLL(str(library)).launch, names, outputs
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+@pytest.mark.parametrize(
+    "tokens, head_dim, queries_per_kv, length, warps, unroll, splits, center",
+    [
+        (300, 128, 4, 1, 4, 1, 3, True),  # Llama decode shape, partial last step, a split with no tokens
+        (1000, 64, 3, 1, 8, 1, 5, False),  # SmolLM shape, no key mean, 8 warps
+        (150, 128, 4, 2, 4, 2, 2, True),  # two query tokens per head (8 rows), two 16-token steps per warp step
+    ],
+)
+def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, length, warps, unroll, splits, center,
+                                            tmp_path):
+    """The tensor-core kernel's CUDA source (fragment layouts, table look-ups, online softmax, split merge,
+    tickets) run under g++ with warp operations emulated, against the portable path. Codes are read from
+    buffers longer than the held tokens, as the cache hands them over."""
+    import numpy as np
+
+    cache = _filled(tokens, head_dim=head_dim, center=center)
+    queries = mx.random.normal((1, 2 * queries_per_kv, length, head_dim)).astype(mx.float16)
+    (segment,) = cache.segments()
+    km, vm = cache.key_quantizer, cache.value_quantizer
+    rows, n_kv = queries_per_kv * length, cache.n_kv_heads
+
+    def dense(a, dtype):
+        a = np.ascontiguousarray(np.array(a).astype(dtype))
+        return a, a.shape, [s // a.itemsize for s in a.strides]
+
+    def roomy(codes):
+        codes = np.array(codes)
+        B, H, T, W = codes.shape
+        buffer = np.zeros((B, H, T + 40, W), codes.dtype)
+        buffer[:, :, :T] = codes
+        return buffer, codes.shape, [H * (T + 40) * W, (T + 40) * W, W, 1]
+
+    tickets = np.zeros(n_kv, np.int32)
+    inputs = {"q": dense(queries, np.float16), "params": dense(mx.array([head_dim**-0.5]), np.float32),
+              "signs": dense(km.rotation.signs, np.float32), "kcent": dense(km.codebook.centroids, np.float32),
+              "vcent": dense(vm.codebook.centroids, np.float32), "kidx": roomy(segment.key_codes["idx"]),
+              "knorm": dense(segment.key_codes["norm"], np.float16), "vidx": roomy(segment.value_codes["idx"]),
+              "vnorm": dense(segment.value_codes["norm"], np.float16),
+              "vsigns": dense(vm.rotation.signs, np.float32),
+              "kmean": dense(segment.key_mean if center else mx.zeros((1, 1, 1, 1)), np.float16),
+              "counter": (tickets, tickets.shape, [1])}
+    dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
+              "kmean": "__half", "counter": "int32_t", "out": "__half"}
+    template = dict(D=head_dim, R=rows, WARPS=warps, U=unroll, ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=center,
+                    VROUNDS=vm.rotation.signs.shape[0], OutT="__half")
+    launch, names, outputs = _emulated("mma_attend", dtypes, template, tmp_path)
+    shapes, strides, arrays = np.zeros((len(names), 8), np.int32), np.zeros((len(names), 8), np.int64), []
+    for i, name in enumerate(names):
+        array, shape, stride = inputs[name]
+        arrays.append(array)
+        shapes[i, : len(shape)], strides[i, : len(stride)] = shape, stride
+    results = [np.full((1, n_kv, splits, rows, head_dim), np.nan, np.float32),
+               np.full((1, n_kv, splits, rows, 2), np.nan, np.float32),
+               np.full(queries.shape, np.nan, np.float16), np.full((1, n_kv, rows), np.nan, np.float32)]
+    pointers = (ctypes.c_void_p * (len(arrays) + 4))(*[a.ctypes.data for a in arrays + results])
+    launch(pointers, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p), splits, n_kv, 1,
+           warps * 32)
+    pure = np.array(_attend(cache, queries.astype(mx.float32), "pure"))
+    # fp16 products on tensor cores (query, centroids, probabilities·norms rounded to fp16, as in fp16 SDPA):
+    # within a few fp16 ulps of the largest output.
+    assert np.abs(results[2].astype(np.float32) - pure).max() < 2e-3 * max(1.0, np.abs(pure).max())
+    assert (tickets == 0).all()  # the last block of each kv head cleaned its ticket for the next launch
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
