@@ -6,15 +6,20 @@ queries look at). Transform coding exploits that. A calibrated analysis matrix (
 decorrelated coordinates y with expected energies λ₁ ≥ λ₂ ≥ …; coordinate i gets bᵢ bits by reverse
 water-filling (more where λ is large, none where it is small); runs of coordinates with equal bits are
 randomly rotated among themselves and scaled to unit expected spread, so that, as in TurboQuant, the coded
-vector z is close to isotropic: its norm is kept in fp16 and each coordinate of z/‖z‖ is Lloyd-Max coded with
-the codebook of the m-dimensional sphere law at its own bit width. Coordinates with 0 bits are dropped.
+vector z is close to isotropic: each coordinate of z/‖z‖ is Lloyd-Max coded with the codebook of the
+m-dimensional sphere law at its own bit width, and one scale per token is kept (fp16, or a log-scale byte):
+the least-squares gain of the chosen centroids rather than ‖z‖ (see `encode`). Coordinates with 0 bits are
+dropped.
 
 x̂ = S ẑ for a fixed synthesis matrix S (d × m), so this is a RotatedDomainMethod: scores are ⟨Sᵀq, ẑ⟩ and
 values are accumulated as ẑ and mapped back once. For keys the analysis includes the query metric Σq^½, so
 that the error that is minimised is the score error E[(q·e)²], not ‖e‖² (`klt_calibration.py`).
 
 Without a plan (uncalibrated) the analysis is the identity and every coordinate gets `bits`: TurboQuant-MSE
-with a dense random rotation.
+(the same seeded rotation, as a matrix) with the refitted scale.
+
+A plan is only as good as its calibration: moments from a few hundred tokens of one repeated sentence gave a
+plan far worse than plain TurboQuant (tests/test_quant_klt.py calibrates as `kvshard eval` does).
 """
 
 from dataclasses import dataclass
@@ -102,7 +107,7 @@ class KLT(RotatedDomainMethod):
         # One bit stream for all runs: exactly Σ bᵢ bits per token, padded to a byte once.
         norm_dtype = mx.uint8 if plan.norm_bits == 8 else mx.float16
         self.layout = {"idx": (packed_size(sum(n * b for n, b in self._runs), 1), mx.uint8), "norm": (1, norm_dtype)}
-        # A calibrated z has ‖z‖ ≈ √m for a typical token: the log-scale byte codes the ratio to that.
+        # A calibrated z has ‖z‖ ≈ √m for a typical token: the log-scale byte codes the scale's ratio to that.
         self._log_norm_center = 0.5 * np.log2(m)
         encode, synthesis, run_energy = self._matrices(
             np.asarray(plan.analysis, np.float64), np.asarray(plan.energies, np.float64), m
