@@ -178,12 +178,13 @@ def tuned_config(model, tokenizer, budget: float, calibration: dict, tokens: int
 def klt_config(model, budget: float, calibration: dict, tokens: int = 1024):
     """kvshard's transform-coding recipe under an effective-bit budget: the `klt` method with one bit allocation
     over every layer's key and value coordinates (klt_calibration.plan_klt), mean-centred keys and 4 fp16 sink
-    tokens. Code bits = budget − the 8-bit log norm − the fp16 sinks and key mean spread over `tokens`; the
-    allocation rounds each token's codes to whole bytes inside that."""
+    tokens. The allocation rounds each token's codes to whole bytes inside the code bits left."""
     from kvshard.quant import KVCacheConfig
     from kvshard.quant.klt_calibration import plan_klt
 
-    code_bits = budget - 8 / _head_dim(model) - 16 * (SINK_TOKENS + 1) / tokens
+    # Per K/V element: the scale byte of each token's keys and values, and the fp16 sinks (keys and values)
+    # plus the fp16 key mean, spread over `tokens` tokens.
+    code_bits = budget - 8 / _head_dim(model) - 16 * (2 * SINK_TOKENS + 1) / (2 * tokens)
     key_plans, value_plans = plan_klt(calibration["moments"], calibration["keys"], calibration["values"], code_bits)
     return KVCacheConfig(method="klt", sink_tokens=SINK_TOKENS, key_plans=key_plans, value_plans=value_plans)
 

@@ -159,19 +159,24 @@ def allocate_coordinate_bits(costs: list[np.ndarray], total_bits: int, max_bits:
     capacity = max_bits * sum(len(c) for c in costs)
     if not 8 * len(costs) <= total_bits <= capacity:
         raise ValueError(f"total_bits must be in {8 * len(costs)}..{capacity}, got {total_bits}")
-    target = total_bits
-    while True:
+    def fill(target: int) -> tuple[list[list[int]], int]:
         bits = [[1] + [0] * (len(c) - 1) for c in costs]
         _greedy(costs, bits, [None] * len(costs), target - len(costs), max_bits)
-        # Round every slot up to whole bytes with its own next-best bits, then check the real total.
+        # Round every slot up to whole bytes with its own next-best bits.
         padded = [min(-(-sum(b) // 8) * 8, max_bits * len(b)) for b in bits]
         for s in range(len(costs)):
             _greedy([costs[s]], [bits[s]], [padded[s]], padded[s] - sum(bits[s]), max_bits)
-        if sum(padded) <= total_bits:
-            # Equal costs can leave a later coordinate one bit above an earlier one; sorting keeps runs
-            # contiguous and changes nothing else (costs are descending).
-            return [sorted(b, reverse=True) for b in bits]
-        target -= sum(padded) - total_bits
+        return bits, sum(padded)
+
+    # The largest target whose byte-rounded allocation still fits total_bits (rounding adds < 8 per slot).
+    low, high = max(len(costs), total_bits - 8 * len(costs)), total_bits
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fill(middle)[1] <= total_bits else (low, middle - 1)
+    bits, _ = fill(low)
+    # Equal costs can leave a later coordinate one bit above an earlier one; sorting keeps runs contiguous and
+    # changes nothing else (costs are descending).
+    return [sorted(b, reverse=True) for b in bits]
 
 
 def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, probe_bits: int = 2, norm_bits: int = 8):
