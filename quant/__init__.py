@@ -34,7 +34,7 @@ def __getattr__(name):
         from . import ratequant
 
         return getattr(ratequant, name)
-    if name in ("collect_moments", "plan_klt", "sample_calibration_texts", "allocate_coordinate_bits"):
+    if name in ("collect_moments", "plan_klt", "calibration_texts", "allocate_coordinate_bits"):
         from . import klt_calibration
 
         return getattr(klt_calibration, name)

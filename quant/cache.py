@@ -8,6 +8,7 @@ steps the cache holds only these — no fp16 copy of the history.
 import json
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import _BaseCache
 
 from . import kernels
@@ -392,8 +393,6 @@ class CompressedKVCache(_BaseCache):
 def _plan_from_state(state: dict, side: str, bits, norm_bits) -> KLTPlan | None:
     if bits is None:
         return None
-    import numpy as np
-
     analysis = np.array(state[f"{side}_plan_analysis"], dtype=np.float64)
     return KLTPlan(analysis, np.array(state[f"{side}_plan_energies"], dtype=np.float64), tuple(bits), norm_bits)
 
