@@ -11,7 +11,8 @@ distortion, c, comes from the measured KL sensitivity w (`calibrate_layer_sensit
 `probe_bits`) divided by the distortion that probe caused, predicted from the same second moments. A
 coordinate of energy λ at b bits then costs c · λ · δ(b), with δ the Lloyd-Max distortion of a unit-variance
 coordinate; bits go one at a time to the coordinate whose next bit removes the most cost (δ is convex, so
-this greedy choice is the exact optimum of the integer problem).
+this greedy choice is the exact optimum for a given total), then each slot's codes are rounded up to whole
+bytes with its own next-best bits, the total chosen as the largest whose rounded allocation fits the budget.
 """
 
 import heapq
