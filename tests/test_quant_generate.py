@@ -13,7 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig
 
-METHODS = ["turboquant_mse", "turboquant_prod", "turboquant_rvq", "polar", "qjl"]
+METHODS = ["turboquant_mse", "turboquant_prod", "turboquant_rvq", "polar", "qjl", "klt"]
 WORDS = "the a of and to in is was he she it that for on with as his her they at by this had from but not are".split()
 
 
