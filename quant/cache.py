@@ -354,8 +354,8 @@ class CompressedKVCache(_BaseCache):
                 state[name] = getattr(self, name)
         for side, plan in (("key", self.key_plan), ("value", self.value_plan)):
             if plan is not None:
-                state[f"{side}_plan_analysis"] = mx.array(plan.analysis.astype("float32"))
-                state[f"{side}_plan_energies"] = mx.array(plan.energies.astype("float32"))
+                state[f"{side}_plan_analysis"] = mx.array(plan.analysis)  # float32, as KLTPlan holds them
+                state[f"{side}_plan_energies"] = mx.array(plan.energies)
         if self.n_encoded:
             state["key_codes"] = _slice(self.key_codes, 0, self.n_encoded)
             state["value_codes"] = _slice(self.value_codes, 0, self.n_encoded)
@@ -393,8 +393,7 @@ class CompressedKVCache(_BaseCache):
 def _plan_from_state(state: dict, side: str, bits, norm_bits) -> KLTPlan | None:
     if bits is None:
         return None
-    analysis = np.array(state[f"{side}_plan_analysis"], dtype=np.float64)
-    return KLTPlan(analysis, np.array(state[f"{side}_plan_energies"], dtype=np.float64), tuple(bits), norm_bits)
+    return KLTPlan(np.array(state[f"{side}_plan_analysis"]), np.array(state[f"{side}_plan_energies"]), tuple(bits), norm_bits)
 
 
 def _concat(held: mx.array | None, new: mx.array) -> mx.array:

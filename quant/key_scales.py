@@ -2,30 +2,13 @@
 KV head, from the queries and (mean-removed) keys of a few calibration prompts."""
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
 from .builder import install_attention_hook
-from .ratequant import DEFAULT_PROMPTS
+from .klt_calibration import QueryMomentCache
+from .ratequant import DEFAULT_PROMPTS, _attention_layers
 
 _CLIP = 16.0  # keep every scale within [1/16, 16]: a channel never seen active must not explode
-
-
-class _RecordingCache(KVCache):
-    """A plain fp16 cache that also keeps the sum of squares of the queries it is attended with."""
-
-    def __init__(self):
-        super().__init__()
-        self.query_square_sum, self.query_count = None, 0
-
-    def attention(self, queries, scale, mask=None):
-        B, n_q_heads, L, D = queries.shape
-        n_kv_heads = self.keys.shape[1]
-        grouped = queries.astype(mx.float32).reshape(B, n_kv_heads, -1, L, D)
-        squares = (grouped * grouped).sum(axis=(0, 2, 3))
-        self.query_square_sum = squares if self.query_square_sum is None else self.query_square_sum + squares
-        self.query_count += B * grouped.shape[2] * L
-        keys, values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
 
 def calibrate_key_scales(model, tokenizer, prompts=None, max_tokens: int = 256) -> list[mx.array]:
@@ -33,14 +16,13 @@ def calibrate_key_scales(model, tokenizer, prompts=None, max_tokens: int = 256) 
     prompts = list(prompts or DEFAULT_PROMPTS)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings")
-    base = make_prompt_cache(model)
-    attention = [i for i, c in enumerate(base) if type(c) is KVCache]
+    attention = _attention_layers(model)
     install_attention_hook(model)
     query_sums, key_sums, counts = {}, {}, 0
     for prompt in prompts:
         caches = make_prompt_cache(model)
         for i in attention:
-            caches[i] = _RecordingCache()
+            caches[i] = QueryMomentCache()
         tokens = mx.array(tokenizer.encode(prompt)[:max_tokens])[None]
         model(tokens, cache=caches)
         for i in attention:
@@ -48,7 +30,7 @@ def calibrate_key_scales(model, tokenizer, prompts=None, max_tokens: int = 256) 
             keys = cache.keys[..., : cache.offset, :].astype(mx.float32)[0]
             centred = keys - keys.mean(axis=1, keepdims=True)
             k_sq = (centred * centred).sum(axis=1) / keys.shape[1]
-            q_sq = cache.query_square_sum / cache.query_count
+            q_sq = mx.diagonal(cache.query_moment, axis1=-2, axis2=-1) / cache.query_count
             query_sums[i] = q_sq + query_sums.get(i, 0)
             key_sums[i] = k_sq + key_sums.get(i, 0)
         counts += 1

@@ -24,6 +24,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .builder import install_attention_hook
 from .methods.klt import KLTPlan
+from .ratequant import _attention_layers
 
 # E[(x − Q(x))²] of the b-bit Lloyd-Max quantizer of a unit-variance Gaussian, b = 0..8.
 GAUSSIAN_DISTORTION = (1.0, 0.3634, 0.1175, 0.03454, 0.009497, 0.002499, 0.0006418, 0.0001626, 0.0000409)
@@ -35,7 +36,7 @@ QUERY_RIDGE = 1e-2  # Σq + ridge · mean eigenvalue: a direction no calibration
 SHRINKAGE = 1e-2
 
 
-class _MomentCache(KVCache):
+class QueryMomentCache(KVCache):
     """A plain fp16 cache that also accumulates the second moment of the queries attended with it."""
 
     def __init__(self):
@@ -82,13 +83,13 @@ def collect_moments(model, tokenizer, texts, max_tokens: int = 2048, skip_tokens
     would pull the transform towards themselves (+17.1% ΔPPL at 2.5 bits with them, +16.0% without)."""
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise ValueError("texts must be a non-empty list of non-empty strings")
-    layers = [i for i, c in enumerate(make_prompt_cache(model)) if type(c) is KVCache]
+    layers = _attention_layers(model)
     install_attention_hook(model)
     sums = [{"query": 0.0, "keys": 0.0, "values": 0.0, "nq": 0, "nk": 0} for _ in layers]
     for text in texts:
         caches = make_prompt_cache(model)
         for i in layers:
-            caches[i] = _MomentCache()
+            caches[i] = QueryMomentCache()
         model(mx.array(tokenizer.encode(text)[:max_tokens])[None], cache=caches)
         for acc, i in zip(sums, layers):
             cache = caches[i]

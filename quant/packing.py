@@ -31,14 +31,7 @@ def pack(codes: mx.array, bits: int) -> mx.array:
         grouped = codes.astype(mx.uint32).reshape(*lead, n // per_byte, per_byte)
         shifts = mx.arange(0, 8, bits, dtype=mx.uint32)
         return (grouped << shifts).sum(axis=-1).astype(mx.uint8)
-    shifts = mx.arange(bits, dtype=mx.uint32)
-    stream = (codes.astype(mx.uint32)[..., None] >> shifts) & 1  # (..., n, bits)
-    stream = stream.reshape(*lead, n * bits)
-    pad = packed_size(n, bits) * 8 - n * bits
-    if pad:
-        stream = mx.concatenate([stream, mx.zeros((*lead, pad), dtype=mx.uint32)], axis=-1)
-    stream = stream.reshape(*lead, -1, 8)
-    return (stream * _BYTE_WEIGHTS).sum(axis=-1).astype(mx.uint8)
+    return pack_runs([(codes, bits)])  # codes straddle bytes: the general bit stream
 
 
 def unpack(packed: mx.array, bits: int, n: int) -> mx.array:
@@ -46,16 +39,12 @@ def unpack(packed: mx.array, bits: int, n: int) -> mx.array:
     _check_bits(bits)
     if bits == 8:
         return packed[..., :n]
-    *lead, nbytes = packed.shape
     per_byte = 8 // bits
     if 8 % bits == 0 and n % per_byte == 0:
         shifts = mx.arange(0, 8, bits, dtype=mx.uint8)
         codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(*lead, n)
-    stream = (packed.astype(mx.uint32)[..., None] >> mx.arange(8, dtype=mx.uint32)) & 1
-    stream = stream.reshape(*lead, nbytes * 8)[..., : n * bits].reshape(*lead, n, bits)
-    weights = mx.array([1 << i for i in range(bits)], dtype=mx.uint32)
-    return (stream * weights).sum(axis=-1).astype(mx.uint8)
+        return codes.reshape(*packed.shape[:-1], n)
+    return unpack_runs(packed, [(n, bits)])[0]
 
 
 def _stream(codes: mx.array, bits: int) -> mx.array:
