@@ -16,6 +16,7 @@ from .attention import CodeSegment, ExactSegment, compressed_attention
 from .methods import make_method
 from .methods.klt import KLT, KLTPlan
 from .methods.scaled import ScaledKeys
+from .rope import rotate
 
 _GROW_TOKENS = 256  # codes are preallocated in steps, as mlx_lm's KVCache does, so decode appends in place
 _MIN_TOKENS_FOR_MEAN = 8  # tokens wait in fp16 until the key mean is estimated from at least this many
@@ -52,6 +53,10 @@ class CompressedKVCache(_BaseCache):
         # Calibrated `klt` transforms. Like codebooks and rotations they belong to the model, shared by every
         # session; `nbytes` counts what each cache holds per token, so they are not in it.
         self.key_plan, self.value_plan = key_plan, value_plan
+        # A key plan made for keys before RoPE: codes and the key mean are of un-rotated keys (quant/rope.py).
+        self._key_rope = None
+        if isinstance(key_plan, KLTPlan) and key_plan.rope_frequencies is not None:
+            self._key_rope = (key_plan.rope_frequencies, key_plan.rope_traditional)
         self.key_scale = None if key_scale is None else mx.array(key_scale).astype(mx.float16)
         self.value_method_name = value_method or method
         self.key_bits = key_bits
@@ -123,6 +128,8 @@ class CompressedKVCache(_BaseCache):
             "key_plan_bits": None if self.key_plan is None else [int(b) for b in self.key_plan.coordinate_bits],
             "value_plan_bits": None if self.value_plan is None else [int(b) for b in self.value_plan.coordinate_bits],
             "plan_norm_bits": [None if p is None else p.norm_bits for p in (self.key_plan, self.value_plan)],
+            "key_plan_rope": None if self._key_rope is None else {
+                "frequencies": [float(w) for w in self._key_rope[0]], "traditional": self._key_rope[1]},
         }
 
     # ---- appending --------------------------------------------------------------------------------------
@@ -171,13 +178,31 @@ class CompressedKVCache(_BaseCache):
             if self.window_keys.shape[2] < _MIN_TOKENS_FOR_MEAN:
                 return
             # Keys share a large common direction; encoding k − μ spends the bits on what differs between them.
-            self.key_mean = self.window_keys.astype(mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
+            window = self._unrope(self.window_keys.astype(mx.float32), self._codes_start())
+            self.key_mean = window.mean(axis=2, keepdims=True).astype(mx.float16)
         if overflow > 0:
             self._encode(self.window_keys[:, :, :overflow], self.window_values[:, :, :overflow])
             self.window_keys = self.window_keys[:, :, overflow:]
             self.window_values = self.window_values[:, :, overflow:]
 
+    def _codes_start(self) -> int:
+        """Position of the first coded token: codes follow the sinks."""
+        return 0 if self.sink_keys is None else self.sink_keys.shape[2]
+
+    def _unrope(self, keys: mx.array, start: int) -> mx.array:
+        if self._key_rope is None:
+            return keys
+        return rotate(keys.astype(mx.float32), start, *self._key_rope, inverse=True)
+
+    def _decode_keys(self, codes: dict, key_mean) -> mx.array:
+        """Keys back from codes, as attention sees them (RoPE put back for a pre-RoPE plan), in float32."""
+        k = self.key_quantizer.decode(codes)
+        if key_mean is not None:
+            k = k + key_mean.astype(mx.float32)
+        return k if self._key_rope is None else rotate(k, self._codes_start(), *self._key_rope)
+
     def _encode(self, keys: mx.array, values: mx.array) -> None:
+        keys = self._unrope(keys, self._codes_start() + self.n_encoded)
         if self.key_mean is not None:
             keys = keys - self.key_mean
         # The quantizers' encode, fused: one kernel for keys and values on CUDA; on the CPU bit for bit the same.
@@ -220,7 +245,12 @@ class CompressedKVCache(_BaseCache):
         parts = []
         if self.sink_keys is not None:
             parts.append(ExactSegment(self.sink_keys, self.sink_values))
-        if self.n_encoded:
+        if self.n_encoded and self._key_rope is not None:
+            # Pre-RoPE codes cannot be scored in the coded domain (each token's rotation differs): decode them.
+            key_codes, value_codes = _slice(self.key_codes, 0, self.n_encoded), _slice(self.value_codes, 0, self.n_encoded)
+            keys = self._decode_keys(key_codes, self.key_mean).astype(mx.float16)
+            parts.append(ExactSegment(keys, self.value_quantizer.decode(value_codes).astype(mx.float16)))
+        elif self.n_encoded:
             parts.append(
                 CodeSegment(
                     _slice(self.key_codes, 0, self.n_encoded),
@@ -266,10 +296,7 @@ class CompressedKVCache(_BaseCache):
                 keys.append(segment.keys)
                 values.append(segment.values)
             else:
-                k = self.key_quantizer.decode(segment.key_codes)
-                if segment.key_mean is not None:
-                    k = k + segment.key_mean
-                keys.append(k.astype(mx.float16))
+                keys.append(self._decode_keys(segment.key_codes, segment.key_mean).astype(mx.float16))
                 values.append(self.value_quantizer.decode(segment.value_codes).astype(mx.float16))
         return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
 
@@ -376,7 +403,8 @@ class CompressedKVCache(_BaseCache):
             center_keys=meta["center_keys"],
             value_method=meta["value_method"],
             key_scale=state.get("key_scale"),
-            key_plan=_plan_from_state(state, "key", meta.get("key_plan_bits"), meta.get("plan_norm_bits", [16, 16])[0]),
+            key_plan=_plan_from_state(state, "key", meta.get("key_plan_bits"), meta.get("plan_norm_bits", [16, 16])[0],
+                                      meta.get("key_plan_rope")),
             value_plan=_plan_from_state(state, "value", meta.get("value_plan_bits"), meta.get("plan_norm_bits", [16, 16])[1]),
         )
         for name in ("sink_keys", "sink_values", "window_keys", "window_values", "key_mean"):
@@ -390,10 +418,12 @@ class CompressedKVCache(_BaseCache):
         return self.state["meta"]
 
 
-def _plan_from_state(state: dict, side: str, bits, norm_bits) -> KLTPlan | None:
+def _plan_from_state(state: dict, side: str, bits, norm_bits, rope=None) -> KLTPlan | None:
     if bits is None:
         return None
-    return KLTPlan(np.array(state[f"{side}_plan_analysis"]), np.array(state[f"{side}_plan_energies"]), tuple(bits), norm_bits)
+    rope = rope or {"frequencies": None, "traditional": False}
+    return KLTPlan(np.array(state[f"{side}_plan_analysis"]), np.array(state[f"{side}_plan_energies"]), tuple(bits),
+                   norm_bits, rope["frequencies"], rope["traditional"])
 
 
 def _concat(held: mx.array | None, new: mx.array) -> mx.array:

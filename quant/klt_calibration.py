@@ -25,6 +25,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from .builder import install_attention_hook
 from .methods.klt import KLTPlan
 from .ratequant import _attention_layers
+from .rope import rope_frequencies, rotate
 
 # E[(x − Q(x))²] of the b-bit Lloyd-Max quantizer of a unit-variance Gaussian, b = 0..8.
 GAUSSIAN_DISTORTION = (1.0, 0.3634, 0.1175, 0.03454, 0.009497, 0.002499, 0.0006418, 0.0001626, 0.0000409)
@@ -37,16 +38,32 @@ SHRINKAGE = 1e-2
 
 
 class QueryMomentCache(KVCache):
-    """A plain fp16 cache that also accumulates the second moment of the queries attended with it."""
+    """A plain fp16 cache that also accumulates the second moment of the queries attended with it.
 
-    def __init__(self):
+    With `rope` = (ω, traditional), the moment is of queries as a pre-RoPE key sees them. Query q (after RoPE,
+    at position p) scores key k (before RoPE, at position s) as q · R_s k = (R_sᵀ q) · k, so the score error
+    of a pre-RoPE key error e is (R_sᵀ q) · e: the metric is E[R_sᵀ q qᵀ R_s] over the pairs attention forms.
+    Each query is un-rotated to `samples` key positions s drawn uniformly from 0..p (seeded), an unbiased
+    estimate of the moment over all causal pairs, as the post-RoPE Σq is."""
+
+    def __init__(self, rope=None, samples: int = 4, seed: int = 0):
         super().__init__()
         self.query_moment, self.query_count = 0.0, 0
+        self.rope, self.samples = rope, samples
+        self._rng = np.random.default_rng(seed)
 
     def attention(self, queries, scale, mask=None):
         B, n_q_heads, L, D = queries.shape
         n_kv_heads = self.keys.shape[1]
-        q = queries.astype(mx.float32).reshape(B, n_kv_heads, -1, L, D).transpose(1, 0, 2, 3, 4).reshape(n_kv_heads, -1, D)
+        q = queries.astype(mx.float32)
+        if self.rope is not None:
+            # Tokens become the batch axis so that each gets its own key position: (B·L·samples, Hq, 1, D).
+            positions = np.arange(self.offset - L, self.offset)
+            key_positions = np.floor(self._rng.random((B, self.samples, L)) * (positions + 1)).astype(np.int32)
+            q = mx.repeat(q[:, None], self.samples, axis=1).transpose(0, 1, 3, 2, 4).reshape(-1, n_q_heads, 1, D)
+            q = rotate(q, mx.array(key_positions.reshape(-1)), *self.rope, inverse=True)
+            q = q.reshape(B * self.samples, L, n_q_heads, D).transpose(0, 2, 1, 3)
+        q = q.reshape(q.shape[0], n_kv_heads, -1, L, D).transpose(1, 0, 2, 3, 4).reshape(n_kv_heads, -1, D)
         self.query_moment = self.query_moment + q.swapaxes(-1, -2) @ q
         self.query_count += q.shape[1]
         keys, values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
@@ -76,33 +93,55 @@ def _read(name: str) -> str:
         return ""
 
 
-def collect_moments(model, tokenizer, texts, max_tokens: int = 2048, skip_tokens: int = 4) -> list[dict]:
+def model_rope(model, layer: int):
+    """(ω, traditional) of a layer's RoPE (quant/rope.py), or None if it has none kvshard can undo."""
+    block = model.layers[layer]
+    attention = getattr(block, "self_attn", None) or getattr(block, "attention", None)
+    rope, head_dim = getattr(attention, "rope", None), getattr(attention, "head_dim", None)
+    if rope is None or not isinstance(head_dim, int):
+        return None
+    return rope_frequencies(rope, head_dim)
+
+
+def collect_moments(model, tokenizer, texts, max_tokens: int = 2048, skip_tokens: int = 4, pre_rope: bool = True) -> list[dict]:
     """Per attention layer: query second moment grouped by KV head, centred key covariance and uncentred value
-    second moment, each (H, d, d) float64, averaged over the texts' tokens. The first `skip_tokens` keys and
-    values of each text are left out: caches keep them as fp16 attention sinks, and they are outliers that
-    would pull the transform towards themselves (+17.1% ΔPPL at 2.5 bits with them, +16.0% without)."""
+    second moment, each (H, d, d) float64, averaged over the texts' tokens; "rope", the layer's RoPE when the
+    key moments are of keys before RoPE (`pre_rope` and a RoPE that quant/rope.py can read), else None; and
+    "key_trace" (H,), the trace of the centred key covariance after RoPE, which plain methods code.
+
+    The first `skip_tokens` keys and values of each text are left out: caches keep them as fp16 attention
+    sinks, and they are outliers that would pull the transform towards themselves (+17.1% ΔPPL at 2.5 bits
+    with them, +16.0% without)."""
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise ValueError("texts must be a non-empty list of non-empty strings")
     layers = _attention_layers(model)
+    ropes = [model_rope(model, i) if pre_rope else None for i in layers]
     install_attention_hook(model)
-    sums = [{"query": 0.0, "keys": 0.0, "values": 0.0, "nq": 0, "nk": 0} for _ in layers]
+    sums = [{"query": 0.0, "keys": 0.0, "values": 0.0, "key_trace": 0.0, "nq": 0, "nk": 0} for _ in layers]
     for text in texts:
         caches = make_prompt_cache(model)
-        for i in layers:
-            caches[i] = QueryMomentCache()
+        for i, rope in zip(layers, ropes):
+            caches[i] = QueryMomentCache(rope)
         model(mx.array(tokenizer.encode(text)[:max_tokens])[None], cache=caches)
-        for acc, i in zip(sums, layers):
+        for acc, i, rope in zip(sums, layers, ropes):
             cache = caches[i]
-            k = cache.keys[0, :, skip_tokens : cache.offset].astype(mx.float32)
+            keys = cache.keys[:, :, : cache.offset].astype(mx.float32)
+            k = keys[0, :, skip_tokens:]
             v = cache.values[0, :, skip_tokens : cache.offset].astype(mx.float32)
             k = k - k.mean(axis=1, keepdims=True)  # the cache codes k − μ, μ the mean of its tokens after the sinks
+            acc["key_trace"] = acc["key_trace"] + np.array((k * k).sum(axis=(1, 2)), np.float64)
+            if rope is not None:
+                k = rotate(keys, 0, *rope, inverse=True)[0, :, skip_tokens:]
+                k = k - k.mean(axis=1, keepdims=True)
             acc["query"] = acc["query"] + np.array(cache.query_moment, np.float64)
             acc["nq"] += cache.query_count
             acc["keys"] = acc["keys"] + np.array(k.swapaxes(-1, -2) @ k, np.float64)
             acc["values"] = acc["values"] + np.array(v.swapaxes(-1, -2) @ v, np.float64)
             acc["nk"] += k.shape[1]
     return [
-        {"query": a["query"] / a["nq"], "keys": a["keys"] / a["nk"], "values": a["values"] / a["nk"]} for a in sums
+        {"query": a["query"] / a["nq"], "keys": a["keys"] / a["nk"], "values": a["values"] / a["nk"],
+         "key_trace": a["key_trace"] / a["nk"], "rope": rope}
+        for a, rope in zip(sums, ropes)
     ]
 
 
@@ -195,8 +234,10 @@ def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, 
     costs = []
     for m, ((_, key_energy), (_, value_energy)), wk, wv in zip(moments, decomposed, key_weights, value_weights):
         d = m["query"].shape[-1]
-        # The probe spread its error evenly over coordinates: E[(q·e)²] = tr Σq · tr Σk / d · δ per head.
-        key_probe = probe * np.sum(np.trace(m["query"], axis1=1, axis2=2) * np.trace(m["keys"], axis1=1, axis2=2)) / d
+        # The probe spread its error evenly over the coordinates of keys after RoPE (whatever plan is made):
+        # E[(q·e)²] = tr Σq · tr Σk / d · δ per head. RoPE keeps tr Σq.
+        key_trace = m.get("key_trace", np.trace(m["keys"], axis1=1, axis2=2))
+        key_probe = probe * np.sum(np.trace(m["query"], axis1=1, axis2=2) * key_trace) / d
         value_probe = probe * np.sum(np.trace(m["values"], axis1=1, axis2=2))
         costs.append(wk / max(key_probe, 1e-30) * key_energy.sum(axis=0))
         costs.append(wv / max(value_probe, 1e-30) * value_energy.sum(axis=0))
@@ -204,6 +245,7 @@ def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, 
     bits = allocate_coordinate_bits(costs, int(round(code_bits * d * len(costs))))
     key_plans, value_plans = [], []
     for layer, ((ka, ke), (va, ve)) in enumerate(decomposed):
-        key_plans.append(KLTPlan(ka, ke, tuple(bits[2 * layer]), norm_bits))
+        rope = moments[layer].get("rope") or (None, False)
+        key_plans.append(KLTPlan(ka, ke, tuple(bits[2 * layer]), norm_bits, *rope))
         value_plans.append(KLTPlan(va, ve, tuple(bits[2 * layer + 1]), norm_bits))
     return key_plans, value_plans

@@ -11,6 +11,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig, make_method
 from kvshard.quant.klt_calibration import (
     GAUSSIAN_DISTORTION,
+    QueryMomentCache,
     _decorrelate,
     allocate_coordinate_bits,
     calibration_texts,
@@ -19,6 +20,7 @@ from kvshard.quant.klt_calibration import (
 )
 from kvshard.quant.methods.klt import KLT, KLTPlan
 from kvshard.quant.packing import pack_runs, unpack_runs
+from kvshard.quant.rope import rope_frequencies, rotate
 
 H, D = 3, 64
 
@@ -221,3 +223,115 @@ def test_real_model_klt_beats_turboquant_at_fewer_bytes(smollm):
     mse_kl, mse_bytes = damage(KVCacheConfig(method="turboquant_mse", bit_width_inlier=3, sink_tokens=4))
     assert klt_bytes < mse_bytes
     assert klt_kl < mse_kl
+
+
+# ---- keys before RoPE (quant/rope.py) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("traditional", [True, False])
+def test_rope_is_read_off_the_module_and_undone_exactly(traditional):
+    import mlx.nn as nn
+
+    rope = nn.RoPE(D, traditional=traditional, base=10000.0)
+    omega, layout = rope_frequencies(rope, D)
+    assert layout is traditional
+    np.testing.assert_allclose(omega, 10000.0 ** (-np.arange(D // 2) * 2 / D), rtol=1e-6)
+    x = mx.random.normal((1, H, 40, D), key=mx.random.key(2))
+    assert mx.allclose(rotate(x, 9, omega, layout), rope(x, offset=9), atol=1e-4)
+    assert mx.allclose(rotate(rotate(x, 9, omega, layout), 9, omega, layout, inverse=True), x, atol=1e-5)
+    partial = nn.RoPE(D // 2, traditional=traditional, base=500.0)  # rotates only the first half of the dims
+    omega, layout = rope_frequencies(partial, D)
+    assert omega.shape == (D // 4,) and mx.allclose(rotate(x, 3, omega, layout), partial(x, offset=3), atol=1e-4)
+
+
+def test_a_rope_that_is_not_a_plain_rotation_is_not_read():
+    import mlx.nn as nn
+
+    class ScaledRoPE(nn.RoPE):  # YaRN-style: rotation times a magnitude, which un-rotating would not undo
+        def __call__(self, x, offset=0):
+            return 1.2 * super().__call__(x, offset)
+
+    assert rope_frequencies(ScaledRoPE(D, traditional=True), D) is None
+    assert rope_frequencies(object(), D) is None
+
+
+def _pre_rope_keys(tokens: int, seed: int, rank: int = 8):
+    """Keys that are low-rank (plus a little noise and a mean) before RoPE, as real keys are, and the RoPE."""
+    import mlx.nn as nn
+
+    rng = np.random.default_rng(seed)
+    basis = np.stack([np.linalg.qr(rng.standard_normal((D, D)))[0][:, :rank] for _ in range(H)])
+    pre = np.einsum("hir,htr->hti", basis, rng.standard_normal((H, tokens, rank)) * 3.0)
+    pre = pre + 0.05 * rng.standard_normal(pre.shape) + rng.standard_normal((H, 1, D))
+    rope = nn.RoPE(D, traditional=False, base=10000.0)
+    return pre, rope
+
+
+def test_a_pre_rope_plan_codes_low_rank_keys_far_better_than_a_post_rope_plan():
+    """After RoPE the same rank-8 keys fill every dimension; before it they need 8 coordinates."""
+    pre, rope = _pre_rope_keys(512, seed=11)
+    post = np.array(rope(mx.array(pre[None].astype(np.float32)), offset=0))[0]
+    omega, traditional = rope_frequencies(rope, D)
+
+    def plan(x, rope_args):
+        x = x - x.mean(axis=1, keepdims=True)
+        analysis, energies = _decorrelate(np.einsum("hti,htj->hij", x, x) / x.shape[1], None)
+        bits = allocate_coordinate_bits([energies.sum(axis=0)], 2 * D)[0]
+        return KLTPlan(analysis, energies, tuple(bits), 16, *rope_args)
+
+    keys = mx.array(post[None].astype(np.float32))
+    errors = {}
+    for name, key_plan in (("post", plan(post, (None, False))), ("pre", plan(pre, (omega, traditional)))):
+        cache = CompressedKVCache(head_dim=D, n_kv_heads=H, method="klt", key_bits=2, value_bits=2, key_plan=key_plan)
+        cache.append(keys, keys)
+        errors[name] = _relative_error(keys, cache.dequantized()[0].astype(mx.float32))
+    assert errors["pre"] < 0.2 * errors["post"], errors
+
+
+def test_a_pre_rope_cache_attends_what_it_decodes_and_restores(tmp_path):
+    pre, rope = _pre_rope_keys(96, seed=12)
+    omega, traditional = rope_frequencies(rope, D)
+    centred = pre - pre.mean(axis=1, keepdims=True)
+    analysis, energies = _decorrelate(np.einsum("hti,htj->hij", centred, centred) / pre.shape[1], None)
+    key_plan = KLTPlan(analysis, energies, (4,) * 16 + (2,) * 16 + (0,) * 32, 8, omega, traditional)
+    cache = CompressedKVCache(head_dim=D, n_kv_heads=H, method="klt", sink_tokens=3, key_plan=key_plan)
+    keys = rope(mx.array(pre[None].astype(np.float32)), offset=0)
+    values = mx.random.normal(keys.shape, key=mx.random.key(3))
+    cache.update_and_fetch(keys[:, :, :50], values[:, :, :50])
+    fetched_keys, fetched_values = cache.update_and_fetch(keys[:, :, 50:90], values[:, :, 50:90])
+    assert _relative_error(keys[:, :, :90], fetched_keys.astype(mx.float32)) < 0.05
+    q = mx.random.normal((1, 2 * H, 1, D), key=mx.random.key(4))
+    exact = mx.fast.scaled_dot_product_attention(q, fetched_keys.astype(mx.float32), fetched_values.astype(mx.float32), scale=0.125)
+    assert mx.allclose(cache.attention(q, 0.125), exact, atol=1e-3)
+    path = str(tmp_path / "pre_rope.safetensors")
+    save_prompt_cache(path, [cache])
+    restored = load_prompt_cache(path)[0]
+    assert mx.array_equal(restored.attention(q, 0.125), cache.attention(q, 0.125))
+    # Positions carry on across a trim and a restore: what is appended next is un-rotated where it belongs.
+    for c in (cache, restored):
+        c.trim(10)
+        c.update_and_fetch(keys[:, :, 80:96], values[:, :, 80:96])
+    assert mx.array_equal(restored.dequantized()[0], cache.dequantized()[0])
+    assert _relative_error(keys, cache.dequantized()[0].astype(mx.float32)) < 0.05
+
+
+def test_query_moment_under_rope_averages_over_the_key_positions_a_query_sees():
+    import mlx.nn as nn
+
+    rope = nn.RoPE(D, traditional=True, base=100.0)
+    omega, traditional = rope_frequencies(rope, D)
+    L, heads = 12, 2
+    queries = rope(mx.random.normal((1, heads, L, D), key=mx.random.key(5)) + 1.0, offset=0)
+    cache = QueryMomentCache((omega, traditional), samples=3000)
+    cache.update_and_fetch(mx.zeros((1, 1, L, D)), mx.zeros((1, 1, L, D)))
+    cache.attention(queries, 0.125)
+    # Exact: per query at position p, the mean over key positions s = 0..p of (R_sᵀ q)(R_sᵀ q)ᵀ.
+    exact = np.zeros((D, D))
+    for p in range(L):
+        seen = rotate(mx.repeat(queries[:, :, p : p + 1], p + 1, axis=0), mx.arange(p + 1), omega, traditional, inverse=True)
+        seen = np.array(seen, np.float64).reshape(-1, D)
+        exact += seen.T @ seen / (p + 1) / (L * heads)
+    estimate = np.array(cache.query_moment[0], np.float64) / cache.query_count
+    assert np.linalg.norm(estimate - exact) < 0.05 * np.linalg.norm(exact)
+    plain = np.array(queries[0].reshape(-1, D), np.float64)
+    assert np.linalg.norm(plain.T @ plain / (L * heads) - exact) > 0.2 * np.linalg.norm(exact)  # it does differ
