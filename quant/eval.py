@@ -293,13 +293,13 @@ def plot(mean_rows: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def run_eval(model, tokenizer, texts, n_tokens: int, chunk: int, configs: List[EvalConfig]) -> dict:
+def run_eval(model, tokenizer, texts, n_tokens: int, chunk: int, configs: List[EvalConfig], start: int = 0) -> dict:
     per_text = {}
     for name in texts:
         tokens = tokenizer.encode(load_text(name), add_special_tokens=False)
-        if len(tokens) < n_tokens:
-            raise ValueError(f"texts: {name!r} has {len(tokens)} tokens, fewer than --tokens {n_tokens}")
-        per_text[name] = compare(model, tokens[:n_tokens], configs, chunk, progress=name)
+        if len(tokens) < start + n_tokens:
+            raise ValueError(f"texts: {name!r} has {len(tokens)} tokens, fewer than --start + --tokens {start + n_tokens}")
+        per_text[name] = compare(model, tokens[start : start + n_tokens], configs, chunk, progress=name)
     return {"per_text": per_text, "mean": _mean_rows(per_text)}
 
 
@@ -320,6 +320,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of each text to score")
     parser.add_argument("--chunk", type=int, default=256, help="tokens per forward pass")
+    parser.add_argument("--start", type=int, default=0, help="token of each text where scoring starts (other passages)")
     parser.add_argument("--texts", nargs="+", default=list(TEXTS), help="shipped text names or file paths")
     parser.add_argument("--configs", nargs="+", help="labels or families to run (default: all)")
     args = parser.parse_args(argv)
@@ -328,7 +329,9 @@ def main(argv=None) -> int:
 
     model, tokenizer = load_model(args.model)
     configs = _select(mlx_affine_configs(model) + our_configs(model, tokenizer, args.tokens), args.configs)
-    result = run_eval(model, tokenizer, args.texts, args.tokens, args.chunk, configs)
+    if args.start < 0:
+        parser.error(f"--start must be >= 0, got {args.start}")
+    result = run_eval(model, tokenizer, args.texts, args.tokens, args.chunk, configs, args.start)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
@@ -341,6 +344,7 @@ def main(argv=None) -> int:
         "model": {"name": args.model, "fingerprint": model_fingerprint(model)},
         "tokens": args.tokens,
         "chunk": args.chunk,
+        "start": args.start,
         "texts": args.texts,
         **result,
     }
@@ -350,7 +354,8 @@ def main(argv=None) -> int:
     plot(
         report["mean"],
         os.path.join(args.out, "eval.png"),
-        f"{args.model}: chunked PPL, {args.tokens} tokens × {len(args.texts)} texts, chunk {args.chunk}",
+        f"{args.model}: chunked PPL, {args.tokens} tokens × {len(args.texts)} texts"
+        + (f" from token {args.start}" if args.start else "") + f", chunk {args.chunk}",
     )
     for row in report["mean"]:
         print(

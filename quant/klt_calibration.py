@@ -3,7 +3,8 @@ key and value coordinates under an average-bits budget.
 
 The error that matters differs by side. For keys it is the score error q·e: E[(q·e)²] = eᵀΣq e, so keys are
 measured in the metric M = Σq^½ (queries grouped under their KV head) and decorrelated there: y = Uᵀ M (k − μ)
-with U the eigenvectors of M Σk M. For values it is the output error, plain ‖e‖²: y = Uᵀ v with U the
+with U the eigenvectors of M Σk M. Keys are taken before RoPE where the model's RoPE can be read (quant/rope.py),
+and Σq is then of the queries un-rotated to the positions of the keys they read (QueryMomentCache). For values it is the output error, plain ‖e‖²: y = Uᵀ v with U the
 eigenvectors of E[v vᵀ] (uncentred: attention needs the mean of the values too).
 
 Allocation is RateQuant's reverse water-filling taken down to coordinates. Layer ℓ's damage per unit of
@@ -43,8 +44,8 @@ class QueryMomentCache(KVCache):
     With `rope` = (ω, traditional), the moment is of queries as a pre-RoPE key sees them. Query q (after RoPE,
     at position p) scores key k (before RoPE, at position s) as q · R_s k = (R_sᵀ q) · k, so the score error
     of a pre-RoPE key error e is (R_sᵀ q) · e: the metric is E[R_sᵀ q qᵀ R_s] over the pairs attention forms.
-    Each query is un-rotated to `samples` key positions s drawn uniformly from 0..p (seeded), an unbiased
-    estimate of the moment over all causal pairs, as the post-RoPE Σq is."""
+    Each query is un-rotated to `samples` key positions s drawn uniformly from 0..p (seeded): an unbiased
+    estimate of each query's mean over the keys it can see, every query weighing the same, as in Σq."""
 
     def __init__(self, rope=None, samples: int = 4, seed: int = 0):
         super().__init__()
@@ -74,8 +75,9 @@ def calibration_texts(chunks: int = 8, chars: int = 10000) -> list[str]:
     """Real English that is on every Debian system and far from the eval's novels: the licence texts of
     /usr/share/common-licenses, in `chunks` pieces of `chars` characters (about 2200 tokens each).
 
-    Keys are stored after RoPE, so their statistics depend on the positions seen: a plan calibrated on 1024
+    Keys after RoPE have statistics that depend on the positions seen: a post-RoPE plan calibrated on 1024
     positions and used over 2048 tokens gave +7.5% ΔPPL at 3.5 bits, one calibrated on 2048 positions +2.9%.
+    Pre-RoPE plans (the default) do not depend on position; 2048 positions are kept all the same.
 
     Second moments need real text: calibrating on SmolLM2-135M's own sampled continuations was measured
     worse (+51% ΔPPL at 2.5 bits instead of +25%)."""
