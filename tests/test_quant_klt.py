@@ -197,7 +197,8 @@ def test_planned_cache_rejects_bad_input_and_keeps_its_state():
 
 def test_real_model_klt_beats_turboquant_at_fewer_bytes(smollm):
     """On SmolLM2 itself, calibrated as `kvshard eval` does it (licence texts for the moments, the KL probes
-    for the layer weights) and scored on other text: next-token KL to the fp16 cache, 4 fp16 sinks each."""
+    for the layer weights) and scored on other text: next-token KL to the fp16 cache, 4 fp16 sinks each.
+    Pre-RoPE plans must also beat post-RoPE ones at equal bytes."""
     from mlx_lm.models.cache import make_prompt_cache
 
     from kvshard.quant import calibrate_layer_sensitivities
@@ -223,6 +224,13 @@ def test_real_model_klt_beats_turboquant_at_fewer_bytes(smollm):
     mse_kl, mse_bytes = damage(KVCacheConfig(method="turboquant_mse", bit_width_inlier=3, sink_tokens=4))
     assert klt_bytes < mse_bytes
     assert klt_kl < mse_kl
+    # Keys coded before RoPE are what takes klt this far: the same recipe on keys after RoPE does worse.
+    post_moments = collect_moments(model, tokenizer, calibration_texts(2), pre_rope=False)
+    assert all(m["rope"] is None for m in post_moments) and all(m["rope"] is not None for m in moments)
+    post_keys, post_values = plan_klt(post_moments, keys, values, code_bits=2.875)
+    post_kl, post_bytes = damage(KVCacheConfig(method="klt", key_plans=post_keys, value_plans=post_values, sink_tokens=4))
+    assert post_bytes == klt_bytes
+    assert klt_kl < 0.8 * post_kl
 
 
 # ---- keys before RoPE (quant/rope.py) -----------------------------------------------------------------------
