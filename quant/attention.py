@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from . import kernels
+from .rope import rotate
 
 BLOCK_TOKENS = 4096
 
@@ -36,16 +37,31 @@ class ExactSegment:
 
 @dataclass
 class CodeSegment:
-    """Tokens held as codes: dicts of (B, H, t, ·) arrays, plus the key mean that was subtracted before encoding."""
+    """Tokens held as codes: dicts of (B, H, t, ·) arrays, plus the key mean that was subtracted before encoding.
+    key_rope, for keys coded before RoPE: (frequencies, traditional, position of the segment's first token)."""
 
     key_codes: dict
     value_codes: dict
     key_mean: mx.array | None
     length: int
+    key_rope: tuple | None = None
 
     def block(self, start: int, stop: int) -> "CodeSegment":
         take = lambda codes: {name: a[:, :, start:stop] for name, a in codes.items()}  # noqa: E731
-        return CodeSegment(take(self.key_codes), take(self.value_codes), self.key_mean, stop - start)
+        rope = None if self.key_rope is None else (*self.key_rope[:2], self.key_rope[2] + start)
+        return CodeSegment(take(self.key_codes), take(self.value_codes), self.key_mean, stop - start, rope)
+
+
+def decode_keys(segment: CodeSegment, key_method) -> mx.array:
+    """A code segment's keys as attention sees them, in float32: the mean added back and, for keys coded
+    before RoPE, RoPE put back at their positions."""
+    keys = key_method.decode(segment.key_codes)
+    if segment.key_mean is not None:
+        keys = keys + segment.key_mean.astype(mx.float32)
+    if segment.key_rope is not None:
+        frequencies, traditional, position = segment.key_rope
+        keys = rotate(keys, position, frequencies, traditional)
+    return keys
 
 
 def _allowed(mask, n_queries: int, total: int, start: int, length: int):
@@ -86,7 +102,7 @@ def compressed_attention(
         # The decode step (one code segment, no mask, a GPU that covers it) first, with the fewest checks:
         # its host time is a large part of what a step waits for.
         segment = _only_code_segment(segments)
-        gpu = kernels.gpu_backend() if segment is not None else None
+        gpu = kernels.gpu_backend() if segment is not None and segment.key_rope is None else None
         if gpu is not None and choice in ("auto", gpu) and kernels.gpu_supported(queries, segment, key_method,
                                                                                value_method):
             return kernels.gpu_attention(queries, segment, key_method, value_method, scale, gpu)[0]
@@ -111,10 +127,7 @@ def _prefill_attention(queries, segments, key_method, value_method, scale, mask)
             keys.append(segment.keys.astype(queries.dtype))
             values.append(segment.values.astype(queries.dtype))
         else:
-            k = key_method.decode(segment.key_codes)
-            if segment.key_mean is not None:
-                k = k + segment.key_mean.astype(mx.float32)
-            keys.append(k.astype(queries.dtype))
+            keys.append(decode_keys(segment, key_method).astype(queries.dtype))
             values.append(value_method.decode(segment.value_codes).astype(queries.dtype))
     keys, values = mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
@@ -145,6 +158,12 @@ def _pick_path(choice, queries, segments, key_method, value_method, mask) -> str
     codes = _code_segments(segments)
     if choice == "pure" or (choice == "auto" and not codes):
         return "pure"
+    if any(seg.key_rope is not None for _, seg in codes):
+        if choice not in ("auto", "prefill"):
+            raise ValueError(f"backend {choice!r} does not cover keys coded before RoPE")
+        masked = any(_allowed(mask, queries.shape[2], sum(s.length for s in segments), start, seg.length) is not None
+                     for start, seg in codes)
+        return "prefill" if kernels.gpu_backend() is not None and masked else "pure"
     L = queries.shape[2]
     total = sum(s.length for s in segments)
     if choice == "auto":
@@ -258,6 +277,9 @@ def _pure_attention(queries, segments, n_kv_heads, key_method, value_method, sca
             continue
         if isinstance(block, ExactSegment):
             scores = q @ block.keys[:, :, None].astype(mx.float32).swapaxes(-1, -2)
+        elif block.key_rope is not None:
+            # Keys coded before RoPE: each token's rotation differs, so they cannot be scored in the coded domain.
+            scores = q @ decode_keys(block, key_method)[:, :, None].swapaxes(-1, -2)
         else:
             keys_rot = key_method.decode_rotated(block.key_codes)[:, :, None]
             scores = q_rot @ keys_rot.swapaxes(-1, -2)

@@ -12,7 +12,7 @@ import numpy as np
 from mlx_lm.models.cache import _BaseCache
 
 from . import kernels
-from .attention import CodeSegment, ExactSegment, compressed_attention
+from .attention import CodeSegment, ExactSegment, compressed_attention, decode_keys
 from .methods import make_method
 from .methods.klt import KLT, KLTPlan
 from .methods.scaled import ScaledKeys
@@ -194,13 +194,6 @@ class CompressedKVCache(_BaseCache):
             return keys
         return rotate(keys.astype(mx.float32), start, *self._key_rope, inverse=True)
 
-    def _decode_keys(self, codes: dict, key_mean) -> mx.array:
-        """Keys back from codes, as attention sees them (RoPE put back for a pre-RoPE plan), in float32."""
-        k = self.key_quantizer.decode(codes)
-        if key_mean is not None:
-            k = k + key_mean.astype(mx.float32)
-        return k if self._key_rope is None else rotate(k, self._codes_start(), *self._key_rope)
-
     def _encode(self, keys: mx.array, values: mx.array) -> None:
         keys = self._unrope(keys, self._codes_start() + self.n_encoded)
         if self.key_mean is not None:
@@ -245,18 +238,14 @@ class CompressedKVCache(_BaseCache):
         parts = []
         if self.sink_keys is not None:
             parts.append(ExactSegment(self.sink_keys, self.sink_values))
-        if self.n_encoded and self._key_rope is not None:
-            # Pre-RoPE codes cannot be scored in the coded domain (each token's rotation differs): decode them.
-            key_codes, value_codes = _slice(self.key_codes, 0, self.n_encoded), _slice(self.value_codes, 0, self.n_encoded)
-            keys = self._decode_keys(key_codes, self.key_mean).astype(mx.float16)
-            parts.append(ExactSegment(keys, self.value_quantizer.decode(value_codes).astype(mx.float16)))
-        elif self.n_encoded:
+        if self.n_encoded:
             parts.append(
                 CodeSegment(
                     _slice(self.key_codes, 0, self.n_encoded),
                     _slice(self.value_codes, 0, self.n_encoded),
                     self.key_mean,
                     self.n_encoded,
+                    None if self._key_rope is None else (*self._key_rope, self._codes_start()),
                 )
             )
         if self.window_keys is not None and self.window_keys.shape[2]:
@@ -296,7 +285,7 @@ class CompressedKVCache(_BaseCache):
                 keys.append(segment.keys)
                 values.append(segment.values)
             else:
-                keys.append(self._decode_keys(segment.key_codes, segment.key_mean).astype(mx.float16))
+                keys.append(decode_keys(segment, self.key_quantizer).astype(mx.float16))
                 values.append(self.value_quantizer.decode(segment.value_codes).astype(mx.float16))
         return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
 

@@ -9,6 +9,7 @@ import pytest
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig, make_method
+from kvshard.quant.attention import compressed_attention
 from kvshard.quant.klt_calibration import (
     GAUSSIAN_DISTORTION,
     QueryMomentCache,
@@ -311,6 +312,17 @@ def test_a_pre_rope_cache_attends_what_it_decodes_and_restores(tmp_path):
     q = mx.random.normal((1, 2 * H, 1, D), key=mx.random.key(4))
     exact = mx.fast.scaled_dot_product_attention(q, fetched_keys.astype(mx.float32), fetched_values.astype(mx.float32), scale=0.125)
     assert mx.allclose(cache.attention(q, 0.125), exact, atol=1e-3)
+    # Several queries under a causal mask, on the portable path and on the decode-then-SDPA (prefill) path.
+    queries = mx.random.normal((1, 2 * H, 6, D), key=mx.random.key(6))
+    exact = mx.fast.scaled_dot_product_attention(
+        queries, fetched_keys.astype(mx.float32), fetched_values.astype(mx.float32), scale=0.125, mask="causal")
+    for backend in ("pure", "prefill"):
+        got = compressed_attention(queries, cache.segments(), n_kv_heads=H, key_method=cache.key_quantizer,
+                                   value_method=cache.value_quantizer, scale=0.125, mask="causal", backend=backend)
+        assert mx.allclose(got, exact, atol=1e-3), backend
+    with pytest.raises(ValueError, match="before RoPE"):
+        compressed_attention(queries, cache.segments(), n_kv_heads=H, key_method=cache.key_quantizer,
+                             value_method=cache.value_quantizer, scale=0.125, backend="cpu")
     path = str(tmp_path / "pre_rope.safetensors")
     save_prompt_cache(path, [cache])
     restored = load_prompt_cache(path)[0]
