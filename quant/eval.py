@@ -324,13 +324,13 @@ def main(argv=None) -> int:
     parser.add_argument("--texts", nargs="+", default=list(TEXTS), help="shipped text names or file paths")
     parser.add_argument("--configs", nargs="+", help="labels or families to run (default: all)")
     args = parser.parse_args(argv)
+    if args.start < 0:
+        parser.error(f"--start must be >= 0, got {args.start}")
 
     from kvshard.quant.models import load_model, model_fingerprint
 
     model, tokenizer = load_model(args.model)
     configs = _select(mlx_affine_configs(model) + our_configs(model, tokenizer, args.tokens), args.configs)
-    if args.start < 0:
-        parser.error(f"--start must be >= 0, got {args.start}")
     result = run_eval(model, tokenizer, args.texts, args.tokens, args.chunk, configs, args.start)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
