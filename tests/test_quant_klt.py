@@ -183,6 +183,12 @@ def test_bad_plans_are_refused_naming_the_field():
         KLTPlan(plan.analysis, plan.energies, (1, 2) + plan.coordinate_bits[2:])
     with pytest.raises(ValueError, match="norm_bits"):
         KLTPlan(plan.analysis, plan.energies, plan.coordinate_bits, 12)
+    with pytest.raises(ValueError, match="rope_frequencies"):
+        KLTPlan(plan.analysis, plan.energies, plan.coordinate_bits, 16, np.ones(D))  # 64 pairs for 64 dims
+    with pytest.raises(ValueError, match="rope_frequencies"):
+        KLTPlan(plan.analysis, plan.energies, plan.coordinate_bits, 16, np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="rope_traditional"):
+        KLTPlan(plan.analysis, plan.energies, plan.coordinate_bits, 16, np.ones(D // 2), "yes")
 
 
 def test_planned_cache_rejects_bad_input_and_keeps_its_state():
