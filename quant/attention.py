@@ -102,7 +102,7 @@ def compressed_attention(
         # The decode step (one code segment, no mask, a GPU that covers it) first, with the fewest checks:
         # its host time is a large part of what a step waits for.
         segment = _only_code_segment(segments)
-        gpu = kernels.gpu_backend() if segment is not None and segment.key_rope is None else None
+        gpu = kernels.gpu_backend() if segment is not None else None
         if gpu is not None and choice in ("auto", gpu) and kernels.gpu_supported(queries, segment, key_method,
                                                                                value_method):
             return kernels.gpu_attention(queries, segment, key_method, value_method, scale, gpu)[0]
@@ -158,19 +158,17 @@ def _pick_path(choice, queries, segments, key_method, value_method, mask) -> str
     codes = _code_segments(segments)
     if choice == "pure" or (choice == "auto" and not codes):
         return "pure"
-    if any(seg.key_rope is not None for _, seg in codes):
-        if choice not in ("auto", "prefill"):
-            raise ValueError(f"backend {choice!r} does not cover keys coded before RoPE")
-        masked = any(_allowed(mask, queries.shape[2], sum(s.length for s in segments), start, seg.length) is not None
-                     for start, seg in codes)
-        return "prefill" if kernels.gpu_backend() is not None and masked else "pure"
+    # Keys coded before RoPE are scored decoded (portable or prefill path); the fused kernels score codes.
+    pre_rope = any(seg.key_rope is not None for _, seg in codes)
+    if pre_rope and choice not in ("auto", "prefill"):
+        raise ValueError(f"backend {choice!r} does not cover keys coded before RoPE")
     L = queries.shape[2]
     total = sum(s.length for s in segments)
     if choice == "auto":
         gpu = kernels.gpu_backend()
         if gpu is None:
             tokens = sum(seg.length for _, seg in codes)
-            return "cpu" if kernels.cpu_supported(key_method, value_method, tokens) else "pure"
+            return "cpu" if not pre_rope and kernels.cpu_supported(key_method, value_method, tokens) else "pure"
         if any(_allowed(mask, L, total, start, seg.length) is not None for start, seg in codes):
             return "prefill"
         covered = all(kernels.gpu_supported(queries, seg, key_method, value_method) for _, seg in codes)

@@ -53,10 +53,6 @@ class CompressedKVCache(_BaseCache):
         # Calibrated `klt` transforms. Like codebooks and rotations they belong to the model, shared by every
         # session; `nbytes` counts what each cache holds per token, so they are not in it.
         self.key_plan, self.value_plan = key_plan, value_plan
-        # A key plan made for keys before RoPE: codes and the key mean are of un-rotated keys (quant/rope.py).
-        self._key_rope = None
-        if isinstance(key_plan, KLTPlan) and key_plan.rope_frequencies is not None:
-            self._key_rope = (key_plan.rope_frequencies, key_plan.rope_traditional)
         self.key_scale = None if key_scale is None else mx.array(key_scale).astype(mx.float16)
         self.value_method_name = value_method or method
         self.key_bits = key_bits
@@ -103,6 +99,13 @@ class CompressedKVCache(_BaseCache):
             self.key_quantizer = KLT(head_dim, self.key_bits, self.seed, plan=self.key_plan)
         if self.value_plan is not None:
             self.value_quantizer = KLT(head_dim, self.value_bits, self.seed, plan=self.value_plan)
+
+    @property
+    def _key_rope(self) -> tuple | None:
+        """(frequencies, traditional) when the key plan codes keys before RoPE: codes and the key mean are then
+        of un-rotated keys (quant/rope.py)."""
+        plan = self.key_plan
+        return None if plan is None or plan.rope_frequencies is None else (plan.rope_frequencies, plan.rope_traditional)
 
     def _clear(self) -> None:
         self.offset = 0

@@ -184,7 +184,7 @@ def _mma_splits(batch: int, n_kv_heads: int, tokens: int) -> int:
 
 def gpu_supported(queries, segment, key_method, value_method) -> bool:
     idx = segment.key_codes.get("idx")  # other methods' codes are laid out differently
-    if idx is None:
+    if idx is None or segment.key_rope is not None:  # keys coded before RoPE cannot be scored as codes
         return False
     _, n_q_heads, L, D = queries.shape
     return _gpu_covers(key_method, value_method, D, (n_q_heads // idx.shape[1]) * L, GPU_COORDS, GPU_WARPS)

@@ -39,10 +39,10 @@ def _spectrum_data(tokens: int, seed: int = 0, decay: float = 10.0):
     return x, spread**2
 
 
-def _plan(x: np.ndarray, mean_bits: int, norm_bits: int = 16) -> KLTPlan:
+def _plan(x: np.ndarray, mean_bits: int, norm_bits: int = 16, rope=(None, False)) -> KLTPlan:
     analysis, energies = _decorrelate(np.einsum("hti,htj->hij", x, x) / x.shape[1], None)
     bits = allocate_coordinate_bits([energies.sum(axis=0)], mean_bits * D)[0]
-    return KLTPlan(analysis, energies, tuple(bits), norm_bits)
+    return KLTPlan(analysis, energies, tuple(bits), norm_bits, *rope)
 
 
 @pytest.mark.parametrize("widths", [(3, 5, 8, 1), (1,), (7, 7, 2), (8, 8), (2, 6, 4, 3, 1)])
@@ -286,17 +286,10 @@ def test_a_pre_rope_plan_codes_low_rank_keys_far_better_than_a_post_rope_plan():
     """After RoPE the same rank-8 keys fill every dimension; before it they need 8 coordinates."""
     pre, rope = _pre_rope_keys(512, seed=11)
     post = np.array(rope(mx.array(pre[None].astype(np.float32)), offset=0))[0]
-    omega, traditional = rope_frequencies(rope, D)
-
-    def plan(x, rope_args):
-        x = x - x.mean(axis=1, keepdims=True)
-        analysis, energies = _decorrelate(np.einsum("hti,htj->hij", x, x) / x.shape[1], None)
-        bits = allocate_coordinate_bits([energies.sum(axis=0)], 2 * D)[0]
-        return KLTPlan(analysis, energies, tuple(bits), 16, *rope_args)
-
+    centred = lambda x: x - x.mean(axis=1, keepdims=True)  # noqa: E731 (the cache codes k − μ)
     keys = mx.array(post[None].astype(np.float32))
     errors = {}
-    for name, key_plan in (("post", plan(post, (None, False))), ("pre", plan(pre, (omega, traditional)))):
+    for name, key_plan in (("post", _plan(centred(post), 2)), ("pre", _plan(centred(pre), 2, rope=rope_frequencies(rope, D)))):
         cache = CompressedKVCache(head_dim=D, n_kv_heads=H, method="klt", key_bits=2, value_bits=2, key_plan=key_plan)
         cache.append(keys, keys)
         errors[name] = _relative_error(keys, cache.dequantized()[0].astype(mx.float32))
