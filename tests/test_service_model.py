@@ -32,9 +32,10 @@ def client(shard):
 
 
 def test_multi_turn_chat_continues_one_session(client):
-    # Near-lossless bits: this checks that turns share one session, not quantization quality (at 4-bit K/V a
-    # 135M model's greedy answer to a short prompt can flip to another first token).
-    session = client.create_session(key_bits=6, value_bits=5)
+    # An fp16 window wider than the whole conversation: this checks that turns share one session (the second
+    # answer needs the first turn's context), not quantization quality. Compressed 4-6 bit K/V flip this
+    # 135M model's first token between "Paris" and "L'Étoile" with package versions (issue 10).
+    session = client.create_session(key_bits=8, value_bits=8, window=512)
     chat = session.chat()
     first = chat.send("What is the capital of France?", max_tokens=10)
     assert "Paris" in first
