@@ -1822,7 +1822,7 @@ def cpu_code_attention(q, segment, key_method, value_method, allowed_for):
     q: (B, Hkv, g, L, D) fp32, already scaled. allowed_for(start, size) gives the caller's mask for key
     positions [start, start + size) of the segment (None, bool or additive), shaped for (B, Hkv, g, L, t).
     Returns (out (B, Hkv, g, L, D) fp32, lse (B, Hkv, g, L, 1))."""
-    from .attention import _apply_mask  # noqa: PLC0415 (attention imports this module)
+    from ..attention import _apply_mask  # noqa: PLC0415 (attention imports this module)
 
     B, H, g, L, D = q.shape
     R = g * L
