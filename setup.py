@@ -12,7 +12,7 @@ from setuptools.command.build_py import build_py
 
 class BuildPyWithStubs(build_py):
     def run(self):
-        path = pathlib.Path(__file__).resolve().parent / "service" / "protogen.py"
+        path = pathlib.Path(__file__).resolve().parent / "wire" / "protogen.py"
         spec = importlib.util.spec_from_file_location("kvshard_protogen", path)
         protogen = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(protogen)

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from kvshard.service.errors import CURRENT_OFFSET_KEY
-from kvshard.service.proto import kvshard_pb2 as pb
-from kvshard.service.tensors import from_numpy, to_numpy
+from kvshard.wire import kvshard_pb2 as pb
+from kvshard.wire.status import CURRENT_OFFSET_KEY
+from kvshard.wire.tensors import from_numpy, to_numpy
 
 # The server enforces its own message limit; the client should not refuse what the server accepts.
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1))

@@ -24,8 +24,8 @@ from kvshard.client._common import (
     to_tensor,
     trim_call,
 )
-from kvshard.service.proto import kvshard_pb2 as pb
-from kvshard.service.proto import kvshard_pb2_grpc as pb_grpc
+from kvshard.wire import kvshard_pb2 as pb
+from kvshard.wire import kvshard_pb2_grpc as pb_grpc
 
 
 class Client:

@@ -6,6 +6,8 @@ about sessions rather than arguments. The interceptor calls `status_for` on what
 
 import grpc
 
+from kvshard.wire.status import CURRENT_OFFSET_KEY
+
 
 class SessionNotFound(LookupError):
     """Unknown id, expired, or owned by another tenant: all three look the same to the caller."""
@@ -49,8 +51,6 @@ class Unauthenticated(Exception):
 class NotReady(Exception):
     """The server is loading its model or draining."""
 
-
-CURRENT_OFFSET_KEY = "kvshard-current-offset"
 
 _CODES = (
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),

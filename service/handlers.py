@@ -12,11 +12,11 @@ from kvshard.service import calibration, logs, metrics
 from kvshard.service.auth import current_tenant
 from kvshard.service.errors import FailedPrecondition
 from kvshard.service.generation import GenerateOptions, Sampling, generate
-from kvshard.service.proto import kvshard_pb2 as pb
-from kvshard.service.proto import kvshard_pb2_grpc as pb_grpc
 from kvshard.service.sessions import SessionManager, resolve_spec
 from kvshard.service.store import SessionRecord
-from kvshard.service.tensors import from_numpy, to_numpy
+from kvshard.wire import kvshard_pb2 as pb
+from kvshard.wire import kvshard_pb2_grpc as pb_grpc
+from kvshard.wire.tensors import from_numpy, to_numpy
 
 DEFAULT_SEED = 42
 DEFAULT_PAGE_SIZE = 50

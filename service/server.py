@@ -20,11 +20,11 @@ from kvshard.service.auth import Authenticator
 from kvshard.service.handlers import KVShardServicer
 from kvshard.service.interceptor import ShardInterceptor
 from kvshard.service.metrics import serve_metrics
-from kvshard.service.proto import kvshard_pb2 as pb
-from kvshard.service.proto import kvshard_pb2_grpc as pb_grpc
 from kvshard.service.sessions import Limits, SessionManager
 from kvshard.service.store import open_store
 from kvshard.service.worker import SerialExecutor
+from kvshard.wire import kvshard_pb2 as pb
+from kvshard.wire import kvshard_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVShard"].full_name
 NO_MODEL = "none"

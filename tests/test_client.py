@@ -12,7 +12,7 @@ from conftest import ShardProcess
 from kvshard.client import AsyncClient, Client, RetryPolicy
 from kvshard.client._common import GenerateProgress, from_tensor, to_tensor
 from kvshard.service.cli import main as cli_main
-from kvshard.service.proto import kvshard_pb2 as pb
+from kvshard.wire import kvshard_pb2 as pb
 
 
 @pytest.fixture(scope="module")

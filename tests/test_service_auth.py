@@ -9,9 +9,9 @@ import pytest
 
 from conftest import ShardProcess
 from kvshard.client import NO_RETRY, Client
-from kvshard.service.proto import kvshard_pb2 as pb
-from kvshard.service.proto import kvshard_pb2_grpc as pb_grpc
-from kvshard.service.tensors import from_numpy
+from kvshard.wire import kvshard_pb2 as pb
+from kvshard.wire import kvshard_pb2_grpc as pb_grpc
+from kvshard.wire.tensors import from_numpy
 
 
 @pytest.fixture(scope="module")

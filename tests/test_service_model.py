@@ -11,8 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ShardProcess
 from kvshard.client import NO_RETRY, Client
-from kvshard.service.proto import kvshard_pb2 as pb
-from kvshard.service.proto import kvshard_pb2_grpc as pb_grpc
+from kvshard.wire import kvshard_pb2 as pb
+from kvshard.wire import kvshard_pb2_grpc as pb_grpc
 from test_service_raw import grpcurl
 
 MAX_TOKENS = 64

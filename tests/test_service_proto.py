@@ -2,8 +2,8 @@
 
 import pathlib
 
-from kvshard.service import protogen
-from kvshard.service.proto import kvshard_pb2 as pb
+from kvshard.wire import protogen
+from kvshard.wire import kvshard_pb2 as pb
 
 
 def test_committed_stubs_match_the_proto(tmp_path):
@@ -11,8 +11,8 @@ def test_committed_stubs_match_the_proto(tmp_path):
     assert generated, "no stubs generated"
     for path in generated:
         committed = protogen.STUB_DIR / path.name
-        assert committed.exists(), f"{path.name} is generated but not committed; run python service/protogen.py"
-        assert committed.read_text() == path.read_text(), f"{path.name} drifted from the .proto; run python service/protogen.py"
+        assert committed.exists(), f"{path.name} is generated but not committed; run python wire/protogen.py"
+        assert committed.read_text() == path.read_text(), f"{path.name} drifted from the .proto; run python wire/protogen.py"
     stale = {p.name for p in protogen.STUB_DIR.glob("*_pb2*.py*")} - {p.name for p in generated}
     assert not stale, f"stubs without a .proto: {stale}"
 

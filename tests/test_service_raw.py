@@ -16,9 +16,9 @@ import pytest
 from conftest import ShardProcess, child_env, free_port
 from kvshard.client import Client
 from kvshard.quant import CompressedKVCache
-from kvshard.service.proto import kvshard_pb2 as pb
-from kvshard.service.proto import kvshard_pb2_grpc as pb_grpc
-from kvshard.service.tensors import from_numpy
+from kvshard.wire import kvshard_pb2 as pb
+from kvshard.wire import kvshard_pb2_grpc as pb_grpc
+from kvshard.wire.tensors import from_numpy
 
 HEADS, DIM = 3, 64
 MAX_MESSAGE = 256 * 1024

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from kvshard.service.proto import kvshard_pb2 as pb
+from kvshard.wire import kvshard_pb2 as pb
 
 _WIRE_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.BFLOAT16: np.dtype("<u2")}
 _MAX_DIMS = 4

@@ -1,9 +1,9 @@
-"""Generate the Python stubs of proto/kvshard/v1/*.proto into service/proto/ (-> kvshard.service.proto).
+"""Generate the Python stubs of proto/kvshard/v1/*.proto into wire/ (-> kvshard.wire).
 
 protoc names imports after the .proto path (`from kvshard.v1 import kvshard_pb2`), but the stubs live in
-the package `kvshard.service.proto`, so the import lines are rewritten. setup.py runs this at build time;
+the package `kvshard.wire`, so the import lines are rewritten. setup.py runs this at build time;
 the drift test runs it into a scratch folder and compares with the committed stubs.
-Usage: python service/protogen.py [OUT_DIR]
+Usage: python wire/protogen.py [OUT_DIR]
 """
 
 import pathlib
@@ -13,8 +13,8 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-STUB_DIR = ROOT / "service" / "proto"
-STUB_PACKAGE = "kvshard.service.proto"
+STUB_DIR = ROOT / "wire"
+STUB_PACKAGE = "kvshard.wire"
 
 
 def proto_files() -> list[pathlib.Path]:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from kvshard.service.proto import kvshard_pb2 as kvshard_dot_v1_dot_kvshard__pb2
+from kvshard.wire import kvshard_pb2 as kvshard_dot_v1_dot_kvshard__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
