@@ -5,6 +5,8 @@ the manager (which serializes calls per session), calls it, commits, and answers
 in errors.py; the interceptor applies them.
 """
 
+import base64
+import binascii
 from contextlib import aclosing
 
 from kvshard.quant import METHODS
@@ -20,6 +22,8 @@ from kvshard.wire.tensors import from_numpy, to_numpy
 
 DEFAULT_SEED = 42
 DEFAULT_PAGE_SIZE = 50
+DEFAULT_MAX_TOKENS = 64  # a Generate without max_tokens (capped by --max-tokens)
+PAGE_TOKEN_PREFIX = "p1."
 MAX_PAGE_SIZE = 1000
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -87,9 +91,10 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         page_size = request.page_size or DEFAULT_PAGE_SIZE
         if page_size > MAX_PAGE_SIZE:
             raise ValueError(f"page_size: at most {MAX_PAGE_SIZE}, got {page_size}")
-        records, next_token = await self.manager.list(current_tenant(), page_size, request.page_token)
+        after = decode_page_token(request.page_token)
+        records, last = await self.manager.list(current_tenant(), page_size, after)
         sessions = [session_message(r, self.manager.hot.get(r.session_id)) for r in records]
-        return pb.ListSessionsResponse(sessions=sessions, next_page_token=next_token)
+        return pb.ListSessionsResponse(sessions=sessions, next_page_token=encode_page_token(last))
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:
         logs.note(session=request.session_id)
@@ -160,8 +165,9 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         replay = request.HasField("replay_from")
         if replay and request.WhichOneof("input") != "resume":
             raise ValueError("replay_from: only with resume")
-        if not (0 if replay else 1) <= request.max_tokens <= self.limits.max_tokens:
-            raise ValueError(f"max_tokens: must be in [1, {self.limits.max_tokens}], got {request.max_tokens}")
+        max_tokens = request.max_tokens or (0 if replay else min(DEFAULT_MAX_TOKENS, self.limits.max_tokens))
+        if max_tokens > self.limits.max_tokens:
+            raise ValueError(f"max_tokens: must be in [1, {self.limits.max_tokens}], got {max_tokens}")
         if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in request.stop):
             raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters")
         stop_ids = self.model.check_token_ids(list(request.stop_token_ids), "stop_token_ids")
@@ -170,7 +176,7 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         s = request.sampling
         sampling = Sampling(s.temperature, s.top_p, s.top_k, s.min_p, s.seed if s.HasField("seed") else DEFAULT_SEED)
         return GenerateOptions(
-            max_tokens=request.max_tokens,
+            max_tokens=max_tokens,
             sampling=sampling.check(self.model.vocab_size),
             stop=list(request.stop),
             stop_token_ids=frozenset(stop_ids),
@@ -286,3 +292,23 @@ def token_message(token) -> pb.GenerateResponse:
     if token.finish_reason is not None:
         message.usage.CopyFrom(pb.Usage(prompt_tokens=token.prompt_tokens, generated_tokens=token.generated_tokens))
     return message
+
+
+def encode_page_token(session_id: str) -> str:
+    """The opaque cursor a page ends with: the last session id listed ("" on the last page)."""
+    return PAGE_TOKEN_PREFIX + base64.urlsafe_b64encode(session_id.encode()).decode() if session_id else ""
+
+
+def decode_page_token(token: str) -> str:
+    """The session id a page token continues after; ValueError for a token no server wrote."""
+    if not token:
+        return ""
+    session_id = ""
+    if token.startswith(PAGE_TOKEN_PREFIX):
+        try:
+            session_id = base64.urlsafe_b64decode(token[len(PAGE_TOKEN_PREFIX):].encode("ascii")).decode()
+        except (binascii.Error, UnicodeError):
+            pass
+    if not session_id or encode_page_token(session_id) != token:
+        raise ValueError(f"page_token: not a token from ListSessions.next_page_token: {token[:64]!r}")
+    return session_id

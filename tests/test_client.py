@@ -1,7 +1,8 @@
 """The SDK: arrays on the wire, retries that never apply a call twice, exactly-once generation bookkeeping,
-and the asyncio twin against a real server."""
+one behaviour behind the blocking and asyncio transports, against real servers."""
 
 import asyncio
+import inspect
 
 import grpc
 import mlx.core as mx
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ShardProcess
+from kvshard import client as sdk
 from kvshard.client import AsyncClient, Client, RetryPolicy
 from kvshard.client._common import GenerateProgress, from_tensor, to_tensor
 from kvshard.service.cli import main as cli_main
@@ -137,7 +139,7 @@ def test_async_client_mirrors_the_sync_one(shard):
             out = await caches[1].attend(mx.array(k[:, :1]))
             assert isinstance(out, mx.array) and out.shape == (2, 1, 8)
             assert len(caches[0]) == 5 and await caches[0].trim(2) == 2 and len(caches[0]) == 3
-            assert await caches[0].memory_bytes() > 0
+            assert await caches[0].memory_bytes() > 0 and await caches[0].nbytes == await caches[0].memory_bytes()
             session_ids = [s.session_id async for s in client.list_sessions(page_size=1)]
             assert caches[0].session_id in session_ids
             await caches[0].delete()
@@ -155,3 +157,75 @@ def test_cli_dispatches_subcommands(capsys):
     with pytest.raises(SystemExit) as helped:
         cli_main(["serve", "--help"])
     assert helped.value.code == 0 and "--store" in capsys.readouterr().out
+
+
+TRANSPORT_TWINS = [
+    (sdk.Client, sdk.AsyncClient),
+    (sdk.RemoteKVCache, sdk.AsyncRemoteKVCache),
+    (sdk.RemoteSession, sdk.AsyncRemoteSession),
+    (sdk.Chat, sdk.AsyncChat),
+]
+
+
+@pytest.mark.parametrize("blocking, asynchronous", TRANSPORT_TWINS, ids=[pair[0].__name__ for pair in TRANSPORT_TWINS])
+def test_both_transports_offer_the_same_methods_and_signatures(blocking, asynchronous):
+    def api(cls):
+        members = {name: getattr(cls, name) for name in dir(cls) if not name.startswith("_")}
+        return {name: str(inspect.signature(m)) if callable(m) else type(m).__name__ for name, m in members.items()}
+
+    transport_only = {"close"}  # blocking close() vs awaited close(): the same name, different kinds
+    assert api(blocking).keys() == api(asynchronous).keys()
+    assert {k: v for k, v in api(blocking).items() if k not in transport_only} == {k: v for k, v in api(asynchronous).items() if k not in transport_only}
+    assert sdk.RemoteKVCache.nbytes.__doc__ and sdk.AsyncRemoteKVCache.nbytes.__doc__
+
+
+def test_a_session_object_is_true_even_when_empty(shard):
+    with Client(shard.target) as client:
+        cache = client.create_cache(head_dim=8, n_kv_heads=2)
+        assert len(cache) == 0 and cache
+        session = sdk.RemoteSession(client, pb.Session(session_id="fresh"))
+        assert len(session) == 0 and session
+
+
+@pytest.mark.parametrize("token", ["nonsense", "p1.", "p1.!!!", "p1.bm9ib2R5==x"])
+def test_a_page_token_the_server_never_wrote_is_invalid_argument(shard, token):
+    with Client(shard.target) as client:
+        client.create_cache(head_dim=8, n_kv_heads=2)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.stub.ListSessions(pb.ListSessionsRequest(page_size=1, page_token=token))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in caught.value.details()
+        listed = [s.session_id for s in client.list_sessions(page_size=1)]  # the tokens it writes still page
+        assert len(listed) == len(set(listed)) >= 2
+
+
+@pytest.fixture(scope="module")
+def model_shard(module_tmp):
+    server = ShardProcess(module_tmp, "--max-tokens", "8", "--checkpoint-tokens", "4", store=f"sqlite:///{module_tmp}/model.sqlite3").start()
+    yield server
+    server.stop()
+
+
+def test_generate_without_max_tokens_then_replay_from_an_offset(model_shard):
+    with Client(model_shard.target) as client:
+        session = client.create_session()
+        tokens = list(session.generate("Once upon a time", ignore_eos=True))
+        progress = client.get_session(session.session_id).last_generate
+        assert len(tokens) == progress.max_tokens == 8  # the default, 64, capped by --max-tokens 8
+        start = tokens[2].offset - 1
+        replayed = list(session.generate(resume=True, replay_from=start, max_tokens=0))
+        assert [(t.offset, t.token_id) for t in replayed] == [(t.offset, t.token_id) for t in tokens[2:]]
+        assert replayed[-1].finish_reason == "length" and len(session) == tokens[-1].offset
+
+
+def test_the_default_retry_policy_rides_out_a_restart(model_shard):
+    with Client(model_shard.target) as client:
+        session = client.create_session(window=4)
+        received = []
+        for token in session.generate("The history of the printing press", max_tokens=8, ignore_eos=True):
+            received.append(token)
+            if len(received) == 3:
+                model_shard.kill9()
+                model_shard.start(wait=False)  # the model loads again: UNAVAILABLE for several seconds
+        offsets = [t.offset for t in received]
+        assert offsets == list(range(offsets[0], offsets[0] + 8))  # every token once, none lost
+        assert client.get_session(session.session_id).offset == offsets[-1]
