@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -23,6 +22,8 @@ from typing import Callable, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+from kvshard.quant.progress import progress as report
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TEXTS = {
@@ -229,14 +230,13 @@ def our_configs(model, tokenizer, tokens: int = 1024) -> List[EvalConfig]:
 
 def compare(model, tokens, configs: List[EvalConfig], chunk: int = 256, progress: str = "") -> List[dict]:
     """Run the fp16 baseline, then every config, on one token stream; rows of ΔPPL, agreement, bits.
-    With `progress` set, each finished run is reported on stderr under that name."""
+    With `progress` set, each finished run is reported on stderr under that name (quant/progress.py)."""
     runs = []
-    for config in [baseline_config(model)] + [c for c in configs if c.label != "fp16"]:
+    todo = [baseline_config(model)] + [c for c in configs if c.label != "fp16"]
+    for config in report(todo, progress, "config", note=lambda c: f"{c.label}: ppl {runs[-1][1]['ppl']:.3f}") if progress else todo:
         start = time.perf_counter()
         run = perplexity(model, tokens, config.make_caches, chunk, len(tokens))
         runs.append((config, run, time.perf_counter() - start))
-        if progress:
-            print(f"{progress}: {config.label}: ppl {run['ppl']:.3f} in {runs[-1][2]:.1f} s", file=sys.stderr)
     base = runs[0][1]
     return [
         {

@@ -254,9 +254,9 @@ def calibrate_layer_sensitivities(
     mean squared key norm of each layer in one fp16 pass.
     """
     from mlx_lm.models.cache import make_prompt_cache
-    from tqdm import tqdm
 
     from .builder import install_attention_hook
+    from .progress import progress as report
 
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -282,7 +282,7 @@ def calibrate_layer_sensitivities(
     reference_probs = mx.exp(reference)
     mx.eval(reference, reference_probs)
     sensitivities = []
-    for i in tqdm(layers, desc=f"calibrating {target}", disable=not progress, unit="layer"):
+    for i in report(layers, f"calibrating {target}", "layer") if progress else layers:
         caches = make_prompt_cache(model)
         caches[i] = config.make_cache()
         probed = _log_probs(model, tokens, caches)

@@ -1,11 +1,19 @@
-"""`kvshard` command line: `serve` runs a shard; `eval` and `bench` belong to kvshard.quant."""
+"""`kvshard` command line. Each command owns its argument parser and gets the rest of the command line:
+`serve` runs a shard, `client` talks to one, `eval` and `bench` belong to kvshard.quant.
+
+Every failure ends as one line on stderr and a non-zero exit; KVSHARD_DEBUG=1 shows the traceback.
+"""
 
 import argparse
-import asyncio
+import os
 import re
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+# A missing import, the extra that brings it: the SDK-only install lacks the server's, `redis://` the redis client.
+_EXTRAS = {"redis": "redis", "matplotlib": "plot"}
+_SERVER_MODULES = ("mlx", "mlx_lm", "structlog", "tokenizers", "grpc_health", "grpc_reflection", "prometheus_client", "tqdm")
 
 
 def byte_size(text: str) -> int:
@@ -16,40 +24,62 @@ def byte_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def human_bytes(n: int) -> str:
+    """1073741824 -> '1GiB': byte defaults read as people write them (byte_size parses them back)."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def package_version() -> str:
+    try:
+        return version("kvshard")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from kvshard.service.sessions import Limits
 
     d = Limits()
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (logged)")
-    parser.add_argument("--store", default="sqlite:///data/kvshard.sqlite3", help="sqlite:///path or redis://host:port/db")
-    parser.add_argument("--model", default="smollm2-135m", help="model to serve, or 'none' for raw cache sessions only")
-    parser.add_argument("--memory-budget", type=byte_size, default=d.memory_budget_bytes, help="bytes of hot sessions kept in memory (e.g. 1GiB)")
+    parser.add_argument("--store", default="sqlite:///data/kvshard.sqlite3",
+                        help="session store: sqlite:///relative/path, sqlite:////absolute/path or redis://host:port/db")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="the embedded model, any mlx_lm model path or repo id, or 'none' for raw cache sessions only")
+    parser.add_argument("--memory-budget", type=byte_size, default=human_bytes(d.memory_budget_bytes),
+                        help="bytes of hot sessions kept in memory; the least recently used are dropped (they are stored)")
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help="sessions the store may hold (0: no limit)")
     parser.add_argument("--session-ttl", type=int, default=d.session_ttl_s, help="seconds idle before a session is deleted (0: never)")
     parser.add_argument("--max-tokens", type=int, default=d.max_tokens, help="most tokens one Generate call may produce")
-    parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
-    parser.add_argument("--max-session-tokens", type=int, default=d.max_session_tokens)
-    parser.add_argument("--max-append-tokens", type=int, default=d.max_append_tokens)
-    parser.add_argument("--max-message-bytes", type=byte_size, default=d.max_message_bytes, help="largest gRPC message")
+    parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="most tokens one Generate input may add")
+    parser.add_argument("--max-session-tokens", type=int, default=d.max_session_tokens, help="most tokens a session may hold")
+    parser.add_argument("--max-append-tokens", type=int, default=d.max_append_tokens, help="most tokens one Append may add")
+    parser.add_argument("--max-message-bytes", type=byte_size, default=human_bytes(d.max_message_bytes), help="largest gRPC message")
     parser.add_argument("--checkpoint-tokens", type=int, default=d.checkpoint_tokens, help="a streaming Generate commits every N tokens")
     parser.add_argument("--auth-token", action="append", default=[], metavar="TOKEN=TENANT", help="accept this bearer token (repeat); enables auth")
     parser.add_argument("--auth-tokens-file", help="file of TOKEN=TENANT lines; enables auth")
     parser.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key serves TLS")
     parser.add_argument("--tls-key", help="PEM private key")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
-    parser.add_argument("--log-format", choices=("json", "console"), default="json")
+    parser.add_argument("--log-format", choices=("json", "console"), default="json", help="one JSON line per RPC, or readable lines")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight RPCs get on SIGTERM")
     return parser
 
 
 def serve_main(argv: list[str]) -> None:
+    import asyncio
+
     from kvshard.service.server import ServeConfig, serve
     from kvshard.service.sessions import Limits
 
-    args = serve_parser(argparse.ArgumentParser(prog="kvshard serve", description="Run a kvshard model shard.")).parse_args(argv)
+    parser = argparse.ArgumentParser(prog="kvshard serve", description="Run a kvshard model shard.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    args = serve_parser(parser).parse_args(argv)
     if args.checkpoint_tokens < 1:
-        raise SystemExit("kvshard serve: --checkpoint-tokens must be at least 1")
+        parser.error("--checkpoint-tokens must be at least 1")
     limits = Limits(
         max_tokens=args.max_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
@@ -78,23 +108,87 @@ def serve_main(argv: list[str]) -> None:
     asyncio.run(serve(config))
 
 
+def client_main(argv: list[str]) -> None:
+    from kvshard.client.cli import main
+
+    main(argv)
+
+
+def eval_main(argv: list[str]) -> None:
+    from kvshard.quant.eval import main
+
+    main(argv)
+
+
+def bench_main(argv: list[str]) -> None:
+    from kvshard.quant.bench import main
+
+    main(argv)
+
+
+# name: (one line for `kvshard --help`, the function that gets the rest of the command line)
+COMMANDS = {
+    "serve": ("run a model shard: gRPC sessions with compressed, durable KV caches", serve_main),
+    "client": ("talk to a running shard: server info, list / describe / delete sessions, chat", client_main),
+    "eval": ("real-model quality (perplexity) of every cache method, with effective bits", eval_main),
+    "bench": ("speed of attention, decode and the service, side by side", bench_main),
+}
+
+
+def top_parser() -> argparse.ArgumentParser:
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {name:<{width}}  {about}" for name, (about, _) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="kvshard",
+        usage="kvshard [--version] COMMAND [options]",
+        description="kvshard: a gRPC shard for long-lived LLM sessions whose KV cache is stored compressed.",
+        epilog=f"commands:\n{listing}\n\n`kvshard COMMAND --help` lists a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kvshard {package_version()}")
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help=argparse.SUPPRESS)
+    return parser
+
+
+def error_line(error: BaseException) -> str:
+    """One line that says what went wrong and, where a package is missing, what to install."""
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        root = error.name.split(".")[0]
+        extra = _EXTRAS.get(root) or ("server" if root in _SERVER_MODULES else None)
+        if extra:
+            return f"needs the Python package {root!r} of the {extra!r} extra: pip install -e '.[{extra}]' in a checkout, 'kvshard[{extra}]' otherwise"
+    if hasattr(error, "code") and hasattr(error, "details") and callable(error.details):  # a grpc.RpcError
+        return f"{error.code().name}: {error.details()}"
+    text = str(error).strip().splitlines()
+    message = text[0] if text else ""
+    return f"{type(error).__name__}: {message}" if not message or isinstance(error, (OSError, RuntimeError, KeyError)) else message
+
+
+def one_line_error(parser: argparse.ArgumentParser, message: str) -> None:
+    """argparse's error, as one line: its usage block, often longer than the screen, hides the message."""
+    parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = ("serve", "eval", "bench")
-    if not argv or argv[0] not in commands:
-        print("usage: kvshard {serve,eval,bench} [options]   (kvshard COMMAND --help for options)", file=sys.stderr)
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    # Every command's parser (eval's and bench's live in kvshard.quant) reports bad options in one line.
+    argparse.ArgumentParser.error = one_line_error
+    if not argv or argv[0] not in COMMANDS:
+        parser = top_parser()
+        if not argv:
+            parser.print_help(sys.stderr)
+            raise SystemExit(2)
+        parser.parse_args(argv[:1])  # --help, --version, or an unknown command: argparse answers and exits
     command, rest = argv[0], argv[1:]
-    if command == "serve":
-        serve_main(rest)
-    elif command == "eval":
-        from kvshard.quant.eval import main as eval_main
-
-        eval_main(rest)
-    else:
-        from kvshard.quant.bench import main as bench_main
-
-        bench_main(rest)
+    try:
+        COMMANDS[command][1](rest)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as error:  # noqa: BLE001 - the one place every failure becomes one line
+        if os.environ.get("KVSHARD_DEBUG"):
+            raise
+        print(f"kvshard {command}: error: {error_line(error)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

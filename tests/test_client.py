@@ -1,20 +1,30 @@
 """The SDK: arrays on the wire, retries that never apply a call twice, exactly-once generation bookkeeping,
 one behaviour behind the blocking and asyncio transports, against real servers."""
 
+import argparse
 import asyncio
 import inspect
+import json
+import pathlib
+import subprocess
+import sys
+from importlib.metadata import version
 
 import grpc
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ShardProcess
+from conftest import ShardProcess, child_env
 from kvshard import client as sdk
 from kvshard.client import AsyncClient, Client, RetryPolicy
 from kvshard.client._common import GenerateProgress, from_tensor, to_tensor
-from kvshard.service.cli import main as cli_main
+from kvshard.service.cli import serve_parser
 from kvshard.wire import kvshard_pb2 as pb
+
+
+# A sitecustomize that makes `import redis` fail, as in an install without the redis extra.
+BLOCK_REDIS = pathlib.Path(__file__).parent / "no_redis"
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +160,63 @@ def test_async_client_mirrors_the_sync_one(shard):
     asyncio.run(scenario())
 
 
-def test_cli_dispatches_subcommands(capsys):
-    with pytest.raises(SystemExit) as usage:
-        cli_main([])
-    assert usage.value.code == 2 and "serve" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as helped:
-        cli_main(["serve", "--help"])
-    assert helped.value.code == 0 and "--store" in capsys.readouterr().out
+def kvshard(*args, stdin="", env=None, timeout=120):
+    """`kvshard ARGS` as a user runs it: a child process; (exit code, stdout, stderr)."""
+    done = subprocess.run([sys.executable, "-m", "kvshard.service.cli", *args], input=stdin, capture_output=True, text=True,
+                          env={**child_env(), **(env or {})}, timeout=timeout)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_cli_help_lists_commands_and_version_works():
+    code, out, err = kvshard("--help")
+    assert code == 0 and all(f"  {name} " in out for name in ("serve", "client", "eval", "bench"))
+    code, out, _ = kvshard("--version")
+    assert code == 0 and out.strip() == f"kvshard {version('kvshard')}"
+    code, _, err = kvshard()
+    assert code == 2 and "commands:" in err
+
+
+def test_serve_help_shows_every_flag_with_help_and_default():
+    parser = serve_parser(argparse.ArgumentParser())
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert flags and [a.dest for a in flags if not a.help] == []
+    code, out, _ = kvshard("serve", "--help", env={"COLUMNS": "250"})
+    assert code == 0 and "(default: sqlite:///data/kvshard.sqlite3)" in out and "(default: 1GiB)" in out
+    assert parser.parse_args([]).memory_budget == 1024**3  # the human default parses back to bytes
+
+
+CLI_ERRORS = [
+    ("unknown eval config", ["eval", "--out", "/tmp/kvshard-unused", "--configs", "fp16", "--tokens", "16"], "configs: unknown ['fp16']"),
+    ("redis store without the extra", ["serve", "--model", "none", "--port", "0", "--store", "redis://127.0.0.1:6379/0"], "'redis' extra"),
+    ("no server there", ["client", "--target", "127.0.0.1:9", "info"], "UNAVAILABLE"),
+    ("bad byte size", ["serve", "--memory-budget", "lots"], "not a byte size"),
+]
+
+
+@pytest.mark.parametrize("name, args, says", CLI_ERRORS, ids=[case[0] for case in CLI_ERRORS])
+def test_cli_errors_are_one_line_and_a_nonzero_exit(name, args, says):
+    block_redis = {"PYTHONPATH": str(BLOCK_REDIS)} if "redis" in name else {}
+    code, _, err = kvshard(*args, env=block_redis)
+    lines = err.strip().splitlines()
+    assert code != 0 and "Traceback" not in err and says in lines[-1], err
+    assert len(lines) == 1, err
+
+
+def test_cli_client_lists_describes_and_deletes(shard):
+    with Client(shard.target) as client:
+        cache = client.create_cache(head_dim=8, n_kv_heads=2, session_id="cli-listed", labels={"team": "docs"})
+        cache.append(np.ones((2, 3, 8), np.float32), np.ones((2, 3, 8), np.float32))
+    code, out, _ = kvshard("client", "--target", shard.target, "info")
+    assert code == 0 and json.loads(out)["limits"]["max_tokens"] > 0
+    code, out, _ = kvshard("client", "--target", shard.target, "list")
+    row = next(line.split() for line in out.splitlines() if line.startswith("cli-listed "))
+    assert code == 0 and row[1:3] == ["raw", "3"] and row[-1] == "team=docs"
+    code, out, _ = kvshard("client", "--target", shard.target, "describe", "cli-listed")
+    assert code == 0 and json.loads(out)["layer_offsets"] == ["3"]  # uint64 is a JSON string, as grpcurl prints it
+    code, out, _ = kvshard("client", "--target", shard.target, "delete", "cli-listed")
+    assert code == 0 and out.strip() == "deleted cli-listed"
+    code, _, err = kvshard("client", "--target", shard.target, "describe", "cli-listed")
+    assert code == 1 and err.strip() == "kvshard client: error: NOT_FOUND: session_id: no session 'cli-listed'"
 
 
 TRANSPORT_TWINS = [
