@@ -4,7 +4,8 @@
     kvshard client list                   sessions, one line each
     kvshard client describe SESSION_ID    one session as JSON (what GetSession answers)
     kvshard client delete SESSION_ID ...
-    kvshard client chat [SESSION_ID]      a chat on the terminal; each line you type is one turn
+    kvshard client chat [SESSION_ID]      a chat on the terminal; each line you type is one turn (the session
+                                          is continued, or created under that id)
 
 Only the SDK is needed (grpcio, protobuf, numpy).
 """
@@ -14,6 +15,7 @@ import json
 import os
 import sys
 
+import grpc
 from google.protobuf.json_format import MessageToDict
 
 from kvshard.client._common import RetryPolicy
@@ -41,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     delete.add_argument("session_ids", nargs="+", metavar="SESSION_ID")
     chat = commands.add_parser("chat", help="chat on the terminal; one line is one turn (Ctrl-D ends)",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    chat.add_argument("session_id", nargs="?", help="continue this model session (default: a new one)")
+    chat.add_argument("session_id", nargs="?", help="continue this model session, or create it under this id (default: a new id)")
     chat.add_argument("--system", help="system prompt of a new conversation")
     chat.add_argument("--max-tokens", type=int, default=128, help="most tokens of one reply")
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -91,14 +93,15 @@ def delete(client: Client, args) -> None:
 
 
 def chat(client: Client, args) -> None:
-    if args.session_id:
-        session = client.session(args.session_id)
-        if isinstance(session, list):
-            raise ValueError(f"session_id: {args.session_id!r} is a raw cache session; chat needs a model session")
-    else:
-        session = client.create_session(key_bits=args.key_bits, value_bits=args.value_bits, window=args.window)
+    session = _existing_session(client, args.session_id) if args.session_id else None
+    if isinstance(session, list):
+        raise ValueError(f"session_id: {args.session_id!r} is a raw cache session; chat needs a model session")
+    fresh = session is None
+    if fresh:
+        options = dict(key_bits=args.key_bits, value_bits=args.value_bits, window=args.window)
+        session = client.create_session(session_id=args.session_id, **options)
     print(f"session {session.session_id} (continue it later: kvshard client chat {session.session_id})", file=sys.stderr)
-    conversation = session.chat(system=None if args.session_id else args.system)
+    conversation = session.chat(system=args.system if fresh else None)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -111,6 +114,15 @@ def chat(client: Client, args) -> None:
         for text in conversation.stream(line.strip(), max_tokens=args.max_tokens, temperature=args.temperature):
             print(text, end="", flush=True)
         print()
+
+
+def _existing_session(client: Client, session_id: str):
+    try:
+        return client.session(session_id)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
 
 
 COMMANDS = {"info": info, "list": list_sessions, "describe": describe, "delete": delete, "chat": chat}
