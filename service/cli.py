@@ -160,7 +160,9 @@ def error_line(error: BaseException) -> str:
         extra = _EXTRAS.get(root) or ("server" if root in _SERVER_MODULES else None)
         if extra:
             return f"needs the Python package {root!r} of the {extra!r} extra: pip install -e '.[{extra}]' in a checkout, 'kvshard[{extra}]' otherwise"
-    if hasattr(error, "code") and hasattr(error, "details") and callable(error.details):  # a grpc.RpcError
+    import grpc
+
+    if isinstance(error, grpc.RpcError):
         return f"{error.code().name}: {error.details()}"
     text = str(error).strip().splitlines()
     message = text[0] if text else ""
