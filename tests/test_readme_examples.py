@@ -8,6 +8,7 @@ changes: the READMEs say 127.0.0.1:50051 / localhost:50051, the test's server li
 
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -73,3 +74,38 @@ def test_readme_examples_run_as_written(server, readme):
         assert done.stdout.strip() or "chat" in text and "echo" not in text, "printed nothing: " + where
         if "KVShard/Generate" in text:
             assert '"text"' in done.stdout, "a Generate example that generates nothing: " + where
+
+
+def fake_python(folder: pathlib.Path, name: str, fails_on: str, version: str = "") -> str:
+    """A stand-in for `python3` that fails every -c check mentioning `fails_on` (and says `version` to -V)."""
+    script = folder / name
+    say_version = f'-V) echo "{version}"; exit 0;;' if version else ""
+    script.write_text(f'#!/bin/sh\ncase "$*" in *{fails_on}*) exit 1;; {say_version} esac\nexec {sys.executable} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def preflight(tmp_path, **variables) -> subprocess.CompletedProcess:
+    """`make preflight` on a machine without apt-get (so nothing is installed): (exit code, output)."""
+    tools = tmp_path / "bin"
+    tools.mkdir(exist_ok=True)
+    for tool in ("uname", "id"):
+        (tools / tool).unlink(missing_ok=True)
+        (tools / tool).symlink_to(shutil.which(tool))
+    assignments = [f"{k}={v}" for k, v in variables.items()]
+    return subprocess.run([shutil.which("make"), "--no-print-directory", "preflight", *assignments], cwd=ROOT, capture_output=True, text=True,
+                          env={"PATH": str(tools), "HOME": str(tmp_path)}, timeout=60)
+
+
+def test_preflight_explains_a_fresh_machines_traps(tmp_path):
+    old = fake_python(tmp_path, "python3.9", "version_info", version="Python 3.9.2")
+    done = preflight(tmp_path, PYTHON=old)
+    assert done.returncode != 0 and "needs Python >= 3.11" in done.stderr and "is Python 3.9.2" in done.stderr, done.stderr
+    assert "PYTHON=python3.12" in done.stderr
+    no_venv = fake_python(tmp_path, "python3-novenv", "ensurepip")  # Debian's python3 without python3-venv
+    done = preflight(tmp_path, PYTHON=no_venv)
+    assert done.returncode != 0 and "python3-venv" in done.stderr, done.stderr
+    done = preflight(tmp_path, PYTHON=sys.executable, OPENBLAS="/nonexistent/libblas.so.3")
+    assert done.returncode == 0 and "WARNING" in done.stderr and "60x slower" in done.stderr and "libopenblas0-pthread" in done.stderr, done.stderr
+    done = preflight(tmp_path, PYTHON=sys.executable)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
