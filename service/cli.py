@@ -69,6 +69,7 @@ def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--log-format", choices=("json", "console"), default="json", help="one JSON line per RPC, or readable lines")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight RPCs get on SIGTERM")
+    parser.add_argument("--lease-ttl", type=float, default=10.0, help="shared (Redis) stores: seconds a session stays leased to this shard after its last use; another shard takes over a dead shard's sessions after at most this long")
     return parser
 
 
@@ -83,6 +84,8 @@ def serve_main(argv: list[str]) -> None:
     args = serve_parser(parser).parse_args(argv)
     if args.checkpoint_tokens < 1:
         parser.error("--checkpoint-tokens must be at least 1")
+    if args.lease_ttl < 0.1:
+        parser.error("--lease-ttl must be at least 0.1 seconds")
     limits = Limits(
         max_tokens=args.max_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
@@ -107,6 +110,7 @@ def serve_main(argv: list[str]) -> None:
         metrics_port=args.metrics_port,
         log_format=args.log_format,
         grace_s=args.grace,
+        lease_ttl_s=args.lease_ttl,
     )
     asyncio.run(serve(config))
 

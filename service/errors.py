@@ -36,6 +36,23 @@ class SessionConflict(Exception):
         super().__init__(f"session_id: session {session_id!r} was changed by another shard; retry the call")
 
 
+class LeaseHeld(Exception):
+    """Another shard holds the session's lease (shared stores): it is serving the session, or it died and its
+    lease has not run out yet. Retryable."""
+
+    def __init__(self, session_id: str, owner: str, expires_in_ms: int):
+        super().__init__(f"session_id: session {session_id!r} is held by shard {owner} for up to {expires_in_ms} ms more; retry")
+        self.expires_in_ms = expires_in_ms
+
+
+class Fenced(Exception):
+    """This shard lost the session's lease (it was paused or cut off while another shard took over): the store
+    refused its write, and its copy of the session is dropped. Retryable: a retry reaches the new owner."""
+
+    def __init__(self, session_id: str):
+        super().__init__(f"session_id: this shard no longer owns session {session_id!r} (its lease was taken over); retry")
+
+
 class FailedPrecondition(Exception):
     """The session cannot serve this call: another model's session, or a raw session asked to generate."""
 
@@ -59,7 +76,7 @@ _CODES = (
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (NotReady, grpc.StatusCode.UNAVAILABLE),
+    ((NotReady, LeaseHeld, Fenced), grpc.StatusCode.UNAVAILABLE),
     ((ValueError, TypeError), grpc.StatusCode.INVALID_ARGUMENT),
 )
 

@@ -44,6 +44,7 @@ class ServeConfig:
     metrics_port: int = 0  # 0: no metrics endpoint
     log_format: str = "json"
     grace_s: float = 30.0
+    lease_ttl_s: float = 10.0  # shared stores: how long a session stays leased to this shard after its last use
 
 
 def package_version() -> str:
@@ -61,7 +62,7 @@ class Shard:
         self.store = open_store(config.store)
         self.mlx = SerialExecutor("kvshard-mlx")
         self.io = SerialExecutor("kvshard-store")
-        self.manager = SessionManager(self.store, self.mlx, self.io, None, config.limits)
+        self.manager = SessionManager(self.store, self.mlx, self.io, None, config.limits, config.lease_ttl_s)
         self.not_ready = "loading"  # None once serving; the interceptor answers UNAVAILABLE with this reason
         self.health = health.aio.HealthServicer()
         message_limit = config.limits.max_message_bytes
@@ -108,9 +109,12 @@ class Shard:
         self.not_ready = None
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.log.info("serving", port=self.port)
-        sweeper = asyncio.create_task(self._expire_idle())
+        background = [asyncio.create_task(self._expire_idle())]
+        if self.store.shared:
+            background.append(asyncio.create_task(self.manager.renew_leases()))
         await self._stopping.wait()
-        sweeper.cancel()
+        for task in background:
+            task.cancel()
         await self.stop()
 
     async def stop(self) -> None:
@@ -118,6 +122,8 @@ class Shard:
         self.not_ready = "draining"
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s)
+        if self.store.shared:
+            await self.manager.release_leases()
         self.mlx.shutdown()
         self.io.shutdown()
         self.store.close()

@@ -8,7 +8,9 @@ calls that had not answered OK.
 
 import asyncio
 import dataclasses
+import os
 import re
+import socket
 import time
 import uuid
 import weakref
@@ -20,8 +22,8 @@ import mlx.core as mx
 import numpy as np
 
 from kvshard.quant import METHODS, CompressedKVCache, KVCacheBuilder, KVCacheConfig
-from kvshard.service.errors import FailedPrecondition, LimitExceeded, OffsetMismatch, SessionNotFound
-from kvshard.service.store import LayerDelta, SessionRecord, SessionStore
+from kvshard.service.errors import FailedPrecondition, LeaseHeld, LimitExceeded, OffsetMismatch, SessionNotFound
+from kvshard.service.store import LayerDelta, Lease, SessionRecord, SessionStore
 from kvshard.service.store.codec import join_state, split_state
 from kvshard.service.worker import SerialExecutor
 
@@ -127,6 +129,7 @@ class Session:
         self.committed_tokens = len(record.token_ids)
         self.lock = asyncio.Lock()
         self.last_used = time.monotonic()
+        self.lease: Lease | None = None  # shared stores: this shard's claim, whose token fences its commits
 
     @property
     def session_id(self) -> str:
@@ -297,14 +300,21 @@ class Session:
 
 
 class SessionManager:
-    """Hot sessions under a byte budget (least recently used dropped first), loaded from the store on use."""
+    """Hot sessions under a byte budget (least recently used dropped first), loaded from the store on use.
 
-    def __init__(self, store: SessionStore, mlx: SerialExecutor, io: SerialExecutor, model, limits: Limits):
+    On a shared store a shard leases each session it serves: calls take the lease (waiting up to one TTL for
+    another shard's to run out, as a dead shard's does), commits carry its fencing token and extend it, and
+    `renew_leases` keeps it while a long call runs. An idle session's lease runs out one TTL after its last
+    use, so another shard can take the session over."""
+
+    def __init__(self, store: SessionStore, mlx: SerialExecutor, io: SerialExecutor, model, limits: Limits, lease_ttl_s: float = 10.0):
         self.store = store
         self.mlx = mlx
         self.io = io
         self.model = model
         self.limits = limits
+        self.lease_ttl_s = lease_ttl_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.hot: OrderedDict[str, Session] = OrderedDict()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -317,7 +327,8 @@ class SessionManager:
             raise LimitExceeded(f"max_sessions: the server holds {self.limits.max_sessions} sessions already")
         session = await self.mlx.run(Session.new, spec, tenant, self.model)
         record, deltas = await self.mlx.run(session.snapshot)
-        await self.io.run(self.store.create, record, deltas)
+        session.lease = self._new_lease()
+        await self.io.run(self.store.create, record, deltas, session.lease)
         session.committed(record, deltas)
         self._locks[session.session_id] = session.lock
         self.hot[session.session_id] = session
@@ -330,19 +341,58 @@ class SessionManager:
         lock = self._lock_for(session_id)
         async with lock:
             session = self.hot.get(session_id)
-            if session is not None and self.store.shared and await self.io.run(self.store.version, session_id) != session.record.version:
-                self.hot.pop(session_id)  # another shard moved it on: this copy is stale
-                session = None
+            if session is not None and session.record.tenant != tenant:
+                raise SessionNotFound(session_id)
+            if self.store.shared:
+                if session is None:
+                    await self._record(tenant, session_id)  # an unknown or another tenant's session takes no lease
+                # The lease comes before the read: once it is ours, no other shard's commit can land.
+                lease, version = await self._take_lease(session_id)
+                if session is not None and version != session.record.version:
+                    self.hot.pop(session_id)  # another shard moved it on: this copy is stale
+                    session = None
             if session is None:
                 session = await self._load(tenant, session_id, lock)
-            elif session.record.tenant != tenant:
-                raise SessionNotFound(session_id)
+            if self.store.shared:
+                session.lease = lease
             self.hot.move_to_end(session_id)
             try:
                 yield session
             finally:
                 session.last_used = time.monotonic()
         await self._evict()
+
+    def _new_lease(self) -> Lease | None:
+        return Lease(self.owner, int(self.lease_ttl_s * 1000)) if self.store.shared else None
+
+    async def _take_lease(self, session_id: str) -> tuple[Lease, int | None]:
+        """(lease, stored version). Waits while another shard holds the lease, at most one TTL: a dead
+        shard's lease runs out by then; a live one still serving the session answers LeaseHeld (retryable)."""
+        lease = self._new_lease()
+        deadline = time.monotonic() + self.lease_ttl_s
+        while True:
+            try:
+                return lease, await self.io.run(self.store.lease, session_id, lease)
+            except LeaseHeld as held:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                await asyncio.sleep(min(held.expires_in_ms / 1000 + 0.01, left, 0.5))
+
+    async def renew_leases(self) -> None:
+        """Keep the leases of sessions with a call in flight (a long Generate commits only every few tokens).
+        A session whose lease was taken over is dropped: its in-flight call's next commit is refused."""
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / 3)
+            for session_id, session in list(self.hot.items()):
+                if session.lease is not None and session.lock.locked() and not await self.io.run(self.store.renew, session_id, session.lease):
+                    self.hot.pop(session_id, None)
+
+    async def release_leases(self) -> None:
+        """On shutdown: hand every lease back, so other shards take the sessions over at once."""
+        for session_id, session in list(self.hot.items()):
+            if session.lease is not None:
+                await self.io.run(self.store.renew, session_id, session.lease, True)
 
     def _lock_for(self, session_id: str) -> asyncio.Lock:
         # Weak values: a lock lives while a caller waits on it or a hot session holds it.
@@ -411,7 +461,7 @@ class SessionManager:
             return
         record, deltas = snapshot
         try:
-            await self.io.run(self.store.commit, record, deltas)
+            await self.io.run(self.store.commit, record, deltas, session.lease)
         except BaseException:
             self.hot.pop(session.session_id, None)
             raise

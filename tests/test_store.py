@@ -1,21 +1,19 @@
 """Session store: exact restore of every method's codes, compressed bytes, atomic commits, Redis parity."""
 
 import asyncio
-import shutil
 import sqlite3
-import subprocess
 import time
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import free_port
 from kvshard.quant import METHODS
-from kvshard.service.errors import LimitExceeded, SessionConflict, SessionExists, SessionNotFound
+from kvshard.service.errors import Fenced, LeaseHeld, LimitExceeded, SessionConflict, SessionExists, SessionNotFound
 from kvshard.service.sessions import Limits, SessionManager, resolve_spec
-from kvshard.service.store import open_store
+from kvshard.service.store import Lease, open_store
 from kvshard.service.worker import SerialExecutor
+from redis_servers import RedisCluster, RedisNode
 
 HEADS, DIM = 3, 64
 LIMITS = Limits()
@@ -35,10 +33,10 @@ def code_arrays(cache) -> dict:
 class Harness:
     """A SessionManager over a store, driven from one event loop, as the server does."""
 
-    def __init__(self, store):
+    def __init__(self, store, lease_ttl_s=10.0):
         self.store = store
         self.mlx, self.io = SerialExecutor("test-mlx"), SerialExecutor("test-io")
-        self.manager = SessionManager(store, self.mlx, self.io, None, LIMITS)
+        self.manager = SessionManager(store, self.mlx, self.io, None, LIMITS, lease_ttl_s)
 
     async def create(self, method="turboquant_mse", bits=4, layers=2, sinks=0, window=0, session_id=""):
         spec = resolve_spec("raw", dict(layers=layers, n_kv_heads=HEADS, head_dim=DIM), method, [bits], [], sinks, window, 42, LIMITS, session_id)
@@ -143,7 +141,7 @@ def test_a_failed_commit_leaves_the_store_and_drops_the_hot_copy(sqlite_url):
         await h.append(session.session_id, 0, *kv(rng, 10))
         real_commit = h.store.commit
 
-        def failing_commit(record, deltas):
+        def failing_commit(record, deltas, lease=None):
             h.store._db.execute("BEGIN IMMEDIATE")
             h.store._db.execute("DELETE FROM blocks")
             h.store._db.execute("ROLLBACK")
@@ -229,28 +227,24 @@ def test_idle_sessions_expire(sqlite_url):
     asyncio.run(scenario())
 
 
-@pytest.fixture
-def redis_url(tmp_path):
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    pytest.importorskip("redis")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-        stdout=subprocess.DEVNULL,
-    )
-    import redis
+@pytest.fixture(scope="module")
+def redis_cluster(module_tmp):
+    cluster = RedisCluster(module_tmp / "cluster")
+    yield cluster
+    cluster.stop()
 
-    for _ in range(100):
-        try:
-            redis.Redis(port=port).ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait()
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_url(request, tmp_path):
+    """The same suite against one Redis and a 3-master Redis Cluster (emptied for each test)."""
+    if request.param == "redis":
+        node = RedisNode(tmp_path / "redis")
+        yield f"redis://127.0.0.1:{node.port}/0"
+        node.stop()
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        yield cluster.url
 
 
 def test_redis_store_restores_exactly_and_pages(redis_url):
@@ -282,7 +276,8 @@ def test_redis_store_restores_exactly_and_pages(redis_url):
 
 def test_two_shards_on_one_redis_never_use_a_stale_copy(redis_url):
     async def scenario():
-        a, b = Harness(open_store(redis_url)), Harness(open_store(redis_url))
+        # Short leases: each shard waits for the other's to run out before it takes the session over.
+        a, b = Harness(open_store(redis_url), lease_ttl_s=0.3), Harness(open_store(redis_url), lease_ttl_s=0.3)
         rng = np.random.default_rng(7)
         await a.create(layers=1, session_id="shared")
         await a.append("shared", 0, *kv(rng, 3))
@@ -302,6 +297,85 @@ def test_two_shards_on_one_redis_never_use_a_stale_copy(redis_url):
     asyncio.run(scenario())
 
 
+def test_a_shard_that_lost_its_lease_is_fenced_even_before_the_new_owner_writes(redis_url):
+    async def scenario():
+        a, b = Harness(open_store(redis_url), lease_ttl_s=0.3), Harness(open_store(redis_url), lease_ttl_s=0.3)
+        rng = np.random.default_rng(8)
+        await a.create(layers=1, session_id="fenced")
+        await a.append("fenced", 0, *kv(rng, 3))
+        async with a.manager.open("tenant", "fenced") as paused:
+            pass  # a holds the session, then stalls past its lease (a GC pause, SIGSTOP, a partition)
+        async with b.manager.open("tenant", "fenced") as taken:  # waits out a's lease, takes token 2
+            assert taken.lease.token == paused.lease.token + 1
+        stored = a.store.version("fenced")
+        await a.mlx.run(paused.append, 0, *kv(rng, 4), LIMITS)
+        with pytest.raises(Fenced):  # its version is still current: only the fencing token stops it
+            await a.manager.commit(paused)
+        assert "fenced" not in a.manager.hot
+        assert a.store.version("fenced") == stored and a.store.load_record("fenced").layer_offsets == [3]
+        await b.append("fenced", 0, *kv(rng, 2))  # the new owner carries on from what the store holds
+        assert (await b.cold("fenced")).record.layer_offsets == [5]
+        a.close()
+        b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_live_lease_makes_another_shard_wait_then_answer_retryable(redis_url):
+    from kvshard.service.errors import status_for
+
+    async def scenario():
+        owner, other = Harness(open_store(redis_url), lease_ttl_s=30), Harness(open_store(redis_url), lease_ttl_s=0.3)
+        await owner.create(layers=1, session_id="busy")
+        started = time.monotonic()
+        with pytest.raises(LeaseHeld) as held:
+            async with other.manager.open("tenant", "busy"):
+                pass
+        assert 0.3 <= time.monotonic() - started < 5  # it waited one of its own TTLs, not the owner's
+        assert status_for(held.value)[0].name == "UNAVAILABLE" and "busy" not in other.manager.hot
+        await owner.manager.release_leases()  # a shard shutting down hands its leases back: no wait
+        started = time.monotonic()
+        async with other.manager.open("tenant", "busy") as session:
+            assert session.lease.token == 2
+        assert time.monotonic() - started < 0.3
+        owner.close()
+        other.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_session_keeps_to_one_slot_and_a_tenant_lists_across_slots(redis_url):
+    import redis
+
+    async def scenario():
+        h = Harness(open_store(redis_url))
+        rng = np.random.default_rng(9)
+        ids = sorted(f"t{i:02d}-{rng.integers(1 << 30)}" for i in range(12))
+        for session_id in ids:
+            await h.create(session_id=session_id)
+        await h.append(ids[0], 1, *kv(rng, 40))
+        h.store._redis.zadd("kvshard:tenant:{tenant}", {ids[3] + "x": 0})  # an index entry without a session
+        other = Harness(open_store(redis_url))
+        await other.manager.create("someone-else", resolve_spec("raw", dict(layers=1, n_kv_heads=HEADS, head_dim=DIM), "", [4], [], 0, 0, 1, LIMITS, "zz"))
+        listed, token = [], ""
+        while True:
+            page, token = await h.manager.list("tenant", 5, token)
+            assert len(page) == 5 or not token
+            listed += [r.session_id for r in page]
+            if not token:
+                break
+        assert listed == ids
+        keys = list(h.store._redis.scan_iter(match="kvshard:{" + ids[0] + "}*"))
+        assert any(key.endswith(b":blocks:1") for key in keys) and len(keys) == 4  # session, tails, lease, blocks
+        if isinstance(h.store._redis, redis.cluster.RedisCluster):
+            assert len({h.store._redis.keyslot(key) for key in keys}) == 1
+            assert len({h.store._redis.keyslot(f"kvshard:{{{i}}}:session") // 5462 for i in ids}) > 1  # over several masters
+        h.close()
+        other.close()
+
+    asyncio.run(scenario())
+
+
 def test_mx_bfloat16_survives_the_codec():
     from kvshard.service.store.codec import pack_arrays, unpack_arrays
 
@@ -317,13 +391,13 @@ def test_a_server_on_redis_survives_a_restart(tmp_path, redis_url):
 
     rng = np.random.default_rng(6)
     k, v = kv(rng, 12)
-    first = ShardProcess(tmp_path, "--model", "none", store=redis_url).start()
+    first = ShardProcess(tmp_path, "--model", "none", "--lease-ttl", "1", store=redis_url).start()
     cache = Client(first.target).create_cache(head_dim=DIM, n_kv_heads=HEADS, key_bits=3, window=2)
     cache.append(k, v)
     q = rng.standard_normal((HEADS, 1, DIM)).astype(np.float32)
     before = cache.attend(q)
     first.kill9()
-    second = ShardProcess(tmp_path, "--model", "none", store=redis_url).start()
+    second = ShardProcess(tmp_path, "--model", "none", "--lease-ttl", "1", store=redis_url).start()
     client = Client(second.target)
     (again,) = client.session(cache.session_id)
     assert len(again) == 12 and np.array_equal(again.attend(q), before)

@@ -1,8 +1,9 @@
-"""Session stores: `sqlite:///path` (embedded default) and `redis://host:port/db`."""
+"""Session stores: `sqlite:///path` (embedded default), `redis://host:port/db` and
+`redis+cluster://host:port[,host:port...]` (a Redis Cluster)."""
 
 from urllib.parse import urlparse
 
-from kvshard.service.store.base import LayerDelta, SessionRecord, SessionStore
+from kvshard.service.store.base import LayerDelta, Lease, SessionRecord, SessionStore
 
 
 def open_store(url: str) -> SessionStore:
@@ -11,11 +12,11 @@ def open_store(url: str) -> SessionStore:
         from kvshard.service.store.sqlite import SQLiteStore
 
         return SQLiteStore.from_url(url)
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+cluster"):
         from kvshard.service.store.redis import RedisStore
 
         return RedisStore.from_url(url)
-    raise ValueError(f"store: unsupported URL {url!r}; use sqlite:///path or redis://host:port/db")
+    raise ValueError(f"store: unsupported URL {url!r}; use sqlite:///path, redis://host:port/db or redis+cluster://host:port")
 
 
-__all__ = ["LayerDelta", "SessionRecord", "SessionStore", "open_store"]
+__all__ = ["LayerDelta", "Lease", "SessionRecord", "SessionStore", "open_store"]

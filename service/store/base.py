@@ -62,16 +62,27 @@ class LayerDelta:
     tail: bytes
 
 
+@dataclass
+class Lease:
+    """A shard's claim on a session in a shared store: the store sets `token` (the fencing token) when it
+    grants the lease, and refuses commits whose token is no longer the latest it issued."""
+
+    owner: str
+    ttl_ms: int
+    token: int = 0
+
+
 class SessionStore(Protocol):
     kind: str
-    shared: bool  # other shards may write it: hot copies are checked against the stored version before use
+    shared: bool  # other shards may write it: shards lease the sessions they serve and fence their commits
 
-    def create(self, record: SessionRecord, deltas: list[LayerDelta]) -> None:
-        """Insert a new session; SessionExists if the id is taken."""
+    def create(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None) -> None:
+        """Insert a new session; SessionExists if the id is taken. Shared stores lease it to the creator."""
 
-    def commit(self, record: SessionRecord, deltas: list[LayerDelta]) -> None:
+    def commit(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None) -> None:
         """Apply the deltas and replace the record, atomically, if the stored version is record.version - 1;
-        SessionConflict otherwise (another writer got there first)."""
+        SessionConflict otherwise (another writer got there first). Shared stores also refuse (Fenced) a
+        commit whose lease token is no longer the latest they issued."""
 
     def version(self, session_id: str) -> int | None:
         """The stored version (commit count) of a session, None if it does not exist."""

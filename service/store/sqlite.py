@@ -11,7 +11,7 @@ import threading
 from array import array
 
 from kvshard.service.errors import SessionConflict, SessionExists
-from kvshard.service.store.base import LayerDelta, SessionRecord
+from kvshard.service.store.base import LayerDelta, Lease, SessionRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -77,7 +77,8 @@ class SQLiteStore:
             raise ValueError(f"store: expected sqlite:///path, got {url!r}")
         return cls(path)
 
-    def create(self, record: SessionRecord, deltas: list[LayerDelta]) -> None:
+    def create(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None) -> None:
+        # One shard per file: no leases to grant or check.
         with self._lock, self._transaction():
             try:
                 self._db.execute(
@@ -88,7 +89,7 @@ class SQLiteStore:
                 raise SessionExists(record.session_id) from None
             self._write_layers(record.session_id, deltas)
 
-    def commit(self, record: SessionRecord, deltas: list[LayerDelta]) -> None:
+    def commit(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None) -> None:
         with self._lock, self._transaction():
             updated = self._db.execute(
                 "UPDATE sessions SET record = ?, token_ids = ?, updated_at_ms = ?, version = ? WHERE session_id = ? AND version = ?",
