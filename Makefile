@@ -9,7 +9,7 @@ RUN    := LD_PRELOAD=$$([ -e $(OPENBLAS) ] && echo $(OPENBLAS)) $(BIN)
 STORE  ?= sqlite:///data/kvshard.sqlite3
 PORT   ?= 50051
 
-.PHONY: setup preflight redis-server serve test test-slow eval bench clean
+.PHONY: setup preflight redis-server nginx serve test test-slow eval bench clean cluster
 
 setup: preflight $(VENV)/.installed
 
@@ -45,14 +45,24 @@ redis-server:
 	@command -v redis-server >/dev/null || $(call debian_install,redis-server,the Redis store tests use it) || \
 		echo "note: no redis-server (sudo apt-get install redis-server); the Redis store tests will be skipped" >&2
 
+# Only `make cluster` and the cluster tests need nginx (the tests skip without it).
+nginx:
+	@[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || $(call debian_install,nginx,make cluster and the cluster tests use it) || \
+		echo "note: no nginx (sudo apt-get install nginx); make cluster needs it and the cluster tests will be skipped" >&2
+
+# Redis, N shards on it and nginx in front, on loopback; prints the front address; Ctrl-C stops it all.
+N ?= 3
+cluster: setup redis-server nginx
+	KVSHARD_PYTHON=$(BIN)/python deploy/local-cluster.sh $(N)
+
 serve: setup
 	mkdir -p data
 	$(RUN)/kvshard serve --host 127.0.0.1 --port $(PORT) --store $(STORE) --model smollm2-135m
 
-test: setup redis-server
+test: setup redis-server nginx
 	$(RUN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-slow: setup redis-server
+test-slow: setup redis-server nginx
 	$(RUN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 eval: setup
