@@ -26,6 +26,7 @@ from kvshard.client._common import (
     delete_recover,
     from_tensor,
     generate_request,
+    retryable,
     to_tensor,
     trim_call,
 )
@@ -176,7 +177,7 @@ class ClientBehaviour:
                 answer = recover(error) if retried and recover is not None else None
                 if answer is not None:
                     return (yield from answer) if hasattr(answer, "send") else answer
-                delay = next(delays, None) if error.code() == grpc.StatusCode.UNAVAILABLE else None
+                delay = next(delays, None) if retryable(error) else None
                 if delay is None:
                     raise
                 yield Pause(delay)
@@ -369,7 +370,7 @@ class RemoteSessionBehaviour:
                         yield Emit(token)
                 return
             except grpc.RpcError as error:
-                delay = next(delays, None) if error.code() == grpc.StatusCode.UNAVAILABLE else None
+                delay = next(delays, None) if retryable(error) else None
                 if delay is None:
                     raise
                 yield Pause(delay)

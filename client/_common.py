@@ -47,6 +47,14 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(attempts=1)
 
 
+def retryable(error: grpc.RpcError) -> bool:
+    """UNAVAILABLE, or a stream a proxy cut: nginx resets the client's stream (RST_STREAM, which gRPC reports
+    as INTERNAL) when the shard behind it dies mid-response. Retries carry expected_offset, so both are safe."""
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return error.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in (error.debug_error_string() or "")
+
+
 @dataclass
 class GeneratedToken:
     token_id: int

@@ -53,6 +53,11 @@ class Fenced(Exception):
         super().__init__(f"session_id: this shard no longer owns session {session_id!r} (its lease was taken over); retry")
 
 
+class StoreUnavailable(Exception):
+    """The session store cannot be reached (a Redis master failing over, a network cut). Retryable: the call
+    either committed or left nothing, and the client's retry carries expected_offset."""
+
+
 class FailedPrecondition(Exception):
     """The session cannot serve this call: another model's session, or a raw session asked to generate."""
 
@@ -76,7 +81,7 @@ _CODES = (
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    ((NotReady, LeaseHeld, Fenced), grpc.StatusCode.UNAVAILABLE),
+    ((NotReady, LeaseHeld, Fenced, StoreUnavailable), grpc.StatusCode.UNAVAILABLE),
     ((ValueError, TypeError), grpc.StatusCode.INVALID_ARGUMENT),
 )
 

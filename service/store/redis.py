@@ -22,12 +22,13 @@ close that window (Redis offers no synchronous replication); `min-replicas-to-wr
 writes when too few replicas are connected.
 """
 
+import functools
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import redis
 import redis.cluster
 
-from kvshard.service.errors import Fenced, LeaseHeld, SessionConflict, SessionExists
+from kvshard.service.errors import Fenced, LeaseHeld, SessionConflict, SessionExists, StoreUnavailable
 from kvshard.service.store.base import LayerDelta, Lease, SessionRecord
 from kvshard.service.store.sqlite import pack_tokens, unpack_tokens
 
@@ -138,6 +139,30 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# What a Redis that is down, failing over or unreachable raises (after redis-py's own retries).
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError)
+
+
+def _unreachable_is_retryable(cls):
+    """Every public method of the store raises StoreUnavailable (UNAVAILABLE) when Redis cannot be reached."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except _UNREACHABLE as error:
+                raise StoreUnavailable(f"session store: {type(error).__name__}: {error}") from error
+
+        return call
+
+    for name, value in list(vars(cls).items()):
+        if callable(value) and not name.startswith("_"):
+            setattr(cls, name, wrap(value))
+    return cls
+
+
+@_unreachable_is_retryable
 class RedisStore:
     kind = "redis"
     shared = True  # several shards may serve the same sessions: they hold leases and fence their commits
