@@ -247,6 +247,11 @@ def redis_url(request, tmp_path):
         yield cluster.url
 
 
+def two_shards(redis_url: str, first_ttl_s: float = 0.3) -> tuple[Harness, Harness]:
+    """Two session managers on one store; short leases, so each waits little for the other's to run out."""
+    return Harness(open_store(redis_url), lease_ttl_s=first_ttl_s), Harness(open_store(redis_url), lease_ttl_s=0.3)
+
+
 def test_redis_store_restores_exactly_and_pages(redis_url):
     async def scenario():
         h = Harness(open_store(redis_url))
@@ -276,8 +281,7 @@ def test_redis_store_restores_exactly_and_pages(redis_url):
 
 def test_two_shards_on_one_redis_never_use_a_stale_copy(redis_url):
     async def scenario():
-        # Short leases: each shard waits for the other's to run out before it takes the session over.
-        a, b = Harness(open_store(redis_url), lease_ttl_s=0.3), Harness(open_store(redis_url), lease_ttl_s=0.3)
+        a, b = two_shards(redis_url)
         rng = np.random.default_rng(7)
         await a.create(layers=1, session_id="shared")
         await a.append("shared", 0, *kv(rng, 3))
@@ -299,13 +303,13 @@ def test_two_shards_on_one_redis_never_use_a_stale_copy(redis_url):
 
 def test_a_shard_that_lost_its_lease_is_fenced_even_before_the_new_owner_writes(redis_url):
     async def scenario():
-        a, b = Harness(open_store(redis_url), lease_ttl_s=0.3), Harness(open_store(redis_url), lease_ttl_s=0.3)
+        a, b = two_shards(redis_url)
         rng = np.random.default_rng(8)
         await a.create(layers=1, session_id="fenced")
         await a.append("fenced", 0, *kv(rng, 3))
         async with a.manager.open("tenant", "fenced") as paused:
             pass  # a holds the session, then stalls past its lease (a GC pause, SIGSTOP, a partition)
-        async with b.manager.open("tenant", "fenced") as taken:  # waits out a's lease, takes token 2
+        async with b.manager.open("tenant", "fenced") as taken:  # waits out a's lease, takes the next token
             assert taken.lease.token == paused.lease.token + 1
         stored = a.store.version("fenced")
         await a.mlx.run(paused.append, 0, *kv(rng, 4), LIMITS)
@@ -325,7 +329,7 @@ def test_a_live_lease_makes_another_shard_wait_then_answer_retryable(redis_url):
     from kvshard.service.errors import status_for
 
     async def scenario():
-        owner, other = Harness(open_store(redis_url), lease_ttl_s=30), Harness(open_store(redis_url), lease_ttl_s=0.3)
+        owner, other = two_shards(redis_url, first_ttl_s=30)
         await owner.create(layers=1, session_id="busy")
         started = time.monotonic()
         with pytest.raises(LeaseHeld) as held:
