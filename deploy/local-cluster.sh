@@ -43,20 +43,45 @@ openblas=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 run_dir=${KVSHARD_RUN_DIR:-$(mktemp -d /tmp/kvshard-cluster.XXXXXX)}
 mkdir -p "$run_dir"
 echo $$ >"$run_dir/supervisor.pid"
-pids=()
+shard_pids=()
+nginx_pid=""
+redis_pids=()
+
+stop_group() {
+    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+}
 
 stop_all() {
     trap - INT TERM EXIT
     # Shards first (they drain and hand their leases back), then nginx, then Redis.
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    stop_group "${shard_pids[@]}"
+    stop_group $nginx_pid
+    stop_group "${redis_pids[@]}"
     echo "stopped; logs in $run_dir"
     exit 0
 }
 trap stop_all INT TERM EXIT
 
-free_port() {
-    "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+free_port() {  # [bus]: also keep port + 10000 free, for a Redis Cluster node's bus
+    "$python" - "${1:-}" <<'PY'
+import socket, sys
+
+while True:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if not sys.argv[1]:
+        break
+    if port + 10000 < 65536:
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+                break
+            except OSError:
+                pass
+print(port)
+PY
 }
 
 start_redis() {  # port directory [extra args]
@@ -66,14 +91,16 @@ start_redis() {  # port directory [extra args]
     redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --appendonly yes --appendfsync always --save "" "$@" \
         >"$dir/redis.log" 2>&1 &
     redis_pids+=("$!")
-    until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.1; done
+    until redis-cli -p "$port" ping >/dev/null 2>&1; do
+        kill -0 "${redis_pids[-1]}" 2>/dev/null || { echo "redis-server on port $port exited; see $dir/redis.log" >&2; exit 1; }
+        sleep 0.1
+    done
 }
 
-redis_pids=()
 if [ "$redis_cluster" = 1 ]; then
     nodes=()
     for i in 0 1 2 3 4 5; do
-        port=$(free_port)
+        port=$(free_port bus)
         start_redis "$port" "$run_dir/redis-$i" --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 1000
         nodes+=("127.0.0.1:$port")
     done
@@ -89,10 +116,8 @@ else
     redis_ports=127.0.0.1:$port
     store="redis://127.0.0.1:$port/0"
 fi
-pids+=("${redis_pids[@]}")
 
 shard_ports=()
-shard_pids=()
 for i in $(seq 0 $((shards - 1))); do
     port=$(free_port)
     "$python" -m kvshard.service.cli serve --host 127.0.0.1 --port "$port" --store "$store" \
@@ -100,9 +125,6 @@ for i in $(seq 0 $((shards - 1))); do
     shard_pids+=("$!")
     shard_ports+=("$port")
 done
-# Shards before nginx in the stop order.
-pids=("${shard_pids[@]}" "${pids[@]}")
-
 front_port=$(free_port)
 servers=""
 for port in "${shard_ports[@]}"; do
@@ -112,7 +134,6 @@ done
 "$nginx" -t -q -c "$run_dir/nginx.conf" -p "$run_dir/nginx"
 "$nginx" -c "$run_dir/nginx.conf" -p "$run_dir/nginx" -g "daemon off;" &
 nginx_pid=$!
-pids=("${shard_pids[@]}" "$nginx_pid" "${redis_pids[@]}")
 
 for i in "${!shard_ports[@]}"; do
     "$python" - "${shard_ports[$i]}" "$run_dir/shard-$i.log" <<'PY'
