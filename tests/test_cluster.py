@@ -34,13 +34,13 @@ def nginx_test(config: str, run_dir: Path) -> subprocess.CompletedProcess:
 
 @needs_nginx
 def test_the_nginx_config_is_valid_and_hashes_the_client_session_header(tmp_path):
-    from kvshard.client._common import call_metadata
-    from kvshard.service.proto import kvshard_pb2 as pb
+    from kvshard.client import Client
+    from kvshard.wire import kvshard_pb2 as pb
 
     config = render_nginx(tmp_path / "run", "127.0.0.1:1", ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"])
     checked = nginx_test(config, tmp_path)
     assert checked.returncode == 0, checked.stderr
-    (header,) = [name for name, _ in call_metadata((), pb.GenerateRequest(session_id="s"))]
+    (header,) = [name for name, _ in Client("127.0.0.1:1").call_metadata(pb.GenerateRequest(session_id="s"))]
     assert f"hash $http_{header.replace('-', '_')} consistent;" in config and "grpc_pass grpc://kvshard;" in config
     broken = nginx_test(config.replace("grpc_pass grpc://kvshard;", "grpc_pass grpc://nowhere;"), tmp_path)
     assert broken.returncode != 0 and "no live upstreams" not in broken.stderr  # nginx -t really reads it
