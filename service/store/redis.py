@@ -17,9 +17,11 @@ again, even if it wakes up before the new owner has written anything.
 Durability: an OK means Redis executed the script. Run redis-server with `appendonly yes` and `appendfsync
 always` for SQLite's guarantee on one node. On a Redis Cluster, replication to a master's replicas is
 asynchronous: a master killed right after it acknowledged a commit can lose that commit when a replica is
-promoted. `wait_replicas=N` makes each commit wait (WAIT) until N replicas have it, which narrows but does not
-close that window (Redis offers no synchronous replication); `min-replicas-to-write` on the masters refuses
-writes when too few replicas are connected.
+promoted. `wait_replicas=N` makes each commit WAIT (up to wait_timeout_ms) until N replicas have it before the
+RPC answers OK, which closes that window for one failure while the replicas are up; when fewer confirm in time
+(a promoted master with no replica left) the commit still answers OK, since it is applied on the master.
+`min-replicas-to-write` on the masters makes them refuse writes instead. Redis offers no consensus: a network
+split can still lose acknowledged writes.
 """
 
 import functools
