@@ -84,6 +84,14 @@ class SessionStore(Protocol):
         SessionConflict otherwise (another writer got there first). Shared stores also refuse (Fenced) a
         commit whose lease token is no longer the latest they issued."""
 
+    # Shared stores only (shared = True): the session manager calls these, and passes leases to create/commit.
+    def lease(self, session_id: str, lease: Lease) -> int | None:
+        """Take or extend the session's lease for lease.owner, setting lease.token; the stored version, None if
+        there is no such session; LeaseHeld if another owner holds it."""
+
+    def renew(self, session_id: str, lease: Lease, release: bool = False) -> bool:
+        """Extend (or release) the lease if it is still lease.owner's with lease.token."""
+
     def version(self, session_id: str) -> int | None:
         """The stored version (commit count) of a session, None if it does not exist."""
 
