@@ -49,7 +49,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from .cpu import CPU_BLOCK, CPU_ENCODE_MIN_ELEMENTS, CPU_MIN_TOKENS, cpu_code_attention, cpu_encode, cpu_supported
+from .cpu import CPU_ENCODE_MIN_ELEMENTS, CPU_MIN_TOKENS, cpu_code_attention, cpu_encode, cpu_supported
 
 ENV_BACKEND = "KVSHARD_ATTENTION"  # auto | pure | cpu | cuda | metal | prefill
 BACKENDS = ("auto", "pure", "cpu", "cuda", "metal", "prefill")

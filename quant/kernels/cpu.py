@@ -1,27 +1,54 @@
-"""The CPU fast path: attention over TurboQuant-MSE codes and the appends' encode, in MLX ops.
+"""The CPU fast path: attention over packed codes in a native kernel, and the appends' encode in MLX ops.
 
-CPU: MLX's gather runs at tens of ns per element on this CPU, so table look-ups (per-query LUTs, centroid
-gathers) lose to fp32 SDPA. What wins is decoding a cache-resident block of codes with a compiled select
-tree (b levels of `where` on the code's bits: exact centroids, fused by mx.compile into one loop), one
-slice of coordinates per code slot of a byte, then BLAS matmuls against the matching slices of the rotated
-query. Blocks have a fixed size so compiled functions are traced once; the last block overlaps the one
-before it and masks what was already counted.
+Attention (`cpu_code_attention`): src/cpu_attention.c, compiled with the system C compiler on first use
+(-O3 -march=native, OpenMP over the cores; without a compiler the portable path runs instead), called through
+ctypes on the evaluated MLX arrays, zero-copy. It reads the packed codes of a segment directly: per block of 64
+tokens it decodes them (whole bytes through 256-entry tables where the layout allows, else bit by bit),
+scores them against the rotated query, runs the online softmax and accumulates values in their rotated
+domain; the caller rotates the query and un-rotates the output once, with the method's own MLX functions.
+Keys coded before RoPE (klt plans) are mapped back by the per-head synthesis, shifted by the key mean and
+turned by RoPE inside the kernel. Covered: every method whose codes are runs of Lloyd-Max coordinates with
+one scale per token (turboquant_mse at 1-8 bits, klt), also inside query-aware key scales.
+
+Why native: MLX's CPU ops run one pass over memory per op, so attention over codes paid a pass for every
+unpack, select, scale and matmul of every block, where fp16 SDPA pays a few. The kernel keeps each block in
+L1 and reads every code byte once.
 """
 
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
 from functools import lru_cache
+from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
-CPU_BLOCK = 1024  # tokens per CPU block: one block of decoded fp32 coordinates stays in cache
-# On the CPU, MLX builds each compiled function with the system C++ compiler the first time it meets it
-# (~10 s on a small machine; cached on disk afterwards). Below these sizes the eager paths are about as fast,
-# so short contexts and small appends (tests, single-token decode steps) never pay that compile.
-CPU_MIN_TOKENS = 1024
+from ..methods.klt import KLT
+from ..methods.scaled import ScaledKeys
+from ..methods.turboquant_mse import TurboQuantMSE
+
+ENV_THREADS = "KVSHARD_CPU_THREADS"  # threads of the native kernel; default: every core
+ENV_CACHE = "KVSHARD_KERNEL_CACHE"  # where the compiled kernel is kept; default ~/.cache/kvshard/kernels
+SOURCE = Path(__file__).with_name("src") / "cpu_attention.c"
+# Tried in order: this machine's vector units, then AVX2 + FMA, then the compiler's default target.
+ARCH_FLAGS = (("-march=native",), ("-mavx2", "-mfma"), ())
+CHUNK_TOKENS = 256  # the smallest slice of the context one thread takes (slices merge their partial softmaxes)
+MAX_DIM, MAX_BYTES = 512, 1024  # per token: coordinates and code bytes the kernel's buffers hold
+# Below this many coded tokens the portable path costs about what the kernel's call does.
+CPU_MIN_TOKENS = 256
+# MLX builds each compiled encode function with the system C++ compiler the first time it meets it (~10 s on a
+# small machine; cached on disk afterwards). Below this size the eager path is about as fast, so small appends
+# (tests, single-token decode steps) never pay that compile.
 CPU_ENCODE_MIN_ELEMENTS = 1 << 16
 
 
 def _is_mse(method) -> bool:
-    return getattr(method, "name", None) == "turboquant_mse"
+    return isinstance(method, TurboQuantMSE)
 
 
 _FLOATS = {}
@@ -36,124 +63,267 @@ def _floats(array: mx.array) -> tuple:
     return hit[1]
 
 
-def cpu_supported(key_method, value_method, tokens: int | None = None) -> bool:
-    """Whether the CPU fast path covers these methods (and, given `tokens`, whether it is worth taking)."""
-    return (
-        (tokens is None or tokens >= CPU_MIN_TOKENS)
-        and _is_mse(key_method)
-        and _is_mse(value_method)
-        and key_method.bits in (1, 2, 4)
-        and value_method.bits in (1, 2, 4)
-    )
+# ---- the native kernel: build and load ---------------------------------------------------------------------
 
 
-def _select_tree(codes: mx.array, values, bits: int) -> mx.array:
-    """values[codes] without a gather: one `where` level per bit of the code."""
-    level = list(values)
-    for k in range(bits):
-        bit = (codes & (1 << k)) > 0
-        level = [mx.where(bit, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
-    return level[0]
+def _cache_dir() -> Path:
+    root = os.environ.get(ENV_CACHE)
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvshard" / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _build(compiler: str) -> Path:
+    """Compile the kernel into the cache directory (once per source, compiler and flags) and return the path.
+    Written to a temporary name and renamed, so concurrent processes never load a half-written file."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    errors = []
+    for arch in ARCH_FLAGS:
+        for threads in (("-fopenmp",), ()):
+            flags = ["-O3", "-fPIC", "-shared", "-Wno-psabi", *arch, *threads]
+            tag = hashlib.sha256(source + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
+            target = _cache_dir() / f"cpu_attention-{tag}.so"
+            if target.exists():
+                return target
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE), "-lm"],
+                                        capture_output=True, text=True)
+                if result.returncode == 0:
+                    os.replace(built, target)
+                    return target
+                errors.append(f"{' '.join(flags)}: {result.stderr.strip()[-300:]}")
+    raise RuntimeError("; ".join(errors))
 
 
 @lru_cache(maxsize=None)
-def _centroid_decoder(centroids: tuple, bits: int):
-    """Compiled codes -> centroids ((..., n) uint8 -> (..., n) fp32). The centroids are constants of the
-    compiled kernel (as inputs the fused loop runs ~10x slower); MLX compiles it once per codebook and
-    caches the binary on disk. Its input is always a fresh contiguous array, so one variant is built."""
-    return mx.compile(lambda codes: _select_tree(codes, centroids, bits))
+def native_library():
+    """The loaded kernel, or None (with one warning saying why) when no C compiler can build it."""
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn("kvshard: no C compiler (gcc/cc, or $CC) found: CPU attention over codes takes the portable "
+                      "MLX path, which is several times slower", RuntimeWarning, stacklevel=2)
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+        warnings.warn(f"kvshard: the CPU attention kernel did not build with {compiler} ({err}): CPU attention "
+                      "over codes takes the portable MLX path", RuntimeWarning, stacklevel=2)
+        return None
+    library.kvshard_attend.restype = ctypes.c_int
+    return library
 
 
-def _decoders(method) -> list:
-    """One callable per code slot of a byte; slot k of byte i holds coordinate i·(8/bits) + k."""
-    bits = method.bits
-    decode = _centroid_decoder(_floats(method.codebook.centroids), bits)
-    mask = (1 << bits) - 1
-    return [lambda packed, shift=k * bits: decode((packed >> shift) & mask) for k in range(8 // bits)]
+def _threads() -> int:
+    value = os.environ.get(ENV_THREADS)
+    if value is None:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{ENV_THREADS} must be a positive integer, got {value!r}")
+    return int(value)
 
 
-def _cpu_blocks(length: int):
-    """(start, size, first_new) per block: fixed-size blocks; the last overlaps its predecessor and counts
-    only tokens from first_new on. Contexts shorter than a block use one block rounded up to a power of two."""
-    if length >= CPU_BLOCK:
-        blocks = [(s, CPU_BLOCK, s) for s in range(0, length - CPU_BLOCK + 1, CPU_BLOCK)]
-        done = blocks[-1][0] + CPU_BLOCK
-        if done < length:
-            blocks.append((length - CPU_BLOCK, CPU_BLOCK, done))
-        return blocks
-    return [(0, max(64, 1 << (length - 1).bit_length()), 0)]
+# ---- code layouts ------------------------------------------------------------------------------------------
 
 
-def _take_block(codes: dict, start: int, size: int, length: int) -> dict:
-    """Tokens [start, start + size) of a code dict, zero-padded past `length` (only for short contexts)."""
-    stop = min(start + size, length)
-    out = {}
-    for name, a in codes.items():
-        block = a[:, :, start:stop]
-        if stop - start < size:
-            pad = mx.zeros((*a.shape[:2], size - (stop - start), a.shape[3]), dtype=a.dtype)
-            block = mx.concatenate([block, pad], axis=2)
-        out[name] = block
-    return out
+_i32, _f32 = ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)
+GROUP_FIELDS = ("group_coord", "group_offset", "group_bits", "group_count", "group_table")
+
+
+class _Layout(ctypes.Structure):
+    _fields_ = [("dim", ctypes.c_int32), ("bytes", ctypes.c_int32), ("n_groups", ctypes.c_int32)] + [
+        (name, _i32) for name in GROUP_FIELDS] + [
+        ("centroids", _f32), ("scale_kind", ctypes.c_int32), ("log_center", ctypes.c_float)]
+
+
+class _Codes(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p)] + [
+        (name, ctypes.c_int64) for name in ("codes_b", "codes_h", "codes_t", "scale_b", "scale_h", "scale_t")]
+
+
+class _PreRope(ctypes.Structure):
+    _fields_ = [("n_pairs", ctypes.c_int32), ("traditional", ctypes.c_int32), ("omega", ctypes.c_void_p),
+                ("first_position", ctypes.c_int64), ("synthesis_t", ctypes.c_void_p), ("key_mean", ctypes.c_void_p),
+                ("mean_b", ctypes.c_int64), ("mean_h", ctypes.c_int64), ("dim_padded", ctypes.c_int32)]
+
+
+class _Masking(ctypes.Structure):
+    _fields_ = [("mask", ctypes.c_void_p)] + [
+        (name, ctypes.c_int64) for name in ("mask_b", "mask_h", "mask_g", "mask_l", "mask_t")] + [
+        ("query_len", ctypes.c_int32)]
+
+
+def _ptr(a: np.ndarray, kind):
+    return a.ctypes.data_as(kind)
+
+
+class CodeLayout:
+    """How a method's per-token codes decode, as the kernel reads them: runs of (coordinates, bits, centroids)
+    in one little-endian bit stream (quant/packing.py), cut into groups of up to 8 coordinates, and one scale
+    per token (fp16, or klt's log-scale byte). Holds the numpy arrays the ctypes structure points into."""
+
+    def __init__(self, runs: list, width: int, scale_kind: int, log_center: float = 0.0):
+        groups, tables, table_at = [], [], 0  # (first coordinate, bit offset, bits, count, centroids' start)
+        coord = offset = 0
+        for n, b, centroids in runs:
+            table = np.zeros(max(16, 1 << b), np.float32)
+            table[: 1 << b] = np.asarray(centroids, np.float32)
+            # A group's codes come from one 64-bit window shifted by up to 7 bits: at most 57 bits of codes.
+            size = 8 if b <= 4 else min(8, 57 // b)
+            groups += [(coord + j, offset + j * b, b, min(size, n - j), table_at) for j in range(0, n, size)]
+            tables.append(table)
+            table_at += table.size
+            coord += n
+            offset += n * b
+        if (offset + 7) // 8 != width:
+            raise ValueError(f"code layout holds {offset} bits per token, the method stores {width} bytes")
+        self.arrays = a = {"centroids": np.concatenate(tables)}
+        for k, name in enumerate(GROUP_FIELDS):
+            a[name] = np.asarray([group[k] for group in groups], np.int32)
+        self.dim = coord
+        self.struct = _Layout(coord, width, len(groups), *(_ptr(a[name], _i32) for name in GROUP_FIELDS),
+                              _ptr(a["centroids"], _f32), scale_kind, log_center)
+
+
+_LAYOUTS = {}
+
+
+def code_layout(method) -> CodeLayout | None:
+    """The layout of a method's codes, or None when the kernel does not cover the method. Cached per method
+    object (methods live as long as their caches)."""
+    hit = _LAYOUTS.get(id(method))
+    if hit is None or hit[0] is not method:
+        hit = _LAYOUTS[id(method)] = (method, _make_layout(method))
+    return hit[1]
+
+
+def _make_layout(method) -> CodeLayout | None:
+    if isinstance(method, ScaledKeys):  # the scale acts on the query and the output only; codes are inner's
+        return _make_layout(method.inner)
+    width = method.layout["idx"][0] if hasattr(method, "layout") else 0
+    if isinstance(method, TurboQuantMSE):
+        runs = [(method.head_dim, method.bits, np.array(method.codebook.centroids))]
+        layout = CodeLayout(runs, width, 0)
+    elif isinstance(method, KLT):
+        runs = [(n, b, np.array(cb.centroids)) for (n, b), cb in zip(method._runs, method.codebooks)]
+        layout = CodeLayout(runs, width, 1 if method.plan.norm_bits == 8 else 0, float(method._log_norm_center))
+    else:
+        return None
+    return layout if layout.dim <= MAX_DIM and width <= MAX_BYTES else None
+
+
+# ---- attention ---------------------------------------------------------------------------------------------
+
+
+def cpu_supported(key_method, value_method, tokens: int | None = None) -> bool:
+    """Whether the native kernel covers these methods (and, given `tokens`, whether it is worth calling)."""
+    return (
+        (tokens is None or tokens >= CPU_MIN_TOKENS)
+        and native_library() is not None
+        and code_layout(key_method) is not None
+        and code_layout(value_method) is not None
+        and key_method.head_dim <= MAX_DIM
+    )
+
+
+def _code_tensor(codes: dict) -> tuple:
+    """A segment's (B, H, T, ·) code arrays as the kernel's strided view (no copy), and the arrays kept alive."""
+    idx, scale = np.asarray(codes["idx"]), np.asarray(codes["norm"])
+    if idx.strides[-1] != 1:
+        idx = np.ascontiguousarray(idx)
+    item = scale.itemsize
+    struct = _Codes(idx.ctypes.data, scale.ctypes.data, *idx.strides[:3],
+                    *(stride // item for stride in scale.strides[:3]))
+    return struct, (idx, scale)
+
+
+def _masking(allowed, B: int, H: int, g: int, L: int, T: int) -> tuple:
+    """The caller's mask (None, bool or additive; (L, T) or (B, 1 or Hq, L, T)) as an additive fp32 array with
+    broadcast strides over (B, H, g, L, T)."""
+    if allowed is None:
+        return _Masking(None, 0, 0, 0, 0, 0, max(L, 1)), None
+    if allowed.dtype == mx.bool_:
+        allowed = mx.where(allowed, 0.0, -mx.inf)
+    allowed = allowed.astype(mx.float32)
+    if allowed.ndim == 4:
+        allowed = allowed.reshape(allowed.shape[0], -1, g if allowed.shape[1] > 1 else 1, *allowed.shape[-2:])
+    mask = np.broadcast_to(np.asarray(allowed), (B, H, g, L, T))
+    strides = [s // 4 for s in mask.strides]
+    return _Masking(mask.ctypes.data, *strides, L), mask
+
+
+def _pre_rope(segment, key_method, B: int, H: int) -> tuple:
+    """The kernel's description of keys coded before RoPE: RoPE's angles, the synthesis per head and the key
+    mean, their rows zero-padded to whole vectors of 8 floats."""
+    frequencies, traditional, first_position = segment.key_rope
+    omega = np.ascontiguousarray(frequencies, np.float64)
+    d = key_method.head_dim
+    padded = -(-d // 8) * 8
+    synthesis = np.asarray(key_method._synthesis).transpose(0, 2, 1)  # (H or 1, m, d)
+    synthesis_t = np.zeros((H, synthesis.shape[1], padded), np.float32)
+    synthesis_t[..., :d] = synthesis
+    mean = None
+    if segment.key_mean is not None:
+        mean = np.zeros((B, H, padded), np.float32)
+        mean[..., :d] = np.asarray(segment.key_mean.astype(mx.float32))[:, :, 0]
+    struct = _PreRope(omega.size, int(traditional), omega.ctypes.data, int(first_position), synthesis_t.ctypes.data,
+                      None if mean is None else mean.ctypes.data, *((0, 0) if mean is None else
+                      (mean.strides[0] // 4, mean.strides[1] // 4)), padded)
+    return struct, (omega, synthesis_t, mean)
 
 
 def cpu_code_attention(q, segment, key_method, value_method, allowed_for):
-    """One code segment on the CPU fast path.
+    """One code segment in the native kernel.
 
     q: (B, Hkv, g, L, D) fp32, already scaled. allowed_for(start, size) gives the caller's mask for key
     positions [start, start + size) of the segment (None, bool or additive), shaped for (B, Hkv, g, L, t).
     Returns (out (B, Hkv, g, L, D) fp32, lse (B, Hkv, g, L, 1))."""
-    from ..attention import _apply_mask  # noqa: PLC0415 (attention imports this module)
-
+    library = native_library()
+    key_layout, value_layout = code_layout(key_method), code_layout(value_method)
+    if library is None or key_layout is None or value_layout is None:
+        raise ValueError("the CPU kernel does not cover these methods (or no C compiler built it)")
     B, H, g, L, D = q.shape
-    R = g * L
-    q_rot = key_method.rotate_query(q).reshape(B, H, R, D)
-    key_slots, value_slots = 8 // key_method.bits, 8 // value_method.bits
-    q_slots = [q_rot[..., k::key_slots] for k in range(key_slots)]
-    key_decoders, value_decoders = _decoders(key_method), _decoders(value_method)
-    length = segment.length
+    R, T = g * L, segment.length
+    pre_rope = segment.key_rope is not None
+    if pre_rope and not isinstance(key_method, KLT):
+        raise ValueError("keys coded before RoPE need a klt key method")
+    queries = q if pre_rope else key_method.rotate_query(q)
+    queries = queries.astype(mx.float32).reshape(B, H, R, -1)
+    allowed = allowed_for(0, T)
+    mx.eval(queries, segment.key_codes, segment.value_codes, *([] if allowed is None else [allowed]))
 
-    running_max = mx.full((B, H, R, 1), -mx.inf)
-    denominator = mx.zeros((B, H, R, 1))
-    acc = [mx.zeros((B, H, R, D // value_slots)) for _ in range(value_slots)]
-    for start, size, first_new in _cpu_blocks(length):
-        kc = _take_block(segment.key_codes, start, size, length)
-        vc = _take_block(segment.value_codes, start, size, length)
-        scores = sum(qs @ dec(kc["idx"]).swapaxes(-1, -2) for qs, dec in zip(q_slots, key_decoders))
-        scores = scores * kc["norm"].astype(mx.float32).swapaxes(-1, -2)
-        scores = scores.reshape(B, H, g, L, size)
-        real = min(size, length - start)
-        allowed = allowed_for(start, real)
-        if real < size:
-            allowed = _pad_mask(allowed, size - real)
-        scores = _apply_mask(scores, allowed)
-        if first_new > start or real < size:
-            positions = mx.arange(start, start + size)
-            scores = mx.where((positions >= first_new) & (positions < length), scores, -mx.inf)
-        scores = scores.reshape(B, H, R, size)
-        block_max = mx.maximum(running_max, scores.max(axis=-1, keepdims=True))
-        safe_max = mx.where(mx.isinf(block_max), 0.0, block_max)
-        correction = mx.exp(running_max - safe_max)
-        weights = mx.exp(scores - safe_max)
-        denominator = denominator * correction + weights.sum(axis=-1, keepdims=True)
-        weights = weights * vc["norm"].astype(mx.float32).swapaxes(-1, -2)
-        acc = [a * correction + weights @ dec(vc["idx"]) for a, dec in zip(acc, value_decoders)]
-        running_max = block_max
-
-    rotated = mx.stack(acc, axis=-1).reshape(B, H, R, D) if value_slots > 1 else acc[0]
-    out = value_method.unrotate(rotated) / mx.maximum(denominator, 1e-30)
-    lse = mx.where(mx.isinf(running_max), 0.0, running_max) + mx.log(denominator)
-    if segment.key_mean is not None:
-        lse = lse + (q.reshape(B, H, R, D) * segment.key_mean.astype(mx.float32)).sum(-1, keepdims=True)
-    return out.reshape(B, H, g, L, D), lse.reshape(B, H, g, L, 1)
+    q_np = np.ascontiguousarray(np.asarray(queries))
+    keys, keep_k = _code_tensor(segment.key_codes)
+    values, keep_v = _code_tensor(segment.value_codes)
+    masking, keep_m = _masking(allowed, B, H, g, L, T)
+    rope, keep_r = _pre_rope(segment, key_method, B, H) if pre_rope else (None, None)
+    out = np.empty((B, H, R, value_layout.dim), np.float32)
+    lse = np.empty((B, H, R), np.float32)
+    threads = _threads()
+    chunk = max(CHUNK_TOKENS, -(-T // (4 * threads)))
+    status = library.kvshard_attend(
+        _ptr(q_np, _f32), B, H, R, q_np.shape[-1], ctypes.c_int64(T), ctypes.byref(key_layout.struct),
+        ctypes.byref(keys), ctypes.byref(value_layout.struct), ctypes.byref(values),
+        ctypes.byref(rope) if rope is not None else None, ctypes.byref(masking), chunk, threads,
+        _ptr(out, _f32), _ptr(lse, _f32))
+    del keep_k, keep_v, keep_m, keep_r
+    if status != 0:
+        raise RuntimeError("the CPU attention kernel refused its sizes or ran out of memory")
+    rotated = mx.array(out).reshape(B, H, g, L, -1)
+    result = value_method.unrotate(rotated)
+    lse = mx.array(lse).reshape(B, H, g, L, 1)
+    if segment.key_mean is not None and not pre_rope:
+        lse = lse + (q * segment.key_mean[:, :, None].astype(mx.float32)).sum(-1, keepdims=True)
+    return result, lse
 
 
-def _pad_mask(allowed, pad: int):
-    """Extend a block mask over `pad` padded key positions (which the caller masks out anyway)."""
-    if allowed is None:
-        return None
-    filler = mx.zeros((*allowed.shape[:-1], pad), dtype=allowed.dtype)
-    return mx.concatenate([allowed, filler], axis=-1)
+# ---- encode -------------------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=None)
