@@ -206,15 +206,16 @@ def code_layout(method) -> CodeLayout | None:
 def _make_layout(method) -> CodeLayout | None:
     if isinstance(method, ScaledKeys):  # the scale acts on the query and the output only; codes are inner's
         return _make_layout(method.inner)
-    width = method.layout["idx"][0] if hasattr(method, "layout") else 0
     if isinstance(method, TurboQuantMSE):
         runs = [(method.head_dim, method.bits, np.array(method.codebook.centroids))]
-        layout = CodeLayout(runs, width, 0)
+        layout = CodeLayout(runs, method.layout["idx"][0], 0)
     elif isinstance(method, KLT):
         runs = [(n, b, np.array(cb.centroids)) for (n, b), cb in zip(method._runs, method.codebooks)]
-        layout = CodeLayout(runs, width, 1 if method.plan.norm_bits == 8 else 0, float(method._log_norm_center))
+        scale_kind = 1 if method.plan.norm_bits == 8 else 0
+        layout = CodeLayout(runs, method.layout["idx"][0], scale_kind, float(method._log_norm_center))
     else:
         return None
+    width = method.layout["idx"][0]
     return layout if layout.dim <= MAX_DIM and width <= MAX_BYTES else None
 
 
