@@ -32,7 +32,10 @@ from ..methods.klt import KLT
 from ..methods.scaled import ScaledKeys
 from ..methods.turboquant_mse import TurboQuantMSE
 
-ENV_THREADS = "KVSHARD_CPU_THREADS"  # threads of the native kernel; default: every core
+# Threads of the native kernel. Default 1: a parallel call ends at a barrier that waits for every thread, and
+# on a shared machine the second core is often busy, so waking a thread for it cost more than it saved (a
+# decode step over 8K tokens takes ~2-3 ms per layer on one core). benchmarks/decode_cpu_e2e.py measures both.
+ENV_THREADS = "KVSHARD_CPU_THREADS"
 ENV_CACHE = "KVSHARD_KERNEL_CACHE"  # where the compiled kernel is kept; default ~/.cache/kvshard/kernels
 SOURCE = Path(__file__).with_name("src") / "cpu_attention.c"
 # Tried in order: this machine's vector units, then AVX2 + FMA, then the compiler's default target.
@@ -110,6 +113,8 @@ def native_library():
         warnings.warn("kvshard: no C compiler (gcc/cc, or $CC) found: CPU attention over codes takes the portable "
                       "MLX path, which is several times slower", RuntimeWarning, stacklevel=2)
         return None
+    # Idle OpenMP threads sleep rather than spin between calls: MLX and OpenBLAS need the cores in between.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     try:
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
@@ -123,7 +128,7 @@ def native_library():
 def _threads() -> int:
     value = os.environ.get(ENV_THREADS)
     if value is None:
-        return os.cpu_count() or 1
+        return 1
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{ENV_THREADS} must be a positive integer, got {value!r}")
     return int(value)
@@ -259,6 +264,20 @@ def _masking(allowed, B: int, H: int, g: int, L: int, T: int) -> tuple:
     return _Masking(mask.ctypes.data, *strides, L), mask
 
 
+_SYNTHESES = {}
+
+
+def _padded_synthesis(key_method, H: int, padded: int) -> np.ndarray:
+    """(H, m, padded) fp32: column j of head h's synthesis as row j, zero-padded; built once per method."""
+    hit = _SYNTHESES.get(id(key_method))
+    if hit is None or hit[0] is not key_method or hit[1].shape[0] != H:
+        synthesis = np.asarray(key_method._synthesis).transpose(0, 2, 1)  # (H or 1, m, d)
+        rows = np.zeros((H, synthesis.shape[1], padded), np.float32)
+        rows[..., : synthesis.shape[2]] = synthesis
+        hit = _SYNTHESES[id(key_method)] = (key_method, rows)
+    return hit[1]
+
+
 def _pre_rope(segment, key_method, B: int, H: int) -> tuple:
     """The kernel's description of keys coded before RoPE: RoPE's angles, the synthesis per head and the key
     mean, their rows zero-padded to whole vectors of 8 floats."""
@@ -266,9 +285,7 @@ def _pre_rope(segment, key_method, B: int, H: int) -> tuple:
     omega = np.ascontiguousarray(frequencies, np.float64)
     d = key_method.head_dim
     padded = -(-d // 8) * 8
-    synthesis = np.asarray(key_method._synthesis).transpose(0, 2, 1)  # (H or 1, m, d)
-    synthesis_t = np.zeros((H, synthesis.shape[1], padded), np.float32)
-    synthesis_t[..., :d] = synthesis
+    synthesis_t = _padded_synthesis(key_method, H, padded)
     mean = None
     if segment.key_mean is not None:
         mean = np.zeros((B, H, padded), np.float32)

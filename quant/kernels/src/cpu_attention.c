@@ -145,24 +145,33 @@ typedef struct {
 } pre_rope;
 
 // RoPE of a block of n tokens as x' = x * C + partner(x) * S per coordinate, C and S rows (stride floats) per
-// token: cosines and signed sines, stepped from the block's first position by the angle of one position.
+// token: cosines and signed sines. Each pair's angle is stepped from the block's first position by the angle
+// of one position (in double precision; pairs side by side, so the steps vectorise).
 static void rope_table(const pre_rope *P, int64_t position, int n, int dim, int stride, float *C, float *S) {
-    for (int t = 0; t < n; t++)
-        for (int i = 0; i < dim; i++) {
-            C[t * stride + i] = 1.0f;
-            S[t * stride + i] = 0.0f;
+    double c[MAX_DIM / 2], s[MAX_DIM / 2], c1[MAX_DIM / 2], s1[MAX_DIM / 2];
+    const int pairs = P->n_pairs;
+    for (int i = 0; i < pairs; i++) {
+        c[i] = cos((double)position * P->omega[i]);
+        s[i] = sin((double)position * P->omega[i]);
+        c1[i] = cos(P->omega[i]);
+        s1[i] = sin(P->omega[i]);
+    }
+    for (int t = 0; t < n; t++) {
+        float *Ct = C + t * stride, *St = S + t * stride;
+        for (int i = 2 * pairs; i < dim; i++) {
+            Ct[i] = 1.0f;
+            St[i] = 0.0f;
         }
-    for (int i = 0; i < P->n_pairs; i++) {
-        const int a = P->traditional ? 2 * i : i, b = P->traditional ? 2 * i + 1 : i + P->n_pairs;
-        double c = cos((double)position * P->omega[i]), s = sin((double)position * P->omega[i]);
-        const double c1 = cos(P->omega[i]), s1 = sin(P->omega[i]);
-        for (int t = 0; t < n; t++) {
-            C[t * stride + a] = C[t * stride + b] = (float)c;
-            S[t * stride + a] = (float)-s;
-            S[t * stride + b] = (float)s;
-            const double next_c = c * c1 - s * s1;
-            s = s * c1 + c * s1;
-            c = next_c;
+        for (int i = 0; i < pairs; i++) {
+            const int a = P->traditional ? 2 * i : i, b = P->traditional ? 2 * i + 1 : i + pairs;
+            Ct[a] = Ct[b] = (float)c[i];
+            St[a] = (float)-s[i];
+            St[b] = (float)s[i];
+        }
+        for (int i = 0; i < pairs; i++) {
+            const double next_c = c[i] * c1[i] - s[i] * s1[i];
+            s[i] = s[i] * c1[i] + c[i] * s1[i];
+            c[i] = next_c;
         }
     }
 }
@@ -170,6 +179,27 @@ static void rope_table(const pre_rope *P, int64_t position, int n, int dim, int 
 static inline int partner(const pre_rope *P, int i) {
     if (P->traditional) return i < 2 * P->n_pairs ? i ^ 1 : i;
     return i < P->n_pairs ? i + P->n_pairs : i < 2 * P->n_pairs ? i - P->n_pairs : i;
+}
+
+// x' = x * C + partner(x) * S over whole vectors: partner swaps neighbours (traditional) or halves of the
+// rotated dims (a multiple of 16 of them); other layouts go coordinate by coordinate.
+static inline void rope_apply(const pre_rope *P, int qdim, const v8 *x, const float *C, const float *S,
+                              const int32_t *partner_of, float *out) {
+    const int chunks = (qdim + LANES - 1) / LANES, half = P->n_pairs / LANES;
+    if (P->traditional && qdim % LANES == 0) {
+        for (int c = 0; c < chunks; c++) {
+            const v8 swapped = __builtin_shuffle(x[c], (v8i){1, 0, 3, 2, 5, 4, 7, 6});
+            *(v8u *)(out + c * LANES) = x[c] * *(const v8u *)(C + c * LANES) + swapped * *(const v8u *)(S + c * LANES);
+        }
+    } else if (!P->traditional && qdim % LANES == 0 && P->n_pairs % LANES == 0) {
+        for (int c = 0; c < chunks; c++) {
+            const v8 other = c < half ? x[c + half] : c < 2 * half ? x[c - half] : x[c];
+            *(v8u *)(out + c * LANES) = x[c] * *(const v8u *)(C + c * LANES) + other * *(const v8u *)(S + c * LANES);
+        }
+    } else {
+        const float *xs = (const float *)x;
+        for (int i = 0; i < qdim; i++) out[i] = xs[i] * C[i] + xs[partner_of[i]] * S[i];
+    }
 }
 
 // Additive mask given by element strides over (B, H, group, L, T), 0 where it broadcasts; row r of a head is
@@ -228,25 +258,45 @@ static void attend_chunk(int64_t b, int64_t t0, int64_t t1, int H, int R, int qd
                 const int dp = P->dim_padded, dchunks = dp / LANES;
                 const float *St = P->synthesis_t + h * (int64_t)mk * dp;
                 const float *mean = P->key_mean ? P->key_mean + b * P->mean_b + h * P->mean_h : NULL;
-                for (int t = 0; t < n; t++) {
-                    float *z = w->zk + t * kstride;
-                    v8 x[MAX_DIM / LANES];
-                    for (int g = 0; g < dchunks; g += 8) {
-                        const int in_group = dchunks - g < 8 ? dchunks - g : 8;
-                        v8 a[8];
-                        for (int c = 0; c < 8; c++) a[c] = (v8){0};
-                        for (int j = 0; j < mk; j++) {
-                            const v8 zj = (v8){0} + z[j];
-                            const v8u *row = (const v8u *)(St + (int64_t)j * dp) + g;
-                            for (int c = 0; c < 8; c++)
-                                if (c < in_group) a[c] += zj * row[c];
+                // Two tokens per pass over S, 32 coordinates at a time: each row of S loaded serves both.
+                for (int t = 0; t < n; t += 2) {
+                    const int u = t + 1 < n ? t + 1 : t;
+                    float *z0 = w->zk + t * kstride, *z1 = w->zk + u * kstride;
+                    v8 x0[MAX_DIM / LANES], x1[MAX_DIM / LANES];
+                    for (int g = 0; g < dchunks; g += 4) {
+                        const int in_group = dchunks - g < 4 ? dchunks - g : 4;
+                        v8 a0[4] = {{0}}, a1[4] = {{0}};
+                        if (in_group == 4) {  // the usual case, with no per-chunk test: accumulators stay in registers
+                            for (int j = 0; j < mk; j++) {
+                                const v8 c0 = (v8){0} + z0[j], c1 = (v8){0} + z1[j];
+                                const v8u *row = (const v8u *)(St + (int64_t)j * dp) + g;
+                                for (int c = 0; c < 4; c++) {
+                                    a0[c] += c0 * row[c];
+                                    a1[c] += c1 * row[c];
+                                }
+                            }
+                        } else {
+                            for (int j = 0; j < mk; j++) {
+                                const v8 c0 = (v8){0} + z0[j], c1 = (v8){0} + z1[j];
+                                const v8u *row = (const v8u *)(St + (int64_t)j * dp) + g;
+                                for (int c = 0; c < in_group; c++) {
+                                    a0[c] += c0 * row[c];
+                                    a1[c] += c1 * row[c];
+                                }
+                            }
                         }
-                        for (int c = 0; c < in_group; c++)
-                            x[g + c] = a[c] * kscale[t] + (mean ? ((const v8u *)mean)[g + c] : (v8){0});
+                        for (int c = 0; c < in_group; c++) {
+                            const v8 shift = mean ? ((const v8u *)mean)[g + c] : (v8){0};
+                            x0[g + c] = a0[c] * kscale[t] + shift;
+                            x1[g + c] = a1[c] * kscale[u] + shift;
+                        }
                     }
-                    const float *xs = (const float *)x, *C = w->C + t * kstride, *S = w->S + t * kstride;
-                    for (int i = 0; i < qdim; i++) z[i] = xs[i] * C[i] + xs[w->partner[i]] * S[i];
-                    kscale[t] = 1.0f;
+                    for (int pass = 0; pass < (u > t ? 2 : 1); pass++) {
+                        const int at = pass ? u : t;
+                        rope_apply(P, qdim, pass ? x1 : x0, w->C + at * kstride, w->S + at * kstride, w->partner,
+                                   pass ? z1 : z0);
+                        kscale[at] = 1.0f;
+                    }
                 }
             }
             for (int t = 0; t < n; t++) {
