@@ -158,9 +158,9 @@ def _pick_path(choice, queries, segments, key_method, value_method, mask) -> str
     codes = _code_segments(segments)
     if choice == "pure" or (choice == "auto" and not codes):
         return "pure"
-    # Keys coded before RoPE are scored decoded (portable or prefill path); the fused kernels score codes.
+    # Keys coded before RoPE are scored decoded (portable, prefill or CPU kernel path); the GPU kernels score codes.
     pre_rope = any(seg.key_rope is not None for _, seg in codes)
-    if pre_rope and choice not in ("auto", "prefill"):
+    if pre_rope and choice not in ("auto", "prefill", "cpu"):
         raise ValueError(f"backend {choice!r} does not cover keys coded before RoPE")
     L = queries.shape[2]
     total = sum(s.length for s in segments)
@@ -168,7 +168,7 @@ def _pick_path(choice, queries, segments, key_method, value_method, mask) -> str
         gpu = kernels.gpu_backend()
         if gpu is None:
             tokens = sum(seg.length for _, seg in codes)
-            return "cpu" if not pre_rope and kernels.cpu_supported(key_method, value_method, tokens) else "pure"
+            return "cpu" if kernels.cpu_supported(key_method, value_method, tokens) else "pure"
         if any(_allowed(mask, L, total, start, seg.length) is not None for start, seg in codes):
             return "prefill"
         covered = all(kernels.gpu_supported(queries, seg, key_method, value_method) for _, seg in codes)
@@ -177,7 +177,7 @@ def _pick_path(choice, queries, segments, key_method, value_method, mask) -> str
         return "prefill"
     if choice == "cpu":
         if not kernels.cpu_supported(key_method, value_method):
-            raise ValueError("backend 'cpu' covers turboquant_mse keys and values with 1, 2 or 4 bits")
+            raise ValueError("backend 'cpu' covers turboquant_mse and klt keys and values (and needs a C compiler)")
         return "cpu"
     if kernels.gpu_backend() != choice:
         raise ValueError(f"backend {choice!r} needs the default device to be a {choice} GPU")

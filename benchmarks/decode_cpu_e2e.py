@@ -1,0 +1,186 @@
+"""End-to-end decode of the embedded SmolLM2-135M on the CPU at a long context: mlx_lm's KVCache and
+QuantizedKVCache beside kvshard's caches, in one run.
+
+The loop every series runs: the context is prefilled once, in chunks, with mlx_lm's KVCache; each series'
+caches then take each layer's K/V in the same chunks (so every series attends over the same
+history; a compressed prefill would differ only by its quantization error). Then a warm-up, and rounds of
+decode steps (model call + greedy token, evaluated) with the order of the series reversed every round, so
+that the machine's load drifts over all of them alike. Reported per series: the median step time of all
+its steps, tokens/s, its ratio to mlx_lm's KVCache, peak memory during its steps (`mx.get_peak_memory`, model weights
+included) and the bytes its caches hold, with effective bits per K/V element (8 * bytes / elements).
+
+The calibrated klt configuration is quant/eval.py's `klt_config` (keys coded before RoPE, 4 fp16 sinks) at a
+4.25-bit budget, the bits of turboquant_mse k4/v4, with moments from `collect_moments` on 2 of the
+calibration texts (1024 tokens each) and equal layer weights: the eval's full calibration takes tens of
+minutes on this shared CPU, and it moves bits between layers and coordinates, not the decode work.
+The prompt is the start of Pride and Prejudice (quant/data), repeated to the context length.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
+        python benchmarks/decode_cpu_e2e.py [--context 8192] [--rounds 4] [--steps 8] [--out benchmarks/results]
+writes decode_cpu_e2e.json and decode_cpu_e2e.png.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import mlx.core as mx
+from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
+
+from kvshard.quant import KVCacheBuilder, KVCacheConfig, kernels, load_model
+from kvshard.quant.bench import device_info
+from kvshard.quant.eval import Float16KVCache, klt_config, load_text
+from kvshard.quant.kernels import cpu
+from kvshard.quant.klt_calibration import calibration_texts, collect_moments
+
+CHUNK = 512
+BASELINE = "mlx_lm KVCache (the model's dtype: fp32 on this CPU)"
+
+
+def _series(model, tokenizer, window: int) -> dict:
+    """name -> (make caches, environment for its steps)."""
+    n_layers = len(model.layers)
+    started = time.perf_counter()
+    moments = collect_moments(model, tokenizer, calibration_texts(chunks=2), max_tokens=1024, skip_tokens=4)
+    print(f"klt moments: {time.perf_counter() - started:.1f} s", flush=True)
+    klt = klt_config(model, 4.25, {"moments": moments, "keys": [1.0] * n_layers, "values": [1.0] * n_layers})
+    ours = lambda config: (lambda: KVCacheBuilder.for_model(model, config))  # noqa: E731
+    return {
+        BASELINE: (lambda: make_prompt_cache(model), {}),
+        "mlx_lm KVCache holding fp16 (eval's Float16KVCache)": (lambda: [Float16KVCache() for _ in range(n_layers)],
+                                                                {}),
+        "mlx_lm QuantizedKVCache 4-bit": (lambda: [QuantizedKVCache(group_size=64, bits=4) for _ in range(n_layers)],
+                                          {}),
+        "kvshard turboquant_mse k4/v4": (ours(KVCacheConfig(bit_width_inlier=4)), {}),
+        "kvshard turboquant_mse k4/v4, kernel on 2 threads": (ours(KVCacheConfig(bit_width_inlier=4)),
+                                                              {cpu.ENV_THREADS: "2"}),
+        "kvshard turboquant_mse k2/v2": (ours(KVCacheConfig(bit_width_inlier=2)), {}),
+        f"kvshard turboquant_mse k4/v4, fp16 window {window}": (ours(KVCacheConfig(bit_width_inlier=4, window=window)),
+                                                               {}),
+        "kvshard klt <= 4.25 bits, keys before RoPE": (ours(klt), {}),
+        "kvshard turboquant_mse k4/v4, portable MLX path": (ours(KVCacheConfig(bit_width_inlier=4)),
+                                                            {kernels.ENV_BACKEND: "pure"}),
+    }
+
+
+def _prefill(model, prompt) -> list:
+    """Per chunk, per layer: the (keys, values) mlx_lm's KVCache received; and those caches."""
+    caches = make_prompt_cache(model)
+    chunks = []
+    for start in range(0, prompt.size, CHUNK):
+        model(prompt[None, start : start + CHUNK], cache=caches)
+        mx.eval([c.state for c in caches])
+        chunks.append([(c.keys[:, :, start : c.offset], c.values[:, :, start : c.offset]) for c in caches])
+    return chunks, caches
+
+
+def _fill(caches, chunks) -> None:
+    for chunk in chunks:
+        for cache, (keys, values) in zip(caches, chunk):
+            cache.update_and_fetch(keys, values)
+        mx.eval([c.state for c in caches])
+
+
+def _held_bytes(caches) -> int:
+    return sum(c.nbytes for c in caches)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per series per round")
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model("smollm2-135m")
+    series = _series(model, tokenizer, args.window)
+    tokens = tokenizer.encode(load_text("pride_and_prejudice"))
+    while len(tokens) < args.context:
+        tokens = tokens + tokens
+    prompt = mx.array(tokens[: args.context])
+    started = time.perf_counter()
+    chunks, plain = _prefill(model, prompt)
+    print(f"prefill {args.context} tokens: {time.perf_counter() - started:.1f} s", flush=True)
+
+    state = {}
+    for name, (make, environment) in series.items():
+        caches = plain if name == BASELINE else make()
+        if caches is not plain:
+            _fill(caches, chunks)
+        state[name] = {"caches": caches, "environment": environment, "token": mx.array([tokens[args.context]]), "times": [],
+                       "peak": 0, "bytes": _held_bytes(caches)}
+    del chunks
+    elements = 2 * sum(c.keys[:, :, : c.offset].size for c in plain)  # K and V elements of the context
+
+    def step(s):
+        logits = model(s["token"][None], cache=s["caches"])
+        s["token"] = mx.argmax(logits[0, -1:], axis=-1)
+        mx.eval(s["token"])
+
+    names = list(series)
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        for name in names if round_ % 2 else names[::-1]:
+            s = state[name]
+            os.environ.update(s["environment"])
+            mx.synchronize()
+            mx.reset_peak_memory()
+            for _ in range(args.steps if round_ else 2):
+                start = time.perf_counter()
+                step(s)
+                if round_:
+                    s["times"].append(time.perf_counter() - start)
+            s["peak"] = max(s["peak"], mx.get_peak_memory())
+            for variable in s["environment"]:
+                os.environ.pop(variable)
+        print(f"round {round_} done", flush=True)
+
+    base = statistics.median(state[BASELINE]["times"])
+    rows = []
+    for name in names:
+        s = state[name]
+        median = statistics.median(s["times"])
+        quartiles = statistics.quantiles(s["times"], n=4)
+        rows.append({"series": name, "median_step_ms": 1e3 * median, "q1_ms": 1e3 * quartiles[0],
+                     "q3_ms": 1e3 * quartiles[2], "tokens_per_s": 1 / median, "vs_baseline": base / median,
+                     "steps": len(s["times"]), "peak_memory_bytes": s["peak"], "cache_bytes": s["bytes"],
+                     "effective_bits": 8 * s["bytes"] / elements})
+        print(f"{name:56s} {1e3 * median:8.1f} ms  {1 / median:6.2f} tok/s  {base / median:5.2f}x  "
+              f"peak {s['peak'] / 2**20:7.1f} MiB  {8 * s['bytes'] / elements:5.2f} bits", flush=True)
+    result = {"device": device_info(), "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to fp32)",
+              "context": args.context, "prefill_chunk": CHUNK, "rounds": args.rounds, "steps_per_round": args.steps,
+              "baseline": BASELINE,
+              "load_average_after": os.getloadavg(), "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "decode_cpu_e2e.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    _plot(result, os.path.join(args.out, "decode_cpu_e2e.png"))
+
+
+def _plot(result: dict, path: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    bars = ax.barh([r["series"] for r in rows][::-1], [r["tokens_per_s"] for r in rows][::-1],
+                   color=["#888" if r["series"].startswith("mlx_lm") else "#2a7" for r in rows][::-1])
+    for bar, r in zip(bars, rows[::-1]):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                f" {r['tokens_per_s']:.2f} tok/s, {r['vs_baseline']:.2f}x, {r['effective_bits']:.2f} bits", va="center",
+                fontsize=8)
+    ax.set_xlabel("decode tokens/s (median step)")
+    ax.set_title(f"SmolLM2-135M decode at {result['context']} tokens, {result['device'].get('cpu', 'CPU')}, "
+                 f"{result['device'].get('cpu_count')} cores", fontsize=10)
+    ax.set_xlim(0, max(r["tokens_per_s"] for r in rows) * 1.6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
