@@ -6,11 +6,9 @@ rotated domain and un-rotated once at the end. No fp16 K or V of the history is 
 memory is one block. fp16 segments (attention sinks, the recent window) are attended exactly beside the codes.
 GQA: query heads are grouped under their KV head; K/V are never repeated.
 
-`compressed_attention` dispatches: TurboQuant-MSE code segments go to fused kernels on a GPU (CUDA or Metal,
-`kernels.py`) or to the CPU fast path; on a GPU, masked multi-query attention over codes (prefill) decodes the
-layer's history once and runs MLX's fused SDPA; everything else (other methods, shapes the kernels do not
-cover) takes the portable loop below. `backend=` or the environment variable
-KVSHARD_ATTENTION=pure|cpu|cuda|metal|prefill forces a path (tests compare them).
+`compressed_attention` runs the path that kernels/dispatch.py chooses: a fused GPU kernel, the CPU fast path,
+on a GPU under a mask (prefill) the layer's history decoded once into MLX's fused SDPA, or the portable loop
+below. `backend=` or KVSHARD_ATTENTION=pure|cpu|cuda|metal|prefill forces one (tests compare them).
 """
 
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from . import kernels
+from .kernels import dispatch, gpu
 from .rope import rotate
 
 BLOCK_TOKENS = 4096
@@ -30,6 +29,8 @@ class ExactSegment:
     keys: mx.array
     values: mx.array
 
+    is_codes = False
+
     @property
     def length(self) -> int:
         return self.keys.shape[2]
@@ -37,7 +38,7 @@ class ExactSegment:
 
 @dataclass
 class CodeSegment:
-    """Tokens held as codes: dicts of (B, H, t, ·) arrays, plus the key mean that was subtracted before encoding.
+    """Tokens held as codes: dicts of (B, H, ≥ t, ·) arrays, plus the key mean that was subtracted before encoding.
     key_rope, for keys coded before RoPE: (frequencies, traditional, position of the segment's first token)."""
 
     key_codes: dict
@@ -45,6 +46,18 @@ class CodeSegment:
     key_mean: mx.array | None
     length: int
     key_rope: tuple | None = None
+    is_codes = True
+
+    @property
+    def n_kv_heads(self) -> int:
+        return next(iter(self.key_codes.values())).shape[1]
+
+    def held(self) -> "CodeSegment":
+        """The segment with its code arrays cut to `length` tokens: the cache hands the GPU kernels its
+        preallocated buffers (they read `length` tokens per row), every other path takes exact arrays."""
+        if next(iter(self.key_codes.values())).shape[2] == self.length:
+            return self
+        return self.block(0, self.length)
 
     def block(self, start: int, stop: int) -> "CodeSegment":
         take = lambda codes: {name: a[:, :, start:stop] for name, a in codes.items()}  # noqa: E731
@@ -97,16 +110,15 @@ def compressed_attention(
 
     backend: None/"auto" picks the fastest path that covers the case; "pure", "cpu", "cuda" or "metal" force one
     (a forced fast path that does not cover the case raises ValueError)."""
-    choice = kernels.requested_backend(backend)
-    if mask is None and choice in ("auto", "cuda", "metal"):
-        # The decode step (one code segment, no mask, a GPU that covers it) first, with the fewest checks:
-        # its host time is a large part of what a step waits for.
-        segment = _only_code_segment(segments)
-        gpu = kernels.gpu_backend() if segment is not None else None
-        if gpu is not None and choice in ("auto", gpu) and kernels.gpu_supported(queries, segment, key_method,
-                                                                               value_method):
-            return kernels.gpu_attention(queries, segment, key_method, value_method, scale, gpu)[0]
-    path = _pick_path(choice, queries, segments, key_method, value_method, mask)
+    if mask is None and backend is None and len(segments) == 1 and segments[0].is_codes:
+        # The decode step without fp16 segments first, with the fewest checks: its host time is a large part of
+        # what a step waits for.
+        kernel = dispatch.gpu_kernel(queries, segments[0], key_method, value_method)
+        if kernel is not None and dispatch.requested_backend(None) in ("auto", dispatch.gpu_backend()):
+            return gpu.attention(queries, segments[0], key_method, value_method, scale, kernel)[0]
+    path = dispatch.choose(backend, queries, segments, key_method, value_method, mask)
+    if path not in dispatch.GPU_PATHS:
+        segments = [s.held() if s.is_codes else s for s in segments]
     if path == "pure":
         return _pure_attention(queries, segments, n_kv_heads, key_method, value_method, scale, mask)
     if path == "prefill":
@@ -131,62 +143,6 @@ def _prefill_attention(queries, segments, key_method, value_method, scale, mask)
             values.append(value_method.decode(segment.value_codes).astype(queries.dtype))
     keys, values = mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
-
-
-def _only_code_segment(segments):
-    """The code segment when it is the only non-empty segment, else None."""
-    found = None
-    for segment in segments:
-        if segment.length:
-            if found is not None or not isinstance(segment, CodeSegment):
-                return None
-            found = segment
-    return found
-
-
-def _code_segments(segments):
-    """(start, segment) of every non-empty code segment."""
-    start, found = 0, []
-    for segment in segments:
-        if isinstance(segment, CodeSegment) and segment.length:
-            found.append((start, segment))
-        start += segment.length
-    return found
-
-
-def _pick_path(choice, queries, segments, key_method, value_method, mask) -> str:
-    codes = _code_segments(segments)
-    if choice == "pure" or (choice == "auto" and not codes):
-        return "pure"
-    # Keys coded before RoPE are scored decoded (portable, prefill or CPU kernel path); the GPU kernels score codes.
-    pre_rope = any(seg.key_rope is not None for _, seg in codes)
-    if pre_rope and choice not in ("auto", "prefill", "cpu"):
-        raise ValueError(f"backend {choice!r} does not cover keys coded before RoPE")
-    L = queries.shape[2]
-    total = sum(s.length for s in segments)
-    if choice == "auto":
-        gpu = kernels.gpu_backend()
-        if gpu is None:
-            tokens = sum(seg.length for _, seg in codes)
-            return "cpu" if kernels.cpu_supported(key_method, value_method, tokens) else "pure"
-        if any(_allowed(mask, L, total, start, seg.length) is not None for start, seg in codes):
-            return "prefill"
-        covered = all(kernels.gpu_supported(queries, seg, key_method, value_method) for _, seg in codes)
-        return gpu if covered else "pure"
-    if choice == "prefill":
-        return "prefill"
-    if choice == "cpu":
-        if not kernels.cpu_supported(key_method, value_method):
-            raise ValueError("backend 'cpu' covers turboquant_mse and klt keys and values (and needs a C compiler)")
-        return "cpu"
-    if kernels.gpu_backend() != choice:
-        raise ValueError(f"backend {choice!r} needs the default device to be a {choice} GPU")
-    for start, seg in codes:
-        if _allowed(mask, L, total, start, seg.length) is not None:
-            raise ValueError(f"backend {choice!r} does not take a mask over code tokens")
-        if not kernels.gpu_supported(queries, seg, key_method, value_method):
-            raise ValueError(f"backend {choice!r} does not cover this method, head_dim, bits or group size")
-    return choice
 
 
 def _exact_part(q, segment: ExactSegment, allowed):
@@ -215,20 +171,17 @@ def _merge(parts):
 def _fast_attention(path, queries, segments, n_kv_heads, key_method, value_method, scale, mask):
     B, n_q_heads, L, D = queries.shape
     group = n_q_heads // n_kv_heads
-    total = sum(s.length for s in segments)
-    codes = _code_segments(segments)
-    if path in ("cuda", "metal") and len(codes) == 1 and all(
-        s.length == 0 for s in segments if isinstance(s, ExactSegment)
-    ):
-        # The common decode step: one code segment, nothing in fp16. The kernel writes the final output.
-        return kernels.gpu_attention(queries, codes[0][1], key_method, value_method, scale, path)[0]
+    live = [s for s in segments if s.length]
+    if path in dispatch.GPU_PATHS and len(live) == 1:
+        return gpu.attention(queries, live[0], key_method, value_method, scale, path)[0]
 
     q = (queries.astype(mx.float32) * scale).reshape(B, n_kv_heads, group, L, D)
     parts, start = [], 0
+    total = sum(s.length for s in segments)
     for segment in segments:
         if segment.length == 0:
             pass
-        elif isinstance(segment, ExactSegment):
+        elif not segment.is_codes:
             parts.append(_exact_part(q, segment, _allowed(mask, L, total, start, segment.length)))
         elif path == "cpu":
             offset = start
@@ -239,7 +192,7 @@ def _fast_attention(path, queries, segments, n_kv_heads, key_method, value_metho
                 )
             )
         else:
-            out, lse = kernels.gpu_attention(queries, segment, key_method, value_method, scale, path)
+            out, lse = gpu.attention(queries, segment, key_method, value_method, scale, path, with_lse=True)
             parts.append(
                 (out.astype(mx.float32).reshape(B, n_kv_heads, group, L, D), lse.reshape(B, n_kv_heads, group, L, 1))
             )

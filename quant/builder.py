@@ -78,6 +78,7 @@ def install_attention_hook(model) -> None:
             if callable(getattr(cache, "attention", None)):  # CompressedKVCache, or any cache that attends itself
                 if sinks is not None:
                     raise ValueError("compressed caches do not support learned attention sinks")
+                cache.read_by_hook = True  # its update_and_fetch can stop building K/V that nobody reads
                 return cache.attention(queries, scale=scale, mask=mask)
             return _original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 

@@ -108,6 +108,7 @@ class CompressedKVCache(_BaseCache):
         return None if plan is None or plan.rope_frequencies is None else (plan.rope_frequencies, plan.rope_traditional)
 
     def _clear(self) -> None:
+        self.read_by_hook = False
         self.offset = 0
         self.n_encoded = 0
         self.sink_keys = self.sink_values = None
@@ -165,6 +166,12 @@ class CompressedKVCache(_BaseCache):
             self._init_shape(keys.shape[-1], keys.shape[1])
         keys, values = keys.astype(mx.float16), values.astype(mx.float16)
         n = keys.shape[2]
+        if self.window == 0 and self.window_keys is None and (self.key_mean is not None or not self.center_keys) \
+                and (self.sink_keys is not None and self.sink_keys.shape[2] == self.sink_tokens or not self.sink_tokens):
+            # The decode step's path: nothing waits in fp16, so the tokens go straight into the code buffers.
+            self.offset += n
+            self._encode(keys, values)
+            return
         self.offset += n
         held_sinks = 0 if self.sink_keys is None else self.sink_keys.shape[2]
         take = min(self.sink_tokens - held_sinks, n)
@@ -185,8 +192,11 @@ class CompressedKVCache(_BaseCache):
             self.key_mean = window.mean(axis=2, keepdims=True).astype(mx.float16)
         if overflow > 0:
             self._encode(self.window_keys[:, :, :overflow], self.window_values[:, :, :overflow])
-            self.window_keys = self.window_keys[:, :, overflow:]
-            self.window_values = self.window_values[:, :, overflow:]
+            if self.window:
+                self.window_keys = self.window_keys[:, :, overflow:]
+                self.window_values = self.window_values[:, :, overflow:]
+            else:
+                self.window_keys = self.window_values = None
 
     def _codes_start(self) -> int:
         """Position of the first coded token: codes follow the sinks."""
@@ -221,10 +231,14 @@ class CompressedKVCache(_BaseCache):
         self.n_encoded = needed
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """mlx_lm's entry point. Returns the full K/V *lazily*: kvshard's attention hook never evaluates them
-        (it reads the codes), but any attention that does gets the right answer."""
+        """mlx_lm's entry point. Returns the full K/V *lazily*, so that an attention that reads them gets the
+        right answer; once kvshard's attention hook has read this cache (`read_by_hook`: it reads the codes and
+        never the K/V), it returns the new tokens instead, as building the graph of the whole decoded history
+        at every step cost a third of a GPU decode step."""
         self._validate(keys, values, check_finite=False)
         self._store(keys, values)
+        if self.read_by_hook:
+            return keys, values
         return self.dequantized()
 
     def append(self, keys: mx.array, values: mx.array) -> None:
@@ -237,15 +251,18 @@ class CompressedKVCache(_BaseCache):
 
     # ---- reading ----------------------------------------------------------------------------------------
 
-    def segments(self) -> list:
+    def segments(self, exact: bool = True) -> list:
+        """The held tokens in order: fp16 sinks, codes, fp16 window. exact=False hands over the code buffers
+        uncut (longer than n_encoded; the attention paths cut them where they need to), which saves the
+        decode step a slice per code array."""
         parts = []
-        if self.sink_keys is not None:
+        if self.sink_keys is not None and self.sink_keys.shape[2]:
             parts.append(ExactSegment(self.sink_keys, self.sink_values))
         if self.n_encoded:
             parts.append(
                 CodeSegment(
-                    _slice(self.key_codes, 0, self.n_encoded),
-                    _slice(self.value_codes, 0, self.n_encoded),
+                    _slice(self.key_codes, 0, self.n_encoded) if exact else self.key_codes,
+                    _slice(self.value_codes, 0, self.n_encoded) if exact else self.value_codes,
                     self.key_mean,
                     self.n_encoded,
                     None if self._key_rope is None else (*self._key_rope, self._codes_start()),
@@ -259,7 +276,7 @@ class CompressedKVCache(_BaseCache):
         """Attention of (B, Hq, L, D) queries over every held token, read from the codes."""
         return compressed_attention(
             queries,
-            self.segments(),
+            self.segments(exact=False),
             n_kv_heads=self.n_kv_heads,
             key_method=self.key_quantizer,
             value_method=self.value_quantizer,

@@ -14,7 +14,8 @@ import mlx.core as mx
 import pytest
 
 from kvshard.quant import kernels
-from kvshard.quant.attention import ExactSegment, compressed_attention
+from kvshard.quant.attention import CodeSegment, ExactSegment, compressed_attention
+from kvshard.quant.kernels import cuda, dispatch, gpu, metal
 from kvshard.quant.cache import CompressedKVCache
 from kvshard.quant.methods import make_method
 
@@ -128,44 +129,83 @@ def test_prefill_path_matches_pure(mask):
 def test_dispatch_rules(monkeypatch):
     cache = _filled(1100)
     queries = mx.random.normal((1, 8, 1, 64))
-    from kvshard.quant.attention import _pick_path
 
-    segs = cache.segments()
+    def choose(c, backend="auto"):
+        return dispatch.choose(backend, queries, c.segments(), c.key_quantizer, c.value_quantizer, None)
+
     if not ON_GPU:
-        assert _pick_path("auto", queries, segs, cache.key_quantizer, cache.value_quantizer, None) == "cpu"
-        short = _filled(200)
-        assert _pick_path("auto", queries, short.segments(), short.key_quantizer, short.value_quantizer, None) == "pure"
+        assert choose(cache) == "cpu"
+        assert choose(_filled(200)) == "pure"
         with pytest.raises(ValueError):
             _attend(cache, queries, "cuda")
     other = CompressedKVCache(head_dim=64, n_kv_heads=2, method="polar")
     other.append(mx.random.normal((1, 2, 1100, 64)), mx.random.normal((1, 2, 1100, 64)))
-    assert _pick_path("auto", queries, other.segments(), other.key_quantizer, other.value_quantizer, None) == "pure"
+    assert choose(other) == "pure"
     with pytest.raises(ValueError):
         _attend(other, queries, "cpu")
     with pytest.raises(ValueError):
         _attend(cache, queries, "tpu")
+    with pytest.raises(ValueError, match="mask"):
+        _attend(cache, queries, "auto", mask="sliding")
     monkeypatch.setenv(kernels.ENV_BACKEND, "pure")
     assert kernels.requested_backend(None) == "pure"
 
 
-def test_tensor_core_kernel_coverage(monkeypatch):
-    monkeypatch.setattr(kernels, "_tensor_cores", lambda: True)
-    assert kernels.mma_supported(128, 4, 4, 4)  # Llama-3.1-8B decode
-    assert kernels.mma_supported(64, 3, 4, 4)  # SmolLM2-135M decode
-    assert not kernels.mma_supported(128, 4, 4, 2)  # 2-bit values: the CUDA-core kernel
-    assert not kernels.mma_supported(128, 10, 4, 4)  # more than 8 query rows per kv head
-    assert not kernels.mma_supported(256, 4, 4, 4)
-    monkeypatch.setattr(kernels, "_tensor_cores", lambda: False)
-    assert not kernels.mma_supported(128, 4, 4, 4)
+def _klt_plan(head_dim, bits, n_kv_heads=1, norm_bits=16):
+    import numpy as np
+
+    from kvshard.quant.methods.klt import KLTPlan
+
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(head_dim, head_dim)))
+    energies = np.sort(np.random.default_rng(1).uniform(0.1, 2.0, head_dim))[::-1]
+    return KLTPlan(np.repeat(q[None], n_kv_heads, 0), np.repeat(energies[None], n_kv_heads, 0), bits, norm_bits)
+
+
+def test_kernels_are_chosen_from_fused_specs(monkeypatch):
+    """Kernels see methods only through fused_spec(): TurboQuant-MSE, klt with one bit width and fp16 scales
+    (calibrated or not) and query-aware key scales take them; mixed-bit klt, log-scale bytes and other
+    methods do not. The tensor-core kernel needs sm_80+, 4-bit codes, head_dim 64/128 and <= 8 rows."""
+    from kvshard.quant.methods.klt import KLT
+    from kvshard.quant.methods.scaled import ScaledKeys
+
+    pick = dispatch._kernel_for.__wrapped__
+    monkeypatch.setattr(dispatch, "_tensor_cores", lambda: True)
+    mse4 = make_method("turboquant_mse", 128, 4)
+    assert pick("cuda", mse4, mse4, 128, 4) == "mma"  # Llama-3.1-8B decode
+    assert pick("cuda", mse4, make_method("turboquant_mse", 128, 2), 128, 4) == "cuda"  # 2-bit values
+    assert pick("cuda", mse4, mse4, 128, 10) == "cuda"  # more than 8 rows per kv head
+    assert pick("metal", mse4, mse4, 128, 4) == "metal"
+    klt4 = KLT(64, 4)
+    assert pick("cuda", klt4, klt4, 64, 3) == "mma"
+    calibrated = KLT(64, 4, plan=_klt_plan(64, (4,) * 64))
+    assert pick("cuda", calibrated, klt4, 64, 3) == "mma"
+    assert pick("cuda", KLT(64, 4, plan=_klt_plan(64, (5,) * 32 + (3,) * 32)), klt4, 64, 3) is None
+    assert pick("cuda", KLT(64, 4, plan=_klt_plan(64, (4,) * 64, norm_bits=8)), klt4, 64, 3) is None
+    scaled = ScaledKeys(make_method("turboquant_mse", 64, 4), mx.ones((3, 64)))
+    assert pick("cuda", scaled, make_method("turboquant_mse", 64, 4), 64, 3) == "mma"
+    assert pick("cuda", make_method("polar", 64, 4), klt4, 64, 3) is None
+    assert pick("cuda", make_method("turboquant_mse", 96, 4), make_method("turboquant_mse", 96, 4), 96, 4) is None
+    monkeypatch.setattr(dispatch, "_tensor_cores", lambda: False)
+    assert pick("cuda", mse4, mse4, 128, 4) == "cuda"
+    assert not gpu.mma_supported(256, 4, 4, 4)
 
 
 def test_gpu_plan_covers_the_benchmarked_shapes():
-    assert kernels.gpu_plan(128, 4, 4, 4) == {"C": 16, "LPT": 8}  # Llama-3.1-8B decode: 32 q / 8 kv heads
-    assert kernels.gpu_plan(64, 3, 4, 4) == {"C": 16, "LPT": 4}  # SmolLM2-135M: 9 q / 3 kv heads
-    assert kernels.gpu_plan(128, 4, 4, 2) is not None
-    assert kernels.gpu_plan(128, 4, 3, 4) is None  # codes that straddle bytes: portable path
-    assert kernels.gpu_plan(96, 4, 4, 4) is None  # dense rotation: portable path
-    assert kernels.gpu_plan(128, 64, 4, 4) is None  # too many rows per kv head for the registers
+    assert gpu.gpu_plan(128, 4, 4, 4) == {"C": 16, "LPT": 8}  # Llama-3.1-8B decode: 32 q / 8 kv heads
+    assert gpu.gpu_plan(64, 3, 4, 4) == {"C": 16, "LPT": 4}  # SmolLM2-135M: 9 q / 3 kv heads
+    assert gpu.gpu_plan(128, 4, 4, 2) is not None
+    assert gpu.gpu_plan(128, 4, 3, 4) is None  # codes that straddle bytes: portable path
+    assert gpu.gpu_plan(96, 4, 4, 4) is None  # dense rotation: portable path
+    assert gpu.gpu_plan(128, 64, 4, 4) is None  # too many rows per kv head for the registers
+
+
+def test_metal_sources_take_what_the_launches_pass():
+    """The Metal kernels cannot run here (no Apple GPU): unverified beyond this check that each source reads
+    every input the launch code hands it."""
+    for names, _, body in metal.BODIES.values():
+        text = (cuda.SRC / body).read_text()
+        for name in names:
+            assert name in text, (body, name)
 
 
 def test_generation_uses_fast_path_and_matches_pure(monkeypatch):
@@ -193,11 +233,11 @@ def test_generation_uses_fast_path_and_matches_pure(monkeypatch):
 def _nvcc_compile(kind, template, tmp_path):
     dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
               "kmean": "__half", "x": "__half", "idx": "uint8_t", "norm": "__half", "counter": "int32_t",
-              "xk": "__half", "xv": "__half", "kidx_out": "uint8_t", "vnorm_out": "__half"}
+              "xk": "__half", "xv": "__half", "kidx_out": "uint8_t", "vnorm_out": "__half", "lengths": "int32_t"}
     source = tmp_path / f"{kind}.cu"
-    source.write_text(kernels.cuda_translation_unit(kind, dtypes, template))
+    source.write_text(cuda.translation_unit(kind, dtypes, template))
     result = subprocess.run(
-        [kernels.nvcc_path(), "-std=c++17", "-arch=sm_90", "-c", "-o", str(tmp_path / f"{kind}.o"),
+        [cuda.nvcc_path(), "-std=c++17", "-arch=sm_90", "-c", "-o", str(tmp_path / f"{kind}.o"),
          "-Xptxas", "-v", str(source)],
         capture_output=True, text=True, timeout=120,
     )
@@ -205,18 +245,18 @@ def _nvcc_compile(kind, template, tmp_path):
     return result.stderr
 
 
-@pytest.mark.skipif(kernels.nvcc_path() is None, reason="nvcc not installed")
+@pytest.mark.skipif(cuda.nvcc_path() is None, reason="nvcc not installed")
 def test_cuda_kernels_compile_without_spills(tmp_path):
-    log = _nvcc_compile("split", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=kernels.GPU_UNROLL, TPS=256, ROUNDS=3),
+    log = _nvcc_compile("split", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=gpu.GPU_UNROLL, TPS=256, ROUNDS=3),
                         tmp_path)
     assert " 0 bytes spill stores" in log, log
     _nvcc_compile("combine", dict(D=64, R=3, HAS_MEAN=True, NT=128, ROUNDS=3, OutT="__half"), tmp_path)
     _nvcc_compile("encode", dict(D=128, BITS=4, ROUNDS=3), tmp_path)
     _nvcc_compile("encode_pair", dict(D=64, KBITS=4, VBITS=2, KROUNDS=3, VROUNDS=3), tmp_path)
-    log = _nvcc_compile("attend", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=kernels.GPU_UNROLL, TPS=256, ROUNDS=3,
+    log = _nvcc_compile("attend", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=gpu.GPU_UNROLL, TPS=256, ROUNDS=3,
                                        HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
-    mma = dict(D=128, R=4, WARPS=kernels.GPU_MMA_WARPS, U=kernels.GPU_MMA_UNROLL, ROUNDS=3)
+    mma = dict(D=128, R=4, WARPS=gpu.GPU_MMA_WARPS, U=gpu.GPU_MMA_UNROLL, ROUNDS=3)
     log = _nvcc_compile("mma_attend", dict(mma, HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
     log = _nvcc_compile("mma_split", dict(mma, D=64, R=3), tmp_path)
@@ -226,12 +266,12 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
 def _emulated(kind, dtypes, template, tmp_path):
     """The CUDA kernel's own source compiled by g++ against tests/cuda_emulator.h: a callable
     (pointers, shapes, strides, grid, threads)."""
-    headers, function = kernels.cuda_kernel_function(kind, dtypes, template)
-    headers = [h for h in headers if h is not kernels.CUDA_MMA_ASM]  # the emulator supplies these primitives
+    headers, function = cuda.kernel_function(kind, dtypes, template)
+    headers = [cuda.source(h) for h in headers if h != cuda.MMA_ASM]  # the emulator supplies these primitives
     declaration = "extern __shared__ __align__(16) unsigned char kvs_smem[];"
     assert declaration in function
     function = function.replace(declaration, "unsigned char* kvs_smem = emu::shared_memory;")
-    names, outputs = kernels._cuda_parts(kind)[:2]
+    names, outputs = cuda.parts(kind)[:2]
     args = []
     for i, name in enumerate(names):
         args.append(f"(const {dtypes.get(name, 'float')}*)p[{i}]")
@@ -258,48 +298,53 @@ def _emulated(kind, dtypes, template, tmp_path):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
 @pytest.mark.parametrize(
-    "tokens, head_dim, queries_per_kv, length, warps, unroll, splits, center",
+    "tokens, head_dim, queries_per_kv, length, warps, unroll, splits, center, second_row",
     [
-        (300, 128, 4, 1, 4, 1, 3, True),  # Llama decode shape, partial last step, a split with no tokens
-        (1000, 64, 3, 1, 8, 1, 5, False),  # SmolLM shape, no key mean, 8 warps
-        (150, 128, 4, 2, 4, 2, 2, True),  # two query tokens per head (8 rows), two 16-token steps per warp step
+        (300, 128, 4, 1, 4, 1, 3, True, None),  # Llama decode shape, partial last step, a split with no tokens
+        (1000, 64, 3, 1, 8, 1, 5, False, None),  # SmolLM shape, no key mean, 8 warps
+        (150, 128, 4, 2, 4, 2, 2, True, None),  # two query tokens per head (8 rows), two 16-token steps per warp step
+        (700, 64, 3, 1, 4, 1, 4, True, 77),  # batch 2, rows of 700 and 77 tokens in one launch
     ],
 )
 def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, length, warps, unroll, splits, center,
-                                            tmp_path):
+                                            second_row, tmp_path):
     """The tensor-core kernel's CUDA source (fragment layouts, table look-ups, online softmax, split merge,
-    tickets) run under g++ with warp operations emulated, against the portable path. Codes are read from
-    buffers longer than the held tokens, as the cache hands them over."""
+    tickets, per-row lengths) run under g++ with warp operations emulated, against the portable path. Codes
+    are read from buffers longer than the held tokens, as the cache hands them over; with a second row, that
+    row holds fewer tokens than its buffer has codes, as a batch of sequences of different lengths does."""
     import numpy as np
 
     cache = _filled(tokens, head_dim=head_dim, center=center)
-    queries = mx.random.normal((1, 2 * queries_per_kv, length, head_dim)).astype(mx.float16)
+    batch = 1 if second_row is None else 2
+    queries = mx.random.normal((batch, 2 * queries_per_kv, length, head_dim)).astype(mx.float16)
     (segment,) = cache.segments()
     km, vm = cache.key_quantizer, cache.value_quantizer
     rows, n_kv = queries_per_kv * length, cache.n_kv_heads
 
     def dense(a, dtype):
-        a = np.ascontiguousarray(np.array(a).astype(dtype))
+        a = np.array(a).astype(dtype)
+        a = np.ascontiguousarray(np.repeat(a, batch, 0) if a.ndim == 4 and a.shape[0] != batch else a)
         return a, a.shape, [s // a.itemsize for s in a.strides]
 
     def roomy(codes):
-        codes = np.array(codes)
+        codes = np.repeat(np.array(codes), batch, 0)
         B, H, T, W = codes.shape
         buffer = np.zeros((B, H, T + 40, W), codes.dtype)
         buffer[:, :, :T] = codes
         return buffer, codes.shape, [H * (T + 40) * W, (T + 40) * W, W, 1]
 
-    tickets = np.zeros(n_kv, np.int32)
+    lengths = np.array([tokens] if second_row is None else [tokens, second_row], np.int32)
+    tickets = np.zeros(batch * n_kv, np.int32)
     inputs = {"q": dense(queries, np.float16), "params": dense(mx.array([head_dim**-0.5]), np.float32),
               "signs": dense(km.rotation.signs, np.float32), "kcent": dense(km.codebook.centroids, np.float32),
               "vcent": dense(vm.codebook.centroids, np.float32), "kidx": roomy(segment.key_codes["idx"]),
               "knorm": dense(segment.key_codes["norm"], np.float16), "vidx": roomy(segment.value_codes["idx"]),
-              "vnorm": dense(segment.value_codes["norm"], np.float16),
+              "vnorm": dense(segment.value_codes["norm"], np.float16), "lengths": (lengths, lengths.shape, [1]),
               "vsigns": dense(vm.rotation.signs, np.float32),
               "kmean": dense(segment.key_mean if center else mx.zeros((1, 1, 1, 1)), np.float16),
               "counter": (tickets, tickets.shape, [1])}
     dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
-              "kmean": "__half", "counter": "int32_t", "out": "__half"}
+              "kmean": "__half", "counter": "int32_t", "out": "__half", "lengths": "int32_t"}
     template = dict(D=head_dim, R=rows, WARPS=warps, U=unroll, ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=center,
                     VROUNDS=vm.rotation.signs.shape[0], OutT="__half")
     launch, names, outputs = _emulated("mma_attend", dtypes, template, tmp_path)
@@ -308,13 +353,17 @@ def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, le
         array, shape, stride = inputs[name]
         arrays.append(array)
         shapes[i, : len(shape)], strides[i, : len(stride)] = shape, stride
-    results = [np.full((1, n_kv, splits, rows, head_dim), np.nan, np.float32),
-               np.full((1, n_kv, splits, rows, 2), np.nan, np.float32),
-               np.full(queries.shape, np.nan, np.float16), np.full((1, n_kv, rows), np.nan, np.float32)]
+    results = [np.full((batch, n_kv, splits, rows, head_dim), np.nan, np.float32),
+               np.full((batch, n_kv, splits, rows, 2), np.nan, np.float32),
+               np.full(queries.shape, np.nan, np.float16), np.full((batch, n_kv, rows), np.nan, np.float32)]
     pointers = (ctypes.c_void_p * (len(arrays) + 4))(*[a.ctypes.data for a in arrays + results])
-    launch(pointers, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p), splits, n_kv, 1,
-           warps * 32)
-    pure = np.array(_attend(cache, queries.astype(mx.float32), "pure"))
+    launch(pointers, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p), splits, n_kv,
+           batch, warps * 32)
+    pure = [np.array(_attend(cache, queries[:1].astype(mx.float32), "pure"))]
+    if second_row is not None:
+        cache.trim(tokens - second_row)
+        pure.append(np.array(_attend(cache, queries[1:].astype(mx.float32), "pure")))
+    pure = np.concatenate(pure)
     # fp16 products on tensor cores (query, centroids, probabilities·norms rounded to fp16, as in fp16 SDPA):
     # within a few fp16 ulps of the largest output.
     assert np.abs(results[2].astype(np.float32) - pure).max() < 2e-3 * max(1.0, np.abs(pure).max())
@@ -326,7 +375,7 @@ def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, le
 @pytest.mark.parametrize("tokens", [1, 100, 4096, 70000])
 @pytest.mark.parametrize("queries_per_kv, length", [(4, 1), (3, 1), (2, 5)])
 def test_gpu_kernel_matches_pure(tokens, queries_per_kv, length, single_launch, monkeypatch):
-    monkeypatch.setattr(kernels, "GPU_SINGLE_LAUNCH", single_launch)
+    monkeypatch.setattr(gpu, "GPU_SINGLE_LAUNCH", single_launch)
     cache = _filled(tokens + 8, head_dim=128 if queries_per_kv == 4 else 64)
     queries = mx.random.normal((1, 2 * queries_per_kv, length, cache.head_dim)).astype(mx.float16)
     fast = _attend(cache, queries, kernels.gpu_backend())
@@ -335,12 +384,71 @@ def test_gpu_kernel_matches_pure(tokens, queries_per_kv, length, single_launch, 
     assert _max_err(fast, pure) < 2e-3  # fp16 output
 
 
+def _gpu_vs_pure(cache, queries, exact=False):
+    (segment,) = [s for s in cache.segments(exact=exact) if s.is_codes]
+    assert dispatch.gpu_kernel(queries, segment, cache.key_quantizer, cache.value_quantizer) is not None
+    fast = cache.attention(queries, cache.head_dim**-0.5)
+    with mx.stream(mx.cpu):
+        pure = compressed_attention(queries, cache.segments(), n_kv_heads=cache.n_kv_heads,
+                                    key_method=cache.key_quantizer, value_method=cache.value_quantizer,
+                                    scale=cache.head_dim**-0.5, backend="pure")
+    return _max_err(fast, pure)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
+@pytest.mark.parametrize("head_dim, queries_per_kv", [(64, 3), (128, 4)])
+@pytest.mark.parametrize("plan", [None, "uniform"])
+@pytest.mark.parametrize("window", [0, 16])
+def test_gpu_kernel_klt(head_dim, queries_per_kv, plan, window):
+    """klt (one bit width, fp16 scale) on the fused kernel: its transform applied to the query and the output
+    outside the kernel; with an fp16 window the kernel's log-sum-exp (key mean added outside) merges."""
+    plan = None if plan is None else _klt_plan(head_dim, (4,) * head_dim, n_kv_heads=2)
+    cache = CompressedKVCache(head_dim=head_dim, n_kv_heads=2, method="klt", key_bits=4, value_bits=4,
+                              key_plan=plan, value_plan=plan, window=window)
+    cache.append(mx.random.normal((1, 2, 3000, head_dim)) + 0.5, mx.random.normal((1, 2, 3000, head_dim)))
+    queries = mx.random.normal((1, 2 * queries_per_kv, 1, head_dim)).astype(mx.float16)
+    assert _gpu_vs_pure(cache, queries) < 2e-3
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
+def test_gpu_kernel_scaled_keys():
+    """Query-aware key scales: the scaled query rotated outside the kernel, the codes scored inside."""
+    scale = 0.5 + mx.random.uniform(shape=(2, 128))
+    cache = CompressedKVCache(head_dim=128, n_kv_heads=2, key_bits=4, value_bits=4, key_scale=scale, sink_tokens=4)
+    cache.append(mx.random.normal((1, 2, 2000, 128)), mx.random.normal((1, 2, 2000, 128)))
+    assert _gpu_vs_pure(cache, mx.random.normal((1, 8, 1, 128)).astype(mx.float16)) < 2e-3
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
+@pytest.mark.parametrize("key_bits, value_bits", [(4, 4), (2, 2)])
+def test_gpu_kernel_per_row_lengths(key_bits, value_bits):
+    """Batch 8, rows of different lengths in one launch (codes past a row's length are garbage to it)."""
+    lengths = [1, 100, 700, 1500, 2048, 3000, 4000, 5000]
+    cache = _filled(5000, key_bits=key_bits, value_bits=value_bits)
+    B = len(lengths)
+    (seg,) = cache.segments(exact=False)
+    batched = CodeSegment({n: mx.repeat(a, B, 0) for n, a in seg.key_codes.items()},
+                          {n: mx.repeat(a, B, 0) for n, a in seg.value_codes.items()},
+                          mx.repeat(seg.key_mean, B, 0), seg.length)
+    queries = mx.random.normal((B, 8, 1, 64)).astype(mx.float16)
+    km, vm = cache.key_quantizer, cache.value_quantizer
+    kernel = dispatch.gpu_kernel(queries, batched, km, vm)
+    out = gpu.attention(queries, batched, km, vm, 0.125, kernel, mx.array(lengths, dtype=mx.int32))[0]
+    for b, n in enumerate(lengths):
+        row = CodeSegment({k: a[:1, :, :n] for k, a in seg.key_codes.items()},
+                          {k: a[:1, :, :n] for k, a in seg.value_codes.items()}, seg.key_mean, n)
+        with mx.stream(mx.cpu):
+            ref = compressed_attention(queries[b:b + 1], [row], n_kv_heads=2, key_method=km, value_method=vm,
+                                       scale=0.125, backend="pure")
+        assert _max_err(out[b:b + 1], ref) < 2e-3, (b, n)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
 @pytest.mark.parametrize("head_dim, bits", [(128, 4), (64, 4), (128, 2), (64, 8)])
 def test_gpu_encode_matches_method(head_dim, bits):
     method = make_method("turboquant_mse", head_dim, bits)
     x = mx.random.normal((2, 3, 257, head_dim)).astype(mx.float16)
-    fast = kernels.gpu_encode(method, x, kernels.gpu_backend())
+    fast = gpu.encode(method, x, kernels.gpu_backend())
     with mx.stream(mx.cpu):
         ref = method.encode(x)
     assert _max_err(fast["norm"], ref["norm"]) <= 1e-3 * _max_err(ref["norm"], 0 * ref["norm"])
@@ -350,8 +458,8 @@ def test_gpu_encode_matches_method(head_dim, bits):
     a, b = unpack(fast["idx"], bits, head_dim), unpack(ref["idx"], bits, head_dim)
     assert (a != b).mean().item() < 1e-3 and (mx.abs(a.astype(mx.int32) - b.astype(mx.int32)) <= 1).all().item()
     value_method = make_method("turboquant_mse", head_dim, 2)
-    if kernels.gpu_backend() == "cuda" and kernels.gpu_encode_supported(value_method):
+    if kernels.gpu_backend() == "cuda" and gpu.encode_supported(value_method):
         pair_k, pair_v = kernels.encode_pair(method, x, value_method, x * 0.5)
-        single_v = kernels.gpu_encode(value_method, x * 0.5, "cuda")
+        single_v = gpu.encode(value_method, x * 0.5, "cuda")
         assert mx.array_equal(pair_k["idx"], fast["idx"]).item() and mx.array_equal(pair_v["idx"], single_v["idx"]).item()
         assert mx.array_equal(pair_v["norm"], single_v["norm"]).item()

@@ -1,9 +1,27 @@
 """Pieces every method shares: splitting off the norm, packed code fields, and the verbs derived from
 each method's rotated-domain decode."""
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 from ..packing import packed_size
+
+
+@dataclass(frozen=True, eq=False)
+class FusedSpec:
+    """What the fused kernels need of a method (`fused_spec()`), so that they never look at its name or fields.
+
+    Codes are {"idx": b-bit codes of one codebook packed little-endian, one row per token; "norm": fp16 scale},
+    and x̂ = unrotate(norm · centroids[idx]). `signs`: the rotation is `rounds` randomized-Hadamard rounds
+    ((rounds, D) ±1) that the kernels apply themselves; None: the kernels score and accumulate in the coded
+    domain as given and the method's own rotate_query / unrotate run around them (klt's per-head transform,
+    query-aware key scales). `boundaries` are the codebook's, for the encode kernel (which also needs signs)."""
+
+    bits: int
+    centroids: mx.array
+    boundaries: mx.array
+    signs: mx.array | None
 
 
 def unit_and_norm(x: mx.array) -> tuple[mx.array, mx.array]:
@@ -38,6 +56,10 @@ class RotatedDomainMethod:
     def score(self, q: mx.array, codes: dict[str, mx.array]) -> mx.array:
         """q·k̂ for queries (..., Lq, d) against codes (..., T, ·) -> (..., Lq, T)."""
         return self.rotate_query(q) @ self.decode_rotated(codes).swapaxes(-1, -2)
+
+    def fused_spec(self) -> FusedSpec | None:
+        """None: no fused kernel covers this method's codes (the portable path does)."""
+        return None
 
     def bytes_per_token(self) -> int:
         return sum(width * dtype.size for width, dtype in self.layout.values())

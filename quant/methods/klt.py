@@ -36,7 +36,7 @@ import numpy as np
 from ..codebooks import sphere_codebook
 from ..packing import pack_runs, packed_size, unpack_runs
 from ..rotation import make_rotation
-from .common import RotatedDomainMethod, check_bits
+from .common import FusedSpec, RotatedDomainMethod, check_bits
 
 NAME = "klt"
 
@@ -136,6 +136,14 @@ class KLT(RotatedDomainMethod):
         self._encode = mx.array(encode.transpose(0, 2, 1).astype(np.float32))
         self._synthesis = mx.array(synthesis.astype(np.float32))  # (H, d, m): x̂ = S ẑ
         self._energy = mx.array(run_energy.astype(np.float32))[:, None]  # (H, 1, m): weights of z's coordinates
+
+    def fused_spec(self) -> FusedSpec | None:
+        """One bit width for every coded coordinate and an fp16 scale: the codes are TurboQuant's layout in z,
+        so the kernels score them with the transform applied to the query outside (rotate_query)."""
+        if len(self.groups) != 1 or self.plan.norm_bits != 16:
+            return None
+        codebook = self.codebooks[0]
+        return FusedSpec(self.groups[0][2], codebook.centroids, codebook.boundaries, None)
 
     def _matrices(self, analysis: np.ndarray, energies: np.ndarray, m: int):
         heads, d = energies.shape

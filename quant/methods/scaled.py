@@ -8,7 +8,7 @@ minimum. The scales are per KV head and channel, measured once on the model (`ca
 
 import mlx.core as mx
 
-from .common import RotatedDomainMethod
+from .common import FusedSpec, RotatedDomainMethod
 
 
 class ScaledKeys(RotatedDomainMethod):
@@ -17,7 +17,6 @@ class ScaledKeys(RotatedDomainMethod):
     def __init__(self, inner, scale: mx.array):
         self.inner, self.scale = inner, scale.astype(mx.float32)
         self._per_head = self.scale[:, None, :]  # broadcasts over (B, H, T, D)
-        # A distinct name keeps method-specific fast paths (which know nothing of the scale) away.
         self.name, self.bits, self.head_dim = f"{inner.name}+scaled", inner.bits, inner.head_dim
         self.layout, self.rotated_dim = inner.layout, inner.rotated_dim
 
@@ -36,3 +35,8 @@ class ScaledKeys(RotatedDomainMethod):
 
     def unrotate(self, y: mx.array) -> mx.array:
         return self.inner.unrotate(y) / self._heads(y)
+
+    def fused_spec(self) -> FusedSpec | None:
+        """The inner codes, with the scaled query rotated outside the kernels (this class's rotate_query)."""
+        inner = self.inner.fused_spec()
+        return None if inner is None else FusedSpec(inner.bits, inner.centroids, inner.boundaries, None)

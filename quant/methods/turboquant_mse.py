@@ -8,7 +8,7 @@ import mlx.core as mx
 from ..codebooks import sphere_codebook
 from ..packing import pack, unpack
 from ..rotation import make_rotation
-from .common import RotatedDomainMethod, check_bits, packed_field, unit_and_norm
+from .common import FusedSpec, RotatedDomainMethod, check_bits, packed_field, unit_and_norm
 
 NAME = "turboquant_mse"
 
@@ -22,6 +22,8 @@ class TurboQuantMSE(RotatedDomainMethod):
         self.codebook = sphere_codebook(head_dim, bits)
         self.layout = {"idx": packed_field(head_dim, bits), "norm": (1, mx.float16)}
         self.rotated_dim = head_dim
+        # Non-power-of-two head dims rotate with a dense matrix: outside the kernels, as klt's transform.
+        self._fused = FusedSpec(bits, self.codebook.centroids, self.codebook.boundaries, self.rotation.signs)
 
     def encode(self, x: mx.array) -> dict[str, mx.array]:
         unit, norm = unit_and_norm(x)
@@ -34,6 +36,9 @@ class TurboQuantMSE(RotatedDomainMethod):
 
     def rotate_query(self, q: mx.array) -> mx.array:
         return self.rotation.rotate(q)
+
+    def fused_spec(self) -> FusedSpec:
+        return self._fused
 
     def unrotate(self, y: mx.array) -> mx.array:
         return self.rotation.unrotate(y)

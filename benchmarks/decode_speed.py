@@ -1,0 +1,373 @@
+"""End-to-end decode speed and memory of kvshard's caches beside mlx_lm's, and the attention step alone.
+
+    python benchmarks/decode_speed.py --out benchmarks/results            # on the lent GPU: run_gpu.sh
+    python benchmarks/decode_speed.py --quick --out /tmp/x                # a small model, short contexts
+
+Sections, all series side by side in one process (alternating order per round, medians):
+  decode     tok/s of greedy decode on a random-weight Llama-3.2-1B-shaped fp16 model (16 layers, 32 q / 8 kv
+             heads, head_dim 64) with the caches at 16K / 64K / 128K tokens: mlx_lm KVCache (fp16),
+             mlx_lm QuantizedKVCache 4-bit, kvshard turboquant_mse k4/v4, klt (uncalibrated and with a
+             synthesised calibrated plan), plus the step's split into host graph building and evaluation, the
+             MLX ops per layer and step, and peak memory at 64K. The caches are filled with random K/V of the
+             model's shape (what a decode step costs does not depend on the values), not by a 128K prefill.
+  attention  one decode step of one layer, Llama-3.1-8B shape (32 q / 8 kv heads, head_dim 128), batch 1 and 8 at
+             32K / 128K, and batch 8 with per-row lengths 4K..64K: fp16 SDPA vs the fused kernels.
+Effective bits = 8 · bytes held / K+V elements, from each cache's own nbytes.
+"""
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models import llama
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+from kvshard.quant import KVCacheConfig, install_attention_hook
+from kvshard.quant.attention import CodeSegment
+from kvshard.quant.cache import CompressedKVCache
+from kvshard.quant.kernels import dispatch, gpu
+from kvshard.quant.methods.klt import KLTPlan
+
+LLAMA_1B = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, vocab_size=128256,
+                rope_theta=500000.0, tie_word_embeddings=True)
+QUICK_MODEL = dict(LLAMA_1B, hidden_size=256, num_hidden_layers=2, intermediate_size=512, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=1024)
+
+
+def synthetic_plan(n_kv_heads: int, head_dim: int, bits: tuple, norm_bits: int, seed: int) -> KLTPlan:
+    """A plan of a calibrated klt's shape (per-head orthogonal analysis, decaying energies): the speed of its
+    path does not depend on how the moments were measured."""
+    rng = np.random.default_rng(seed)
+    analysis = np.stack([np.linalg.qr(rng.normal(size=(head_dim, head_dim)))[0] for _ in range(n_kv_heads)])
+    energies = np.sort(rng.uniform(0.05, 4.0, (n_kv_heads, head_dim)), axis=1)[:, ::-1]
+    return KLTPlan(analysis, energies, bits, norm_bits)
+
+
+def cache_series(n_kv_heads: int, head_dim: int) -> dict:
+    """label -> () -> one layer's cache. Calibrated-plan klt: the same plan for every layer."""
+    uniform = synthetic_plan(n_kv_heads, head_dim, (4,) * head_dim, 16, 1)
+    mixed = synthetic_plan(n_kv_heads, head_dim, (6,) * 8 + (5,) * 24 + (4,) * 16 + (2,) * 16, 8, 2)
+    ours = lambda **kw: lambda: CompressedKVCache(head_dim=head_dim, n_kv_heads=n_kv_heads, **kw)  # noqa: E731
+    return {
+        "mlx_lm KVCache fp16": KVCache,
+        "mlx_lm QuantizedKVCache 4-bit g64": lambda: QuantizedKVCache(group_size=64, bits=4),
+        "ours turboquant_mse k4/v4": ours(key_bits=4, value_bits=4),
+        "ours turboquant_mse k2/v2": ours(key_bits=2, value_bits=2),
+        "ours turboquant_mse k4/v4 window 128": ours(key_bits=4, value_bits=4, window=128),
+        "ours klt k4/v4 uncalibrated": ours(method="klt", key_bits=4, value_bits=4),
+        "ours klt calibrated-shape plan, 4 bits/coord, fp16 scale": ours(
+            method="klt", key_bits=4, value_bits=4, key_plan=uniform, value_plan=uniform),
+        "ours klt calibrated-shape plan, mixed 6/5/4/2 bits, 8-bit scale": ours(
+            method="klt", key_bits=4, value_bits=4, key_plan=mixed, value_plan=mixed),
+    }
+
+
+def fill(cache, n_kv_heads: int, head_dim: int, tokens: int, batch: int = 1, chunk: int = 4096) -> None:
+    for start in range(0, tokens, chunk):
+        n = min(chunk, tokens - start)
+        k = mx.random.normal((batch, n_kv_heads, n, head_dim)).astype(mx.float16)
+        v = mx.random.normal((batch, n_kv_heads, n, head_dim)).astype(mx.float16)
+        cache.update_and_fetch(k, v)
+        mx.eval(cache.state)
+
+
+def effective_bits(caches, n_kv_heads, head_dim) -> float:
+    elements = 2 * sum(c.offset for c in caches) * n_kv_heads * head_dim
+    held = sum(c.nbytes for c in caches)
+    return 8 * held / elements
+
+
+def ops_per_layer(model, cache) -> dict:
+    """MLX primitives in one layer's graph for one decode step (attention module, cache update included)."""
+    attn = model.model.layers[0].self_attn
+    x = mx.random.normal((1, 1, model.args.hidden_size)).astype(mx.float16)
+    mx.eval(x)
+    out = attn(x, mask=None, cache=cache)
+    path = Path(tempfile.mkdtemp()) / "layer.dot"
+    mx.export_to_dot(str(path), out)
+    labels = re.findall(r'label ="([^"]+)", shape=rectangle', path.read_text())
+    mx.eval(out)
+    counts = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return {"ops": len(labels), "by_op": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
+
+
+def step_fn(model, caches):
+    def step(y):
+        logits = model(y, cache=caches)
+        return mx.argmax(logits[:, -1, :], axis=-1, keepdims=True)
+    return step
+
+
+def time_decode(step, steps: int) -> tuple:
+    """(tok/s of `steps` pipelined steps as mlx_lm's generate_step runs them, median host ms to build one
+    step's graph, median ms to evaluate a built step)."""
+    y = mx.array([[1]])
+    y = step(y)
+    mx.async_eval(y)
+    start = time.perf_counter()
+    for _ in range(steps):
+        nxt = step(y)
+        mx.async_eval(nxt)
+        y.item()
+        y = nxt
+    y.item()
+    tok_s = steps / (time.perf_counter() - start)
+    build, run = [], []
+    for _ in range(8):
+        t0 = time.perf_counter()
+        out = step(y)
+        t1 = time.perf_counter()
+        mx.eval(out)
+        mx.synchronize()
+        t2 = time.perf_counter()
+        build.append(1e3 * (t1 - t0))
+        run.append(1e3 * (t2 - t1))
+        y = out
+    return tok_s, statistics.median(build), statistics.median(run)
+
+
+def bench_decode(args) -> dict:
+    config = QUICK_MODEL if args.quick else LLAMA_1B
+    model = llama.Model(llama.ModelArgs(**config))
+    model.set_dtype(mx.float16)
+    mx.eval(model.parameters())
+    install_attention_hook(model)
+    weight_bytes = sum(v.nbytes for _, v in _leaves(model.parameters()))
+    H, D, layers = config["num_key_value_heads"], config["head_dim"], config["num_hidden_layers"]
+    if args.quick:
+        D = config["hidden_size"] // config["num_attention_heads"]
+    series = cache_series(H, D)
+    if args.series:
+        series = {k: v for k, v in series.items() if any(s in k for s in args.series)}
+    contexts = [int(c) for c in args.contexts]
+    result = {"device": device_info(), "model": config, "weight_bytes": weight_bytes, "steps": args.steps,
+              "rounds": args.rounds, "contexts": {}}
+    for tokens in contexts:
+        row = {}
+        built = {}
+        for label, make in series.items():
+            if "mixed" in label and tokens > args.portable_max:
+                row[label] = {"skipped": f"portable path; measured up to {args.portable_max} tokens"}
+                continue
+            try:
+                caches = [make() for _ in range(layers)]
+                for c in caches:
+                    fill(c, H, D, tokens)
+                step = step_fn(model, caches)
+                step(mx.array([[1]])).item()  # compile kernels, mark caches as read by the hook
+                built[label] = (caches, step)
+                row[label] = {"ops_per_layer": ops_per_layer(model, caches[0]), "tok_s": [], "build_ms": [],
+                              "eval_ms": []}
+                if hasattr(caches[0], "nbytes") and isinstance(caches[0], CompressedKVCache):
+                    row[label]["effective_bits"] = effective_bits(caches, H, D)
+            except Exception as err:  # noqa: BLE001 (record what mlx_lm or a path does not support)
+                row[label] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                built.pop(label, None)
+        for r in range(args.rounds):
+            order = list(built) if r % 2 == 0 else list(reversed(built))
+            for label in order:
+                tok_s, build, run = time_decode(built[label][1], args.steps)
+                row[label]["tok_s"].append(tok_s)
+                row[label]["build_ms"].append(build)
+                row[label]["eval_ms"].append(run)
+        for label in built:
+            rec = row[label]
+            rec["median_tok_s"] = statistics.median(rec["tok_s"])
+            rec["median_build_ms"] = statistics.median(rec["build_ms"])
+            rec["median_eval_ms"] = statistics.median(rec["eval_ms"])
+        if tokens == args.memory_at:
+            for label, (caches, step) in built.items():
+                mx.synchronize()
+                mx.reset_peak_memory()
+                time_decode(step, 8)
+                row[label]["peak_memory_bytes"] = mx.get_peak_memory()
+                row[label]["peak_minus_weights_bytes"] = mx.get_peak_memory() - weight_bytes
+        fp16 = row.get("mlx_lm KVCache fp16", {}).get("median_tok_s")
+        for label in built:
+            if fp16:
+                row[label]["vs_fp16"] = row[label]["median_tok_s"] / fp16
+        result["contexts"][str(tokens)] = row
+        _write(args, "decode", result)  # after every context: a run cut short keeps what it measured
+        del built
+        mx.clear_cache()
+        print(f"decode {tokens}: " + ", ".join(f"{k}: {v.get('median_tok_s', v.get('error', v.get('skipped')))}"
+                                               for k, v in row.items()), flush=True)
+    return result
+
+
+def _leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix, tree
+
+
+def time_latency(fn, repeats: int) -> float:
+    for _ in range(3):
+        mx.eval(fn())
+    mx.synchronize()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def time_throughput(fn, per_group: int = 20, groups: int = 7) -> float:
+    times = []
+    for _ in range(groups + 1):
+        t = time.perf_counter()
+        mx.eval([fn() for _ in range(per_group)])
+        mx.synchronize()
+        times.append((time.perf_counter() - t) / per_group)
+    return 1e3 * statistics.median(times[1:])
+
+
+def bench_attention(args) -> dict:
+    Hq, H, D = (8, 2, 64) if args.quick else (32, 8, 128)
+    contexts = [int(c) for c in args.attention_contexts]
+    result = {"device": device_info(), "shape": {"n_q_heads": Hq, "n_kv_heads": H, "head_dim": D}, "cases": []}
+    scale = D**-0.5
+    for batch in (1, 8):
+        for tokens in contexts:
+            q = mx.random.normal((batch, Hq, 1, D)).astype(mx.float16)
+            k = mx.random.normal((batch, H, tokens, D)).astype(mx.float16)
+            v = mx.random.normal((batch, H, tokens, D)).astype(mx.float16)
+            mx.eval(q, k, v)
+            case = {"batch": batch, "tokens": tokens, "series": {}}
+            sdpa = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
+            case["series"]["fp16 SDPA"] = {"latency_ms": time_latency(sdpa, args.repeats),
+                                           "throughput_ms": time_throughput(sdpa), "effective_bits": 16.0}
+            for label, kw in (("ours turboquant_mse k4/v4", dict(key_bits=4, value_bits=4)),
+                              ("ours turboquant_mse k2/v2", dict(key_bits=2, value_bits=2)),
+                              ("ours klt k4/v4 uncalibrated", dict(method="klt", key_bits=4, value_bits=4))):
+                cache = CompressedKVCache(head_dim=D, n_kv_heads=H, **kw)
+                cache.update_and_fetch(k, v)
+                mx.eval(cache.state)
+                attend = lambda cache=cache: cache.attention(q, scale)  # noqa: E731
+                ref = sdpa_on_dequantized(cache, q, scale)
+                err = mx.abs(attend().astype(mx.float32) - ref).max().item()
+                case["series"][label] = {
+                    "latency_ms": time_latency(attend, args.repeats), "throughput_ms": time_throughput(attend),
+                    "effective_bits": 8 * cache.nbytes / (2 * batch * H * tokens * D),
+                    "kernel": dispatch.gpu_kernel(q, cache.segments()[0], cache.key_quantizer, cache.value_quantizer),
+                    "max_abs_err_vs_sdpa_on_dequantized": err}
+                del cache
+            fp16 = case["series"]["fp16 SDPA"]
+            for rec in case["series"].values():
+                rec["latency_vs_fp16"] = rec["latency_ms"] / fp16["latency_ms"]
+                rec["throughput_vs_fp16"] = rec["throughput_ms"] / fp16["throughput_ms"]
+            result["cases"].append(case)
+            _write(args, "attention", result)
+            print(f"attention b{batch} {tokens}: " + ", ".join(
+                f"{k}: {v['latency_ms']:.3f}/{v['throughput_ms']:.3f} ms" for k, v in case["series"].items()), flush=True)
+            del k, v
+            mx.clear_cache()
+    result["ragged"] = bench_ragged(args, Hq, H, D, scale)
+    return result
+
+
+def sdpa_on_dequantized(cache, q, scale):
+    keys, values = cache.dequantized()
+    return mx.fast.scaled_dot_product_attention(q.astype(mx.float32), keys.astype(mx.float32),
+                                                values.astype(mx.float32), scale=scale)
+
+
+def bench_ragged(args, Hq, H, D, scale) -> dict:
+    """Batch 8, rows of 4K..64K tokens (per-row lengths in the kernel) vs every row at the longest length,
+    and fp16 SDPA over K/V padded to the longest row with a mask (what a batched fp16 cache does)."""
+    lengths = [4096, 8192, 12288, 16384, 24576, 32768, 49152, 65536]
+    if args.quick:
+        lengths = [n // 16 for n in lengths]
+    B, T = len(lengths), max(lengths)
+    q = mx.random.normal((B, Hq, 1, D)).astype(mx.float16)
+    k = mx.random.normal((B, H, T, D)).astype(mx.float16)
+    v = mx.random.normal((B, H, T, D)).astype(mx.float16)
+    mask = (mx.arange(T)[None] < mx.array(lengths)[:, None])[:, None, None, :]
+    mx.eval(q, k, v, mask)
+    cache = CompressedKVCache(head_dim=D, n_kv_heads=H, key_bits=4, value_bits=4)
+    cache.update_and_fetch(k, v)
+    mx.eval(cache.state)
+    (segment,) = cache.segments(exact=False)
+    km, vm = cache.key_quantizer, cache.value_quantizer
+    kernel = dispatch.gpu_kernel(q, segment, km, vm)
+    if kernel is None:
+        return {"skipped": "no fused GPU kernel on this device"}
+    row_lengths = mx.array(lengths, dtype=mx.int32)
+    ragged = lambda: gpu.attention(q, segment, km, vm, scale, kernel, row_lengths)[0]  # noqa: E731
+    full = lambda: gpu.attention(q, segment, km, vm, scale, kernel)[0]  # noqa: E731
+    padded = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)  # noqa: E731
+    # Correctness of the per-row lengths: each row against the portable path over that row's tokens.
+    out = ragged()
+    errs = []
+    for b, n in enumerate(lengths):
+        row = CodeSegment({a: c[b:b + 1, :, :n] for a, c in segment.key_codes.items()},
+                          {a: c[b:b + 1, :, :n] for a, c in segment.value_codes.items()},
+                          segment.key_mean[b:b + 1], n)
+        from kvshard.quant.attention import compressed_attention  # noqa: PLC0415
+        ref = compressed_attention(q[b:b + 1], [row], n_kv_heads=H, key_method=km, value_method=vm, scale=scale,
+                                   backend="pure")
+        errs.append(mx.abs(out[b:b + 1].astype(mx.float32) - ref.astype(mx.float32)).max().item())
+    return {"lengths": lengths, "kernel": kernel,
+            "ours per-row lengths": {"latency_ms": time_latency(ragged, args.repeats),
+                                     "throughput_ms": time_throughput(ragged)},
+            "ours every row at the longest": {"latency_ms": time_latency(full, args.repeats),
+                                              "throughput_ms": time_throughput(full)},
+            "fp16 SDPA padded + mask": {"latency_ms": time_latency(padded, args.repeats),
+                                        "throughput_ms": time_throughput(padded)},
+            "max_abs_err_per_row_vs_portable": max(errs)}
+
+
+def device_info() -> dict:
+    info = {"platform": platform.platform(), "mlx": mx.__version__, "default_device": str(mx.default_device())}
+    try:
+        info.update({k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))})
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def _write(args, section: str, result: dict) -> None:
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"speed_{section}_{args.tag}.json").write_text(json.dumps(result, indent=1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--only", default="decode,attention")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--contexts", nargs="+", default=["16384", "65536", "131072"])
+    parser.add_argument("--attention-contexts", nargs="+", default=["32768", "131072"])
+    parser.add_argument("--series", nargs="*", default=None, help="substrings of the decode series to run")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--memory-at", type=int, default=65536)
+    parser.add_argument("--portable-max", type=int, default=16384)
+    parser.add_argument("--tag", default="gpu" if dispatch.gpu_backend() else "cpu")
+    args = parser.parse_args(argv)
+    for section in args.only.split(","):
+        _write(args, section, {"decode": bench_decode, "attention": bench_attention}[section](args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Launching the fused GPU kernels: attention over one code segment, and the appends' encode.
+
+Attention is flash-decoding: split blocks of one (batch, kv head, slice of the context) score packed codes in
+the rotated domain and accumulate values there; the splits are merged, normalised and un-rotated. Which
+kernel runs is decided in dispatch.py; everything a kernel needs of a method comes from `fused_spec()`. When
+a spec has no in-kernel rotation (klt's per-head transform, query-aware key scales), the method's own
+rotate_query / unrotate run around the kernel and the kernel runs with zero rotation rounds.
+
+CUDA-core kernel (split.cu): a group of LPT lanes reads one token's packed key and value bytes with one vector
+load each; each lane owns C = D / LPT coordinates for all R query rows of its kv head. Tensor-core kernel
+(mma_split.cu; 4-bit keys and values, head_dim 64 or 128, <= 8 rows, sm_80+): per 16 tokens a warp computes
+scores and value sums with mma.sync m16n8k16 (fp16 in, fp32 accumulate), centroids from a per-lane
+shared-memory table; products round the query, centroids and P·‖v‖ to fp16, as fp16 SDPA rounds q, K and V.
+On CUDA one launch does it all (GPU_SINGLE_LAUNCH: the last split block of each kv head, found with an atomic
+ticket, merges); tickets are slots of one persistent zeroed buffer that the last block cleans.
+"""
+
+import itertools
+import math
+from functools import lru_cache
+
+import mlx.core as mx
+
+from . import cuda, metal
+
+GPU_WARPS = 4  # warps per split block
+GPU_UNROLL = 4  # token steps whose loads are issued together, per lane group (tuned on an H200)
+GPU_TARGET_BLOCKS = 256  # split blocks per call to aim for (tuned on an H200: 256-512 about equal)
+GPU_COMBINE_THREADS = 128
+GPU_COORDS = None  # coordinates per lane; None picks by group size (benchmarks sweep it)
+GPU_SINGLE_LAUNCH = True  # CUDA: split and combine in one launch (the last block merges); else two launches
+GPU_MMA = True
+GPU_MMA_WARPS = 4  # warps per split block
+GPU_MMA_UNROLL = 1  # 16-token steps per warp step (three steps' codes in registers: two are in flight)
+GPU_MMA_TARGET_BLOCKS = 396  # split blocks per call to aim for (3 resident per SM on a 132-SM H100/H200)
+MMA_TABLE_BYTES = 256 * 64 * 4  # per block: a 256-entry fp16x2 centroid-pair table per lane, keys and values
+
+
+def gpu_plan(head_dim: int, rows: int, key_bits: int, value_bits: int) -> dict | None:
+    """Launch shape for the CUDA-core split kernel, or None when it does not cover this case.
+
+    C (coordinates per lane) is chosen so a lane's codes are one 4-, 8- or 16-byte load and its registers
+    (C·R query values + C·R accumulators) stay within budget."""
+    return _gpu_plan(head_dim, rows, key_bits, value_bits, GPU_COORDS, GPU_WARPS)
+
+
+@lru_cache(maxsize=None)
+def _gpu_plan(D: int, R: int, key_bits: int, value_bits: int, coords, warps: int) -> dict | None:
+    if key_bits not in (1, 2, 4, 8) or value_bits not in (1, 2, 4, 8):
+        return None
+    if D < 16 or D > 256 or D & (D - 1) or R < 1:
+        return None
+    if coords:
+        C = coords
+    else:
+        C = 1 << max(0, int(math.log2(max(1, 64 // R))))
+        C = min(C, D)
+        while C * max(key_bits, value_bits) > 128 and C > 1:
+            C //= 2
+        while C * min(key_bits, value_bits) < 32 and C < D:
+            C *= 2
+    lanes = D // C
+    if (
+        D % C
+        or C * R > 128
+        or C * min(key_bits, value_bits) < 32
+        or C * max(key_bits, value_bits) > 128
+        or not 1 <= lanes <= 32
+        or R * D * (warps + 1) * 4 > 44 * 1024
+    ):
+        return None
+    return {"C": C, "LPT": lanes}
+
+
+def mma_supported(head_dim: int, rows: int, key_bits: int, value_bits: int) -> bool:
+    """Whether the tensor-core kernel covers this case (dispatch checks the device)."""
+    return GPU_MMA and key_bits == 4 and value_bits == 4 and head_dim in (64, 128) and 1 <= rows <= 8
+
+
+def _mma_splits(batch: int, n_kv_heads: int, tokens: int) -> int:
+    """Split blocks per (batch, kv head): near the target grid, each with at least one iteration per warp.
+    Tokens per split are worked out in the kernel, so a growing context does not recompile it."""
+    per_iteration = 16 * GPU_MMA_UNROLL * GPU_MMA_WARPS
+    wanted = max(1, GPU_MMA_TARGET_BLOCKS // (batch * n_kv_heads))
+    return max(1, min(wanted, -(-tokens // per_iteration)))
+
+
+def _splits(batch: int, n_kv_heads: int, tokens: int) -> int:
+    """Tokens per split block: the smallest power of two ≥ 64 that keeps the grid near the target."""
+    per_split = 64
+    while per_split < 4096 and batch * n_kv_heads * -(-tokens // per_split) > GPU_TARGET_BLOCKS:
+        per_split *= 2
+    return per_split
+
+
+@lru_cache(maxsize=None)
+def _scalar(value: float) -> mx.array:
+    return mx.array([value], dtype=mx.float32)
+
+
+@lru_cache(maxsize=None)
+def _placeholder(shape: tuple = (1, 1, 1, 1), dtype=mx.float16) -> mx.array:
+    return mx.zeros(shape, dtype=dtype)
+
+
+@lru_cache(maxsize=4096)
+def _row_lengths(length: int, batch: int) -> mx.array:
+    """Every row holding `length` tokens, cached: decode steps of all layers share one array per offset."""
+    return mx.array([length] * batch, dtype=mx.int32)
+
+
+# Single-launch tickets: one int per (batch, kv head) counts the split blocks that have finished; the last one
+# merges and sets it back to 0. Launches take slots of one zeroed buffer in turn (a slice is a view: no fill
+# kernel per call), so two launches share a slot only TICKET_SLOTS / TICKET_STRIDE launches apart, and the
+# earlier has long finished and cleaned it by then.
+TICKET_STRIDE = 256
+TICKET_SLOTS = 1 << 18
+_ticket_turn = itertools.count()
+
+
+@lru_cache(maxsize=None)
+def _ticket_slots(n: int) -> list:
+    buffer = mx.zeros((TICKET_SLOTS,), dtype=mx.int32)
+    slots = [buffer[i : i + n] for i in range(0, TICKET_SLOTS, TICKET_STRIDE)]
+    mx.eval(slots)  # views of the buffer, already evaluated: handing one over adds nothing to the graph
+    return slots
+
+
+def _tickets(n: int) -> mx.array:
+    if n > TICKET_STRIDE:
+        return mx.zeros((n,), dtype=mx.int32)
+    slots = _ticket_slots(n)
+    return slots[next(_ticket_turn) % len(slots)]
+
+
+@lru_cache(maxsize=64)
+def _specs(key_method, value_method):
+    """(key spec, value spec, key signs or a zero-round stand-in, value signs or one, dim) of a method pair."""
+    kspec, vspec = key_method.fused_spec(), value_method.fused_spec()
+    dim = key_method.rotated_dim
+    none = _placeholder((1, dim), mx.float32)
+    return kspec, vspec, none if kspec.signs is None else kspec.signs, none if vspec.signs is None else vspec.signs, dim
+
+
+def attention(queries, segment, key_method, value_method, scale: float, kernel: str, lengths=None,
+              with_lse: bool = False):
+    """Attention of (B, Hq, L, D) queries over one code segment, no mask, with the kernel dispatch chose.
+    lengths: (B,) int32 tokens held per row (default: all `segment.length`); the code buffers may be longer.
+    Returns (out (B, Hq, L, D) in queries.dtype, lse (B, Hkv, R) or None unless with_lse)."""
+    B, n_q_heads, L, D = queries.shape
+    H = segment.n_kv_heads
+    G = n_q_heads // H
+    kspec, vspec, ksigns, vsigns, dim = _specs(key_method, value_method)
+    q = queries
+    if kspec.signs is None:  # the method's transform, outside the kernel: rotate_query takes (B, H, G, L, D)
+        q = key_method.rotate_query(queries.reshape(B, H, G, L, D)).reshape(B, n_q_heads, L, dim)
+        q = q.astype(queries.dtype)
+    has_mean = segment.key_mean is not None and kspec.signs is not None
+    if lengths is None:
+        lengths = _row_lengths(segment.length, B)
+    out, lse = _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, float(scale), has_mean, lengths, G * L,
+                       queries.dtype)
+    if vspec.signs is None:
+        out = value_method.unrotate(out.reshape(B, H, G, L, dim)).reshape(B, n_q_heads, L, D).astype(queries.dtype)
+    if not with_lse:
+        return out, None
+    if segment.key_mean is not None and not has_mean:
+        # Keys were coded as k − μ: q·μ·scale belongs to every score of a row (the softmax ignores it, a merge
+        # with fp16 segments does not).
+        qm = (queries.astype(mx.float32).reshape(B, H, G * L, D) * segment.key_mean.astype(mx.float32)).sum(-1)
+        lse = lse + qm * scale
+    return out, lse
+
+
+def _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, scale, has_mean, lengths, R, out_dtype):
+    B, n_q_heads, L, D = q.shape
+    H = segment.n_kv_heads
+    codes = [segment.key_codes["idx"], segment.key_codes["norm"], segment.value_codes["idx"],
+             segment.value_codes["norm"], lengths]
+    head = [q, _scalar(scale), ksigns, kspec.centroids, vspec.centroids]
+    mean = segment.key_mean if has_mean else _placeholder()
+    outs = [(B, n_q_heads, L, D), (B, H, R)]
+    if kernel == "mma":
+        n_splits, threads = _mma_splits(B, H, segment.length), GPU_MMA_WARPS * 32
+        template = [("D", D), ("R", R), ("WARPS", GPU_MMA_WARPS), ("U", GPU_MMA_UNROLL), ("ROUNDS", ksigns.shape[0]
+                    if kspec.signs is not None else 0)]
+        shared = MMA_TABLE_BYTES + R * D * 4
+        split_kind = "mma_attend" if GPU_SINGLE_LAUNCH else "mma_split"
+        split = cuda.kernel(split_kind, shared)
+    else:
+        plan = gpu_plan(D, R, kspec.bits, vspec.bits)
+        per_split = _splits(B, H, segment.length)
+        n_splits, threads = -(-segment.length // per_split), GPU_WARPS * 32
+        template = [("D", D), ("R", R), ("KB", kspec.bits), ("VB", vspec.bits), ("LPT", plan["LPT"]),
+                    ("WARPS", GPU_WARPS), ("U", GPU_UNROLL), ("TPS", per_split),
+                    ("ROUNDS", ksigns.shape[0] if kspec.signs is not None else 0)]
+        single = GPU_SINGLE_LAUNCH and kernel == "cuda"
+        split_kind = "attend" if single else "split"
+        split = cuda.kernel(split_kind) if kernel == "cuda" else metal.kernel(split_kind)
+    vrounds = vsigns.shape[0] if vspec.signs is not None else 0
+    partial = [(B, H, n_splits, R, D), (B, H, n_splits, R, 2)]
+    grid, threadgroup = (n_splits * threads, H, B), (threads, 1, 1)
+    if split_kind.endswith("attend"):
+        out = split(inputs=head + codes + [vsigns, mean, _tickets(B * H)],
+                    template=template + [("HAS_MEAN", has_mean), ("VROUNDS", vrounds), ("OutT", out_dtype)],
+                    grid=grid, threadgroup=threadgroup, output_shapes=partial + outs,
+                    output_dtypes=[mx.float32, mx.float32, out_dtype, mx.float32])
+        return out[2], out[3]
+    part_o, part_ml = split(inputs=head + codes, template=template, grid=grid, threadgroup=threadgroup,
+                            output_shapes=partial, output_dtypes=[mx.float32, mx.float32])
+    combine = cuda.kernel("combine") if kernel in ("mma", "cuda") else metal.kernel("combine")
+    return combine(
+        inputs=[q, _scalar(scale), vsigns, mean, part_o, part_ml],
+        template=[("D", D), ("R", R), ("HAS_MEAN", has_mean), ("NT", GPU_COMBINE_THREADS), ("ROUNDS", vrounds),
+                  ("OutT", out_dtype)],
+        grid=(R * GPU_COMBINE_THREADS, H, B),
+        threadgroup=(GPU_COMBINE_THREADS, 1, 1),
+        output_shapes=outs,
+        output_dtypes=[out_dtype, mx.float32],
+    )
+
+
+# ---- the appends' encode -----------------------------------------------------------------------------------
+
+
+def encode_supported(method) -> bool:
+    """Whether the encode kernel computes this method's encode: its codes with an in-kernel rotation."""
+    spec = method.fused_spec()
+    if spec is None or spec.signs is None:
+        return False
+    D, bits = method.head_dim, spec.bits
+    return 32 <= D <= 256 and bits in (1, 2, 4, 8) and (D // 32) * bits % 8 == 0
+
+
+def encode(method, x: mx.array, backend: str) -> dict:
+    """Encode in one launch: (B, H, n, D) -> {"idx": (B, H, n, D·b/8) uint8, "norm": (B, H, n, 1)}.
+    Same arithmetic as the method's encode; summation orders differ, so a coordinate within float rounding of
+    a boundary can land on the other side (as between MLX backends)."""
+    B, H, n, D = x.shape
+    spec = method.fused_spec()
+    rows, warps = B * H * n, 4
+    make = cuda.kernel if backend == "cuda" else metal.kernel
+    idx, norm = make("encode")(
+        inputs=[x, spec.signs, spec.boundaries],
+        template=[("D", D), ("BITS", spec.bits), ("ROUNDS", spec.signs.shape[0])],
+        grid=(-(-rows // warps) * warps * 32, 1, 1),
+        threadgroup=(warps * 32, 1, 1),
+        output_shapes=[(B, H, n, D * spec.bits // 8), (B, H, n, 1)],
+        output_dtypes=[mx.uint8, mx.float16],
+    )
+    return {"idx": idx, "norm": norm}
+
+
+def encode_pair(key_method, keys: mx.array, value_method, values: mx.array) -> tuple[dict, dict]:
+    """Keys and values of one append in one CUDA launch (the first half of the warps encode keys)."""
+    B, H, n, D = keys.shape
+    kspec, vspec = key_method.fused_spec(), value_method.fused_spec()
+    rows, warps = B * H * n, 4
+    kidx, knorm, vidx, vnorm = cuda.kernel("encode_pair")(
+        inputs=[keys, values, kspec.signs, vspec.signs, kspec.boundaries, vspec.boundaries],
+        template=[("D", D), ("KBITS", kspec.bits), ("VBITS", vspec.bits), ("KROUNDS", kspec.signs.shape[0]),
+                  ("VROUNDS", vspec.signs.shape[0])],
+        grid=(-(-2 * rows // warps) * warps * 32, 1, 1),
+        threadgroup=(warps * 32, 1, 1),
+        output_shapes=[(B, H, n, D * kspec.bits // 8), (B, H, n, 1), (B, H, n, D * vspec.bits // 8), (B, H, n, 1)],
+        output_dtypes=[mx.uint8, mx.float16, mx.uint8, mx.float16],
+    )
+    return {"idx": kidx, "norm": knorm}, {"idx": vidx, "norm": vnorm}

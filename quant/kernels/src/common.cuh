@@ -1,0 +1,169 @@
+template <int NW>
+__device__ __forceinline__ void kvs_load(const uint8_t* p, uint32_t (&w)[NW]) {
+  if constexpr (NW == 4) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+  } else if constexpr (NW == 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x; w[1] = v.y;
+  } else {
+    w[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
+  }
+}
+
+// Code c of a lane's little-endian bit stream (c and BITS are compile-time constants once unrolled).
+template <int BITS, int NW>
+__device__ __forceinline__ int kvs_code(const uint32_t (&w)[NW], int c) {
+  return (w[(c * BITS) >> 5] >> ((c * BITS) & 31)) & ((1 << BITS) - 1);
+}
+
+__device__ __forceinline__ float kvs_finite_or_zero(float m) {
+  return m == -cuda::std::numeric_limits<float>::infinity() ? 0.0f : m;
+}
+
+// One warp's Hadamard transform (Sylvester order, unnormalised) of a row held E = D / 32 coordinates per
+// lane: butterflies in registers below E, shuffles above.
+template <int D>
+__device__ __forceinline__ void kvs_hadamard_row(float (&v)[D / 32], int lane) {
+  constexpr int E = D / 32;
+#pragma unroll
+  for (int len = 1; len < E; len <<= 1)
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+      if ((e & len) == 0) {
+        const float a = v[e], c = v[e + len];
+        v[e] = a + c;
+        v[e + len] = a - c;
+      }
+#pragma unroll
+  for (int len = E; len < D; len <<= 1) {
+    const int partner = len / E;
+    const bool upper = lane & partner;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float other = __shfl_xor_sync(0xffffffffu, v[e], partner);
+      v[e] = upper ? other - v[e] : v[e] + other;
+    }
+  }
+}
+
+// TurboQuant-MSE encode of one row (vector) by one warp: lane l holds coordinates [l·E, (l+1)·E), E = D / 32.
+// Norm by warp reduction; the rotation's rounds as in-register butterflies (partners closer than E) and
+// shuffles (farther); then the count of boundaries below each coordinate, packed little-endian into the
+// lane's E·BITS/8 bytes. Rows past the end return (whole warps, so the shuffles stay converged).
+template <int D, int BITS, int ROUNDS, typename T, typename S, typename St>
+__device__ __forceinline__ void kvs_encode_row(const T* x, const S& shape, const St& strides, const float* signs,
+                                               const float* sb, uint8_t* idx, __half* norm, int64_t row, int lane) {
+  constexpr int E = D / 32;
+  constexpr int BYTES = E * BITS / 8;
+  const int H = shape[1], T_ = shape[2];
+  if (row >= static_cast<int64_t>(shape[0]) * H * T_) return;
+  const int t = row % T_, h = (row / T_) % H;
+  const int64_t b = row / (static_cast<int64_t>(T_) * H);
+  const int64_t base = b * strides[0] + h * strides[1] + t * strides[2];
+  float v[E];
+  float ss = 0.0f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    v[e] = static_cast<float>(x[base + (lane * E + e) * strides[3]]);
+    ss += v[e] * v[e];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  const float nrm = sqrtf(ss);
+  const float inv = 1.0f / fmaxf(nrm, 1e-12f);
+#pragma unroll
+  for (int e = 0; e < E; ++e) v[e] *= inv;
+#pragma unroll
+  for (int rd = 0; rd < ROUNDS; ++rd) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] *= signs[rd * D + lane * E + e];
+    kvs_hadamard_row<D>(v, lane);
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] *= rsqrtf(static_cast<float>(D));
+  }
+  uint32_t packed = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    uint32_t code = 0;
+#pragma unroll
+    for (int i = 0; i < (1 << BITS) - 1; ++i) code += v[e] > sb[i] ? 1u : 0u;
+    packed |= code << (e * BITS);
+  }
+  uint8_t* out = idx + row * (D * BITS / 8) + lane * BYTES;
+#pragma unroll
+  for (int i = 0; i < BYTES; ++i) out[i] = static_cast<uint8_t>(packed >> (8 * i));
+  if (lane == 0) norm[row] = static_cast<__half>(nrm);
+}
+
+// The rotation's rounds (±1 diagonal, then Hadamard; unnormalised) on a warp's row, the signs already in
+// registers (sg[round][e]).
+template <int D, int ROUNDS, int N>
+__device__ __forceinline__ void kvs_rotate_row(float (&v)[D / 32], const float (&sg)[N][D / 32], int lane) {
+#pragma unroll
+  for (int rd = 0; rd < ROUNDS; ++rd) {
+#pragma unroll
+    for (int e = 0; e < D / 32; ++e) v[e] *= sg[rd][e];
+    kvs_hadamard_row<D>(v, lane);
+  }
+}
+
+// The inverse: rounds in reverse, each a Hadamard then its ±1 diagonal (unnormalised).
+template <int D, int ROUNDS>
+__device__ __forceinline__ void kvs_unrotate_row(float (&v)[D / 32], const float* signs, int lane) {
+#pragma unroll
+  for (int rd = ROUNDS - 1; rd >= 0; --rd) {
+    kvs_hadamard_row<D>(v, lane);
+#pragma unroll
+    for (int e = 0; e < D / 32; ++e) v[e] *= signs[rd * D + lane * (D / 32) + e];
+  }
+}
+
+// A split block's result from its warps' (Σ p·v̂ per row and coordinate, (m, l) per row) in shared memory:
+// (m, l, Σ p·v̂) of the block's slice. BASE2: the warps' m are in base 2; written in natural-log units.
+template <int R, int D, int WARPS, int NT, bool BASE2>
+__device__ __forceinline__ void kvs_merge_warps(const float* wacc, const float* wml, float* part_o, float* part_ml,
+                                                int64_t row0, int tid) {
+  const float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
+  auto weight = [](float m, float base) { return BASE2 ? exp2f(m - base) : __expf(m - base); };
+  for (int i = tid; i < R * D; i += NT) {
+    const int r = i / D;
+    float mb = NEG_INF;
+    for (int w = 0; w < WARPS; ++w) mb = fmaxf(mb, wml[(w * R + r) * 2]);
+    const float ms = kvs_finite_or_zero(mb);
+    float v = 0.0f;
+    for (int w = 0; w < WARPS; ++w) v += wacc[(w * R + r) * D + i % D] * weight(wml[(w * R + r) * 2], ms);
+    part_o[row0 * D + i] = v;
+  }
+  if (tid < R) {
+    float mb = NEG_INF;
+    for (int w = 0; w < WARPS; ++w) mb = fmaxf(mb, wml[(w * R + tid) * 2]);
+    const float ms = kvs_finite_or_zero(mb);
+    float lb = 0.0f;
+    for (int w = 0; w < WARPS; ++w) lb += wml[(w * R + tid) * 2 + 1] * weight(wml[(w * R + tid) * 2], ms);
+    part_ml[(row0 + tid) * 2] = BASE2 ? mb * 0.6931471805599453f : mb;
+    part_ml[(row0 + tid) * 2 + 1] = lb;
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ float kvs_block_max(float v, float* red) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = red[0];
+  for (int i = 1; i < NT / 32; ++i) v = fmaxf(v, red[i]);
+  __syncthreads();
+  return v;
+}
+
+template <int NT>
+__device__ __forceinline__ float kvs_block_sum(float v, float* red) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = red[0];
+  for (int i = 1; i < NT / 32; ++i) v += red[i];
+  __syncthreads();
+  return v;
+}
