@@ -2,6 +2,7 @@
 
     python benchmarks/decode_speed.py --out benchmarks/results            # on the lent GPU: run_gpu.sh
     python benchmarks/decode_speed.py --quick --out /tmp/x                # a small model, short contexts
+    python benchmarks/decode_speed.py --plot benchmarks/results           # the PNGs from the JSON, here
 
 Sections, all series side by side in one process (alternating order per round, medians):
   decode     tok/s of greedy decode on a random-weight Llama-3.2-1B-shaped fp16 model (16 layers, 32 q / 8 kv
@@ -349,6 +350,44 @@ def _write(args, section: str, result: dict) -> None:
     (Path(args.out) / f"speed_{section}_{args.tag}.json").write_text(json.dumps(result, indent=1))
 
 
+def plot(folder: Path, tag: str = "gpu") -> None:
+    """speed_decode_<tag>.png (tok/s per context, fp16 beside ours) and speed_attention_<tag>.png."""
+    import matplotlib  # noqa: PLC0415 (only where plots are made)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    decode = json.loads((folder / f"speed_decode_{tag}.json").read_text())
+    contexts = list(decode["contexts"])
+    labels = [k for k in decode["contexts"][contexts[0]] if "median_tok_s" in decode["contexts"][contexts[0]][k]]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        values = [decode["contexts"][c].get(label, {}).get("median_tok_s", 0) for c in contexts]
+        ax.bar([j + i * width for j in range(len(contexts))], values, width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(contexts))], [f"{int(c) // 1024}K" for c in contexts])
+    ax.set_ylabel("tokens/s (median)")
+    ax.set_title(f"Decode, random Llama-3.2-1B-shaped fp16 model, batch 1 — {decode['device'].get('device_name', tag)}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / f"speed_decode_{tag}.png", dpi=110)
+    attention = json.loads((folder / f"speed_attention_{tag}.json").read_text())
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    cases = attention["cases"]
+    series = list(cases[0]["series"])
+    width = 0.8 / len(series)
+    for i, label in enumerate(series):
+        ax.bar([j + i * width for j in range(len(cases))], [c["series"][label]["latency_ms"] for c in cases], width,
+               label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))],
+                  [f"batch {c['batch']}, {c['tokens'] // 1024}K" for c in cases])
+    ax.set_ylabel("ms per decode step of one layer (median latency)")
+    ax.set_title(f"Attention, Llama-3.1-8B shape — {attention['device'].get('device_name', tag)}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / f"speed_attention_{tag}.png", dpi=110)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -363,7 +402,11 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-at", type=int, default=65536)
     parser.add_argument("--portable-max", type=int, default=16384)
     parser.add_argument("--tag", default="gpu" if dispatch.gpu_backend() else "cpu")
+    parser.add_argument("--plot", default=None, help="a results folder: draw its PNGs and stop")
     args = parser.parse_args(argv)
+    if args.plot:
+        plot(Path(args.plot), args.tag if args.tag != "cpu" else "gpu")
+        return 0
     for section in args.only.split(","):
         _write(args, section, {"decode": bench_decode, "attention": bench_attention}[section](args))
     return 0

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
-from kvshard.quant.bench import _mlx_lm_quantized, _tree_nbytes, device_info, time_call
+from bench import _mlx_lm_quantized, _tree_nbytes, device_info, time_call  # benchmarks/bench.py, beside this script
 from kvshard.quant.cache import CompressedKVCache
 from kvshard.quant.methods.klt import KLTPlan
 from kvshard.quant.rope import rope_frequencies

@@ -113,8 +113,8 @@ def compressed_attention(
     if mask is None and backend is None and len(segments) == 1 and segments[0].is_codes:
         # The decode step without fp16 segments first, with the fewest checks: its host time is a large part of
         # what a step waits for.
-        kernel = dispatch.gpu_kernel(queries, segments[0], key_method, value_method)
-        if kernel is not None and dispatch.requested_backend(None) in ("auto", dispatch.gpu_backend()):
+        kernel = dispatch.gpu_kernel(queries, segments[0], key_method, value_method, honour_env=True)
+        if kernel is not None:
             return gpu.attention(queries, segments[0], key_method, value_method, scale, kernel)[0]
     path = dispatch.choose(backend, queries, segments, key_method, value_method, mask)
     if path not in dispatch.GPU_PATHS:

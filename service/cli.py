@@ -9,6 +9,7 @@ import os
 import re
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
 # A missing import, the extra that brings it: the SDK-only install lacks the server's, `redis://` the redis client.
@@ -128,9 +129,16 @@ def eval_main(argv: list[str]) -> None:
 
 
 def bench_main(argv: list[str]) -> None:
-    from kvshard.quant.bench import main
+    # The benchmark code lives beside its results in the repository's benchmarks/, not in the package.
+    import importlib.util
 
-    main(argv)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    if not script.exists():
+        raise SystemExit(f"kvshard bench runs from a source checkout: {script} not found")
+    spec = importlib.util.spec_from_file_location("kvshard_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(argv)
 
 
 # name: (one line for `kvshard --help`, the function that gets the rest of the command line)

@@ -52,7 +52,7 @@ struct __half2 {
 inline __half2 __floats2half2_rn(float lo, float hi) { return {static_cast<_Float16>(lo), static_cast<_Float16>(hi)}; }
 
 namespace emu {
-inline dim3 gridDim_, blockIdx_;
+inline dim3 gridDim_, blockIdx_, blockDim_;
 inline thread_local dim3 threadIdx_;
 inline unsigned char shared_memory[1 << 18] __attribute__((aligned(16)));
 
@@ -78,6 +78,7 @@ inline void exchange(const uint64_t* mine, int n, F&& read) {
 
 inline void launch(dim3 grid, int threads, const std::function<void()>& kernel) {
   gridDim_ = grid;
+  blockDim_ = {static_cast<unsigned>(threads), 1, 1};
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -99,6 +100,7 @@ inline void launch(dim3 grid, int threads, const std::function<void()>& kernel) 
 #define threadIdx (emu::threadIdx_)
 #define blockIdx (emu::blockIdx_)
 #define gridDim (emu::gridDim_)
+#define blockDim (emu::blockDim_)
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
@@ -110,6 +112,17 @@ inline T __shfl_xor_sync(unsigned, T v, int mask) {
   T out;
   const int lane = emu::my_lane();
   emu::exchange(&mine, 1, [&](uint64_t (*slot)[12]) { std::memcpy(&out, &slot[lane ^ mask][0], sizeof(T)); });
+  return out;
+}
+
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, int delta) {
+  uint64_t mine = 0;
+  std::memcpy(&mine, &v, sizeof(T));
+  T out;
+  const int lane = emu::my_lane();
+  const int from = lane + delta < 32 ? lane + delta : lane;  // as on hardware: lanes past the end keep their own
+  emu::exchange(&mine, 1, [&](uint64_t (*slot)[12]) { std::memcpy(&out, &slot[from][0], sizeof(T)); });
   return out;
 }
 

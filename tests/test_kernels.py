@@ -252,7 +252,7 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     assert " 0 bytes spill stores" in log, log
     _nvcc_compile("combine", dict(D=64, R=3, HAS_MEAN=True, NT=128, ROUNDS=3, OutT="__half"), tmp_path)
     _nvcc_compile("encode", dict(D=128, BITS=4, ROUNDS=3), tmp_path)
-    _nvcc_compile("encode_pair", dict(D=64, KBITS=4, VBITS=2, KROUNDS=3, VROUNDS=3), tmp_path)
+    _nvcc_compile("encode_pair", dict(D=64, KBITS=4, VBITS=2, KROUNDS=3, VROUNDS=0, KREFIT=False, VREFIT=True), tmp_path)
     log = _nvcc_compile("attend", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=gpu.GPU_UNROLL, TPS=256, ROUNDS=3,
                                        HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
@@ -268,8 +268,9 @@ def _emulated(kind, dtypes, template, tmp_path):
     (pointers, shapes, strides, grid, threads)."""
     headers, function = cuda.kernel_function(kind, dtypes, template)
     headers = [cuda.source(h) for h in headers if h != cuda.MMA_ASM]  # the emulator supplies these primitives
+    # Dynamic shared memory (the tensor-core kernel's) comes from the emulator.
     declaration = "extern __shared__ __align__(16) unsigned char kvs_smem[];"
-    assert declaration in function
+    assert declaration in function or kind.startswith("encode")
     function = function.replace(declaration, "unsigned char* kvs_smem = emu::shared_memory;")
     names, outputs = cuda.parts(kind)[:2]
     args = []
@@ -463,3 +464,66 @@ def test_gpu_encode_matches_method(head_dim, bits):
         single_v = gpu.encode(value_method, x * 0.5, "cuda")
         assert mx.array_equal(pair_k["idx"], fast["idx"]).item() and mx.array_equal(pair_v["idx"], single_v["idx"]).item()
         assert mx.array_equal(pair_v["norm"], single_v["norm"]).item()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+@pytest.mark.parametrize("key_bits, value_bits", [(4, 2), (2, 1)])  # 2 and 1 bits at head_dim 64: under a byte a lane
+def test_pair_encode_on_cpu_emulator(key_bits, value_bits, tmp_path):
+    """The append's encode kernel, run under g++: TurboQuant-MSE keys (rotation in the kernel) beside klt values
+    (coded domain from to_coded, least-squares scale refitted in the kernel), against the methods' own encode."""
+    import numpy as np
+
+    from kvshard.quant.methods.klt import KLT
+    from kvshard.quant.packing import unpack
+
+    km = make_method("turboquant_mse", 64, key_bits)
+    vm = KLT(64, value_bits, plan=_klt_plan(64, (value_bits,) * 64, n_kv_heads=2))
+    keys = mx.random.normal((1, 2, 50, 64)).astype(mx.float16)
+    values = mx.random.normal((1, 2, 50, 64)) * mx.random.uniform(0.5, 2.0, (1, 2, 50, 1))
+    ks, vs = km.fused_spec(), vm.fused_spec()
+    dense = lambda a: np.ascontiguousarray(np.array(a.astype(mx.float32)))  # noqa: E731
+    arrays = [dense(keys), dense(vs.to_coded(values)), dense(ks.signs), np.zeros((1, 64), np.float32),
+              dense(ks.boundaries), dense(vs.boundaries), dense(ks.centroids), dense(vs.centroids)]
+    dtypes = {"kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half"}
+    template = dict(D=64, KBITS=key_bits, VBITS=value_bits, KROUNDS=ks.signs.shape[0], VROUNDS=0, KREFIT=False,
+                    VREFIT=True)
+    launch, names, _ = _emulated("encode_pair", dtypes, template, tmp_path)
+    shapes, strides = np.zeros((len(names), 8), np.int32), np.zeros((len(names), 8), np.int64)
+    for i, a in enumerate(arrays):
+        shapes[i, : a.ndim], strides[i, : a.ndim] = a.shape, [s // a.itemsize for s in a.strides]
+    results = [np.zeros((1, 2, 50, 8 * key_bits), np.uint8), np.zeros((1, 2, 50, 1), np.float16),
+               np.zeros((1, 2, 50, 8 * value_bits), np.uint8), np.zeros((1, 2, 50, 1), np.float16)]
+    pointers = (ctypes.c_void_p * 12)(*[a.ctypes.data for a in arrays + results])
+    rows, warps = 100, 4
+    launch(pointers, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p),
+           -(-2 * rows // warps), 1, 1, warps * 32)
+    for method, idx, norm, x, bits in ((km, results[0], results[1], keys, key_bits),
+                                       (vm, results[2], results[3], values, value_bits)):
+        ref = method.encode(x)
+        got, want = unpack(mx.array(idx), bits, 64), unpack(ref["idx"], bits, 64)
+        # Codes agree except where a coordinate sits within float rounding of a boundary.
+        assert (got != want).mean().item() < 2e-3
+        assert np.allclose(norm.astype(np.float32), np.array(ref["norm"].astype(mx.float32)), rtol=2e-3)
+
+
+@pytest.mark.skipif(kernels.gpu_backend() != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim, bits", [(64, 4), (128, 4), (64, 2)])
+def test_gpu_pair_encode_klt(head_dim, bits):
+    """klt keys and values encoded by the pair kernel (scale refitted in the kernel) against KLT.encode."""
+    from kvshard.quant.methods.klt import KLT
+    from kvshard.quant.packing import unpack
+
+    method = KLT(head_dim, bits, plan=_klt_plan(head_dim, (bits,) * head_dim, n_kv_heads=2))
+    x = mx.random.normal((1, 2, 300, head_dim)).astype(mx.float16)
+    got_k, got_v = kernels.encode_pair(method, x, method, x * 0.5)
+    with mx.stream(mx.cpu):
+        ref_k, ref_v = method.encode(x), method.encode(x * 0.5)
+    for got, ref in ((got_k, ref_k), (got_v, ref_v)):
+        differ = unpack(got["idx"], bits, head_dim) != unpack(ref["idx"], bits, head_dim)
+        assert differ.mean().item() < 2e-3
+        # A code flipped at a boundary moves that token's least-squares scale by up to ~1%; every other token's
+        # scale agrees to fp16 rounding.
+        same = ~differ.any(axis=-1, keepdims=True)
+        assert same.mean().item() > 0.9
+        rel = mx.abs(got["norm"].astype(mx.float32) - ref["norm"].astype(mx.float32)) / ref["norm"].astype(mx.float32)
+        assert mx.where(same, rel, 0).max().item() < 2e-3 and rel.max().item() < 0.05

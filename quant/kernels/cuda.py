@@ -25,7 +25,7 @@ ATTEND_INPUTS = SPLIT_INPUTS + ["vsigns", "kmean", "counter"]
 ATTEND_OUTPUTS = SPLIT_OUTPUTS + ["out", "lse"]
 ENCODE_INPUTS = ["x", "signs", "bounds"]
 ENCODE_OUTPUTS = ["idx", "norm"]
-ENCODE_PAIR_INPUTS = ["xk", "xv", "ksigns", "vsigns", "kbounds", "vbounds"]
+ENCODE_PAIR_INPUTS = ["xk", "xv", "ksigns", "vsigns", "kbounds", "vbounds", "kcent", "vcent"]
 ENCODE_PAIR_OUTPUTS = ["kidx", "knorm", "vidx", "vnorm"]
 MMA_ASM = "mma_asm.cuh"  # the inline-PTX primitives, apart so that the CPU emulator can supply its own
 

@@ -53,11 +53,15 @@ def _tensor_cores() -> bool:
         return False
 
 
-def gpu_kernel(queries, segment, key_method, value_method) -> str | None:
+def gpu_kernel(queries, segment, key_method, value_method, honour_env: bool = False) -> str | None:
     """The GPU kernel ("mma", "cuda" or "metal") that covers attention of these queries over one code segment
-    on this device, or None. Keys coded before RoPE are scored decoded (their rotation differs per token)."""
+    on this device, or None. Keys coded before RoPE are scored decoded (their rotation differs per token).
+    honour_env: also None when KVSHARD_ATTENTION asks for a path other than this GPU's (the decode step's
+    quick check, before `choose`)."""
     kind = gpu_backend()
     if kind is None or segment.key_rope is not None:
+        return None
+    if honour_env and os.environ.get(ENV_BACKEND, "auto") not in ("auto", kind):
         return None
     _, n_q_heads, L, D = queries.shape
     return _kernel_for(kind, key_method, value_method, D, (n_q_heads // segment.n_kv_heads) * L)

@@ -224,12 +224,23 @@ def _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, scale, has_mean, l
 
 
 def encode_supported(method) -> bool:
-    """Whether the encode kernel computes this method's encode: its codes with an in-kernel rotation."""
+    """Whether the single encode kernel computes this method's encode: its codes with an in-kernel rotation."""
     spec = method.fused_spec()
-    if spec is None or spec.signs is None:
-        return False
-    D, bits = method.head_dim, spec.bits
-    return 32 <= D <= 256 and bits in (1, 2, 4, 8) and (D // 32) * bits % 8 == 0
+    return spec is not None and spec.signs is not None and _encodable(method.head_dim, spec.bits)
+
+
+@lru_cache(maxsize=64)
+def pair_covers(key_method, value_method) -> bool:
+    """Whether the pair encode kernel covers both methods: each a rotation in the kernel or klt's refit, both
+    of one coded width."""
+    return key_method.rotated_dim == value_method.rotated_dim and all(
+        spec is not None and (spec.signs is not None or spec.refit) and _encodable(m.rotated_dim, spec.bits)
+        for m, spec in ((key_method, key_method.fused_spec()), (value_method, value_method.fused_spec())))
+
+
+def _encodable(D: int, bits: int) -> bool:
+    lane_bits = (D // 32) * bits  # under a byte, neighbouring lanes pack into one (kvs_store_codes)
+    return 32 <= D <= 256 and D % 32 == 0 and bits in (1, 2, 4, 8) and (lane_bits % 8 == 0 or 8 % lane_bits == 0)
 
 
 def encode(method, x: mx.array, backend: str) -> dict:
@@ -253,16 +264,31 @@ def encode(method, x: mx.array, backend: str) -> dict:
 
 def encode_pair(key_method, keys: mx.array, value_method, values: mx.array) -> tuple[dict, dict]:
     """Keys and values of one append in one CUDA launch (the first half of the warps encode keys)."""
-    B, H, n, D = keys.shape
-    kspec, vspec = key_method.fused_spec(), value_method.fused_spec()
+    kspec, vspec, statics, template = _pair_plan(key_method, value_method)
+    xk = kspec.to_coded(keys) if kspec.refit else keys
+    xv = vspec.to_coded(values) if vspec.refit else values
+    B, H, n, D = xk.shape
+    if xv.shape[3] != D:
+        raise ValueError(f"the pair encode needs one coded width for keys and values, got {D} and {xv.shape[3]}")
     rows, warps = B * H * n, 4
     kidx, knorm, vidx, vnorm = cuda.kernel("encode_pair")(
-        inputs=[keys, values, kspec.signs, vspec.signs, kspec.boundaries, vspec.boundaries],
-        template=[("D", D), ("KBITS", kspec.bits), ("VBITS", vspec.bits), ("KROUNDS", kspec.signs.shape[0]),
-                  ("VROUNDS", vspec.signs.shape[0])],
+        inputs=[xk, xv, *statics], template=[("D", D), *template],
         grid=(-(-2 * rows // warps) * warps * 32, 1, 1),
         threadgroup=(warps * 32, 1, 1),
         output_shapes=[(B, H, n, D * kspec.bits // 8), (B, H, n, 1), (B, H, n, D * vspec.bits // 8), (B, H, n, 1)],
         output_dtypes=[mx.uint8, mx.float16, mx.uint8, mx.float16],
     )
     return {"idx": kidx, "norm": knorm}, {"idx": vidx, "norm": vnorm}
+
+
+@lru_cache(maxsize=64)
+def _pair_plan(key_method, value_method):
+    """What an append's encode launch needs besides the new tokens, worked out once per method pair."""
+    kspec, vspec = key_method.fused_spec(), value_method.fused_spec()
+    none = _placeholder((1, key_method.rotated_dim), mx.float32)
+    ksigns = none if kspec.signs is None else kspec.signs
+    vsigns = none if vspec.signs is None else vspec.signs
+    statics = [ksigns, vsigns, kspec.boundaries, vspec.boundaries, kspec.centroids, vspec.centroids]
+    template = [("KBITS", kspec.bits), ("VBITS", vspec.bits), ("KROUNDS", 0 if kspec.refit else ksigns.shape[0]),
+                ("VROUNDS", 0 if vspec.refit else vsigns.shape[0]), ("KREFIT", kspec.refit), ("VREFIT", vspec.refit)]
+    return kspec, vspec, statics, template

@@ -1,6 +1,7 @@
 """Pieces every method shares: splitting off the norm, packed code fields, and the verbs derived from
 each method's rotated-domain decode."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -16,12 +17,16 @@ class FusedSpec:
     and x̂ = unrotate(norm · centroids[idx]). `signs`: the rotation is `rounds` randomized-Hadamard rounds
     ((rounds, D) ±1) that the kernels apply themselves; None: the kernels score and accumulate in the coded
     domain as given and the method's own rotate_query / unrotate run around them (klt's per-head transform,
-    query-aware key scales). `boundaries` are the codebook's, for the encode kernel (which also needs signs)."""
+    query-aware key scales). `boundaries` are the codebook's, for the encode kernel, which takes either a rotation
+    it applies itself (signs) or, with `refit`, vectors that `to_coded` put in the coded domain, whose kept scale
+    is the least-squares gain of the chosen centroids (klt)."""
 
     bits: int
     centroids: mx.array
     boundaries: mx.array
     signs: mx.array | None
+    refit: bool = False
+    to_coded: Callable | None = None
 
 
 def unit_and_norm(x: mx.array) -> tuple[mx.array, mx.array]:

@@ -136,14 +136,18 @@ class KLT(RotatedDomainMethod):
         self._encode = mx.array(encode.transpose(0, 2, 1).astype(np.float32))
         self._synthesis = mx.array(synthesis.astype(np.float32))  # (H, d, m): x̂ = S ẑ
         self._energy = mx.array(run_energy.astype(np.float32))[:, None]  # (H, 1, m): weights of z's coordinates
+        self._fused = self._fused_spec()
 
     def fused_spec(self) -> FusedSpec | None:
         """One bit width for every coded coordinate and an fp16 scale: the codes are TurboQuant's layout in z,
         so the kernels score them with the transform applied to the query outside (rotate_query)."""
+        return self._fused
+
+    def _fused_spec(self) -> FusedSpec | None:
         if len(self.groups) != 1 or self.plan.norm_bits != 16:
             return None
         codebook = self.codebooks[0]
-        return FusedSpec(self.groups[0][2], codebook.centroids, codebook.boundaries, None)
+        return FusedSpec(self.groups[0][2], codebook.centroids, codebook.boundaries, None, True, self.to_coded)
 
     def _matrices(self, analysis: np.ndarray, energies: np.ndarray, m: int):
         heads, d = energies.shape
@@ -165,8 +169,12 @@ class KLT(RotatedDomainMethod):
         # x is (B, H, T, ·) or, for grouped queries, (B, H, group, L, ·); a is (H or 1, ·, ·).
         return a if x.ndim == 4 else a[:, None]
 
+    def to_coded(self, x: mx.array) -> mx.array:
+        """z: the coded coordinates of x, before their scale and codes are chosen."""
+        return x.astype(mx.float32) @ self._per_head(self._encode, x)
+
     def encode(self, x: mx.array) -> dict[str, mx.array]:
-        z = x.astype(mx.float32) @ self._per_head(self._encode, x)
+        z = self.to_coded(x)
         energy = self._energy if x.ndim == 4 else self._energy[:, None]
         # Codes and scale, chosen for this token. The scale stored is not ‖z‖ but the least-squares gain of
         # the chosen centroids ĉ: the error that counts is x's, where coordinate i of z weighs its run's

@@ -51,11 +51,30 @@ __device__ __forceinline__ void kvs_hadamard_row(float (&v)[D / 32], int lane) {
 // Norm by warp reduction; the rotation's rounds as in-register butterflies (partners closer than E) and
 // shuffles (farther); then the count of boundaries below each coordinate, packed little-endian into the
 // lane's E·BITS/8 bytes. Rows past the end return (whole warps, so the shuffles stay converged).
-template <int D, int BITS, int ROUNDS, typename T, typename S, typename St>
+// A lane's LANE_BITS bits of a row's little-endian code stream, written to the row's bytes. Under a byte per lane
+// (head_dim 64 at 2 bits: 4 bits a lane), neighbouring lanes first gather their bits into the first of them.
+template <int LANE_BITS>
+__device__ __forceinline__ void kvs_store_codes(uint32_t packed, uint8_t* out, int lane) {
+  if constexpr (LANE_BITS % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < LANE_BITS / 8; ++i) out[lane * (LANE_BITS / 8) + i] = static_cast<uint8_t>(packed >> (8 * i));
+  } else {
+    constexpr int GROUP = 8 / LANE_BITS;
+    const uint32_t mine = packed;
+#pragma unroll
+    for (int k = 1; k < GROUP; ++k) packed |= __shfl_down_sync(0xffffffffu, mine, k) << (k * LANE_BITS);
+    if (lane % GROUP == 0) out[lane / GROUP] = static_cast<uint8_t>(packed);
+  }
+}
+
+// REFIT (klt): x is already in the coded domain (no rotation); the scale kept is not ‖x‖ but the least-squares
+// gain g = Σ x·ĉ / Σ ĉ² of the chosen centroids ĉ (sc), and the codes are chosen again for x / g and g refitted,
+// as KLT.encode does for a single run of equal bits.
+template <int D, int BITS, int ROUNDS, bool REFIT, typename T, typename S, typename St>
 __device__ __forceinline__ void kvs_encode_row(const T* x, const S& shape, const St& strides, const float* signs,
-                                               const float* sb, uint8_t* idx, __half* norm, int64_t row, int lane) {
+                                               const float* sb, const float* sc, uint8_t* idx, __half* norm,
+                                               int64_t row, int lane) {
   constexpr int E = D / 32;
-  constexpr int BYTES = E * BITS / 8;
   const int H = shape[1], T_ = shape[2];
   if (row >= static_cast<int64_t>(shape[0]) * H * T_) return;
   const int t = row % T_, h = (row / T_) % H;
@@ -70,7 +89,34 @@ __device__ __forceinline__ void kvs_encode_row(const T* x, const S& shape, const
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-  const float nrm = sqrtf(ss);
+  float nrm = sqrtf(ss);
+  if constexpr (REFIT) {
+    uint32_t packed = 0;
+    for (int round = 0; round < 2; ++round) {
+      const float inv = 1.0f / fmaxf(nrm, 1e-30f);
+      float num = 0.0f, den = 0.0f;
+      packed = 0;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        uint32_t code = 0;
+#pragma unroll
+        for (int i = 0; i < (1 << BITS) - 1; ++i) code += v[e] * inv > sb[i] ? 1u : 0u;
+        const float c = sc[code];
+        num += v[e] * c;
+        den += c * c;
+        packed |= code << (e * BITS);
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        num += __shfl_xor_sync(0xffffffffu, num, off);
+        den += __shfl_xor_sync(0xffffffffu, den, off);
+      }
+      nrm = num / fmaxf(den, 1e-30f);
+    }
+    kvs_store_codes<E * BITS>(packed, idx + row * (D * BITS / 8), lane);
+    if (lane == 0) norm[row] = static_cast<__half>(nrm);
+    return;
+  }
   const float inv = 1.0f / fmaxf(nrm, 1e-12f);
 #pragma unroll
   for (int e = 0; e < E; ++e) v[e] *= inv;
@@ -90,9 +136,7 @@ __device__ __forceinline__ void kvs_encode_row(const T* x, const S& shape, const
     for (int i = 0; i < (1 << BITS) - 1; ++i) code += v[e] > sb[i] ? 1u : 0u;
     packed |= code << (e * BITS);
   }
-  uint8_t* out = idx + row * (D * BITS / 8) + lane * BYTES;
-#pragma unroll
-  for (int i = 0; i < BYTES; ++i) out[i] = static_cast<uint8_t>(packed >> (8 * i));
+  kvs_store_codes<E * BITS>(packed, idx + row * (D * BITS / 8), lane);
   if (lane == 0) norm[row] = static_cast<__half>(nrm);
 }
 

@@ -5,4 +5,4 @@
   for (int i = threadIdx.x; i < (1 << BITS) - 1; i += blockDim.x) sb[i] = bounds[i];
   __syncthreads();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  kvs_encode_row<D, BITS, ROUNDS>(x, x_shape, x_strides, signs, sb, idx, norm, row, threadIdx.x & 31);
+  kvs_encode_row<D, BITS, ROUNDS, false>(x, x_shape, x_strides, signs, sb, sb, idx, norm, row, threadIdx.x & 31);

@@ -1,4 +1,4 @@
-"""`kvshard bench`: side-by-side speed of mlx_lm's caches and kvshard's compressed caches, in one process.
+"""`kvshard bench` (benchmarks/bench.py): side-by-side speed of mlx_lm's caches and kvshard's compressed caches, in one process.
 
 Sections (each writes JSON, most a PNG, under --out, suffixed with the device tag):
   attention  one decode step of attention at 1K..128K tokens: fp16 SDPA (mlx_lm KVCache), mlx_lm
@@ -26,8 +26,8 @@ import time
 
 import mlx.core as mx
 
-from .attention import CodeSegment
-from .cache import CompressedKVCache
+from kvshard.quant.attention import CodeSegment
+from kvshard.quant.cache import CompressedKVCache
 
 SHAPES = {
     "llama-3.1-8b": {"n_q_heads": 32, "n_kv_heads": 8, "head_dim": 128},
@@ -242,16 +242,16 @@ def attention_case(shape: dict, tokens: int, series: list, skip: dict, check: bo
 
 
 def _attention(cache, queries, scale, backend):
-    from .attention import compressed_attention  # noqa: PLC0415
+    from kvshard.quant.attention import compressed_attention  # noqa: PLC0415
 
     return compressed_attention(queries, cache.segments(), n_kv_heads=cache.n_kv_heads, key_method=cache.key_quantizer,
                                 value_method=cache.value_quantizer, scale=scale, backend=backend)
 
 
 def _path_name(cache, queries) -> str:
-    from .attention import _pick_path  # noqa: PLC0415
+    from kvshard.quant.kernels import dispatch  # noqa: PLC0415
 
-    return _pick_path("auto", queries, cache.segments(), cache.key_quantizer, cache.value_quantizer, None)
+    return dispatch.choose("auto", queries, cache.segments(), cache.key_quantizer, cache.value_quantizer, None)
 
 
 def _check(cache, queries, scale, label, tokens) -> dict:
@@ -285,12 +285,13 @@ def bench_attention(args, tag: str) -> dict:
     bandwidth = copy_bandwidth()
     info = device_info()
     spec = next((v for k, v in SPEC_BANDWIDTH.items() if k in info.get("gpu", "")), None)
-    from . import kernels  # noqa: PLC0415
+    from kvshard.quant import kernels  # noqa: PLC0415
+    from kvshard.quant.kernels import gpu  # noqa: PLC0415
 
     result = {"section": "attention", "device": info, "copy_bandwidth_bytes_per_s": bandwidth,
-              "gpu_kernel_config": {"coords_per_lane": kernels.GPU_COORDS or "auto", "unroll": kernels.GPU_UNROLL,
-                                    "target_blocks": kernels.GPU_TARGET_BLOCKS, "warps": kernels.GPU_WARPS,
-                                    "single_launch": kernels.GPU_SINGLE_LAUNCH},
+              "gpu_kernel_config": {"coords_per_lane": gpu.GPU_COORDS or "auto", "unroll": gpu.GPU_UNROLL,
+                                    "target_blocks": gpu.GPU_TARGET_BLOCKS, "warps": gpu.GPU_WARPS,
+                                    "single_launch": gpu.GPU_SINGLE_LAUNCH},
               "spec_bandwidth_bytes_per_s": spec, "batch": 1, "query_tokens": 1, "shapes": {}, "checks": []}
     fused_pure = [f"kvshard {label} (pure path)" for label, method, *_ in OURS if method == "turboquant_mse"]
     for name, shape in SHAPES.items():
@@ -351,11 +352,12 @@ def _attention_summary(rows, contexts) -> list:
 
 def bench_tune(args, tag: str) -> dict:
     """GPU only: sweep the split kernel's launch shape at the Llama shape; the JSON lists every configuration."""
-    from . import kernels  # noqa: PLC0415
+    from kvshard.quant import kernels  # noqa: PLC0415
+    from kvshard.quant.kernels import gpu  # noqa: PLC0415
 
     shape = SHAPES["llama-3.1-8b"]
     Hq, Hkv, D = shape["n_q_heads"], shape["n_kv_heads"], shape["head_dim"]
-    defaults = (kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS, kernels.GPU_SINGLE_LAUNCH)
+    defaults = (gpu.GPU_COORDS, gpu.GPU_UNROLL, gpu.GPU_TARGET_BLOCKS, gpu.GPU_SINGLE_LAUNCH)
     result = {"section": "tune", "device": device_info(), "shape": shape, "rows": []}
     for tokens in (32768, 131072):
         mx.random.seed(3)
@@ -369,8 +371,8 @@ def bench_tune(args, tag: str) -> dict:
             for unroll in (2, 4):
                 for blocks in (256, 512, 1024):
                     coords = 16
-                    kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS = coords, unroll, blocks
-                    kernels.GPU_SINGLE_LAUNCH = single
+                    gpu.GPU_COORDS, gpu.GPU_UNROLL, gpu.GPU_TARGET_BLOCKS = coords, unroll, blocks
+                    gpu.GPU_SINGLE_LAUNCH = single
                     try:
                         fn = lambda: cache.attention(queries, scale=D**-0.5)  # noqa: E731
                         err = float(mx.abs(fn().astype(mx.float32) - pure).max())
@@ -383,13 +385,13 @@ def bench_tune(args, tag: str) -> dict:
                     result["rows"].append(row)
                     print("tune", row, flush=True)
         del cache, keys, values
-    kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS, kernels.GPU_SINGLE_LAUNCH = defaults
+    gpu.GPU_COORDS, gpu.GPU_UNROLL, gpu.GPU_TARGET_BLOCKS, gpu.GPU_SINGLE_LAUNCH = defaults
     ok = [r for r in result["rows"] if r["tokens"] == 131072 and "ms" in r and r["max_abs_err_vs_pure"] < 1e-2]
     if ok:
         best = min(ok, key=lambda r: r["throughput_ms"])
         result["best"] = best
         if args.apply_tune:
-            kernels.GPU_COORDS, kernels.GPU_UNROLL, kernels.GPU_TARGET_BLOCKS, kernels.GPU_SINGLE_LAUNCH = (
+            gpu.GPU_COORDS, gpu.GPU_UNROLL, gpu.GPU_TARGET_BLOCKS, gpu.GPU_SINGLE_LAUNCH = (
                 best["coords"], best["unroll"], best["target_blocks"], best["single_launch"])
             print(f"tune: using {best} for the sections that follow", flush=True)
     _write(args.out, f"tune_{tag}", result)
@@ -399,7 +401,8 @@ def bench_tune(args, tag: str) -> dict:
 def bench_overhead(args, tag: str) -> dict:
     """GPU only: what a launch costs through MLX, to read the attention numbers against (builtin op, custom
     kernel, two chained custom kernels, our one- and two-launch attention at 1K tokens)."""
-    from . import kernels  # noqa: PLC0415
+    from kvshard.quant import kernels  # noqa: PLC0415
+    from kvshard.quant.kernels import gpu  # noqa: PLC0415
 
     x = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
     copy = mx.fast.cuda_kernel(name="kvshard_copy", input_names=["inp"], output_names=["out"],
@@ -424,7 +427,7 @@ def bench_overhead(args, tag: str) -> dict:
     }
     rows = []
     for single in (True, False):
-        kernels.GPU_SINGLE_LAUNCH = single
+        gpu.GPU_SINGLE_LAUNCH = single
         cases[f"kvshard attention 1K, {'one launch' if single else 'two launches'}"] = (
             lambda: cache.attention(queries, scale=128**-0.5))
         for name, fn in list(cases.items()):
@@ -434,7 +437,7 @@ def bench_overhead(args, tag: str) -> dict:
             rows.append({"case": name, "ms": t["ms"], "throughput_ms": time_grouped(fn, 10, 50),
                          "graph_build_us": _graph_build_us(fn)})
             print("overhead", rows[-1], flush=True)
-    kernels.GPU_SINGLE_LAUNCH = True
+    gpu.GPU_SINGLE_LAUNCH = True
     result = {"section": "overhead", "device": device_info(), "rows": rows}
     _write(args.out, f"overhead_{tag}", result)
     return result
@@ -531,7 +534,7 @@ def _decode_model(args):
         dtype = "fp16" if mx.default_device() == mx.gpu else "fp32"
         return random_smollm2_shape(), f"random-weight llama with SmolLM2-135M's shape ({dtype} weights)"
     try:
-        from .models import load_model  # noqa: PLC0415
+        from kvshard.quant.models import load_model  # noqa: PLC0415
 
         model, _ = load_model("smollm2-135m")
         return model, "SmolLM2-135M-Instruct (embedded GGUF" + (", dequantized to fp32)" if mx.default_device() == mx.cpu else ", 4-bit weights)")
@@ -570,7 +573,7 @@ class _CacheWithoutLazyKV(CompressedKVCache):
 def bench_decode(args, tag: str) -> dict:
     from mlx_lm.models.cache import make_prompt_cache  # noqa: PLC0415
 
-    from .builder import KVCacheBuilder, KVCacheConfig  # noqa: PLC0415
+    from kvshard.quant.builder import KVCacheBuilder, KVCacheConfig  # noqa: PLC0415
 
     gpu = mx.default_device() == mx.gpu
     model, description = _decode_model(args)
@@ -709,8 +712,8 @@ def bench_service(args, tag: str) -> dict:
 
     from kvshard.client import Client  # noqa: PLC0415
 
-    from .builder import KVCacheBuilder, KVCacheConfig  # noqa: PLC0415
-    from .models import load_model  # noqa: PLC0415
+    from kvshard.quant.builder import KVCacheBuilder, KVCacheConfig  # noqa: PLC0415
+    from kvshard.quant.models import load_model  # noqa: PLC0415
 
     new_tokens, rounds, restarts = (32, 3, 1) if args.quick else (64, 5, 3)
     resume_tokens = args.service_tokens or (4096 if args.quick else 32768)
