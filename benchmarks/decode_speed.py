@@ -175,6 +175,7 @@ def bench_decode(args) -> dict:
             except Exception as err:  # noqa: BLE001 (record what mlx_lm or a path does not support)
                 row[label] = {"error": f"{type(err).__name__}: {err}"[:300]}
                 built.pop(label, None)
+        caches = step = None  # only `built` holds the caches now, so the memory phase can free them
         for r in range(args.rounds):
             order = list(built) if r % 2 == 0 else list(reversed(built))
             for label in order:
@@ -187,24 +188,52 @@ def bench_decode(args) -> dict:
             rec["median_tok_s"] = statistics.median(rec["tok_s"])
             rec["median_build_ms"] = statistics.median(rec["build_ms"])
             rec["median_eval_ms"] = statistics.median(rec["eval_ms"])
-        if tokens == args.memory_at:
-            for label, (caches, step) in built.items():
-                mx.synchronize()
-                mx.reset_peak_memory()
-                time_decode(step, 8)
-                row[label]["peak_memory_bytes"] = mx.get_peak_memory()
-                row[label]["peak_minus_weights_bytes"] = mx.get_peak_memory() - weight_bytes
         fp16 = row.get("mlx_lm KVCache fp16", {}).get("median_tok_s")
         for label in built:
             if fp16:
                 row[label]["vs_fp16"] = row[label]["median_tok_s"] / fp16
         result["contexts"][str(tokens)] = row
+        if tokens == args.memory_at:
+            result["memory"] = bench_memory(model, series, H, D, layers, tokens, built)
         _write(args, "decode", result)  # after every context: a run cut short keeps what it measured
         del built
         mx.clear_cache()
         print(f"decode {tokens}: " + ", ".join(f"{k}: {v.get('median_tok_s', v.get('error', v.get('skipped')))}"
                                                for k, v in row.items()), flush=True)
     return result
+
+
+def bench_memory(model, series, H, D, layers, tokens, built) -> dict:
+    """Peak MLX memory above the weights during 8 decode steps over caches of `tokens` (the caches included), and
+    while they were filled (in 4096-token chunks); each series alone, the others' caches freed first."""
+    built.clear()
+    mx.synchronize()
+    mx.clear_cache()
+    memory = {"tokens": tokens}
+    for label, make in series.items():
+        if "mixed" in label or "Quantized" in label:
+            continue
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        caches = [make() for _ in range(layers)]
+        for c in caches:
+            fill(c, H, D, tokens)
+        mx.synchronize()
+        fill_peak = mx.get_peak_memory() - base
+        mx.reset_peak_memory()
+        time_decode(step_fn(model, caches), 8)
+        mx.synchronize()
+        held = sum(getattr(c, "nbytes", 0) for c in caches)
+        memory[label] = {"peak_above_weights_bytes": mx.get_peak_memory() - base, "cache_bytes_held": held,
+                         "fill_peak_above_weights_bytes": fill_peak}
+        del caches
+        mx.synchronize()
+        mx.clear_cache()
+    fp16 = memory.get("mlx_lm KVCache fp16", {}).get("peak_above_weights_bytes")
+    for label, rec in memory.items():
+        if isinstance(rec, dict) and fp16:
+            rec["peak_vs_fp16"] = rec["peak_above_weights_bytes"] / fp16
+    return memory
 
 
 def _leaves(tree, prefix=""):

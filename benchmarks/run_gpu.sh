@@ -15,4 +15,13 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || 
 timeout 240 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_kernels.py -k gpu 2>&1 \
   | tail -n 40 > "$out/gpu_tests.log" || true
 tail -n 5 "$out/gpu_tests.log"
+# Device time of each kernel of 3 decode steps of a 2-layer model at 64K, per series (Nsight Compute).
+if [ -n "${PROFILE:-}" ] && command -v ncu >/dev/null; then
+  (cd benchmarks && for s in fp16 ours klt; do
+     timeout 150 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv --page raw \
+       python3 profile_step.py --series $s > /tmp/ncu_$s.csv 2> /tmp/ncu_$s.err || tail -n 3 /tmp/ncu_$s.err
+   done
+   python3 profile_step.py --summarise /tmp/ncu_fp16.csv /tmp/ncu_ours.csv /tmp/ncu_klt.csv > "$out/speed_profile_gpu.json"
+   head -c 3000 "$out/speed_profile_gpu.json") || true
+fi
 timeout "${BENCH_S:-300}" python3 benchmarks/decode_speed.py --out "$out" ${BENCH_ARGS:-}

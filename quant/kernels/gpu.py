@@ -32,7 +32,10 @@ GPU_SINGLE_LAUNCH = True  # CUDA: split and combine in one launch (the last bloc
 GPU_MMA = True
 GPU_MMA_WARPS = 4  # warps per split block
 GPU_MMA_UNROLL = 1  # 16-token steps per warp step (three steps' codes in registers: two are in flight)
-GPU_MMA_TARGET_BLOCKS = 396  # split blocks per call to aim for (3 resident per SM on a 132-SM H100/H200)
+# Split blocks per call to aim for (3 resident per SM on a 132-SM H100/H200). 132 was 10-25% faster for one
+# layer at batch 1 (benchmarks/tune_mma.py, results/tune_mma_gpu.json) but 1.4-2.1x slower at batch 8, and no
+# faster end to end (results/speed_*_gpu_target132.json).
+GPU_MMA_TARGET_BLOCKS = 396
 MMA_TABLE_BYTES = 256 * 64 * 4  # per block: a 256-entry fp16x2 centroid-pair table per lane, keys and values
 
 

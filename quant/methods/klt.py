@@ -166,7 +166,10 @@ class KLT(RotatedDomainMethod):
         return encode, synthesis, run_energy / run_energy.mean(axis=1, keepdims=True)
 
     def _per_head(self, a: mx.array, x: mx.array) -> mx.array:
-        # x is (B, H, T, ·) or, for grouped queries, (B, H, group, L, ·); a is (H or 1, ·, ·).
+        # x is (B, H, T, ·) or, for grouped queries, (B, H, group, L, ·); a is (H or 1, ·, ·). One matrix for every
+        # head (an uncalibrated plan) is a plain 2-D product: a broadcast batch of one costs a GPU copy.
+        if a.shape[0] == 1:
+            return a[0]
         return a if x.ndim == 4 else a[:, None]
 
     def to_coded(self, x: mx.array) -> mx.array:

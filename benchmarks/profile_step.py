@@ -1,0 +1,86 @@
+"""Device time of every kernel of a few decode steps, for one cache series: run under Nsight Compute.
+
+    ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv --page raw \\
+        python3 benchmarks/profile_step.py --series fp16 > fp16.csv
+    python3 benchmarks/profile_step.py --summarise fp16.csv ours.csv      # kernels per step, µs per kernel name
+
+A 2-layer model of the Llama-3.2-1B layer shape with caches of --tokens random tokens: what one layer's decode
+step launches and how long each launch runs on the device, apart from host time (decode_speed.py's build/eval).
+"""
+
+import argparse
+import csv
+import ctypes
+import json
+import sys
+
+import mlx.core as mx
+from mlx_lm.models import llama
+
+from decode_speed import LLAMA_1B, cache_series, fill, step_fn  # benchmarks/, beside this script
+from kvshard.quant import install_attention_hook
+
+SERIES = {"fp16": "mlx_lm KVCache fp16", "ours": "ours turboquant_mse k4/v4",
+          "klt": "ours klt calibrated-shape plan, 4 bits/coord, fp16 scale"}
+
+
+def run(series: str, tokens: int, steps: int) -> None:
+    config = dict(LLAMA_1B, num_hidden_layers=2)
+    model = llama.Model(llama.ModelArgs(**config))
+    model.set_dtype(mx.float16)
+    install_attention_hook(model)
+    make = cache_series(config["num_key_value_heads"], config["head_dim"])[SERIES[series]]
+    caches = [make() for _ in range(2)]
+    for c in caches:
+        fill(c, config["num_key_value_heads"], config["head_dim"], tokens)
+    step = step_fn(model, caches)
+    y = step(mx.array([[1]]))
+    y.item()
+    mx.synchronize()
+    driver = ctypes.CDLL("libcuda.so.1")  # ncu --profile-from-start off records between these two calls
+    driver.cuProfilerStart()
+    for _ in range(steps):
+        y = step(y)
+        y.item()
+    mx.synchronize()
+    driver.cuProfilerStop()
+
+
+def summarise(paths: list) -> dict:
+    out = {}
+    for path in paths:
+        rows = [r for r in csv.DictReader(line for line in open(path) if line.startswith('"'))
+                if r.get("Metric Name") == "gpu__time_duration.sum" or "gpu__time_duration.sum" in r]
+        kernels = {}
+        for r in rows:
+            name = r.get("Kernel Name", "?")[:80]
+            value = r.get("Metric Value") or r.get("gpu__time_duration.sum")
+            try:
+                ns = float(str(value).replace(",", ""))
+            except ValueError:
+                continue
+            k = kernels.setdefault(name, [0, 0.0])
+            k[0] += 1
+            k[1] += ns
+        out[path] = {"kernels": sum(v[0] for v in kernels.values()), "total_us": sum(v[1] for v in kernels.values()) / 1e3,
+                     "by_kernel": {n: {"launches": c, "us_each": t / c / 1e3} for n, (c, t) in
+                                   sorted(kernels.items(), key=lambda kv: -kv[1][1])}}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--series", choices=sorted(SERIES))
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--summarise", nargs="*")
+    args = parser.parse_args()
+    if args.summarise:
+        print(json.dumps(summarise(args.summarise), indent=1))
+    else:
+        run(args.series, args.tokens, args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
