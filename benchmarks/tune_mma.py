@@ -6,26 +6,15 @@ one decode step of one layer at batch 1, device time per call (throughput: 20 ca
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import mlx.core as mx
 
+from decode_speed import time_throughput  # benchmarks/, beside this script
 from kvshard.quant.cache import CompressedKVCache
 from kvshard.quant.kernels import gpu
 
 SHAPES = {"llama-3.2-1b (32 q / 8 kv, d 64)": (32, 8, 64), "llama-3.1-8b (32 q / 8 kv, d 128)": (32, 8, 128)}
-
-
-def per_call_ms(fn, per_group: int = 20, groups: int = 9) -> float:
-    times = []
-    for _ in range(groups + 1):
-        t = time.perf_counter()
-        mx.eval([fn() for _ in range(per_group)])
-        mx.synchronize()
-        times.append((time.perf_counter() - t) / per_group)
-    return 1e3 * statistics.median(times[1:])
 
 
 def main() -> None:
@@ -52,7 +41,7 @@ def main() -> None:
                         try:
                             out = cache.attention(q, D**-0.5)
                             err = mx.abs(out.astype(mx.float32) - reference.astype(mx.float32)).max().item()
-                            ms = per_call_ms(lambda: cache.attention(q, D**-0.5))
+                            ms = time_throughput(lambda: cache.attention(q, D**-0.5), groups=9)
                         except Exception as e:  # noqa: BLE001 (a shape the kernel cannot launch)
                             ms, err = None, str(e)[:200]
                         rows.append({"shape": shape, "tokens": tokens, "warps": warps, "unroll": unroll,

@@ -105,25 +105,26 @@ inline void launch(dim3 grid, int threads, const std::function<void()>& kernel) 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
-template <typename T>
-inline T __shfl_xor_sync(unsigned, T v, int mask) {
+// Lane `from(lane)`'s value of v, for every lane of the warp.
+template <typename T, typename F>
+inline T emu_shuffle(T v, F&& from) {
   uint64_t mine = 0;
   std::memcpy(&mine, &v, sizeof(T));
   T out;
-  const int lane = emu::my_lane();
-  emu::exchange(&mine, 1, [&](uint64_t (*slot)[12]) { std::memcpy(&out, &slot[lane ^ mask][0], sizeof(T)); });
+  const int source = from(emu::my_lane());
+  emu::exchange(&mine, 1, [&](uint64_t (*slot)[12]) { std::memcpy(&out, &slot[source][0], sizeof(T)); });
   return out;
 }
 
 template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+  return emu_shuffle(v, [&](int lane) { return lane ^ mask; });
+}
+
+template <typename T>
 inline T __shfl_down_sync(unsigned, T v, int delta) {
-  uint64_t mine = 0;
-  std::memcpy(&mine, &v, sizeof(T));
-  T out;
-  const int lane = emu::my_lane();
-  const int from = lane + delta < 32 ? lane + delta : lane;  // as on hardware: lanes past the end keep their own
-  emu::exchange(&mine, 1, [&](uint64_t (*slot)[12]) { std::memcpy(&out, &slot[from][0], sizeof(T)); });
-  return out;
+  // As on hardware: lanes past the end keep their own value.
+  return emu_shuffle(v, [&](int lane) { return lane + delta < 32 ? lane + delta : lane; });
 }
 
 inline bool __any_sync(unsigned, bool pred) {

@@ -527,3 +527,24 @@ def test_gpu_pair_encode_klt(head_dim, bits):
         assert same.mean().item() > 0.7  # at head_dim 128 about one token in ten has a flipped code
         rel = mx.abs(got["norm"].astype(mx.float32) - ref["norm"].astype(mx.float32)) / ref["norm"].astype(mx.float32)
         assert mx.where(same, rel, 0).max().item() < 2e-3 and rel.max().item() < 0.05
+
+
+def test_hooked_cache_stops_returning_the_decoded_history():
+    """Once the attention hook has read a cache, update_and_fetch returns only the new tokens instead of a lazy
+    graph of the whole decoded history that nobody evaluates; a cache no hook reads returns the full K/V."""
+    from mlx_lm.models import llama
+
+    from kvshard.quant import KVCacheBuilder, KVCacheConfig
+
+    model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=1, intermediate_size=128,
+                                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                        vocab_size=64, rope_theta=10000.0))
+    (cache,) = KVCacheBuilder.for_model(model, KVCacheConfig(bit_width_inlier=4))
+    model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]), cache=[cache])
+    assert cache.read_by_hook
+    k, v = cache.update_and_fetch(mx.ones((1, 2, 1, 16)), mx.ones((1, 2, 1, 16)))
+    assert k.shape[2] == v.shape[2] == 1 and cache.offset == 11
+    plain = CompressedKVCache(head_dim=16, n_kv_heads=2)
+    k, v = plain.update_and_fetch(mx.ones((1, 2, 12, 16)), mx.ones((1, 2, 12, 16)))
+    k, v = plain.update_and_fetch(mx.ones((1, 2, 1, 16)), mx.ones((1, 2, 1, 16)))
+    assert k.shape[2] == v.shape[2] == 13
