@@ -30,7 +30,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 
 from kvshard.quant import KVCacheBuilder, KVCacheConfig, kernels, load_model
-from kvshard.quant.bench import device_info
+from bench import device_info  # benchmarks/bench.py, beside this script
 from kvshard.quant.eval import Float16KVCache, klt_config, load_text
 from kvshard.quant.kernels import cpu
 from kvshard.quant.klt_calibration import calibration_texts, collect_moments
