@@ -319,9 +319,10 @@ def test_a_pre_rope_cache_attends_what_it_decodes_and_restores(tmp_path):
         got = compressed_attention(queries, cache.segments(), n_kv_heads=H, key_method=cache.key_quantizer,
                                    value_method=cache.value_quantizer, scale=0.125, mask="causal", backend=backend)
         assert mx.allclose(got, exact, atol=1e-3), backend
-    with pytest.raises(ValueError, match="before RoPE"):
-        compressed_attention(queries, cache.segments(), n_kv_heads=H, key_method=cache.key_quantizer,
-                             value_method=cache.value_quantizer, scale=0.125, backend="cpu")
+    # The native CPU kernel reads keys coded before RoPE too (quant/kernels/cpu.py); the GPU kernels refuse them.
+    got = compressed_attention(queries, cache.segments(), n_kv_heads=H, key_method=cache.key_quantizer,
+                               value_method=cache.value_quantizer, scale=0.125, mask="causal", backend="cpu")
+    assert mx.allclose(got, exact, atol=1e-3)
     path = str(tmp_path / "pre_rope.safetensors")
     save_prompt_cache(path, [cache])
     restored = load_prompt_cache(path)[0]
