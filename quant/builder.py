@@ -10,7 +10,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from .cache import CompressedKVCache
 from .sliding import Float16RotatingKVCache, SlidingCompressedKVCache
 
-SLIDING_CHOICES = ("fp16", "compressed")
+SLIDING_CHOICES = ("fp16", "compressed", "full")
 
 # load_prompt_cache looks cache classes up by name in mlx_lm's module; make ours findable there.
 mlx_cache.CompressedKVCache = CompressedKVCache
@@ -31,7 +31,9 @@ class KVCacheConfig:
     key_plans: list | None = None  # method "klt": per attention layer, a KLTPlan (klt_calibration.plan_klt)
     value_plans: list | None = None
     # Sliding-window layers (for_model): "fp16" keeps mlx_lm's rotating window in float16, "compressed" codes it
-    # like the other layers (SlidingCompressedKVCache); then per-layer lists count those layers too.
+    # like the other layers (SlidingCompressedKVCache), "full" gives them a plain CompressedKVCache of every token
+    # under the model's window mask (append-only codes, as the service's store persists them). With "compressed"
+    # and "full", per-layer lists count the sliding layers too.
     sliding: str = "fp16"
     extra: dict = field(default_factory=dict)
 
@@ -77,7 +79,7 @@ def _attention_shape(layer) -> tuple[int | None, int | None]:
     return getattr(attn, "head_dim", None), getattr(attn, "n_kv_heads", None)
 
 
-def _model_caches(model) -> list:
+def model_caches(model) -> list:
     """The caches mlx_lm would make for the model. The class's make_cache, not the instance's: a model whose
     make_cache was replaced by one that calls for_model must not recurse."""
     make = getattr(type(model), "make_cache", None)
@@ -171,15 +173,15 @@ class KVCacheBuilder:
     @staticmethod
     def for_model(model, config: KVCacheConfig) -> list:
         """One cache per layer: a CompressedKVCache wherever the model would use a plain KVCache (full
-        attention). Sliding-window layers (mlx_lm's RotatingKVCache) get a float16 rotating window, or with
-        config.sliding == "compressed" a SlidingCompressedKVCache; other layers (recurrent) keep the model's own
-        cache. Per-layer bits and plans are indexed over the compressed layers in order. Callable from a
-        replaced `model.make_cache`."""
+        attention). Sliding-window layers (mlx_lm's RotatingKVCache) get a float16 rotating window; with
+        config.sliding == "compressed" a SlidingCompressedKVCache, with "full" a CompressedKVCache. Other layers
+        (recurrent) keep the model's own cache. Per-layer bits and plans are indexed over the compressed layers
+        in order. Callable from a replaced `model.make_cache`."""
         if config.sliding not in SLIDING_CHOICES:
             raise ValueError(f"sliding must be one of {SLIDING_CHOICES}, got {config.sliding!r}")
-        caches = _model_caches(model)
+        caches = model_caches(model)
         layers = _layers(model)
-        compress_sliding = config.sliding == "compressed"
+        compress_sliding = config.sliding in ("compressed", "full")
         compressed = [
             i for i, c in enumerate(caches)
             if type(c) is KVCache or (compress_sliding and type(c) is RotatingKVCache)
@@ -189,7 +191,7 @@ class KVCacheBuilder:
         for rank, i in enumerate(compressed):
             head_dim, n_kv_heads = _attention_shape(layers[i])
             max_size = None
-            if type(caches[i]) is RotatingKVCache:
+            if type(caches[i]) is RotatingKVCache and config.sliding == "compressed":
                 if caches[i].keep:
                     raise ValueError(f"layer {i}: a sliding window that keeps its first {caches[i].keep} tokens cannot be compressed")
                 max_size = caches[i].max_size
