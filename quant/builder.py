@@ -188,6 +188,13 @@ class KVCacheBuilder:
         ]
         for i in compressed:
             _check_compressible(model, layers[i], i)
+        for name in ("key_scales", "key_plans", "value_plans"):
+            given = getattr(config, name)
+            if given is not None and len(given) != len(compressed):
+                raise ValueError(
+                    f"{name} has {len(given)} entries but the model has {len(compressed)} compressed layers "
+                    f"(sliding={config.sliding!r}; calibration covers full-attention layers, as sliding='fp16' compresses)"
+                )
         for rank, i in enumerate(compressed):
             head_dim, n_kv_heads = _attention_shape(layers[i])
             max_size = None

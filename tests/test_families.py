@@ -149,6 +149,14 @@ def test_for_model_from_inside_make_cache():
     assert sum(type(c) is CompressedKVCache for c in caches) == 2
 
 
+def test_plans_for_other_layers_are_refused_naming_the_field():
+    model = build("gemma3")  # 2 global layers, 2 sliding ones
+    scales = [mx.ones((1, 256))] * 2
+    KVCacheBuilder.for_model(model, KVCacheConfig(key_scales=scales))
+    with pytest.raises(ValueError, match="key_scales has 2 entries but the model has 4 compressed layers"):
+        KVCacheBuilder.for_model(model, KVCacheConfig(key_scales=scales, sliding="compressed"))
+
+
 def test_bad_sliding_choice_names_the_field():
     with pytest.raises(ValueError, match="sliding"):
         KVCacheBuilder.for_model(build("llama"), KVCacheConfig(sliding="rotating"))
