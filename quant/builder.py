@@ -5,9 +5,12 @@ import sys
 from dataclasses import dataclass, field, replace
 
 import mlx_lm.models.cache as mlx_cache
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .cache import CompressedKVCache
+from .sliding import Float16RotatingKVCache, SlidingCompressedKVCache
+
+SLIDING_CHOICES = ("fp16", "compressed", "full")
 
 # load_prompt_cache looks cache classes up by name in mlx_lm's module; make ours findable there.
 mlx_cache.CompressedKVCache = CompressedKVCache
@@ -27,6 +30,11 @@ class KVCacheConfig:
     key_scales: list | None = None  # per attention layer, a (kv_heads, head_dim) array: calibrate_key_scales
     key_plans: list | None = None  # method "klt": per attention layer, a KLTPlan (klt_calibration.plan_klt)
     value_plans: list | None = None
+    # Sliding-window layers (for_model): "fp16" keeps mlx_lm's rotating window in float16, "compressed" codes it
+    # like the other layers (SlidingCompressedKVCache), "full" gives them a plain CompressedKVCache of every token
+    # under the model's window mask (append-only codes, as the service's store persists them). With "compressed"
+    # and "full", per-layer lists count the sliding layers too.
+    sliding: str = "fp16"
     extra: dict = field(default_factory=dict)
 
     def bits_for_layer(self, values: bool, layer: int, n_layers: int) -> int:
@@ -40,15 +48,19 @@ class KVCacheConfig:
             return bits[layer]
         return bits
 
-    def make_cache(self, layer: int = 0, n_layers: int = 1, head_dim=None, n_kv_heads=None) -> CompressedKVCache:
-        return CompressedKVCache(
+    def make_cache(self, layer: int = 0, n_layers: int = 1, head_dim=None, n_kv_heads=None, max_size=None) -> CompressedKVCache:
+        """A CompressedKVCache for attention layer `layer` of `n_layers`; with max_size, one of a sliding-window
+        layer that holds at most that many tokens (and no sinks)."""
+        sliding = {} if max_size is None else {"max_size": max_size}
+        return (SlidingCompressedKVCache if max_size is not None else CompressedKVCache)(
+            **sliding,
             head_dim=head_dim if head_dim is not None else self.head_dim,
             n_kv_heads=n_kv_heads,
             method=self.method,
             key_bits=self.bits_for_layer(False, layer, n_layers),
             value_bits=self.bits_for_layer(True, layer, n_layers),
             seed=self.seed,
-            sink_tokens=self.sink_tokens,
+            sink_tokens=self.sink_tokens if max_size is None else 0,
             window=self.window,
             center_keys=self.center_keys,
             value_method=self.value_method,
@@ -58,9 +70,44 @@ class KVCacheConfig:
         )
 
 
+def _attention(layer):
+    return getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+
+
 def _attention_shape(layer) -> tuple[int | None, int | None]:
-    attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+    attn = _attention(layer)
     return getattr(attn, "head_dim", None), getattr(attn, "n_kv_heads", None)
+
+
+def model_caches(model) -> list:
+    """The caches mlx_lm would make for the model. The class's make_cache, not the instance's: a model whose
+    make_cache was replaced by one that calls for_model must not recurse."""
+    make = getattr(type(model), "make_cache", None)
+    if make is not None:
+        return make(model)
+    return [KVCache() for _ in _layers(model)]
+
+
+def _layers(model) -> list:
+    return getattr(model, "layers", None) or model.model.layers
+
+
+def _check_compressible(model, layer, index: int) -> None:
+    """A compressed cache attends from its codes through the hook on scaled_dot_product_attention: refuse layers
+    whose attention computes its scores itself, or adds learned sinks."""
+    attn = _attention(layer)
+    family = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
+    if attn is None:
+        raise ValueError(f"{family}: layer {index} has no self_attn/attention module for a compressed cache")
+    module = sys.modules.get(type(attn).__module__)
+    if getattr(module, "scaled_dot_product_attention", None) is None:
+        why = " (it soft-caps its attention logits)" if hasattr(attn, "attn_logit_softcapping") else ""
+        raise ValueError(
+            f"{family}: layer {index}'s attention ({type(attn).__module__}) computes its scores itself instead of "
+            f"calling scaled_dot_product_attention{why}, so a compressed cache cannot attend from its codes"
+        )
+    if getattr(attn, "sinks", None) is not None:
+        raise ValueError(f"{family}: layer {index}'s attention has learned sinks, which compressed caches do not support")
 
 
 def install_attention_hook(model) -> None:
@@ -127,12 +174,38 @@ class KVCacheBuilder:
     @staticmethod
     def for_model(model, config: KVCacheConfig) -> list:
         """One cache per layer: a CompressedKVCache wherever the model would use a plain KVCache (full
-        attention); other layers (sliding-window, recurrent) keep the model's own cache."""
-        caches = make_prompt_cache(model)
-        layers = getattr(model, "layers", None) or model.model.layers
-        attention = [i for i, c in enumerate(caches) if type(c) is KVCache]
-        for rank, i in enumerate(attention):
-            head_dim, n_kv_heads = _attention_shape(layers[i]) if i < len(layers) else (None, None)
-            caches[i] = config.make_cache(rank, len(attention), head_dim, n_kv_heads)
+        attention). Sliding-window layers (mlx_lm's RotatingKVCache) get a float16 rotating window; with
+        config.sliding == "compressed" a SlidingCompressedKVCache, with "full" a CompressedKVCache. Other layers
+        (recurrent) keep the model's own cache. Per-layer bits and plans are indexed over the compressed layers
+        in order. Callable from a replaced `model.make_cache`."""
+        if config.sliding not in SLIDING_CHOICES:
+            raise ValueError(f"sliding must be one of {SLIDING_CHOICES}, got {config.sliding!r}")
+        caches = model_caches(model)
+        layers = _layers(model)
+        compress_sliding = config.sliding in ("compressed", "full")
+        compressed = [
+            i for i, c in enumerate(caches)
+            if type(c) is KVCache or (compress_sliding and type(c) is RotatingKVCache)
+        ]
+        for i in compressed:
+            _check_compressible(model, layers[i], i)
+        for name in ("key_scales", "key_plans", "value_plans"):
+            given = getattr(config, name)
+            if given is not None and len(given) != len(compressed):
+                raise ValueError(
+                    f"{name} has {len(given)} entries but the model has {len(compressed)} compressed layers "
+                    f"(sliding={config.sliding!r}; calibration covers full-attention layers, as sliding='fp16' compresses)"
+                )
+        for rank, i in enumerate(compressed):
+            head_dim, n_kv_heads = _attention_shape(layers[i])
+            max_size = None
+            if type(caches[i]) is RotatingKVCache and config.sliding == "compressed":
+                if caches[i].keep:
+                    raise ValueError(f"layer {i}: a sliding window that keeps its first {caches[i].keep} tokens cannot be compressed")
+                max_size = caches[i].max_size
+            caches[i] = config.make_cache(rank, len(compressed), head_dim, n_kv_heads, max_size)
+        for i, c in enumerate(caches):
+            if type(c) is RotatingKVCache:
+                caches[i] = Float16RotatingKVCache(max_size=c.max_size, keep=c.keep)
         install_attention_hook(model)
         return caches

@@ -21,7 +21,7 @@ from typing import Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from kvshard.quant.progress import progress as report
 
@@ -101,32 +101,59 @@ def perplexity(model, tokens, make_caches, chunk: int = 256, context: int = 1024
     }
 
 
+def held_tokens(cache) -> int:
+    """Tokens a cache holds: all it was given, except where a sliding window dropped the oldest."""
+    if isinstance(cache, RotatingKVCache):
+        return 0 if cache.keys is None else min(cache.offset, cache.keys.shape[2])
+    return getattr(cache, "held", cache.offset)
+
+
 def held_bytes(cache) -> int:
     """Bytes a cache holds for its tokens. mlx_lm caches preallocate in steps of 256 tokens, so their
-    arrays are counted only up to `offset`; any other cache reports its own `nbytes`."""
-    if isinstance(cache, (KVCache, QuantizedKVCache)):
+    arrays are counted only up to the tokens held; any other cache reports its own `nbytes`."""
+    if isinstance(cache, (KVCache, QuantizedKVCache, RotatingKVCache)):
         if cache.keys is None:
             return 0
         arrays = cache.keys + cache.values if isinstance(cache, QuantizedKVCache) else [cache.keys, cache.values]
-        return sum(a[..., : cache.offset, :].nbytes for a in arrays)
+        return sum(a[..., : held_tokens(cache), :].nbytes for a in arrays)
     return int(cache.nbytes)
 
 
-def effective_bits(model, caches, tokens_held: int) -> float:
-    """8 · bytes held / number of K and V elements (2 · layers · kv_heads · head_dim · tokens)."""
+def effective_bits(model, caches) -> float:
+    """8 · bytes held / number of K and V elements held (2 · kv_heads · head_dim · tokens held, summed over
+    layers: a sliding-window layer holds only its window)."""
     args = model.args
     head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
-    elements = 2 * len(caches) * args.num_key_value_heads * head_dim * tokens_held
+    elements = 2 * args.num_key_value_heads * head_dim * sum(held_tokens(c) for c in caches)
     return 8 * sum(held_bytes(c) for c in caches) / elements
 
 
+def _windows(model) -> list:
+    """Per layer, the sliding window of the model's own cache, or None for full attention."""
+    from .builder import model_caches
+
+    return [c.max_size if isinstance(c, RotatingKVCache) else None for c in model_caches(model)]
+
+
 def baseline_config(model) -> EvalConfig:
-    return EvalConfig("fp16", "fp16", lambda: [Float16KVCache() for _ in model.layers])
+    """float16 K/V in the model's own layout: sliding-window layers keep a rotating window."""
+    from .sliding import Float16RotatingKVCache
+
+    return EvalConfig("fp16", "fp16", lambda: [
+        Float16RotatingKVCache(max_size=w) if w else Float16KVCache() for w in _windows(model)
+    ])
 
 
 def mlx_affine_configs(model, bits=MLX_AFFINE_BITS, group_size: int = MLX_AFFINE_GROUP) -> List[EvalConfig]:
+    """mlx_lm's QuantizedKVCache on full-attention layers; sliding-window layers keep their float16 rotating window
+    (mlx_lm has no quantized rotating cache)."""
+    from .sliding import Float16RotatingKVCache
+
     def make(b):
-        return lambda: [Float16QuantizedKVCache(group_size=group_size, bits=b) for _ in model.layers]
+        return lambda: [
+            Float16RotatingKVCache(max_size=w) if w else Float16QuantizedKVCache(group_size=group_size, bits=b)
+            for w in _windows(model)
+        ]
 
     return [EvalConfig(f"mlx_lm affine {b}-bit g{group_size}", "mlx_lm affine", make(b)) for b in bits]
 
@@ -204,14 +231,15 @@ def calibrate(model, tokenizer) -> dict:
     }
 
 
-def our_configs(model, tokenizer, tokens: int = 1024) -> List[EvalConfig]:
+def our_configs(model, tokenizer, tokens: int = 1024, sliding: str = "fp16") -> List[EvalConfig]:
     """kvshard's configurations: each method plain, then the tuned recipe at each budget. Calibration runs
-    once, and only if a tuned configuration is actually run."""
+    once, and only if a tuned configuration is actually run. `sliding` is what the plain configurations do
+    with sliding-window layers (KVCacheConfig.sliding); the calibrated ones cover full-attention layers."""
     from kvshard.quant import KVCacheBuilder, KVCacheConfig
 
     configs = []
     for method, bits in PLAIN:
-        config = KVCacheConfig(method=method, bit_width_inlier=bits, seed=42)
+        config = KVCacheConfig(method=method, bit_width_inlier=bits, seed=42, sliding=sliding)
         make = lambda config=config: KVCacheBuilder.for_model(model, config)  # noqa: E731
         configs.append(EvalConfig(f"{method} {bits}-bit", method, make))
     calibration = functools.cache(lambda: calibrate(model, tokenizer))
@@ -245,7 +273,7 @@ def compare(model, tokens, configs: List[EvalConfig], chunk: int = 256, progress
             "ppl": run["ppl"],
             "delta_ppl_pct": 100.0 * (run["ppl"] / base["ppl"] - 1.0),
             "top1_agreement": mx.mean(run["predictions"] == base["predictions"]).item(),
-            "effective_bits": effective_bits(model, run["caches"], run["count"]),
+            "effective_bits": effective_bits(model, run["caches"]),
             "seconds": seconds,
         }
         for config, run, seconds in runs
@@ -323,6 +351,8 @@ def main(argv=None) -> int:
     parser.add_argument("--start", type=int, default=0, help="token of each text where scoring starts (other passages)")
     parser.add_argument("--texts", nargs="+", default=list(TEXTS), help="shipped text names or file paths")
     parser.add_argument("--configs", nargs="+", help="labels or families to run (default: all)")
+    parser.add_argument("--sliding", default="fp16", choices=("fp16", "compressed"),
+                        help="plain configurations' sliding-window layers (hybrid models such as gemma3-270m)")
     args = parser.parse_args(argv)
     if args.start < 0:
         parser.error(f"--start must be >= 0, got {args.start}")
@@ -330,7 +360,7 @@ def main(argv=None) -> int:
     from kvshard.quant.models import load_model, model_fingerprint
 
     model, tokenizer = load_model(args.model)
-    configs = _select(mlx_affine_configs(model) + our_configs(model, tokenizer, args.tokens), args.configs)
+    configs = _select(mlx_affine_configs(model) + our_configs(model, tokenizer, args.tokens, args.sliding), args.configs)
     result = run_eval(model, tokenizer, args.texts, args.tokens, args.chunk, configs, args.start)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -346,6 +376,7 @@ def main(argv=None) -> int:
         "chunk": args.chunk,
         "start": args.start,
         "texts": args.texts,
+        "sliding": args.sliding,
         **result,
     }
     os.makedirs(args.out, exist_ok=True)

