@@ -177,7 +177,7 @@ class ClientBehaviour:
                 answer = recover(error) if retried and recover is not None else None
                 if answer is not None:
                     return (yield from answer) if hasattr(answer, "send") else answer
-                delay = next(delays, None) if retryable(error) else None
+                delay = next(delays, None) if retryable(error, recover) else None
                 if delay is None:
                     raise
                 yield Pause(delay)

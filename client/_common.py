@@ -47,10 +47,14 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(attempts=1)
 
 
-def retryable(error: grpc.RpcError) -> bool:
+def retryable(error: grpc.RpcError, recover=None) -> bool:
     """UNAVAILABLE, or a stream a proxy cut: nginx resets the client's stream (RST_STREAM, which gRPC reports
-    as INTERNAL) when the shard behind it dies mid-response. Retries carry expected_offset, so both are safe."""
+    as INTERNAL) when the shard behind it dies mid-response. Retries carry expected_offset, so both are safe.
+    Calls whose retry recognises an applied first attempt (recover) are retried after DEADLINE_EXCEEDED too:
+    the shard leaves a cut call either not applied or applied and committed."""
     if error.code() == grpc.StatusCode.UNAVAILABLE:
+        return True
+    if recover is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return True
     return error.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in (error.debug_error_string() or "")
 

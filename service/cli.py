@@ -56,6 +56,9 @@ def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--memory-budget", type=byte_size, default=human_bytes(d.memory_budget_bytes),
                         help="bytes of hot sessions kept in memory; the least recently used are dropped (they are stored)")
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help="sessions the store may hold (0: no limit)")
+    parser.add_argument("--max-tenant-sessions", type=int, default=d.max_tenant_sessions, help="sessions one tenant may hold (0: only --max-sessions)")
+    parser.add_argument("--max-attend-cost", type=int, default=d.max_attend_cost, help="query heads x query tokens x layer tokens one Attend may cost")
+    parser.add_argument("--attend-slice-cost", type=int, default=d.attend_slice_cost, help="an Attend takes turns on the compute thread in slices of this cost")
     parser.add_argument("--session-ttl", type=int, default=d.session_ttl_s, help="seconds idle before a session is deleted (0: never)")
     parser.add_argument("--max-tokens", type=int, default=d.max_tokens, help="most tokens one Generate call may produce")
     parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="most tokens one Generate input may add")
@@ -77,14 +80,15 @@ def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def serve_main(argv: list[str]) -> None:
     import asyncio
 
-    from kvshard.service.server import ServeConfig, serve
+    from kvshard.service.server import PortInUse, ServeConfig, serve
     from kvshard.service.sessions import Limits
 
     parser = argparse.ArgumentParser(prog="kvshard serve", description="Run a kvshard model shard.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     args = serve_parser(parser).parse_args(argv)
-    if args.checkpoint_tokens < 1:
-        parser.error("--checkpoint-tokens must be at least 1")
+    for flag, value in (("--checkpoint-tokens", args.checkpoint_tokens), ("--attend-slice-cost", args.attend_slice_cost)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1")
     if args.lease_ttl < 0.1:
         parser.error("--lease-ttl must be at least 0.1 seconds")
     limits = Limits(
@@ -94,6 +98,9 @@ def serve_main(argv: list[str]) -> None:
         max_append_tokens=args.max_append_tokens,
         max_message_bytes=args.max_message_bytes,
         max_sessions=args.max_sessions,
+        max_tenant_sessions=args.max_tenant_sessions,
+        max_attend_cost=args.max_attend_cost,
+        attend_slice_cost=args.attend_slice_cost,
         memory_budget_bytes=args.memory_budget,
         session_ttl_s=args.session_ttl,
         checkpoint_tokens=args.checkpoint_tokens,
@@ -113,7 +120,10 @@ def serve_main(argv: list[str]) -> None:
         grace_s=args.grace,
         lease_ttl_s=args.lease_ttl,
     )
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except PortInUse as error:
+        raise SystemExit(f"kvshard serve: {error}") from None
 
 
 def client_main(argv: list[str]) -> None:

@@ -2,11 +2,11 @@
 
 A session's conversation is `record.token_ids`; its caches hold a prefix of it, and the rest (the last
 generated token, or a new turn's input) is fed on the next step. One `Decoder.step` is one model call on the
-MLX thread: feed what is pending, sample the next token, append it to the conversation. Between steps other
-sessions use the worker, and the handler streams the token and commits checkpoints.
+MLX thread: feed what is pending (a long input in chunks, one step each), sample the next token, append it to
+the conversation. Between steps other sessions use the worker, and the handler streams the token and commits
+checkpoints.
 """
 
-import asyncio
 import math
 from dataclasses import dataclass, field
 
@@ -15,6 +15,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from kvshard.service.errors import LimitExceeded
 from kvshard.service.sessions import Session, SessionManager
+from kvshard.service.worker import run_to_completion
 
 PREFILL_CHUNK = 256  # tokens per forward pass while feeding a long input
 _STOP, _LENGTH = "stop", "length"
@@ -84,11 +85,17 @@ class Decoder:
         self.prompt = prompt
         self.sampling = sampling
         self.progress = progress  # the session's last_generate, counted here so it matches the tokens
+        self._before = None  # (tokens, cache offsets) before the token being fed, for a rollback
 
-    def step(self) -> int:
-        """(MLX thread) Feed the pending tokens, sample one, append it. On error the session is as before."""
+    def step(self) -> int | None:
+        """(MLX thread) Feed up to PREFILL_CHUNK pending tokens; once none are left, sample one and append it.
+
+        Returns the token, or None while a long input is still being fed: each chunk is its own turn on the MLX
+        thread, so other sessions are not held up by a long prompt. On error the session is as it was before
+        this token's first chunk."""
         caches, tokens = self.session.caches, self.session.record.token_ids
-        before_tokens, before_offsets = len(tokens), [c.offset for c in caches]
+        if self._before is None:
+            self._before = len(tokens), [c.offset for c in caches]
         try:
             tokens.extend(self.prompt)
             self.prompt = []
@@ -97,15 +104,20 @@ class Decoder:
                 for cache in caches:
                     cache.trim(1)
             pending = tokens[caches[0].offset :]
-            for start in range(0, len(pending), PREFILL_CHUNK):
-                logits = self.model.model(mx.array(pending[start : start + PREFILL_CHUNK])[None], cache=caches)[:, -1, :]
-                mx.eval(logits)
+            logits = self.model.model(mx.array(pending[:PREFILL_CHUNK])[None], cache=caches)[:, -1, :]
+            mx.eval(logits)
+            if len(pending) > PREFILL_CHUNK:
+                self.session.mark_all_changed()
+                return None
             token = self.sampling.sample(logits.astype(mx.float32), len(tokens))
         except BaseException:
+            before_tokens, before_offsets = self._before
             for cache, offset in zip(caches, before_offsets, strict=True):
                 cache.trim(cache.offset - offset)
             del tokens[before_tokens:]
+            self._before = None
             raise
+        self._before = None
         tokens.append(token)
         self.progress["generated_tokens"] += 1
         self.session.mark_all_changed()
@@ -180,7 +192,9 @@ async def generate(manager: SessionManager, model, session: Session, prompt: lis
     stop_ids = options.stop_token_ids
     try:
         for generated in range(1, options.max_tokens + 1):
-            token = await manager.mlx.run(decoder.step)
+            token = None
+            while token is None:
+                token = await manager.mlx.run(decoder.step)
             delta = text.add(token)
             finish = _STOP if (token in stop_ids or text.stopped) else _LENGTH if generated == options.max_tokens else None
             if finish is not None:
@@ -203,9 +217,9 @@ async def generate(manager: SessionManager, model, session: Session, prompt: lis
     finally:
         if session.session_id in manager.hot:
             # Cut short (client gone, deadline, error): keep what was generated. The check runs on the MLX
-            # thread after any step still in flight; shielded, so the commit completes even when the handler
-            # was cancelled (the caller closes this generator before releasing the session lock).
-            await asyncio.shield(manager.commit(session, only_if_changed=True))
+            # thread after any step still in flight, and completes even when the handler was cancelled, before
+            # the caller releases the session lock.
+            await run_to_completion(manager.commit(session, only_if_changed=True))
 
 
 def _replayed(record, replay_from: int) -> list[int]:

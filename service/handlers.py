@@ -1,8 +1,9 @@
 """RPC handlers: protobuf in, one session call, protobuf out.
 
-Each handler checks the request's fields (raising ValueError naming the field), takes the session through
-the manager (which serializes calls per session), calls it, commits, and answers. Status codes are decided
-in errors.py; the interceptor applies them.
+Each handler checks the request's fields (raising ValueError naming the field) before it logs or echoes any
+of them, takes the session through the manager (which serializes calls per session), checks the call against
+the session and the limits, and only then hands the change and its commit to the manager as one unit. Status
+codes are decided in errors.py; the interceptor applies them.
 """
 
 import base64
@@ -12,9 +13,9 @@ from contextlib import aclosing
 from kvshard.quant import METHODS
 from kvshard.service import calibration, logs, metrics
 from kvshard.service.auth import current_tenant
-from kvshard.service.errors import FailedPrecondition
+from kvshard.service.errors import FailedPrecondition, LimitExceeded
 from kvshard.service.generation import GenerateOptions, Sampling, generate
-from kvshard.service.sessions import SessionManager, resolve_spec
+from kvshard.service.sessions import SessionManager, check_session_id, public_id, resolve_spec
 from kvshard.service.store import SessionRecord
 from kvshard.wire import kvshard_pb2 as pb
 from kvshard.wire import kvshard_pb2_grpc as pb_grpc
@@ -28,6 +29,8 @@ MAX_PAGE_SIZE = 1000
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_LABELS = 32
+MAX_LABEL_KEY = 64
+MAX_LABEL_VALUE = 256
 _KINDS = {"model": pb.MODEL, "raw": pb.RAW}
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.STOP, "length": pb.LENGTH}
 
@@ -48,8 +51,10 @@ class KVShardServicer(pb_grpc.KVShardServicer):
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.Session:
         spec = self._session_spec(request, request.cache)
+        if spec.session_id:
+            logs.note(session=spec.session_id)
         session = await self.manager.create(current_tenant(), spec)
-        logs.note(session=session.session_id)
+        logs.note(session=session.public_id)
         return session_message(session.record, session)
 
     def _session_spec(self, request, cache: pb.CacheConfig, key_bits=None):
@@ -68,6 +73,9 @@ class KVShardServicer(pb_grpc.KVShardServicer):
             shape = self.model.shape
         if len(request.labels) > MAX_LABELS:
             raise ValueError(f"labels: at most {MAX_LABELS}, got {len(request.labels)}")
+        for key, value in request.labels.items():
+            if not 1 <= len(key) <= MAX_LABEL_KEY or len(value) > MAX_LABEL_VALUE:
+                raise ValueError(f"labels: keys of 1-{MAX_LABEL_KEY} and values of at most {MAX_LABEL_VALUE} characters")
         return resolve_spec(
             kind,
             shape,
@@ -83,8 +91,8 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         )
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
-        logs.note(session=request.session_id)
-        record, session = await self.manager.describe(current_tenant(), request.session_id)
+        session_id = _session_id(request)
+        record, session = await self.manager.describe(current_tenant(), session_id)
         return session_message(record, session, include_token_ids=request.include_token_ids)
 
     async def ListSessions(self, request: pb.ListSessionsRequest, context) -> pb.ListSessionsResponse:
@@ -92,57 +100,62 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         if page_size > MAX_PAGE_SIZE:
             raise ValueError(f"page_size: at most {MAX_PAGE_SIZE}, got {page_size}")
         after = decode_page_token(request.page_token)
+        if after:
+            check_session_id(after, "page_token")
         records, last = await self.manager.list(current_tenant(), page_size, after)
         sessions = [session_message(r, self.manager.hot.get(r.session_id)) for r in records]
         return pb.ListSessionsResponse(sessions=sessions, next_page_token=encode_page_token(last))
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:
-        logs.note(session=request.session_id)
-        await self.manager.delete(current_tenant(), request.session_id)
+        await self.manager.delete(current_tenant(), _session_id(request))
         return pb.DeleteSessionResponse()
 
     # ---- raw caches ---------------------------------------------------------------------------------------
 
     async def Append(self, request: pb.AppendRequest, context) -> pb.AppendResponse:
-        logs.note(session=request.session_id, layer=request.layer)
+        session_id = _session_id(request)
+        logs.note(layer=request.layer)
         keys = to_numpy(request.keys, "keys")
         values = to_numpy(request.values, "values")
         expected = request.expected_offset if request.HasField("expected_offset") else None
-        async with self.manager.open(current_tenant(), request.session_id) as session:
-            offset = await self.manager.mlx.run(session.append, request.layer, keys, values, self.limits, expected)
-            await self.manager.commit(session)
+        async with self.manager.open(current_tenant(), session_id) as session:
+            session.check_append(request.layer, keys, values, self.limits, expected)
+            offset = await self.manager.mutate(session, session.append, request.layer, keys, values)
         logs.note(tokens=keys.shape[-2])
         metrics.TOKENS_APPENDED.inc(keys.shape[-2])
         return pb.AppendResponse(offset=offset, memory_bytes=session.memory_bytes)
 
     async def Attend(self, request: pb.AttendRequest, context) -> pb.AttendResponse:
-        logs.note(session=request.session_id, layer=request.layer)
+        session_id = _session_id(request)
+        logs.note(layer=request.layer)
         queries = to_numpy(request.queries, "queries")
-        async with self.manager.open(current_tenant(), request.session_id) as session:
-            output = await self.manager.mlx.run(session.attend, request.layer, queries, self.limits)
+        async with self.manager.open(current_tenant(), session_id) as session:
+            session.check_attend(request.layer, queries, self.limits)
+            output = await self.manager.attend(session, request.layer, queries)
         return pb.AttendResponse(output=from_numpy(output, request.queries.dtype), offset=session.offset_of(request.layer))
 
     async def Trim(self, request: pb.TrimRequest, context) -> pb.TrimResponse:
-        logs.note(session=request.session_id)
+        session_id = _session_id(request)
         layer = request.layer if request.HasField("layer") else None
         expected = request.expected_offset if request.HasField("expected_offset") else None
-        async with self.manager.open(current_tenant(), request.session_id) as session:
-            trimmed = await self.manager.mlx.run(session.trim, request.n, layer, expected)
-            await self.manager.commit(session)
+        async with self.manager.open(current_tenant(), session_id) as session:
+            session.check_trim(request.n, layer, expected)
+            trimmed = await self.manager.mutate(session, session.trim, request.n, layer)
         return pb.TrimResponse(trimmed=trimmed, offset=session.offset_of(layer))
 
     # ---- the model ----------------------------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context):
-        logs.note(session=request.session_id)
+        session_id = _session_id(request)
         model = self._served_model("Generate")
         options = self._generate_options(request)
         source = request.WhichOneof("input")
         prompt = self._prompt_tokens(request, source)
-        async with self.manager.open(current_tenant(), request.session_id) as session:
+        async with self.manager.open(current_tenant(), session_id) as session:
             if session.record.kind != "model":
                 raise FailedPrecondition("session_id: Generate needs a model session; this is a raw cache session")
             session.check_offset(request.expected_offset if request.HasField("expected_offset") else None)
+            session.check_memory(self.limits)
             if source == "chat":
                 messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
                 prompt = model.render_chat(messages, session.record.token_ids)
@@ -185,6 +198,12 @@ class KVShardServicer(pb_grpc.KVShardServicer):
 
     def _prompt_tokens(self, request: pb.GenerateRequest, source: str | None) -> list[int]:
         """Token ids of a text or token input; chat turns are rendered later, against the session's history."""
+        prompt = self._given_prompt(request, source)
+        if len(prompt) > self.limits.max_prompt_tokens:
+            raise LimitExceeded(f"prompt: {len(prompt)} tokens exceed max_prompt_tokens {self.limits.max_prompt_tokens}")
+        return prompt
+
+    def _given_prompt(self, request: pb.GenerateRequest, source: str | None) -> list[int]:
         if source is None:
             raise ValueError("prompt: empty; set one of prompt, prompt_tokens, chat or resume")
         if source == "prompt":
@@ -214,7 +233,7 @@ class KVShardServicer(pb_grpc.KVShardServicer):
             cache.method = plan.method
             spec = self._session_spec(pb.CreateSessionRequest(kind=pb.MODEL), cache, key_bits=result.key_bits)
             session = await self.manager.create(current_tenant(), spec)
-            logs.note(session=session.session_id)
+            logs.note(session=session.public_id)
             response.session.CopyFrom(session_message(session.record, session))
         return response
 
@@ -246,10 +265,17 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         return info
 
 
+def _session_id(request) -> str:
+    """The request's session id, checked before it is logged or echoed (an unchecked one may be megabytes)."""
+    session_id = check_session_id(request.session_id)
+    logs.note(session=session_id)
+    return session_id
+
+
 def session_message(record: SessionRecord, session=None, include_token_ids: bool = False) -> pb.Session:
     config = record.config
     message = pb.Session(
-        session_id=record.session_id,
+        session_id=public_id(record),
         kind=_KINDS[record.kind],
         cache=pb.CacheConfig(
             method=config["method"],

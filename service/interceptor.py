@@ -1,13 +1,16 @@
 """The one wrapper around every kvshard RPC: readiness, auth, error -> status mapping, the log line, metrics.
 
 Handlers stay thin: they raise, and this turns the exception into a gRPC status through errors.status_for.
-Health and reflection pass through untouched (probes and grpcurl need no token).
+Request bodies arrive as bytes and are parsed here, after readiness and auth, so an undecodable body is an
+INVALID_ARGUMENT that is logged and counted like any other call (gRPC's own parser would answer UNKNOWN
+before any of this ran). Health and reflection pass through untouched (probes and grpcurl need no token).
 """
 
 import asyncio
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from kvshard.service import logs, metrics
 from kvshard.service.auth import Authenticator, set_current_tenant
@@ -27,24 +30,21 @@ class ShardInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method.removeprefix(SERVICE_PREFIX)
         metadata = details.invocation_metadata
+        parse = handler.request_deserializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, metadata, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._unary(method, metadata, parse, handler.unary_unary), response_serializer=handler.response_serializer
             )
         return grpc.unary_stream_rpc_method_handler(
-            self._stream(method, metadata, handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            self._stream(method, metadata, parse, handler.unary_stream), response_serializer=handler.response_serializer
         )
 
-    def _unary(self, method, metadata, behavior):
-        async def call(request, context):
+    def _unary(self, method, metadata, parse, behavior):
+        async def call(body, context):
             rpc = _Rpc(method)
             try:
                 self._admit(metadata, rpc)
-                return await behavior(request, context)
+                return await behavior(_parsed(method, parse, body), context)
             except BaseException as error:
                 await rpc.fail(error, context)
             finally:
@@ -52,12 +52,12 @@ class ShardInterceptor(grpc.aio.ServerInterceptor):
 
         return call
 
-    def _stream(self, method, metadata, behavior):
-        async def call(request, context):
+    def _stream(self, method, metadata, parse, behavior):
+        async def call(body, context):
             rpc = _Rpc(method)
             try:
                 self._admit(metadata, rpc)
-                async for response in behavior(request, context):
+                async for response in behavior(_parsed(method, parse, body), context):
                     yield response
             except BaseException as error:
                 await rpc.fail(error, context)
@@ -73,6 +73,14 @@ class ShardInterceptor(grpc.aio.ServerInterceptor):
         tenant = self.auth.tenant_for(metadata)
         set_current_tenant(tenant)
         rpc.fields["tenant"] = tenant
+
+
+def _parsed(method: str, parse, body: bytes):
+    try:
+        return parse(body)
+    except (DecodeError, RecursionError) as error:
+        metrics.MALFORMED.labels(method).inc()
+        raise ValueError(f"request: not a valid {method} request body ({len(body)} bytes): {error}") from None
 
 
 class _Rpc:

@@ -9,6 +9,7 @@ RPC_SECONDS = Histogram(
     ["method"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+MALFORMED = Counter("kvshard_malformed_requests", "Requests whose body did not parse, by method", ["method"])
 TOKENS_GENERATED = Counter("kvshard_generated_tokens", "Tokens generated")
 TOKENS_APPENDED = Counter("kvshard_appended_tokens", "Tokens appended to raw sessions")
 HOT_SESSIONS = Gauge("kvshard_hot_sessions", "Sessions held in memory")

@@ -26,6 +26,10 @@ from kvshard.service.worker import SerialExecutor
 from kvshard.wire import kvshard_pb2 as pb
 from kvshard.wire import kvshard_pb2_grpc as pb_grpc
 
+class PortInUse(RuntimeError):
+    pass
+
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVShard"].full_name
 NO_MODEL = "none"
 
@@ -68,7 +72,12 @@ class Shard:
         message_limit = config.limits.max_message_bytes
         self.server = grpc.aio.server(
             interceptors=[ShardInterceptor(self.auth, lambda: self.not_ready)],
-            options=[("grpc.max_receive_message_length", message_limit), ("grpc.max_send_message_length", message_limit)],
+            options=[
+                ("grpc.max_receive_message_length", message_limit),
+                ("grpc.max_send_message_length", message_limit),
+                # gRPC sets SO_REUSEPORT by default: a second shard on the port would start and share its traffic.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         self.servicer = KVShardServicer(self.manager, package_version(), self.auth.required)
         pb_grpc.add_KVShardServicer_to_server(self.servicer, self.server)
@@ -81,11 +90,18 @@ class Shard:
         address = f"{self.config.host}:{self.config.port}"
         if bool(self.config.tls_cert) != bool(self.config.tls_key):
             raise ValueError("tls: give both --tls-cert and --tls-key")
-        if self.config.tls_cert:
-            with open(self.config.tls_key, "rb") as key, open(self.config.tls_cert, "rb") as cert:
-                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            return self.server.add_secure_port(address, credentials)
-        return self.server.add_insecure_port(address)
+        try:
+            if self.config.tls_cert:
+                with open(self.config.tls_key, "rb") as key, open(self.config.tls_cert, "rb") as cert:
+                    credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+                port = self.server.add_secure_port(address, credentials)
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise PortInUse(f"cannot listen on {address}: the port is in use (another shard?) or the address is not local")
+        return port
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):

@@ -1,9 +1,11 @@
 """Sessions: a durable record plus live compressed caches, and the map of hot ones.
 
 Session methods that touch caches run on the MLX thread (the manager's `mlx` executor); everything else runs
-on the event loop. Every mutating RPC ends with `SessionManager.commit`, so a session held in memory never
-has acknowledged state the store lacks: dropping it from memory is always safe, and a crash loses only
-calls that had not answered OK.
+on the event loop. A mutating RPC checks its request first (nothing has changed if a check fails), then
+hands the change and its commit to `SessionManager.mutate`, which runs both to the end even when the caller is
+cancelled, and drops the hot copy if either fails. So a call that did not answer OK left the session as the
+store holds it: either as before, or wholly applied and committed (a cancelled call), which a retry with the
+same expected_offset recognises. Dropping a hot session from memory is always safe.
 """
 
 import asyncio
@@ -22,12 +24,14 @@ import mlx.core as mx
 import numpy as np
 
 from kvshard.quant import METHODS, CompressedKVCache, KVCacheBuilder, KVCacheConfig
+from kvshard.service.auth import DEFAULT_TENANT
 from kvshard.service.errors import FailedPrecondition, LeaseHeld, LimitExceeded, OffsetMismatch, SessionNotFound
 from kvshard.service.store import LayerDelta, Lease, SessionRecord, SessionStore
 from kvshard.service.store.codec import join_state, split_state
-from kvshard.service.worker import SerialExecutor
+from kvshard.service.worker import SerialExecutor, run_to_completion
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_TENANT_SEPARATOR = "~"  # not an id character, so a tenant-scoped key cannot be forged through an id
 _MAX_LAYERS = 256
 _MAX_KV_HEADS = 256
 _MAX_HEAD_DIM = 1024
@@ -45,6 +49,9 @@ class Limits:
     max_append_tokens: int = 4096
     max_message_bytes: int = 16 * 1024 * 1024
     max_sessions: int = 10000
+    max_tenant_sessions: int = 0  # sessions one tenant may hold (0: only max_sessions)
+    max_attend_cost: int = 1 << 26  # query heads x query tokens x layer tokens of one Attend
+    attend_slice_cost: int = 1 << 18  # an Attend runs on the MLX thread in slices of at most this cost
     memory_budget_bytes: int = 1 << 30
     min_bits: int = 1
     max_bits: int = 8
@@ -63,13 +70,31 @@ class SessionSpec:
     labels: dict = dataclasses.field(default_factory=dict)
 
 
+def check_session_id(session_id: str, field: str = "session_id") -> str:
+    """The id, or ValueError that names the field without echoing an unbounded value."""
+    if not session_id:
+        raise ValueError(f"{field}: required")
+    if not _SESSION_ID.fullmatch(session_id):
+        raise ValueError(f"{field}: must be 1-64 characters of [A-Za-z0-9_.-], got {len(session_id)} characters")
+    return session_id
+
+
+def store_key(tenant: str, session_id: str) -> str:
+    """Ids are per tenant: the store and the hot map key a session by tenant and id."""
+    return session_id if tenant == DEFAULT_TENANT else f"{tenant}{_TENANT_SEPARATOR}{session_id}"
+
+
+def public_id(record: SessionRecord) -> str:
+    return record.session_id.removeprefix(f"{record.tenant}{_TENANT_SEPARATOR}")
+
+
 def resolve_spec(
     kind: str, shape: dict, method: str, key_bits: list[int], value_bits: list[int], sink_tokens: int, window: int,
     seed: int, limits: Limits, session_id: str = "", labels: dict | None = None,
 ) -> SessionSpec:
     """Check a session's configuration, naming the wire field of whatever is wrong, and expand per-layer bits."""
-    if session_id and not _SESSION_ID.fullmatch(session_id):
-        raise ValueError(f"session_id: must be 1-64 characters of [A-Za-z0-9_.-], got {session_id!r}")
+    if session_id:
+        check_session_id(session_id)
     for name, low, high in (("layers", 1, _MAX_LAYERS), ("n_kv_heads", 1, _MAX_KV_HEADS), ("head_dim", 2, _MAX_HEAD_DIM)):
         if not low <= shape[name] <= high:
             raise ValueError(f"raw.{name}: must be in [{low}, {high}], got {shape[name]}")
@@ -136,7 +161,12 @@ class Session:
 
     @property
     def session_id(self) -> str:
+        """The store key (tenant-scoped); `public_id` is what the tenant calls it."""
         return self.record.session_id
+
+    @property
+    def public_id(self) -> str:
+        return public_id(self.record)
 
     @property
     def offset(self) -> int:
@@ -158,7 +188,7 @@ class Session:
             caches = [config.make_cache(i, layers, spec.shape["head_dim"], spec.shape["n_kv_heads"]) for i in range(layers)]
         stamp = now_ms()
         record = SessionRecord(
-            session_id=spec.session_id or uuid.uuid4().hex,
+            session_id=store_key(tenant, spec.session_id or uuid.uuid4().hex),
             tenant=tenant,
             kind=spec.kind,
             config=spec.config,
@@ -180,7 +210,10 @@ class Session:
         mx.eval([c.state.get(group, {}) for c in caches for group in ("key_codes", "value_codes")])
         return cls(record, caches, [[start for start, _ in blocks] for _, blocks in layers])
 
-    # ---- raw cache operations (MLX thread) ----------------------------------------------------------------
+    # ---- raw cache operations -----------------------------------------------------------------------------
+    # check_* run on the event loop with the session held and change nothing; the verbs run on the MLX thread.
+    # Request checks come before the offset check, and the offset check before checks against the session's
+    # state, so a malformed retry is told so, and a retry of an applied call is recognised (ABORTED).
 
     def check_layer(self, layer: int) -> CompressedKVCache:
         if not 0 <= layer < len(self.caches):
@@ -195,11 +228,16 @@ class Session:
         if expected is not None and expected != self.offset_of(layer):
             raise OffsetMismatch(expected, self.offset_of(layer))
 
-    def append(self, layer: int, keys: np.ndarray, values: np.ndarray, limits: Limits, expected_offset: int | None = None) -> int:
-        """Append (H, L, D) keys and values to one layer; nothing changes unless every check passes."""
+    def check_memory(self, limits: Limits) -> None:
+        if self.memory_bytes > limits.memory_budget_bytes:
+            raise LimitExceeded(
+                f"memory_budget_bytes: the session holds {self.memory_bytes} bytes, over the budget "
+                f"{limits.memory_budget_bytes}; trim or delete it"
+            )
+
+    def check_append(self, layer: int, keys: np.ndarray, values: np.ndarray, limits: Limits, expected_offset: int | None) -> None:
         self.check_raw("Append")
         cache = self.check_layer(layer)
-        self.check_offset(expected_offset, layer)
         heads, dim = self.record.shape["n_kv_heads"], self.record.shape["head_dim"]
         tokens = _expect_kv_shape("keys", keys.shape, heads, dim)
         _expect_kv_shape("values", values.shape, heads, dim)
@@ -207,15 +245,21 @@ class Session:
             raise ValueError(f"values.shape: must equal keys.shape {list(keys.shape)}, got {list(values.shape)}")
         if tokens > limits.max_append_tokens:
             raise LimitExceeded(f"keys.shape: {tokens} tokens exceed max_append_tokens {limits.max_append_tokens}")
+        self.check_offset(expected_offset, layer)
         if cache.offset + tokens > limits.max_session_tokens:
             raise LimitExceeded(
                 f"keys.shape: layer {layer} would hold {cache.offset + tokens} tokens, over max_session_tokens {limits.max_session_tokens}"
             )
+        self.check_memory(limits)
+
+    def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> int:
+        """Append (H, L, D) keys and values to one layer (checked by check_append)."""
+        cache = self.caches[layer]
         cache.append(mx.array(keys), mx.array(values))
         self._changed([layer])
         return cache.offset
 
-    def attend(self, layer: int, queries: np.ndarray, limits: Limits) -> np.ndarray:
+    def check_attend(self, layer: int, queries: np.ndarray, limits: Limits) -> None:
         self.check_raw("Attend")
         cache = self.check_layer(layer)
         heads, dim = self.record.shape["n_kv_heads"], self.record.shape["head_dim"]
@@ -228,17 +272,27 @@ class Session:
             raise LimitExceeded(f"queries.shape: {shape[-2]} tokens exceed max_append_tokens {limits.max_append_tokens}")
         if cache.offset == 0:
             raise FailedPrecondition(f"layer: layer {layer} holds no tokens; Append before Attend")
-        out = cache.attend(mx.array(queries))
+        cost = shape[-3] * shape[-2] * cache.offset
+        if cost > limits.max_attend_cost:
+            raise LimitExceeded(
+                f"queries.shape: {shape[-3]} heads x {shape[-2]} tokens over {cache.offset} layer tokens cost {cost}, "
+                f"over max_attend_cost {limits.max_attend_cost}"
+            )
+
+    def attend(self, layer: int, queries: np.ndarray) -> np.ndarray:
+        out = self.caches[layer].attend(mx.array(queries))
         return np.array(out.astype(mx.float32))
 
-    def trim(self, n: int, layer: int | None, expected_offset: int | None = None) -> int:
-        """Drop the last n tokens of one layer or of every layer (MODEL sessions: of the conversation)."""
+    def check_trim(self, n: int, layer: int | None, expected_offset: int | None) -> None:
         if layer is not None:
             self.check_layer(layer)
-        self.check_offset(expected_offset, layer)
-        if self.record.kind == "model":
-            if layer is not None:
+            if self.record.kind == "model":
                 raise ValueError("layer: a model session trims every layer together; leave layer unset")
+        self.check_offset(expected_offset, layer)
+
+    def trim(self, n: int, layer: int | None) -> int:
+        """Drop the last n tokens of one layer or of every layer (MODEL sessions: of the conversation)."""
+        if self.record.kind == "model":
             tokens = self.record.token_ids
             trimmed = min(n, len(tokens))
             keep = len(tokens) - trimmed
@@ -305,6 +359,12 @@ class Session:
 class SessionManager:
     """Hot sessions under a byte budget (least recently used dropped first), loaded from the store on use.
 
+    The budget counts every hot session, in use or not: idle ones are dropped to make room, and a session is
+    not loaded while the ones in use leave no room for it (RESOURCE_EXHAUSTED, retryable). A change that
+    would make one session alone hold more than the budget is refused. One session stored over the budget
+    (a lowered budget, or a Generate turn that crossed it) is still served while no other session is in
+    use, and dropped from memory after each call, so it can be trimmed or deleted.
+
     On a shared store a shard leases each session it serves: calls take the lease (waiting up to one TTL for
     another shard's to run out, as a dead shard's does), commits carry its fencing token and extend it, and
     `renew_leases` keeps it while a long call runs. An idle session's lease runs out one TTL after its last
@@ -326,44 +386,53 @@ class SessionManager:
     async def create(self, tenant: str, spec: SessionSpec) -> Session:
         if spec.kind == "model" and self.model is None:
             raise FailedPrecondition("kind: this server serves no model; create a RAW session")
-        if self.limits.max_sessions and await self.io.run(self.store.count) >= self.limits.max_sessions:
-            raise LimitExceeded(f"max_sessions: the server holds {self.limits.max_sessions} sessions already")
         session = await self.mlx.run(Session.new, spec, tenant, self.model)
         record, deltas = await self.mlx.run(session.snapshot)
         session.lease = self._new_lease()
-        await self.io.run(self.store.create, record, deltas, session.lease)
+        await run_to_completion(self.io.run(self._insert, record, deltas, session.lease))
         session.committed(record, deltas)
         self._locks[session.session_id] = session.lock
         self.hot[session.session_id] = session
-        await self._evict()
+        self._evict()
         return session
+
+    def _insert(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None) -> None:
+        """(store thread) Count and insert in one turn of the store thread, so concurrent creates cannot all
+        pass the count."""
+        limits = self.limits
+        if limits.max_sessions and self.store.count() >= limits.max_sessions:
+            raise LimitExceeded(f"max_sessions: the server holds {limits.max_sessions} sessions already")
+        if limits.max_tenant_sessions and self.store.count(record.tenant) >= limits.max_tenant_sessions:
+            raise LimitExceeded(f"max_tenant_sessions: the tenant holds {limits.max_tenant_sessions} sessions already")
+        self.store.create(record, deltas, lease)
 
     @asynccontextmanager
     async def open(self, tenant: str, session_id: str):
         """The session, loaded if cold, held exclusively for the duration: calls on one session run in order."""
-        lock = self._lock_for(session_id)
+        key = store_key(tenant, session_id)
+        lock = self._lock_for(key)
         async with lock:
-            session = self.hot.get(session_id)
+            session = self.hot.get(key)
             if session is not None and session.record.tenant != tenant:
                 raise SessionNotFound(session_id)
             if self.store.shared:
                 if session is None:
                     await self._record(tenant, session_id)  # an unknown or another tenant's session takes no lease
                 # The lease comes before the read: once it is ours, no other shard's commit can land.
-                lease, version = await self._take_lease(session_id)
+                lease, version = await self._take_lease(key)
                 if session is not None and version != session.record.version:
-                    self.hot.pop(session_id)  # another shard moved it on: this copy is stale
+                    self.hot.pop(key)  # another shard moved it on: this copy is stale
                     session = None
             if session is None:
                 session = await self._load(tenant, session_id, lock)
             if self.store.shared:
                 session.lease = lease
-            self.hot.move_to_end(session_id)
+            self.hot.move_to_end(key)
             try:
                 yield session
             finally:
                 session.last_used = time.monotonic()
-        await self._evict()
+        self._evict()
 
     def _new_lease(self) -> Lease | None:
         return Lease(self.owner, int(self.lease_ttl_s * 1000)) if self.store.shared else None
@@ -397,12 +466,12 @@ class SessionManager:
             if session.lease is not None:
                 await self.io.run(self.store.renew, session_id, session.lease, True)
 
-    def _lock_for(self, session_id: str) -> asyncio.Lock:
+    def _lock_for(self, key: str) -> asyncio.Lock:
         # Weak values: a lock lives while a caller waits on it or a hot session holds it.
-        lock = self._locks.get(session_id)
+        lock = self._locks.get(key)
         if lock is None:
             lock = asyncio.Lock()
-            self._locks[session_id] = lock
+            self._locks[key] = lock
         return lock
 
     async def _load(self, tenant: str, session_id: str, lock: asyncio.Lock) -> Session:
@@ -415,46 +484,80 @@ class SessionManager:
                     f"session_id: the session belongs to model {record.model_fingerprint[:16]}…, "
                     f"this server serves {self.model.fingerprint[:16]}…"
                 )
-        layers = await self.io.run(self.store.load_layers, session_id, record.shape["layers"])
+        in_use = sum(s.memory_bytes for s in self.hot.values() if s.lock.locked())
+        if in_use and in_use + record.memory_bytes > self.limits.memory_budget_bytes:
+            raise LimitExceeded(
+                f"memory_budget_bytes: sessions in use hold {in_use} bytes; loading this one ({record.memory_bytes} bytes) "
+                f"would exceed the budget {self.limits.memory_budget_bytes}; retry later"
+            )
+        layers = await self.io.run(self.store.load_layers, record.session_id, record.shape["layers"])
         session = await self.mlx.run(Session.restore, record, layers)
         session.lock = lock
-        self.hot[session_id] = session
+        self.hot[record.session_id] = session
         return session
 
     async def _record(self, tenant: str, session_id: str) -> SessionRecord:
-        if not session_id:
-            raise ValueError("session_id: required")
-        if not _SESSION_ID.fullmatch(session_id):
-            raise SessionNotFound(session_id)
-        record = await self.io.run(self.store.load_record, session_id)
+        record = await self.io.run(self.store.load_record, store_key(tenant, session_id))
         if record is None or record.tenant != tenant:
             raise SessionNotFound(session_id)
         if self.limits.session_ttl_s and record.updated_at_ms < now_ms() - 1000 * self.limits.session_ttl_s:
-            await self.io.run(self.store.delete, session_id)
+            await self.io.run(self.store.delete, record.session_id)
             raise SessionNotFound(session_id)
         return record
 
     async def describe(self, tenant: str, session_id: str) -> tuple[SessionRecord, Session | None]:
         """The live record of a hot session, else the stored one; takes no lock, so it answers mid-Generate."""
-        session = self.hot.get(session_id)
-        if session is not None and session.record.tenant == tenant:
-            session.record.stored_bytes = await self.io.run(self.store.stored_bytes, session_id)
+        session = self.hot.get(store_key(tenant, session_id))
+        if session is not None:
+            session.record.stored_bytes = await self.io.run(self.store.stored_bytes, session.session_id)
             return session.record, session
         return await self._record(tenant, session_id), None
 
     async def list(self, tenant: str, page_size: int, after: str) -> tuple[list[SessionRecord], str]:
-        records = await self.io.run(self.store.page, tenant, after, page_size + 1)
+        records = await self.io.run(self.store.page, tenant, store_key(tenant, after) if after else "", page_size + 1)
         more = len(records) > page_size
         records = records[:page_size]
-        return records, (records[-1].session_id if more else "")
+        return records, (public_id(records[-1]) if more else "")
 
     async def delete(self, tenant: str, session_id: str) -> None:
-        async with self._lock_for(session_id):
+        key = store_key(tenant, session_id)
+        async with self._lock_for(key):
             await self.describe(tenant, session_id)
-            await self.io.run(self.store.delete, session_id)
-            self.hot.pop(session_id, None)
+            self.hot.pop(key, None)
+            await run_to_completion(self.io.run(self.store.delete, key))
 
-    # ---- commits and memory -------------------------------------------------------------------------------
+    # ---- changes, commits and memory ----------------------------------------------------------------------
+
+    async def mutate(self, session: Session, change, *args):
+        """Apply change(*args) on the MLX thread and commit it, as one unit: a cancelled caller waits for both
+        (holding the session), so the call ends wholly applied and committed or not at all."""
+        return await run_to_completion(self._apply(session, change, *args))
+
+    async def _apply(self, session: Session, change, *args):
+        before = session.memory_bytes
+        try:
+            result = await self.mlx.run(change, *args)
+            if session.memory_bytes > before:  # growing past the budget is refused; shrinking never is
+                session.check_memory(self.limits)
+                self._make_room()
+        except BaseException:
+            # The caches may be partly changed: drop them; the next call loads the state before this one.
+            self.hot.pop(session.session_id, None)
+            raise
+        await self.commit(session)
+        return result
+
+    async def attend(self, session: Session, layer: int, queries: np.ndarray) -> np.ndarray:
+        """Attention in slices of query tokens, each at most attend_slice_cost and its own turn on the MLX
+        thread, so one large Attend cannot hold the thread while other sessions wait. Query rows attend
+        independently (no causal mask): the slices are the whole."""
+        cost_per_token = queries.shape[-3] * session.offset_of(layer)
+        step = max(1, self.limits.attend_slice_cost // cost_per_token)
+        tokens = queries.shape[-2]
+        if tokens <= step:
+            return await self.mlx.run(session.attend, layer, queries)
+        parts = [await self.mlx.run(session.attend, layer, queries[..., i : i + step, :]) for i in range(0, tokens, step)]
+        return np.concatenate(parts, axis=-2)
 
     async def commit(self, session: Session, only_if_changed: bool = False) -> None:
         """Make the session's state durable. If the store fails, the hot copy (now ahead of the store) is
@@ -473,7 +576,17 @@ class SessionManager:
     def hot_bytes(self) -> int:
         return sum(s.memory_bytes for s in self.hot.values())
 
-    async def _evict(self) -> None:
+    def _make_room(self) -> None:
+        """Drop idle sessions until the hot ones fit the budget; LimitExceeded if those in use alone do not."""
+        self._evict()
+        total = self.hot_bytes()
+        if total > self.limits.memory_budget_bytes:
+            raise LimitExceeded(
+                f"memory_budget_bytes: sessions in use would hold {total} bytes, over the budget "
+                f"{self.limits.memory_budget_bytes}; retry later"
+            )
+
+    def _evict(self) -> None:
         total = self.hot_bytes()
         for session_id, session in list(self.hot.items()):
             if total <= self.limits.memory_budget_bytes:

@@ -21,3 +21,23 @@ class SerialExecutor:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+async def run_to_completion(work):
+    """Await a coroutine to its end even if the caller is cancelled meanwhile, then pass the cancellation on.
+
+    asyncio.shield alone returns at the cancellation and leaves the work running behind the caller's back
+    (which would release a session lock mid-commit); this keeps the caller waiting until the work is done."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result

@@ -40,22 +40,22 @@ class Harness:
 
     async def create(self, method="turboquant_mse", bits=4, layers=2, sinks=0, window=0, session_id=""):
         spec = resolve_spec("raw", dict(layers=layers, n_kv_heads=HEADS, head_dim=DIM), method, [bits], [], sinks, window, 42, LIMITS, session_id)
-        return await self.manager.create("tenant", spec)
+        return await self.manager.create("default", spec)
 
     async def append(self, session_id, layer, k, v):
-        async with self.manager.open("tenant", session_id) as session:
-            await self.mlx.run(session.append, layer, k, v, LIMITS)
-            await self.manager.commit(session)
+        async with self.manager.open("default", session_id) as session:
+            session.check_append(layer, k, v, LIMITS, None)
+            await self.manager.mutate(session, session.append, layer, k, v)
 
     async def trim(self, session_id, n, layer=None):
-        async with self.manager.open("tenant", session_id) as session:
+        async with self.manager.open("default", session_id) as session:
             await self.mlx.run(session.trim, n, layer)
             await self.manager.commit(session)
 
     async def cold(self, session_id):
         """The session as a fresh process would load it."""
         self.manager.hot.clear()
-        async with self.manager.open("tenant", session_id) as session:
+        async with self.manager.open("default", session_id) as session:
             return session
 
     def close(self):
@@ -81,12 +81,12 @@ def test_restore_is_bit_identical_for_every_method(sqlite_url, method):
         await h.append(live.session_id, 0, *kv(rng, 4))
         await h.append(live.session_id, 1, *kv(rng, 9))
         q = rng.standard_normal((9, 2, DIM)).astype(np.float32)
-        expected = [await h.mlx.run(live.attend, layer, q, LIMITS) for layer in (0, 1)]
+        expected = [await h.mlx.run(live.attend, layer, q) for layer in (0, 1)]
         expected_codes = [await h.mlx.run(code_arrays, c) for c in live.caches]
         restored = await h.cold(live.session_id)
         assert restored is not live and restored.record.layer_offsets == [34, 9]
         for layer in (0, 1):
-            assert np.array_equal(await h.mlx.run(restored.attend, layer, q, LIMITS), expected[layer])
+            assert np.array_equal(await h.mlx.run(restored.attend, layer, q), expected[layer])
             codes = await h.mlx.run(code_arrays, restored.caches[layer])
             assert codes.keys() == expected_codes[layer].keys()
             for name, array in codes.items():
@@ -165,14 +165,14 @@ def test_ids_tenants_paging_and_delete(sqlite_url):
         ids = [(await h.create(session_id=f"s{i:02d}")).session_id for i in range(5)]
         with pytest.raises(SessionExists):
             await h.create(session_id="s00")
-        page, token = await h.manager.list("tenant", 2, "")
+        page, token = await h.manager.list("default", 2, "")
         assert [r.session_id for r in page] == ids[:2] and token == "s01"
-        page, token = await h.manager.list("tenant", 3, token)
+        page, token = await h.manager.list("default", 3, token)
         assert [r.session_id for r in page] == ids[2:] and token == ""
         assert (await h.manager.list("someone-else", 10, ""))[0] == []
         with pytest.raises(SessionNotFound):
             await h.manager.describe("someone-else", "s00")
-        await h.manager.delete("tenant", "s00")
+        await h.manager.delete("default", "s00")
         with pytest.raises(SessionNotFound):
             await h.cold("s00")
         assert h.store.count() == 4
@@ -191,7 +191,7 @@ def test_memory_budget_drops_least_recently_used(sqlite_url):
         h.manager.limits = Limits(memory_budget_bytes=b.memory_bytes * 3 // 2)  # room for one of the two
         await h.append(b.session_id, 0, *kv(rng, 1))  # b is used last; a goes
         assert list(h.manager.hot) == [b.session_id]
-        async with h.manager.open("tenant", a.session_id) as reloaded:  # reloaded on use
+        async with h.manager.open("default", a.session_id) as reloaded:  # reloaded on use
             assert reloaded.record.layer_offsets == [32]
         assert list(h.manager.hot) == [a.session_id]
         h.close()
@@ -221,7 +221,7 @@ def test_idle_sessions_expire(sqlite_url):
         time.sleep(1.1)
         assert await h.manager.expire_idle() == 1
         with pytest.raises(SessionNotFound):
-            await h.manager.describe("tenant", session.session_id)
+            await h.manager.describe("default", session.session_id)
         h.close()
 
     asyncio.run(scenario())
@@ -263,16 +263,16 @@ def test_redis_store_restores_exactly_and_pages(redis_url):
         await h.trim("r1", 5, layer=0)
         await h.append("r1", 0, *kv(rng, 2))
         q = rng.standard_normal((3, 1, DIM)).astype(np.float32)
-        expected = await h.mlx.run(live.attend, 0, q, LIMITS)
+        expected = await h.mlx.run(live.attend, 0, q)
         restored = await h.cold("r1")
-        assert np.array_equal(await h.mlx.run(restored.attend, 0, q, LIMITS), expected)
+        assert np.array_equal(await h.mlx.run(restored.attend, 0, q), expected)
         assert restored.record.layer_offsets == [29, 0]
-        page, token = await h.manager.list("tenant", 1, "")
+        page, token = await h.manager.list("default", 1, "")
         assert [r.session_id for r in page] == ["r0"] and token == "r0"
         assert h.store.stored_bytes("r1") > 0 and h.store.count() == 2
         with pytest.raises(SessionExists):
             await h.create(session_id="r1")
-        await h.manager.delete("tenant", "r1")
+        await h.manager.delete("default", "r1")
         assert h.store.load_record("r1") is None and h.store.count() == 1
         h.close()
 
@@ -287,7 +287,7 @@ def test_two_shards_on_one_redis_never_use_a_stale_copy(redis_url):
         await a.append("shared", 0, *kv(rng, 3))
         await b.append("shared", 0, *kv(rng, 2))  # b loads it: 5 tokens
         await a.append("shared", 0, *kv(rng, 4))  # a's hot copy is stale: it reloads, then appends: 9
-        async with b.manager.open("tenant", "shared") as session:
+        async with b.manager.open("default", "shared") as session:
             assert session.record.layer_offsets == [9]
             b_session = session
         b.manager.hot["shared"] = b_session
@@ -307,12 +307,12 @@ def test_a_shard_that_lost_its_lease_is_fenced_even_before_the_new_owner_writes(
         rng = np.random.default_rng(8)
         await a.create(layers=1, session_id="fenced")
         await a.append("fenced", 0, *kv(rng, 3))
-        async with a.manager.open("tenant", "fenced") as paused:
+        async with a.manager.open("default", "fenced") as paused:
             pass  # a holds the session, then stalls past its lease (a GC pause, SIGSTOP, a partition)
-        async with b.manager.open("tenant", "fenced") as taken:  # waits out a's lease, takes the next token
+        async with b.manager.open("default", "fenced") as taken:  # waits out a's lease, takes the next token
             assert taken.lease.token == paused.lease.token + 1
         stored = a.store.version("fenced")
-        await a.mlx.run(paused.append, 0, *kv(rng, 4), LIMITS)
+        await a.mlx.run(paused.append, 0, *kv(rng, 4))
         with pytest.raises(Fenced):  # its version is still current: only the fencing token stops it
             await a.manager.commit(paused)
         assert "fenced" not in a.manager.hot
@@ -333,13 +333,13 @@ def test_a_live_lease_makes_another_shard_wait_then_answer_retryable(redis_url):
         await owner.create(layers=1, session_id="busy")
         started = time.monotonic()
         with pytest.raises(LeaseHeld) as held:
-            async with other.manager.open("tenant", "busy"):
+            async with other.manager.open("default", "busy"):
                 pass
         assert 0.3 <= time.monotonic() - started < 5  # it waited one of its own TTLs, not the owner's
         assert status_for(held.value)[0].name == "UNAVAILABLE" and "busy" not in other.manager.hot
         await owner.manager.release_leases()  # a shard shutting down hands its leases back: no wait
         started = time.monotonic()
-        async with other.manager.open("tenant", "busy") as session:
+        async with other.manager.open("default", "busy") as session:
             assert session.lease.token == 2
         assert time.monotonic() - started < 0.3
         owner.close()
@@ -358,12 +358,12 @@ def test_a_session_keeps_to_one_slot_and_a_tenant_lists_across_slots(redis_url):
         for session_id in ids:
             await h.create(session_id=session_id)
         await h.append(ids[0], 1, *kv(rng, 40))
-        h.store._redis.zadd("kvshard:tenant:{tenant}", {ids[3] + "x": 0})  # an index entry without a session
+        h.store._redis.zadd("kvshard:tenant:{default}", {ids[3] + "x": 0})  # an index entry without a session
         other = Harness(open_store(redis_url))
         await other.manager.create("someone-else", resolve_spec("raw", dict(layers=1, n_kv_heads=HEADS, head_dim=DIM), "", [4], [], 0, 0, 1, LIMITS, "zz"))
         listed, token = [], ""
         while True:
-            page, token = await h.manager.list("tenant", 5, token)
+            page, token = await h.manager.list("default", 5, token)
             assert len(page) == 5 or not token
             listed += [r.session_id for r in page]
             if not token:

@@ -108,7 +108,8 @@ class SessionStore(Protocol):
     def page(self, tenant: str, after: str, limit: int) -> list[SessionRecord]:
         """Records of a tenant with ids > after, in id order, without token ids."""
 
-    def count(self) -> int: ...
+    def count(self, tenant: str | None = None) -> int:
+        """Sessions in the store, or those of one tenant."""
 
     def idle_since(self, before_ms: int) -> list[str]:
         """Ids of sessions last updated before this time."""

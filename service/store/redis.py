@@ -308,8 +308,8 @@ class RedisStore:
             after = ids[-1]
         return records
 
-    def count(self) -> int:
-        return self._redis.zcard(_UPDATED)
+    def count(self, tenant: str | None = None) -> int:
+        return self._redis.zcard(_UPDATED if tenant is None else _tenant_key(tenant))
 
     def idle_since(self, before_ms: int) -> list[str]:
         return [i.decode() for i in self._redis.zrangebyscore(_UPDATED, "-inf", f"({before_ms}")]

@@ -153,9 +153,11 @@ class SQLiteStore:
             ).fetchall()
         return [SessionRecord.from_json(text, [], self.stored_bytes(sid)) for sid, text in rows]
 
-    def count(self) -> int:
+    def count(self, tenant: str | None = None) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+            if tenant is None:
+                return self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+            return self._db.execute("SELECT COUNT(*) FROM sessions WHERE tenant = ?", (tenant,)).fetchone()[0]
 
     def idle_since(self, before_ms: int) -> list[str]:
         with self._lock:

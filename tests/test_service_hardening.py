@@ -1,0 +1,383 @@
+"""The shard against an attacker and a careless client, over real sockets (raw sessions, no model: fast).
+
+Each test reproduces one finding of issue 11 and fails without its fix: an Attend that would kill the shard,
+cancelled calls half-applied, undecodable bodies answering UNKNOWN, racing creates past --max-sessions,
+tokens with '=', ids shared across tenants, unbounded ids in logs, status precedence, two shards on one port,
+one tenant starving the others, one session over the memory budget.
+"""
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import ShardProcess, child_env, free_port
+from kvshard.client import Client, RetryPolicy
+from kvshard.quant import CompressedKVCache
+from kvshard.wire import kvshard_pb2 as pb
+from kvshard.wire import kvshard_pb2_grpc as pb_grpc
+from kvshard.wire.tensors import from_numpy, to_numpy
+
+CONFIG = dict(method="turboquant_mse", key_bits=4, value_bits=4, window=0, sink_tokens=0)
+CACHE_CONFIG = pb.CacheConfig(method="turboquant_mse", key_bits=[4], value_bits=[4], seed=42)
+PADDED_TOKEN = "c2VjcmV0LXBhZGRlZA=="  # base64 with '=' padding, no tenant: tenant "default"
+ALICE_TOKEN, BOB_TOKEN = "YWxpY2U=", "bob-token"
+TENANT_QUOTA = 3
+
+
+@pytest.fixture(scope="module")
+def shard(module_tmp):
+    metrics_port = free_port()
+    server = ShardProcess(module_tmp, "--model", "none", "--metrics-port", str(metrics_port)).start()
+    server.metrics_port = metrics_port
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="module")
+def stub(shard):
+    channel = grpc.insecure_channel(shard.target, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
+    yield pb_grpc.KVShardStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def auth_shard(module_tmp):
+    tokens = [f"--auth-token={PADDED_TOKEN}", f"--auth-token={ALICE_TOKEN}=alice", f"--auth-token={BOB_TOKEN}=bob"]
+    server = ShardProcess(module_tmp, "--model", "none", "--max-tenant-sessions", str(TENANT_QUOTA), *tokens).start()
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+def tensor(array) -> pb.Tensor:
+    return from_numpy(np.ascontiguousarray(array), pb.FLOAT16 if array.dtype == np.float16 else pb.FLOAT32)
+
+
+def raw_session(stub, layers=1, heads=1, dim=2, metadata=None, **fields) -> str:
+    request = pb.CreateSessionRequest(kind=pb.RAW, raw=pb.RawShape(layers=layers, n_kv_heads=heads, head_dim=dim), cache=CACHE_CONFIG, **fields)
+    return stub.CreateSession(request, metadata=metadata).session_id
+
+
+def append(stub, session_id, keys, values, timeout=30, metadata=None, **fields):
+    request = pb.AppendRequest(session_id=session_id, keys=tensor(keys), values=tensor(values), **fields)
+    return stub.Append(request, timeout=timeout, metadata=metadata)
+
+
+def status_of(call) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code(), error.details()
+    return grpc.StatusCode.OK, ""
+
+
+def wait_settled(stub, session_id, timeout=10.0) -> pb.Session:
+    """GetSession once no call is applying a change: offset == committed_offset."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = stub.GetSession(pb.GetSessionRequest(session_id=session_id))
+        if info.offset == info.committed_offset or time.monotonic() > deadline:
+            return info
+        time.sleep(0.01)
+
+
+def wait_finished(server, method: str, calls: int, timeout=2.0) -> None:
+    """Wait until the shard logged `calls` answers of `method` (a call cut before its handler ran logs none)."""
+    deadline = time.monotonic() + timeout
+    while server.log().count(f'"method": "{method}"') < calls and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def stored_rows(db_path, session_id):
+    """Everything the SQLite store holds for a session, as bytes: record, token ids, tails and blocks."""
+    db = sqlite3.connect(db_path)
+    try:
+        rows = [db.execute("SELECT record, token_ids, version FROM sessions WHERE session_id = ?", (session_id,)).fetchall()]
+        rows.append(db.execute("SELECT layer, data FROM tails WHERE session_id = ? ORDER BY layer", (session_id,)).fetchall())
+        rows.append(db.execute("SELECT layer, start, data FROM blocks WHERE session_id = ? ORDER BY layer, start", (session_id,)).fetchall())
+        return rows
+    finally:
+        db.close()
+
+
+def metric(shard, name: str, labels: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{shard.metrics_port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and labels in line)
+
+
+# ---- A: cost-based admission ---------------------------------------------------------------------------------
+
+
+def test_an_attend_inside_the_message_limit_but_over_the_cost_is_refused_and_the_shard_lives(stub):
+    rng = np.random.default_rng(0)
+    sid = raw_session(stub)
+    kv = rng.standard_normal((1, 1024, 2)).astype(np.float32)
+    append(stub, sid, kv, kv)
+    queries = rng.standard_normal((512, 4096, 2)).astype(np.float16)  # 8 MiB: inside the 16 MiB message limit
+    code, details = status_of(lambda: stub.Attend(pb.AttendRequest(session_id=sid, queries=tensor(queries))))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_attend_cost" in details
+    small = rng.standard_normal((1, 1, 2)).astype(np.float32)
+    assert stub.Attend(pb.AttendRequest(session_id=sid, queries=tensor(small)), timeout=10).offset == 1024
+
+
+def test_a_sliced_attend_equals_the_whole_one(stub):
+    """An Attend over the slice cost runs in several turns on the MLX thread; the answer is the same."""
+    rng = np.random.default_rng(1)
+    sid = raw_session(stub, heads=2, dim=16)
+    local = CompressedKVCache(head_dim=16, n_kv_heads=2, seed=42, **CONFIG)
+    k, v = (rng.standard_normal((2, 300, 16)).astype(np.float32) for _ in range(2))
+    append(stub, sid, k, v)
+    local.append(mx.array(k), mx.array(v))
+    queries = rng.standard_normal((16, 1000, 16)).astype(np.float32)  # cost 4.8M: 19 slices of at most 2^18
+    output = to_numpy(stub.Attend(pb.AttendRequest(session_id=sid, queries=tensor(queries))).output, "output")
+    np.testing.assert_allclose(output, np.array(local.attend(mx.array(queries))), rtol=1e-4, atol=1e-5)
+
+
+# ---- C: exactly-once, all-or-nothing -------------------------------------------------------------------------
+
+
+def test_calls_cut_by_deadlines_are_wholly_committed_or_not_applied_and_survive_kill9(tmp_path):
+    heads, dim = 8, 128
+    server = ShardProcess(tmp_path, "--model", "none").start()
+    db_path = tmp_path / "kvshard.sqlite3"
+    rng = np.random.default_rng(2)
+    local = CompressedKVCache(head_dim=dim, n_kv_heads=heads, seed=42, **CONFIG)
+    try:
+        with Client(server.target, retry=RetryPolicy(attempts=100, initial_backoff=0.01, max_backoff=0.2)) as client:
+            cache = client.create_caches(1, head_dim=dim, n_kv_heads=heads, key_bits=4, value_bits=4)[0]
+            stub, sid = client.stub, cache.session_id
+            outcomes, attempts = set(), 0
+            for deadline in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.001, 0.003, 0.01, 0.03, 1.0):
+                tokens = int(rng.integers(64, 512))
+                k, v = (rng.standard_normal((heads, tokens, dim)).astype(np.float32) for _ in range(2))
+                before = wait_settled(stub, sid).offset
+                code, _ = status_of(lambda: append(stub, sid, k, v, expected_offset=before, timeout=deadline))
+                outcomes.add(code)
+                attempts += 1
+                wait_finished(server, "Append", attempts)  # a cut call may run on after the client gave up
+                after = wait_settled(stub, sid)
+                assert after.offset == after.committed_offset, f"applied but not committed after {code}"
+                assert after.offset in (before, before + k.shape[1]), after.offset
+                if after.offset != before:
+                    local.append(mx.array(k), mx.array(v))
+                if code == grpc.StatusCode.OK:
+                    assert after.offset == before + k.shape[1]
+            assert grpc.StatusCode.DEADLINE_EXCEEDED in outcomes and grpc.StatusCode.OK in outcomes
+            cache.refresh()
+            for _ in range(6):  # the SDK: a short deadline is retried, and an applied first attempt recognised
+                k, v = (rng.standard_normal((heads, 256, dim)).astype(np.float32) for _ in range(2))
+                cache.append(k, v, timeout=0.03)
+                local.append(mx.array(k), mx.array(v))
+            for trims, deadline in enumerate((0.001, 0.01), start=1):
+                before = wait_settled(stub, sid).offset
+                code, _ = status_of(lambda: stub.Trim(pb.TrimRequest(session_id=sid, n=5, expected_offset=before), timeout=deadline))
+                wait_finished(server, "Trim", trims)
+                after = wait_settled(stub, sid)
+                assert after.offset == after.committed_offset and after.offset in (before, before - 5)
+                if after.offset != before:
+                    local.trim(5)
+            expected_offset = len(local)
+            assert wait_settled(stub, sid).offset == expected_offset
+            stored = stored_rows(db_path, sid)
+        server.kill9()
+        assert stored_rows(db_path, sid) == stored
+        server.start()
+        with Client(server.target) as client:
+            assert client.get_session(sid).offset == expected_offset
+            queries = rng.standard_normal((heads, 3, dim)).astype(np.float32)
+            answer = client.stub.Attend(pb.AttendRequest(session_id=sid, queries=tensor(queries)))
+            assert np.array_equal(to_numpy(answer.output, "output"), np.array(local.attend(mx.array(queries))))
+    finally:
+        server.stop()
+
+
+# ---- B: undecodable bodies ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"\x0a\x02\xff\xfe", b"\x52\xf4", b"\x0a\xff\xff\xff\xff\x0f"], ids=["bad utf-8", "truncated", "huge length"])
+def test_an_undecodable_body_is_invalid_argument_logged_and_counted(shard, body):
+    channel = grpc.insecure_channel(shard.target)
+    before = metric(shard, "kvshard_malformed_requests_total", 'method="GetSession"')
+    call = channel.unary_unary("/kvshard.v1.KVShard/GetSession")
+    code, details = status_of(lambda: call(body, timeout=5))
+    channel.close()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "request: not a valid GetSession request body" in details
+    assert metric(shard, "kvshard_malformed_requests_total", 'method="GetSession"') == before + 1
+    deadline = time.monotonic() + 5  # the log line is written after the answer is sent
+    while not (logged := [line for line in shard.log().splitlines() if "not a valid GetSession" in line]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert logged and all('"status": "INVALID_ARGUMENT"' in line for line in logged)
+
+
+def test_an_undecodable_body_without_a_token_is_unauthenticated(auth_shard):
+    channel = grpc.insecure_channel(auth_shard.target)
+    code, _ = status_of(lambda: channel.unary_unary("/kvshard.v1.KVShard/GetSession")(b"\x52\xf4", timeout=5))
+    channel.close()
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+# ---- D, J: session counts ------------------------------------------------------------------------------------
+
+
+def test_max_sessions_holds_under_concurrent_creates(tmp_path):
+    server = ShardProcess(tmp_path, "--model", "none", "--max-sessions", "8").start()
+    try:
+        channel = grpc.insecure_channel(server.target)
+        stub = pb_grpc.KVShardStub(channel)
+        codes = []
+        barrier = threading.Barrier(30)
+
+        def create():
+            barrier.wait()
+            codes.append(status_of(lambda: raw_session(stub))[0])
+
+        threads = [threading.Thread(target=create) for _ in range(30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        channel.close()
+        assert codes.count(grpc.StatusCode.OK) == 8 and codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 22
+        db = sqlite3.connect(tmp_path / "kvshard.sqlite3")
+        assert db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 8
+        db.close()
+    finally:
+        server.stop()
+
+
+def test_one_tenant_cannot_use_up_the_sessions_of_all(auth_shard):
+    channel = grpc.insecure_channel(auth_shard.target)
+    stub = pb_grpc.KVShardStub(channel)
+    alice, bob = [("authorization", f"Bearer {ALICE_TOKEN}")], [("authorization", f"Bearer {BOB_TOKEN}")]
+    for _ in range(TENANT_QUOTA):
+        raw_session(stub, metadata=alice)
+    code, details = status_of(lambda: raw_session(stub, metadata=alice))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_tenant_sessions" in details
+    raw_session(stub, metadata=bob)
+    channel.close()
+
+
+# ---- E, F: tokens and tenants --------------------------------------------------------------------------------
+
+
+def test_tokens_with_padding_are_whole_and_tenants_have_their_own_ids(auth_shard):
+    channel = grpc.insecure_channel(auth_shard.target)
+    stub = pb_grpc.KVShardStub(channel)
+
+    def info(token):
+        return stub.ServerInfo(pb.ServerInfoRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=5)
+
+    assert info(PADDED_TOKEN).tenant == "default" and info(ALICE_TOKEN).tenant == "alice"
+    for wrong in (PADDED_TOKEN.rstrip("="), ALICE_TOKEN.rstrip("=")):
+        assert status_of(lambda: info(wrong))[0] == grpc.StatusCode.UNAUTHENTICATED
+    default, bob = [("authorization", f"Bearer {PADDED_TOKEN}")], [("authorization", f"Bearer {BOB_TOKEN}")]
+    raw_session(stub, metadata=default, session_id="shared-name")
+    # Bob creating the same id gets his own session: nothing tells him that another tenant holds one.
+    assert raw_session(stub, metadata=bob, session_id="shared-name") == "shared-name"
+    code, _ = status_of(lambda: raw_session(stub, metadata=bob, session_id="shared-name"))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    kv = np.ones((1, 3, 2), np.float32)
+    append(stub, "shared-name", kv, kv, metadata=bob)
+    assert stub.GetSession(pb.GetSessionRequest(session_id="shared-name"), metadata=default).offset == 0
+    assert stub.GetSession(pb.GetSessionRequest(session_id="shared-name"), metadata=bob).offset == 3
+    channel.close()
+
+
+# ---- G, H: validation before logging and before the offset ---------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [65, 20_000, 4 << 20])
+def test_a_long_session_id_is_invalid_argument_and_never_logged(shard, stub, length):
+    log_before = shard.log_path.stat().st_size
+    code, details = status_of(lambda: stub.GetSession(pb.GetSessionRequest(session_id="x" * length), timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and f"got {length} characters" in details and len(details) < 200
+    time.sleep(0.2)
+    assert shard.log_path.stat().st_size - log_before < 2000
+
+
+def test_a_malformed_or_oversized_append_is_told_so_before_its_offset(stub):
+    sid = raw_session(stub, heads=2, dim=4)
+    kv = np.ones((2, 3, 4), np.float32)
+    append(stub, sid, kv, kv)
+    wrong_shape = np.ones((3, 3, 4), np.float32)
+    too_many = np.ones((2, 4097, 4), np.float32)
+    code, details = status_of(lambda: append(stub, sid, wrong_shape, wrong_shape, expected_offset=0))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "keys.shape" in details
+    code, details = status_of(lambda: append(stub, sid, too_many, too_many, expected_offset=0))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_append_tokens" in details
+    assert status_of(lambda: append(stub, sid, kv, kv, expected_offset=0))[0] == grpc.StatusCode.ABORTED
+
+
+# ---- I: one shard per port ------------------------------------------------------------------------------------
+
+
+def test_a_second_shard_on_a_taken_port_fails_to_start(shard, stub, tmp_path):
+    command = [sys.executable, "-m", "kvshard.service.cli", "serve", "--model", "none", "--port", str(shard.port),
+               "--store", f"sqlite:///{tmp_path}/other.sqlite3"]
+    second = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert second.returncode != 0 and "in use" in second.stderr
+    assert stub.ServerInfo(pb.ServerInfoRequest(), timeout=5).store == "sqlite"
+
+
+# ---- memory budget ---------------------------------------------------------------------------------------------
+
+
+def test_an_append_that_would_take_one_session_over_the_budget_changes_nothing(tmp_path):
+    server = ShardProcess(tmp_path, "--model", "none", "--memory-budget", "64KiB").start()
+    try:
+        channel = grpc.insecure_channel(server.target)
+        stub = pb_grpc.KVShardStub(channel)
+        sid = raw_session(stub, heads=2, dim=64)
+        rng = np.random.default_rng(3)
+        kv = rng.standard_normal((2, 64, 64)).astype(np.float32)
+        append(stub, sid, kv, kv)
+        before = stub.GetSession(pb.GetSessionRequest(session_id=sid))
+        stored = stored_rows(tmp_path / "kvshard.sqlite3", sid)
+        big = rng.standard_normal((2, 1024, 64)).astype(np.float32)
+        code, details = status_of(lambda: append(stub, sid, big, big))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory_budget_bytes" in details
+        after = stub.GetSession(pb.GetSessionRequest(session_id=sid))
+        assert (after.offset, after.version, after.memory_bytes) == (before.offset, before.version, before.memory_bytes)
+        assert stored_rows(tmp_path / "kvshard.sqlite3", sid) == stored
+        append(stub, sid, kv, kv)  # still usable below the budget
+        channel.close()
+    finally:
+        server.stop()
+
+
+# ---- A: a long prompt takes turns -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two 600-token prefills on the CPU: minutes here
+def test_a_long_prompt_fed_in_turns_generates_what_one_pass_over_the_same_chunks_does(tmp_path, smollm):
+    """A 600-token prompt is fed 256 tokens per turn on the MLX thread; the greedy tokens equal a local run of
+    the same chunks through the same compressed caches (the same arithmetic, so no knife edge)."""
+    from kvshard.quant import KVCacheBuilder
+    from kvshard.service.sessions import cache_config
+
+    model, _ = smollm
+    prompt = [int(t) for t in np.random.default_rng(4).integers(100, 20000, 600)]
+    layers = len(model.layers)
+    config = dict(method="turboquant_mse", key_bits=[4] * layers, value_bits=[4] * layers, sink_tokens=0, window=0, seed=42)
+    caches = KVCacheBuilder.for_model(model, cache_config(config))
+    expected, pending = [], list(prompt)
+    for _ in range(3):
+        for start in range(0, len(pending), 256):
+            logits = model(mx.array(pending[start : start + 256])[None], cache=caches)[:, -1, :]
+        expected.append(mx.argmax(logits.astype(mx.float32), axis=-1).item())
+        pending = expected[-1:]
+    server = ShardProcess(tmp_path).start()
+    try:
+        with Client(server.target, timeout=300) as client:
+            session = client.create_session(key_bits=4, value_bits=4)
+            tokens = [t.token_id for t in session.generate(tokens=prompt, max_tokens=3, ignore_eos=True)]
+    finally:
+        server.stop()
+    assert tokens == expected
