@@ -17,7 +17,7 @@ The prompt is the start of Pride and Prejudice (quant/data), repeated to the con
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
         python benchmarks/decode_cpu_e2e.py [--context 8192] [--rounds 4] [--steps 8] [--out benchmarks/results]
-writes decode_cpu_e2e.json and decode_cpu_e2e.png.
+writes decode_cpu_e2e_<context>.json and .png.
 """
 
 import argparse
@@ -39,15 +39,20 @@ CHUNK = 512
 BASELINE = "mlx_lm KVCache (the model's dtype: fp32 on this CPU)"
 
 
-def _series(model, tokenizer, window: int) -> dict:
+def _series(model, tokenizer, window: int, with_klt: bool) -> dict:
     """name -> (make caches, environment for its steps)."""
     n_layers = len(model.layers)
-    started = time.perf_counter()
-    moments = collect_moments(model, tokenizer, calibration_texts(chunks=2), max_tokens=1024, skip_tokens=4)
-    print(f"klt moments: {time.perf_counter() - started:.1f} s", flush=True)
-    klt = klt_config(model, 4.25, {"moments": moments, "keys": [1.0] * n_layers, "values": [1.0] * n_layers})
     ours = lambda config: (lambda: KVCacheBuilder.for_model(model, config))  # noqa: E731
-    return {
+
+    def klt():
+        started = time.perf_counter()
+        moments = collect_moments(model, tokenizer, calibration_texts(chunks=2), max_tokens=1024, skip_tokens=4)
+        print(f"klt moments: {time.perf_counter() - started:.1f} s", flush=True)
+        weights = [1.0] * n_layers
+        return KVCacheBuilder.for_model(model, klt_config(model, 4.25, {"moments": moments, "keys": weights,
+                                                                          "values": weights}))
+
+    series = {
         BASELINE: (lambda: make_prompt_cache(model), {}),
         "mlx_lm KVCache holding fp16 (eval's Float16KVCache)": (lambda: [Float16KVCache() for _ in range(n_layers)],
                                                                 {}),
@@ -59,10 +64,13 @@ def _series(model, tokenizer, window: int) -> dict:
         "kvshard turboquant_mse k2/v2": (ours(KVCacheConfig(bit_width_inlier=2)), {}),
         f"kvshard turboquant_mse k4/v4, fp16 window {window}": (ours(KVCacheConfig(bit_width_inlier=4, window=window)),
                                                                {}),
-        "kvshard klt <= 4.25 bits, keys before RoPE": (ours(klt), {}),
+        "kvshard klt <= 4.25 bits, keys before RoPE": (klt, {}),
         "kvshard turboquant_mse k4/v4, portable MLX path": (ours(KVCacheConfig(bit_width_inlier=4)),
                                                             {kernels.ENV_BACKEND: "pure"}),
     }
+    if not with_klt:
+        del series["kvshard klt <= 4.25 bits, keys before RoPE"]
+    return series
 
 
 def _prefill(model, prompt) -> list:
@@ -93,11 +101,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8, help="decode steps per series per round")
     parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--no-klt", action="store_true", help="leave out klt (its calibration takes minutes)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
     model, tokenizer = load_model("smollm2-135m")
-    series = _series(model, tokenizer, args.window)
+    series = _series(model, tokenizer, args.window, not args.no_klt)
     tokens = tokenizer.encode(load_text("pride_and_prejudice"))
     while len(tokens) < args.context:
         tokens = tokens + tokens
@@ -155,9 +164,10 @@ def main() -> None:
               "baseline": BASELINE,
               "load_average_after": os.getloadavg(), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode_cpu_e2e.json"), "w") as f:
+    name = os.path.join(args.out, f"decode_cpu_e2e_{args.context}")
+    with open(name + ".json", "w") as f:
         json.dump(result, f, indent=2)
-    _plot(result, os.path.join(args.out, "decode_cpu_e2e.png"))
+    _plot(result, name + ".png")
 
 
 def _plot(result: dict, path: str) -> None:
