@@ -35,6 +35,7 @@ class KVCacheConfig:
     # under the model's window mask (append-only codes, as the service's store persists them). With "compressed"
     # and "full", per-layer lists count the sliding layers too.
     sliding: str = "fp16"
+    observers: list = field(default_factory=list)  # quant/observers.py, shared by every layer's cache
     extra: dict = field(default_factory=dict)
 
     def bits_for_layer(self, values: bool, layer: int, n_layers: int) -> int:
@@ -67,6 +68,7 @@ class KVCacheConfig:
             key_scale=None if self.key_scales is None else self.key_scales[layer],
             key_plan=None if self.key_plans is None else self.key_plans[layer],
             value_plan=None if self.value_plans is None else self.value_plans[layer],
+            observers=self.observers,
         )
 
 
@@ -166,6 +168,10 @@ class KVCacheBuilder:
 
     def with_window(self, tokens: int) -> "KVCacheBuilder":
         self.config = replace(self.config, window=tokens)
+        return self
+
+    def with_observers(self, *observers) -> "KVCacheBuilder":
+        self.config = replace(self.config, observers=list(observers))
         return self
 
     def build(self) -> CompressedKVCache:

@@ -68,6 +68,7 @@ def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key serves TLS")
     parser.add_argument("--tls-key", help="PEM private key")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    parser.add_argument("--observe-caches", action="store_true", help="time, distortion and key-norm metrics of every cache (costs a sync and a decode per encode)")
     parser.add_argument("--log-format", choices=("json", "console"), default="json", help="one JSON line per RPC, or readable lines")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight RPCs get on SIGTERM")
     parser.add_argument("--lease-ttl", type=float, default=10.0, help="shared (Redis) stores: seconds a session stays leased to this shard after its last use; another shard takes over a dead shard's sessions after at most this long")
@@ -109,6 +110,7 @@ def serve_main(argv: list[str]) -> None:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         metrics_port=args.metrics_port,
+        observe_caches=args.observe_caches,
         log_format=args.log_format,
         grace_s=args.grace,
         lease_ttl_s=args.lease_ttl,
