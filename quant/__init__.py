@@ -4,6 +4,7 @@ compressed mlx_lm caches, attention straight from the codes, and RateQuant bit a
 from .builder import KVCacheBuilder, KVCacheConfig, install_attention_hook
 from .cache import CompressedKVCache
 from .methods import METHODS, make_method
+from .precompute import ArtifactStore, precompute
 from .observers import DistortionObserver, KeyNormObserver, LatencyObserver, MemoryObserver
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "LatencyObserver",
     "MemoryObserver",
     "KeyNormObserver",
+    "ArtifactStore",
+    "precompute",
     "QuantizedLinear",
     "quantize_model",
 ]
