@@ -38,6 +38,8 @@ class KVCacheConfig:
     # and "full", per-layer lists count the sliding layers too.
     sliding: str = "fp16"
     observers: list = field(default_factory=list)  # quant/observers.py, shared by every layer's cache
+    n_outlier_channels: int = 1  # with enable_outlier_two_stream: the largest key coordinates kept exact
+    enable_outlier_two_stream: bool = False  # quant/methods/outliers.py (turboquant_mse keys)
     artifact_store: str | None = None  # folder from `kvshard precompute`: rotations and codebooks loaded, not computed
     extra: dict = field(default_factory=dict)
 
@@ -57,6 +59,9 @@ class KVCacheConfig:
         layer that holds at most that many tokens (and no sinks)."""
         if self.artifact_store is not None:
             load_artifact_store(os.fspath(self.artifact_store))
+        n = self.n_outlier_channels
+        if self.enable_outlier_two_stream and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"n_outlier_channels must be an integer >= 1 with enable_outlier_two_stream, got {n!r}")
         sliding = {} if max_size is None else {"max_size": max_size}
         return (SlidingCompressedKVCache if max_size is not None else CompressedKVCache)(
             **sliding,
@@ -74,6 +79,7 @@ class KVCacheConfig:
             key_plan=None if self.key_plans is None else self.key_plans[layer],
             value_plan=None if self.value_plans is None else self.value_plans[layer],
             observers=self.observers,
+            outlier_channels=self.n_outlier_channels if self.enable_outlier_two_stream else 0,
         )
 
 
@@ -177,6 +183,10 @@ class KVCacheBuilder:
 
     def with_observers(self, *observers) -> "KVCacheBuilder":
         self.config = replace(self.config, observers=list(observers))
+        return self
+
+    def with_outlier_channels(self, n: int) -> "KVCacheBuilder":
+        self.config = replace(self.config, n_outlier_channels=n, enable_outlier_two_stream=True)
         return self
 
     def with_artifact_store(self, folder) -> "KVCacheBuilder":

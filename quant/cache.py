@@ -15,6 +15,7 @@ from . import kernels
 from .attention import CodeSegment, ExactSegment, compressed_attention, decode_keys
 from .methods import make_method
 from .methods.klt import KLT, KLTPlan
+from .methods.outliers import OutlierChannels
 from .methods.scaled import ScaledKeys
 from .observers import start_timer
 from .rope import rotate
@@ -50,6 +51,7 @@ class CompressedKVCache(_BaseCache):
         key_plan: KLTPlan | None = None,
         value_plan: KLTPlan | None = None,
         observers=None,
+        outlier_channels: int = 0,
     ):
         self.method = method
         self.observers = list(observers or ())  # quant/observers.py; none: the hooks below cost nothing
@@ -64,6 +66,7 @@ class CompressedKVCache(_BaseCache):
         self.sink_tokens = _check_count(sink_tokens, "sink_tokens")
         self.window = _check_count(window, "window")
         self.center_keys = bool(center_keys)
+        self.outlier_channels = _check_count(outlier_channels, "n_outlier_channels")
         self.head_dim = None
         self.n_kv_heads = None
         # Build the quantizers now when the shape is known, so bad bits/method fail at construction.
@@ -100,6 +103,8 @@ class CompressedKVCache(_BaseCache):
                 )
         if self.key_plan is not None:
             self.key_quantizer = KLT(head_dim, self.key_bits, self.seed, plan=self.key_plan)
+        if self.outlier_channels:
+            self.key_quantizer = OutlierChannels(self.key_quantizer, self.outlier_channels)
         if self.value_plan is not None:
             self.value_quantizer = KLT(head_dim, self.value_bits, self.seed, plan=self.value_plan)
 
@@ -132,6 +137,7 @@ class CompressedKVCache(_BaseCache):
             "sink_tokens": self.sink_tokens,
             "window": self.window,
             "center_keys": self.center_keys,
+            "outlier_channels": self.outlier_channels,
             "key_plan_bits": None if self.key_plan is None else [int(b) for b in self.key_plan.coordinate_bits],
             "value_plan_bits": None if self.value_plan is None else [int(b) for b in self.value_plan.coordinate_bits],
             "plan_norm_bits": [None if p is None else p.norm_bits for p in (self.key_plan, self.value_plan)],
@@ -430,6 +436,7 @@ class CompressedKVCache(_BaseCache):
                                       meta.get("key_plan_rope")),
             value_plan=_plan_from_state(state, "value", meta.get("value_plan_bits"), meta.get("plan_norm_bits", [16, 16])[1]),
             observers=getattr(self, "observers", None),
+            outlier_channels=meta.get("outlier_channels", 0),
         )
         for name in ("sink_keys", "sink_values", "window_keys", "window_values", "key_mean"):
             setattr(self, name, state.get(name))
