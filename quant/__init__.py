@@ -4,6 +4,8 @@ compressed mlx_lm caches, attention straight from the codes, and RateQuant bit a
 from .builder import KVCacheBuilder, KVCacheConfig, install_attention_hook
 from .cache import CompressedKVCache
 from .methods import METHODS, make_method
+from .precompute import ArtifactStore, precompute
+from .observers import DistortionObserver, KeyNormObserver, LatencyObserver, MemoryObserver
 
 __all__ = [
     "KVCacheBuilder",
@@ -12,6 +14,14 @@ __all__ = [
     "METHODS",
     "make_method",
     "install_attention_hook",
+    "DistortionObserver",
+    "LatencyObserver",
+    "MemoryObserver",
+    "KeyNormObserver",
+    "ArtifactStore",
+    "precompute",
+    "QuantizedLinear",
+    "quantize_model",
 ]
 
 
@@ -21,6 +31,10 @@ def __getattr__(name):
         from .models import load_model
 
         return load_model
+    if name in ("QuantizedLinear", "quantize_model"):
+        from . import weights
+
+        return getattr(weights, name)
     if name in ("calibrate_key_scales",):
         from .key_scales import calibrate_key_scales
 

@@ -1,6 +1,7 @@
 """KVCacheConfig and KVCacheBuilder: the public way to make compressed caches (the seed's API, kept),
 and the hook that routes mlx_lm's attention to the codes."""
 
+import os
 import sys
 from dataclasses import dataclass, field, replace
 
@@ -8,6 +9,7 @@ import mlx_lm.models.cache as mlx_cache
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .cache import CompressedKVCache
+from .precompute import load_artifact_store
 from .sliding import Float16RotatingKVCache, SlidingCompressedKVCache
 
 SLIDING_CHOICES = ("fp16", "compressed", "full")
@@ -35,6 +37,10 @@ class KVCacheConfig:
     # under the model's window mask (append-only codes, as the service's store persists them). With "compressed"
     # and "full", per-layer lists count the sliding layers too.
     sliding: str = "fp16"
+    observers: list = field(default_factory=list)  # quant/observers.py, shared by every layer's cache
+    n_outlier_channels: int = 1  # with enable_outlier_two_stream: the largest key coordinates kept exact
+    enable_outlier_two_stream: bool = False  # quant/methods/outliers.py (turboquant_mse keys)
+    artifact_store: str | None = None  # folder from `kvshard precompute`: rotations and codebooks loaded, not computed
     extra: dict = field(default_factory=dict)
 
     def bits_for_layer(self, values: bool, layer: int, n_layers: int) -> int:
@@ -51,6 +57,11 @@ class KVCacheConfig:
     def make_cache(self, layer: int = 0, n_layers: int = 1, head_dim=None, n_kv_heads=None, max_size=None) -> CompressedKVCache:
         """A CompressedKVCache for attention layer `layer` of `n_layers`; with max_size, one of a sliding-window
         layer that holds at most that many tokens (and no sinks)."""
+        if self.artifact_store is not None:
+            load_artifact_store(os.fspath(self.artifact_store))
+        n = self.n_outlier_channels
+        if self.enable_outlier_two_stream and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"n_outlier_channels must be an integer >= 1 with enable_outlier_two_stream, got {n!r}")
         sliding = {} if max_size is None else {"max_size": max_size}
         return (SlidingCompressedKVCache if max_size is not None else CompressedKVCache)(
             **sliding,
@@ -67,6 +78,8 @@ class KVCacheConfig:
             key_scale=None if self.key_scales is None else self.key_scales[layer],
             key_plan=None if self.key_plans is None else self.key_plans[layer],
             value_plan=None if self.value_plans is None else self.value_plans[layer],
+            observers=self.observers,
+            outlier_channels=self.n_outlier_channels if self.enable_outlier_two_stream else 0,
         )
 
 
@@ -166,6 +179,19 @@ class KVCacheBuilder:
 
     def with_window(self, tokens: int) -> "KVCacheBuilder":
         self.config = replace(self.config, window=tokens)
+        return self
+
+    def with_observers(self, *observers) -> "KVCacheBuilder":
+        self.config = replace(self.config, observers=list(observers))
+        return self
+
+    def with_outlier_channels(self, n: int) -> "KVCacheBuilder":
+        self.config = replace(self.config, n_outlier_channels=n, enable_outlier_two_stream=True)
+        return self
+
+    def with_artifact_store(self, folder) -> "KVCacheBuilder":
+        """Load rotations and codebooks from a `kvshard precompute` folder (or an ArtifactStore) instead of computing them."""
+        self.config = replace(self.config, artifact_store=getattr(folder, "folder", folder))
         return self
 
     def build(self) -> CompressedKVCache:

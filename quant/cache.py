@@ -15,7 +15,9 @@ from . import kernels
 from .attention import CodeSegment, ExactSegment, compressed_attention, decode_keys
 from .methods import make_method
 from .methods.klt import KLT, KLTPlan
+from .methods.outliers import OutlierChannels
 from .methods.scaled import ScaledKeys
+from .observers import start_timer
 from .rope import rotate
 
 _GROW_TOKENS = 256  # codes are preallocated in steps, as mlx_lm's KVCache does, so decode appends in place
@@ -48,8 +50,11 @@ class CompressedKVCache(_BaseCache):
         key_scale: mx.array | None = None,
         key_plan: KLTPlan | None = None,
         value_plan: KLTPlan | None = None,
+        observers=None,
+        outlier_channels: int = 0,
     ):
         self.method = method
+        self.observers = list(observers or ())  # quant/observers.py; none: the hooks below cost nothing
         # Calibrated `klt` transforms. Like codebooks and rotations they belong to the model, shared by every
         # session; `nbytes` counts what each cache holds per token, so they are not in it.
         self.key_plan, self.value_plan = key_plan, value_plan
@@ -61,6 +66,7 @@ class CompressedKVCache(_BaseCache):
         self.sink_tokens = _check_count(sink_tokens, "sink_tokens")
         self.window = _check_count(window, "window")
         self.center_keys = bool(center_keys)
+        self.outlier_channels = _check_count(outlier_channels, "n_outlier_channels")
         self.head_dim = None
         self.n_kv_heads = None
         # Build the quantizers now when the shape is known, so bad bits/method fail at construction.
@@ -97,6 +103,8 @@ class CompressedKVCache(_BaseCache):
                 )
         if self.key_plan is not None:
             self.key_quantizer = KLT(head_dim, self.key_bits, self.seed, plan=self.key_plan)
+        if self.outlier_channels:
+            self.key_quantizer = OutlierChannels(self.key_quantizer, self.outlier_channels)
         if self.value_plan is not None:
             self.value_quantizer = KLT(head_dim, self.value_bits, self.seed, plan=self.value_plan)
 
@@ -129,6 +137,7 @@ class CompressedKVCache(_BaseCache):
             "sink_tokens": self.sink_tokens,
             "window": self.window,
             "center_keys": self.center_keys,
+            "outlier_channels": self.outlier_channels,
             "key_plan_bits": None if self.key_plan is None else [int(b) for b in self.key_plan.coordinate_bits],
             "value_plan_bits": None if self.value_plan is None else [int(b) for b in self.value_plan.coordinate_bits],
             "plan_norm_bits": [None if p is None else p.norm_bits for p in (self.key_plan, self.value_plan)],
@@ -211,6 +220,7 @@ class CompressedKVCache(_BaseCache):
         keys = self._unrope(keys, self._codes_start() + self.n_encoded)
         if self.key_mean is not None:
             keys = keys - self.key_mean
+        start = start_timer(self.observers, keys, values)
         # The quantizers' encode, fused: one kernel for keys and values on CUDA; on the CPU bit for bit the same.
         new_k, new_v = kernels.encode_pair(self.key_quantizer, keys, self.value_quantizer, values)
         n = keys.shape[2]
@@ -229,6 +239,8 @@ class CompressedKVCache(_BaseCache):
             for name, a in fresh.items():
                 held[name][:, :, self.n_encoded : needed] = a
         self.n_encoded = needed
+        for observer in self.observers:
+            observer.on_encode(self, keys, values, new_k, new_v, start)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """mlx_lm's entry point. Returns the full K/V *lazily*, so that an attention that reads them gets the
@@ -237,6 +249,8 @@ class CompressedKVCache(_BaseCache):
         at every step cost a third of a GPU decode step."""
         self._validate(keys, values, check_finite=False)
         self._store(keys, values)
+        for observer in self.observers:
+            observer.on_append(self, keys, values)
         if self.read_by_hook:
             return keys, values
         return self.dequantized()
@@ -248,6 +262,8 @@ class CompressedKVCache(_BaseCache):
         self._validate(keys, values, check_finite=True)
         self._store(keys, values)
         mx.eval(self._arrays())
+        for observer in self.observers:
+            observer.on_append(self, keys, values)
 
     # ---- reading ----------------------------------------------------------------------------------------
 
@@ -274,7 +290,8 @@ class CompressedKVCache(_BaseCache):
 
     def attention(self, queries: mx.array, scale: float, mask=None) -> mx.array:
         """Attention of (B, Hq, L, D) queries over every held token, read from the codes."""
-        return compressed_attention(
+        start = start_timer(self.observers, queries)
+        output = compressed_attention(
             queries,
             self.segments(exact=False),
             n_kv_heads=self.n_kv_heads,
@@ -283,6 +300,9 @@ class CompressedKVCache(_BaseCache):
             scale=scale,
             mask=mask,
         )
+        for observer in self.observers:
+            observer.on_attend(self, queries, output, start)
+        return output
 
     def attend(self, q: mx.array, scale: float | None = None) -> mx.array:
         """Attention of queries over all held tokens (no causal mask): (D,), (Lq, D), (Hq, Lq, D) or
@@ -415,6 +435,8 @@ class CompressedKVCache(_BaseCache):
             key_plan=_plan_from_state(state, "key", meta.get("key_plan_bits"), meta.get("plan_norm_bits", [16, 16])[0],
                                       meta.get("key_plan_rope")),
             value_plan=_plan_from_state(state, "value", meta.get("value_plan_bits"), meta.get("plan_norm_bits", [16, 16])[1]),
+            observers=getattr(self, "observers", None),
+            outlier_channels=meta.get("outlier_channels", 0),
         )
         for name in ("sink_keys", "sink_values", "window_keys", "window_values", "key_mean"):
             setattr(self, name, state.get(name))

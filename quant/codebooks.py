@@ -6,10 +6,11 @@ once per (law, bits) on a fine grid in float64 — deterministic, so codes are r
 """
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import mlx.core as mx
 import numpy as np
+
+from .precompute import precomputable
 
 _GRID = 40001
 _ITERATIONS = 300
@@ -75,14 +76,14 @@ def _to_codebook(centroids: np.ndarray, bits: int) -> Codebook:
     return Codebook(mx.array(centroids.astype(np.float32)), mx.array(boundaries.astype(np.float32)), bits)
 
 
-@lru_cache(maxsize=None)
+@precomputable()
 def sphere_codebook(dim: int, bits: int) -> Codebook:
     """Lloyd-Max codebook for a coordinate of a rotated unit vector (TurboQuant's stage-1 codebook)."""
     values, weights = sphere_coordinate_law(dim)
     return _to_codebook(_symmetric(lloyd_max(values, weights, bits)), bits)
 
 
-@lru_cache(maxsize=None)
+@precomputable()
 def residual_codebook(dim: int, first_bits: int, bits: int) -> Codebook:
     """Codebook fitted to the real law of the stage-1 residual x − Q₁(x) (RVQ's second stage).
 
@@ -96,7 +97,7 @@ def residual_codebook(dim: int, first_bits: int, bits: int) -> Codebook:
     return _to_codebook(_symmetric(lloyd_max(residual, weights, bits)), bits)
 
 
-@lru_cache(maxsize=None)
+@precomputable()
 def polar_angle_codebook(pair_dim: int, bits: int) -> Codebook:
     """Codebook for ψ = atan2(‖b‖, ‖a‖) with a, b independent Gaussian vectors of `pair_dim` coordinates each.
 

@@ -8,10 +8,11 @@ others (80, 96, 192 occur in real models) use a dense orthogonal matrix from the
 """
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import mlx.core as mx
 import numpy as np
+
+from .precompute import precomputable
 
 
 HADAMARD_ROUNDS = 3
@@ -46,7 +47,7 @@ class Rotation:
         return y
 
 
-@lru_cache(maxsize=256)
+@precomputable(maxsize=256)
 def make_rotation(dim: int, seed: int) -> Rotation:
     if dim < 2:
         raise ValueError(f"head_dim must be >= 2, got {dim}")
@@ -61,7 +62,7 @@ def make_rotation(dim: int, seed: int) -> Rotation:
     return Rotation(dim, None, mx.array(q.astype(np.float32)))
 
 
-@lru_cache(maxsize=256)
+@precomputable(maxsize=256)
 def gaussian_sketch(rows: int, dim: int, seed: int) -> mx.array:
     """S with iid N(0, 1) entries, the QJL projection. Seeded apart from the rotation drawn with the same seed."""
     rng = np.random.default_rng([seed, 0x514A4C])  # "QJL"

@@ -1,5 +1,5 @@
 """`kvshard` command line. Each command owns its argument parser and gets the rest of the command line:
-`serve` runs a shard, `client` talks to one, `eval` and `bench` belong to kvshard.quant.
+`serve` runs a shard, `client` talks to one, `eval`, `bench` and `precompute` belong to kvshard.quant.
 
 Every failure ends as one line on stderr and a non-zero exit; KVSHARD_DEBUG=1 shows the traceback.
 """
@@ -16,7 +16,7 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
 _EXTRAS = {"redis": "redis", "matplotlib": "plot"}
 # MLX's Linux CPU wheel links the reference BLAS: its matmuls run ~60x slower than with Debian's OpenBLAS preloaded.
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-_MLX_COMMANDS = ("serve", "eval", "bench")
+_MLX_COMMANDS = ("serve", "eval", "bench", "precompute")
 _SERVER_MODULES = ("mlx", "mlx_lm", "structlog", "tokenizers", "grpc_health", "grpc_reflection", "prometheus_client", "tqdm")
 
 
@@ -71,6 +71,7 @@ def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key serves TLS")
     parser.add_argument("--tls-key", help="PEM private key")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    parser.add_argument("--observe-caches", action="store_true", help="time, distortion and key-norm metrics of every cache (costs a sync and a decode per encode)")
     parser.add_argument("--log-format", choices=("json", "console"), default="json", help="one JSON line per RPC, or readable lines")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight RPCs get on SIGTERM")
     parser.add_argument("--lease-ttl", type=float, default=10.0, help="shared (Redis) stores: seconds a session stays leased to this shard after its last use; another shard takes over a dead shard's sessions after at most this long")
@@ -116,6 +117,7 @@ def serve_main(argv: list[str]) -> None:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         metrics_port=args.metrics_port,
+        observe_caches=args.observe_caches,
         log_format=args.log_format,
         grace_s=args.grace,
         lease_ttl_s=args.lease_ttl,
@@ -142,13 +144,20 @@ def bench_main(argv: list[str]) -> None:
     # The benchmark code lives beside its results in the repository's benchmarks/, not in the package.
     import importlib.util
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    single = argv[:1] == ["--single"]  # the seed's one-configuration benchmark
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / ("single.py" if single else "bench.py")
     if not script.exists():
         raise SystemExit(f"kvshard bench runs from a source checkout: {script} not found")
     spec = importlib.util.spec_from_file_location("kvshard_bench", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(argv)
+    bench.main(argv[1:] if single else argv)
+
+
+def precompute_main(argv: list[str]) -> None:
+    from kvshard.quant.precompute import main
+
+    main(argv)
 
 
 # name: (one line for `kvshard --help`, the function that gets the rest of the command line)
@@ -156,7 +165,8 @@ COMMANDS = {
     "serve": ("run a model shard: gRPC sessions with compressed, durable KV caches", serve_main),
     "client": ("talk to a running shard: server info, list / describe / delete sessions, chat", client_main),
     "eval": ("real-model quality (perplexity) of every cache method, with effective bits", eval_main),
-    "bench": ("speed of attention, decode and the service, side by side", bench_main),
+    "bench": ("speed of attention, decode and the service, side by side (--single: one configuration)", bench_main),
+    "precompute": ("write rotations, codebooks and QJL sketches to a folder for with_artifact_store", precompute_main),
 }
 
 

@@ -2,6 +2,8 @@
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from kvshard.quant.observers import DistortionObserver, KeyNormObserver, LatencyObserver
+
 RPCS = Counter("kvshard_rpcs", "RPCs answered, by method and status code", ["method", "code"])
 RPC_SECONDS = Histogram(
     "kvshard_rpc_seconds",
@@ -16,6 +18,29 @@ HOT_SESSIONS = Gauge("kvshard_hot_sessions", "Sessions held in memory")
 HOT_BYTES = Gauge("kvshard_hot_session_bytes", "Bytes the caches of hot sessions hold")
 STORED_BYTES = Gauge("kvshard_stored_bytes", "Bytes in the session store")
 STORED_SESSIONS = Gauge("kvshard_stored_sessions", "Sessions in the session store")
+_SECONDS = (1e-4, 5e-4, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
+CACHE_SECONDS = Histogram("kvshard_cache_seconds", "Seconds of a cache's encode or attention call (--observe-caches)",
+                          ["event"], buckets=_SECONDS)
+CACHE_RELATIVE_MSE = Histogram("kvshard_cache_relative_mse", "Σ‖x − x̂‖² / Σ‖x‖² of one encode call (--observe-caches)",
+                               ["side"], buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1))
+CACHE_KEY_NORM = Histogram("kvshard_cache_key_norm", "Mean L2 norm of the keys of one append (--observe-caches)",
+                           buckets=(0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000))
+# The cache observers of `kvshard serve --observe-caches`, given to every session's caches; empty (free) otherwise.
+CACHE_OBSERVERS: list = []
+
+
+def _observed_error(key_relative_mse, value_relative_mse, **_) -> None:
+    CACHE_RELATIVE_MSE.labels("keys").observe(key_relative_mse)
+    CACHE_RELATIVE_MSE.labels("values").observe(value_relative_mse)
+
+
+def observe_caches() -> None:
+    """Feed the quant observers' measurements of every session's caches into the metrics above."""
+    CACHE_OBSERVERS[:] = [
+        LatencyObserver(lambda event, seconds: CACHE_SECONDS.labels(event).observe(seconds), per_cache=False),
+        DistortionObserver(_observed_error, per_cache=False),
+        KeyNormObserver(lambda mean_norm, **_: CACHE_KEY_NORM.observe(mean_norm), per_cache=False),
+    ]
 
 
 def serve_metrics(port: int, host: str, manager) -> None:

@@ -19,7 +19,7 @@ from kvshard.service import logs
 from kvshard.service.auth import Authenticator
 from kvshard.service.handlers import KVShardServicer
 from kvshard.service.interceptor import ShardInterceptor
-from kvshard.service.metrics import serve_metrics
+from kvshard.service.metrics import observe_caches, serve_metrics
 from kvshard.service.sessions import Limits, SessionManager
 from kvshard.service.store import open_store
 from kvshard.service.worker import SerialExecutor
@@ -46,6 +46,7 @@ class ServeConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int = 0  # 0: no metrics endpoint
+    observe_caches: bool = False  # cache observers feeding the metrics (a sync and a decode per encode)
     log_format: str = "json"
     grace_s: float = 30.0
     lease_ttl_s: float = 10.0  # shared stores: how long a session stays leased to this shard after its last use
@@ -114,6 +115,8 @@ class Shard:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         self.log.info("listening", host=self.config.host, port=self.port, store=self.store.kind, tls=bool(self.config.tls_cert))
+        if self.config.observe_caches:
+            observe_caches()
         if self.config.metrics_port:
             serve_metrics(self.config.metrics_port, self.config.host, self.manager)
         if self.config.model != NO_MODEL:

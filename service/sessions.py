@@ -25,6 +25,7 @@ import numpy as np
 
 from kvshard.quant import METHODS, CompressedKVCache, KVCacheBuilder, KVCacheConfig
 from kvshard.service.auth import DEFAULT_TENANT
+from kvshard.service.metrics import CACHE_OBSERVERS
 from kvshard.service.errors import FailedPrecondition, LeaseHeld, LimitExceeded, OffsetMismatch, SessionNotFound
 from kvshard.service.store import LayerDelta, Lease, SessionRecord, SessionStore
 from kvshard.service.store.codec import join_state, split_state
@@ -147,6 +148,8 @@ class Session:
     def __init__(self, record: SessionRecord, caches: list, block_starts: list[list[int]]):
         self.record = record
         self.caches = caches
+        for cache in caches:
+            cache.observers = list(CACHE_OBSERVERS)
         # Persisted code blocks per layer: block i covers [starts[i], starts[i + 1]), the last one up to
         # encoded_until. Codes are append-only, so a commit only adds the range past the last block.
         self.block_starts = block_starts

@@ -1,0 +1,160 @@
+"""Weight quantization on the embedded SmolLM2-135M: kvshard's QuantizedLinear (rotation + Lloyd-Max) beside MLX's
+affine `nn.quantize`, in one run. Equal effective bits: ours at group 32 (b + 16/32 bits: one fp16 scale) against
+MLX's group 64 (b + 32/64 bits: fp16 scale and bias), the largest group MLX allows on this model (576 input
+features; MLX takes 32, 64 or 128). Ours at group 64 (b + 0.25 bits) is listed too.
+
+All seven linear layers of every block are quantized (q, k, v, o, gate, up, down); the tied embedding / output
+layer stays dense fp32 in every configuration. The reference is the dense fp32 model (the GGUF's Q4_1 weights
+dequantized), with an fp16 KV cache.
+
+Per configuration: bytes held by the linear layers and effective bits (8 · bytes / weights), chunked perplexity
+on the shipped texts (ΔPPL vs the dense model) and greedy decode tokens/s (median step of a decode after a short
+prompt; configurations alternate in order over rounds). MLX's affine perplexity is computed through
+`mx.dequantize` of its own packed weights (the numbers its kernel multiplies by; its CPU kernel takes minutes per
+pass); its tokens/s through its real nn.QuantizedLinear.
+
+    python benchmarks/weights.py [--tokens 512] [--rounds 3] [--out benchmarks/results]
+writes weights_cpu.json (or _gpu).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from kvshard.quant.eval import TEXTS, Float16KVCache, load_text, perplexity
+from kvshard.quant.models import load_model
+from kvshard.quant.weights import quantize_model, weight_bytes
+
+BITS = (4, 3, 2)
+
+
+def _linear(path, module) -> bool:
+    return type(module) is nn.Linear
+
+
+def _mlx_affine(model, bits: int, group_size: int):
+    """MLX's nn.quantize on the linear layers, scales and biases in fp16 as on an fp16 model."""
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_linear)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            module.scales, module.biases = module.scales.astype(mx.float16), module.biases.astype(mx.float16)
+    return model
+
+
+def _dense_view(model):
+    """A copy of an affine-quantized model with every nn.QuantizedLinear replaced by its dequantized weight."""
+    layers = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            dense = nn.Linear(module.weight.shape[1] * 32 // module.bits, module.weight.shape[0], bias=False)
+            dense.weight = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
+            dense.weight = dense.weight.astype(mx.float32)
+            layers.append((path, dense))
+    return layers
+
+
+def _fresh(weights, args):
+    from mlx_lm.models import llama
+
+    model = llama.Model(args)
+    model.load_weights(weights)
+    model.eval()
+    return model
+
+
+def _decode_step_s(model, prompt: mx.array, steps: int) -> float:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = [Float16KVCache() for _ in make_prompt_cache(model)]
+    logits = model(prompt[None], cache=cache)
+    token = mx.argmax(logits[:, -1], axis=-1)
+    mx.eval(token)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        token = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
+        mx.eval(token)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _machine() -> dict:
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "mlx": mx.__version__,
+            "device": str(mx.default_device()), "ld_preload": os.environ.get("LD_PRELOAD", "")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=512, help="tokens of each text for perplexity")
+    parser.add_argument("--rounds", type=int, default=3, help="decode-speed rounds (configurations alternate order)")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per round")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+
+    base, tokenizer = load_model("smollm2-135m")
+    weights = tree_flatten(base.parameters())
+    n_weights = sum(m.weight.size for _, m in base.named_modules() if type(m) is nn.Linear)
+    configs = {"dense fp32": base}
+    for bits in BITS:
+        configs[f"kvshard {bits}-bit g64"] = quantize_model(_fresh(weights, base.args), bits=bits, group_size=64)
+        configs[f"kvshard {bits}-bit g32"] = quantize_model(_fresh(weights, base.args), bits=bits, group_size=32)
+        configs[f"mlx affine {bits}-bit g64"] = _mlx_affine(_fresh(weights, base.args), bits, 64)
+    for model in configs.values():
+        mx.eval(model.parameters())
+
+    texts = {name: tokenizer.encode(load_text(name), add_special_tokens=False)[: args.tokens] for name in TEXTS}
+    rows = {}
+    for label, model in configs.items():
+        scored = model
+        if label.startswith("mlx affine"):
+            scored = _fresh(weights, base.args)
+            scored.update_modules(tree_unflatten(_dense_view(model)))
+        ppl = {}
+        for name, tokens in texts.items():
+            ppl[name] = perplexity(scored, tokens, lambda: [Float16KVCache() for _ in scored.layers], 256, len(tokens))["ppl"]
+        nbytes = weight_bytes(model)
+        rows[label] = {"label": label, "linear_bytes": nbytes, "effective_bits": 8 * nbytes / n_weights,
+                       "ppl": ppl, "step_s": []}
+        print(f"{label:26s} bits {rows[label]['effective_bits']:.3f}  ppl {ppl}", flush=True)
+
+    prompt = mx.array(texts[next(iter(texts))][:32])
+    order = list(configs)
+    for round_ in range(args.rounds):
+        for label in order if round_ % 2 == 0 else order[::-1]:
+            rows[label]["step_s"].append(_decode_step_s(configs[label], prompt, args.steps))
+    dense = rows["dense fp32"]
+    for row in rows.values():
+        row["ppl_mean"] = statistics.mean(row["ppl"].values())
+        row["delta_ppl_pct"] = {n: 100 * (row["ppl"][n] / dense["ppl"][n] - 1) for n in texts}
+        row["delta_ppl_pct_mean"] = statistics.mean(row["delta_ppl_pct"].values())
+        row["decode_tokens_per_s"] = 1 / statistics.median(row["step_s"])
+        print(f"{row['label']:26s} bits {row['effective_bits']:6.3f}  MiB {row['linear_bytes'] / 2**20:7.2f}  "
+              f"ΔPPL {row['delta_ppl_pct_mean']:+7.2f}%  {row['decode_tokens_per_s']:6.1f} tok/s", flush=True)
+    result = {
+        "benchmark": "weights", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine(),
+        "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to dense fp32 = the reference)",
+        "linear_weights": n_weights, "tokens_per_text": args.tokens, "chunk": 256, "texts": list(texts),
+        "decode": {"prompt_tokens": int(prompt.size), "steps_per_round": args.steps, "rounds": args.rounds,
+                   "statistic": "1 / median step time over all rounds"},
+        "rows": list(rows.values()),
+    }
+    tag = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"weights_{tag}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
