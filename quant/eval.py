@@ -26,9 +26,13 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from kvshard.quant.progress import progress as report
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# Five domains; none of them is among the calibration texts (calibrate/klt.py: calibration_texts).
 TEXTS = {
     "pride_and_prejudice": "pride_and_prejudice.txt",
     "persuasion": "persuasion.txt",
+    "vim_manual": "vim_manual.txt",
+    "python_source": "python_source.txt",
+    "dpkg_triggers_spec": "dpkg_triggers_spec.txt",
 }
 MLX_AFFINE_BITS = (8, 4, 3, 2)
 MLX_AFFINE_GROUP = 64
@@ -205,10 +209,10 @@ def tuned_config(model, tokenizer, budget: float, calibration: dict, tokens: int
 
 def klt_config(model, budget: float, calibration: dict, tokens: int = 1024):
     """kvshard's transform-coding recipe under an effective-bit budget: the `klt` method with one bit allocation
-    over every layer's key and value coordinates (klt_calibration.plan_klt), mean-centred keys and 4 fp16 sink
+    over every layer's key and value coordinates (calibrate/klt.py: plan_klt), mean-centred keys and 4 fp16 sink
     tokens. The allocation rounds each token's codes to whole bytes inside the code bits left."""
     from kvshard.quant import KVCacheConfig
-    from kvshard.quant.klt_calibration import plan_klt
+    from kvshard.quant.calibrate.klt import plan_klt
 
     # Per K/V element: the scale byte of each token's keys and values, and the fp16 sinks (keys and values)
     # plus the fp16 key mean, spread over `tokens` tokens.
@@ -220,7 +224,7 @@ def klt_config(model, budget: float, calibration: dict, tokens: int = 1024):
 def calibrate(model, tokenizer) -> dict:
     """Everything the tuned recipe measures on the model, from the calibration prompts (not the eval texts)."""
     from kvshard.quant import calibrate_key_scales, calibrate_layer_sensitivities, fit_distortion_curve
-    from kvshard.quant.klt_calibration import calibration_texts, collect_moments
+    from kvshard.quant.calibrate.klt import calibration_texts, collect_moments
 
     return {
         "moments": collect_moments(model, tokenizer, calibration_texts(), skip_tokens=SINK_TOKENS),
