@@ -175,6 +175,7 @@ PLAIN = (
 )
 # The issue's budgets, in effective bits per K/V element, for the tuned configuration.
 BUDGETS = (4.5, 3.5, 2.5)
+PROFILE_BUDGETS = (4.5, 3.5, 2.5, 2.0)
 SINK_TOKENS = 4
 
 
@@ -235,11 +236,12 @@ def calibrate(model, tokenizer) -> dict:
     }
 
 
-def our_configs(model, tokenizer, tokens: int = 1024, sliding: str = "fp16") -> List[EvalConfig]:
-    """kvshard's configurations: each method plain, then the tuned recipe at each budget. Calibration runs
-    once, and only if a tuned configuration is actually run. `sliding` is what the plain configurations do
-    with sliding-window layers (KVCacheConfig.sliding); the calibrated ones cover full-attention layers."""
-    from kvshard.quant import KVCacheBuilder, KVCacheConfig
+def our_configs(model, tokenizer, tokens: int = 1024, sliding: str = "fp16", profile_name: str = "smollm2-135m") -> List[EvalConfig]:
+    """kvshard's configurations: each method plain, the tuned and klt recipes at each budget, and the shipped
+    profile at its budgets. Calibration runs once, and only if a tuned or klt configuration is actually run.
+    `sliding` is what the plain configurations do with sliding-window layers (KVCacheConfig.sliding); the
+    calibrated ones cover full-attention layers."""
+    from kvshard.quant import KVCacheBuilder, KVCacheConfig, load_profile
 
     configs = []
     for method, bits in PLAIN:
@@ -257,6 +259,11 @@ def our_configs(model, tokenizer, tokens: int = 1024, sliding: str = "fp16") -> 
             model, klt_config(model, budget, calibration(), tokens)
         )
         configs.append(EvalConfig(f"kvshard klt <= {budget} bits", "kvshard klt", make))
+    # The shipped profile, as the service serves it (no calibration at eval time).
+    profile = functools.cache(lambda: load_profile(profile_name))
+    for budget in PROFILE_BUDGETS:
+        make = lambda budget=budget: KVCacheBuilder.for_model(model, profile().config(budget))  # noqa: E731
+        configs.append(EvalConfig(f"profile {profile_name} <= {budget} bits", "kvshard profile", make))
     return configs
 
 
@@ -357,6 +364,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", help="labels or families to run (default: all)")
     parser.add_argument("--sliding", default="fp16", choices=("fp16", "compressed"),
                         help="plain configurations' sliding-window layers (hybrid models such as gemma3-270m)")
+    parser.add_argument("--profile", default="smollm2-135m", help="calibration profile of the 'kvshard profile' family")
     args = parser.parse_args(argv)
     if args.start < 0:
         parser.error(f"--start must be >= 0, got {args.start}")
@@ -364,7 +372,7 @@ def main(argv=None) -> int:
     from kvshard.quant.models import load_model, model_fingerprint
 
     model, tokenizer = load_model(args.model)
-    configs = _select(mlx_affine_configs(model) + our_configs(model, tokenizer, args.tokens, args.sliding), args.configs)
+    configs = _select(mlx_affine_configs(model) + our_configs(model, tokenizer, args.tokens, args.sliding, args.profile), args.configs)
     result = run_eval(model, tokenizer, args.texts, args.tokens, args.chunk, configs, args.start)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

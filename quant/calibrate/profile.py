@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,6 +118,8 @@ def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, 
                       validation_tokens: int = 1024, progress: bool = False) -> Profile:
     """Measure a profile on `model`: moments over `texts` (default klt.calibration_texts()), sensitivities on
     ratequant's prompts, then ΔPPL at each budget on the `validation` texts (default: `kvshard eval`'s)."""
+    import mlx.core as mx
+
     from .. import eval as quality
     from ..models import model_fingerprint
     from .klt import calibration_texts, collect_moments
@@ -130,6 +133,7 @@ def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, 
         "format_version": FORMAT_VERSION,
         "library_version": _library_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, MLX {mx.__version__} on {mx.default_device()}",
         "calibration_texts": [{"chars": len(t), "sha256": hashlib.sha256(t.encode()).hexdigest()} for t in texts],
         "recommended_bits": RECOMMENDED_BITS,
         "planned_tokens": PLANNED_TOKENS,
