@@ -48,7 +48,8 @@ def _logits(model, tokens, caches):
 
 def test_config_between_calibrated_points_holds_its_budget(smollm, profile):
     """2.7 bits is no calibrated point: the plan is computed for it, the bytes really held stay within it, and the
-    next-token distribution stays close to the fp16 cache's (KL bound with margin: measured 0.04 nats)."""
+    next-token distribution stays close to the fp16 cache's. Bounds with margin: a profile calibrated on only 3,000
+    characters measured 0.080 nats and 0.820 top-1 agreement here."""
     model, tokenizer = smollm
     tokens = mx.array(tokenizer.encode(load_text("persuasion"), add_special_tokens=False)[:PLANNED_TOKENS])
     reference = _logits(model, tokens, [Float16KVCache() for _ in model.layers])
@@ -60,7 +61,7 @@ def test_config_between_calibrated_points_holds_its_budget(smollm, profile):
     kl = (p * (mx.log(p + 1e-30) - mx.log(mx.softmax(logits, axis=-1) + 1e-30))).sum(axis=-1)
     assert kl[SINK_TOKENS:].mean().item() < 0.15
     agreement = (mx.argmax(logits, axis=-1) == mx.argmax(reference, axis=-1)).astype(mx.float32).mean().item()
-    assert agreement > 0.8
+    assert agreement > 0.7
 
 
 def test_more_bits_give_more_coded_bits(profile):
