@@ -7,7 +7,7 @@ import re
 
 from kvshard.quant import list_profiles, load_profile
 from kvshard.quant.calibrate.profile import PATH_VARIABLE, calibrate_profile, save_profile
-from kvshard.service.proto import kvshard_pb2 as pb
+from kvshard.wire import kvshard_pb2 as pb
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DEFAULT_BUDGETS = (3.5,)

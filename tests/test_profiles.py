@@ -18,7 +18,7 @@ from kvshard.quant import KVCacheBuilder, Profile, load_profile, save_profile
 from kvshard.quant.calibrate.profile import BUDGETS, PATH_VARIABLE, PLANNED_TOKENS
 from kvshard.quant.eval import Float16KVCache, effective_bits, load_text
 from kvshard.quant.models import model_fingerprint
-from kvshard.service.proto import kvshard_pb2 as pb
+from kvshard.wire import kvshard_pb2 as pb
 from test_service_raw import grpcurl
 
 NAME = "smollm2-135m"
