@@ -128,9 +128,9 @@ def test_a_session_with_no_cache_config_uses_the_recommended_profile(client, sha
     assert made.cache.budget_bits == profile.recommended_bits and made.cache.profile_fingerprint == profile.fingerprint
     assert len(list(session.generate("The capital of France is", max_tokens=4))) == 4
     shown = json.loads(grpcurl("-plaintext", "-d", "{}", shard.target, "kvshard.v1.KVShard/ServerInfo"))
-    assert shown["defaultProfile"] == NAME and shown["profiles"][0]["measured"][0]["deltaPplPct"]
+    assert shown["default_profile"] == NAME and shown["profiles"][0]["measured"][0]["delta_ppl_pct"]
     created = json.loads(grpcurl("-plaintext", "-d", '{"cache": {"budget_bits": 2.5}}', shard.target, "kvshard.v1.KVShard/CreateSession"))
-    assert created["cache"]["profile"] == NAME and created["cache"]["budgetBits"] == 2.5
+    assert created["cache"]["profile"] == NAME and created["cache"]["budget_bits"] == 2.5
 
 
 BAD = [
