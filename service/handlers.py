@@ -220,7 +220,7 @@ class KVShardServicer(pb_grpc.KVShardServicer):
             cache = pb.CacheConfig()
             cache.CopyFrom(request.cache)
             cache.method = plan.method
-            spec = self._session_spec(pb.CreateSessionRequest(kind=pb.MODEL), cache, key_bits=result.key_bits)
+            spec = self._session_spec(pb.CreateSessionRequest(kind=pb.MODEL, cache=cache), cache, key_bits=result.key_bits)
             session = await self.manager.create(current_tenant(), spec)
             logs.note(session=session.session_id)
             response.session.CopyFrom(session_message(session.record, session))
