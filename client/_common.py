@@ -79,23 +79,31 @@ class CalibrationResult:
 
 @dataclass
 class SessionOptions:
-    """CreateSession's cache settings, as keyword arguments."""
+    """CreateSession's cache settings, as keyword arguments. None of them set: the server's default (for a model
+    session, its recommended calibration profile). profile / budget_bits pick a profile's configuration instead of
+    method and bits."""
 
-    method: str = "turboquant_mse"
-    key_bits: int | list[int] = 4
+    method: str | None = None
+    key_bits: int | list[int] | None = None
     value_bits: int | list[int] | None = None
     sink_tokens: int = 0
     window: int = 0
     seed: int | None = None
+    profile: str = ""
+    budget_bits: float = 0.0
     labels: dict = field(default_factory=dict)
 
-    def cache_config(self) -> pb.CacheConfig:
+    def cache_config(self) -> pb.CacheConfig | None:
+        if self == SessionOptions(labels=self.labels):
+            return None
         config = pb.CacheConfig(
-            method=self.method,
-            key_bits=_as_list(self.key_bits),
+            method=self.method or "",
+            key_bits=_as_list(self.key_bits) if self.key_bits is not None else [],
             value_bits=_as_list(self.value_bits) if self.value_bits is not None else [],
             sink_tokens=self.sink_tokens,
             window=self.window,
+            profile=self.profile,
+            budget_bits=self.budget_bits,
         )
         if self.seed is not None:
             config.seed = self.seed
@@ -301,5 +309,6 @@ def calibrate_request(
         apply=apply, mode=mode,
     )
     if options is not None:
-        request.cache.CopyFrom(options.cache_config())
+        if options.cache_config() is not None:
+            request.cache.CopyFrom(options.cache_config())
     return request

@@ -36,7 +36,7 @@ def __getattr__(name):
 
         return getattr(weights, name)
     if name in ("calibrate_key_scales",):
-        from .key_scales import calibrate_key_scales
+        from .calibrate.key_scales import calibrate_key_scales
 
         return calibrate_key_scales
     if name in (
@@ -45,11 +45,15 @@ def __getattr__(name):
         "allocate_kv_bits_ratequant",
         "fit_distortion_curve",
     ):
-        from . import ratequant
+        from .calibrate import ratequant
 
         return getattr(ratequant, name)
     if name in ("collect_moments", "plan_klt", "calibration_texts", "allocate_coordinate_bits"):
-        from . import klt_calibration
+        from .calibrate import klt
 
-        return getattr(klt_calibration, name)
+        return getattr(klt, name)
+    if name in ("Profile", "load_profile", "save_profile", "calibrate_profile", "list_profiles"):
+        from .calibrate import profile
+
+        return getattr(profile, name)
     raise AttributeError(name)

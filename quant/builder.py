@@ -30,7 +30,7 @@ class KVCacheConfig:
     center_keys: bool = True
     value_method: str | None = None  # None = same method as the keys
     key_scales: list | None = None  # per attention layer, a (kv_heads, head_dim) array: calibrate_key_scales
-    key_plans: list | None = None  # method "klt": per attention layer, a KLTPlan (klt_calibration.plan_klt)
+    key_plans: list | None = None  # method "klt": per attention layer, a KLTPlan (calibrate/klt.py: plan_klt)
     value_plans: list | None = None
     # Sliding-window layers (for_model): "fp16" keeps mlx_lm's rotating window in float16, "compressed" codes it
     # like the other layers (SlidingCompressedKVCache), "full" gives them a plain CompressedKVCache of every token

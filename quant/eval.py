@@ -26,9 +26,13 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from kvshard.quant.progress import progress as report
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# Five domains; none of them is among the calibration texts (calibrate/klt.py: calibration_texts).
 TEXTS = {
     "pride_and_prejudice": "pride_and_prejudice.txt",
     "persuasion": "persuasion.txt",
+    "vim_manual": "vim_manual.txt",
+    "python_source": "python_source.txt",
+    "dpkg_triggers_spec": "dpkg_triggers_spec.txt",
 }
 MLX_AFFINE_BITS = (8, 4, 3, 2)
 MLX_AFFINE_GROUP = 64
@@ -171,6 +175,7 @@ PLAIN = (
 )
 # The issue's budgets, in effective bits per K/V element, for the tuned configuration.
 BUDGETS = (4.5, 3.5, 2.5)
+PROFILE_BUDGETS = (4.5, 3.5, 2.5, 2.0)
 SINK_TOKENS = 4
 
 
@@ -205,10 +210,10 @@ def tuned_config(model, tokenizer, budget: float, calibration: dict, tokens: int
 
 def klt_config(model, budget: float, calibration: dict, tokens: int = 1024):
     """kvshard's transform-coding recipe under an effective-bit budget: the `klt` method with one bit allocation
-    over every layer's key and value coordinates (klt_calibration.plan_klt), mean-centred keys and 4 fp16 sink
+    over every layer's key and value coordinates (calibrate/klt.py: plan_klt), mean-centred keys and 4 fp16 sink
     tokens. The allocation rounds each token's codes to whole bytes inside the code bits left."""
     from kvshard.quant import KVCacheConfig
-    from kvshard.quant.klt_calibration import plan_klt
+    from kvshard.quant.calibrate.klt import plan_klt
 
     # Per K/V element: the scale byte of each token's keys and values, and the fp16 sinks (keys and values)
     # plus the fp16 key mean, spread over `tokens` tokens.
@@ -220,7 +225,7 @@ def klt_config(model, budget: float, calibration: dict, tokens: int = 1024):
 def calibrate(model, tokenizer) -> dict:
     """Everything the tuned recipe measures on the model, from the calibration prompts (not the eval texts)."""
     from kvshard.quant import calibrate_key_scales, calibrate_layer_sensitivities, fit_distortion_curve
-    from kvshard.quant.klt_calibration import calibration_texts, collect_moments
+    from kvshard.quant.calibrate.klt import calibration_texts, collect_moments
 
     return {
         "moments": collect_moments(model, tokenizer, calibration_texts(), skip_tokens=SINK_TOKENS),
@@ -231,11 +236,12 @@ def calibrate(model, tokenizer) -> dict:
     }
 
 
-def our_configs(model, tokenizer, tokens: int = 1024, sliding: str = "fp16") -> List[EvalConfig]:
-    """kvshard's configurations: each method plain, then the tuned recipe at each budget. Calibration runs
-    once, and only if a tuned configuration is actually run. `sliding` is what the plain configurations do
-    with sliding-window layers (KVCacheConfig.sliding); the calibrated ones cover full-attention layers."""
-    from kvshard.quant import KVCacheBuilder, KVCacheConfig
+def our_configs(model, tokenizer, tokens: int = 1024, sliding: str = "fp16", profile_name: str = "smollm2-135m") -> List[EvalConfig]:
+    """kvshard's configurations: each method plain, the tuned and klt recipes at each budget, and the shipped
+    profile at its budgets. Calibration runs once, and only if a tuned or klt configuration is actually run.
+    `sliding` is what the plain configurations do with sliding-window layers (KVCacheConfig.sliding); the
+    calibrated ones cover full-attention layers."""
+    from kvshard.quant import KVCacheBuilder, KVCacheConfig, load_profile
 
     configs = []
     for method, bits in PLAIN:
@@ -253,6 +259,11 @@ def our_configs(model, tokenizer, tokens: int = 1024, sliding: str = "fp16") -> 
             model, klt_config(model, budget, calibration(), tokens)
         )
         configs.append(EvalConfig(f"kvshard klt <= {budget} bits", "kvshard klt", make))
+    # The shipped profile, as the service serves it (no calibration at eval time).
+    profile = functools.cache(lambda: load_profile(profile_name))
+    for budget in PROFILE_BUDGETS:
+        make = lambda budget=budget: KVCacheBuilder.for_model(model, profile().config(budget))  # noqa: E731
+        configs.append(EvalConfig(f"profile {profile_name} <= {budget} bits", "kvshard profile", make))
     return configs
 
 
@@ -353,6 +364,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", help="labels or families to run (default: all)")
     parser.add_argument("--sliding", default="fp16", choices=("fp16", "compressed"),
                         help="plain configurations' sliding-window layers (hybrid models such as gemma3-270m)")
+    parser.add_argument("--profile", default="smollm2-135m", help="calibration profile of the 'kvshard profile' family")
     args = parser.parse_args(argv)
     if args.start < 0:
         parser.error(f"--start must be >= 0, got {args.start}")
@@ -360,7 +372,7 @@ def main(argv=None) -> int:
     from kvshard.quant.models import load_model, model_fingerprint
 
     model, tokenizer = load_model(args.model)
-    configs = _select(mlx_affine_configs(model) + our_configs(model, tokenizer, args.tokens, args.sliding), args.configs)
+    configs = _select(mlx_affine_configs(model) + our_configs(model, tokenizer, args.tokens, args.sliding, args.profile), args.configs)
     result = run_eval(model, tokenizer, args.texts, args.tokens, args.chunk, configs, args.start)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -6,7 +6,7 @@ RoPE, keys have a fixed, strongly correlated (low-rank) structure; after it, pai
 decorrelate over positions and each pair's two coordinates share its energy, so a transform calibrated on
 post-RoPE keys sees a much flatter spectrum, and one that drifts past the calibrated positions. On
 SmolLM2-135M the water-filling prediction is ~0.9 fewer bits per key coordinate at equal score error before
-RoPE than after (klt_calibration.py).
+RoPE than after (calibrate/klt.py).
 
 A RoPE is described by its angular frequencies ω (radians per position, one per rotated pair) and its pair
 layout: `traditional` pairs (2i, 2i+1), otherwise (i, i + dims/2) with dims = 2·len(ω). Angles are p·ω.

@@ -30,14 +30,18 @@ class CalibrationResult:
     beta: float
 
 
-def check_request(request, limits, methods) -> CalibrationPlan:
-    method = request.method or "turboquant_mse"
-    if method not in methods:
-        raise ValueError(f"method: unknown method {method!r}; one of {', '.join(methods)}")
+def check_prompts(request) -> None:
     if len(request.prompts) > MAX_PROMPTS or any(len(p) > MAX_PROMPT_CHARS for p in request.prompts):
         raise ValueError(f"prompts: at most {MAX_PROMPTS} prompts of at most {MAX_PROMPT_CHARS} characters")
     if any(not p for p in request.prompts):
         raise ValueError("prompts: an empty prompt")
+
+
+def check_request(request, limits, methods) -> CalibrationPlan:
+    method = request.method or "turboquant_mse"
+    if method not in methods:
+        raise ValueError(f"method: unknown method {method!r}; one of {', '.join(methods)}")
+    check_prompts(request)
     choices = tuple(sorted(set(request.bit_choices))) or DEFAULT_BIT_CHOICES
     for b in choices:
         if not limits.min_bits <= b <= limits.max_bits:

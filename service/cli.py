@@ -1,5 +1,5 @@
 """`kvshard` command line. Each command owns its argument parser and gets the rest of the command line:
-`serve` runs a shard, `client` talks to one, `eval`, `bench` and `precompute` belong to kvshard.quant.
+`serve` runs a shard, `client` talks to one, `eval`, `bench`, `calibrate` and `precompute` belong to kvshard.quant.
 
 Every failure ends as one line on stderr and a non-zero exit; KVSHARD_DEBUG=1 shows the traceback.
 """
@@ -16,7 +16,7 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
 _EXTRAS = {"redis": "redis", "matplotlib": "plot"}
 # MLX's Linux CPU wheel links the reference BLAS: its matmuls run ~60x slower than with Debian's OpenBLAS preloaded.
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-_MLX_COMMANDS = ("serve", "eval", "bench", "precompute")
+_MLX_COMMANDS = ("serve", "eval", "bench", "calibrate", "precompute")
 _SERVER_MODULES = ("mlx", "mlx_lm", "structlog", "tokenizers", "grpc_health", "grpc_reflection", "prometheus_client", "tqdm")
 
 
@@ -160,6 +160,12 @@ def precompute_main(argv: list[str]) -> None:
     main(argv)
 
 
+def calibrate_main(argv: list[str]) -> None:
+    from kvshard.quant.calibrate.profile import main
+
+    main(argv)
+
+
 # name: (one line for `kvshard --help`, the function that gets the rest of the command line)
 COMMANDS = {
     "serve": ("run a model shard: gRPC sessions with compressed, durable KV caches", serve_main),
@@ -167,6 +173,7 @@ COMMANDS = {
     "eval": ("real-model quality (perplexity) of every cache method, with effective bits", eval_main),
     "bench": ("speed of attention, decode and the service, side by side (--single: one configuration)", bench_main),
     "precompute": ("write rotations, codebooks and QJL sketches to a folder for with_artifact_store", precompute_main),
+    "calibrate": ("measure a calibration profile of a model (kvshard calibrate --model NAME --out DIR)", calibrate_main),
 }
 
 

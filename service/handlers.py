@@ -11,7 +11,7 @@ import binascii
 from contextlib import aclosing
 
 from kvshard.quant import METHODS
-from kvshard.service import calibration, logs, metrics
+from kvshard.service import calibration, logs, metrics, profiles
 from kvshard.service.auth import current_tenant
 from kvshard.service.errors import FailedPrecondition, LimitExceeded
 from kvshard.service.generation import GenerateOptions, Sampling, generate
@@ -76,6 +76,12 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         for key, value in request.labels.items():
             if not 1 <= len(key) <= MAX_LABEL_KEY or len(value) > MAX_LABEL_VALUE:
                 raise ValueError(f"labels: keys of 1-{MAX_LABEL_KEY} and values of at most {MAX_LABEL_VALUE} characters")
+        if cache.profile or cache.budget_bits or (kind == "model" and not request.HasField("cache") and self.model.default_profile):
+            if kind == "raw":
+                raise ValueError("cache.profile: profiles configure MODEL sessions; a RAW session takes method and bits")
+            spec = resolve_spec(kind, shape, "", [], [], 0, 0, DEFAULT_SEED, self.limits, request.session_id, dict(request.labels))
+            spec.config = profiles.profile_config(cache, self.model, self.limits)
+            return spec
         return resolve_spec(
             kind,
             shape,
@@ -222,6 +228,8 @@ class KVShardServicer(pb_grpc.KVShardServicer):
 
     async def Calibrate(self, request: pb.CalibrateRequest, context) -> pb.CalibrateResponse:
         model = self._served_model("Calibrate")
+        if request.profile:
+            return await self._calibrate_profile(model, request)
         plan = calibration.check_request(request, self.limits, METHODS)
         result = await self.manager.mlx.run(calibration.calibrate, model, plan)
         response = pb.CalibrateResponse(
@@ -231,9 +239,23 @@ class KVShardServicer(pb_grpc.KVShardServicer):
             cache = pb.CacheConfig()
             cache.CopyFrom(request.cache)
             cache.method = plan.method
-            spec = self._session_spec(pb.CreateSessionRequest(kind=pb.MODEL), cache, key_bits=result.key_bits)
+            spec = self._session_spec(pb.CreateSessionRequest(kind=pb.MODEL, cache=cache), cache, key_bits=result.key_bits)
             session = await self.manager.create(current_tenant(), spec)
             logs.note(session=session.public_id)
+            response.session.CopyFrom(session_message(session.record, session))
+        return response
+
+    async def _calibrate_profile(self, model, request: pb.CalibrateRequest) -> pb.CalibrateResponse:
+        calibration.check_prompts(request)
+        name, budgets, tokens = profiles.check_calibrate_request(request)
+        profile = await self.manager.mlx.run(profiles.calibrate_and_register, model, name, list(request.prompts), budgets, tokens)
+        response = pb.CalibrateResponse(profile=profiles.profile_info(profile))
+        if request.apply:
+            cache = pb.CacheConfig()
+            cache.CopyFrom(request.cache)
+            cache.profile, cache.budget_bits = name, budgets[0]
+            session = await self.manager.create(current_tenant(), self._session_spec(pb.CreateSessionRequest(kind=pb.MODEL), cache))
+            logs.note(session=session.session_id)
             response.session.CopyFrom(session_message(session.record, session))
         return response
 
@@ -262,6 +284,8 @@ class KVShardServicer(pb_grpc.KVShardServicer):
             info.model = self.model.name
             info.model_fingerprint = self.model.fingerprint
             info.model_shape.CopyFrom(pb.RawShape(**self.model.shape))
+            info.profiles.extend(profiles.profile_info(p) for _, p in sorted(self.model.profiles.items()))
+            info.default_profile = self.model.default_profile
         return info
 
 
@@ -284,6 +308,9 @@ def session_message(record: SessionRecord, session=None, include_token_ids: bool
             sink_tokens=config["sink_tokens"],
             window=config["window"],
             seed=config["seed"],
+            profile=config.get("profile", ""),
+            budget_bits=config.get("budget_bits", 0.0),
+            profile_fingerprint=config.get("profile_fingerprint", ""),
         ),
         shape=pb.RawShape(**record.shape),
         offset=record.offset,

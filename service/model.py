@@ -5,6 +5,7 @@ from typing import Any
 
 from kvshard.quant import install_attention_hook, load_model
 from kvshard.quant.models import model_fingerprint
+from kvshard.service.profiles import profiles_for
 
 CHAT_ROLES = ("system", "user", "assistant")
 # Stands in for an earlier assistant reply so that the chat template renders a continuation (see render_chat).
@@ -20,6 +21,8 @@ class ServedModel:
     shape: dict  # layers, n_kv_heads, head_dim
     vocab_size: int
     eos_token_ids: frozenset[int]
+    profiles: dict  # name -> calibration Profile of this model (service/profiles.py)
+    default_profile: str  # what a model session with no cache config uses; "" if none
 
     @classmethod
     def load(cls, name: str) -> "ServedModel":
@@ -30,14 +33,21 @@ class ServedModel:
         # and drift from sessions that were never restored.
         install_attention_hook(model)
         attention = model.layers[0].self_attn
+        fingerprint = model_fingerprint(model)
+        profiles = profiles_for(fingerprint)
+        if name in profiles:
+            profiles[name].config()  # plan the default now (seconds), not in the first CreateSession's deadline
         return cls(
             name=name,
             model=model,
             tokenizer=tokenizer,
-            fingerprint=model_fingerprint(model),
+            fingerprint=fingerprint,
             shape=dict(layers=len(model.layers), n_kv_heads=attention.n_kv_heads, head_dim=attention.head_dim),
             vocab_size=model.args.vocab_size,
             eos_token_ids=frozenset(tokenizer.eos_token_ids),
+            profiles=profiles,
+            # The profile named after the model is the one shipped for it (quant/data/profiles/).
+            default_profile=name if name in profiles else "",
         )
 
     def encode(self, text: str) -> list[int]:

@@ -118,7 +118,10 @@ def resolve_spec(
     return SessionSpec(kind=kind, config=config, shape=dict(shape), session_id=session_id, labels=dict(labels or {}))
 
 
-def cache_config(config: dict) -> KVCacheConfig:
+def cache_config(config: dict, model=None) -> KVCacheConfig:
+    if config.get("profile"):
+        profile = model.profiles[config["profile"]].config(config["budget_bits"])
+        return dataclasses.replace(profile, window=config["window"], seed=config["seed"])
     return KVCacheConfig(
         method=config["method"],
         bit_width_inlier=config["key_bits"],
@@ -183,7 +186,7 @@ class Session:
 
     @classmethod
     def new(cls, spec: SessionSpec, tenant: str, model=None) -> "Session":
-        config = cache_config(spec.config)
+        config = cache_config(spec.config, model)
         if spec.kind == "model":
             caches = KVCacheBuilder.for_model(model.model, config)
         else:
@@ -487,6 +490,7 @@ class SessionManager:
                     f"session_id: the session belongs to model {record.model_fingerprint[:16]}…, "
                     f"this server serves {self.model.fingerprint[:16]}…"
                 )
+            self._check_profile(record.config)
         in_use = sum(s.memory_bytes for s in self.hot.values() if s.lock.locked())
         if in_use and in_use + record.memory_bytes > self.limits.memory_budget_bytes:
             raise LimitExceeded(
@@ -498,6 +502,17 @@ class SessionManager:
         session.lock = lock
         self.hot[record.session_id] = session
         return session
+
+    def _check_profile(self, config: dict) -> None:
+        """A session made from a profile resumes only where that name still means the same profile (its plans
+        travel in the cache state, but a recalibrated profile of the same name would silently differ)."""
+        name, fingerprint = config.get("profile"), config.get("profile_fingerprint")
+        profile = self.model.profiles.get(name) if name else None
+        if profile is not None and profile.fingerprint != fingerprint:
+            raise FailedPrecondition(
+                f"session_id: the session was made with profile {name!r} {fingerprint[:16]}…, "
+                f"this server's {name!r} is {profile.fingerprint[:16]}…"
+            )
 
     async def _record(self, tenant: str, session_id: str) -> SessionRecord:
         record = await self.io.run(self.store.load_record, store_key(tenant, session_id))

@@ -1,4 +1,4 @@
-"""KLT transform coding (methods/klt.py, klt_calibration.py): exact packing, the allocation's optimality, the
+"""KLT transform coding (methods/klt.py, calibrate/klt.py): exact packing, the allocation's optimality, the
 transform coding gain on data with a known spectrum, the query metric, and the cache plumbing."""
 
 import itertools
@@ -10,7 +10,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig, make_method
 from kvshard.quant.attention import compressed_attention
-from kvshard.quant.klt_calibration import (
+from kvshard.quant.calibrate.klt import (
     GAUSSIAN_DISTORTION,
     QueryMomentCache,
     _decorrelate,

@@ -1,4 +1,4 @@
-"""Query-aware key scales (methods/scaled.py, key_scales.py): exact bookkeeping, and a real gain where
+"""Query-aware key scales (methods/scaled.py, calibrate/key_scales.py): exact bookkeeping, and a real gain where
 queries and keys put their energy in different channels."""
 
 import mlx.core as mx

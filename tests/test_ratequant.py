@@ -18,7 +18,7 @@ from kvshard.quant import (
     calibrate_layer_sensitivities,
     fit_distortion_curve,
 )
-from kvshard.quant.ratequant import DEFAULT_PROMPTS, continuous_allocation, measure_distortion
+from kvshard.quant.calibrate.ratequant import DEFAULT_PROMPTS, continuous_allocation, measure_distortion
 
 
 def lognormal_weights(n, seed=0, spread=1.5):

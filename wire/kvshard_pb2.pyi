@@ -47,20 +47,67 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class CacheConfig(_message.Message):
-    __slots__ = ("method", "key_bits", "value_bits", "sink_tokens", "window", "seed")
+    __slots__ = ("method", "key_bits", "value_bits", "sink_tokens", "window", "seed", "profile", "budget_bits", "profile_fingerprint")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     KEY_BITS_FIELD_NUMBER: _ClassVar[int]
     VALUE_BITS_FIELD_NUMBER: _ClassVar[int]
     SINK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BITS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     method: str
     key_bits: _containers.RepeatedScalarFieldContainer[int]
     value_bits: _containers.RepeatedScalarFieldContainer[int]
     sink_tokens: int
     window: int
     seed: int
-    def __init__(self, method: _Optional[str] = ..., key_bits: _Optional[_Iterable[int]] = ..., value_bits: _Optional[_Iterable[int]] = ..., sink_tokens: _Optional[int] = ..., window: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    profile: str
+    budget_bits: float
+    profile_fingerprint: str
+    def __init__(self, method: _Optional[str] = ..., key_bits: _Optional[_Iterable[int]] = ..., value_bits: _Optional[_Iterable[int]] = ..., sink_tokens: _Optional[int] = ..., window: _Optional[int] = ..., seed: _Optional[int] = ..., profile: _Optional[str] = ..., budget_bits: _Optional[float] = ..., profile_fingerprint: _Optional[str] = ...) -> None: ...
+
+class ProfileQuality(_message.Message):
+    __slots__ = ("budget_bits", "effective_bits", "mean_delta_ppl_pct", "worst_delta_ppl_pct", "delta_ppl_pct", "tokens")
+    class DeltaPplPctEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    BUDGET_BITS_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_BITS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_DELTA_PPL_PCT_FIELD_NUMBER: _ClassVar[int]
+    WORST_DELTA_PPL_PCT_FIELD_NUMBER: _ClassVar[int]
+    DELTA_PPL_PCT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    budget_bits: float
+    effective_bits: float
+    mean_delta_ppl_pct: float
+    worst_delta_ppl_pct: float
+    delta_ppl_pct: _containers.ScalarMap[str, float]
+    tokens: int
+    def __init__(self, budget_bits: _Optional[float] = ..., effective_bits: _Optional[float] = ..., mean_delta_ppl_pct: _Optional[float] = ..., worst_delta_ppl_pct: _Optional[float] = ..., delta_ppl_pct: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class ProfileInfo(_message.Message):
+    __slots__ = ("name", "fingerprint", "recommended_bits", "min_bits", "max_bits", "planned_tokens", "measured")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDED_BITS_FIELD_NUMBER: _ClassVar[int]
+    MIN_BITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BITS_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    fingerprint: str
+    recommended_bits: float
+    min_bits: float
+    max_bits: float
+    planned_tokens: int
+    measured: _containers.RepeatedCompositeFieldContainer[ProfileQuality]
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., recommended_bits: _Optional[float] = ..., min_bits: _Optional[float] = ..., max_bits: _Optional[float] = ..., planned_tokens: _Optional[int] = ..., measured: _Optional[_Iterable[_Union[ProfileQuality, _Mapping]]] = ...) -> None: ...
 
 class RawShape(_message.Message):
     __slots__ = ("layers", "n_kv_heads", "head_dim")
@@ -335,7 +382,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., offset: _Optional[int] = ..., committed_offset: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class CalibrateRequest(_message.Message):
-    __slots__ = ("prompts", "method", "target_avg_bits", "bit_choices", "beta", "apply", "cache", "mode")
+    __slots__ = ("prompts", "method", "target_avg_bits", "bit_choices", "beta", "apply", "cache", "mode", "profile", "profile_budgets", "validation_tokens")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     TARGET_AVG_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +391,9 @@ class CalibrateRequest(_message.Message):
     APPLY_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     method: str
     target_avg_bits: float
@@ -352,21 +402,26 @@ class CalibrateRequest(_message.Message):
     apply: bool
     cache: CacheConfig
     mode: str
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., target_avg_bits: _Optional[float] = ..., bit_choices: _Optional[_Iterable[int]] = ..., beta: _Optional[float] = ..., apply: _Optional[bool] = ..., cache: _Optional[_Union[CacheConfig, _Mapping]] = ..., mode: _Optional[str] = ...) -> None: ...
+    profile: str
+    profile_budgets: _containers.RepeatedScalarFieldContainer[float]
+    validation_tokens: int
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., target_avg_bits: _Optional[float] = ..., bit_choices: _Optional[_Iterable[int]] = ..., beta: _Optional[float] = ..., apply: _Optional[bool] = ..., cache: _Optional[_Union[CacheConfig, _Mapping]] = ..., mode: _Optional[str] = ..., profile: _Optional[str] = ..., profile_budgets: _Optional[_Iterable[float]] = ..., validation_tokens: _Optional[int] = ...) -> None: ...
 
 class CalibrateResponse(_message.Message):
-    __slots__ = ("sensitivities", "key_bits", "average_bits", "beta", "session")
+    __slots__ = ("sensitivities", "key_bits", "average_bits", "beta", "session", "profile")
     SENSITIVITIES_FIELD_NUMBER: _ClassVar[int]
     KEY_BITS_FIELD_NUMBER: _ClassVar[int]
     AVERAGE_BITS_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     sensitivities: _containers.RepeatedScalarFieldContainer[float]
     key_bits: _containers.RepeatedScalarFieldContainer[int]
     average_bits: float
     beta: float
     session: Session
-    def __init__(self, sensitivities: _Optional[_Iterable[float]] = ..., key_bits: _Optional[_Iterable[int]] = ..., average_bits: _Optional[float] = ..., beta: _Optional[float] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+    profile: ProfileInfo
+    def __init__(self, sensitivities: _Optional[_Iterable[float]] = ..., key_bits: _Optional[_Iterable[int]] = ..., average_bits: _Optional[float] = ..., beta: _Optional[float] = ..., session: _Optional[_Union[Session, _Mapping]] = ..., profile: _Optional[_Union[ProfileInfo, _Mapping]] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()
@@ -397,7 +452,7 @@ class Limits(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_session_tokens: _Optional[int] = ..., max_append_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., min_bits: _Optional[int] = ..., max_bits: _Optional[int] = ..., session_ttl_s: _Optional[int] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("model", "model_fingerprint", "model_shape", "methods", "limits", "version", "store", "auth_required", "tenant")
+    __slots__ = ("model", "model_fingerprint", "model_shape", "methods", "limits", "version", "store", "auth_required", "tenant", "profiles", "default_profile")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -407,6 +462,8 @@ class ServerInfoResponse(_message.Message):
     STORE_FIELD_NUMBER: _ClassVar[int]
     AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PROFILE_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_fingerprint: str
     model_shape: RawShape
@@ -416,4 +473,6 @@ class ServerInfoResponse(_message.Message):
     store: str
     auth_required: bool
     tenant: str
-    def __init__(self, model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_shape: _Optional[_Union[RawShape, _Mapping]] = ..., methods: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., version: _Optional[str] = ..., store: _Optional[str] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
+    profiles: _containers.RepeatedCompositeFieldContainer[ProfileInfo]
+    default_profile: str
+    def __init__(self, model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_shape: _Optional[_Union[RawShape, _Mapping]] = ..., methods: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., version: _Optional[str] = ..., store: _Optional[str] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[ProfileInfo, _Mapping]]] = ..., default_profile: _Optional[str] = ...) -> None: ...

@@ -138,7 +138,7 @@ class KVShardServicer:
 
     def Calibrate(self, request, context):
         """RateQuant on the served model: per-layer sensitivities and a bit allocation, optionally applied to a
-        new model session.
+        new model session; or, with `profile` set, a calibration profile measured and registered under that name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

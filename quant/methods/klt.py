@@ -13,7 +13,7 @@ dropped.
 
 x̂ = S ẑ for a fixed synthesis matrix S (d × m), so this is a RotatedDomainMethod: scores are ⟨Sᵀq, ẑ⟩ and
 values are accumulated as ẑ and mapped back once. For keys the analysis includes the query metric Σq^½, so
-that the error that is minimised is the score error E[(q·e)²], not ‖e‖² (`klt_calibration.py`).
+that the error that is minimised is the score error E[(q·e)²], not ‖e‖² (`calibrate/klt.py`).
 
 Keys are best coded as they were before RoPE: there they have a fixed, low-rank structure that RoPE's
 position-dependent rotation smears over every dimension. A key plan may therefore carry the model's RoPE; the

@@ -167,7 +167,7 @@ def _random_unit_vectors(samples: int, head_dim: int, seed: int) -> mx.array:
 
 def measure_distortion(method: str, head_dim: int, bits: int, samples: int = 4096, seed: int = 0) -> float:
     """E‖x − decode(encode(x))‖² over random unit vectors x: the quantizer's MSE distortion at `bits`."""
-    from .methods import make_method
+    from ..methods import make_method
 
     x = _random_unit_vectors(samples, head_dim, seed)
     quantizer = make_method(method, head_dim, bits, seed=seed)
@@ -222,7 +222,7 @@ def _log_probs(model, tokens: mx.array, caches) -> mx.array:
 
 
 def _probe_config(method: str, probe_bits: int, target: str, seed: int):
-    from .builder import KVCacheConfig
+    from ..builder import KVCacheConfig
 
     exact_method, exact_bits = _NEAR_EXACT
     if target == "keys":
@@ -255,8 +255,8 @@ def calibrate_layer_sensitivities(
     """
     from mlx_lm.models.cache import make_prompt_cache
 
-    from .builder import install_attention_hook
-    from .progress import progress as report
+    from ..builder import install_attention_hook
+    from ..progress import progress as report
 
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")

@@ -22,11 +22,12 @@ import os
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
+from tqdm import tqdm
 
-from .builder import install_attention_hook
-from .methods.klt import KLTPlan
+from ..builder import install_attention_hook
+from ..methods.klt import KLTPlan
+from ..rope import rope_frequencies, rotate
 from .ratequant import _attention_layers
-from .rope import rope_frequencies, rotate
 
 # E[(x − Q(x))²] of the b-bit Lloyd-Max quantizer of a unit-variance Gaussian, b = 0..8.
 GAUSSIAN_DISTORTION = (1.0, 0.3634, 0.1175, 0.03454, 0.009497, 0.002499, 0.0006418, 0.0001626, 0.0000409)
@@ -105,7 +106,8 @@ def model_rope(model, layer: int):
     return rope_frequencies(rope, head_dim)
 
 
-def collect_moments(model, tokenizer, texts, max_tokens: int = 2048, skip_tokens: int = 4, pre_rope: bool = True) -> list[dict]:
+def collect_moments(model, tokenizer, texts, max_tokens: int = 2048, skip_tokens: int = 4, pre_rope: bool = True,
+                    progress: bool = False) -> list[dict]:
     """Per attention layer: query second moment grouped by KV head, centred key covariance and uncentred value
     second moment, each (H, d, d) float64, averaged over the texts' tokens; "rope", the layer's RoPE when the
     key moments are of keys before RoPE (`pre_rope` and a RoPE that quant/rope.py can read), else None; and
@@ -120,7 +122,7 @@ def collect_moments(model, tokenizer, texts, max_tokens: int = 2048, skip_tokens
     ropes = [model_rope(model, i) if pre_rope else None for i in layers]
     install_attention_hook(model)
     sums = [{"query": 0.0, "keys": 0.0, "values": 0.0, "key_trace": 0.0, "nq": 0, "nk": 0} for _ in layers]
-    for text in texts:
+    for text in tqdm(texts, desc="collecting moments", disable=not progress, unit="text"):
         caches = make_prompt_cache(model)
         for i, rope in zip(layers, ropes):
             caches[i] = QueryMomentCache(rope)
@@ -225,13 +227,15 @@ def allocate_coordinate_bits(costs: list[np.ndarray], total_bits: int, max_bits:
     return [sorted(b, reverse=True) for b in bits]
 
 
-def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, probe_bits: int = 2, norm_bits: int = 8):
+def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, probe_bits: int = 2, norm_bits: int = 8,
+             decomposed: list | None = None):
     """(key_plans, value_plans), one KLTPlan per attention layer, with `code_bits` average code bits per K/V
     element (each token's norm, `norm_bits` per head, comes on top). key_weights / value_weights:
-    `calibrate_layer_sensitivities`."""
+    `calibrate_layer_sensitivities`. decomposed: `decompose` of each layer's moments, when already computed
+    (a profile plans many budgets from one decomposition)."""
     if not len(moments) == len(key_weights) == len(value_weights):
         raise ValueError("moments, key_weights and value_weights must have one entry per attention layer")
-    decomposed = [decompose(m) for m in moments]
+    decomposed = [decompose(m) for m in moments] if decomposed is None else decomposed
     probe = GAUSSIAN_DISTORTION[probe_bits]
     costs = []
     for m, ((_, key_energy), (_, value_energy)), wk, wv in zip(moments, decomposed, key_weights, value_weights):

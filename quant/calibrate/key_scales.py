@@ -4,8 +4,8 @@ KV head, from the queries and (mean-removed) keys of a few calibration prompts."
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from .builder import install_attention_hook
-from .klt_calibration import QueryMomentCache
+from ..builder import install_attention_hook
+from .klt import QueryMomentCache
 from .ratequant import DEFAULT_PROMPTS, _attention_layers
 
 _CLIP = 16.0  # keep every scale within [1/16, 16]: a channel never seen active must not explode

@@ -1,0 +1,109 @@
+"""Passkey retrieval through compressed caches: a 5-digit number hidden at a spread depth of filler text, asked
+for at the end; the embedded model greedily completes "The pass key is". Perplexity hides retrieval failures
+(a published 2.3-bit method lost 0.33 PPL but 19.9 points on a long-context retrieval suite), so each cache
+configuration is scored on the same trials as an fp16 cache.
+
+Trial t of n hides a seeded random key at depth (t + 0.5) / n of the filler; the prompt goes through the model
+in chunks of 256 tokens, so later chunks attend to keys and values read back from the codes.
+
+    python benchmarks/passkey.py [--lengths 512 1024 2048] [--trials 20] [--budgets 3.5 2.5] [--out benchmarks/results]
+writes passkey_<cpu|gpu>.json: per configuration and length, the hits, the trials and the effective bits held.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+
+import mlx.core as mx
+
+from kvshard.quant import KVCacheBuilder, load_model, load_profile
+from kvshard.quant.bench import device_info
+from kvshard.quant.eval import Float16KVCache, effective_bits
+
+INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize "
+         "it. I will quiz you about it.\n")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+CHUNK = 256
+ANSWER_TOKENS = 8
+
+
+def prompt_tokens(tokenizer, length: int, key: int, depth: float) -> list[int]:
+    """About `length` tokens: the intro, filler with the key sentence at `depth`, the question."""
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    fixed = len(tokenizer.encode(INTRO + needle + QUESTION, add_special_tokens=False))
+    per_filler = len(tokenizer.encode(FILLER * 20, add_special_tokens=False)) / 20
+    repeats = max(1, round((length - fixed) / per_filler))
+    before = round(repeats * depth)
+    text = INTRO + FILLER * before + needle + FILLER * (repeats - before) + QUESTION
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def answer(model, tokenizer, tokens: list[int], caches) -> str:
+    ids = mx.array(tokens)
+    for start in range(0, ids.size, CHUNK):
+        logits = model(ids[None, start : start + CHUNK], cache=caches)
+    generated = []
+    for _ in range(ANSWER_TOKENS):
+        token = mx.argmax(logits[0, -1]).item()
+        generated.append(token)
+        logits = model(mx.array([[token]]), cache=caches)
+    return tokenizer.decode(generated)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--profile", default="smollm2-135m")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[3.5, 2.5], help="profile budgets beside fp16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model("smollm2-135m")
+    profile = load_profile(args.profile)
+    configs = {"fp16": lambda: [Float16KVCache() for _ in model.layers]}
+    for budget in args.budgets:
+        config = profile.config(budget)
+        configs[f"{args.profile} <= {budget} bits"] = lambda config=config: KVCacheBuilder.for_model(model, config)
+    rng = random.Random(args.seed)
+    results = {name: {} for name in configs}
+    for length in args.lengths:
+        trials = [(rng.randrange(10000, 100000), (t + 0.5) / args.trials) for t in range(args.trials)]
+        for name, make in configs.items():
+            hits, bits, answers = 0, [], []
+            start = time.perf_counter()
+            for key, depth in trials:
+                tokens = prompt_tokens(tokenizer, length, key, depth)
+                caches = make()
+                text = answer(model, tokenizer, tokens, caches)
+                hits += str(key) in text
+                answers.append(text)
+                bits.append(effective_bits(model, caches, len(tokens) + ANSWER_TOKENS - 1))
+            results[name][str(length)] = {
+                "hits": hits, "trials": len(trials), "prompt_tokens": len(tokens),
+                "effective_bits": round(max(bits), 4), "answers": answers, "seconds": time.perf_counter() - start,
+            }
+            print(f"{length:>5} tokens  {name:<28} {hits}/{len(trials)}  bits {max(bits):.3f}", file=sys.stderr)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": device_info(),
+        "model": "smollm2-135m",
+        "profile": {"name": profile.name, "fingerprint": profile.fingerprint},
+        "trials": args.trials, "lengths": args.lengths, "seed": args.seed, "chunk": CHUNK,
+        "results": results,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    kind = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    with open(os.path.join(args.out, f"passkey_{kind}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

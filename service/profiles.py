@@ -1,0 +1,100 @@
+"""Calibration profiles on the wire: which the shard knows, a session spec from CacheConfig.profile, ProfileInfo,
+and the Calibrate RPC's profile mode."""
+
+import math
+import os
+import re
+
+from kvshard.quant import list_profiles, load_profile
+from kvshard.quant.calibrate.profile import PATH_VARIABLE, calibrate_profile, save_profile
+from kvshard.wire import kvshard_pb2 as pb
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DEFAULT_BUDGETS = (3.5,)
+DEFAULT_VALIDATION_TOKENS = 256
+MAX_VALIDATION_TOKENS = 2048
+MAX_BUDGETS = 8
+
+
+def profiles_for(fingerprint: str) -> dict:
+    """name -> Profile for every profile load_profile finds that was calibrated on this model."""
+    found = {}
+    for name in list_profiles():
+        profile = load_profile(name)
+        if profile.model_fingerprint == fingerprint:
+            found[name] = profile
+    return found
+
+
+def profile_config(cache: pb.CacheConfig, model, limits) -> dict:
+    """A model session's config dict from CacheConfig.profile / budget_bits (profile empty: the default)."""
+    for field in ("method", "key_bits", "value_bits", "sink_tokens"):
+        if getattr(cache, field):
+            raise ValueError(f"cache.{field}: must be unset with cache.profile (the profile decides it)")
+    if cache.profile_fingerprint:
+        raise ValueError("cache.profile_fingerprint: set by the server, not by requests")
+    name = cache.profile or model.default_profile
+    if not name:
+        raise ValueError("cache.profile: this server has no default profile; name one of ServerInfo.profiles")
+    profile = model.profiles.get(name)
+    if profile is None:
+        raise ValueError(f"cache.profile: unknown profile {name!r}; one of {', '.join(sorted(model.profiles)) or 'none'}")
+    budget = cache.budget_bits or profile.recommended_bits
+    low, high = profile.bits_range()
+    if not (math.isfinite(budget) and low <= budget <= high):
+        raise ValueError(f"cache.budget_bits: must be in [{low:.3f}, {high:.3f}] for profile {name!r}, got {budget}")
+    if cache.window > limits.max_session_tokens:
+        raise ValueError(f"cache.window: {cache.window} exceeds max_session_tokens {limits.max_session_tokens}")
+    return dict(method="klt", key_bits=[], value_bits=[], sink_tokens=profile.config(budget).sink_tokens,
+                window=cache.window, seed=cache.seed if cache.HasField("seed") else 42,
+                profile=name, budget_bits=budget, profile_fingerprint=profile.fingerprint)
+
+
+def profile_info(profile) -> pb.ProfileInfo:
+    low, high = profile.bits_range()
+    return pb.ProfileInfo(
+        name=profile.name,
+        fingerprint=profile.fingerprint,
+        recommended_bits=profile.recommended_bits,
+        min_bits=low,
+        max_bits=high,
+        planned_tokens=int(profile.meta.get("planned_tokens", 0)),
+        measured=[
+            pb.ProfileQuality(
+                budget_bits=row["budget_bits"],
+                effective_bits=row["effective_bits"],
+                mean_delta_ppl_pct=row["mean_delta_ppl_pct"],
+                worst_delta_ppl_pct=row["worst_delta_ppl_pct"],
+                delta_ppl_pct=row["delta_ppl_pct"],
+                tokens=row["tokens"],
+            )
+            for row in profile.meta.get("measured", [])
+        ],
+    )
+
+
+def check_calibrate_request(request: pb.CalibrateRequest) -> tuple[str, tuple, int]:
+    """(name, budgets, validation tokens) of a profile-mode Calibrate, or ValueError naming the field."""
+    if not _NAME.fullmatch(request.profile):
+        raise ValueError(f"profile: must be 1-64 characters of [A-Za-z0-9_.-], got {request.profile!r}")
+    budgets = tuple(request.profile_budgets) or DEFAULT_BUDGETS
+    if len(budgets) > MAX_BUDGETS:
+        raise ValueError(f"profile_budgets: at most {MAX_BUDGETS}, got {len(budgets)}")
+    for i, b in enumerate(budgets):
+        if not (math.isfinite(b) and 0.5 <= b <= 8):
+            raise ValueError(f"profile_budgets[{i}]: must be in [0.5, 8] effective bits, got {b}")
+    tokens = request.validation_tokens or DEFAULT_VALIDATION_TOKENS
+    if not 16 <= tokens <= MAX_VALIDATION_TOKENS:
+        raise ValueError(f"validation_tokens: must be in [16, {MAX_VALIDATION_TOKENS}], got {tokens}")
+    return request.profile, budgets, tokens
+
+
+def calibrate_and_register(model, name: str, prompts, budgets, tokens: int):
+    """(MLX thread) Calibrate a profile on the served model and register it; saved under the first folder of
+    $KVSHARD_PROFILE_PATH when set, so that it survives a restart."""
+    profile = calibrate_profile(model.model, model.tokenizer, name, prompts or None, budgets, validation_tokens=tokens)
+    folders = [p for p in os.environ.get(PATH_VARIABLE, "").split(os.pathsep) if p]
+    if folders:
+        save_profile(profile, os.path.join(folders[0], name))
+    model.profiles[name] = profile
+    return profile
