@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvshard.quant import METHODS, CompressedKVCache, KVCacheBuilder, KVCacheConfig
+from kvshard.service import logs
 from kvshard.service.auth import DEFAULT_TENANT
 from kvshard.service.metrics import CACHE_OBSERVERS
 from kvshard.service.errors import FailedPrecondition, LeaseHeld, LimitExceeded, OffsetMismatch, SessionNotFound
@@ -34,6 +35,7 @@ from kvshard.service.worker import SerialExecutor, run_to_completion
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _TENANT_SEPARATOR = "~"  # not an id character, so a tenant-scoped key cannot be forged through an id
 _MAX_LAYERS = 256
+RESUME_PROGRESS_TOKENS = 8192  # sessions at least this long log one line per layer restored (32K tokens: ~1 s)
 _MAX_KV_HEADS = 256
 _MAX_HEAD_DIM = 1024
 
@@ -211,9 +213,17 @@ class Session:
 
     @classmethod
     def restore(cls, record: SessionRecord, layers: list[tuple[bytes, list[tuple[int, bytes]]]]) -> "Session":
-        caches = [CompressedKVCache.from_state(join_state(tail, [b for _, b in blocks])) for tail, blocks in layers]
-        # Join the blocks now, so the stored bytes can be freed and the session's first call does not pay for it.
-        mx.eval([c.state.get(group, {}) for c in caches for group in ("key_codes", "value_codes")])
+        # A long session's resume is the one slow step an operator waits on after a restart: log each layer.
+        report = record.offset >= RESUME_PROGRESS_TOKENS
+        start, caches = time.monotonic(), []
+        for done, (tail, blocks) in enumerate(layers, 1):
+            cache = CompressedKVCache.from_state(join_state(tail, [b for _, b in blocks]))
+            # Join the blocks now, so the stored bytes can be freed and the session's first call does not pay for it.
+            mx.eval([cache.state.get(group, {}) for group in ("key_codes", "value_codes")])
+            caches.append(cache)
+            if report:
+                logs.logger().info("resuming", session=record.session_id, tokens=record.offset,
+                                   layers=f"{done}/{len(layers)}", seconds=round(time.monotonic() - start, 3))
         return cls(record, caches, [[start for start, _ in blocks] for _, blocks in layers])
 
     # ---- raw cache operations -----------------------------------------------------------------------------

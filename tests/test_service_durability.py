@@ -114,3 +114,27 @@ def test_kill9_mid_stream_then_restart_continues_bit_exact(tmp_path):
         assert resumed_layer.keys() == baseline_layer.keys()
         for name in resumed_layer:
             assert np.array_equal(resumed_layer[name], baseline_layer[name]), name
+
+
+def test_resuming_a_long_session_logs_each_layer(tmp_path):
+    port = free_port()
+    rng = np.random.default_rng(0)
+    shard = ShardProcess(tmp_path, "--model", "none", port=port).start()
+    try:
+        with Client(shard.target, retry=NO_RETRY) as client:
+            caches = client.create_caches(2, head_dim=8, n_kv_heads=1, session_id="long", key_bits=2)
+            for cache in caches:
+                for _ in range(2):  # 8192 tokens, in appends under max_append_tokens
+                    kv = rng.standard_normal((1, 4096, 8)).astype(np.float32)
+                    cache.append(kv, kv)
+        shard.stop()
+        assert '"resuming"' not in shard.log()
+        shard.start()
+        with Client(shard.target, retry=PATIENT) as client:
+            first = client.session("long")[0]
+            assert first.attend(np.ones((1, 1, 8), np.float32)).shape == (1, 1, 8) and first.offset == 8192
+    finally:
+        shard.stop()
+    lines = [json.loads(line) for line in shard.log().splitlines() if '"resuming"' in line]
+    assert [line["layers"] for line in lines] == ["1/2", "2/2"]
+    assert all(line["tokens"] == 8192 and line["seconds"] >= 0 for line in lines)
