@@ -33,7 +33,7 @@ from kvshard.quant import KVCacheBuilder, KVCacheConfig, kernels, load_model
 from bench import device_info  # benchmarks/bench.py, beside this script
 from kvshard.quant.eval import Float16KVCache, klt_config, load_text
 from kvshard.quant.kernels import cpu
-from kvshard.quant.klt_calibration import calibration_texts, collect_moments
+from kvshard.quant.calibrate.klt import calibration_texts, collect_moments
 
 CHUNK = 512
 BASELINE = "mlx_lm KVCache (the model's dtype: fp32 on this CPU)"

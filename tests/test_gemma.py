@@ -14,7 +14,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from conftest import ShardProcess
 from kvshard.quant import KVCacheBuilder, KVCacheConfig
 from kvshard.quant.eval import load_text
-from kvshard.quant.klt_calibration import model_rope
+from kvshard.quant.calibrate.klt import model_rope
 from kvshard.quant.models import load_model
 
 
