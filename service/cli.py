@@ -17,7 +17,7 @@ _EXTRAS = {"redis": "redis", "matplotlib": "plot"}
 # MLX's Linux CPU wheel links the reference BLAS: its matmuls run ~60x slower than with Debian's OpenBLAS preloaded.
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 _MLX_COMMANDS = ("serve", "eval", "bench", "calibrate", "precompute")
-_SERVER_MODULES = ("mlx", "mlx_lm", "structlog", "tokenizers", "grpc_health", "grpc_reflection", "prometheus_client", "tqdm")
+_SERVER_MODULES = ("mlx", "mlx_lm", "structlog", "tokenizers", "grpc_health", "grpc_reflection", "prometheus_client", "tqdm", "threadpoolctl")
 
 
 def byte_size(text: str) -> int:

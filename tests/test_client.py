@@ -30,6 +30,7 @@ from kvshard.wire import kvshard_pb2 as pb
 SERVER_IMPORTS = {
     "mlx": "mlx", "mlx-lm": "mlx_lm", "structlog": "structlog", "tokenizers": "tokenizers", "tqdm": "tqdm",
     "grpcio-health-checking": "grpc_health", "grpcio-reflection": "grpc_reflection", "prometheus-client": "prometheus_client",
+    "threadpoolctl": "threadpoolctl",
 }
 
 
