@@ -69,7 +69,7 @@ def main() -> int:
         for tokens in windows:
             caches = make()
             nlls.append(window_nll(model, tokens, caches, args.scored))
-            bits.append(effective_bits(model, caches, args.window - 1))
+            bits.append(effective_bits(model, caches))
         rows[name] = {"nll": nlls, "effective_bits": round(max(bits), 4), "seconds": time.perf_counter() - start}
         print(f"{name:<28} ppl {math.exp(sum(nlls) / (args.scored * len(nlls))):.3f}  bits {max(bits):.3f}", file=sys.stderr)
     base = rows["fp16"]["nll"]

@@ -84,7 +84,7 @@ def main() -> int:
                 text = answer(model, tokenizer, tokens, caches)
                 hits += str(key) in text
                 answers.append(text)
-                bits.append(effective_bits(model, caches, len(tokens) + ANSWER_TOKENS - 1))
+                bits.append(effective_bits(model, caches))
             results[name][str(length)] = {
                 "hits": hits, "trials": len(trials), "prompt_tokens": len(tokens),
                 "effective_bits": round(max(bits), 4), "answers": answers, "seconds": time.perf_counter() - start,
