@@ -9,7 +9,7 @@ RUN    := LD_PRELOAD=$$([ -e $(OPENBLAS) ] && echo $(OPENBLAS)) $(BIN)
 STORE  ?= sqlite:///data/kvshard.sqlite3
 PORT   ?= 50051
 
-.PHONY: setup preflight redis-server nginx serve test test-slow eval bench clean cluster
+.PHONY: setup preflight redis-server nginx eval-texts serve test test-slow eval bench clean cluster
 
 setup: preflight $(VENV)/.installed
 
@@ -47,6 +47,12 @@ redis-server:
 	@command -v redis-server >/dev/null || $(call debian_install,redis-server,the Redis store tests use it) || \
 		echo "note: no redis-server (sudo apt-get install redis-server); the Redis store tests will be skipped" >&2
 
+# The eval's technical texts are read from the Debian packages that carry them (quant/eval.py: PACKAGED_TEXTS).
+eval-texts:
+	@[ -e /usr/share/vim/vim90/doc/usr_02.txt ] || $(call debian_install,vim-runtime,an eval text) || echo "note: no vim-runtime" >&2
+	@[ -e /usr/lib/python3.11/argparse.py ] || $(call debian_install,libpython3.11-minimal,an eval text) || echo "note: no libpython3.11-minimal" >&2
+	@[ -e /usr/share/doc/dpkg/spec/triggers.txt ] || $(call debian_install,dpkg-dev,an eval text) || echo "note: no dpkg-dev" >&2
+
 # Only `make cluster` and the cluster tests need nginx (the tests skip without it).
 nginx:
 	@[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || $(call debian_install,nginx,make cluster and the cluster tests use it) || \
@@ -61,13 +67,13 @@ serve: setup
 	mkdir -p data
 	$(RUN)/kvshard serve --host 127.0.0.1 --port $(PORT) --store $(STORE) --model smollm2-135m
 
-test: setup redis-server nginx
+test: setup redis-server nginx eval-texts
 	$(RUN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-slow: setup redis-server nginx
+test-slow: setup redis-server nginx eval-texts
 	$(RUN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
-eval: setup
+eval: setup eval-texts
 	$(RUN)/kvshard eval --out benchmarks/results
 
 bench: setup

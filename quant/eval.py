@@ -26,13 +26,19 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from kvshard.quant.progress import progress as report
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# The technical texts are other projects' words, so they are read from the Debian packages that carry them (make
+# setup installs them) instead of being shipped: (file, package, where the excerpt starts or None).
+PACKAGED_TEXTS = {
+    "vim_manual": ("/usr/share/vim/vim90/doc/usr_02.txt", "vim-runtime", None),
+    "python_source": ("/usr/lib/python3.11/argparse.py", "libpython3.11-minimal", "class HelpFormatter"),
+    "dpkg_triggers_spec": ("/usr/share/doc/dpkg/spec/triggers.txt", "dpkg-dev", None),
+}
+EXCERPT_CHARS = 14000  # a packaged text's excerpt: at most this many characters, cut at a line end
 # Five domains; none of them is among the calibration texts (calibrate/klt.py: calibration_texts).
 TEXTS = {
     "pride_and_prejudice": "pride_and_prejudice.txt",
     "persuasion": "persuasion.txt",
-    "vim_manual": "vim_manual.txt",
-    "python_source": "python_source.txt",
-    "dpkg_triggers_spec": "dpkg_triggers_spec.txt",
+    **{name: path for name, (path, _, _) in PACKAGED_TEXTS.items()},
 }
 MLX_AFFINE_BITS = (8, 4, 3, 2)
 MLX_AFFINE_GROUP = 64
@@ -65,10 +71,22 @@ class EvalConfig:
 
 
 def load_text(name: str) -> str:
-    """A shipped text by name (see quant/data/README.md), or a path to any UTF-8 text file."""
+    """An eval text by name (see quant/data/README.md), or a path to any UTF-8 text file."""
+    if name in PACKAGED_TEXTS:
+        return _packaged_excerpt(*PACKAGED_TEXTS[name], name)
     path = os.path.join(DATA_DIR, TEXTS[name]) if name in TEXTS else name
     with open(path, encoding="utf-8") as f:
         return f.read()
+
+
+def _packaged_excerpt(path: str, package: str, start: str | None, name: str) -> str:
+    if not os.path.exists(path):
+        raise ValueError(f"text {name!r} is read from {path}, which Debian's {package} installs "
+                         f"(make setup does; or apt-get install {package})")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    text = text[text.index(start):] if start else text
+    return text[: text.rfind("\n", 0, EXCERPT_CHARS) + 1]
 
 
 def perplexity(model, tokens, make_caches, chunk: int = 256, context: int = 1024) -> dict:

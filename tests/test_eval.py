@@ -114,3 +114,13 @@ def test_configs_are_selected_by_label_or_family(smollm):
     assert quality._select(configs, ["mlx_lm affine"]) == configs
     with pytest.raises(ValueError, match="configs"):
         quality._select(configs, ["no such config"])
+
+
+def test_packaged_texts_are_excerpts_of_their_debian_files(tmp_path, monkeypatch):
+    source = quality.load_text("python_source")
+    assert source.startswith("class HelpFormatter") and source.endswith("\n") and len(source) <= quality.EXCERPT_CHARS
+    with open(quality.PACKAGED_TEXTS["python_source"][0], encoding="utf-8") as f:
+        assert source in f.read()
+    monkeypatch.setitem(quality.PACKAGED_TEXTS, "vim_manual", (str(tmp_path / "gone.txt"), "vim-runtime", None))
+    with pytest.raises(ValueError, match="vim-runtime"):
+        quality.load_text("vim_manual")
