@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kvshard.quant import KVCacheBuilder, load_model, load_profile
-from kvshard.quant.bench import device_info
+from bench import device_info  # benchmarks/bench.py, beside this script
 from kvshard.quant.eval import TEXTS, Float16KVCache, effective_bits, load_text
 
 CHUNK = 256

@@ -21,7 +21,7 @@ import time
 import mlx.core as mx
 
 from kvshard.quant import KVCacheBuilder, load_model, load_profile
-from kvshard.quant.bench import device_info
+from bench import device_info  # benchmarks/bench.py, beside this script
 from kvshard.quant.eval import Float16KVCache, effective_bits
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize "

@@ -37,7 +37,7 @@ from conftest import ShardProcess  # noqa: E402 (the tests' helper: a shard as a
 
 from kvshard.client import Client, RetryPolicy  # noqa: E402
 from kvshard.quant import CompressedKVCache  # noqa: E402
-from kvshard.quant.bench import device_info  # noqa: E402
+from bench import device_info  # noqa: E402 (benchmarks/bench.py, beside this script)
 from kvshard.wire import kvshard_pb2 as pb  # noqa: E402
 from kvshard.wire.tensors import from_numpy, to_numpy  # noqa: E402
 

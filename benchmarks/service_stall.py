@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import ShardProcess  # noqa: E402 (the tests' helper: a shard as a real process)
 
-from kvshard.quant.bench import device_info  # noqa: E402
+from bench import device_info  # noqa: E402 (benchmarks/bench.py, beside this script)
 from kvshard.wire import kvshard_pb2 as pb  # noqa: E402
 from kvshard.wire import kvshard_pb2_grpc as pb_grpc  # noqa: E402
 from kvshard.wire.tensors import from_numpy  # noqa: E402
