@@ -3,6 +3,7 @@ and the hook that routes mlx_lm's attention to the codes."""
 
 import os
 import sys
+import threading
 from dataclasses import dataclass, field, replace
 
 import mlx_lm.models.cache as mlx_cache
@@ -92,12 +93,23 @@ def _attention_shape(layer) -> tuple[int | None, int | None]:
     return getattr(attn, "head_dim", None), getattr(attn, "n_kv_heads", None)
 
 
+_running = threading.local()  # per thread, the (model, make_cache) calls model_caches has under way
+
+
 def model_caches(model) -> list:
-    """The caches mlx_lm would make for the model. The class's make_cache, not the instance's: a model whose
-    make_cache was replaced by one that calls for_model must not recurse."""
-    make = getattr(type(model), "make_cache", None)
-    if make is not None:
-        return make(model)
+    """The caches mlx_lm would make for the model: the first make_cache of its class hierarchy that is not already
+    running for it (never the instance's). So a make_cache that calls for_model, replaced on the instance or
+    overridden in a subclass, does not recurse: inside it, for_model starts from the make_cache it overrides."""
+    running = _running.__dict__.setdefault("calls", set())
+    for klass in type(model).__mro__:
+        make = klass.__dict__.get("make_cache")
+        if make is None or (id(model), make) in running:
+            continue
+        running.add((id(model), make))
+        try:
+            return make(model)
+        finally:
+            running.discard((id(model), make))
     return [KVCache() for _ in _layers(model)]
 
 

@@ -5,6 +5,7 @@ fp16 window of the most recent tokens. Tokens leave the window for the codes as 
 steps the cache holds only these — no fp16 copy of the history.
 """
 
+import copy
 import json
 
 import mlx.core as mx
@@ -22,6 +23,11 @@ from .rope import rotate
 
 _GROW_TOKENS = 256  # codes are preallocated in steps, as mlx_lm's KVCache does, so decode appends in place
 _MIN_TOKENS_FOR_MEAN = 8  # tokens wait in fp16 until the key mean is estimated from at least this many
+# kvshard's own state format, so that a state loads whatever mlx_lm release saved it (their meta_state protocol
+# changed between releases; ours travels inside the state). 1: the unversioned meta of releases before it.
+STATE_FORMAT = 2
+# Model-level objects a copy of a cache shares rather than copies: fixed once built, the same for every session.
+_SHARED_ON_COPY = ("observers", "key_quantizer", "value_quantizer", "key_plan", "value_plan", "key_scale")
 
 
 def _check_count(value, field: str) -> int:
@@ -117,6 +123,7 @@ class CompressedKVCache(_BaseCache):
 
     def _clear(self) -> None:
         self.read_by_hook = False
+        self.input_dtype = None  # what update_and_fetch was last given: K/V views come back in it, as from KVCache
         self.offset = 0
         self.n_encoded = 0
         self.sink_keys = self.sink_values = None
@@ -249,11 +256,12 @@ class CompressedKVCache(_BaseCache):
         at every step cost a third of a GPU decode step."""
         self._validate(keys, values, check_finite=False)
         self._store(keys, values)
+        self.input_dtype = keys.dtype
         for observer in self.observers:
             observer.on_append(self, keys, values)
         if self.read_by_hook:
             return keys, values
-        return self.dequantized()
+        return tuple(x.astype(keys.dtype) for x in self.dequantized())
 
     def append(self, keys: mx.array, values: mx.array) -> None:
         """Append tokens: (head_dim,), (tokens, head_dim), (kv_heads, tokens, head_dim) or (1, kv_heads, tokens,
@@ -403,7 +411,8 @@ class CompressedKVCache(_BaseCache):
 
     @property
     def state(self) -> dict:
-        meta = dict(self.config, offset=self.offset, n_encoded=self.n_encoded)
+        dtype = None if self.input_dtype is None else str(self.input_dtype).removeprefix("mlx.core.")
+        meta = dict(self.config, offset=self.offset, n_encoded=self.n_encoded, format=STATE_FORMAT, dtype=dtype)
         state = {"meta": json.dumps(meta, sort_keys=True)}
         for name in ("sink_keys", "sink_values", "window_keys", "window_values", "key_mean", "key_scale"):
             if getattr(self, name) is not None:
@@ -420,6 +429,8 @@ class CompressedKVCache(_BaseCache):
     @state.setter
     def state(self, state: dict) -> None:
         meta = json.loads(state["meta"])
+        if meta.get("format", 1) > STATE_FORMAT:
+            raise ValueError(f"state format {meta['format']} is newer than this kvshard reads (up to {STATE_FORMAT})")
         self.__init__(
             head_dim=meta["head_dim"],
             n_kv_heads=meta["n_kv_heads"],
@@ -443,10 +454,64 @@ class CompressedKVCache(_BaseCache):
         self.key_codes = dict(state["key_codes"]) if "key_codes" in state else None
         self.value_codes = dict(state["value_codes"]) if "value_codes" in state else None
         self.offset, self.n_encoded = meta["offset"], meta["n_encoded"]
+        self.input_dtype = None if meta.get("dtype") is None else getattr(mx, meta["dtype"])
 
     @property
     def meta_state(self) -> str:
         return self.state["meta"]
+
+    @classmethod
+    def from_state(cls, state: dict, meta_state: str | None = None):
+        """mlx_lm's loaders call from_state(state) (0.32) or from_state(state, meta_state) (0.29–0.31). Our meta
+        travels inside the state, so either call loads it; a meta_state beside a state without one (saved by the
+        older protocol) is used."""
+        if "meta" not in state and meta_state:
+            state = dict(state, meta=meta_state)
+        cache = cls.__new__(cls)
+        cache.state = state
+        return cache
+
+    # ---- the rest of mlx_lm's cache protocol ------------------------------------------------------------------
+
+    @property
+    def keys(self) -> mx.array | None:
+        """Every held key decoded, (B, kv_heads, tokens, head_dim) in the dtype the model feeds (None when empty),
+        as KVCache.keys for code that reads it (BatchKVCache.merge, KV-sharing layers). It MATERIALISES the
+        history from the codes at each read; attention never needs it."""
+        return self._decoded(0)
+
+    @property
+    def values(self) -> mx.array | None:
+        """Every held value decoded; materialises the history, as `keys`."""
+        return self._decoded(1)
+
+    def _decoded(self, which: int) -> mx.array | None:
+        if self.offset == 0:
+            return None
+        return self.dequantized()[which].astype(self.input_dtype or mx.float16)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> "CompressedKVCache":
+        """The cache itself: it already holds codes at its own bits. mlx_lm's kv_bits / quantized_kv_start
+        (maybe_quantize_kv_cache) therefore leave a kvshard cache as it is rather than re-quantizing a decoded
+        history into an affine QuantizedKVCache, which would drop the codes and the attention from them."""
+        return self
+
+    @classmethod
+    def merge(cls, caches: list) -> "BatchCompressedKVCache":  # noqa: F821 (quant/batch_cache.py)
+        """One batch cache over these single-sequence caches, for mlx_lm's BatchGenerator (quant/batch_cache.py)."""
+        from .batch_cache import BatchCompressedKVCache
+
+        return BatchCompressedKVCache.merge(caches)
+
+    def __deepcopy__(self, memo):
+        """A copy with its own codes, sinks and window; the quantizers, plans, key scales and observers (fixed,
+        model-level) are shared. mlx_lm's LRUPromptCache and BatchGenerator deep-copy caches."""
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for name, value in self.__dict__.items():
+            shared = name in _SHARED_ON_COPY or isinstance(value, mx.Dtype)  # a Dtype is immutable and cannot be pickled
+            twin.__dict__[name] = value if shared else copy.deepcopy(value, memo)
+        return twin
 
 
 def _plan_from_state(state: dict, side: str, bits, norm_bits, rope=None) -> KLTPlan | None:

@@ -37,9 +37,9 @@ def unit_and_norm(x: mx.array) -> tuple[mx.array, mx.array]:
     return unit, norm.astype(mx.float16)
 
 
-def packed_field(n: int, bits: int) -> tuple[int, mx.Dtype]:
+def packed_field(n: int, bits: int) -> tuple[int, str]:
     """Per-token width and dtype of a field holding n packed codes of `bits` bits."""
-    return packed_size(n, bits), mx.uint8
+    return packed_size(n, bits), "uint8"
 
 
 def check_bits(bits, low: int, high: int, method: str) -> int:
@@ -53,7 +53,8 @@ class RotatedDomainMethod:
     `rotate_query`. So ⟨q, x̂⟩ = ⟨rotate_query(q), decode_rotated(codes)⟩, and a weighted sum of decoded
     values can be accumulated in the rotated domain and un-rotated once."""
 
-    layout: dict[str, tuple[int, mx.Dtype]]
+    # field -> (entries per token, dtype name): names, not mx.Dtype, which cannot be pickled or deep-copied.
+    layout: dict[str, tuple[int, str]]
 
     def decode(self, codes: dict[str, mx.array]) -> mx.array:
         return self.unrotate(self.decode_rotated(codes))
@@ -67,4 +68,4 @@ class RotatedDomainMethod:
         return None
 
     def bytes_per_token(self) -> int:
-        return sum(width * dtype.size for width, dtype in self.layout.values())
+        return sum(width * getattr(mx, dtype).size for width, dtype in self.layout.values())

@@ -125,8 +125,8 @@ class KLT(RotatedDomainMethod):
         self.codebooks = [sphere_codebook(max(m, 2), b) for _, _, b in self.groups]
         self._runs = [(stop - start, b) for start, stop, b in self.groups]
         # One bit stream for all runs: exactly Σ bᵢ bits per token, padded to a byte once.
-        norm_dtype = mx.uint8 if plan.norm_bits == 8 else mx.float16
-        self.layout = {"idx": (packed_size(sum(n * b for n, b in self._runs), 1), mx.uint8), "norm": (1, norm_dtype)}
+        norm_dtype = "uint8" if plan.norm_bits == 8 else "float16"
+        self.layout = {"idx": (packed_size(sum(n * b for n, b in self._runs), 1), "uint8"), "norm": (1, norm_dtype)}
         # A calibrated z has ‖z‖ ≈ √m for a typical token: the log-scale byte codes the scale's ratio to that.
         self._log_norm_center = 0.5 * np.log2(m)
         encode, synthesis, run_energy = self._matrices(

@@ -21,7 +21,7 @@ class OutlierChannels(RotatedDomainMethod):
         self.inner, self.n = inner, n
         # A distinct name keeps method-specific fast paths (which know nothing of the second stream) away.
         self.name, self.bits, self.head_dim = f"{inner.name}+outliers", inner.bits, inner.head_dim
-        self.layout = {**inner.layout, "outlier_idx": (n, mx.uint8), "outlier_val": (n, mx.float16)}
+        self.layout = {**inner.layout, "outlier_idx": (n, "uint8"), "outlier_val": (n, "float16")}
         self.rotated_dim = inner.rotated_dim
 
     def split(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:

@@ -38,7 +38,7 @@ class PolarQuant(RotatedDomainMethod):
         self.layout = {
             f"level{i + 1}": packed_field(n, b) for i, (n, b) in enumerate(zip(self.angles_per_level, self.level_bits))
         }
-        self.layout["radius"] = (head_dim // GROUP, mx.float16)
+        self.layout["radius"] = (head_dim // GROUP, "float16")
         self.rotated_dim = head_dim
 
     def encode(self, x: mx.array) -> dict[str, mx.array]:

@@ -29,7 +29,7 @@ class QJL(RotatedDomainMethod):
         self.sketch_dim = bits * head_dim
         self.sketch = gaussian_sketch(self.sketch_dim, head_dim, seed)
         self.scale = math.sqrt(math.pi / 2) / self.sketch_dim
-        self.layout = {"signs": packed_field(self.sketch_dim, 1), "norm": (1, mx.float16)}
+        self.layout = {"signs": packed_field(self.sketch_dim, 1), "norm": (1, "float16")}
         self.rotated_dim = self.sketch_dim
 
     def encode(self, x: mx.array) -> dict[str, mx.array]:

@@ -20,7 +20,7 @@ class TurboQuantMSE(RotatedDomainMethod):
         self.head_dim, self.bits, self.seed = head_dim, check_bits(bits, 1, 8, NAME), seed
         self.rotation = make_rotation(head_dim, seed)
         self.codebook = sphere_codebook(head_dim, bits)
-        self.layout = {"idx": packed_field(head_dim, bits), "norm": (1, mx.float16)}
+        self.layout = {"idx": packed_field(head_dim, bits), "norm": (1, "float16")}
         self.rotated_dim = head_dim
         # Non-power-of-two head dims rotate with a dense matrix: outside the kernels, as klt's transform.
         self._fused = FusedSpec(bits, self.codebook.centroids, self.codebook.boundaries, self.rotation.signs)

@@ -27,8 +27,8 @@ class TurboQuantProd(RotatedDomainMethod):
         self.layout = {
             "idx": packed_field(head_dim, bits - 1),
             "signs": packed_field(head_dim, 1),
-            "norm": (1, mx.float16),
-            "residual_norm": (1, mx.float16),
+            "norm": (1, "float16"),
+            "residual_norm": (1, "float16"),
         }
         self.rotated_dim = 2 * head_dim  # [Πx, S·Πx]: the MSE part and the sketch part side by side
 

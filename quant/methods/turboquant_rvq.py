@@ -23,7 +23,7 @@ class TurboQuantRVQ(RotatedDomainMethod):
         self.layout = {
             "idx1": packed_field(head_dim, bits),
             "idx2": packed_field(head_dim, bits),
-            "norm": (1, mx.float16),
+            "norm": (1, "float16"),
         }
         self.rotated_dim = head_dim
 
