@@ -1,6 +1,7 @@
 """kvshard.quant — KV-cache quantization for MLX: TurboQuant (mse, prod), residual VQ, PolarQuant and QJL as
 compressed mlx_lm caches, attention straight from the codes, and RateQuant bit allocation."""
 
+from .batch_cache import BatchCompressedKVCache
 from .builder import KVCacheBuilder, KVCacheConfig, install_attention_hook
 from .cache import CompressedKVCache
 from .methods import METHODS, make_method
@@ -11,6 +12,7 @@ __all__ = [
     "KVCacheBuilder",
     "KVCacheConfig",
     "CompressedKVCache",
+    "BatchCompressedKVCache",
     "METHODS",
     "make_method",
     "install_attention_hook",

@@ -255,7 +255,8 @@ class CompressedKVCache(_BaseCache):
         never the K/V), it returns the new tokens instead, as building the graph of the whole decoded history
         at every step cost a third of a GPU decode step."""
         self._validate(keys, values, check_finite=False)
-        self._store(keys, values)
+        if keys.shape[2]:  # as KVCache, an update of no tokens only fetches
+            self._store(keys, values)
         self.input_dtype = keys.dtype
         for observer in self.observers:
             observer.on_append(self, keys, values)
