@@ -15,11 +15,21 @@ padded query positions get zeros, which mlx_lm never reads. The model's batch ma
 """
 
 import copy
+from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.models.cache import _BaseCache
+from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
 from .cache import CompressedKVCache
+from .sliding import SlidingCompressedKVCache
+
+
+@dataclass(frozen=True)
+class RowMasks:
+    """The mask a batch hands the model for a sliding-window layer: rows differ in length, so each row's mask is
+    built where the row attends, from this window. The model passes it on to the attention untouched."""
+
+    window_size: int
 
 
 def _counts(value, batch: int, field: str) -> list[int]:
@@ -45,7 +55,7 @@ class BatchCompressedKVCache(_BaseCache):
         self.read_by_hook = False
         self._skip = [0] * len(rows)  # left padding still to come, per row
         self._keep = None  # with right padding: real tokens still to come, per row
-        self._last = []  # per row, (first, stop, mask) of the real tokens of the last update
+        self._last = []  # per row, (first, stop, tokens held before, the row's own mask) of the last update
 
     @classmethod
     def merge(cls, caches: list) -> "BatchCompressedKVCache":
@@ -123,22 +133,26 @@ class BatchCompressedKVCache(_BaseCache):
             stop = L if self._keep is None else first + min(L - first, self._keep[i])
             if self._keep is not None:
                 self._keep[i] -= stop - first
-            mask = None
+            mask, held = None, row.offset
             if stop > first:
                 # The row's own mask for its new queries, taken before the store (a sliding row drops tokens there).
                 mask = row.make_mask(stop - first)
                 row.read_by_hook = True  # the row's K/V are never fetched: attention reads its codes
                 row.update_and_fetch(keys[i : i + 1, :, first:stop], values[i : i + 1, :, first:stop])
-            last.append((first, stop, mask))
+            last.append((first, stop, held, mask))
         self._last = last
         return keys, values
 
     def attention(self, queries: mx.array, scale: float, mask=None) -> mx.array:
-        """Attention of (B, Hq, L, D) queries, each row's real queries over that row's own tokens; the model's
-        `mask` (one for the whole batch) is not needed."""
+        """Attention of (B, Hq, L, D) queries, each row's real queries over that row's own tokens under its own
+        causal mask; of the model's `mask` only a sliding window (RowMasks) is read."""
         B, n_q_heads, L, D = queries.shape
+        window = mask.window_size if isinstance(mask, RowMasks) else None
         outputs = []
-        for row, (first, stop, row_mask) in zip(self.rows, self._last):
+        for row, (first, stop, held, row_mask) in zip(self.rows, self._last):
+            if window is not None and not isinstance(row, SlidingCompressedKVCache):
+                # A plain cache of a sliding layer (sliding="full") holds every token: the window is a mask.
+                row_mask = create_attention_mask(stop - first, held, return_array=False, window_size=window)
             parts = []
             if first:
                 parts.append(mx.zeros((1, n_q_heads, first, D), dtype=queries.dtype))
@@ -149,8 +163,10 @@ class BatchCompressedKVCache(_BaseCache):
             outputs.append(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2))
         return mx.concatenate(outputs, axis=0)
 
-    def make_mask(self, N: int, return_array: bool = False, **kwargs):
-        """What the model hands every layer's attention; kvshard's attention builds each row's own mask instead."""
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **kwargs):
+        """What the model hands the attention of every layer like this one; the attention builds each row's own."""
+        if window_size is not None:
+            return RowMasks(window_size)
         return None if N == 1 else "causal"
 
     # ---- rows joining and leaving ------------------------------------------------------------------------------

@@ -481,10 +481,21 @@ class CompressedKVCache(_BaseCache):
         history from the codes at each read; attention never needs it."""
         return self._decoded(0)
 
+    @keys.setter
+    def keys(self, depends_on: mx.array) -> None:
+        """mlx_lm's pipeline-parallel models set `cache.keys = mx.depends(cache.keys, h)` so that evaluating the
+        cache runs the send of h. The history is not replaced: the held codes are made to depend on the array."""
+        if self.key_codes:
+            self.key_codes = {name: mx.depends(a, depends_on) for name, a in self.key_codes.items()}
+
     @property
     def values(self) -> mx.array | None:
         """Every held value decoded; materialises the history, as `keys`."""
         return self._decoded(1)
+
+    def keys_and_values(self) -> tuple:
+        """(keys, values), decoded as `keys` / `values` (KV-sharing layers read another layer's cache so)."""
+        return self.keys, self.values
 
     def _decoded(self, which: int) -> mx.array | None:
         if self.offset == 0:

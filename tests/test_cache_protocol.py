@@ -117,6 +117,12 @@ def test_keys_and_values_are_decoded_views_shaped_and_typed_as_kvcache(dtype):
     assert 0 < error < 0.1  # decoded from 8-bit codes: close, not equal
     # The sink and window tokens are held in fp16: exact in the view too.
     assert mx.array_equal(coded.keys[:, :, :1], exact.keys[:, :, :1]) and mx.array_equal(coded.keys[:, :, -2:], exact.keys[:, :, -2:])
+    k, v = exact.keys_and_values()  # what KV-sharing layers read
+    assert mx.array_equal(k, exact.keys) and mx.array_equal(v, exact.values) and k.shape == theirs.keys_and_values()[0].shape
+    # Pipeline-parallel models tie the cache to a send: cache.keys = mx.depends(cache.keys, h). The history stays.
+    before = held_arrays(coded)
+    coded.keys = mx.depends(coded.keys, mx.ones((3,)))
+    assert held_arrays(coded) == before
 
 
 def test_to_quantized_returns_the_cache_itself():
@@ -479,3 +485,20 @@ def test_real_model_batch_generate_gives_each_prompt_its_lone_greedy_tokens(smol
     differing = [assert_same_greedy_tokens(greedy(model, p, KVCacheBuilder.for_model(model, config), 10), got, 0.5)
                  for p, got in zip(prompts, result.token_ids)]
     print(f"steps after a knife-edge difference, per prompt: {differing}")
+
+
+@pytest.mark.parametrize("sliding", ["fp16", "compressed", "full"])
+def test_batch_generate_on_a_hybrid_sliding_window_model(sliding):
+    """Sliding-window layers in a batch: fp16 windows batch as mlx_lm's BatchRotatingKVCache, compressed ones as rows
+    that drop what leaves their window, "full" ones as rows under each row's own window mask."""
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+                           num_attention_heads=HQ, num_key_value_heads=H, head_dim=D, rms_norm_eps=1e-5, vocab_size=256,
+                           sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)
+    mx.random.seed(1)
+    model = llama.Model(args)
+    config = KVCacheConfig(bit_width_inlier=8, sliding=sliding)
+    prompts = [[(7 * i + 3) % 256 for i in range(n)] for n in (21, 4, 13)]  # longer and shorter than the window
+    model.make_cache = lambda: KVCacheBuilder.for_model(model, config)
+    result = batch_generate(model, Tokens(), prompts, max_tokens=6, return_token_ids=True, prefill_step_size=8)
+    for prompt, got in zip(prompts, result.token_ids):
+        assert_same_greedy_tokens(greedy(model, prompt, KVCacheBuilder.for_model(model, config), 6), got, tolerance=0.05)
