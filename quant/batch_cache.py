@@ -3,8 +3,8 @@
 
 mlx_lm's BatchKVCache lines its rows up on one padded token axis (left padding, per-row offsets). Codes need no
 such axis: each row stays the CompressedKVCache it was (its own length, key mean, sinks and window), so merge,
-filter, extend and extract move rows — codes and all, never re-encoded — and a row decodes bit for bit as it
-would alone. What the batch adds is the bookkeeping of mlx_lm's padding: `prepare(right_padding=…)` before a
+filter, extend and extract copy or move rows — codes and all, never re-encoded — and a row decodes bit for bit
+as it would alone. What the batch adds is the bookkeeping of mlx_lm's padding: `prepare(right_padding=…)` before a
 right-padded prompt chunk (BatchGenerator's prefill) and `prepare(left_padding=…)` before a left-padded one say
 which of the next tokens of each row are padding; only the real ones reach the row.
 
@@ -48,7 +48,9 @@ class BatchCompressedKVCache(_BaseCache):
         if configs:
             first, reference = next(iter(configs.items()))
             for i, config in configs.items():
-                differing = sorted(k for k in reference if config.get(k) != reference[k] and k not in ("head_dim", "n_kv_heads"))
+                # kv_heads stays unknown (None) in a cache made without it until its first tokens.
+                differing = sorted(k for k in reference if config[k] != reference[k]
+                                   and not (k == "n_kv_heads" and None in (config[k], reference[k])))
                 if differing or type(rows[i]) is not type(rows[first]):
                     raise ValueError(f"rows[{i}] differs from rows[{first}] in {differing or 'cache class'}: a batch's rows are one layer's caches")
         self.rows = list(rows)
@@ -59,8 +61,9 @@ class BatchCompressedKVCache(_BaseCache):
 
     @classmethod
     def merge(cls, caches: list) -> "BatchCompressedKVCache":
-        """The batch of these caches, each moved in as a row (mlx_lm's _merge_caches): the batch owns them now."""
-        return cls(list(caches))
+        """The batch of copies of these caches (mlx_lm's _merge_caches), one row each: as with BatchKVCache, the
+        caches handed to BatchGenerator / batch_generate are not changed by the generation."""
+        return cls([copy.deepcopy(c) for c in caches])
 
     # ---- what mlx_lm reads ------------------------------------------------------------------------------------
 

@@ -312,6 +312,7 @@ def test_merge_filter_extend_extract_move_rows_without_re_encoding():
     assert batch.offset.tolist() == [4, 9, 0, 12] and held_arrays(batch.extract(1)) == held[0]
     assert batch.nbytes == sum(r.nbytes for r in batch.rows) > 0
     assert batch.trim(2) == 2 and batch.offset.tolist() == [2, 7, 0, 10]
+    assert [held_arrays(r) for r in rows] == held  # merge took copies: the caches handed in are as they were
 
 
 def test_rows_of_different_layers_or_configs_are_refused_naming_the_difference():
@@ -448,7 +449,8 @@ def test_batch_generator_continues_caches_with_history(tiny_model):
 
     def run(make):
         generator = BatchGenerator(tiny_model, max_tokens=6, prefill_step_size=4)
-        uids = generator.insert(turns, caches=[prefilled(h, make) for h in histories])
+        given = [prefilled(h, make) for h in histories]
+        uids = generator.insert(turns, caches=given)
         tokens, removed = {uid: [] for uid in uids}, None
         while responses := generator.next_generated():
             for r in responses:
@@ -456,6 +458,8 @@ def test_batch_generator_continues_caches_with_history(tiny_model):
             if removed is None and len(tokens[uids[2]]) == 2:
                 ((removed, _),) = generator.remove([uids[2]], return_prompt_caches=True).values()
         generator.close()
+        # As with mlx_lm's own caches, the caches handed in are not changed by the generation.
+        assert [c.offset for c in given[0]] == [len(histories[0])] * len(given[0])
         return [tokens[uid] for uid in uids], removed
 
     ours = lambda: KVCacheBuilder.for_model(tiny_model, TINY_CONFIG)  # noqa: E731
