@@ -90,9 +90,6 @@ class BatchCompressedKVCache(_BaseCache):
     def memory_bytes(self) -> int:
         return self.nbytes
 
-    def __len__(self) -> int:
-        return self.size()
-
     @property
     def state(self) -> list:
         """The rows' states (lists of arrays for mx.eval); a batch is saved by extracting its rows."""
