@@ -341,6 +341,10 @@ class CompressedKVCache(_BaseCache):
     def __len__(self) -> int:
         return self.offset
 
+    def __bool__(self) -> bool:
+        # An empty cache is still a cache (`caches = caches or make()`, mlx_lm's `if cache and ...`): as KVCache.
+        return True
+
     def size(self) -> int:
         return self.offset
 

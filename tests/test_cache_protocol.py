@@ -77,7 +77,7 @@ def test_update_and_fetch_keeps_offsets_shapes_and_the_input_dtype_of_kvcache(dt
 
 def test_make_mask_size_trim_and_empty_answer_as_kvcache_does():
     ours, theirs = cache(sink_tokens=2, window=3), KVCache()
-    assert ours.empty() and theirs.empty() and ours.size() == theirs.size() == 0
+    assert ours.empty() and theirs.empty() and ours.size() == theirs.size() == 0 and bool(ours) is bool(theirs) is True
 
     def same_masks():
         for n in (1, 4):
