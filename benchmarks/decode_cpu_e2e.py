@@ -9,10 +9,8 @@ that the machine's load drifts over all of them alike. Reported per series: the 
 its steps, tokens/s, its ratio to mlx_lm's KVCache, peak memory during its steps (`mx.get_peak_memory`, model weights
 included) and the bytes its caches hold, with effective bits per K/V element (8 * bytes / elements).
 
-The calibrated klt configuration is quant/eval.py's `klt_config` (keys coded before RoPE, 4 fp16 sinks) at a
-4.25-bit budget, the bits of turboquant_mse k4/v4, with moments from `collect_moments` on 2 of the
-calibration texts (1024 tokens each) and equal layer weights: the eval's full calibration takes tens of
-minutes on this shared CPU, and it moves bits between layers and coordinates, not the decode work.
+The recommended configuration is the service's default, `load_profile("smollm2-135m").config(budget_bits=3.5)`:
+klt with keys coded before RoPE, mixed bits per layer and coordinate, 8-bit scales and 4 fp16 sinks.
 The prompt is the start of Pride and Prejudice (quant/data), repeated to the context length.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
@@ -31,27 +29,21 @@ from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 
 from kvshard.quant import KVCacheBuilder, KVCacheConfig, kernels, load_model
 from bench import device_info  # benchmarks/bench.py, beside this script
-from kvshard.quant.eval import Float16KVCache, klt_config, load_text
+from kvshard.quant.calibrate.profile import load_profile
+from kvshard.quant.eval import Float16KVCache, load_text
 from kvshard.quant.kernels import cpu
-from kvshard.quant.calibrate.klt import calibration_texts, collect_moments
 
 CHUNK = 512
 BASELINE = "mlx_lm KVCache (the model's dtype: fp32 on this CPU)"
 
 
-def _series(model, tokenizer, window: int, with_klt: bool) -> dict:
+RECOMMENDED = "kvshard recommended: profile smollm2-135m at 3.5 bits (klt, keys before RoPE)"
+
+
+def _series(model, window: int, slow: bool) -> dict:
     """name -> (make caches, environment for its steps)."""
     n_layers = len(model.layers)
     ours = lambda config: (lambda: KVCacheBuilder.for_model(model, config))  # noqa: E731
-
-    def klt():
-        started = time.perf_counter()
-        moments = collect_moments(model, tokenizer, calibration_texts(chunks=2), max_tokens=1024, skip_tokens=4)
-        print(f"klt moments: {time.perf_counter() - started:.1f} s", flush=True)
-        weights = [1.0] * n_layers
-        return KVCacheBuilder.for_model(model, klt_config(model, 4.25, {"moments": moments, "keys": weights,
-                                                                          "values": weights}))
-
     series = {
         BASELINE: (lambda: make_prompt_cache(model), {}),
         "mlx_lm KVCache holding fp16 (eval's Float16KVCache)": (lambda: [Float16KVCache() for _ in range(n_layers)],
@@ -64,23 +56,35 @@ def _series(model, tokenizer, window: int, with_klt: bool) -> dict:
         "kvshard turboquant_mse k2/v2": (ours(KVCacheConfig(bit_width_inlier=2)), {}),
         f"kvshard turboquant_mse k4/v4, fp16 window {window}": (ours(KVCacheConfig(bit_width_inlier=4, window=window)),
                                                                {}),
-        "kvshard klt <= 4.25 bits, keys before RoPE": (klt, {}),
-        "kvshard turboquant_mse k4/v4, portable MLX path": (ours(KVCacheConfig(bit_width_inlier=4)),
-                                                            {kernels.ENV_BACKEND: "pure"}),
+        RECOMMENDED: (ours(load_profile("smollm2-135m").config(budget_bits=3.5)), {}),
     }
-    if not with_klt:
-        del series["kvshard klt <= 4.25 bits, keys before RoPE"]
+    if slow:
+        series["kvshard turboquant_mse k4/v4, portable MLX path"] = (ours(KVCacheConfig(bit_width_inlier=4)),
+                                                                     {kernels.ENV_BACKEND: "pure"})
     return series
 
 
-def _prefill(model, prompt) -> list:
-    """Per chunk, per layer: the (keys, values) mlx_lm's KVCache received; and those caches."""
+def _prefill(model, prompt, saved: str | None) -> list:
+    """Per chunk, per layer: the (keys, values) mlx_lm's KVCache received; and those caches. `saved`: a
+    safetensors file of the prefilled K/V, written on the first run and read on later ones (the prefill is
+    most of a run's time on this CPU; what is timed starts after it)."""
     caches = make_prompt_cache(model)
-    chunks = []
-    for start in range(0, prompt.size, CHUNK):
-        model(prompt[None, start : start + CHUNK], cache=caches)
-        mx.eval([c.state for c in caches])
-        chunks.append([(c.keys[:, :, start : c.offset], c.values[:, :, start : c.offset]) for c in caches])
+    if saved and os.path.exists(saved):
+        held = mx.load(saved)
+        for i, c in enumerate(caches):
+            c.update_and_fetch(held[f"{i}.keys"], held[f"{i}.values"])
+        if caches[0].offset != prompt.size:
+            raise ValueError(f"{saved} holds {caches[0].offset} tokens, not --context {prompt.size}")
+    else:
+        for start in range(0, prompt.size, CHUNK):
+            model(prompt[None, start : start + CHUNK], cache=caches)
+            mx.eval([c.state for c in caches])
+        if saved:
+            mx.save_safetensors(saved, {f"{i}.{side}": getattr(c, side)[:, :, : c.offset] for i, c in enumerate(caches)
+                                        for side in ("keys", "values")})
+    mx.eval([c.state for c in caches])
+    chunks = [[(c.keys[:, :, start : start + CHUNK], c.values[:, :, start : start + CHUNK]) for c in caches]
+              for start in range(0, prompt.size, CHUNK)]
     return chunks, caches
 
 
@@ -101,18 +105,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8, help="decode steps per series per round")
     parser.add_argument("--window", type=int, default=128)
-    parser.add_argument("--no-klt", action="store_true", help="leave out klt (its calibration takes minutes)")
+    parser.add_argument("--portable", action="store_true", help="add the portable MLX path (several times slower)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--saved-prefill", help="safetensors file: the prefilled K/V, written once and then reused")
     args = parser.parse_args()
 
     model, tokenizer = load_model("smollm2-135m")
-    series = _series(model, tokenizer, args.window, not args.no_klt)
+    series = _series(model, args.window, args.portable)
+    load_before = os.getloadavg()
     tokens = tokenizer.encode(load_text("pride_and_prejudice"))
     while len(tokens) < args.context:
         tokens = tokens + tokens
     prompt = mx.array(tokens[: args.context])
     started = time.perf_counter()
-    chunks, plain = _prefill(model, prompt)
+    chunks, plain = _prefill(model, prompt, args.saved_prefill)
     print(f"prefill {args.context} tokens: {time.perf_counter() - started:.1f} s", flush=True)
 
     state = {}
@@ -162,7 +168,7 @@ def main() -> None:
     result = {"device": device_info(), "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to fp32)",
               "context": args.context, "prefill_chunk": CHUNK, "rounds": args.rounds, "steps_per_round": args.steps,
               "baseline": BASELINE,
-              "load_average_after": os.getloadavg(), "rows": rows}
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     name = os.path.join(args.out, f"decode_cpu_e2e_{args.context}")
     with open(name + ".json", "w") as f:

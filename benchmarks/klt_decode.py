@@ -1,78 +1,113 @@
-"""One decode step of the `klt` method's attention, keys coded before vs after RoPE, beside fp16 SDPA, mlx_lm's
-4-bit QuantizedKVCache and TurboQuant-MSE k4/v4 (its CPU fast path), in one run.
+"""One decode step of attention over one layer, `klt` with keys coded before vs after RoPE beside TurboQuant-MSE at
+equal code bits (and fp16 SDPA), at several context lengths, in one run.
 
-One layer of SmolLM2-135M's shape (9 query / 3 KV heads, head_dim 64), one query token, random K/V. The klt
-plans are synthetic (a random orthonormal analysis, energies e^(−i/10), 1.875 code bits per coordinate: 2.0 effective bits with the scale bytes):
-what is timed is the decode work, which depends on the bit layout and on RoPE, not on calibration.
+One layer of SmolLM2-135M's shape (9 query / 3 KV heads, head_dim 64), one query token, random K/V. Pairs at equal
+bits: turboquant_mse k4/v4 and k2/v2 (fp16 scale per token) against klt plans with every coordinate at 4 or 2 bits
+(8-bit scale per token), and a calibrated layer of the shipped smollm2-135m profile at its 3.5-bit budget (mixed
+bits per coordinate; keys before RoPE, as the profile codes them). The uniform klt plans are synthetic (a random
+orthonormal analysis): what is timed is the decode work, which depends on the bit layout and on RoPE, not on
+calibration. The series run interleaved, rounds in alternating order; each row gives the median wall time and the
+median CPU time of the process (all threads), the steadier of the two on a shared machine, and the ratios to its
+turboquant_mse partner are of CPU times.
 
-    python benchmarks/klt_decode.py [--tokens 32768] [--repeats 7] [--out benchmarks/results]
-writes klt_decode_<cpu|gpu>.json (medians in ms).
+    python benchmarks/klt_decode.py [--tokens 8192 32768] [--rounds 9] [--out benchmarks/results]
+writes klt_decode_<cpu|gpu>.json.
 """
 
 import argparse
 import json
 import os
+import statistics
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
-from bench import _mlx_lm_quantized, _tree_nbytes, device_info, time_call  # benchmarks/bench.py, beside this script
+from bench import device_info  # benchmarks/bench.py, beside this script
 from kvshard.quant.cache import CompressedKVCache
+from kvshard.quant.calibrate.profile import load_profile
 from kvshard.quant.methods.klt import KLTPlan
 from kvshard.quant.rope import rope_frequencies
 
 N_Q_HEADS, N_KV_HEADS, HEAD_DIM = 9, 3, 64
-BITS = (4,) * 8 + (3,) * 16 + (2,) * 16 + (1,) * 8 + (0,) * 16
+PROFILE_LAYER = 12  # a middle layer of the profile: 64 coded key coordinates, 3.25 / 4.0 mean bits
 
 
-def _plans(rope):
+def _plan(bits: int, rope=(None, False)) -> KLTPlan:
     rng = np.random.default_rng(0)
     analysis = np.stack([np.linalg.qr(rng.standard_normal((HEAD_DIM, HEAD_DIM)))[0] for _ in range(N_KV_HEADS)])
     energies = np.tile(np.exp(-np.arange(HEAD_DIM) / 10), (N_KV_HEADS, 1))
-    return KLTPlan(analysis, energies, BITS, 8, *rope), KLTPlan(analysis, energies, BITS, 8)
+    return KLTPlan(analysis, energies, (bits,) * HEAD_DIM, 8, *rope)
+
+
+def _caches() -> dict:
+    """name -> (cache, name of the turboquant_mse series it is compared with, or None)."""
+    rope = rope_frequencies(nn.RoPE(HEAD_DIM, traditional=True, base=100000.0), HEAD_DIM)  # SmolLM2's RoPE
+    caches = {}
+    for bits in (4, 2):
+        tq = f"turboquant_mse k{bits}/v{bits}"
+        caches[tq] = (CompressedKVCache(HEAD_DIM, N_KV_HEADS, key_bits=bits, value_bits=bits), None)
+        for where, key_rope in (("after", (None, False)), ("before", rope)):
+            cache = CompressedKVCache(HEAD_DIM, N_KV_HEADS, method="klt", key_plan=_plan(bits, key_rope),
+                                      value_plan=_plan(bits))
+            caches[f"klt {bits}-bit, keys {where} RoPE"] = (cache, tq)
+    config = load_profile("smollm2-135m").config(budget_bits=3.5)
+    key_plan, value_plan = config.key_plans[PROFILE_LAYER], config.value_plans[PROFILE_LAYER]
+    caches[f"klt profile layer {PROFILE_LAYER} at 3.5 bits ({key_plan.mean_bits:.2f}/{value_plan.mean_bits:.2f} "
+           "code bits), keys before RoPE"] = (
+        CompressedKVCache(HEAD_DIM, N_KV_HEADS, method="klt", key_plan=key_plan, value_plan=value_plan), "turboquant_mse k4/v4")
+    return caches
+
+
+def _measure(tokens: int, rounds: int) -> list:
+    mx.random.seed(0)
+    shape = (1, N_KV_HEADS, tokens, HEAD_DIM)
+    keys, values = mx.random.normal(shape).astype(mx.float16), mx.random.normal(shape).astype(mx.float16)
+    queries = mx.random.normal((1, N_Q_HEADS, 1, HEAD_DIM)).astype(mx.float16)
+    scale, elements = HEAD_DIM**-0.5, 2 * keys.size
+    series = {"fp16 SDPA": (lambda: mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale),
+                            keys.nbytes + values.nbytes, None)}
+    for name, (cache, partner) in _caches().items():
+        cache.append(keys, values)
+        series[name] = (lambda cache=cache: cache.attention(queries, scale), cache.nbytes, partner)
+    wall, cpu = {name: [] for name in series}, {name: [] for name in series}
+    names = list(series)
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for name in names if round_ % 2 else names[::-1]:
+            fn = series[name][0]
+            started, started_cpu = time.perf_counter(), time.process_time()
+            mx.eval(fn())
+            if round_:
+                wall[name].append(time.perf_counter() - started)
+                cpu[name].append(time.process_time() - started_cpu)
+    rows = []
+    for name in names:
+        _, nbytes, partner = series[name]
+        cpu_ms = 1e3 * statistics.median(cpu[name])
+        row = {"series": name, "tokens": tokens, "ms": 1e3 * statistics.median(wall[name]), "cpu_ms": cpu_ms,
+               "bytes": nbytes, "effective_bits": 8 * nbytes / elements}
+        if partner:
+            row["vs"] = partner
+            row["cpu_ratio"] = cpu_ms / (1e3 * statistics.median(cpu[partner]))
+        rows.append(row)
+        print(f"{tokens:6d} {name:70s} {row['ms']:8.2f} ms  cpu {cpu_ms:8.2f} ms  {row['effective_bits']:5.2f} bits"
+              + (f"  {row['cpu_ratio']:.2f}x {partner}" if partner else ""), flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=32768)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-
-    mx.random.seed(0)
-    shape = (1, N_KV_HEADS, args.tokens, HEAD_DIM)
-    keys, values = mx.random.normal(shape).astype(mx.float16), mx.random.normal(shape).astype(mx.float16)
-    queries = mx.random.normal((1, N_Q_HEADS, 1, HEAD_DIM)).astype(mx.float16)
-    scale = HEAD_DIM**-0.5
-    elements = 2 * keys.size
-    rope = rope_frequencies(nn.RoPE(HEAD_DIM, traditional=True, base=100000.0), HEAD_DIM)  # SmolLM2's RoPE
-
-    series = {"fp16 SDPA": (lambda: mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale),
-                            keys.nbytes + values.nbytes)}
-    _, qk, qv = _mlx_lm_quantized(keys, values, 4)
-    series["mlx_lm QuantizedKVCache 4-bit"] = (
-        lambda: quantized_scaled_dot_product_attention(queries, qk, qv, scale=scale, mask=None, group_size=64, bits=4),
-        _tree_nbytes(qk) + _tree_nbytes(qv))
-    caches = {"turboquant_mse k4/v4": CompressedKVCache(HEAD_DIM, N_KV_HEADS, key_bits=4, value_bits=4)}
-    for name, key_rope in (("klt, keys after RoPE", (None, False)), ("klt, keys before RoPE", rope)):
-        key_plan, value_plan = _plans(key_rope)
-        caches[name] = CompressedKVCache(HEAD_DIM, N_KV_HEADS, method="klt", sink_tokens=4, key_plan=key_plan,
-                                         value_plan=value_plan)
-    for name, cache in caches.items():
-        cache.append(keys, values)
-        series[name] = (lambda cache=cache: cache.attention(queries, scale), cache.nbytes)
-
-    rows = []
-    for name, (fn, nbytes) in series.items():
-        timing = time_call(fn, repeats=args.repeats, warmup=1)
-        rows.append({"series": name, "ms": timing["ms"], "min_ms": timing["min_ms"], "bytes": nbytes,
-                     "effective_bits": 8 * nbytes / elements})
-        print(f"{name:32s} {timing['ms']:9.1f} ms  {8 * nbytes / elements:5.2f} bits", flush=True)
+    load_before = os.getloadavg()
+    rows = [row for tokens in args.tokens for row in _measure(tokens, args.rounds)]
     tag = "gpu" if mx.default_device() == mx.gpu else "cpu"
-    result = {"device": device_info(), "tokens": args.tokens, "query_tokens": 1, "repeats": args.repeats,
-              "shape": {"n_q_heads": N_Q_HEADS, "n_kv_heads": N_KV_HEADS, "head_dim": HEAD_DIM}, "rows": rows}
+    result = {"device": device_info(), "query_tokens": 1, "rounds": args.rounds,
+              "shape": {"n_q_heads": N_Q_HEADS, "n_kv_heads": N_KV_HEADS, "head_dim": HEAD_DIM},
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"klt_decode_{tag}.json"), "w") as f:
         json.dump(result, f, indent=2)

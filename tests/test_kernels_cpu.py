@@ -98,6 +98,19 @@ def test_decode_matches_portable_path(kind, head_dim):
     assert _max_err(native, portable) < 2e-5 * max(1.0, mx.abs(portable).max().item())
 
 
+@pytest.mark.parametrize("kind", ["klt", "klt pre-rope", "klt pre-rope split"])
+@pytest.mark.parametrize("head_dim", [40, 72])
+def test_head_dims_off_the_vector_width(kind, head_dim):
+    """head_dim not a multiple of 16 (pre-RoPE keys are synthesized in tiles of 16 outputs, RoPE's halves are
+    not whole vectors): still the portable path's output. 257 tokens: blocks of 64 and one token."""
+    heads = 3
+    cache = _cache(kind, head_dim, heads)
+    cache.append(*_keys_values(1, heads, 257, head_dim))
+    queries = mx.random.normal((1, 2 * heads, 1, head_dim))
+    native, portable = _attend(cache, queries, "cpu"), _attend(cache, queries, "pure")
+    assert _max_err(native, portable) < 2e-5 * max(1.0, mx.abs(portable).max().item())
+
+
 @pytest.mark.parametrize("kind", ["tq4/4", "tq3/5", "klt", "klt pre-rope"])
 @pytest.mark.parametrize("mask", ["causal", "bool", "additive"])
 def test_prefill_masks_batches_and_segments(kind, mask):

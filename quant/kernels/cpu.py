@@ -144,7 +144,7 @@ GROUP_FIELDS = ("group_coord", "group_offset", "group_bits", "group_count", "gro
 class _Layout(ctypes.Structure):
     _fields_ = [("dim", ctypes.c_int32), ("bytes", ctypes.c_int32), ("n_groups", ctypes.c_int32)] + [
         (name, _i32) for name in GROUP_FIELDS] + [
-        ("centroids", _f32), ("scale_kind", ctypes.c_int32), ("log_center", ctypes.c_float)]
+        ("centroids", _f32), ("scale_table", _f32)]
 
 
 class _Codes(ctypes.Structure):
@@ -171,9 +171,10 @@ def _ptr(a: np.ndarray, kind):
 class CodeLayout:
     """How a method's per-token codes decode, as the kernel reads them: runs of (coordinates, bits, centroids)
     in one little-endian bit stream (quant/packing.py), cut into groups of up to 8 coordinates, and one scale
-    per token (fp16, or klt's log-scale byte). Holds the numpy arrays the ctypes structure points into."""
+    per token (fp16, or klt's log-scale byte, given by `scale_table`: the 256 scales it stands for). Holds the
+    numpy arrays the ctypes structure points into."""
 
-    def __init__(self, runs: list, width: int, scale_kind: int, log_center: float = 0.0):
+    def __init__(self, runs: list, width: int, scale_table: np.ndarray | None = None):
         groups, tables, table_at = [], [], 0  # (first coordinate, bit offset, bits, count, centroids' start)
         coord = offset = 0
         for n, b, centroids in runs:
@@ -189,11 +190,13 @@ class CodeLayout:
         if (offset + 7) // 8 != width:
             raise ValueError(f"code layout holds {offset} bits per token, the method stores {width} bytes")
         self.arrays = a = {"centroids": np.concatenate(tables)}
+        if scale_table is not None:
+            a["scale_table"] = np.ascontiguousarray(scale_table, np.float32)
         for k, name in enumerate(GROUP_FIELDS):
             a[name] = np.asarray([group[k] for group in groups], np.int32)
         self.dim = coord
         self.struct = _Layout(coord, width, len(groups), *(_ptr(a[name], _i32) for name in GROUP_FIELDS),
-                              _ptr(a["centroids"], _f32), scale_kind, log_center)
+                              _ptr(a["centroids"], _f32), _ptr(a["scale_table"], _f32) if "scale_table" in a else None)
 
 
 _LAYOUTS = {}
@@ -213,11 +216,12 @@ def _make_layout(method) -> CodeLayout | None:
         return _make_layout(method.inner)
     if isinstance(method, TurboQuantMSE):
         runs = [(method.head_dim, method.bits, np.array(method.codebook.centroids))]
-        layout = CodeLayout(runs, method.layout["idx"][0], 0)
+        layout = CodeLayout(runs, method.layout["idx"][0])
     elif isinstance(method, KLT):
         runs = [(n, b, np.array(cb.centroids)) for (n, b), cb in zip(method._runs, method.codebooks)]
-        scale_kind = 1 if method.plan.norm_bits == 8 else 0
-        layout = CodeLayout(runs, method.layout["idx"][0], scale_kind, float(method._log_norm_center))
+        # The log-scale byte's 256 values, as the method itself decodes them (a table read, not an exp2 per token).
+        table = np.asarray(method._decode_norm(mx.arange(256).astype(mx.uint8))) if method.plan.norm_bits == 8 else None
+        layout = CodeLayout(runs, method.layout["idx"][0], table)
     else:
         return None
     width = method.layout["idx"][0]
@@ -280,11 +284,11 @@ def _padded_synthesis(key_method, H: int, padded: int) -> np.ndarray:
 
 def _pre_rope(segment, key_method, B: int, H: int) -> tuple:
     """The kernel's description of keys coded before RoPE: RoPE's angles, the synthesis per head and the key
-    mean, their rows zero-padded to whole vectors of 8 floats."""
+    mean, their rows zero-padded to whole pairs of vectors (16 floats)."""
     frequencies, traditional, first_position = segment.key_rope
     omega = np.ascontiguousarray(frequencies, np.float64)
     d = key_method.head_dim
-    padded = -(-d // 8) * 8
+    padded = -(-d // 16) * 16
     synthesis_t = _padded_synthesis(key_method, H, padded)
     mean = None
     if segment.key_mean is not None:

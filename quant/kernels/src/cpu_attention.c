@@ -28,8 +28,7 @@ typedef struct {
     int32_t dim, bytes, n_groups;
     const int32_t *group_coord, *group_offset, *group_bits, *group_count, *group_table;
     const float *centroids;
-    int32_t scale_kind;  // 0: fp16 scale, 1: log-scale byte, 2^((s - 128) / 16 + log_center)
-    float log_center;
+    const float *scale_table;  // the 256 scales a log-scale byte stands for; NULL: fp16 scales
 } code_layout;
 
 typedef struct {
@@ -48,6 +47,10 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8ui __attribute__((vector_size(32)));
 #define LANES 8
 
+// A scalar in every lane. Not `(v8){0} + s`: 0 + s is not s for s = -0, so that costs an add before the
+// broadcast in the innermost loops.
+static inline v8 splat(float s) { return (v8){s, s, s, s, s, s, s, s}; }
+
 static inline float half_to_float(uint16_t bits) {
     _Float16 h;  // F16C's vcvtph2ps where the target has it
     memcpy(&h, &bits, 2);
@@ -56,19 +59,27 @@ static inline float half_to_float(uint16_t bits) {
 
 static inline float token_scale(const code_layout *L, const code_tensor *c, int64_t b, int64_t h, int64_t t) {
     int64_t at = b * c->scale_b + h * c->scale_h + t * c->scale_t;
-    if (L->scale_kind == 1) {
-        float s = ((const uint8_t *)c->scale)[at];
-        return exp2f((s - 128.0f) / 16.0f + L->log_center);
-    }
+    if (L->scale_table) return L->scale_table[((const uint8_t *)c->scale)[at]];
     return half_to_float(((const uint16_t *)c->scale)[at]);
 }
 
 // Codes of up to 4 bits: the 8 codes of a group shifted into 8 lanes at once, looked up in the 16-entry table
 // by two register permutes (vpermps on AVX2) and a select. Wider codes: one table read per coordinate.
-static inline void decode_token(const code_layout *L, const uint8_t *restrict src, float *restrict z) {
-    uint8_t buf[MAX_BYTES + 8];  // the token's bytes and 8 zero bytes: every window reads 8
-    memcpy(buf, src, (size_t)L->bytes);
-    memset(buf + L->bytes, 0, 8);
+// Every group reads an 8-byte window, up to 7 bytes past the token's codes; bits past a group's codes only
+// reach lanes that the next group or the row's padding overwrite. `followed`: another token's codes follow
+// this one's in memory, so the window is read in place; else the codes are first copied beside 8 zero bytes.
+// Lane k of a group of b-bit codes starts at bit k * b of its window.
+static const v8ui LANE_SHIFTS[5] = {{0}, {0, 1, 2, 3, 4, 5, 6, 7}, {0, 2, 4, 6, 8, 10, 12, 14},
+                                    {0, 3, 6, 9, 12, 15, 18, 21}, {0, 4, 8, 12, 16, 20, 24, 28}};
+
+static inline void decode_token(const code_layout *L, const uint8_t *restrict src, int followed, float *restrict z) {
+    uint8_t padded[MAX_BYTES + 8];
+    const uint8_t *buf = src;
+    if (!followed) {
+        memcpy(padded, src, (size_t)L->bytes);
+        memset(padded + L->bytes, 0, 8);
+        buf = padded;
+    }
     const int32_t *restrict coord = L->group_coord, *restrict offset = L->group_offset;
     const int32_t *restrict bits = L->group_bits, *restrict count = L->group_count, *restrict table = L->group_table;
     for (int g = 0; g < L->n_groups; g++) {
@@ -78,17 +89,60 @@ static inline void decode_token(const code_layout *L, const uint8_t *restrict sr
         window >>= off & 7;
         const float *restrict centroids = L->centroids + table[g];
         float *restrict to = z + coord[g];
-        if (b <= 4) {
-            const v8ui shifts = {0, 1, 2, 3, 4, 5, 6, 7};
-            const v8i idx = (v8i)((((v8ui){0} + (uint32_t)window) >> (shifts * (uint32_t)b)) & ((1u << b) - 1));
-            const v8 low = *(const v8u *)centroids, high = *(const v8u *)(centroids + 8);
-            const v8i upper = idx > 7;
-            const v8 value = (v8)(((v8i)__builtin_shuffle(low, idx) & ~upper) | ((v8i)__builtin_shuffle(high, idx) & upper));
-            *(v8u *)to = value;  // lanes past the group's count are overwritten by the next group or padding
+        if (b <= 4) {  // lanes past the group's count are overwritten by the next group or padding
+            const v8i idx = (v8i)((((v8ui){0} + (uint32_t)window) >> LANE_SHIFTS[b]) & ((1u << b) - 1));
+            const v8 low = *(const v8u *)centroids;
+            if (b < 4) {  // at most 8 centroids: one permute
+                *(v8u *)to = __builtin_shuffle(low, idx);
+            } else {
+                const v8 high = *(const v8u *)(centroids + 8);
+                const v8i upper = idx > 7;
+                *(v8u *)to = (v8)(((v8i)__builtin_shuffle(low, idx) & ~upper) | ((v8i)__builtin_shuffle(high, idx) & upper));
+            }
         } else {
             const uint64_t mask = (1u << b) - 1;
             for (int k = 0; k < count[g]; k++) to[k] = centroids[(window >> (k * b)) & mask];
         }
+    }
+}
+
+// The common layout (TurboQuant-MSE, uniform klt): one run of 1, 2 or 4 bits over whole groups of 8, so
+// group g's codes are b whole bytes at byte g * b: read in place (no window past the token) and, with b a
+// constant at each call below, shifted by constants.
+static int uniform_bits(const code_layout *L) {
+    const int b = L->n_groups ? L->group_bits[0] : 0;
+    if ((b != 1 && b != 2 && b != 4) || L->dim != 8 * L->n_groups) return 0;
+    for (int g = 0; g < L->n_groups; g++)
+        if (L->group_bits[g] != b || L->group_count[g] != 8 || L->group_offset[g] != 8 * b * g ||
+            L->group_coord[g] != 8 * g || L->group_table[g] != 0)
+            return 0;
+    return b;
+}
+
+static inline __attribute__((always_inline)) void decode_uniform_bits(const code_layout *L, const int b,
+                                                                      const uint8_t *restrict src, float *restrict z) {
+    const v8 low = *(const v8u *)L->centroids, high = *(const v8u *)(L->centroids + 8);
+    for (int g = 0; g < L->n_groups; g++) {
+        uint32_t window = 0;
+        memcpy(&window, src + g * b, (size_t)b);
+        const v8i idx = (v8i)((((v8ui){0} + window) >> LANE_SHIFTS[b]) & ((1u << b) - 1));
+        if (b < 4) {
+            *(v8 *)(z + 8 * g) = __builtin_shuffle(low, idx);
+        } else {
+            const v8i upper = idx > 7;
+            *(v8 *)(z + 8 * g) = (v8)(((v8i)__builtin_shuffle(low, idx) & ~upper) | ((v8i)__builtin_shuffle(high, idx) & upper));
+        }
+    }
+}
+
+// decode_token, through the constant-width loops where the layout allows (uniform: uniform_bits' answer).
+static inline void decode_any(const code_layout *L, int uniform, const uint8_t *restrict src, int followed,
+                              float *restrict z) {
+    switch (uniform) {
+        case 4: decode_uniform_bits(L, 4, src, z); break;
+        case 2: decode_uniform_bits(L, 2, src, z); break;
+        case 1: decode_uniform_bits(L, 1, src, z); break;
+        default: decode_token(L, src, followed, z);
     }
 }
 
@@ -100,7 +154,7 @@ static inline float hsum(v8 v) {
 // f in [-1/2, 1/2] and a degree-6 Taylor polynomial of 2^f (relative error < 2e-7). Inputs below -87
 // (masked scores included) give e^-87, a weight of 1e-38 beside the row maximum's 1.
 static inline v8 exp_nonpositive(v8 x) {
-    const v8 low = (v8){0} - 87.0f, magic = (v8){0} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const v8 low = splat(-87.0f), magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
     v8i below = x < low;
     x = (v8)(((v8i)x & ~below) | ((v8i)low & below));
     v8 t = x * 1.44269504f, n = (t + magic) - magic, f = (t - n) * 0.693147181f;
@@ -124,7 +178,7 @@ static inline void accumulate(v8 *acc, int chunks, float scale, const float *w, 
         v8 a[8];
         for (int c = 0; c < 8; c++) a[c] = c < in_group ? acc[g + c] * scale : (v8){0};
         for (int t = 0; t < n; t++) {
-            const v8 wt = (v8){0} + w[t], *row = (const v8 *)(rows + (int64_t)t * stride) + g;
+            const v8 wt = splat(w[t]), *row = (const v8 *)(rows + (int64_t)t * stride) + g;
             for (int c = 0; c < 8; c++)
                 if (c < in_group) a[c] += wt * row[c];
         }
@@ -133,7 +187,7 @@ static inline void accumulate(v8 *acc, int chunks, float scale, const float *w, 
 }
 
 // Keys coded before RoPE: n_pairs angular frequencies; traditional pairs (2i, 2i+1), else (i, i + n_pairs).
-// synthesis_t and key_mean rows are padded (with zeros) to `dim_padded` floats, a multiple of 8.
+// synthesis_t and key_mean rows are padded (with zeros) to `dim_padded` floats, a multiple of 16.
 typedef struct {
     int32_t n_pairs, traditional;
     const double *omega;
@@ -202,6 +256,34 @@ static inline void rope_apply(const pre_rope *P, int qdim, const v8 *x, const fl
     }
 }
 
+// X = Z S^T for a block of n tokens: row t of Z (m coded coordinates, `zstride` floats apart) times the head's
+// synthesis (St: m rows of dp floats, dp a multiple of 16) gives row t of X. Tiles of 6 tokens x 16 outputs:
+// twelve accumulators in registers, each loaded row of St serving six tokens, each broadcast coordinate two
+// vectors, so the FMA units rather than the loads set the pace. Z's rows n .. up to a multiple of 6 are read
+// and must be zero.
+#define SYN_TOKENS 6
+static void synthesize(const float *restrict z, int zstride, const float *restrict St, int dp, int m, int n,
+                       float *restrict x, int xstride) {
+    for (int t = 0; t < n; t += SYN_TOKENS)
+        for (int c = 0; c < dp; c += 2 * LANES) {
+            v8 a[SYN_TOKENS][2];
+            for (int i = 0; i < SYN_TOKENS; i++) a[i][0] = a[i][1] = (v8){0};
+            const float *zt = z + (int64_t)t * zstride;
+            for (int j = 0; j < m; j++) {
+                const v8 r0 = *(const v8u *)(St + (int64_t)j * dp + c), r1 = *(const v8u *)(St + (int64_t)j * dp + c + LANES);
+                for (int i = 0; i < SYN_TOKENS; i++) {
+                    const v8 zi = splat(zt[i * zstride + j]);
+                    a[i][0] += zi * r0;
+                    a[i][1] += zi * r1;
+                }
+            }
+            for (int i = 0; i < SYN_TOKENS && t + i < n; i++) {
+                *(v8 *)(x + (int64_t)(t + i) * xstride + c) = a[i][0];
+                *(v8 *)(x + (int64_t)(t + i) * xstride + c + LANES) = a[i][1];
+            }
+        }
+}
+
 // Additive mask given by element strides over (B, H, group, L, T), 0 where it broadcasts; row r of a head is
 // query l = r % L of group member r / L. mask NULL: none.
 typedef struct {
@@ -215,19 +297,19 @@ typedef struct {
 static inline int row_stride(int dim) { return (dim + 8 + 15) & ~15; }  // + 8: a group writes 8 lanes
 
 typedef struct {  // one thread's buffers, 32-byte aligned
-    float *q, *scores, *zk, *zv, *C, *S;
+    float *q, *scores, *zk, *zv, *C, *S, *x;
     int32_t *partner;
 } scratch;
 
 // One work item: batch b, tokens [t0, t1), every kv head and row. Writes per (h, r): max, sum and acc (rows of
 // vstride floats).
-static void attend_chunk(int64_t b, int64_t t0, int64_t t1, int H, int R, int qdim, const float *q,
+static void attend_chunk(int64_t b, int64_t t0, int64_t t1, int64_t T, int H, int R, int qdim, const float *q,
                          const code_layout *K, const code_tensor *kc, const code_layout *V, const code_tensor *vc,
                          const pre_rope *P, const masking *M, float *part_max, float *part_sum, float *part_acc,
                          const scratch *w) {
     const int kstride = row_stride(K->dim > qdim ? K->dim : qdim), vstride = row_stride(V->dim);
     const int qchunks = (qdim + LANES - 1) / LANES, vchunks = (V->dim + LANES - 1) / LANES;
-    const int mk = K->dim;
+    const int mk = K->dim, kuniform = uniform_bits(K), vuniform = uniform_bits(V);
     for (int64_t hr = 0; hr < (int64_t)H * R; hr++) {
         part_max[hr] = -INFINITY;
         part_sum[hr] = 0;
@@ -247,56 +329,26 @@ static void attend_chunk(int64_t b, int64_t t0, int64_t t1, int H, int R, int qd
             float kscale[BLOCK], vscale[BLOCK] __attribute__((aligned(32)));
             for (int t = 0; t < n; t++) {
                 float *z = w->zk + t * kstride;
-                decode_token(K, kc->codes + b * kc->codes_b + h * kc->codes_h + (s + t) * kc->codes_t, z);
+                const int last = s + t + 1 == T;  // else token s + t + 1's codes follow (codes_t >= bytes)
+                decode_any(K, kuniform, kc->codes + b * kc->codes_b + h * kc->codes_h + (s + t) * kc->codes_t,
+                           !last && kc->codes_t >= K->bytes, z);
                 kscale[t] = token_scale(K, kc, b, h, s + t);
                 vscale[t] = token_scale(V, vc, b, h, s + t);
-                decode_token(V, vc->codes + b * vc->codes_b + h * vc->codes_h + (s + t) * vc->codes_t,
-                             w->zv + t * vstride);
+                decode_any(V, vuniform, vc->codes + b * vc->codes_b + h * vc->codes_h + (s + t) * vc->codes_t,
+                           !last && vc->codes_t >= V->bytes, w->zv + t * vstride);
             }
             for (int t = n; t < vectors * LANES; t++) vscale[t] = 0;
             if (P) {  // x = scale * S z + mean, turned by RoPE: scored in the head's own domain
-                const int dp = P->dim_padded, dchunks = dp / LANES;
-                const float *St = P->synthesis_t + h * (int64_t)mk * dp;
+                const int dp = P->dim_padded;
                 const float *mean = P->key_mean ? P->key_mean + b * P->mean_b + h * P->mean_h : NULL;
-                // Two tokens per pass over S, 32 coordinates at a time: each row of S loaded serves both.
-                for (int t = 0; t < n; t += 2) {
-                    const int u = t + 1 < n ? t + 1 : t;
-                    float *z0 = w->zk + t * kstride, *z1 = w->zk + u * kstride;
-                    v8 x0[MAX_DIM / LANES], x1[MAX_DIM / LANES];
-                    for (int g = 0; g < dchunks; g += 4) {
-                        const int in_group = dchunks - g < 4 ? dchunks - g : 4;
-                        v8 a0[4] = {{0}}, a1[4] = {{0}};
-                        if (in_group == 4) {  // the usual case, with no per-chunk test: accumulators stay in registers
-                            for (int j = 0; j < mk; j++) {
-                                const v8 c0 = (v8){0} + z0[j], c1 = (v8){0} + z1[j];
-                                const v8u *row = (const v8u *)(St + (int64_t)j * dp) + g;
-                                for (int c = 0; c < 4; c++) {
-                                    a0[c] += c0 * row[c];
-                                    a1[c] += c1 * row[c];
-                                }
-                            }
-                        } else {
-                            for (int j = 0; j < mk; j++) {
-                                const v8 c0 = (v8){0} + z0[j], c1 = (v8){0} + z1[j];
-                                const v8u *row = (const v8u *)(St + (int64_t)j * dp) + g;
-                                for (int c = 0; c < in_group; c++) {
-                                    a0[c] += c0 * row[c];
-                                    a1[c] += c1 * row[c];
-                                }
-                            }
-                        }
-                        for (int c = 0; c < in_group; c++) {
-                            const v8 shift = mean ? ((const v8u *)mean)[g + c] : (v8){0};
-                            x0[g + c] = a0[c] * kscale[t] + shift;
-                            x1[g + c] = a1[c] * kscale[u] + shift;
-                        }
-                    }
-                    for (int pass = 0; pass < (u > t ? 2 : 1); pass++) {
-                        const int at = pass ? u : t;
-                        rope_apply(P, qdim, pass ? x1 : x0, w->C + at * kstride, w->S + at * kstride, w->partner,
-                                   pass ? z1 : z0);
-                        kscale[at] = 1.0f;
-                    }
+                for (int t = n; t < (n + SYN_TOKENS - 1) / SYN_TOKENS * SYN_TOKENS; t++)
+                    memset(w->zk + t * kstride, 0, sizeof(float) * (size_t)mk);
+                synthesize(w->zk, kstride, P->synthesis_t + h * (int64_t)mk * dp, dp, mk, n, w->x, kstride);
+                for (int t = 0; t < n; t++) {
+                    v8 *xt = (v8 *)(w->x + t * kstride);
+                    for (int c = 0; c < dp / LANES; c++) xt[c] = xt[c] * kscale[t] + (mean ? ((const v8u *)mean)[c] : (v8){0});
+                    rope_apply(P, qdim, xt, w->C + t * kstride, w->S + t * kstride, w->partner, w->zk + t * kstride);
+                    kscale[t] = 1.0f;
                 }
             }
             for (int t = 0; t < n; t++) {
@@ -316,7 +368,7 @@ static void attend_chunk(int64_t b, int64_t t0, int64_t t1, int H, int R, int qd
                 float *pm = part_max + h * R + r, *ps = part_sum + h * R + r;
                 const float new_max = block_max > *pm ? block_max : *pm;
                 if (new_max == -INFINITY) continue;  // every token so far masked
-                const float correction = exp_nonpositive((v8){0} + (*pm - new_max))[0];
+                const float correction = exp_nonpositive(splat(*pm - new_max))[0];
                 v8 sum = {0};
                 for (int k = 0; k < vectors; k++) {
                     v8 p = exp_nonpositive(((v8u *)sr)[k] - new_max);
@@ -347,7 +399,8 @@ int kvshard_attend(const float *q, int B, int H, int R, int qdim, int64_t T, con
                    const masking *M, int chunk_tokens, int threads, float *out, float *lse) {
     if (K->dim > MAX_DIM || V->dim > MAX_DIM || qdim > MAX_DIM || K->bytes > MAX_BYTES || V->bytes > MAX_BYTES)
         return -1;
-    if (P ? (P->dim_padded % LANES || P->dim_padded < qdim) : qdim != K->dim) return -1;
+    if (P ? (P->dim_padded % (2 * LANES) || P->dim_padded < qdim || P->dim_padded > row_stride(qdim)) : qdim != K->dim)
+        return -1;
     const int mv = V->dim, vstride = row_stride(mv), kstride = row_stride(K->dim > qdim ? K->dim : qdim);
     const int64_t chunks = T <= 0 ? 0 : (T + chunk_tokens - 1) / chunk_tokens, items = (int64_t)B * chunks;
     const int64_t per_item = (int64_t)H * R;
@@ -359,10 +412,11 @@ int kvshard_attend(const float *q, int B, int H, int R, int qdim, int64_t T, con
 #pragma omp parallel num_threads(threads)
         {
             scratch w = {aligned_floats((size_t)(per_item * kstride)), aligned_floats((size_t)R * BLOCK),
-                         aligned_floats((size_t)BLOCK * kstride), aligned_floats((size_t)BLOCK * vstride),
+                         aligned_floats((size_t)(BLOCK + SYN_TOKENS) * kstride), aligned_floats((size_t)BLOCK * vstride),
+                         aligned_floats((size_t)(P ? BLOCK * kstride : 1)),
                          aligned_floats((size_t)(P ? BLOCK * kstride : 1)),
                          aligned_floats((size_t)(P ? BLOCK * kstride : 1)), aligned_alloc(32, 4 * MAX_DIM)};
-            if (!w.q || !w.scores || !w.zk || !w.zv || !w.C || !w.S || !w.partner) {
+            if (!w.q || !w.scores || !w.zk || !w.zv || !w.C || !w.S || !w.x || !w.partner) {
 #pragma omp atomic write
                 failed = 1;
             } else {
@@ -370,11 +424,11 @@ int kvshard_attend(const float *q, int B, int H, int R, int qdim, int64_t T, con
                 for (int64_t item = 0; item < items; item++) {
                     int64_t b = item / chunks, t0 = (item % chunks) * chunk_tokens;
                     int64_t t1 = t0 + chunk_tokens < T ? t0 + chunk_tokens : T;
-                    attend_chunk(b, t0, t1, H, R, qdim, q, K, kc, V, vc, P, M, pmax + item * per_item,
+                    attend_chunk(b, t0, t1, T, H, R, qdim, q, K, kc, V, vc, P, M, pmax + item * per_item,
                                  psum + item * per_item, pacc + item * per_item * vstride, &w);
                 }
             }
-            free(w.q); free(w.scores); free(w.zk); free(w.zv); free(w.C); free(w.S); free(w.partner);
+            free(w.q); free(w.scores); free(w.zk); free(w.zv); free(w.C); free(w.S); free(w.x); free(w.partner);
         }
     }
     if (!failed) {
