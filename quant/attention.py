@@ -178,19 +178,15 @@ def _fast_attention(path, queries, segments, n_kv_heads, key_method, value_metho
     q = (queries.astype(mx.float32) * scale).reshape(B, n_kv_heads, group, L, D)
     parts, start = [], 0
     total = sum(s.length for s in segments)
+    if path == "cpu":  # every segment, fp16 ones and the merge included
+        out = kernels.cpu_attention(q, segments, key_method, value_method,
+                                    lambda start, n: _allowed(mask, L, total, start, n))
+        return out.reshape(B, n_q_heads, L, D).astype(queries.dtype)
     for segment in segments:
         if segment.length == 0:
             pass
         elif not segment.is_codes:
             parts.append(_exact_part(q, segment, _allowed(mask, L, total, start, segment.length)))
-        elif path == "cpu":
-            offset = start
-            parts.append(
-                kernels.cpu_code_attention(
-                    q, segment, key_method, value_method,
-                    lambda s, n, offset=offset: _allowed(mask, L, total, offset + s, n),
-                )
-            )
         else:
             out, lse = gpu.attention(queries, segment, key_method, value_method, scale, path, with_lse=True)
             parts.append(

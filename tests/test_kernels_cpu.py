@@ -16,7 +16,7 @@ from kvshard.quant.attention import compressed_attention
 from kvshard.quant.cache import CompressedKVCache
 from kvshard.quant.kernels import cpu
 from kvshard.quant.methods import make_method
-from kvshard.quant.methods.klt import KLTPlan
+from kvshard.quant.methods.klt import KLT, KLTPlan
 from kvshard.quant.rope import rope_frequencies
 
 pytestmark = pytest.mark.skipif(cpu.native_library() is None, reason="no C compiler to build the CPU kernel")
@@ -207,3 +207,45 @@ def test_kernel_is_built_once_per_source_and_flags(tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert cpu._build(cpu._compiler()) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+
+
+@pytest.mark.parametrize("kind", ["mixed bits, 8-bit scale", "mixed bits, fp16 scale", "uncalibrated", "head_dim 40"])
+def test_klt_encode_matches_the_method(kind):
+    """The native klt encode (src/cpu_encode.c) against method.encode: the same codes and scales on all but
+    values within float rounding of a boundary (its sums run in another order); packing order, nearest-centroid
+    search, the two scale refits and both scale formats would each change most tokens if wrong."""
+    head_dim = 40 if kind == "head_dim 40" else 64
+    plan = None if kind == "uncalibrated" else _plan(3, head_dim, _klt_bits(head_dim), 16 if "fp16" in kind else 8)
+    method = KLT(head_dim, 3, plan=plan)
+    x, _ = _keys_values(2, 3, 700, head_dim)
+    expected, native = method.encode(x), cpu.cpu_klt_encode(method, x)
+    assert native["idx"].dtype == expected["idx"].dtype and native["norm"].dtype == expected["norm"].dtype
+    codes_a, codes_b = np.asarray(expected["idx"]), np.asarray(native["idx"])
+    norm_a, norm_b = np.asarray(expected["norm"], np.float64), np.asarray(native["norm"], np.float64)
+    assert codes_a.shape == codes_b.shape and norm_a.shape == norm_b.shape
+    differ = (codes_a != codes_b).any(-1) | (norm_a != norm_b).any(-1)
+    assert differ.sum() <= 3, f"{differ.sum()} of {differ.size} tokens differ"
+    step = 1 if expected["norm"].dtype == mx.uint8 else 1e-3 * np.abs(norm_a).max()
+    assert np.abs(norm_a - norm_b).max() <= step
+
+
+def test_klt_cache_appends_through_the_native_encode(monkeypatch):
+    """A decode step's one-token appends of a klt cache go through the native encode and read back as the
+    method's own encode of the same tokens would."""
+    calls = []
+    native = kernels.cpu_klt_encode
+    monkeypatch.setattr(kernels, "cpu_klt_encode", lambda *args: calls.append(1) or native(*args))
+    cache = _cache("klt pre-rope", 64, 3)
+    keys, values = _keys_values(1, 3, 40, 64)
+    for t in range(40):
+        cache.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+    assert len(calls) == 2 * 33  # keys and values of each token past the 8 that wait for the key mean
+    reference = _cache("klt pre-rope", 64, 3)
+    os.environ[kernels.ENV_BACKEND] = "pure"
+    try:
+        reference.append(keys[:, :, :8], values[:, :, :8])  # the key mean is estimated from the first 8 tokens
+        reference.append(keys[:, :, 8:], values[:, :, 8:])
+    finally:
+        del os.environ[kernels.ENV_BACKEND]
+    for ours, theirs in zip(cache.dequantized(), reference.dequantized()):
+        assert _max_err(ours, theirs) < 1e-3

@@ -1,6 +1,6 @@
 """The CPU fast path: attention over packed codes in a native kernel, and the appends' encode in MLX ops.
 
-Attention (`cpu_code_attention`): src/cpu_attention.c, compiled with the system C compiler on first use
+Attention (`cpu_attention`): src/cpu_attention.c, compiled with the system C compiler on first use
 (-O3 -march=native, OpenMP over the cores; without a compiler the portable path runs instead), called through
 ctypes on the evaluated MLX arrays, zero-copy. It reads the packed codes of a segment directly: per block of 64
 tokens it decodes them (whole bytes through 256-entry tables where the layout allows, else bit by bit),
@@ -37,7 +37,7 @@ from ..methods.turboquant_mse import TurboQuantMSE
 # decode step over 8K tokens takes ~2-3 ms per layer on one core). benchmarks/decode_cpu_e2e.py measures both.
 ENV_THREADS = "KVSHARD_CPU_THREADS"
 ENV_CACHE = "KVSHARD_KERNEL_CACHE"  # where the compiled kernel is kept; default ~/.cache/kvshard/kernels
-SOURCE = Path(__file__).with_name("src") / "cpu_attention.c"
+SOURCES = tuple(Path(__file__).with_name("src") / name for name in ("cpu_attention.c", "cpu_encode.c"))
 # Tried in order: this machine's vector units, then AVX2 + FMA, then the compiler's default target.
 ARCH_FLAGS = (("-march=native",), ("-mavx2", "-mfma"), ())
 CHUNK_TOKENS = 256  # the smallest slice of the context one thread takes (slices merge their partial softmaxes)
@@ -83,7 +83,7 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """Compile the kernel into the cache directory (once per source, compiler and flags) and return the path.
     Written to a temporary name and renamed, so concurrent processes never load a half-written file."""
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     errors = []
     for arch in ARCH_FLAGS:
@@ -96,7 +96,7 @@ def _build(compiler: str) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE), "-lm"],
+                result = subprocess.run([compiler, *flags, "-o", str(built), *map(str, SOURCES), "-lm"],
                                         capture_output=True, text=True)
                 if result.returncode == 0:
                     os.replace(built, target)
@@ -121,7 +121,7 @@ def native_library():
         warnings.warn(f"kvshard: the CPU attention kernel did not build with {compiler} ({err}): CPU attention "
                       "over codes takes the portable MLX path", RuntimeWarning, stacklevel=2)
         return None
-    library.kvshard_attend.restype = ctypes.c_int
+    library.kvshard_attend.restype = library.kvshard_klt_encode.restype = ctypes.c_int
     return library
 
 
@@ -202,6 +202,14 @@ class CodeLayout:
 _LAYOUTS = {}
 
 
+def _scale_table(method: KLT) -> np.ndarray | None:
+    """The 256 scales klt's log-scale byte stands for, as the method itself decodes them (the kernels read a
+    table, not an exp2 per token); None for fp16 scales."""
+    if method.plan.norm_bits != 8:
+        return None
+    return np.ascontiguousarray(np.asarray(method._decode_norm(mx.arange(256).astype(mx.uint8))), np.float32)
+
+
 def code_layout(method) -> CodeLayout | None:
     """The layout of a method's codes, or None when the kernel does not cover the method. Cached per method
     object (methods live as long as their caches)."""
@@ -219,9 +227,7 @@ def _make_layout(method) -> CodeLayout | None:
         layout = CodeLayout(runs, method.layout["idx"][0])
     elif isinstance(method, KLT):
         runs = [(n, b, np.array(cb.centroids)) for (n, b), cb in zip(method._runs, method.codebooks)]
-        # The log-scale byte's 256 values, as the method itself decodes them (a table read, not an exp2 per token).
-        table = np.asarray(method._decode_norm(mx.arange(256).astype(mx.uint8))) if method.plan.norm_bits == 8 else None
-        layout = CodeLayout(runs, method.layout["idx"][0], table)
+        layout = CodeLayout(runs, method.layout["idx"][0], _scale_table(method))
     else:
         return None
     width = method.layout["idx"][0]
@@ -300,16 +306,12 @@ def _pre_rope(segment, key_method, B: int, H: int) -> tuple:
     return struct, (omega, synthesis_t, mean)
 
 
-def cpu_code_attention(q, segment, key_method, value_method, allowed_for):
-    """One code segment in the native kernel.
-
-    q: (B, Hkv, g, L, D) fp32, already scaled. allowed_for(start, size) gives the caller's mask for key
-    positions [start, start + size) of the segment (None, bool or additive), shaped for (B, Hkv, g, L, t).
-    Returns (out (B, Hkv, g, L, D) fp32, lse (B, Hkv, g, L, 1))."""
+def _code_part(q, segment, key_method, value_method, allowed) -> tuple:
+    """One code segment in the native kernel: (out (B, Hkv, g·L, m) fp32 in the values' rotated domain,
+    normalised; lse (B, Hkv, g·L)), numpy. q: (B, Hkv, g, L, D) fp32, scaled; allowed: the mask over the
+    segment's positions (None, bool or additive), evaluated."""
     library = native_library()
     key_layout, value_layout = code_layout(key_method), code_layout(value_method)
-    if library is None or key_layout is None or value_layout is None:
-        raise ValueError("the CPU kernel does not cover these methods (or no C compiler built it)")
     B, H, g, L, D = q.shape
     R, T = g * L, segment.length
     pre_rope = segment.key_rope is not None
@@ -317,8 +319,7 @@ def cpu_code_attention(q, segment, key_method, value_method, allowed_for):
         raise ValueError("keys coded before RoPE need a klt key method")
     queries = q if pre_rope else key_method.rotate_query(q)
     queries = queries.astype(mx.float32).reshape(B, H, R, -1)
-    allowed = allowed_for(0, T)
-    mx.eval(queries, segment.key_codes, segment.value_codes, *([] if allowed is None else [allowed]))
+    mx.eval(queries, segment.key_codes, segment.value_codes)
 
     q_np = np.ascontiguousarray(np.asarray(queries))
     keys, keep_k = _code_tensor(segment.key_codes)
@@ -337,12 +338,67 @@ def cpu_code_attention(q, segment, key_method, value_method, allowed_for):
     del keep_k, keep_v, keep_m, keep_r
     if status != 0:
         raise RuntimeError("the CPU attention kernel refused its sizes or ran out of memory")
-    rotated = mx.array(out).reshape(B, H, g, L, -1)
-    result = value_method.unrotate(rotated)
-    lse = mx.array(lse).reshape(B, H, g, L, 1)
-    if segment.key_mean is not None and not pre_rope:
-        lse = lse + (q * segment.key_mean[:, :, None].astype(mx.float32)).sum(-1, keepdims=True)
-    return result, lse
+    if segment.key_mean is not None and not pre_rope:  # keys were coded as k - mean: q.mean per row back
+        mean = np.asarray(segment.key_mean.astype(mx.float32))[:, :, 0]  # (B, H, D)
+        lse = lse + np.einsum("bhrd,bhd->bhr", np.asarray(q).reshape(B, H, R, D), mean)
+    return out, lse
+
+
+def _exact_part(q: np.ndarray, segment, allowed) -> tuple:
+    """fp16 tokens (sinks, window) in numpy: (out (B, Hkv, g·L, D), lse (B, Hkv, g·L)). q: (B, Hkv, g, L, D)."""
+    B, H, g, L, D = q.shape
+    keys = np.asarray(segment.keys.astype(mx.float32))  # (B, H, t, D)
+    scores = np.einsum("bhgld,bhtd->bhglt", q, keys)
+    if allowed is not None:
+        allowed = np.asarray(allowed)
+        if allowed.ndim == 4:
+            allowed = allowed.reshape(allowed.shape[0], -1, g if allowed.shape[1] > 1 else 1, *allowed.shape[-2:])
+        scores = np.where(allowed, scores, -np.inf) if allowed.dtype == np.bool_ else scores + allowed
+    peak = scores.max(-1, keepdims=True)
+    peak = np.where(np.isinf(peak), 0.0, peak)
+    weights = np.exp(scores - peak)
+    total = weights.sum(-1, keepdims=True)
+    values = np.asarray(segment.values.astype(mx.float32))
+    out = np.einsum("bhglt,bhtd->bhgld", weights, values) / np.maximum(total, 1e-30)
+    with np.errstate(divide="ignore"):
+        lse = (peak + np.log(total))[..., 0]
+    return out.reshape(B, H, g * L, D), lse.reshape(B, H, g * L)
+
+
+def cpu_attention(q, segments, key_method, value_method, allowed_for) -> mx.array:
+    """Attention over every segment (fp16 and codes) on the CPU: code segments in the native kernel, fp16
+    ones and the exact merge of all in numpy (a few microseconds where MLX ops cost tens each on this path),
+    then one un-rotation of the code segments' share. q: (B, Hkv, g, L, D) fp32, already scaled;
+    allowed_for(start, size): the caller's mask over positions [start, start + size) (None, bool or additive).
+    Returns (B, Hkv, g, L, D) fp32."""
+    if native_library() is None or code_layout(key_method) is None or code_layout(value_method) is None:
+        raise ValueError("the CPU kernel does not cover these methods (or no C compiler built it)")
+    B, H, g, L, D = q.shape
+    starts = np.cumsum([0] + [s.length for s in segments[:-1]])
+    masks = [allowed_for(int(start), s.length) for start, s in zip(starts, segments)]
+    mx.eval(q, *[m for m in masks if m is not None])
+    q_np = np.asarray(q)
+    coded, exact = [], []
+    for segment, allowed in zip(segments, masks):
+        if segment.length == 0:
+            continue
+        if segment.is_codes:
+            coded.append(_code_part(q, segment, key_method, value_method, allowed))
+        else:
+            exact.append(_exact_part(q_np, segment, allowed))
+    peak = np.max([lse for _, lse in coded + exact], axis=0)
+    peak = np.where(np.isinf(peak), 0.0, peak)
+    weights = [np.exp(lse - peak) for _, lse in coded + exact]
+    total = np.maximum(sum(weights), 1e-30)
+    result = None
+    if coded:
+        rotated = sum(w[..., None] * out for w, (out, _) in zip(weights, coded)) / total[..., None]
+        result = value_method.unrotate(mx.array(rotated.reshape(B, H, g, L, -1)))
+    if exact:
+        plain = sum(w[..., None] * out for w, (out, _) in zip(weights[len(coded):], exact)) / total[..., None]
+        plain = mx.array(plain.reshape(B, H, g, L, D).astype(np.float32))
+        result = plain if result is None else result + plain
+    return result
 
 
 # ---- encode -------------------------------------------------------------------------------------------
@@ -372,6 +428,70 @@ def _quantize_pack(boundaries: tuple, bits: int):
 def _unit():
     """x / max(‖x‖, 1e-12) in one compiled pass: unit_and_norm's division."""
     return mx.compile(lambda x, norm: x / mx.maximum(norm, 1e-12))
+
+
+class _KLTEncoder(ctypes.Structure):
+    _fields_ = [("m", ctypes.c_int32), ("bytes", ctypes.c_int32), ("n_runs", ctypes.c_int32),
+                ("run_count", _i32), ("run_bits", _i32), ("run_table", _i32), ("boundaries", _f32),
+                ("centroids", _f32), ("energy", _f32), ("energy_heads", ctypes.c_int32), ("scale_table", _f32)]
+
+
+class KLTEncoder:
+    """What the native encode needs of a klt method (its runs' codebooks, energy weights and scale format), as
+    numpy arrays and the ctypes structure pointing into them."""
+
+    def __init__(self, method: KLT):
+        runs = method._runs
+        sizes = [1 << b for _, b in runs]
+        starts = np.cumsum([0] + sizes[:-1]).astype(np.int32)
+        boundaries, centroids = (np.zeros(sum(sizes), np.float32) for _ in range(2))
+        for start, size, codebook in zip(starts, sizes, method.codebooks):
+            boundaries[start : start + size - 1] = np.asarray(codebook.boundaries, np.float32)
+            centroids[start : start + size] = np.asarray(codebook.centroids, np.float32)
+        energy = np.ascontiguousarray(np.asarray(method._energy, np.float32)[:, 0])  # (heads, m)
+        table = _scale_table(method)
+        self.arrays = a = {"count": np.asarray([n for n, _ in runs], np.int32),
+                           "bits": np.asarray([b for _, b in runs], np.int32), "table": starts,
+                           "boundaries": boundaries, "centroids": centroids, "energy": energy}
+        if table is not None:
+            a["scale_table"] = table
+        self.width, self.log_scale = method.layout["idx"][0], table is not None
+        self.struct = _KLTEncoder(method.rotated_dim, self.width, len(runs), _ptr(a["count"], _i32),
+                                  _ptr(a["bits"], _i32), _ptr(a["table"], _i32), _ptr(boundaries, _f32),
+                                  _ptr(centroids, _f32), _ptr(energy, _f32), energy.shape[0],
+                                  _ptr(table, _f32) if table is not None else None)
+
+
+_ENCODERS = {}
+
+
+def _klt_encoder(method: KLT) -> KLTEncoder:
+    hit = _ENCODERS.get(id(method))
+    if hit is None or hit[0] is not method:
+        hit = _ENCODERS[id(method)] = (method, KLTEncoder(method))
+    return hit[1]
+
+
+def cpu_klt_encode(method: KLT, x: mx.array) -> dict:
+    """method.encode(x) with the transform in MLX (one matmul) and the rest in the native kernel
+    (src/cpu_encode.c): the same codes and scales but where a value lies within float rounding of a boundary
+    (the sums run in another order), in one call where MLX runs a few hundred small ops for a decode step."""
+    library = native_library()
+    if library is None or x.ndim != 4 or method.rotated_dim > MAX_DIM:
+        return method.encode(x)
+    z = method.to_coded(x)
+    mx.eval(z)
+    z = np.ascontiguousarray(np.asarray(z), np.float32)
+    B, H, n, _ = z.shape
+    encoder = _klt_encoder(method)
+    codes = np.empty((B, H, n, encoder.width), np.uint8)
+    norm = np.empty((B, H, n, 1), np.uint8 if encoder.log_scale else np.float16)
+    status = library.kvshard_klt_encode(_ptr(z, _f32), ctypes.c_int64(B * H * n), ctypes.c_int64(n), H,
+                                        ctypes.byref(encoder.struct), codes.ctypes.data_as(ctypes.c_void_p),
+                                        norm.ctypes.data_as(ctypes.c_void_p))
+    if status != 0:
+        raise RuntimeError("the CPU encode kernel refused its sizes")
+    return {"idx": mx.array(codes), "norm": mx.array(norm)}
 
 
 def cpu_encode(method, x: mx.array) -> dict:
