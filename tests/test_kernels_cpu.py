@@ -218,7 +218,7 @@ def test_klt_encode_matches_the_method(kind):
     plan = None if kind == "uncalibrated" else _plan(3, head_dim, _klt_bits(head_dim), 16 if "fp16" in kind else 8)
     method = KLT(head_dim, 3, plan=plan)
     x, _ = _keys_values(2, 3, 700, head_dim)
-    expected, native = method.encode(x), cpu.cpu_klt_encode(method, x)
+    expected, native = method.encode(x), cpu.native_encode(method, x)
     assert native["idx"].dtype == expected["idx"].dtype and native["norm"].dtype == expected["norm"].dtype
     codes_a, codes_b = np.asarray(expected["idx"]), np.asarray(native["idx"])
     norm_a, norm_b = np.asarray(expected["norm"], np.float64), np.asarray(native["norm"], np.float64)
@@ -229,12 +229,21 @@ def test_klt_encode_matches_the_method(kind):
     assert np.abs(norm_a - norm_b).max() <= step
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("head_dim", [64, 128, 40])
+def test_turboquant_encode_is_the_methods_bit_for_bit(bits, head_dim):
+    method = make_method("turboquant_mse", head_dim, bits)
+    x, _ = _keys_values(2, 3, 300, head_dim)
+    expected, native = method.encode(x), cpu.native_encode(method, x)
+    assert mx.array_equal(native["idx"], expected["idx"]) and mx.array_equal(native["norm"], expected["norm"])
+
+
 def test_klt_cache_appends_through_the_native_encode(monkeypatch):
     """A decode step's one-token appends of a klt cache go through the native encode and read back as the
     method's own encode of the same tokens would."""
     calls = []
-    native = kernels.cpu_klt_encode
-    monkeypatch.setattr(kernels, "cpu_klt_encode", lambda *args: calls.append(1) or native(*args))
+    native = kernels.native_encode
+    monkeypatch.setattr(kernels, "native_encode", lambda *args: calls.append(1) or native(*args))
     cache = _cache("klt pre-rope", 64, 3)
     keys, values = _keys_values(1, 3, 40, 64)
     for t in range(40):

@@ -16,21 +16,21 @@ import os
 import mlx.core as mx
 
 from . import gpu
-from ..methods.klt import KLT
 from .cpu import (CPU_ENCODE_MIN_ELEMENTS, CPU_MIN_TOKENS, cpu_attention, cpu_encode,  # noqa: F401
-                  cpu_klt_encode, cpu_supported)
+                  cpu_supported, native_encode)
 from .dispatch import BACKENDS, ENV_BACKEND, gpu_backend, requested_backend  # noqa: F401 (the package's API)
 
 
 def encode(method, x: mx.array) -> dict:
     """method.encode(x) for the cache's appends. On a GPU, methods the encode kernel covers encode in one launch
-    (`gpu.encode`). On the CPU klt encodes in the native kernel (`cpu_klt_encode`). Elsewhere it is
-    `cpu_encode`: method.encode, bit for bit, with fewer and fused passes."""
+    (`gpu.encode`). On the CPU the native kernel encodes what it covers (`native_encode`: klt, turboquant_mse).
+    Elsewhere it is `cpu_encode`: method.encode, bit for bit, with fewer and fused passes."""
     kind, portable = gpu_backend(), os.environ.get(ENV_BACKEND) == "pure"
     if kind is not None and gpu.encode_supported(method) and not portable:
         return gpu.encode(method, x, kind)
-    if kind is None and isinstance(method, KLT) and not portable:
-        return cpu_klt_encode(method, x)
+    codes = native_encode(method, x) if kind is None and not portable else None
+    if codes is not None:
+        return codes
     if kind is None and x.size < CPU_ENCODE_MIN_ELEMENTS:
         return method.encode(x)
     return cpu_encode(method, x)

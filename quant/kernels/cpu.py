@@ -1,14 +1,20 @@
-"""The CPU fast path: attention over packed codes in a native kernel, and the appends' encode in MLX ops.
+"""The CPU fast path: attention over packed codes and the appends' encode, in a native kernel.
 
-Attention (`cpu_attention`): src/cpu_attention.c, compiled with the system C compiler on first use
-(-O3 -march=native, OpenMP over the cores; without a compiler the portable path runs instead), called through
-ctypes on the evaluated MLX arrays, zero-copy. It reads the packed codes of a segment directly: per block of 64
-tokens it decodes them (whole bytes through 256-entry tables where the layout allows, else bit by bit),
-scores them against the rotated query, runs the online softmax and accumulates values in their rotated
-domain; the caller rotates the query and un-rotates the output once, with the method's own MLX functions.
-Keys coded before RoPE (klt plans) are mapped back by the per-head synthesis, shifted by the key mean and
-turned by RoPE inside the kernel. Covered: every method whose codes are runs of Lloyd-Max coordinates with
-one scale per token (turboquant_mse at 1-8 bits, klt), also inside query-aware key scales.
+Attention (`cpu_attention`): src/cpu_attention.c, compiled with src/cpu_encode.c by the system C compiler on
+first use (-O3 -march=native, OpenMP over the cores; without a compiler the portable path runs instead),
+called through ctypes on the evaluated MLX arrays, zero-copy. It reads the packed codes of a segment directly:
+per block of 64 tokens it decodes them (one run of 1, 2 or 4 bits in place with constant shifts, other layouts
+group by group from a 64-bit window), scores them against the rotated query, runs the online softmax and
+accumulates values in their rotated domain; the caller rotates the query and un-rotates the output once, with
+the method's own MLX functions. Keys coded before RoPE (klt plans) are mapped back by the per-head synthesis
+(register tiles of 6 tokens x 16 outputs), shifted by the key mean and turned by RoPE inside the kernel. fp16
+segments (sinks, window) and the exact merge run in numpy beside it. Covered: every method whose codes are runs
+of Lloyd-Max coordinates with one scale per token (turboquant_mse at 1-8 bits, klt), also inside query-aware
+key scales.
+
+Encode (`native_encode`): the method's transform in MLX (klt's matmul, turboquant's rotation), then nearest
+centroids, klt's scale refits and the bit stream in src/cpu_encode.c: one call per append where the methods'
+MLX ops are ~20 (turboquant_mse) to a few hundred (klt) small ops, the most of a decode step's append.
 
 Why native: MLX's CPU ops run one pass over memory per op, so attention over codes paid a pass for every
 unpack, select, scale and matmul of every block, where fp16 SDPA pays a few. The kernel keeps each block in
@@ -28,6 +34,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..methods.common import unit_and_norm
 from ..methods.klt import KLT
 from ..methods.scaled import ScaledKeys
 from ..methods.turboquant_mse import TurboQuantMSE
@@ -121,7 +128,7 @@ def native_library():
         warnings.warn(f"kvshard: the CPU attention kernel did not build with {compiler} ({err}): CPU attention "
                       "over codes takes the portable MLX path", RuntimeWarning, stacklevel=2)
         return None
-    library.kvshard_attend.restype = library.kvshard_klt_encode.restype = ctypes.c_int
+    library.kvshard_attend.restype = library.kvshard_encode.restype = ctypes.c_int
     return library
 
 
@@ -430,68 +437,83 @@ def _unit():
     return mx.compile(lambda x, norm: x / mx.maximum(norm, 1e-12))
 
 
-class _KLTEncoder(ctypes.Structure):
+class _RunEncoder(ctypes.Structure):
     _fields_ = [("m", ctypes.c_int32), ("bytes", ctypes.c_int32), ("n_runs", ctypes.c_int32),
                 ("run_count", _i32), ("run_bits", _i32), ("run_table", _i32), ("boundaries", _f32),
-                ("centroids", _f32), ("energy", _f32), ("energy_heads", ctypes.c_int32), ("scale_table", _f32)]
+                ("centroids", _f32), ("energy", _f32), ("energy_heads", ctypes.c_int32), ("refit", ctypes.c_int32),
+                ("scale_table", _f32)]
 
 
-class KLTEncoder:
-    """What the native encode needs of a klt method (its runs' codebooks, energy weights and scale format), as
-    numpy arrays and the ctypes structure pointing into them."""
+class RunEncoder:
+    """What the native encode (src/cpu_encode.c) needs of a method: its runs' codebooks and, for klt, the energy
+    weights of its scale refit and its scale format; numpy arrays and the ctypes structure pointing into them."""
 
-    def __init__(self, method: KLT):
-        runs = method._runs
+    def __init__(self, method):
+        klt = isinstance(method, KLT)
+        runs = method._runs if klt else [(method.head_dim, method.bits)]
+        codebooks = method.codebooks if klt else [method.codebook]
         sizes = [1 << b for _, b in runs]
         starts = np.cumsum([0] + sizes[:-1]).astype(np.int32)
         boundaries, centroids = (np.zeros(sum(sizes), np.float32) for _ in range(2))
-        for start, size, codebook in zip(starts, sizes, method.codebooks):
+        for start, size, codebook in zip(starts, sizes, codebooks):
             boundaries[start : start + size - 1] = np.asarray(codebook.boundaries, np.float32)
             centroids[start : start + size] = np.asarray(codebook.centroids, np.float32)
-        energy = np.ascontiguousarray(np.asarray(method._energy, np.float32)[:, 0])  # (heads, m)
-        table = _scale_table(method)
+        energy = np.ascontiguousarray(np.asarray(method._energy, np.float32)[:, 0]) if klt else np.ones((1, 1), np.float32)
+        table = _scale_table(method) if klt else None
         self.arrays = a = {"count": np.asarray([n for n, _ in runs], np.int32),
                            "bits": np.asarray([b for _, b in runs], np.int32), "table": starts,
                            "boundaries": boundaries, "centroids": centroids, "energy": energy}
         if table is not None:
             a["scale_table"] = table
         self.width, self.log_scale = method.layout["idx"][0], table is not None
-        self.struct = _KLTEncoder(method.rotated_dim, self.width, len(runs), _ptr(a["count"], _i32),
+        self.struct = _RunEncoder(sum(n for n, _ in runs), self.width, len(runs), _ptr(a["count"], _i32),
                                   _ptr(a["bits"], _i32), _ptr(a["table"], _i32), _ptr(boundaries, _f32),
-                                  _ptr(centroids, _f32), _ptr(energy, _f32), energy.shape[0],
+                                  _ptr(centroids, _f32), _ptr(energy, _f32), energy.shape[0], int(klt),
                                   _ptr(table, _f32) if table is not None else None)
 
 
 _ENCODERS = {}
 
 
-def _klt_encoder(method: KLT) -> KLTEncoder:
+def _run_encoder(method) -> RunEncoder:
     hit = _ENCODERS.get(id(method))
     if hit is None or hit[0] is not method:
-        hit = _ENCODERS[id(method)] = (method, KLTEncoder(method))
+        hit = _ENCODERS[id(method)] = (method, RunEncoder(method))
     return hit[1]
 
 
-def cpu_klt_encode(method: KLT, x: mx.array) -> dict:
-    """method.encode(x) with the transform in MLX (one matmul) and the rest in the native kernel
-    (src/cpu_encode.c): the same codes and scales but where a value lies within float rounding of a boundary
-    (the sums run in another order), in one call where MLX runs a few hundred small ops for a decode step."""
-    library = native_library()
-    if library is None or x.ndim != 4 or method.rotated_dim > MAX_DIM:
-        return method.encode(x)
-    z = method.to_coded(x)
+def _native_encode(method, z: mx.array, norm_dtype) -> tuple:
+    """(codes, scales or None) of the rows of z (B, H, n, m) in the native kernel; norm_dtype None: codes only."""
     mx.eval(z)
     z = np.ascontiguousarray(np.asarray(z), np.float32)
     B, H, n, _ = z.shape
-    encoder = _klt_encoder(method)
+    encoder = _run_encoder(method)
     codes = np.empty((B, H, n, encoder.width), np.uint8)
-    norm = np.empty((B, H, n, 1), np.uint8 if encoder.log_scale else np.float16)
-    status = library.kvshard_klt_encode(_ptr(z, _f32), ctypes.c_int64(B * H * n), ctypes.c_int64(n), H,
-                                        ctypes.byref(encoder.struct), codes.ctypes.data_as(ctypes.c_void_p),
-                                        norm.ctypes.data_as(ctypes.c_void_p))
+    norm = np.empty((B, H, n, 1), norm_dtype) if norm_dtype is not None else None
+    status = native_library().kvshard_encode(
+        _ptr(z, _f32), ctypes.c_int64(B * H * n), ctypes.c_int64(n), H, ctypes.byref(encoder.struct),
+        codes.ctypes.data_as(ctypes.c_void_p), None if norm is None else norm.ctypes.data_as(ctypes.c_void_p))
     if status != 0:
         raise RuntimeError("the CPU encode kernel refused its sizes")
-    return {"idx": mx.array(codes), "norm": mx.array(norm)}
+    return codes, norm
+
+
+def native_encode(method, x: mx.array) -> dict | None:
+    """method.encode(x) with the method's transform in MLX and the rest in the native kernel (src/cpu_encode.c),
+    in one call where the method runs from ~20 (turboquant_mse) to a few hundred (klt) small MLX ops: a decode
+    step appends one token per layer. turboquant_mse: bit for bit (the same comparisons; its norm is MLX's).
+    klt: the same codes and scales but where a value lies within float rounding of a boundary (its sums run in
+    another order). None when the kernel does not cover the method (or no compiler built it)."""
+    if native_library() is None or x.ndim != 4:
+        return None
+    if isinstance(method, KLT) and method.rotated_dim <= MAX_DIM:
+        codes, norm = _native_encode(method, method.to_coded(x), np.uint8 if method.plan.norm_bits == 8 else np.float16)
+        return {"idx": mx.array(codes), "norm": mx.array(norm)}
+    if _is_mse(method) and method.head_dim <= MAX_DIM:
+        unit, norm = unit_and_norm(x)
+        codes, _ = _native_encode(method, method.rotation.rotate(unit), None)
+        return {"idx": mx.array(codes), "norm": norm}
+    return None
 
 
 def cpu_encode(method, x: mx.array) -> dict:

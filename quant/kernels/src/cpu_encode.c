@@ -1,7 +1,9 @@
-// klt's encode after its transform, one token (row of z) at a time: what quant/methods/klt.py's `encode` does
-// in MLX ops (a decode step's append there is a few hundred small ops per layer), in one call.
+// The encode of runs of Lloyd-Max coordinates after their transform, one token (row of z) at a time, in one
+// call where quant/methods/ do it in MLX ops (klt's append was a few hundred small ops per layer and step).
 //
-// Per row z (m coded coordinates, runs of equal bit width with their own Lloyd-Max codebooks): the scale
+// TurboQuant-MSE (refit 0): z is the rotated unit vector; each coordinate gets the count of the boundaries
+// below it and the codes are packed; its norm is the caller's. klt (refit 1): per row z (m coded coordinates,
+// runs of equal bit width with their own codebooks): the scale
 // starts at |z|; twice, each coordinate of z / scale gets the index of its nearest centroid (the count of the
 // run's boundaries below it) and the scale is refitted as the least-squares gain of those centroids under
 // the coordinates' energy weights, g = sum(l z c) / sum(l c c). The indices are packed LSB first into one
@@ -16,12 +18,13 @@
 typedef struct {
     int32_t m, bytes, n_runs;
     const int32_t *run_count, *run_bits, *run_table;  // per run; run_table: where its boundaries/centroids start
-    const float *boundaries;  // per run 2^b - 1 ascending boundaries, then 1 padding entry
+    const float *boundaries;  // per run 2^b - 1 ascending boundaries, then 1 unused entry
     const float *centroids;   // per run 2^b centroids
     const float *energy;      // (heads, m) weights; heads 1 broadcasts
     int32_t energy_heads;
+    int32_t refit;             // 1: klt's scale refits and scale output; 0: codes only
     const float *scale_table;  // 256 scales of the log-scale byte (ascending); NULL: fp16 scales
-} klt_encoder;
+} run_encoder;
 
 // Index of the nearest centroid: how many of the run's 2^b - 1 ascending boundaries lie below u, by halving.
 static inline int nearest(const float *boundaries, int bits, float u) {
@@ -41,7 +44,17 @@ static inline uint8_t log_scale_byte(const float *table, float gain) {
     return (uint8_t)lo;
 }
 
-int kvshard_klt_encode(const float *z, int64_t rows, int64_t tokens, int heads, const klt_encoder *E, uint8_t *codes,
+static void pack(const run_encoder *E, const uint8_t *index, uint8_t *out) {
+    memset(out, 0, (size_t)E->bytes);
+    int64_t bit = 0;
+    int j = 0;
+    for (int run = 0; run < E->n_runs; run++)
+        for (int k = 0; k < E->run_count[run]; k++, j++)
+            for (int b = 0; b < E->run_bits[run]; b++, bit++)
+                out[bit >> 3] |= (uint8_t)(((index[j] >> b) & 1) << (bit & 7));
+}
+
+int kvshard_encode(const float *z, int64_t rows, int64_t tokens, int heads, const run_encoder *E, uint8_t *codes,
                        void *norm) {
     const int m = E->m;
     if (m > MAX_CODED || m < 1) return -1;
@@ -49,6 +62,13 @@ int kvshard_klt_encode(const float *z, int64_t rows, int64_t tokens, int heads, 
     uint8_t index[MAX_CODED];
     for (int64_t r = 0; r < rows; r++) {
         const float *zr = z + r * m;
+        if (!E->refit) {
+            for (int run = 0, j = 0; run < E->n_runs; run++)
+                for (int k = 0; k < E->run_count[run]; k++, j++)
+                    index[j] = (uint8_t)nearest(E->boundaries + E->run_table[run], E->run_bits[run], zr[j]);
+            pack(E, index, codes + r * E->bytes);
+            continue;
+        }
         const int64_t head = (r / tokens) % heads;
         const float *energy = E->energy + (E->energy_heads == 1 ? 0 : head * m);
         float sq = 0;
@@ -71,14 +91,7 @@ int kvshard_klt_encode(const float *z, int64_t rows, int64_t tokens, int heads, 
             }
             scale = num / (den > 1e-30f ? den : 1e-30f);
         }
-        uint8_t *out = codes + r * E->bytes;
-        memset(out, 0, (size_t)E->bytes);
-        int64_t bit = 0;
-        int j = 0;
-        for (int run = 0; run < E->n_runs; run++)
-            for (int k = 0; k < E->run_count[run]; k++, j++)
-                for (int b = 0; b < E->run_bits[run]; b++, bit++)
-                    out[bit >> 3] |= (uint8_t)(((index[j] >> b) & 1) << (bit & 7));
+        pack(E, index, codes + r * E->bytes);
         if (E->scale_table) {
             ((uint8_t *)norm)[r] = log_scale_byte(E->scale_table, scale > 1e-30f ? scale : 1e-30f);
         } else {
