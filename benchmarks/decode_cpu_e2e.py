@@ -9,7 +9,8 @@ depends on how many tokens a cache holds, not on their values, and on this share
 finish in 40 minutes. Then a warm-up, and rounds of
 decode steps (model call + greedy token, evaluated) with the order of the series reversed every round, so
 that the machine's load drifts over all of them alike. Reported per series: the median step time of all
-its steps, tokens/s, its ratio to mlx_lm's KVCache, peak memory during its steps (`mx.get_peak_memory`, model weights
+its steps, tokens/s, its ratio to mlx_lm's KVCache, the same for the process's CPU time per step (all threads:
+the steadier measure on a shared machine), peak memory during its steps (`mx.get_peak_memory`, model weights
 included) and the bytes its caches hold, with effective bits per K/V element (8 * bytes / elements).
 
 The recommended configuration is the service's default, `load_profile("smollm2-135m").config(budget_bits=3.5)`:
@@ -95,7 +96,7 @@ def _prefill(model, prompt, context: int, saved: str | None) -> list:
                            mx.concatenate([v] * repeat, axis=2)[:, :, :context])
     mx.eval([c.state for c in caches])
     chunks = [[(c.keys[:, :, start : start + CHUNK], c.values[:, :, start : start + CHUNK]) for c in caches]
-              for start in range(0, prompt.size, CHUNK)]
+              for start in range(0, context, CHUNK)]
     return chunks, caches
 
 
@@ -140,7 +141,9 @@ def main() -> None:
         caches = plain if name == BASELINE else make()
         if caches is not plain:
             _fill(caches, chunks)
-        state[name] = {"caches": caches, "environment": environment, "token": mx.array([tokens[args.context]]), "times": [],
+        if {c.offset for c in caches} != {args.context}:
+            raise RuntimeError(f"{name}: its caches hold {sorted({c.offset for c in caches})} tokens, not {args.context}")
+        state[name] = {"caches": caches, "environment": environment, "token": mx.array([tokens[args.context]]), "times": [], "cpu_times": [],
                        "peak": 0, "bytes": _held_bytes(caches)}
     del chunks
     elements = 2 * sum(c.keys[:, :, : c.offset].size for c in plain)  # K and V elements of the context
@@ -158,26 +161,30 @@ def main() -> None:
             mx.synchronize()
             mx.reset_peak_memory()
             for _ in range(args.steps if round_ else 2):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 step(s)
                 if round_:
                     s["times"].append(time.perf_counter() - start)
+                    s["cpu_times"].append(time.process_time() - start_cpu)
             s["peak"] = max(s["peak"], mx.get_peak_memory())
             for variable in s["environment"]:
                 os.environ.pop(variable)
         print(f"round {round_} done", flush=True)
 
     base = statistics.median(state[BASELINE]["times"])
+    base_cpu = statistics.median(state[BASELINE]["cpu_times"])
     rows = []
     for name in names:
         s = state[name]
-        median = statistics.median(s["times"])
+        median, median_cpu = statistics.median(s["times"]), statistics.median(s["cpu_times"])
         quartiles = statistics.quantiles(s["times"], n=4)
         rows.append({"series": name, "median_step_ms": 1e3 * median, "q1_ms": 1e3 * quartiles[0],
                      "q3_ms": 1e3 * quartiles[2], "tokens_per_s": 1 / median, "vs_baseline": base / median,
+                     "median_step_cpu_ms": 1e3 * median_cpu, "vs_baseline_cpu": base_cpu / median_cpu,
                      "steps": len(s["times"]), "peak_memory_bytes": s["peak"], "cache_bytes": s["bytes"],
                      "effective_bits": 8 * s["bytes"] / elements})
         print(f"{name:56s} {1e3 * median:8.1f} ms  {1 / median:6.2f} tok/s  {base / median:5.2f}x  "
+              f"cpu {1e3 * median_cpu:8.1f} ms {base_cpu / median_cpu:5.2f}x  "
               f"peak {s['peak'] / 2**20:7.1f} MiB  {8 * s['bytes'] / elements:5.2f} bits", flush=True)
     result = {"device": device_info(), "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to fp32)",
               "context": args.context, "prefilled_tokens": prefill, "prefill_chunk": CHUNK, "rounds": args.rounds, "steps_per_round": args.steps,
@@ -197,17 +204,19 @@ def _plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(14, 5))
     bars = ax.barh([r["series"] for r in rows][::-1], [r["tokens_per_s"] for r in rows][::-1],
                    color=["#888" if r["series"].startswith("mlx_lm") else "#2a7" for r in rows][::-1])
     for bar, r in zip(bars, rows[::-1]):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
-                f" {r['tokens_per_s']:.2f} tok/s, {r['vs_baseline']:.2f}x, {r['effective_bits']:.2f} bits", va="center",
+                f" {r['tokens_per_s']:.2f} tok/s, {r['vs_baseline']:.2f}x (CPU time {r['vs_baseline_cpu']:.2f}x), "
+                f"{r['effective_bits']:.2f} bits", va="center",
                 fontsize=8)
     ax.set_xlabel("decode tokens/s (median step)")
+    load = result["load_average_before"][0], result["load_average_after"][0]
     ax.set_title(f"SmolLM2-135M decode at {result['context']} tokens, {result['device'].get('cpu', 'CPU')}, "
-                 f"{result['device'].get('cpu_count')} cores", fontsize=10)
-    ax.set_xlim(0, max(r["tokens_per_s"] for r in rows) * 1.6)
+                 f"{result['device'].get('cpu_count')} cores, load average {load[0]:.0f} / {load[1]:.0f}", fontsize=10)
+    ax.set_xlim(0, max(r["tokens_per_s"] for r in rows) * 2.2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
