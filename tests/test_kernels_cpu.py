@@ -165,8 +165,9 @@ def test_thread_count_is_checked(monkeypatch):
 
 
 def test_without_a_compiler_the_portable_path_runs(tmp_path):
-    """No gcc/cc on PATH, no $CC, an empty kernel cache: one warning, the kernel is not offered, and attention
-    still answers (the portable path) with what the portable path gives."""
+    """No gcc/cc on PATH, no $CC, an empty kernel cache: one warning, the kernel is not offered, appends encode
+    with the methods' own MLX ops, and attention still answers (the portable path) with what the portable path
+    gives."""
     script = textwrap.dedent("""
         import warnings
         import mlx.core as mx
@@ -175,11 +176,11 @@ def test_without_a_compiler_the_portable_path_runs(tmp_path):
         from kvshard.quant.cache import CompressedKVCache
         cache = CompressedKVCache(64, 2, key_bits=4)
         mx.random.seed(0)
-        cache.append(mx.random.normal((1, 2, 400, 64)), mx.random.normal((1, 2, 400, 64)))
-        q = mx.random.normal((1, 4, 1, 64))
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught:  # the first append looks for the native encode
             warnings.simplefilter("always")
+            cache.append(mx.random.normal((1, 2, 400, 64)), mx.random.normal((1, 2, 400, 64)))
             supported = kernels.cpu_supported(cache.key_quantizer, cache.value_quantizer)
+        q = mx.random.normal((1, 4, 1, 64))
         attend = lambda backend: compressed_attention(q, cache.segments(), n_kv_heads=2, key_method=cache.key_quantizer,
                                                       value_method=cache.value_quantizer, scale=0.125, backend=backend)
         assert not supported
