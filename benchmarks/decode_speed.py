@@ -53,14 +53,42 @@ def synthetic_plan(n_kv_heads: int, head_dim: int, bits: tuple, norm_bits: int, 
     return KLTPlan(analysis, energies, bits, norm_bits)
 
 
-def cache_series(n_kv_heads: int, head_dim: int) -> dict:
-    """label -> () -> one layer's cache. Calibrated-plan klt: the same plan for every layer."""
+# Coordinate bits of the recommended configuration's shape: the shipped profile (smollm2-135m) at 3.5 bits
+# plans keys before RoPE with most bits in a few coordinates and many dropped, values at 3-4 bits, per layer
+# (two allocations of its layers' shape, alternating), with 8-bit scales and 4 fp16 sinks: ~3.4 effective bits.
+RECOMMENDED_BITS = [
+    ((7, 6, 6, 5, 5, 5, 4, 4) + (4,) * 4 + (3,) * 16 + (2,) * 14 + (1,) * 14 + (0,) * 8,
+     (6, 6, 6) + (5,) * 13 + (4,) * 48),
+    ((6, 5, 5, 4, 4) + (3,) * 14 + (2,) * 14 + (1,) * 8 + (0,) * 23,
+     (8, 7, 6, 6, 6) + (6,) * 10 + (5,) * 30 + (4,) * 19),
+]
+RECOMMENDED = "ours recommended: klt, keys before RoPE, per-layer mixed bits, 8-bit scales, 4 sinks"
+
+
+def recommended_plans(n_kv_heads: int, head_dim: int, layer: int, rope_theta: float) -> tuple:
+    """(key plan, value plan) of the recommended configuration's shape for one layer of the random model."""
+    key_bits, value_bits = RECOMMENDED_BITS[layer % len(RECOMMENDED_BITS)]
+    frequencies = rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)
+    key = synthetic_plan(n_kv_heads, head_dim, key_bits, 8, 10 + layer)
+    key = KLTPlan(key.analysis, key.energies, key.coordinate_bits, 8, frequencies, False)
+    return key, synthetic_plan(n_kv_heads, head_dim, value_bits, 8, 100 + layer)
+
+
+def cache_series(n_kv_heads: int, head_dim: int, rope_theta: float = LLAMA_1B["rope_theta"]) -> dict:
+    """label -> (layer index) -> that layer's cache. Calibrated-plan klt: the same plan for every layer, but
+    the recommended configuration's, which differs per layer."""
     uniform = synthetic_plan(n_kv_heads, head_dim, (4,) * head_dim, 16, 1)
     mixed = synthetic_plan(n_kv_heads, head_dim, (6,) * 8 + (5,) * 24 + (4,) * 16 + (2,) * 16, 8, 2)
-    ours = lambda **kw: lambda: CompressedKVCache(head_dim=head_dim, n_kv_heads=n_kv_heads, **kw)  # noqa: E731
+    ours = lambda **kw: lambda layer=0: CompressedKVCache(head_dim=head_dim, n_kv_heads=n_kv_heads, **kw)  # noqa: E731
+
+    def recommended(layer=0):
+        key_plan, value_plan = recommended_plans(n_kv_heads, head_dim, layer, rope_theta)
+        return CompressedKVCache(head_dim=head_dim, n_kv_heads=n_kv_heads, method="klt", key_bits=4, value_bits=4,
+                                 key_plan=key_plan, value_plan=value_plan, sink_tokens=4)
+
     return {
-        "mlx_lm KVCache fp16": KVCache,
-        "mlx_lm QuantizedKVCache 4-bit g64": lambda: QuantizedKVCache(group_size=64, bits=4),
+        "mlx_lm KVCache fp16": lambda layer=0: KVCache(),
+        "mlx_lm QuantizedKVCache 4-bit g64": lambda layer=0: QuantizedKVCache(group_size=64, bits=4),
         "ours turboquant_mse k4/v4": ours(key_bits=4, value_bits=4),
         "ours turboquant_mse k2/v2": ours(key_bits=2, value_bits=2),
         "ours turboquant_mse k4/v4 window 128": ours(key_bits=4, value_bits=4, window=128),
@@ -69,6 +97,7 @@ def cache_series(n_kv_heads: int, head_dim: int) -> dict:
             method="klt", key_bits=4, value_bits=4, key_plan=uniform, value_plan=uniform),
         "ours klt calibrated-shape plan, mixed 6/5/4/2 bits, 8-bit scale": ours(
             method="klt", key_bits=4, value_bits=4, key_plan=mixed, value_plan=mixed),
+        RECOMMENDED: recommended,
     }
 
 
@@ -158,11 +187,11 @@ def bench_decode(args) -> dict:
         row = {}
         built = {}
         for label, make in series.items():
-            if "mixed" in label and tokens > args.portable_max:
+            if ("mixed" in label or label == RECOMMENDED) and tokens > args.portable_max:
                 row[label] = {"skipped": f"portable path; measured up to {args.portable_max} tokens"}
                 continue
             try:
-                caches = [make() for _ in range(layers)]
+                caches = [make(i) for i in range(layers)]
                 for c in caches:
                     fill(c, H, D, tokens)
                 step = step_fn(model, caches)
@@ -211,11 +240,11 @@ def bench_memory(model, series, H, D, layers, tokens, built) -> dict:
     mx.clear_cache()
     memory = {"tokens": tokens}
     for label, make in series.items():
-        if "mixed" in label or "Quantized" in label:
+        if "mixed" in label or "Quantized" in label or label == RECOMMENDED:
             continue
         base = mx.get_active_memory()
         mx.reset_peak_memory()
-        caches = [make() for _ in range(layers)]
+        caches = [make(i) for i in range(layers)]
         for c in caches:
             fill(c, H, D, tokens)
         mx.synchronize()

@@ -14,6 +14,7 @@ from mlx_lm.models.cache import _BaseCache
 
 from . import kernels
 from .attention import CodeSegment, ExactSegment, compressed_attention, decode_keys
+from .kernels import dispatch, gpu
 from .methods import make_method
 from .methods.klt import KLT, KLTPlan
 from .methods.outliers import OutlierChannels
@@ -124,6 +125,10 @@ class CompressedKVCache(_BaseCache):
     def _clear(self) -> None:
         self.read_by_hook = False
         self.input_dtype = None  # what update_and_fetch was last given: K/V views come back in it, as from KVCache
+        # The decode step's append in the attention kernel's launch: update_and_fetch leaves the new token here
+        # and `attention` codes it in place; `_written` is that launch's output until something else reads codes.
+        self._pending = None
+        self._written = None
         self.offset = 0
         self.n_encoded = 0
         self.sink_keys = self.sink_values = None
@@ -182,8 +187,7 @@ class CompressedKVCache(_BaseCache):
             self._init_shape(keys.shape[-1], keys.shape[1])
         keys, values = keys.astype(mx.float16), values.astype(mx.float16)
         n = keys.shape[2]
-        if self.window == 0 and self.window_keys is None and (self.key_mean is not None or not self.center_keys) \
-                and (self.sink_keys is not None and self.sink_keys.shape[2] == self.sink_tokens or not self.sink_tokens):
+        if self._codes_direct():
             # The decode step's path: nothing waits in fp16, so the tokens go straight into the code buffers.
             self.offset += n
             self._encode(keys, values)
@@ -214,6 +218,29 @@ class CompressedKVCache(_BaseCache):
             else:
                 self.window_keys = self.window_values = None
 
+    def _codes_direct(self) -> bool:
+        """Whether new tokens go straight into the codes: no window, sinks full, the key mean known."""
+        return self.window == 0 and self.window_keys is None and (self.key_mean is not None or not self.center_keys) \
+            and (self.sink_keys is not None and self.sink_keys.shape[2] == self.sink_tokens or not self.sink_tokens)
+
+    def _defer_append(self, keys: mx.array) -> bool:
+        """Whether this append can wait for `attention`, whose kernel codes it in place (one launch a layer): one
+        token, straight to codes, room in the buffers, no observers (they see each encode), keys after RoPE."""
+        return (self.read_by_hook and keys.shape[2] == 1 and not self.observers and self._key_rope is None
+                and self._pending is None and self.key_codes is not None and self._codes_direct()
+                and next(iter(self.key_codes.values())).shape[2] > self.n_encoded
+                and kernels.gpu_backend() == "cuda" and gpu.append_supported(self.key_quantizer, self.value_quantizer))
+
+    def _settle(self) -> None:
+        """Before anything but the decode kernel reads the codes: a deferred token is coded the ordinary way,
+        and the last in-place append is evaluated (a graph that slices the buffers does not depend on it)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._encode(*pending)
+        if self._written is not None:
+            mx.eval(self._written)
+            self._written = None
+
     def _codes_start(self) -> int:
         """Position of the first coded token: codes follow the sinks."""
         return 0 if self.sink_keys is None else self.sink_keys.shape[2]
@@ -224,6 +251,8 @@ class CompressedKVCache(_BaseCache):
         return rotate(keys.astype(mx.float32), start, *self._key_rope, inverse=True)
 
     def _encode(self, keys: mx.array, values: mx.array) -> None:
+        if self._written is not None:
+            self._settle()
         keys = self._unrope(keys, self._codes_start() + self.n_encoded)
         if self.key_mean is not None:
             keys = keys - self.key_mean
@@ -255,6 +284,12 @@ class CompressedKVCache(_BaseCache):
         never the K/V), it returns the new tokens instead, as building the graph of the whole decoded history
         at every step cost a third of a GPU decode step."""
         self._validate(keys, values, check_finite=False)
+        if self._defer_append(keys):
+            self._pending = (keys, values)
+            self.offset += 1
+            self.input_dtype = keys.dtype
+            return keys, values
+        self._settle()
         if keys.shape[2]:  # as KVCache, an update of no tokens only fetches
             self._store(keys, values)
         self.input_dtype = keys.dtype
@@ -269,6 +304,7 @@ class CompressedKVCache(_BaseCache):
         head_dim). Invalid input raises ValueError naming the field and leaves the cache as it was."""
         keys, values = _as_4d(keys, "keys"), _as_4d(values, "values")
         self._validate(keys, values, check_finite=True)
+        self._settle()
         self._store(keys, values)
         mx.eval(self._arrays())
         for observer in self.observers:
@@ -280,6 +316,7 @@ class CompressedKVCache(_BaseCache):
         """The held tokens in order: fp16 sinks, codes, fp16 window. exact=False hands over the code buffers
         uncut (longer than n_encoded; the attention paths cut them where they need to), which saves the
         decode step a slice per code array."""
+        self._settle()
         parts = []
         if self.sink_keys is not None and self.sink_keys.shape[2]:
             parts.append(ExactSegment(self.sink_keys, self.sink_values))
@@ -299,6 +336,10 @@ class CompressedKVCache(_BaseCache):
 
     def attention(self, queries: mx.array, scale: float, mask=None) -> mx.array:
         """Attention of (B, Hq, L, D) queries over every held token, read from the codes."""
+        if self._pending is not None:
+            kernel = dispatch.append_kernel(queries, mask, self.n_kv_heads, self.key_quantizer, self.value_quantizer)
+            if kernel is not None:
+                return self._append_and_attend(queries, scale, kernel)
         start = start_timer(self.observers, queries)
         output = compressed_attention(
             queries,
@@ -312,6 +353,17 @@ class CompressedKVCache(_BaseCache):
         for observer in self.observers:
             observer.on_attend(self, queries, output, start)
         return output
+
+    def _append_and_attend(self, queries: mx.array, scale: float, kernel: str) -> mx.array:
+        """The deferred token coded into row n_encoded of the buffers and attended, with the rest, in one launch."""
+        keys, values = self._pending
+        self._pending = None
+        segment = CodeSegment(self.key_codes, self.value_codes, self.key_mean, self.n_encoded)
+        out = gpu.attention(queries, segment, self.key_quantizer, self.value_quantizer, scale, kernel,
+                            append=(keys.astype(mx.float16), values.astype(mx.float16)))[0]
+        self.n_encoded += 1
+        self._written = out
+        return out
 
     def attend(self, q: mx.array, scale: float | None = None) -> mx.array:
         """Attention of queries over all held tokens (no causal mask): (D,), (Lq, D), (Hq, Lq, D) or
@@ -352,6 +404,7 @@ class CompressedKVCache(_BaseCache):
         return self.offset == 0
 
     def _arrays(self) -> list:
+        self._settle()
         held = (self.sink_keys, self.sink_values, self.window_keys, self.window_values, self.key_mean, self.key_scale)
         arrays = [a for a in held if a is not None]
         for codes in (self.key_codes or {}, self.value_codes or {}):
@@ -373,6 +426,7 @@ class CompressedKVCache(_BaseCache):
 
     @property
     def compressed_key_bytes(self) -> int:
+        self._settle()
         held = [self.sink_keys, self.window_keys, self.key_mean]
         held_bytes = sum(a.nbytes for a in held if a is not None)
         return held_bytes + sum(a[:, :, : self.n_encoded].nbytes for a in (self.key_codes or {}).values())
@@ -390,6 +444,7 @@ class CompressedKVCache(_BaseCache):
 
     def trim(self, n: int) -> int:
         """Drop the last n tokens (window first, then codes, then sinks); returns how many were dropped."""
+        self._settle()
         n = min(_check_count(n, "n"), self.offset)
         left = n
         if left and self.window_keys is not None:
@@ -416,6 +471,7 @@ class CompressedKVCache(_BaseCache):
 
     @property
     def state(self) -> dict:
+        self._settle()
         dtype = None if self.input_dtype is None else str(self.input_dtype).removeprefix("mlx.core.")
         meta = dict(self.config, offset=self.offset, n_encoded=self.n_encoded, format=STATE_FORMAT, dtype=dtype)
         state = {"meta": json.dumps(meta, sort_keys=True)}

@@ -256,10 +256,17 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     log = _nvcc_compile("attend", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=gpu.GPU_UNROLL, TPS=256, ROUNDS=3,
                                        HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
-    mma = dict(D=128, R=4, WARPS=gpu.GPU_MMA_WARPS, U=gpu.GPU_MMA_UNROLL, ROUNDS=3)
+    mma = dict(D=128, R=4, WARPS=gpu.GPU_MMA_WARPS, U=gpu.GPU_MMA_UNROLL, NB=gpu.GPU_MMA_BUFFERS[128], ROUNDS=3)
     log = _nvcc_compile("mma_attend", dict(mma, HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
-    log = _nvcc_compile("mma_split", dict(mma, D=64, R=3), tmp_path)
+    log = _nvcc_compile("mma_split", dict(mma, D=64, R=3, NB=gpu.GPU_MMA_BUFFERS[64]), tmp_path)
+    assert " 0 bytes spill stores" in log, log
+    for D in (64, 128):  # the decode step's single launch, appending in place
+        log = _nvcc_compile("mma_append", dict(mma, D=D, NB=gpu.GPU_MMA_BUFFERS[D], HAS_MEAN=True, VROUNDS=3,
+                                               OutT="__half", KB=4, VB=4), tmp_path)
+        assert " 0 bytes spill stores" in log, log
+    log = _nvcc_compile("append", dict(D=64, R=4, KB=2, VB=2, LPT=4, WARPS=4, U=gpu.GPU_UNROLL, TPS=256, ROUNDS=3,
+                                       HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
 
 
@@ -270,7 +277,7 @@ def _emulated(kind, dtypes, template, tmp_path):
     headers = [cuda.source(h) for h in headers if h != cuda.MMA_ASM]  # the emulator supplies these primitives
     # Dynamic shared memory (the tensor-core kernel's) comes from the emulator.
     declaration = "extern __shared__ __align__(16) unsigned char kvs_smem[];"
-    assert declaration in function or kind.startswith("encode")
+    assert declaration in function or not kind.startswith("mma")
     function = function.replace(declaration, "unsigned char* kvs_smem = emu::shared_memory;")
     names, outputs = cuda.parts(kind)[:2]
     args = []
@@ -295,6 +302,27 @@ def _emulated(kind, dtypes, template, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return ctypes.CDLL(str(library)).launch, names, outputs
+
+
+def _emulated_attend(kind, dtypes, template, inputs, q_shape, grid, rows, warps, tmp_path) -> list:
+    """One launch of a single-launch attention kernel under the emulator: inputs are name -> (array, shape,
+    strides); returns the outputs (split partials, out, lse); the inputs' arrays are what the kernel left."""
+    import numpy as np
+
+    launch, names, _ = _emulated(kind, dtypes, template, tmp_path)
+    shapes, strides, arrays = np.zeros((len(names), 8), np.int32), np.zeros((len(names), 8), np.int64), []
+    for i, name in enumerate(names):
+        array, shape, stride = inputs[name]
+        arrays.append(array)
+        shapes[i, : len(shape)], strides[i, : len(stride)] = shape, stride
+    splits, n_kv, batch = grid
+    results = [np.full((batch, n_kv, splits, rows, q_shape[-1]), np.nan, np.float32),
+               np.full((batch, n_kv, splits, rows, 2), np.nan, np.float32),
+               np.full(q_shape, np.nan, np.float16), np.full((batch, n_kv, rows), np.nan, np.float32)]
+    pointers = (ctypes.c_void_p * (len(arrays) + 4))(*[a.ctypes.data for a in arrays + results])
+    launch(pointers, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p), splits, n_kv,
+           batch, warps * 32)
+    return results
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
@@ -346,20 +374,11 @@ def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, le
               "counter": (tickets, tickets.shape, [1])}
     dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
               "kmean": "__half", "counter": "int32_t", "out": "__half", "lengths": "int32_t"}
-    template = dict(D=head_dim, R=rows, WARPS=warps, U=unroll, ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=center,
-                    VROUNDS=vm.rotation.signs.shape[0], OutT="__half")
-    launch, names, outputs = _emulated("mma_attend", dtypes, template, tmp_path)
-    shapes, strides, arrays = np.zeros((len(names), 8), np.int32), np.zeros((len(names), 8), np.int64), []
-    for i, name in enumerate(names):
-        array, shape, stride = inputs[name]
-        arrays.append(array)
-        shapes[i, : len(shape)], strides[i, : len(stride)] = shape, stride
-    results = [np.full((batch, n_kv, splits, rows, head_dim), np.nan, np.float32),
-               np.full((batch, n_kv, splits, rows, 2), np.nan, np.float32),
-               np.full(queries.shape, np.nan, np.float16), np.full((batch, n_kv, rows), np.nan, np.float32)]
-    pointers = (ctypes.c_void_p * (len(arrays) + 4))(*[a.ctypes.data for a in arrays + results])
-    launch(pointers, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p), splits, n_kv,
-           batch, warps * 32)
+    template = dict(D=head_dim, R=rows, WARPS=warps, U=unroll, NB=gpu.GPU_MMA_BUFFERS[head_dim],
+                    ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=center, VROUNDS=vm.rotation.signs.shape[0],
+                    OutT="__half")
+    results = _emulated_attend("mma_attend", dtypes, template, inputs, queries.shape, (splits, n_kv, batch), rows,
+                               warps, tmp_path)
     pure = [np.array(_attend(cache, queries[:1].astype(mx.float32), "pure"))]
     if second_row is not None:
         cache.trim(tokens - second_row)
@@ -369,6 +388,87 @@ def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, le
     # within a few fp16 ulps of the largest output.
     assert np.abs(results[2].astype(np.float32) - pure).max() < 2e-3 * max(1.0, np.abs(pure).max())
     assert (tickets == 0).all()  # the last block of each kv head cleaned its ticket for the next launch
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+@pytest.mark.parametrize(
+    "kind, tokens, head_dim, queries_per_kv, bits, splits, batch",
+    [
+        ("mma_append", 300, 64, 4, 4, 3, 1),  # Llama-3.2-1B decode shape (the e2e benchmark's), a 3-buffer-deep split
+        ("mma_append", 150, 128, 4, 4, 2, 2),  # Llama-3.1-8B shape, batch 2 (rows of 150 and 61 tokens)
+        ("append", 200, 64, 3, 2, 0, 1),  # CUDA-core kernel, 2 bits: a lane's codes are under a byte
+        ("append", 130, 128, 4, 4, 0, 1),
+    ],
+)
+def test_append_kernel_on_cpu_emulator(kind, tokens, head_dim, queries_per_kv, bits, splits, batch, tmp_path):
+    """The decode step in one launch, run under g++: the last block codes the new token into row `length` of
+    the code buffers (in place: they are inputs) and attends it beside the held codes. Against the cache that
+    appended the token the ordinary way: the codes written (up to float rounding at a boundary) and the output
+    of the portable path over all tokens."""
+    import numpy as np
+
+    from kvshard.quant.packing import unpack
+
+    cache = _filled(tokens, head_dim=head_dim, key_bits=bits, value_bits=bits)
+    lengths = [tokens] if batch == 1 else [tokens, tokens // 2 - 14]
+    new_k = (mx.random.normal((batch, 2, 1, head_dim)) + 0.5).astype(mx.float16)
+    new_v = mx.random.normal((batch, 2, 1, head_dim)).astype(mx.float16)
+    queries = mx.random.normal((batch, 2 * queries_per_kv, 1, head_dim)).astype(mx.float16)
+    (segment,) = cache.segments()
+    km, vm = cache.key_quantizer, cache.value_quantizer
+    rows, n_kv, room = queries_per_kv, 2, 40
+
+    def dense(a, dtype):
+        a = np.ascontiguousarray(np.array(a).astype(dtype))
+        return a, a.shape, [s // a.itemsize for s in a.strides]
+
+    def roomy(codes):
+        codes = np.repeat(np.array(codes), batch, 0)
+        B, H, T, W = codes.shape
+        buffer = np.zeros((B, H, T + room, W), codes.dtype)
+        buffer[:, :, :T] = codes
+        return buffer, buffer.shape, [H * (T + room) * W, (T + room) * W, W, 1]
+
+    mean = np.repeat(np.array(segment.key_mean.astype(mx.float16)), batch, 0)
+    row_lengths = np.array(lengths, np.int32)
+    tickets = np.zeros(batch * n_kv, np.int32)
+    inputs = {"q": dense(queries, np.float16), "params": dense(mx.array([head_dim**-0.5]), np.float32),
+              "signs": dense(km.rotation.signs, np.float32), "kcent": dense(km.codebook.centroids, np.float32),
+              "vcent": dense(vm.codebook.centroids, np.float32), "kidx": roomy(segment.key_codes["idx"]),
+              "knorm": roomy(segment.key_codes["norm"]), "vidx": roomy(segment.value_codes["idx"]),
+              "vnorm": roomy(segment.value_codes["norm"]), "lengths": (row_lengths, row_lengths.shape, [1]),
+              "vsigns": dense(vm.rotation.signs, np.float32), "kmean": dense(mean, np.float16),
+              "counter": (tickets, tickets.shape, [1]), "xk": dense(new_k, np.float16), "xv": dense(new_v, np.float16),
+              "kbounds": dense(km.codebook.boundaries, np.float32), "vbounds": dense(vm.codebook.boundaries, np.float32)}
+    dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
+              "kmean": "__half", "counter": "int32_t", "out": "__half", "lengths": "int32_t", "xk": "__half",
+              "xv": "__half"}
+    template = dict(D=head_dim, R=rows, ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=True,
+                    VROUNDS=vm.rotation.signs.shape[0], OutT="__half", KB=bits, VB=bits)
+    if kind == "mma_append":
+        template.update(WARPS=4, U=1, NB=gpu.GPU_MMA_BUFFERS[head_dim])
+    else:
+        plan = gpu.gpu_plan(head_dim, rows, bits, bits)
+        template.update(LPT=plan["LPT"], WARPS=4, U=gpu.GPU_UNROLL, TPS=64)
+        splits = -(-tokens // 64)
+    results = _emulated_attend(kind, dtypes, template, inputs, queries.shape, (splits, n_kv, batch), rows, 4,
+                               tmp_path)
+    assert (tickets == 0).all()
+    for b, n in enumerate(lengths):
+        reference = _filled(tokens, head_dim=head_dim, key_bits=bits, value_bits=bits)
+        reference.trim(tokens - n)
+        reference.append(new_k[b:b + 1], new_v[b:b + 1])
+        (ref_segment,) = reference.segments()
+        for side, ref_codes in (("k", ref_segment.key_codes), ("v", ref_segment.value_codes)):
+            got = mx.array(inputs[f"{side}idx"][0][b:b + 1, :, n : n + 1])
+            differ = unpack(got, bits, head_dim) != unpack(ref_codes["idx"][:, :, n : n + 1], bits, head_dim)
+            assert differ.mean().item() < 0.02  # a coordinate within float rounding of a boundary may flip
+            got_norm = inputs[f"{side}norm"][0][b:b + 1, :, n : n + 1].astype(np.float32)
+            assert np.allclose(got_norm, np.array(ref_codes["norm"][:, :, n : n + 1].astype(mx.float32)), rtol=2e-3)
+        # The rows past the new token are untouched (no block writes anywhere else).
+        assert not inputs["kidx"][0][b, :, n + 1 :].any() or b > 0
+        pure = np.array(_attend(reference, queries[b:b + 1].astype(mx.float32), "pure"))
+        assert np.abs(results[2][b:b + 1].astype(np.float32) - pure).max() < 2e-3 * max(1.0, np.abs(pure).max())
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
@@ -527,6 +627,43 @@ def test_gpu_pair_encode_klt(head_dim, bits):
         assert same.mean().item() > 0.7  # at head_dim 128 about one token in ten has a flipped code
         rel = mx.abs(got["norm"].astype(mx.float32) - ref["norm"].astype(mx.float32)) / ref["norm"].astype(mx.float32)
         assert mx.where(same, rel, 0).max().item() < 2e-3 and rel.max().item() < 0.05
+
+
+@pytest.mark.skipif(kernels.gpu_backend() != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim, queries_per_kv, bits", [(64, 4, 4), (128, 4, 4), (64, 3, 2)])
+def test_gpu_decode_step_appends_in_the_attention_launch(head_dim, queries_per_kv, bits):
+    """A hooked cache's decode step on CUDA is one launch: update_and_fetch leaves the token to `attention`,
+    whose kernel codes it into the buffers in place and attends it. Over 300 steps (buffer growths among them,
+    done the ordinary way), with queries aimed at the new key so that a token missed or mis-coded shows:
+    every output matches the portable path over the codes the cache then holds, and those codes are what the
+    ordinary appends code (up to a coordinate at float rounding from a boundary)."""
+    from kvshard.quant.packing import unpack
+
+    fused = _filled(1000, head_dim=head_dim, key_bits=bits, value_bits=bits)
+    plain = _filled(1000, head_dim=head_dim, key_bits=bits, value_bits=bits)
+    fused.read_by_hook = True  # as the attention hook marks it
+    in_kernel = 0
+    for _ in range(300):
+        k = (mx.random.normal((1, 2, 1, head_dim)) + 0.5).astype(mx.float16)
+        v = mx.random.normal((1, 2, 1, head_dim)).astype(mx.float16)
+        q = (2 * mx.repeat(k, queries_per_kv, axis=1)).astype(mx.float16)
+        fused.update_and_fetch(k, v)
+        in_kernel += fused._pending is not None
+        out = fused.attention(q, head_dim**-0.5)
+        plain.append(k, v)
+        with mx.stream(mx.cpu):
+            ref = _attend(fused, q.astype(mx.float32), "pure")  # segments(): the in-place codes, evaluated
+        assert _max_err(out, ref) < 2e-3 * max(1.0, mx.abs(ref).max().item())
+    assert in_kernel >= 290 and fused.offset == fused.n_encoded == plain.n_encoded == 1300
+    assert fused.nbytes == plain.nbytes
+    got, want = fused.state, plain.state
+    for side in ("key_codes", "value_codes"):
+        new = slice(1000, 1300)
+        differ = unpack(got[side]["idx"][:, :, new], bits, head_dim) != unpack(want[side]["idx"][:, :, new], bits,
+                                                                                head_dim)
+        assert differ.mean().item() < 5e-3
+        norms = got[side]["norm"][:, :, new].astype(mx.float32), want[side]["norm"][:, :, new].astype(mx.float32)
+        assert mx.allclose(*norms, rtol=2e-3).item()
 
 
 def test_hooked_cache_stops_returning_the_decoded_history():

@@ -12,7 +12,10 @@ load each; each lane owns C = D / LPT coordinates for all R query rows of its kv
 scores and value sums with mma.sync m16n8k16 (fp16 in, fp32 accumulate), centroids from a per-lane
 shared-memory table; products round the query, centroids and P·‖v‖ to fp16, as fp16 SDPA rounds q, K and V.
 On CUDA one launch does it all (GPU_SINGLE_LAUNCH: the last split block of each kv head, found with an atomic
-ticket, merges); tickets are slots of one persistent zeroed buffer that the last block cleans.
+ticket, merges); tickets are slots of one persistent zeroed buffer that the last block cleans. The decode
+step's launch also appends (mma_append / append): that last block codes the new token into the cache's
+preallocated code buffers in place (row `lengths`, which no block of the launch reads) and attends it from
+those codes, so a decode step is one launch per layer: no encode launch, no slice updates.
 """
 
 import itertools
@@ -31,7 +34,11 @@ GPU_COORDS = None  # coordinates per lane; None picks by group size (benchmarks 
 GPU_SINGLE_LAUNCH = True  # CUDA: split and combine in one launch (the last block merges); else two launches
 GPU_MMA = True
 GPU_MMA_WARPS = 4  # warps per split block
-GPU_MMA_UNROLL = 1  # 16-token steps per warp step (three steps' codes in registers: two are in flight)
+GPU_MMA_UNROLL = 1  # 16-token steps per warp step
+# Code buffers per warp by head_dim: while one 16-token step is computed, the next NB - 1 are in flight. At
+# head_dim 64 three left the warps stalled on their loads (Nsight on an H200: 0.55 TB/s, 57% of the stalls
+# long-scoreboard, 12 warps per SM); at 128 a fourth buffer would cost the registers of a resident block.
+GPU_MMA_BUFFERS = {64: 5, 128: 3}
 # Split blocks per call to aim for (3 resident per SM on a 132-SM H100/H200). 132 was 10-25% faster for one
 # layer at batch 1 (benchmarks/tune_mma.py, results/tune_mma_gpu.json) but 1.4-2.1x slower at batch 8, and no
 # faster end to end (results/speed_*_gpu_target132.json).
@@ -145,10 +152,25 @@ def _specs(key_method, value_method):
     return kspec, vspec, none if kspec.signs is None else kspec.signs, none if vspec.signs is None else vspec.signs, dim
 
 
+def append_supported(key_method, value_method) -> bool:
+    """Whether the decode step's single launch (mma_append / append) can code the new token itself: both
+    methods' rotations in the kernel, of one width the encode covers."""
+    return _append_supported(key_method, value_method)
+
+
+@lru_cache(maxsize=64)
+def _append_supported(key_method, value_method) -> bool:
+    return GPU_SINGLE_LAUNCH and key_method.rotated_dim == value_method.rotated_dim and all(
+        spec is not None and spec.signs is not None and _encodable(m.rotated_dim, spec.bits)
+        for m, spec in ((key_method, key_method.fused_spec()), (value_method, value_method.fused_spec())))
+
+
 def attention(queries, segment, key_method, value_method, scale: float, kernel: str, lengths=None,
-              with_lse: bool = False):
+              with_lse: bool = False, append=None):
     """Attention of (B, Hq, L, D) queries over one code segment, no mask, with the kernel dispatch chose.
     lengths: (B,) int32 tokens held per row (default: all `segment.length`); the code buffers may be longer.
+    append: the decode step's new (keys, values), (B, Hkv, 1, D) (dispatch.append_kernel said yes): coded into
+    row `lengths` of the segment's buffers in place by the same launch and attended with the rest.
     Returns (out (B, Hq, L, D) in queries.dtype, lse (B, Hkv, R) or None unless with_lse)."""
     B, n_q_heads, L, D = queries.shape
     H = segment.n_kv_heads
@@ -162,7 +184,7 @@ def attention(queries, segment, key_method, value_method, scale: float, kernel: 
     if lengths is None:
         lengths = _row_lengths(segment.length, B)
     out, lse = _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, float(scale), has_mean, lengths, G * L,
-                       queries.dtype)
+                       queries.dtype, append)
     if vspec.signs is None:
         out = value_method.unrotate(out.reshape(B, H, G, L, dim)).reshape(B, n_q_heads, L, D).astype(queries.dtype)
     if not with_lse:
@@ -175,7 +197,7 @@ def attention(queries, segment, key_method, value_method, scale: float, kernel: 
     return out, lse
 
 
-def _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, scale, has_mean, lengths, R, out_dtype):
+def _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, scale, has_mean, lengths, R, out_dtype, append=None):
     B, n_q_heads, L, D = q.shape
     H = segment.n_kv_heads
     codes = [segment.key_codes["idx"], segment.key_codes["norm"], segment.value_codes["idx"],
@@ -185,10 +207,12 @@ def _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, scale, has_mean, l
     outs = [(B, n_q_heads, L, D), (B, H, R)]
     if kernel == "mma":
         n_splits, threads = _mma_splits(B, H, segment.length), GPU_MMA_WARPS * 32
-        template = [("D", D), ("R", R), ("WARPS", GPU_MMA_WARPS), ("U", GPU_MMA_UNROLL), ("ROUNDS", ksigns.shape[0]
-                    if kspec.signs is not None else 0)]
+        template = [("D", D), ("R", R), ("WARPS", GPU_MMA_WARPS), ("U", GPU_MMA_UNROLL), ("NB", GPU_MMA_BUFFERS[D]),
+                    ("ROUNDS", ksigns.shape[0] if kspec.signs is not None else 0)]
         shared = MMA_TABLE_BYTES + R * D * 4
         split_kind = "mma_attend" if GPU_SINGLE_LAUNCH else "mma_split"
+        if append is not None:
+            split_kind, template = "mma_append", template + [("KB", kspec.bits), ("VB", vspec.bits)]
         split = cuda.kernel(split_kind, shared)
     else:
         plan = gpu_plan(D, R, kspec.bits, vspec.bits)
@@ -199,12 +223,15 @@ def _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, scale, has_mean, l
                     ("ROUNDS", ksigns.shape[0] if kspec.signs is not None else 0)]
         single = GPU_SINGLE_LAUNCH and kernel == "cuda"
         split_kind = "attend" if single else "split"
+        if append is not None:
+            split_kind = "append"
         split = cuda.kernel(split_kind) if kernel == "cuda" else metal.kernel(split_kind)
     vrounds = vsigns.shape[0] if vspec.signs is not None else 0
     partial = [(B, H, n_splits, R, D), (B, H, n_splits, R, 2)]
     grid, threadgroup = (n_splits * threads, H, B), (threads, 1, 1)
-    if split_kind.endswith("attend"):
-        out = split(inputs=head + codes + [vsigns, mean, _tickets(B * H)],
+    if split_kind.endswith(("attend", "append")):
+        extra = [] if append is None else [append[0], append[1], kspec.boundaries, vspec.boundaries]
+        out = split(inputs=head + codes + [vsigns, mean, _tickets(B * H)] + extra,
                     template=template + [("HAS_MEAN", has_mean), ("VROUNDS", vrounds), ("OutT", out_dtype)],
                     grid=grid, threadgroup=threadgroup, output_shapes=partial + outs,
                     output_dtypes=[mx.float32, mx.float32, out_dtype, mx.float32])

@@ -67,6 +67,35 @@ __device__ __forceinline__ void kvs_store_codes(uint32_t packed, uint8_t* out, i
   }
 }
 
+// TurboQuant-MSE codes of a warp's row of norm nrm (lane l holds coordinates [l·E, (l+1)·E)): the unit vector
+// rotated (the rounds as in-register butterflies and shuffles), then the count of boundaries below each
+// coordinate, packed little-endian; v is left holding the rotated unit vector.
+template <int D, int BITS, int ROUNDS>
+__device__ __forceinline__ uint32_t kvs_quantize_lane(float (&v)[D / 32], float nrm, const float* signs,
+                                                      const float* sb, int lane) {
+  constexpr int E = D / 32;
+  const float inv = 1.0f / fmaxf(nrm, 1e-12f);
+#pragma unroll
+  for (int e = 0; e < E; ++e) v[e] *= inv;
+#pragma unroll
+  for (int rd = 0; rd < ROUNDS; ++rd) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] *= signs[rd * D + lane * E + e];
+    kvs_hadamard_row<D>(v, lane);
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] *= rsqrtf(static_cast<float>(D));
+  }
+  uint32_t packed = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    uint32_t code = 0;
+#pragma unroll
+    for (int i = 0; i < (1 << BITS) - 1; ++i) code += v[e] > sb[i] ? 1u : 0u;
+    packed |= code << (e * BITS);
+  }
+  return packed;
+}
+
 // REFIT (klt): x is already in the coded domain (no rotation); the scale kept is not ‖x‖ but the least-squares
 // gain g = Σ x·ĉ / Σ ĉ² of the chosen centroids ĉ (sc), and the codes are chosen again for x / g and g refitted,
 // as KLT.encode does for a single run of equal bits.
@@ -117,25 +146,7 @@ __device__ __forceinline__ void kvs_encode_row(const T* x, const S& shape, const
     if (lane == 0) norm[row] = static_cast<__half>(nrm);
     return;
   }
-  const float inv = 1.0f / fmaxf(nrm, 1e-12f);
-#pragma unroll
-  for (int e = 0; e < E; ++e) v[e] *= inv;
-#pragma unroll
-  for (int rd = 0; rd < ROUNDS; ++rd) {
-#pragma unroll
-    for (int e = 0; e < E; ++e) v[e] *= signs[rd * D + lane * E + e];
-    kvs_hadamard_row<D>(v, lane);
-#pragma unroll
-    for (int e = 0; e < E; ++e) v[e] *= rsqrtf(static_cast<float>(D));
-  }
-  uint32_t packed = 0;
-#pragma unroll
-  for (int e = 0; e < E; ++e) {
-    uint32_t code = 0;
-#pragma unroll
-    for (int i = 0; i < (1 << BITS) - 1; ++i) code += v[e] > sb[i] ? 1u : 0u;
-    packed |= code << (e * BITS);
-  }
+  const uint32_t packed = kvs_quantize_lane<D, BITS, ROUNDS>(v, nrm, signs, sb, lane);
   kvs_store_codes<E * BITS>(packed, idx + row * (D * BITS / 8), lane);
   if (lane == 0) norm[row] = static_cast<__half>(nrm);
 }
@@ -210,4 +221,36 @@ __device__ __forceinline__ float kvs_block_sum(float v, float* red) {
   for (int i = 1; i < NT / 32; ++i) v += red[i];
   __syncthreads();
   return v;
+}
+
+// Append one token of one (batch, kv head) in place, by one warp: x (the token, minus the key mean when MEAN)
+// TurboQuant-coded into row `pos` of the cache's preallocated code and norm buffers (inputs that the kernel
+// writes: no block of the launch reads row `pos`), and its decoded rotated vector (centroids · fp16 norm, as
+// the codes will be read later) left in `decoded` (shared memory, D floats).
+template <int D, int BITS, int ROUNDS, bool MEAN, typename T, typename XS, typename M, typename MS, typename IS,
+          typename N, typename NS>
+__device__ __forceinline__ void kvs_append_token(const T* x, const XS& xs, const M* mean, const MS& ms,
+                                                 const float* signs, const float* bounds, const float* cent,
+                                                 const uint8_t* idx, const IS& is, const N* norm, const NS& ns,
+                                                 int b, int h, int pos, int lane, float* decoded) {
+  constexpr int E = D / 32;
+  float v[E];
+  float ss = 0.0f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int d = lane * E + e;
+    v[e] = static_cast<float>(x[b * xs[0] + h * xs[1] + d * xs[3]]);
+    if constexpr (MEAN) v[e] -= static_cast<float>(mean[b * ms[0] + h * ms[1] + d * ms[3]]);
+    ss += v[e] * v[e];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  const float nrm = sqrtf(ss);
+  const uint32_t packed = kvs_quantize_lane<D, BITS, ROUNDS>(v, nrm, signs, bounds, lane);
+  kvs_store_codes<E * BITS>(packed, const_cast<uint8_t*>(idx) + b * is[0] + h * is[1] + pos * is[2], lane);
+  const N stored = static_cast<N>(nrm);
+  if (lane == 0) const_cast<N*>(norm)[b * ns[0] + h * ns[1] + pos * ns[2]] = stored;
+#pragma unroll
+  for (int e = 0; e < E; ++e)
+    decoded[lane * E + e] = cent[(packed >> (e * BITS)) & ((1u << BITS) - 1)] * static_cast<float>(stored);
 }

@@ -55,6 +55,7 @@
     }
   }
   const float hnorm = powf(static_cast<float>(D), -0.5f * ROUNDS);
+  const float tail_qnat = hnorm;  // sq · k̂ · tail_qnat: a score in natural-log units (append_token.cu)
   float qr[R][C];
 #pragma unroll
   for (int r = 0; r < R; ++r)
