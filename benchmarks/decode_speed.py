@@ -201,6 +201,7 @@ def bench_decode(args) -> dict:
                               "eval_ms": []}
                 if hasattr(caches[0], "nbytes") and isinstance(caches[0], CompressedKVCache):
                     row[label]["effective_bits"] = effective_bits(caches, H, D)
+                    row[label]["kv_bytes"] = sum(c.nbytes for c in caches)
             except Exception as err:  # noqa: BLE001 (record what mlx_lm or a path does not support)
                 row[label] = {"error": f"{type(err).__name__}: {err}"[:300]}
                 built.pop(label, None)
@@ -218,9 +219,13 @@ def bench_decode(args) -> dict:
             rec["median_build_ms"] = statistics.median(rec["build_ms"])
             rec["median_eval_ms"] = statistics.median(rec["eval_ms"])
         fp16 = row.get("mlx_lm KVCache fp16", {}).get("median_tok_s")
+        fp16_kv = 2 * 2 * layers * H * D * tokens
         for label in built:
             if fp16:
                 row[label]["vs_fp16"] = row[label]["median_tok_s"] / fp16
+            # What the bytes alone allow: a step reads the weights and the K/V once.
+            kv = row[label].get("kv_bytes", fp16_kv)
+            row[label]["ceiling_from_bytes_vs_fp16"] = (weight_bytes + fp16_kv) / (weight_bytes + kv)
         result["contexts"][str(tokens)] = row
         if tokens == args.memory_at:
             result["memory"] = bench_memory(model, series, H, D, layers, tokens, built)

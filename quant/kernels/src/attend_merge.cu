@@ -1,7 +1,6 @@
   __shared__ int is_last;
   __shared__ float srm[R], srl[R];
   __shared__ float swt[32 * R];
-  __shared__ float snv[D], sbw[R];  // an appended token's decoded value and weight (append_token.cu), else 0
   __threadfence();
   __syncthreads();
   if (tid == 0) {
@@ -25,8 +24,9 @@
     if (lane == 0) {
       srm[r] = mr;
       srl[r] = lr;
-      sbw[r] = 0.0f;
     }
   }
-  for (int d = tid; d < D; d += NT) snv[d] = 0.0f;
+  // R x D: what the tail adds to the splits' value sums in the rotated domain (append_token.cu), else 0. The
+  // warps' partials (tail_extra's space) are done with.
+  for (int i = tid; i < R * D; i += NT) tail_extra[i] = 0.0f;
   __syncthreads();

@@ -40,13 +40,12 @@
   for (int j = 0; j < TPER; ++j) {
     const int i4 = tid + j * NT;
     if (i4 < QUADS) {
-      const int r = 4 * i4 / D, d = 4 * i4 % D;
-      const float l = srl[r], w = sbw[r];
+      const float l = srl[4 * i4 / D];
       const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-      sq[4 * i4] = (tacc[j].x + w * snv[d]) * inv;
-      sq[4 * i4 + 1] = (tacc[j].y + w * snv[d + 1]) * inv;
-      sq[4 * i4 + 2] = (tacc[j].z + w * snv[d + 2]) * inv;
-      sq[4 * i4 + 3] = (tacc[j].w + w * snv[d + 3]) * inv;
+      sq[4 * i4] = (tacc[j].x + tail_extra[4 * i4]) * inv;
+      sq[4 * i4 + 1] = (tacc[j].y + tail_extra[4 * i4 + 1]) * inv;
+      sq[4 * i4 + 2] = (tacc[j].z + tail_extra[4 * i4 + 2]) * inv;
+      sq[4 * i4 + 3] = (tacc[j].w + tail_extra[4 * i4 + 3]) * inv;
     }
   }
   __syncthreads();

@@ -254,3 +254,92 @@ __device__ __forceinline__ void kvs_append_token(const T* x, const XS& xs, const
   for (int e = 0; e < E; ++e)
     decoded[lane * E + e] = cent[(packed >> (e * BITS)) & ((1u << BITS) - 1)] * static_cast<float>(stored);
 }
+
+// A token the tail coded (append_token.cu, append_ring.cu) joins each row's merged (m, l) and, weighted, the
+// rotated-domain value sum `extra` (R x D): its score from the rotated query (sq · k̂ · qnat: natural-log
+// units), its decoded value dv. A warp per row; (m, l) are read before the reduction's shuffles, written after.
+template <int R, int D, int WARPS>
+__device__ __forceinline__ void kvs_merge_coded(const float* sq, const float* dk, const float* dv, float qnat,
+                                                float* srm, float* srl, float* extra, int warp, int lane) {
+  for (int r = warp; r < R; r += WARPS) {
+    const float m0 = srm[r], l0 = srl[r];
+    float s = 0.0f;
+    for (int d = lane; d < D; d += 32) s += sq[r * D + d] * dk[d];
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    s *= qnat;
+    const float mn = fmaxf(m0, s);
+    const float a = __expf(m0 - mn), w = __expf(s - mn);
+    for (int d = lane; d < D; d += 32) extra[r * D + d] = extra[r * D + d] * a + w * dv[d];
+    if (lane == 0) {
+      srl[r] = l0 * a + w;
+      srm[r] = mn;
+    }
+  }
+}
+
+// The fp16 window (a ring of W tokens, the step's new one already in it) joins each row exactly, a warp per
+// row: scores q·k·scale less q·μ·scale (code scores leave the key mean to the lse), an online softmax over
+// the ring, the weighted value sum taken in the values' original domain and rotated into their coded domain
+// once (the tail un-rotates everything together). Ring reads go through L2: this block just wrote a slot.
+template <int R, int D, int W, int WARPS, int VROUNDS, bool MEAN, typename Q, typename QS, typename M, typename MS,
+          typename K, typename KS>
+__device__ __forceinline__ void kvs_merge_window(const Q* q, const QS& qs, const M* mean, const MS& ms, const K* wk,
+                                                 const KS& ks, const K* wv, const KS& vs, const float* vsigns,
+                                                 float scale, int b, int h, int G, int L, float* srm, float* srl,
+                                                 float* extra, int warp, int lane) {
+  constexpr int E = D / 32;
+  const float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
+  for (int r = warp; r < R; r += WARPS) {
+    const int hq = h * G + r / L, pos = r % L;
+    float qv[E], acc[E];
+    float qm = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int d = lane * E + e;
+      qv[e] = static_cast<float>(q[b * qs[0] + hq * qs[1] + pos * qs[2] + d * qs[3]]) * scale;
+      if constexpr (MEAN) qm += qv[e] * static_cast<float>(mean[b * ms[0] + h * ms[1] + d * ms[3]]);
+      acc[e] = 0.0f;
+    }
+    for (int off = 16; off > 0; off >>= 1) qm += __shfl_xor_sync(0xffffffffu, qm, off);
+    const float m0 = srm[r], l0 = srl[r];
+    float m = NEG_INF, l = 0.0f;
+#pragma unroll 8
+    for (int j = 0; j < W; ++j) {  // unrolled: the ring's loads of several tokens are in flight together
+      const int64_t kj = b * ks[0] + h * ks[1] + j * ks[2], vj = b * vs[0] + h * vs[1] + j * vs[2];
+      float s = 0.0f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) s += qv[e] * static_cast<float>(__ldcg(wk + kj + (lane * E + e) * ks[3]));
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      s -= qm;
+      const float mn = fmaxf(m, s);
+      const float a = __expf(m - mn), w = __expf(s - mn);
+      l = l * a + w;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = acc[e] * a + w * static_cast<float>(__ldcg(wv + vj + (lane * E + e) * vs[3]));
+      m = mn;
+    }
+    float sg[VROUNDS > 0 ? VROUNDS : 1][E];
+#pragma unroll
+    for (int rd = 0; rd < VROUNDS; ++rd)
+#pragma unroll
+      for (int e = 0; e < E; ++e) sg[rd][e] = vsigns[rd * D + lane * E + e];
+    kvs_rotate_row<D, VROUNDS>(acc, sg, lane);
+    const float mn = fmaxf(m0, m);
+    const float a0 = __expf(m0 - mn), a1 = __expf(m - mn) * powf(static_cast<float>(D), -0.5f * VROUNDS);
+#pragma unroll
+    for (int e = 0; e < E; ++e) extra[r * D + lane * E + e] = extra[r * D + lane * E + e] * a0 + acc[e] * a1;
+    if (lane == 0) {
+      srl[r] = l0 * a0 + l * __expf(m - mn);
+      srm[r] = mn;
+    }
+  }
+}
+
+// Row `slot` of one (batch, kv head) of a ring buffer (an input the kernel writes) takes one token.
+template <int D, int NT, typename T, typename S, typename X, typename XS>
+__device__ __forceinline__ void kvs_put_token(const T* ring, const S& rs, const X* x, const XS& xs, int b, int h,
+                                              int slot, int tid) {
+  for (int d = tid; d < D; d += NT)
+    const_cast<T*>(ring)[b * rs[0] + h * rs[1] + slot * rs[2] + d * rs[3]] =
+        static_cast<T>(x[b * xs[0] + h * xs[1] + d * xs[3]]);
+}

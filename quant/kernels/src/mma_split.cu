@@ -254,3 +254,4 @@
   __syncthreads();
   const int64_t row0 = (static_cast<int64_t>(b * H + h) * n_splits + split) * R;
   kvs_merge_warps<R, D, WARPS, NT, true>(wacc, wml, part_o, part_ml, row0, tid);
+  float* tail_extra = wacc;  // R x D, once the warps' partials are merged (attend_merge.cu)

@@ -191,3 +191,4 @@
   __syncthreads();
   const int64_t row0 = (static_cast<int64_t>(b * H + h) * n_splits + split) * R;
   kvs_merge_warps<R, D, WARPS, NT, false>(sacc, sml, part_o, part_ml, row0, tid);
+  float* tail_extra = sacc;  // R x D, once the warps' partials are merged (attend_merge.cu)
