@@ -423,7 +423,7 @@ def plot(folder: Path, tag: str = "gpu") -> None:
     decode = json.loads((folder / f"speed_decode_{tag}.json").read_text())
     contexts = list(decode["contexts"])
     labels = [k for k in decode["contexts"][contexts[0]] if "median_tok_s" in decode["contexts"][contexts[0]][k]]
-    fig, ax = plt.subplots(figsize=(11, 5))
+    fig, ax = plt.subplots(figsize=(11, 6))
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         values = [decode["contexts"][c].get(label, {}).get("median_tok_s", 0) for c in contexts]
@@ -431,7 +431,7 @@ def plot(folder: Path, tag: str = "gpu") -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(contexts))], [f"{int(c) // 1024}K" for c in contexts])
     ax.set_ylabel("tokens/s (median)")
     ax.set_title(f"Decode, random Llama-3.2-1B-shaped fp16 model, batch 1 — {decode['device'].get('device_name', tag)}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
     fig.tight_layout()
     fig.savefig(folder / f"speed_decode_{tag}.png", dpi=110)
     attention = json.loads((folder / f"speed_attention_{tag}.json").read_text())

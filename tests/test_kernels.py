@@ -425,7 +425,9 @@ def test_append_kernel_on_cpu_emulator(kind, tokens, head_dim, queries_per_kv, b
     lengths = [held] if batch == 1 else [held, held // 2 - 14]
     new_k = (mx.random.normal((batch, 2, 1, head_dim)) + 0.5).astype(mx.float16)
     new_v = mx.random.normal((batch, 2, 1, head_dim)).astype(mx.float16)
-    queries = mx.random.normal((batch, 2 * queries_per_kv, 1, head_dim)).astype(mx.float16)
+    # Queries aimed at the new key: it takes a share of each row's weight (2-70% here), so a wrong score or value
+    # of it shows.
+    queries = (0.5 * mx.repeat(new_k, queries_per_kv, axis=1)).astype(mx.float16)
     segment = next(s for s in cache.segments() if s.is_codes)
     km, vm = cache.key_quantizer, cache.value_quantizer
     rows, n_kv, room = queries_per_kv, 2, 40
@@ -670,7 +672,7 @@ def test_gpu_decode_step_appends_in_the_attention_launch(head_dim, queries_per_k
     for _ in range(300):
         k = (mx.random.normal((1, 2, 1, head_dim)) + 0.5).astype(mx.float16)
         v = mx.random.normal((1, 2, 1, head_dim)).astype(mx.float16)
-        q = (2 * mx.repeat(k, queries_per_kv, axis=1)).astype(mx.float16)
+        q = (0.5 * mx.repeat(k, queries_per_kv, axis=1)).astype(mx.float16)  # 2-70% of the weight on the new key
         fused.update_and_fetch(k, v)
         in_kernel += fused._pending is not None
         out = fused.attention(q, head_dim**-0.5)
