@@ -53,14 +53,42 @@ def synthetic_plan(n_kv_heads: int, head_dim: int, bits: tuple, norm_bits: int, 
     return KLTPlan(analysis, energies, bits, norm_bits)
 
 
-def cache_series(n_kv_heads: int, head_dim: int) -> dict:
-    """label -> () -> one layer's cache. Calibrated-plan klt: the same plan for every layer."""
+# Coordinate bits of the recommended configuration's shape: the shipped profile (smollm2-135m) at 3.5 bits
+# plans keys before RoPE with most bits in a few coordinates and many dropped, values at 3-4 bits, per layer
+# (two allocations of its layers' shape, alternating), with 8-bit scales and 4 fp16 sinks: ~3.4 effective bits.
+RECOMMENDED_BITS = [
+    ((7, 6, 6, 5, 5, 5, 4, 4) + (4,) * 4 + (3,) * 16 + (2,) * 14 + (1,) * 14 + (0,) * 8,
+     (6, 6, 6) + (5,) * 13 + (4,) * 48),
+    ((6, 5, 5, 4, 4) + (3,) * 14 + (2,) * 14 + (1,) * 8 + (0,) * 23,
+     (8, 7, 6, 6, 6) + (6,) * 10 + (5,) * 30 + (4,) * 19),
+]
+RECOMMENDED = "ours recommended: klt, keys before RoPE, per-layer mixed bits, 8-bit scales, 4 sinks"
+
+
+def recommended_plans(n_kv_heads: int, head_dim: int, layer: int, rope_theta: float) -> tuple:
+    """(key plan, value plan) of the recommended configuration's shape for one layer of the random model."""
+    key_bits, value_bits = RECOMMENDED_BITS[layer % len(RECOMMENDED_BITS)]
+    frequencies = rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)
+    key = synthetic_plan(n_kv_heads, head_dim, key_bits, 8, 10 + layer)
+    key = KLTPlan(key.analysis, key.energies, key.coordinate_bits, 8, frequencies, False)
+    return key, synthetic_plan(n_kv_heads, head_dim, value_bits, 8, 100 + layer)
+
+
+def cache_series(n_kv_heads: int, head_dim: int, rope_theta: float = LLAMA_1B["rope_theta"]) -> dict:
+    """label -> (layer index) -> that layer's cache. Calibrated-plan klt: the same plan for every layer, but
+    the recommended configuration's, which differs per layer."""
     uniform = synthetic_plan(n_kv_heads, head_dim, (4,) * head_dim, 16, 1)
     mixed = synthetic_plan(n_kv_heads, head_dim, (6,) * 8 + (5,) * 24 + (4,) * 16 + (2,) * 16, 8, 2)
-    ours = lambda **kw: lambda: CompressedKVCache(head_dim=head_dim, n_kv_heads=n_kv_heads, **kw)  # noqa: E731
+    ours = lambda **kw: lambda layer=0: CompressedKVCache(head_dim=head_dim, n_kv_heads=n_kv_heads, **kw)  # noqa: E731
+
+    def recommended(layer=0):
+        key_plan, value_plan = recommended_plans(n_kv_heads, head_dim, layer, rope_theta)
+        return CompressedKVCache(head_dim=head_dim, n_kv_heads=n_kv_heads, method="klt", key_bits=4, value_bits=4,
+                                 key_plan=key_plan, value_plan=value_plan, sink_tokens=4)
+
     return {
-        "mlx_lm KVCache fp16": KVCache,
-        "mlx_lm QuantizedKVCache 4-bit g64": lambda: QuantizedKVCache(group_size=64, bits=4),
+        "mlx_lm KVCache fp16": lambda layer=0: KVCache(),
+        "mlx_lm QuantizedKVCache 4-bit g64": lambda layer=0: QuantizedKVCache(group_size=64, bits=4),
         "ours turboquant_mse k4/v4": ours(key_bits=4, value_bits=4),
         "ours turboquant_mse k2/v2": ours(key_bits=2, value_bits=2),
         "ours turboquant_mse k4/v4 window 128": ours(key_bits=4, value_bits=4, window=128),
@@ -69,6 +97,7 @@ def cache_series(n_kv_heads: int, head_dim: int) -> dict:
             method="klt", key_bits=4, value_bits=4, key_plan=uniform, value_plan=uniform),
         "ours klt calibrated-shape plan, mixed 6/5/4/2 bits, 8-bit scale": ours(
             method="klt", key_bits=4, value_bits=4, key_plan=mixed, value_plan=mixed),
+        RECOMMENDED: recommended,
     }
 
 
@@ -158,11 +187,11 @@ def bench_decode(args) -> dict:
         row = {}
         built = {}
         for label, make in series.items():
-            if "mixed" in label and tokens > args.portable_max:
+            if ("mixed" in label or label == RECOMMENDED) and tokens > args.portable_max:
                 row[label] = {"skipped": f"portable path; measured up to {args.portable_max} tokens"}
                 continue
             try:
-                caches = [make() for _ in range(layers)]
+                caches = [make(i) for i in range(layers)]
                 for c in caches:
                     fill(c, H, D, tokens)
                 step = step_fn(model, caches)
@@ -172,6 +201,7 @@ def bench_decode(args) -> dict:
                               "eval_ms": []}
                 if hasattr(caches[0], "nbytes") and isinstance(caches[0], CompressedKVCache):
                     row[label]["effective_bits"] = effective_bits(caches, H, D)
+                    row[label]["kv_bytes"] = sum(c.nbytes for c in caches)
             except Exception as err:  # noqa: BLE001 (record what mlx_lm or a path does not support)
                 row[label] = {"error": f"{type(err).__name__}: {err}"[:300]}
                 built.pop(label, None)
@@ -189,9 +219,13 @@ def bench_decode(args) -> dict:
             rec["median_build_ms"] = statistics.median(rec["build_ms"])
             rec["median_eval_ms"] = statistics.median(rec["eval_ms"])
         fp16 = row.get("mlx_lm KVCache fp16", {}).get("median_tok_s")
+        fp16_kv = 2 * 2 * layers * H * D * tokens
         for label in built:
             if fp16:
                 row[label]["vs_fp16"] = row[label]["median_tok_s"] / fp16
+            # What the bytes alone allow: a step reads the weights and the K/V once.
+            kv = row[label].get("kv_bytes", fp16_kv)
+            row[label]["ceiling_from_bytes_vs_fp16"] = (weight_bytes + fp16_kv) / (weight_bytes + kv)
         result["contexts"][str(tokens)] = row
         if tokens == args.memory_at:
             result["memory"] = bench_memory(model, series, H, D, layers, tokens, built)
@@ -211,11 +245,11 @@ def bench_memory(model, series, H, D, layers, tokens, built) -> dict:
     mx.clear_cache()
     memory = {"tokens": tokens}
     for label, make in series.items():
-        if "mixed" in label or "Quantized" in label:
+        if "mixed" in label or "Quantized" in label or label == RECOMMENDED:
             continue
         base = mx.get_active_memory()
         mx.reset_peak_memory()
-        caches = [make() for _ in range(layers)]
+        caches = [make(i) for i in range(layers)]
         for c in caches:
             fill(c, H, D, tokens)
         mx.synchronize()
@@ -389,7 +423,7 @@ def plot(folder: Path, tag: str = "gpu") -> None:
     decode = json.loads((folder / f"speed_decode_{tag}.json").read_text())
     contexts = list(decode["contexts"])
     labels = [k for k in decode["contexts"][contexts[0]] if "median_tok_s" in decode["contexts"][contexts[0]][k]]
-    fig, ax = plt.subplots(figsize=(11, 5))
+    fig, ax = plt.subplots(figsize=(11, 6))
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         values = [decode["contexts"][c].get(label, {}).get("median_tok_s", 0) for c in contexts]
@@ -397,7 +431,7 @@ def plot(folder: Path, tag: str = "gpu") -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(contexts))], [f"{int(c) // 1024}K" for c in contexts])
     ax.set_ylabel("tokens/s (median)")
     ax.set_title(f"Decode, random Llama-3.2-1B-shaped fp16 model, batch 1 — {decode['device'].get('device_name', tag)}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
     fig.tight_layout()
     fig.savefig(folder / f"speed_decode_{tag}.png", dpi=110)
     attention = json.loads((folder / f"speed_attention_{tag}.json").read_text())

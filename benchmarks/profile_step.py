@@ -6,6 +6,8 @@
 
 A 2-layer model of the Llama-3.2-1B layer shape with caches of --tokens random tokens: what one layer's decode
 step launches and how long each launch runs on the device, apart from host time (decode_speed.py's build/eval).
+--kernel runs only one layer's attention (--head-dim 64: Llama-3.2-1B, 128: Llama-3.1-8B; --batch), fp16 SDPA
+beside it, for Nsight's per-kernel sections (occupancy, stall reasons, achieved bandwidth).
 """
 
 import argparse
@@ -19,6 +21,7 @@ from mlx_lm.models import llama
 
 from decode_speed import LLAMA_1B, cache_series, fill, step_fn  # benchmarks/, beside this script
 from kvshard.quant import install_attention_hook
+from kvshard.quant.cache import CompressedKVCache
 
 SERIES = {"fp16": "mlx_lm KVCache fp16", "ours": "ours turboquant_mse k4/v4",
           "klt": "ours klt calibrated-shape plan, 4 bits/coord, fp16 scale"}
@@ -30,7 +33,7 @@ def run(series: str, tokens: int, steps: int) -> None:
     model.set_dtype(mx.float16)
     install_attention_hook(model)
     make = cache_series(config["num_key_value_heads"], config["head_dim"])[SERIES[series]]
-    caches = [make() for _ in range(2)]
+    caches = [make(i) for i in range(2)]
     for c in caches:
         fill(c, config["num_key_value_heads"], config["head_dim"], tokens)
     step = step_fn(model, caches)
@@ -42,6 +45,28 @@ def run(series: str, tokens: int, steps: int) -> None:
     for _ in range(steps):
         y = step(y)
         y.item()
+    mx.synchronize()
+    driver.cuProfilerStop()
+
+
+def run_kernel(head_dim: int, tokens: int, batch: int, steps: int) -> None:
+    n_q, n_kv = 32, 8
+    cache = CompressedKVCache(head_dim=head_dim, n_kv_heads=n_kv, key_bits=4, value_bits=4)
+    k = mx.random.normal((batch, n_kv, tokens, head_dim)).astype(mx.float16)
+    v = mx.random.normal((batch, n_kv, tokens, head_dim)).astype(mx.float16)
+    for start in range(0, tokens, 8192):
+        cache.update_and_fetch(k[:, :, start:start + 8192], v[:, :, start:start + 8192])
+        mx.eval(cache.state)
+    q = mx.random.normal((batch, n_q, 1, head_dim)).astype(mx.float16)
+    scale = head_dim**-0.5
+    calls = [lambda: cache.attention(q, scale), lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)]
+    mx.eval([c() for c in calls])
+    mx.synchronize()
+    driver = ctypes.CDLL("libcuda.so.1")
+    driver.cuProfilerStart()
+    for _ in range(steps):
+        for c in calls:
+            mx.eval(c())
     mx.synchronize()
     driver.cuProfilerStop()
 
@@ -74,9 +99,14 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--summarise", nargs="*")
+    parser.add_argument("--kernel", action="store_true")
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     if args.summarise:
         print(json.dumps(summarise(args.summarise), indent=1))
+    elif args.kernel:
+        run_kernel(args.head_dim, args.tokens, args.batch, args.steps)
     else:
         run(args.series, args.tokens, args.steps)
     return 0

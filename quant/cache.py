@@ -14,6 +14,7 @@ from mlx_lm.models.cache import _BaseCache
 
 from . import kernels
 from .attention import CodeSegment, ExactSegment, compressed_attention, decode_keys
+from .kernels import dispatch, gpu
 from .methods import make_method
 from .methods.klt import KLT, KLTPlan
 from .methods.outliers import OutlierChannels
@@ -28,6 +29,7 @@ _MIN_TOKENS_FOR_MEAN = 8  # tokens wait in fp16 until the key mean is estimated 
 STATE_FORMAT = 2
 # Model-level objects a copy of a cache shares rather than copies: fixed once built, the same for every session.
 _SHARED_ON_COPY = ("observers", "key_quantizer", "value_quantizer", "key_plan", "value_plan", "key_scale")
+_FLOATS = frozenset((mx.float16, mx.bfloat16, mx.float32))
 
 
 def _check_count(value, field: str) -> int:
@@ -124,6 +126,15 @@ class CompressedKVCache(_BaseCache):
     def _clear(self) -> None:
         self.read_by_hook = False
         self.input_dtype = None  # what update_and_fetch was last given: K/V views come back in it, as from KVCache
+        # The decode step's append in the attention kernel's launch: update_and_fetch leaves the new token here
+        # and `attention` codes it in place; `_written` is that launch's output until something else reads codes.
+        self._pending = None
+        self._written = None
+        self._fusable = None  # whether this cache's appends can be coded in the attention launch (worked out once)
+        self._ring, self._ring_start = None, 0  # the window's buffers while held as a ring; its oldest slot
+        # Set when `state` or `trim` may have handed out views of the buffers: in-place appends wait until an
+        # ordinary append has given the cache buffers of its own again (MLX copies a buffer still viewed).
+        self._exported = False
         self.offset = 0
         self.n_encoded = 0
         self.sink_keys = self.sink_values = None
@@ -182,8 +193,7 @@ class CompressedKVCache(_BaseCache):
             self._init_shape(keys.shape[-1], keys.shape[1])
         keys, values = keys.astype(mx.float16), values.astype(mx.float16)
         n = keys.shape[2]
-        if self.window == 0 and self.window_keys is None and (self.key_mean is not None or not self.center_keys) \
-                and (self.sink_keys is not None and self.sink_keys.shape[2] == self.sink_tokens or not self.sink_tokens):
+        if self._codes_direct():
             # The decode step's path: nothing waits in fp16, so the tokens go straight into the code buffers.
             self.offset += n
             self._encode(keys, values)
@@ -214,6 +224,59 @@ class CompressedKVCache(_BaseCache):
             else:
                 self.window_keys = self.window_values = None
 
+    def _codes_direct(self) -> bool:
+        """Whether new tokens go straight into the codes: no window, sinks full, the key mean known."""
+        return self.window == 0 and self.window_keys is None and (self.key_mean is not None or not self.center_keys) \
+            and (self.sink_keys is not None and self.sink_keys.shape[2] == self.sink_tokens or not self.sink_tokens)
+
+    def _defer_append(self, keys, values) -> bool:
+        """Whether this append can wait for `attention`, whose kernel codes it in place (one launch a layer): one
+        valid token of the held shape, no sinks, the key mean known, room in the code buffers, and either no
+        window or a full one (held as a ring: the kernel codes its oldest token, the new one takes its slot);
+        no observers (they see each encode), keys after RoPE, on CUDA with both methods' rotations in the
+        kernel. Checked in this order, so that the decode step's own host time stays small."""
+        if (not self.read_by_hook or self._pending is not None or not self.n_encoded or self._exported
+                or self.observers):
+            return False
+        if self._fusable is None:
+            self._fusable = (kernels.gpu_backend() == "cuda" and self._key_rope is None and not self.sink_tokens
+                             and gpu.append_supported(self.key_quantizer, self.value_quantizer))
+        if not self._fusable or (self.key_mean is None and self.center_keys):
+            return False
+        idx = self.key_codes["idx"]
+        token = (idx.shape[0], self.n_kv_heads, 1, self.head_dim)
+        if not (type(keys) is mx.array and type(values) is mx.array and keys.shape == token
+                and values.shape == token and keys.dtype in _FLOATS and values.dtype in _FLOATS
+                and idx.shape[2] > self.n_encoded):
+            return False
+        if not self.window:
+            return self.window_keys is None
+        if self.window_keys is None or self.window_keys.shape[2] != self.window:
+            return False
+        if self._ring is None or self._ring[0] is not self.window_keys:
+            # The ring is written in place: it gets buffers of its own (the window may be a view of a prefill's K/V).
+            self.window_keys, self.window_values = self.window_keys + 0, self.window_values + 0
+            self._ring = (self.window_keys, self.window_values)
+        return True
+
+    def _settle(self) -> None:
+        """Before anything but the decode kernel reads the codes or the window: the last in-place launch is
+        evaluated (a graph that slices the buffers does not depend on it), the ring put back in token order, and
+        a deferred token appended the ordinary way."""
+        if self._written is not None:
+            mx.eval(self._written)
+            self._written = None
+        if self._ring_start:
+            start, self._ring_start = self._ring_start, 0
+            self.window_keys = mx.concatenate([self.window_keys[:, :, start:], self.window_keys[:, :, :start]], axis=2)
+            self.window_values = mx.concatenate([self.window_values[:, :, start:], self.window_values[:, :, :start]],
+                                                axis=2)
+            self._ring = None
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.offset -= 1  # _store counts it again
+            self._store(*pending)
+
     def _codes_start(self) -> int:
         """Position of the first coded token: codes follow the sinks."""
         return 0 if self.sink_keys is None else self.sink_keys.shape[2]
@@ -224,6 +287,8 @@ class CompressedKVCache(_BaseCache):
         return rotate(keys.astype(mx.float32), start, *self._key_rope, inverse=True)
 
     def _encode(self, keys: mx.array, values: mx.array) -> None:
+        if self._written is not None:
+            self._settle()
         keys = self._unrope(keys, self._codes_start() + self.n_encoded)
         if self.key_mean is not None:
             keys = keys - self.key_mean
@@ -246,6 +311,7 @@ class CompressedKVCache(_BaseCache):
             for name, a in fresh.items():
                 held[name][:, :, self.n_encoded : needed] = a
         self.n_encoded = needed
+        self._exported = False
         for observer in self.observers:
             observer.on_encode(self, keys, values, new_k, new_v, start)
 
@@ -254,7 +320,13 @@ class CompressedKVCache(_BaseCache):
         right answer; once kvshard's attention hook has read this cache (`read_by_hook`: it reads the codes and
         never the K/V), it returns the new tokens instead, as building the graph of the whole decoded history
         at every step cost a third of a GPU decode step."""
+        if self._defer_append(keys, values):
+            self._pending = (keys, values)
+            self.offset += 1
+            self.input_dtype = keys.dtype
+            return keys, values
         self._validate(keys, values, check_finite=False)
+        self._settle()
         if keys.shape[2]:  # as KVCache, an update of no tokens only fetches
             self._store(keys, values)
         self.input_dtype = keys.dtype
@@ -269,6 +341,7 @@ class CompressedKVCache(_BaseCache):
         head_dim). Invalid input raises ValueError naming the field and leaves the cache as it was."""
         keys, values = _as_4d(keys, "keys"), _as_4d(values, "values")
         self._validate(keys, values, check_finite=True)
+        self._settle()
         self._store(keys, values)
         mx.eval(self._arrays())
         for observer in self.observers:
@@ -280,6 +353,7 @@ class CompressedKVCache(_BaseCache):
         """The held tokens in order: fp16 sinks, codes, fp16 window. exact=False hands over the code buffers
         uncut (longer than n_encoded; the attention paths cut them where they need to), which saves the
         decode step a slice per code array."""
+        self._settle()
         parts = []
         if self.sink_keys is not None and self.sink_keys.shape[2]:
             parts.append(ExactSegment(self.sink_keys, self.sink_values))
@@ -299,6 +373,10 @@ class CompressedKVCache(_BaseCache):
 
     def attention(self, queries: mx.array, scale: float, mask=None) -> mx.array:
         """Attention of (B, Hq, L, D) queries over every held token, read from the codes."""
+        if self._pending is not None:
+            kernel = dispatch.append_kernel(queries, mask, self.n_kv_heads, self.key_quantizer, self.value_quantizer)
+            if kernel is not None:
+                return self._append_and_attend(queries, scale, kernel)
         start = start_timer(self.observers, queries)
         output = compressed_attention(
             queries,
@@ -312,6 +390,22 @@ class CompressedKVCache(_BaseCache):
         for observer in self.observers:
             observer.on_attend(self, queries, output, start)
         return output
+
+    def _append_and_attend(self, queries: mx.array, scale: float, kernel: str) -> mx.array:
+        """The deferred token coded into row n_encoded of the buffers (or, with a window, the ring's oldest token
+        coded there and the new one put in its slot) and attended, with the rest, in one launch."""
+        keys, values = self._pending
+        self._pending = None
+        segment = CodeSegment(self.key_codes, self.value_codes, self.key_mean, self.n_encoded)
+        ring = None
+        if self.window:
+            ring = (self.window_keys, self.window_values, self._ring_start)
+            self._ring_start = (self._ring_start + 1) % self.window
+        out = gpu.attention(queries, segment, self.key_quantizer, self.value_quantizer, scale, kernel,
+                            append=(keys.astype(mx.float16), values.astype(mx.float16)), ring=ring)[0]
+        self.n_encoded += 1
+        self._written = out
+        return out
 
     def attend(self, q: mx.array, scale: float | None = None) -> mx.array:
         """Attention of queries over all held tokens (no causal mask): (D,), (Lq, D), (Hq, Lq, D) or
@@ -352,6 +446,7 @@ class CompressedKVCache(_BaseCache):
         return self.offset == 0
 
     def _arrays(self) -> list:
+        self._settle()
         held = (self.sink_keys, self.sink_values, self.window_keys, self.window_values, self.key_mean, self.key_scale)
         arrays = [a for a in held if a is not None]
         for codes in (self.key_codes or {}, self.value_codes or {}):
@@ -373,6 +468,7 @@ class CompressedKVCache(_BaseCache):
 
     @property
     def compressed_key_bytes(self) -> int:
+        self._settle()
         held = [self.sink_keys, self.window_keys, self.key_mean]
         held_bytes = sum(a.nbytes for a in held if a is not None)
         return held_bytes + sum(a[:, :, : self.n_encoded].nbytes for a in (self.key_codes or {}).values())
@@ -390,6 +486,8 @@ class CompressedKVCache(_BaseCache):
 
     def trim(self, n: int) -> int:
         """Drop the last n tokens (window first, then codes, then sinks); returns how many were dropped."""
+        self._settle()
+        self._exported = True  # rows a saved state holds may be coded again
         n = min(_check_count(n, "n"), self.offset)
         left = n
         if left and self.window_keys is not None:
@@ -416,6 +514,8 @@ class CompressedKVCache(_BaseCache):
 
     @property
     def state(self) -> dict:
+        self._settle()
+        self._exported = True
         dtype = None if self.input_dtype is None else str(self.input_dtype).removeprefix("mlx.core.")
         meta = dict(self.config, offset=self.offset, n_encoded=self.n_encoded, format=STATE_FORMAT, dtype=dtype)
         state = {"meta": json.dumps(meta, sort_keys=True)}
@@ -489,6 +589,7 @@ class CompressedKVCache(_BaseCache):
     def keys(self, depends_on: mx.array) -> None:
         """mlx_lm's pipeline-parallel models set `cache.keys = mx.depends(cache.keys, h)` so that evaluating the
         cache runs the send of h. The history is not replaced: the held codes are made to depend on the array."""
+        self._settle()
         if self.key_codes:
             self.key_codes = {name: mx.depends(a, depends_on) for name, a in self.key_codes.items()}
 
@@ -522,6 +623,8 @@ class CompressedKVCache(_BaseCache):
     def __deepcopy__(self, memo):
         """A copy with its own codes, sinks and window; the quantizers, plans, key scales and observers (fixed,
         model-level) are shared. mlx_lm's LRUPromptCache and BatchGenerator deep-copy caches."""
+        self._settle()
+        self._exported = True  # a copy's arrays may share buffers with ours: neither appends in place until it owns them
         twin = type(self).__new__(type(self))
         memo[id(self)] = twin
         for name, value in self.__dict__.items():

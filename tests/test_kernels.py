@@ -233,7 +233,8 @@ def test_generation_uses_fast_path_and_matches_pure(monkeypatch):
 def _nvcc_compile(kind, template, tmp_path):
     dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
               "kmean": "__half", "x": "__half", "idx": "uint8_t", "norm": "__half", "counter": "int32_t",
-              "xk": "__half", "xv": "__half", "kidx_out": "uint8_t", "vnorm_out": "__half", "lengths": "int32_t"}
+              "xk": "__half", "xv": "__half", "kidx_out": "uint8_t", "vnorm_out": "__half", "lengths": "int32_t",
+              "wk": "__half", "wv": "__half", "ring": "int32_t"}
     source = tmp_path / f"{kind}.cu"
     source.write_text(cuda.translation_unit(kind, dtypes, template))
     result = subprocess.run(
@@ -256,10 +257,23 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     log = _nvcc_compile("attend", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=gpu.GPU_UNROLL, TPS=256, ROUNDS=3,
                                        HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
-    mma = dict(D=128, R=4, WARPS=gpu.GPU_MMA_WARPS, U=gpu.GPU_MMA_UNROLL, ROUNDS=3)
+    mma = dict(D=128, R=4, WARPS=gpu.GPU_MMA_WARPS, U=gpu.GPU_MMA_UNROLL, NB=gpu.GPU_MMA_BUFFERS[128], ROUNDS=3)
     log = _nvcc_compile("mma_attend", dict(mma, HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
-    log = _nvcc_compile("mma_split", dict(mma, D=64, R=3), tmp_path)
+    log = _nvcc_compile("mma_split", dict(mma, D=64, R=3, NB=gpu.GPU_MMA_BUFFERS[64]), tmp_path)
+    assert " 0 bytes spill stores" in log, log
+    for D in (64, 128):  # the decode step's single launch, appending in place
+        log = _nvcc_compile("mma_append", dict(mma, D=D, NB=gpu.GPU_MMA_BUFFERS[D], HAS_MEAN=True, VROUNDS=3,
+                                               OutT="__half", KB=4, VB=4), tmp_path)
+        assert " 0 bytes spill stores" in log, log
+    log = _nvcc_compile("append", dict(D=64, R=4, KB=2, VB=2, LPT=4, WARPS=4, U=gpu.GPU_UNROLL, TPS=256, ROUNDS=3,
+                                       HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
+    assert " 0 bytes spill stores" in log, log
+    log = _nvcc_compile("mma_append_ring", dict(mma, D=64, NB=gpu.GPU_MMA_BUFFERS[64], HAS_MEAN=True, VROUNDS=3,
+                                                OutT="__half", KB=4, VB=4, W=128), tmp_path)
+    assert " 0 bytes spill stores" in log, log
+    log = _nvcc_compile("append_ring", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=gpu.GPU_UNROLL, TPS=256,
+                                            ROUNDS=3, HAS_MEAN=True, VROUNDS=3, OutT="__half", W=64), tmp_path)
     assert " 0 bytes spill stores" in log, log
 
 
@@ -270,7 +284,7 @@ def _emulated(kind, dtypes, template, tmp_path):
     headers = [cuda.source(h) for h in headers if h != cuda.MMA_ASM]  # the emulator supplies these primitives
     # Dynamic shared memory (the tensor-core kernel's) comes from the emulator.
     declaration = "extern __shared__ __align__(16) unsigned char kvs_smem[];"
-    assert declaration in function or kind.startswith("encode")
+    assert declaration in function or not kind.startswith("mma")
     function = function.replace(declaration, "unsigned char* kvs_smem = emu::shared_memory;")
     names, outputs = cuda.parts(kind)[:2]
     args = []
@@ -295,6 +309,27 @@ def _emulated(kind, dtypes, template, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return ctypes.CDLL(str(library)).launch, names, outputs
+
+
+def _emulated_attend(kind, dtypes, template, inputs, q_shape, grid, rows, warps, tmp_path) -> list:
+    """One launch of a single-launch attention kernel under the emulator: inputs are name -> (array, shape,
+    strides); returns the outputs (split partials, out, lse); the inputs' arrays are what the kernel left."""
+    import numpy as np
+
+    launch, names, _ = _emulated(kind, dtypes, template, tmp_path)
+    shapes, strides, arrays = np.zeros((len(names), 8), np.int32), np.zeros((len(names), 8), np.int64), []
+    for i, name in enumerate(names):
+        array, shape, stride = inputs[name]
+        arrays.append(array)
+        shapes[i, : len(shape)], strides[i, : len(stride)] = shape, stride
+    splits, n_kv, batch = grid
+    results = [np.full((batch, n_kv, splits, rows, q_shape[-1]), np.nan, np.float32),
+               np.full((batch, n_kv, splits, rows, 2), np.nan, np.float32),
+               np.full(q_shape, np.nan, np.float16), np.full((batch, n_kv, rows), np.nan, np.float32)]
+    pointers = (ctypes.c_void_p * (len(arrays) + 4))(*[a.ctypes.data for a in arrays + results])
+    launch(pointers, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p), splits, n_kv,
+           batch, warps * 32)
+    return results
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
@@ -346,20 +381,11 @@ def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, le
               "counter": (tickets, tickets.shape, [1])}
     dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
               "kmean": "__half", "counter": "int32_t", "out": "__half", "lengths": "int32_t"}
-    template = dict(D=head_dim, R=rows, WARPS=warps, U=unroll, ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=center,
-                    VROUNDS=vm.rotation.signs.shape[0], OutT="__half")
-    launch, names, outputs = _emulated("mma_attend", dtypes, template, tmp_path)
-    shapes, strides, arrays = np.zeros((len(names), 8), np.int32), np.zeros((len(names), 8), np.int64), []
-    for i, name in enumerate(names):
-        array, shape, stride = inputs[name]
-        arrays.append(array)
-        shapes[i, : len(shape)], strides[i, : len(stride)] = shape, stride
-    results = [np.full((batch, n_kv, splits, rows, head_dim), np.nan, np.float32),
-               np.full((batch, n_kv, splits, rows, 2), np.nan, np.float32),
-               np.full(queries.shape, np.nan, np.float16), np.full((batch, n_kv, rows), np.nan, np.float32)]
-    pointers = (ctypes.c_void_p * (len(arrays) + 4))(*[a.ctypes.data for a in arrays + results])
-    launch(pointers, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p), splits, n_kv,
-           batch, warps * 32)
+    template = dict(D=head_dim, R=rows, WARPS=warps, U=unroll, NB=gpu.GPU_MMA_BUFFERS[head_dim],
+                    ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=center, VROUNDS=vm.rotation.signs.shape[0],
+                    OutT="__half")
+    results = _emulated_attend("mma_attend", dtypes, template, inputs, queries.shape, (splits, n_kv, batch), rows,
+                               warps, tmp_path)
     pure = [np.array(_attend(cache, queries[:1].astype(mx.float32), "pure"))]
     if second_row is not None:
         cache.trim(tokens - second_row)
@@ -369,6 +395,104 @@ def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, le
     # within a few fp16 ulps of the largest output.
     assert np.abs(results[2].astype(np.float32) - pure).max() < 2e-3 * max(1.0, np.abs(pure).max())
     assert (tickets == 0).all()  # the last block of each kv head cleaned its ticket for the next launch
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+@pytest.mark.parametrize(
+    "kind, tokens, head_dim, queries_per_kv, bits, splits, batch, window, slot",
+    [
+        ("mma_append", 300, 64, 4, 4, 3, 1, 0, 0),  # Llama-3.2-1B decode shape (the e2e benchmark's)
+        ("mma_append", 150, 128, 4, 4, 2, 2, 0, 0),  # Llama-3.1-8B shape, batch 2 (rows of 150 and 61 tokens)
+        ("append", 200, 64, 3, 2, 0, 1, 0, 0),  # CUDA-core kernel, 2 bits: a lane's codes are under a byte
+        ("append", 130, 128, 4, 4, 0, 1, 0, 0),
+        ("mma_append_ring", 300, 64, 4, 4, 3, 1, 24, 5),  # an fp16 window of 24 as a ring, oldest in slot 5
+        ("append_ring", 200, 64, 3, 2, 0, 1, 16, 0),
+    ],
+)
+def test_append_kernel_on_cpu_emulator(kind, tokens, head_dim, queries_per_kv, bits, splits, batch, window, slot,
+                                       tmp_path):
+    """The decode step in one launch, run under g++: the last block codes a token into row `length` of the
+    code buffers (in place: they are inputs) and attends it beside the held codes: the new token, or with an
+    fp16 window held as a ring, the window's oldest, whose slot the new token takes (the ring attended
+    exactly). Against the cache that appended the token the ordinary way: the codes written (up to float
+    rounding at a boundary), the window, and the portable path's output over all tokens."""
+    import numpy as np
+
+    from kvshard.quant.packing import unpack
+
+    cache = _filled(tokens, head_dim=head_dim, key_bits=bits, value_bits=bits, window=window)
+    held = tokens - window
+    lengths = [held] if batch == 1 else [held, held // 2 - 14]
+    new_k = (mx.random.normal((batch, 2, 1, head_dim)) + 0.5).astype(mx.float16)
+    new_v = mx.random.normal((batch, 2, 1, head_dim)).astype(mx.float16)
+    # Queries aimed at the new key: it takes a share of each row's weight (2-70% here), so a wrong score or value
+    # of it shows.
+    queries = (0.5 * mx.repeat(new_k, queries_per_kv, axis=1)).astype(mx.float16)
+    segment = next(s for s in cache.segments() if s.is_codes)
+    km, vm = cache.key_quantizer, cache.value_quantizer
+    rows, n_kv, room = queries_per_kv, 2, 40
+
+    def dense(a, dtype):
+        a = np.ascontiguousarray(np.array(a).astype(dtype))
+        return a, a.shape, [s // a.itemsize for s in a.strides]
+
+    def roomy(codes):
+        codes = np.repeat(np.array(codes), batch, 0)
+        B, H, T, W = codes.shape
+        buffer = np.zeros((B, H, T + room, W), codes.dtype)
+        buffer[:, :, :T] = codes
+        return buffer, buffer.shape, [H * (T + room) * W, (T + room) * W, W, 1]
+
+    def ring(x):  # the window's token i in slot (i + slot) % window
+        return dense(np.roll(np.array(x.astype(mx.float16)), slot, axis=2), np.float16)
+
+    mean = np.repeat(np.array(segment.key_mean.astype(mx.float16)), batch, 0)
+    row_lengths = np.array(lengths, np.int32)
+    tickets = np.zeros(batch * n_kv, np.int32)
+    inputs = {"q": dense(queries, np.float16), "params": dense(mx.array([head_dim**-0.5]), np.float32),
+              "signs": dense(km.rotation.signs, np.float32), "kcent": dense(km.codebook.centroids, np.float32),
+              "vcent": dense(vm.codebook.centroids, np.float32), "kidx": roomy(segment.key_codes["idx"]),
+              "knorm": roomy(segment.key_codes["norm"]), "vidx": roomy(segment.value_codes["idx"]),
+              "vnorm": roomy(segment.value_codes["norm"]), "lengths": (row_lengths, row_lengths.shape, [1]),
+              "vsigns": dense(vm.rotation.signs, np.float32), "kmean": dense(mean, np.float16),
+              "counter": (tickets, tickets.shape, [1]), "xk": dense(new_k, np.float16), "xv": dense(new_v, np.float16),
+              "kbounds": dense(km.codebook.boundaries, np.float32), "vbounds": dense(vm.codebook.boundaries, np.float32)}
+    if window:
+        inputs.update(wk=ring(cache.window_keys), wv=ring(cache.window_values),
+                      ring=(np.array([slot], np.int32), (1,), [1]))
+    dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
+              "kmean": "__half", "counter": "int32_t", "out": "__half", "lengths": "int32_t", "xk": "__half",
+              "xv": "__half", "wk": "__half", "wv": "__half", "ring": "int32_t"}
+    template = dict(D=head_dim, R=rows, ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=True,
+                    VROUNDS=vm.rotation.signs.shape[0], OutT="__half", KB=bits, VB=bits, W=window)
+    if kind.startswith("mma"):
+        template.update(WARPS=4, U=1, NB=gpu.GPU_MMA_BUFFERS[head_dim])
+    else:
+        plan = gpu.gpu_plan(head_dim, rows, bits, bits)
+        template.update(LPT=plan["LPT"], WARPS=4, U=gpu.GPU_UNROLL, TPS=64)
+        splits = -(-held // 64)
+    results = _emulated_attend(kind, dtypes, template, inputs, queries.shape, (splits, n_kv, batch), rows, 4,
+                               tmp_path)
+    assert (tickets == 0).all()
+    for b, n in enumerate(lengths):
+        reference = _filled(tokens, head_dim=head_dim, key_bits=bits, value_bits=bits, window=window)
+        reference.trim(held - n)
+        reference.append(new_k[b:b + 1], new_v[b:b + 1])
+        ref_segment = next(s for s in reference.segments() if s.is_codes)
+        for side, ref_codes in (("k", ref_segment.key_codes), ("v", ref_segment.value_codes)):
+            got = mx.array(inputs[f"{side}idx"][0][b:b + 1, :, n : n + 1])
+            differ = unpack(got, bits, head_dim) != unpack(ref_codes["idx"][:, :, n : n + 1], bits, head_dim)
+            assert differ.mean().item() < 0.02  # a coordinate within float rounding of a boundary may flip
+            got_norm = inputs[f"{side}norm"][0][b:b + 1, :, n : n + 1].astype(np.float32)
+            assert np.allclose(got_norm, np.array(ref_codes["norm"][:, :, n : n + 1].astype(mx.float32)), rtol=2e-3)
+        # The rows past the coded token are untouched (no block writes anywhere else).
+        assert not inputs["kidx"][0][b, :, n + 1 :].any() or b > 0
+        if window:  # the ring holds the reference's window, its newest token in the oldest's slot
+            for side, held_window in (("wk", reference.window_keys), ("wv", reference.window_values)):
+                ordered = np.roll(inputs[side][0], -slot - 1, axis=2)
+                assert np.array_equal(ordered, np.array(held_window.astype(mx.float16)))
+        pure = np.array(_attend(reference, queries[b:b + 1].astype(mx.float32), "pure"))
+        assert np.abs(results[2][b:b + 1].astype(np.float32) - pure).max() < 2e-3 * max(1.0, np.abs(pure).max())
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
@@ -527,6 +651,48 @@ def test_gpu_pair_encode_klt(head_dim, bits):
         assert same.mean().item() > 0.7  # at head_dim 128 about one token in ten has a flipped code
         rel = mx.abs(got["norm"].astype(mx.float32) - ref["norm"].astype(mx.float32)) / ref["norm"].astype(mx.float32)
         assert mx.where(same, rel, 0).max().item() < 2e-3 and rel.max().item() < 0.05
+
+
+@pytest.mark.skipif(kernels.gpu_backend() != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim, queries_per_kv, bits, window",
+                         [(64, 4, 4, 0), (128, 4, 4, 0), (64, 3, 2, 0), (64, 4, 4, 32), (128, 4, 4, 128)])
+def test_gpu_decode_step_appends_in_the_attention_launch(head_dim, queries_per_kv, bits, window):
+    """A hooked cache's decode step on CUDA is one launch: update_and_fetch leaves the token to `attention`,
+    whose kernel codes it into the buffers in place and attends it. Over 300 steps (buffer growths among them,
+    done the ordinary way), with queries aimed at the new key so that a token missed or mis-coded shows:
+    every output matches the portable path over the codes the cache then holds, and those codes are what the
+    ordinary appends code (up to a coordinate at float rounding from a boundary). With an fp16 window the
+    launch also keeps the window as a ring: the same tokens as the ordinary appends' window."""
+    from kvshard.quant.packing import unpack
+
+    fused = _filled(1000 + window, head_dim=head_dim, key_bits=bits, value_bits=bits, window=window)
+    plain = _filled(1000 + window, head_dim=head_dim, key_bits=bits, value_bits=bits, window=window)
+    fused.read_by_hook = True  # as the attention hook marks it
+    in_kernel = 0
+    for _ in range(300):
+        k = (mx.random.normal((1, 2, 1, head_dim)) + 0.5).astype(mx.float16)
+        v = mx.random.normal((1, 2, 1, head_dim)).astype(mx.float16)
+        q = (0.5 * mx.repeat(k, queries_per_kv, axis=1)).astype(mx.float16)  # 2-70% of the weight on the new key
+        fused.update_and_fetch(k, v)
+        in_kernel += fused._pending is not None
+        out = fused.attention(q, head_dim**-0.5)
+        plain.append(k, v)
+        with mx.stream(mx.cpu):
+            ref = _attend(fused, q.astype(mx.float32), "pure")  # segments(): the in-place codes, evaluated
+        assert _max_err(out, ref) < 2e-3 * max(1.0, mx.abs(ref).max().item())
+    assert in_kernel >= 290 and fused.offset - window == fused.n_encoded == plain.n_encoded == 1300
+    assert fused.nbytes == plain.nbytes
+    got, want = fused.state, plain.state
+    if window:
+        assert mx.array_equal(got["window_keys"], want["window_keys"]).item()
+        assert mx.array_equal(got["window_values"], want["window_values"]).item()
+    for side in ("key_codes", "value_codes"):
+        new = slice(1000, 1300)
+        differ = unpack(got[side]["idx"][:, :, new], bits, head_dim) != unpack(want[side]["idx"][:, :, new], bits,
+                                                                                head_dim)
+        assert differ.mean().item() < 5e-3
+        norms = got[side]["norm"][:, :, new].astype(mx.float32), want[side]["norm"][:, :, new].astype(mx.float32)
+        assert mx.allclose(*norms, rtol=2e-3).item()
 
 
 def test_hooked_cache_stops_returning_the_decoded_history():

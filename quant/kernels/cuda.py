@@ -4,7 +4,10 @@ tests compile them without a GPU (nvcc) or run them on the CPU (tests/cuda_emula
 Kernels (launched from gpu.py): "split" + "combine", the CUDA-core flash-decoding pair; "attend", the split
 kernel whose last block per (batch, kv head), found with an atomic ticket, merges all splits, un-rotates and
 writes the output; "mma_split" / "mma_attend", the tensor-core kernel (4-bit codes, head_dim 64 or 128);
-"encode" / "encode_pair", the appends' encode. Codes are read through their strides and each row's token count
+"append" / "mma_append", the decode step in one launch: "attend" whose last block also codes the new token
+into the cache's code buffers in place and attends it from those codes; "append_ring" / "mma_append_ring",
+the same with an fp16 window held as a ring (the oldest token is coded, the new one takes its slot, the ring
+is attended exactly); "encode" / "encode_pair", the appends' encode. Codes are read through their strides and each row's token count
 from `lengths`: the cache hands over its preallocated buffers, longer than what they hold.
 """
 
@@ -23,6 +26,8 @@ COMBINE_INPUTS = ["q", "params", "signs", "kmean", "part_o", "part_ml"]
 COMBINE_OUTPUTS = ["out", "lse"]
 ATTEND_INPUTS = SPLIT_INPUTS + ["vsigns", "kmean", "counter"]
 ATTEND_OUTPUTS = SPLIT_OUTPUTS + ["out", "lse"]
+APPEND_INPUTS = ATTEND_INPUTS + ["xk", "xv", "kbounds", "vbounds"]
+RING_INPUTS = APPEND_INPUTS + ["wk", "wv", "ring"]
 ENCODE_INPUTS = ["x", "signs", "bounds"]
 ENCODE_OUTPUTS = ["idx", "norm"]
 ENCODE_PAIR_INPUTS = ["xk", "xv", "ksigns", "vsigns", "kbounds", "vbounds", "kcent", "vcent"]
@@ -49,12 +54,20 @@ def parts(kind: str) -> tuple:
     mma = ("common.cuh", MMA_ASM, "mma_common.cuh")
     names, outputs, headers, body = {
         "split": (SPLIT_INPUTS, SPLIT_OUTPUTS, common, ("split.cu",)),
-        "attend": (ATTEND_INPUTS, ATTEND_OUTPUTS, common, ("split.cu", "attend_tail.cu")),
+        "attend": (ATTEND_INPUTS, ATTEND_OUTPUTS, common, ("split.cu", "attend_merge.cu", "attend_out.cu")),
+        "append": (APPEND_INPUTS, ATTEND_OUTPUTS, common, ("split.cu", "attend_merge.cu", "append_token.cu",
+                                                           "attend_out.cu")),
         "combine": (COMBINE_INPUTS, COMBINE_OUTPUTS, common, ("combine.cu",)),
         "encode": (ENCODE_INPUTS, ENCODE_OUTPUTS, common, ("encode.cu",)),
         "encode_pair": (ENCODE_PAIR_INPUTS, ENCODE_PAIR_OUTPUTS, common, ("encode_pair.cu",)),
         "mma_split": (SPLIT_INPUTS, SPLIT_OUTPUTS, mma, ("mma_split.cu",)),
-        "mma_attend": (ATTEND_INPUTS, ATTEND_OUTPUTS, mma, ("mma_split.cu", "attend_tail.cu")),
+        "mma_attend": (ATTEND_INPUTS, ATTEND_OUTPUTS, mma, ("mma_split.cu", "attend_merge.cu", "attend_out.cu")),
+        "mma_append": (APPEND_INPUTS, ATTEND_OUTPUTS, mma, ("mma_split.cu", "attend_merge.cu", "append_token.cu",
+                                                            "attend_out.cu")),
+        "append_ring": (RING_INPUTS, ATTEND_OUTPUTS, common, ("split.cu", "attend_merge.cu", "append_ring.cu",
+                                                              "attend_out.cu")),
+        "mma_append_ring": (RING_INPUTS, ATTEND_OUTPUTS, mma, ("mma_split.cu", "attend_merge.cu", "append_ring.cu",
+                                                               "attend_out.cu")),
     }[kind]
     return names, outputs, headers, _compact("".join(source(b) for b in body))
 

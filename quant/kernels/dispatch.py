@@ -2,7 +2,8 @@
 
 Paths: "pure" (the portable loop in quant/attention.py), "prefill" (a GPU under a mask over codes: decode the
 layer once and run MLX's fused SDPA), "cpu" (the CPU fast path), "mma" (the CUDA tensor-core kernel), "cuda"
-and "metal" (the CUDA-core kernel and its Metal twin). Kernels learn what they need of a method from its
+and "metal" (the CUDA-core kernel and its Metal twin). `append_kernel` says whether a decode step's append
+runs inside the CUDA kernel's launch (the cache asks it). Kernels learn what they need of a method from its
 `fused_spec()` (quant/methods/common.py) and nothing else. `backend=` or the environment variable
 KVSHARD_ATTENTION=pure|cpu|cuda|metal|prefill forces a path (tests compare them); a forced path that does not
 cover the case raises ValueError.
@@ -78,6 +79,19 @@ def _kernel_for(kind: str, key_method, value_method, D: int, rows: int) -> str |
     if kind == "cuda" and gpu.mma_supported(dim, rows, kspec.bits, vspec.bits) and _tensor_cores():
         return "mma"
     return kind if gpu.gpu_plan(dim, rows, kspec.bits, vspec.bits) is not None else None
+
+
+def append_kernel(queries, mask, n_kv_heads: int, key_method, value_method) -> str | None:
+    """The CUDA kernel ("mma" or "cuda") whose single launch both appends a decode step's new token to a code
+    segment (coding it in place) and attends over the segment, or None: one query token, no mask, and both
+    methods coded with their rotation in the kernel (gpu.append_supported)."""
+    _, n_q_heads, L, D = queries.shape
+    if L != 1 or mask is not None or gpu_backend() != "cuda" or os.environ.get(ENV_BACKEND, "auto") not in ("auto", "cuda"):
+        return None
+    if not gpu.append_supported(key_method, value_method):
+        return None
+    kernel = _kernel_for("cuda", key_method, value_method, D, n_q_heads // n_kv_heads)
+    return kernel if kernel in ("mma", "cuda") else None
 
 
 def choose(backend, queries, segments, key_method, value_method, mask) -> str:

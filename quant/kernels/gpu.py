@@ -12,7 +12,12 @@ load each; each lane owns C = D / LPT coordinates for all R query rows of its kv
 scores and value sums with mma.sync m16n8k16 (fp16 in, fp32 accumulate), centroids from a per-lane
 shared-memory table; products round the query, centroids and P·‖v‖ to fp16, as fp16 SDPA rounds q, K and V.
 On CUDA one launch does it all (GPU_SINGLE_LAUNCH: the last split block of each kv head, found with an atomic
-ticket, merges); tickets are slots of one persistent zeroed buffer that the last block cleans.
+ticket, merges); tickets are slots of one persistent zeroed buffer that the last block cleans. The decode
+step's launch also appends (mma_append / append): that last block codes the new token into the cache's
+preallocated code buffers in place (row `lengths`, which no block of the launch reads) and attends it from
+those codes, so a decode step is one launch per layer: no encode launch, no slice updates. With an fp16
+window the cache holds it as a ring that the same launch updates (mma_append_ring / append_ring): the oldest
+token is coded, the new one takes its slot, the ring is attended exactly.
 """
 
 import itertools
@@ -31,7 +36,11 @@ GPU_COORDS = None  # coordinates per lane; None picks by group size (benchmarks 
 GPU_SINGLE_LAUNCH = True  # CUDA: split and combine in one launch (the last block merges); else two launches
 GPU_MMA = True
 GPU_MMA_WARPS = 4  # warps per split block
-GPU_MMA_UNROLL = 1  # 16-token steps per warp step (three steps' codes in registers: two are in flight)
+GPU_MMA_UNROLL = 1  # 16-token steps per warp step
+# Code buffers per warp by head_dim: while one 16-token step is computed, the next NB - 1 are in flight. At
+# head_dim 64 three left the warps stalled on their loads (Nsight on an H200: 0.55 TB/s, 57% of the stalls
+# long-scoreboard, 12 warps per SM); at 128 a fourth buffer would cost the registers of a resident block.
+GPU_MMA_BUFFERS = {64: 5, 128: 3}
 # Split blocks per call to aim for (3 resident per SM on a 132-SM H100/H200). 132 was 10-25% faster for one
 # layer at batch 1 (benchmarks/tune_mma.py, results/tune_mma_gpu.json) but 1.4-2.1x slower at batch 8, and no
 # faster end to end (results/speed_*_gpu_target132.json).
@@ -107,6 +116,11 @@ def _placeholder(shape: tuple = (1, 1, 1, 1), dtype=mx.float16) -> mx.array:
 
 
 @lru_cache(maxsize=4096)
+def _ring_slot(slot: int) -> mx.array:
+    return mx.array([slot], dtype=mx.int32)
+
+
+@lru_cache(maxsize=4096)
 def _row_lengths(length: int, batch: int) -> mx.array:
     """Every row holding `length` tokens, cached: decode steps of all layers share one array per offset."""
     return mx.array([length] * batch, dtype=mx.int32)
@@ -145,10 +159,27 @@ def _specs(key_method, value_method):
     return kspec, vspec, none if kspec.signs is None else kspec.signs, none if vspec.signs is None else vspec.signs, dim
 
 
+def append_supported(key_method, value_method) -> bool:
+    """Whether the decode step's single launch (mma_append / append) can code the new token itself: both
+    methods' rotations in the kernel, of one width the encode covers."""
+    return GPU_SINGLE_LAUNCH and _append_supported(key_method, value_method)
+
+
+@lru_cache(maxsize=64)
+def _append_supported(key_method, value_method) -> bool:
+    return key_method.rotated_dim == value_method.rotated_dim and all(
+        spec is not None and spec.signs is not None and _encodable(m.rotated_dim, spec.bits)
+        for m, spec in ((key_method, key_method.fused_spec()), (value_method, value_method.fused_spec())))
+
+
 def attention(queries, segment, key_method, value_method, scale: float, kernel: str, lengths=None,
-              with_lse: bool = False):
+              with_lse: bool = False, append=None, ring=None):
     """Attention of (B, Hq, L, D) queries over one code segment, no mask, with the kernel dispatch chose.
     lengths: (B,) int32 tokens held per row (default: all `segment.length`); the code buffers may be longer.
+    append: the decode step's new (keys, values), (B, Hkv, 1, D) (dispatch.append_kernel said yes): coded into
+    row `lengths` of the segment's buffers in place by the same launch and attended with the rest.
+    ring: with append, (keys, values, oldest slot) of a full fp16 window held as a ring, (B, Hkv, W, D): the
+    oldest token is the one coded, the new one takes its slot, and the ring is attended exactly.
     Returns (out (B, Hq, L, D) in queries.dtype, lse (B, Hkv, R) or None unless with_lse)."""
     B, n_q_heads, L, D = queries.shape
     H = segment.n_kv_heads
@@ -162,7 +193,7 @@ def attention(queries, segment, key_method, value_method, scale: float, kernel: 
     if lengths is None:
         lengths = _row_lengths(segment.length, B)
     out, lse = _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, float(scale), has_mean, lengths, G * L,
-                       queries.dtype)
+                       queries.dtype, append, ring)
     if vspec.signs is None:
         out = value_method.unrotate(out.reshape(B, H, G, L, dim)).reshape(B, n_q_heads, L, D).astype(queries.dtype)
     if not with_lse:
@@ -175,42 +206,30 @@ def attention(queries, segment, key_method, value_method, scale: float, kernel: 
     return out, lse
 
 
-def _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, scale, has_mean, lengths, R, out_dtype):
+def _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, scale, has_mean, lengths, R, out_dtype, append=None,
+            ring=None):
     B, n_q_heads, L, D = q.shape
     H = segment.n_kv_heads
     codes = [segment.key_codes["idx"], segment.key_codes["norm"], segment.value_codes["idx"],
              segment.value_codes["norm"], lengths]
     head = [q, _scalar(scale), ksigns, kspec.centroids, vspec.centroids]
     mean = segment.key_mean if has_mean else _placeholder()
-    outs = [(B, n_q_heads, L, D), (B, H, R)]
     if kernel == "mma":
-        n_splits, threads = _mma_splits(B, H, segment.length), GPU_MMA_WARPS * 32
-        template = [("D", D), ("R", R), ("WARPS", GPU_MMA_WARPS), ("U", GPU_MMA_UNROLL), ("ROUNDS", ksigns.shape[0]
-                    if kspec.signs is not None else 0)]
-        shared = MMA_TABLE_BYTES + R * D * 4
-        split_kind = "mma_attend" if GPU_SINGLE_LAUNCH else "mma_split"
-        split = cuda.kernel(split_kind, shared)
+        split_size = (_mma_splits(B, H, segment.length), 0, GPU_MMA_WARPS, GPU_MMA_UNROLL)
     else:
-        plan = gpu_plan(D, R, kspec.bits, vspec.bits)
         per_split = _splits(B, H, segment.length)
-        n_splits, threads = -(-segment.length // per_split), GPU_WARPS * 32
-        template = [("D", D), ("R", R), ("KB", kspec.bits), ("VB", vspec.bits), ("LPT", plan["LPT"]),
-                    ("WARPS", GPU_WARPS), ("U", GPU_UNROLL), ("TPS", per_split),
-                    ("ROUNDS", ksigns.shape[0] if kspec.signs is not None else 0)]
-        single = GPU_SINGLE_LAUNCH and kernel == "cuda"
-        split_kind = "attend" if single else "split"
-        split = cuda.kernel(split_kind) if kernel == "cuda" else metal.kernel(split_kind)
-    vrounds = vsigns.shape[0] if vspec.signs is not None else 0
-    partial = [(B, H, n_splits, R, D), (B, H, n_splits, R, 2)]
-    grid, threadgroup = (n_splits * threads, H, B), (threads, 1, 1)
-    if split_kind.endswith("attend"):
-        out = split(inputs=head + codes + [vsigns, mean, _tickets(B * H)],
-                    template=template + [("HAS_MEAN", has_mean), ("VROUNDS", vrounds), ("OutT", out_dtype)],
-                    grid=grid, threadgroup=threadgroup, output_shapes=partial + outs,
-                    output_dtypes=[mx.float32, mx.float32, out_dtype, mx.float32])
+        split_size = (-(-segment.length // per_split), per_split, GPU_WARPS, GPU_UNROLL)
+    window = 0 if ring is None else ring[0].shape[2]
+    split, kwargs = _launch_shape(kernel, kspec, vspec, ksigns.shape[0], vsigns.shape[0], (B, H, n_q_heads, L, D, R),
+                                  out_dtype, has_mean, split_size, GPU_SINGLE_LAUNCH, append is not None, window)
+    if len(kwargs["output_shapes"]) == 4:  # one launch: the last split block merges
+        extra = [] if append is None else [append[0], append[1], kspec.boundaries, vspec.boundaries]
+        if ring is not None:
+            extra += [ring[0], ring[1], _ring_slot(ring[2])]
+        out = split(inputs=head + codes + [vsigns, mean, _tickets(B * H)] + extra, **kwargs)
         return out[2], out[3]
-    part_o, part_ml = split(inputs=head + codes, template=template, grid=grid, threadgroup=threadgroup,
-                            output_shapes=partial, output_dtypes=[mx.float32, mx.float32])
+    part_o, part_ml = split(inputs=head + codes, **kwargs)
+    vrounds = vsigns.shape[0] if vspec.signs is not None else 0
     combine = cuda.kernel("combine") if kernel in ("mma", "cuda") else metal.kernel("combine")
     return combine(
         inputs=[q, _scalar(scale), vsigns, mean, part_o, part_ml],
@@ -218,9 +237,47 @@ def _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, scale, has_mean, l
                   ("OutT", out_dtype)],
         grid=(R * GPU_COMBINE_THREADS, H, B),
         threadgroup=(GPU_COMBINE_THREADS, 1, 1),
-        output_shapes=outs,
+        output_shapes=[(B, n_q_heads, L, D), (B, H, R)],
         output_dtypes=[out_dtype, mx.float32],
     )
+
+
+@lru_cache(maxsize=1024)
+def _launch_shape(kernel, kspec, vspec, krounds, vrounds, shape, out_dtype, has_mean, split_size, single_launch,
+                  append, window):
+    """(split kernel, its launch arguments but the inputs) for one launch shape, worked out once: the decode
+    step's host time is a large part of what it waits for. shape: (B, kv heads, query heads, L, D, rows);
+    split_size: (splits per kv head, tokens per split (CUDA-core kernel), warps, unroll); window: the ring's
+    tokens when an append holds an fp16 window as a ring, else 0."""
+    B, H, n_q_heads, L, D, R = shape
+    n_splits, per_split, warps, unroll = split_size
+    krounds = krounds if kspec.signs is not None else 0
+    vrounds = vrounds if vspec.signs is not None else 0
+    if kernel == "mma":
+        template = [("D", D), ("R", R), ("WARPS", warps), ("U", unroll), ("NB", GPU_MMA_BUFFERS[D]), ("ROUNDS", krounds)]
+        split_kind = "mma_append" if append else "mma_attend" if single_launch else "mma_split"
+        if append:
+            template += [("KB", kspec.bits), ("VB", vspec.bits)]
+        if window:
+            split_kind, template = "mma_append_ring", template + [("W", window)]
+        split = cuda.kernel(split_kind, MMA_TABLE_BYTES + R * D * 4)
+    else:
+        plan = gpu_plan(D, R, kspec.bits, vspec.bits)
+        template = [("D", D), ("R", R), ("KB", kspec.bits), ("VB", vspec.bits), ("LPT", plan["LPT"]),
+                    ("WARPS", warps), ("U", unroll), ("TPS", per_split), ("ROUNDS", krounds)]
+        split_kind = "append" if append else "attend" if single_launch and kernel == "cuda" else "split"
+        if window:
+            split_kind, template = "append_ring", template + [("W", window)]
+        split = cuda.kernel(split_kind) if kernel == "cuda" else metal.kernel(split_kind)
+    threads = warps * 32
+    kwargs = {"template": template, "grid": (n_splits * threads, H, B), "threadgroup": (threads, 1, 1),
+              "output_shapes": [(B, H, n_splits, R, D), (B, H, n_splits, R, 2)],
+              "output_dtypes": [mx.float32, mx.float32]}
+    if split_kind.endswith(("attend", "append", "ring")):
+        kwargs["template"] = template + [("HAS_MEAN", has_mean), ("VROUNDS", vrounds), ("OutT", out_dtype)]
+        kwargs["output_shapes"] += [(B, n_q_heads, L, D), (B, H, R)]
+        kwargs["output_dtypes"] += [out_dtype, mx.float32]
+    return split, kwargs
 
 
 # ---- the appends' encode -----------------------------------------------------------------------------------

@@ -67,6 +67,35 @@ __device__ __forceinline__ void kvs_store_codes(uint32_t packed, uint8_t* out, i
   }
 }
 
+// TurboQuant-MSE codes of a warp's row of norm nrm (lane l holds coordinates [l·E, (l+1)·E)): the unit vector
+// rotated (the rounds as in-register butterflies and shuffles), then the count of boundaries below each
+// coordinate, packed little-endian; v is left holding the rotated unit vector.
+template <int D, int BITS, int ROUNDS>
+__device__ __forceinline__ uint32_t kvs_quantize_lane(float (&v)[D / 32], float nrm, const float* signs,
+                                                      const float* sb, int lane) {
+  constexpr int E = D / 32;
+  const float inv = 1.0f / fmaxf(nrm, 1e-12f);
+#pragma unroll
+  for (int e = 0; e < E; ++e) v[e] *= inv;
+#pragma unroll
+  for (int rd = 0; rd < ROUNDS; ++rd) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] *= signs[rd * D + lane * E + e];
+    kvs_hadamard_row<D>(v, lane);
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] *= rsqrtf(static_cast<float>(D));
+  }
+  uint32_t packed = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    uint32_t code = 0;
+#pragma unroll
+    for (int i = 0; i < (1 << BITS) - 1; ++i) code += v[e] > sb[i] ? 1u : 0u;
+    packed |= code << (e * BITS);
+  }
+  return packed;
+}
+
 // REFIT (klt): x is already in the coded domain (no rotation); the scale kept is not ‖x‖ but the least-squares
 // gain g = Σ x·ĉ / Σ ĉ² of the chosen centroids ĉ (sc), and the codes are chosen again for x / g and g refitted,
 // as KLT.encode does for a single run of equal bits.
@@ -117,25 +146,7 @@ __device__ __forceinline__ void kvs_encode_row(const T* x, const S& shape, const
     if (lane == 0) norm[row] = static_cast<__half>(nrm);
     return;
   }
-  const float inv = 1.0f / fmaxf(nrm, 1e-12f);
-#pragma unroll
-  for (int e = 0; e < E; ++e) v[e] *= inv;
-#pragma unroll
-  for (int rd = 0; rd < ROUNDS; ++rd) {
-#pragma unroll
-    for (int e = 0; e < E; ++e) v[e] *= signs[rd * D + lane * E + e];
-    kvs_hadamard_row<D>(v, lane);
-#pragma unroll
-    for (int e = 0; e < E; ++e) v[e] *= rsqrtf(static_cast<float>(D));
-  }
-  uint32_t packed = 0;
-#pragma unroll
-  for (int e = 0; e < E; ++e) {
-    uint32_t code = 0;
-#pragma unroll
-    for (int i = 0; i < (1 << BITS) - 1; ++i) code += v[e] > sb[i] ? 1u : 0u;
-    packed |= code << (e * BITS);
-  }
+  const uint32_t packed = kvs_quantize_lane<D, BITS, ROUNDS>(v, nrm, signs, sb, lane);
   kvs_store_codes<E * BITS>(packed, idx + row * (D * BITS / 8), lane);
   if (lane == 0) norm[row] = static_cast<__half>(nrm);
 }
@@ -210,4 +221,125 @@ __device__ __forceinline__ float kvs_block_sum(float v, float* red) {
   for (int i = 1; i < NT / 32; ++i) v += red[i];
   __syncthreads();
   return v;
+}
+
+// Append one token of one (batch, kv head) in place, by one warp: x (the token, minus the key mean when MEAN)
+// TurboQuant-coded into row `pos` of the cache's preallocated code and norm buffers (inputs that the kernel
+// writes: no block of the launch reads row `pos`), and its decoded rotated vector (centroids · fp16 norm, as
+// the codes will be read later) left in `decoded` (shared memory, D floats).
+template <int D, int BITS, int ROUNDS, bool MEAN, typename T, typename XS, typename M, typename MS, typename IS,
+          typename N, typename NS>
+__device__ __forceinline__ void kvs_append_token(const T* x, const XS& xs, const M* mean, const MS& ms,
+                                                 const float* signs, const float* bounds, const float* cent,
+                                                 const uint8_t* idx, const IS& is, const N* norm, const NS& ns,
+                                                 int b, int h, int pos, int lane, float* decoded) {
+  constexpr int E = D / 32;
+  float v[E];
+  float ss = 0.0f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int d = lane * E + e;
+    v[e] = static_cast<float>(x[b * xs[0] + h * xs[1] + d * xs[3]]);
+    if constexpr (MEAN) v[e] -= static_cast<float>(mean[b * ms[0] + h * ms[1] + d * ms[3]]);
+    ss += v[e] * v[e];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  const float nrm = sqrtf(ss);
+  const uint32_t packed = kvs_quantize_lane<D, BITS, ROUNDS>(v, nrm, signs, bounds, lane);
+  kvs_store_codes<E * BITS>(packed, const_cast<uint8_t*>(idx) + b * is[0] + h * is[1] + pos * is[2], lane);
+  const N stored = static_cast<N>(nrm);
+  if (lane == 0) const_cast<N*>(norm)[b * ns[0] + h * ns[1] + pos * ns[2]] = stored;
+#pragma unroll
+  for (int e = 0; e < E; ++e)
+    decoded[lane * E + e] = cent[(packed >> (e * BITS)) & ((1u << BITS) - 1)] * static_cast<float>(stored);
+}
+
+// A token the tail coded (append_token.cu, append_ring.cu) joins each row's merged (m, l) and, weighted, the
+// rotated-domain value sum `extra` (R x D): its score from the rotated query (sq · k̂ · qnat: natural-log
+// units), its decoded value dv. A warp per row; (m, l) are read before the reduction's shuffles, written after.
+template <int R, int D, int WARPS>
+__device__ __forceinline__ void kvs_merge_coded(const float* sq, const float* dk, const float* dv, float qnat,
+                                                float* srm, float* srl, float* extra, int warp, int lane) {
+  for (int r = warp; r < R; r += WARPS) {
+    const float m0 = srm[r], l0 = srl[r];
+    float s = 0.0f;
+    for (int d = lane; d < D; d += 32) s += sq[r * D + d] * dk[d];
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    s *= qnat;
+    const float mn = fmaxf(m0, s);
+    const float a = __expf(m0 - mn), w = __expf(s - mn);
+    for (int d = lane; d < D; d += 32) extra[r * D + d] = extra[r * D + d] * a + w * dv[d];
+    if (lane == 0) {
+      srl[r] = l0 * a + w;
+      srm[r] = mn;
+    }
+  }
+}
+
+// The fp16 window (a ring of W tokens, the step's new one already in it) joins each row exactly, a warp per
+// row: scores q·k·scale less q·μ·scale (code scores leave the key mean to the lse), an online softmax over
+// the ring, the weighted value sum taken in the values' original domain and rotated into their coded domain
+// once (the tail un-rotates everything together). Ring reads go through L2: this block just wrote a slot.
+template <int R, int D, int W, int WARPS, int VROUNDS, bool MEAN, typename Q, typename QS, typename M, typename MS,
+          typename K, typename KS>
+__device__ __forceinline__ void kvs_merge_window(const Q* q, const QS& qs, const M* mean, const MS& ms, const K* wk,
+                                                 const KS& ks, const K* wv, const KS& vs, const float* vsigns,
+                                                 float scale, int b, int h, int G, int L, float* srm, float* srl,
+                                                 float* extra, int warp, int lane) {
+  constexpr int E = D / 32;
+  const float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
+  for (int r = warp; r < R; r += WARPS) {
+    const int hq = h * G + r / L, pos = r % L;
+    float qv[E], acc[E];
+    float qm = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int d = lane * E + e;
+      qv[e] = static_cast<float>(q[b * qs[0] + hq * qs[1] + pos * qs[2] + d * qs[3]]) * scale;
+      if constexpr (MEAN) qm += qv[e] * static_cast<float>(mean[b * ms[0] + h * ms[1] + d * ms[3]]);
+      acc[e] = 0.0f;
+    }
+    for (int off = 16; off > 0; off >>= 1) qm += __shfl_xor_sync(0xffffffffu, qm, off);
+    const float m0 = srm[r], l0 = srl[r];
+    float m = NEG_INF, l = 0.0f;
+#pragma unroll 8
+    for (int j = 0; j < W; ++j) {  // unrolled: the ring's loads of several tokens are in flight together
+      const int64_t kj = b * ks[0] + h * ks[1] + j * ks[2], vj = b * vs[0] + h * vs[1] + j * vs[2];
+      float s = 0.0f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) s += qv[e] * static_cast<float>(__ldcg(wk + kj + (lane * E + e) * ks[3]));
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      s -= qm;
+      const float mn = fmaxf(m, s);
+      const float a = __expf(m - mn), w = __expf(s - mn);
+      l = l * a + w;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = acc[e] * a + w * static_cast<float>(__ldcg(wv + vj + (lane * E + e) * vs[3]));
+      m = mn;
+    }
+    float sg[VROUNDS > 0 ? VROUNDS : 1][E];
+#pragma unroll
+    for (int rd = 0; rd < VROUNDS; ++rd)
+#pragma unroll
+      for (int e = 0; e < E; ++e) sg[rd][e] = vsigns[rd * D + lane * E + e];
+    kvs_rotate_row<D, VROUNDS>(acc, sg, lane);
+    const float mn = fmaxf(m0, m);
+    const float a0 = __expf(m0 - mn), a1 = __expf(m - mn) * powf(static_cast<float>(D), -0.5f * VROUNDS);
+#pragma unroll
+    for (int e = 0; e < E; ++e) extra[r * D + lane * E + e] = extra[r * D + lane * E + e] * a0 + acc[e] * a1;
+    if (lane == 0) {
+      srl[r] = l0 * a0 + l * __expf(m - mn);
+      srm[r] = mn;
+    }
+  }
+}
+
+// Row `slot` of one (batch, kv head) of a ring buffer (an input the kernel writes) takes one token.
+template <int D, int NT, typename T, typename S, typename X, typename XS>
+__device__ __forceinline__ void kvs_put_token(const T* ring, const S& rs, const X* x, const XS& xs, int b, int h,
+                                              int slot, int tid) {
+  for (int d = tid; d < D; d += NT)
+    const_cast<T*>(ring)[b * rs[0] + h * rs[1] + slot * rs[2] + d * rs[3]] =
+        static_cast<T>(x[b * xs[0] + h * xs[1] + d * xs[3]]);
 }

@@ -13,6 +13,7 @@
   constexpr int TABLE_BYTES = 256 * 64 * 4;
   constexpr unsigned FULL = 0xffffffffu;
   constexpr float LOG2E = 1.4426950408889634f;
+  const float tail_qnat = 1.0f / LOG2E;  // sq · k̂ · tail_qnat: a score in natural-log units (append_token.cu)
   const float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
   extern __shared__ __align__(16) unsigned char kvs_smem[];
   const unsigned char* table = kvs_smem;
@@ -97,10 +98,13 @@
       for (int rd = 0; rd < ROUNDS; ++rd) sg[rd][e] = __ldg(signs + rd * D + lane * (D / 32) + e);
     }
   }
-  Codes c0, c1, c2;
+  // NB code buffers per warp: while one step is computed, the next NB - 1 steps' codes are in flight (the
+  // loads' latency, not bandwidth, bounds a warp at head_dim 64; Nsight: long-scoreboard stalls).
+  Codes c[NB];
   int tau = start + warp * STEP;
-  if (tau < end) load(tau, c0);
-  if (tau + WARPS * STEP < end) load(tau + WARPS * STEP, c1);
+#pragma unroll
+  for (int i = 0; i < NB - 1; ++i)
+    if (tau + i * WARPS * STEP < end) load(tau + i * WARPS * STEP, c[i]);
   if (tid < 32) scent[tid] = cent;
   __syncthreads();
   // Tables: 256 code bytes x 64 words; words 0-31 are the 32 lanes' copies for keys, 32-63 for values.
@@ -141,7 +145,6 @@
 #pragma unroll
     for (int i = 0; i < 4; ++i) o[mt][i] = 0.0f;
   float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};  // rows 2t, 2t+1 (base 2)
-  // Three code buffers: while one step is computed, the next two are in flight.
   auto step = [&](const Codes& cur, int tau, Codes& refill, int tau_refill) {
     if (tau_refill < end) load(tau_refill, refill);
       float s[U][4];  // Sᵀ: (token g, row 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
@@ -217,12 +220,13 @@
         }
       }
   };
-  for (; tau < end; tau += 3 * WARPS * STEP) {
-    step(c0, tau, c2, tau + 2 * WARPS * STEP);
-    if (tau + WARPS * STEP >= end) break;
-    step(c1, tau + WARPS * STEP, c0, tau + 3 * WARPS * STEP);
-    if (tau + 2 * WARPS * STEP >= end) break;
-    step(c2, tau + 2 * WARPS * STEP, c1, tau + 4 * WARPS * STEP);
+  for (; tau < end; tau += NB * WARPS * STEP) {
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+      const int at = tau + i * WARPS * STEP;
+      if (at >= end) break;
+      step(c[i], at, c[(i + NB - 1) % NB], at + (NB - 1) * WARPS * STEP);
+    }
   }
 #pragma unroll
   for (int off = 4; off < 32; off <<= 1) {
@@ -250,3 +254,4 @@
   __syncthreads();
   const int64_t row0 = (static_cast<int64_t>(b * H + h) * n_splits + split) * R;
   kvs_merge_warps<R, D, WARPS, NT, true>(wacc, wml, part_o, part_ml, row0, tid);
+  float* tail_extra = wacc;  // R x D, once the warps' partials are merged (attend_merge.cu)

@@ -55,6 +55,7 @@
     }
   }
   const float hnorm = powf(static_cast<float>(D), -0.5f * ROUNDS);
+  const float tail_qnat = hnorm;  // sq · k̂ · tail_qnat: a score in natural-log units (append_token.cu)
   float qr[R][C];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -190,3 +191,4 @@
   __syncthreads();
   const int64_t row0 = (static_cast<int64_t>(b * H + h) * n_splits + split) * R;
   kvs_merge_warps<R, D, WARPS, NT, false>(sacc, sml, part_o, part_ml, row0, tid);
+  float* tail_extra = sacc;  // R x D, once the warps' partials are merged (attend_merge.cu)
