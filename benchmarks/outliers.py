@@ -32,7 +32,7 @@ def configs(model, tokenizer, tokens: int) -> list:
 
     rows = []
     for bits in (4, 3, 2):
-        rows.append(EvalConfig(f"turboquant_mse {bits}-bit", "turboquant_mse", caches(KVCacheConfig(bit_width_inlier=bits))))
+        rows.append(EvalConfig(f"turboquant_mse {bits}-bit", "turboquant_mse", caches(KVCacheConfig(key_bits=bits))))
     for bits, n in OUTLIERS:
         config = KVCacheConfig(key_bits=bits, outlier_channels=n)
         rows.append(EvalConfig(f"turboquant_mse {bits}-bit + {n} outlier channel(s)", "outlier channels", caches(config)))
