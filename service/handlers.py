@@ -83,7 +83,7 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         if requested.profile or requested.budget_bits or (kind == "model" and not request.HasField("cache") and self.model.default_profile):
             if kind == "raw":
                 raise ValueError("cache.profile: profiles configure MODEL sessions; a RAW session takes method and bits")
-            requested = profiles.profile_config(requested, self.model, self.limits)
+            requested = profiles.profile_config(requested, self.model)
         return resolve_spec(kind, shape, requested, self.limits, request.session_id, dict(request.labels))
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:

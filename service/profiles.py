@@ -8,7 +8,6 @@ import re
 
 from kvshard.quant import KVCacheConfig, list_profiles, load_profile
 from kvshard.quant.calibrate.profile import PATH_VARIABLE, calibrate_profile, save_profile
-from kvshard.service.sessions import SERVICE_SLIDING, check_fp16_tokens
 from kvshard.wire import kvshard_pb2 as pb
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -28,7 +27,7 @@ def profiles_for(fingerprint: str) -> dict:
     return found
 
 
-def profile_config(requested: KVCacheConfig, model, limits) -> KVCacheConfig:
+def profile_config(requested: KVCacheConfig, model) -> KVCacheConfig:
     """A model session's config from its requested profile and budget_bits (profile empty: the default): it names
     the profile, its budget and fingerprint (Session.new plans it, sessions.cache_config)."""
     name = requested.profile or model.default_profile
@@ -42,10 +41,8 @@ def profile_config(requested: KVCacheConfig, model, limits) -> KVCacheConfig:
     if not (math.isfinite(budget) and low <= budget <= high):
         raise ValueError(f"cache.budget_bits: must be in [{low:.3f}, {high:.3f}] for profile {name!r}, got {budget}")
     planned = profile.config(budget)
-    config = dataclasses.replace(requested, method=planned.method, sink_tokens=planned.sink_tokens, profile=name,
-                                 budget_bits=budget, profile_fingerprint=profile.fingerprint, sliding=SERVICE_SLIDING)
-    check_fp16_tokens(config, limits)
-    return config
+    return dataclasses.replace(requested, method=planned.method, sink_tokens=planned.sink_tokens, profile=name,
+                               budget_bits=budget, profile_fingerprint=profile.fingerprint)
 
 
 def profile_info(profile) -> pb.ProfileInfo:

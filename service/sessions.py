@@ -106,8 +106,8 @@ def resolve_spec(
             raise ValueError(f"raw.{name}: must be in [{low}, {high}], got {shape[name]}")
     layers = shape["layers"]
     per_layer = {}
-    for field, bits in () if requested.profile else (("key_bits", requested.key_bits),
-                                                     ("value_bits", requested.value_bits or requested.key_bits)):
+    bit_fields = () if requested.profile else (("key_bits", requested.key_bits), ("value_bits", requested.value_bits or requested.key_bits))
+    for field, bits in bit_fields:
         bits = bits if isinstance(bits, list) else [bits]
         if len(bits) not in (1, layers):
             raise ValueError(f"cache.{field}: give one value or one per layer ({layers}), got {len(bits)}")
@@ -115,15 +115,11 @@ def resolve_spec(
             if not limits.min_bits <= b <= limits.max_bits:
                 raise ValueError(f"cache.{field}[{i}]: {b} bits is out of range [{limits.min_bits}, {limits.max_bits}]")
         per_layer[field] = bits * layers if len(bits) == 1 else bits
-    check_fp16_tokens(requested, limits)
+    for field in ("sink_tokens", "window"):
+        if getattr(requested, field) > limits.max_session_tokens:
+            raise ValueError(f"cache.{field}: {getattr(requested, field)} exceeds max_session_tokens {limits.max_session_tokens}")
     config = dataclasses.replace(requested, **per_layer, sliding=SERVICE_SLIDING)
     return SessionSpec(kind=kind, config=config, shape=dict(shape), session_id=session_id, labels=dict(labels or {}))
-
-
-def check_fp16_tokens(config: KVCacheConfig, limits: Limits) -> None:
-    for field in ("sink_tokens", "window"):
-        if getattr(config, field) > limits.max_session_tokens:
-            raise ValueError(f"cache.{field}: {getattr(config, field)} exceeds max_session_tokens {limits.max_session_tokens}")
 
 
 def cache_config(config: KVCacheConfig, model=None) -> KVCacheConfig:
