@@ -214,3 +214,28 @@ def test_a_session_stored_in_the_old_dict_shape_resumes(tmp_path):
                 assert len(cache) == 45
     finally:
         server.stop()
+
+
+@pytest.mark.slow  # two model shard starts and three short turns: ~90 s on the loaded 2-core machine
+def test_a_profile_session_stored_in_the_old_dict_shape_resumes_and_continues_as_if_uninterrupted(tmp_path):
+    """Two default-profile sessions take the same turn; one goes on, the other's record is rewritten to the dict
+    shape the old code stored (empty bit lists, the profile fields) and the shard restarted: it shows the same
+    configuration and its greedy continuation is the uninterrupted one's (same codes, same arithmetic)."""
+    server = ShardProcess(tmp_path, "--max-tokens", "4").start()
+    try:
+        with Client(server.target) as client:
+            resumed, uninterrupted = client.create_session("old-profile"), client.create_session("reference")
+            for session in (resumed, uninterrupted):
+                list(session.generate("Once upon a time", max_tokens=2, ignore_eos=True))
+            expected = [t.token_id for t in uninterrupted.generate(" there", max_tokens=3, ignore_eos=True)]
+            shown = client.get_session("old-profile").cache
+        assert server.stop() == 0, server.log()
+        old = dict(OLD_PROFILE, budget_bits=shown.budget_bits, profile_fingerprint=shown.profile_fingerprint)
+        _set_stored_config(tmp_path / "kvshard.sqlite3", "old-profile", old)
+        server.start()
+        with Client(server.target) as client:
+            assert client.get_session("old-profile").cache == shown
+            continued = client.session("old-profile").generate(" there", max_tokens=3, ignore_eos=True)
+            assert [t.token_id for t in continued] == expected
+    finally:
+        server.stop()
