@@ -15,7 +15,10 @@ import numbers
 import os
 from dataclasses import dataclass, field, fields, replace
 
+from .cache import CompressedKVCache
 from .methods import METHODS
+from .precompute import load_artifact_store
+from .sliding import SlidingCompressedKVCache
 
 SLIDING_CHOICES = ("fp16", "compressed", "full")
 MAX_BITS = 8  # packing.py's widest code; each method narrows its own range when its cache is built
@@ -105,7 +108,7 @@ class KVCacheConfig:
         bits = getattr(self, name)
         if values and bits is None:
             return self.bits_for_layer(False, layer, n_layers)
-        if isinstance(bits, list):
+        if isinstance(bits, (list, tuple)):
             if len(bits) != n_layers:
                 raise ValueError(f"{name}: has {len(bits)} entries but the model has {n_layers} attention layers")
             return bits[layer]
@@ -115,10 +118,6 @@ class KVCacheConfig:
         """A CompressedKVCache for attention layer `layer` of `n_layers`; with max_size, one of a sliding-window
         layer that holds at most that many tokens (and no sinks). The cache's constructor takes this config's
         field names, per layer (key_scales[layer] as key_scale, ...)."""
-        from .cache import CompressedKVCache
-        from .precompute import load_artifact_store
-        from .sliding import SlidingCompressedKVCache
-
         if self.artifact_store is not None:
             load_artifact_store(os.fspath(self.artifact_store))
         sliding = {} if max_size is None else {"max_size": max_size}
