@@ -32,9 +32,9 @@ def configs(model, tokenizer, tokens: int) -> list:
 
     rows = []
     for bits in (4, 3, 2):
-        rows.append(EvalConfig(f"turboquant_mse {bits}-bit", "turboquant_mse", caches(KVCacheConfig(bit_width_inlier=bits))))
+        rows.append(EvalConfig(f"turboquant_mse {bits}-bit", "turboquant_mse", caches(KVCacheConfig(key_bits=bits))))
     for bits, n in OUTLIERS:
-        config = KVCacheConfig(bit_width_inlier=bits, n_outlier_channels=n, enable_outlier_two_stream=True)
+        config = KVCacheConfig(key_bits=bits, outlier_channels=n)
         rows.append(EvalConfig(f"turboquant_mse {bits}-bit + {n} outlier channel(s)", "outlier channels", caches(config)))
     calibration = functools.cache(lambda: calibrate(model, tokenizer))
     for budget in BUDGETS:

@@ -3,7 +3,7 @@ bookkeeping that makes a retried Generate deliver every token exactly once. _beh
 
 import random
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import grpc
 import numpy as np
@@ -79,9 +79,11 @@ class CalibrationResult:
 
 @dataclass
 class SessionOptions:
-    """CreateSession's cache settings, as keyword arguments. None of them set: the server's default (for a model
-    session, its recommended calibration profile). profile / budget_bits pick a profile's configuration instead of
-    method and bits."""
+    """CreateSession's cache settings, as keyword arguments. Their names are the wire's CacheConfig fields, which
+    are kvshard.quant.KVCacheConfig's (the SDK does not import the library; a test keeps the three in step), less
+    profile_fingerprint, which the server sets. None of them set: the server's default (for a model session, its
+    recommended calibration profile). profile / budget_bits pick a profile's configuration instead of method and
+    bits."""
 
     method: str | None = None
     key_bits: int | list[int] | None = None
@@ -96,17 +98,15 @@ class SessionOptions:
     def cache_config(self) -> pb.CacheConfig | None:
         if self == SessionOptions(labels=self.labels):
             return None
-        config = pb.CacheConfig(
-            method=self.method or "",
-            key_bits=_as_list(self.key_bits) if self.key_bits is not None else [],
-            value_bits=_as_list(self.value_bits) if self.value_bits is not None else [],
-            sink_tokens=self.sink_tokens,
-            window=self.window,
-            profile=self.profile,
-            budget_bits=self.budget_bits,
-        )
-        if self.seed is not None:
-            config.seed = self.seed
+        config = pb.CacheConfig()
+        for option in fields(self):
+            value = getattr(self, option.name)
+            if option.name == "labels" or value is None:
+                continue
+            if option.name in ("key_bits", "value_bits"):
+                getattr(config, option.name).extend(_as_list(value))
+            else:
+                setattr(config, option.name, value)
         return config
 
 

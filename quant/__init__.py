@@ -2,8 +2,9 @@
 compressed mlx_lm caches, attention straight from the codes, and RateQuant bit allocation."""
 
 from .batch_cache import BatchCompressedKVCache
-from .builder import KVCacheBuilder, KVCacheConfig, install_attention_hook
+from .builder import KVCacheBuilder, install_attention_hook
 from .cache import CompressedKVCache
+from .config import KVCacheConfig
 from .methods import METHODS, make_method
 from .precompute import ArtifactStore, precompute
 from .observers import DistortionObserver, KeyNormObserver, LatencyObserver, MemoryObserver

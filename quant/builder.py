@@ -1,87 +1,19 @@
-"""KVCacheConfig and KVCacheBuilder: the public way to make compressed caches (the seed's API, kept),
-and the hook that routes mlx_lm's attention to the codes."""
+"""KVCacheBuilder: the public way to make compressed caches from a KVCacheConfig (quant/config.py; the seed's
+API, kept), and the hook that routes mlx_lm's attention to the codes."""
 
-import os
 import sys
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import mlx_lm.models.cache as mlx_cache
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .cache import CompressedKVCache
-from .precompute import load_artifact_store
-from .sliding import Float16RotatingKVCache, SlidingCompressedKVCache
-
-SLIDING_CHOICES = ("fp16", "compressed", "full")
+from .config import KVCacheConfig
+from .sliding import Float16RotatingKVCache
 
 # load_prompt_cache looks cache classes up by name in mlx_lm's module; make ours findable there.
 mlx_cache.CompressedKVCache = CompressedKVCache
-
-
-@dataclass
-class KVCacheConfig:
-    method: str = "turboquant_mse"
-    bit_width_inlier: int | list[int] = 4  # key bits: one int, or one per attention layer
-    bit_width_value: int | list[int] | None = None  # value bits; None = same as the keys
-    sink_tokens: int = 0  # first tokens kept in fp16 (attention sinks)
-    window: int = 0  # most recent tokens kept in fp16
-    seed: int = 42
-    head_dim: int | None = None  # for standalone caches; for_model reads it from the model
-    center_keys: bool = True
-    value_method: str | None = None  # None = same method as the keys
-    key_scales: list | None = None  # per attention layer, a (kv_heads, head_dim) array: calibrate_key_scales
-    key_plans: list | None = None  # method "klt": per attention layer, a KLTPlan (calibrate/klt.py: plan_klt)
-    value_plans: list | None = None
-    # Sliding-window layers (for_model): "fp16" keeps mlx_lm's rotating window in float16, "compressed" codes it
-    # like the other layers (SlidingCompressedKVCache), "full" gives them a plain CompressedKVCache of every token
-    # under the model's window mask (append-only codes, as the service's store persists them). With "compressed"
-    # and "full", per-layer lists count the sliding layers too.
-    sliding: str = "fp16"
-    observers: list = field(default_factory=list)  # quant/observers.py, shared by every layer's cache
-    n_outlier_channels: int = 1  # with enable_outlier_two_stream: the largest key coordinates kept exact
-    enable_outlier_two_stream: bool = False  # quant/methods/outliers.py (turboquant_mse keys)
-    artifact_store: str | None = None  # folder from `kvshard precompute`: rotations and codebooks loaded, not computed
-    extra: dict = field(default_factory=dict)
-
-    def bits_for_layer(self, values: bool, layer: int, n_layers: int) -> int:
-        name = "bit_width_value" if values else "bit_width_inlier"
-        bits = getattr(self, name)
-        if values and bits is None:
-            return self.bits_for_layer(False, layer, n_layers)
-        if isinstance(bits, (list, tuple)):
-            if len(bits) != n_layers:
-                raise ValueError(f"{name} has {len(bits)} entries but the model has {n_layers} attention layers")
-            return bits[layer]
-        return bits
-
-    def make_cache(self, layer: int = 0, n_layers: int = 1, head_dim=None, n_kv_heads=None, max_size=None) -> CompressedKVCache:
-        """A CompressedKVCache for attention layer `layer` of `n_layers`; with max_size, one of a sliding-window
-        layer that holds at most that many tokens (and no sinks)."""
-        if self.artifact_store is not None:
-            load_artifact_store(os.fspath(self.artifact_store))
-        n = self.n_outlier_channels
-        if self.enable_outlier_two_stream and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"n_outlier_channels must be an integer >= 1 with enable_outlier_two_stream, got {n!r}")
-        sliding = {} if max_size is None else {"max_size": max_size}
-        return (SlidingCompressedKVCache if max_size is not None else CompressedKVCache)(
-            **sliding,
-            head_dim=head_dim if head_dim is not None else self.head_dim,
-            n_kv_heads=n_kv_heads,
-            method=self.method,
-            key_bits=self.bits_for_layer(False, layer, n_layers),
-            value_bits=self.bits_for_layer(True, layer, n_layers),
-            seed=self.seed,
-            sink_tokens=self.sink_tokens if max_size is None else 0,
-            window=self.window,
-            center_keys=self.center_keys,
-            value_method=self.value_method,
-            key_scale=None if self.key_scales is None else self.key_scales[layer],
-            key_plan=None if self.key_plans is None else self.key_plans[layer],
-            value_plan=None if self.value_plans is None else self.value_plans[layer],
-            observers=self.observers,
-            outlier_channels=self.n_outlier_channels if self.enable_outlier_two_stream else 0,
-        )
 
 
 def _attention(layer):
@@ -178,7 +110,7 @@ class KVCacheBuilder:
         return self
 
     def with_bit_width(self, inlier: int, value: int | None = None) -> "KVCacheBuilder":
-        self.config = replace(self.config, bit_width_inlier=inlier, bit_width_value=value)
+        self.config = replace(self.config, key_bits=inlier, value_bits=value)
         return self
 
     def with_seed(self, seed: int) -> "KVCacheBuilder":
@@ -198,7 +130,9 @@ class KVCacheBuilder:
         return self
 
     def with_outlier_channels(self, n: int) -> "KVCacheBuilder":
-        self.config = replace(self.config, n_outlier_channels=n, enable_outlier_two_stream=True)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"outlier_channels: with_outlier_channels needs an integer >= 1, got {n!r}")
+        self.config = replace(self.config, outlier_channels=n)
         return self
 
     def with_artifact_store(self, folder) -> "KVCacheBuilder":
@@ -216,8 +150,6 @@ class KVCacheBuilder:
         config.sliding == "compressed" a SlidingCompressedKVCache, with "full" a CompressedKVCache. Other layers
         (recurrent) keep the model's own cache. Per-layer bits and plans are indexed over the compressed layers
         in order. Callable from a replaced `model.make_cache`."""
-        if config.sliding not in SLIDING_CHOICES:
-            raise ValueError(f"sliding must be one of {SLIDING_CHOICES}, got {config.sliding!r}")
         caches = model_caches(model)
         layers = _layers(model)
         compress_sliding = config.sliding in ("compressed", "full")

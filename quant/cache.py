@@ -74,7 +74,7 @@ class CompressedKVCache(_BaseCache):
         self.sink_tokens = _check_count(sink_tokens, "sink_tokens")
         self.window = _check_count(window, "window")
         self.center_keys = bool(center_keys)
-        self.outlier_channels = _check_count(outlier_channels, "n_outlier_channels")
+        self.outlier_channels = _check_count(outlier_channels, "outlier_channels")
         self.head_dim = None
         self.n_kv_heads = None
         # Build the quantizers now when the shape is known, so bad bits/method fail at construction.

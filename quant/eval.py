@@ -219,8 +219,8 @@ def tuned_config(model, tokenizer, budget: float, calibration: dict, tokens: int
     )
     return KVCacheConfig(
         method="turboquant_mse",
-        bit_width_inlier=key_bits,
-        bit_width_value=value_bits,
+        key_bits=key_bits,
+        value_bits=value_bits,
         sink_tokens=SINK_TOKENS,
         key_scales=calibration["key_scales"],
     )
@@ -263,7 +263,7 @@ def our_configs(model, tokenizer, tokens: int = 1024, sliding: str = "fp16", pro
 
     configs = []
     for method, bits in PLAIN:
-        config = KVCacheConfig(method=method, bit_width_inlier=bits, seed=42, sliding=sliding)
+        config = KVCacheConfig(method=method, key_bits=bits, seed=42, sliding=sliding)
         make = lambda config=config: KVCacheBuilder.for_model(model, config)  # noqa: E731
         configs.append(EvalConfig(f"{method} {bits}-bit", method, make))
     calibration = functools.cache(lambda: calibrate(model, tokenizer))

@@ -8,9 +8,10 @@ codes are decided in errors.py; the interceptor applies them.
 
 import base64
 import binascii
+import dataclasses
 from contextlib import aclosing
 
-from kvshard.quant import METHODS
+from kvshard.quant import METHODS, KVCacheConfig
 from kvshard.service import calibration, logs, metrics, profiles
 from kvshard.service.auth import current_tenant
 from kvshard.service.errors import FailedPrecondition, LimitExceeded
@@ -76,25 +77,14 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         for key, value in request.labels.items():
             if not 1 <= len(key) <= MAX_LABEL_KEY or len(value) > MAX_LABEL_VALUE:
                 raise ValueError(f"labels: keys of 1-{MAX_LABEL_KEY} and values of at most {MAX_LABEL_VALUE} characters")
-        if cache.profile or cache.budget_bits or (kind == "model" and not request.HasField("cache") and self.model.default_profile):
+        requested = cache_config_from_pb(cache)
+        if key_bits is not None:
+            requested = dataclasses.replace(requested, key_bits=list(key_bits))
+        if requested.profile or requested.budget_bits or (kind == "model" and not request.HasField("cache") and self.model.default_profile):
             if kind == "raw":
                 raise ValueError("cache.profile: profiles configure MODEL sessions; a RAW session takes method and bits")
-            spec = resolve_spec(kind, shape, "", [], [], 0, 0, DEFAULT_SEED, self.limits, request.session_id, dict(request.labels))
-            spec.config = profiles.profile_config(cache, self.model, self.limits)
-            return spec
-        return resolve_spec(
-            kind,
-            shape,
-            method=cache.method,
-            key_bits=list(key_bits if key_bits is not None else cache.key_bits),
-            value_bits=list(cache.value_bits),
-            sink_tokens=cache.sink_tokens,
-            window=cache.window,
-            seed=cache.seed if cache.HasField("seed") else DEFAULT_SEED,
-            limits=self.limits,
-            session_id=request.session_id,
-            labels=dict(request.labels),
-        )
+            requested = profiles.profile_config(requested, self.model)
+        return resolve_spec(kind, shape, requested, self.limits, request.session_id, dict(request.labels))
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
         session_id = _session_id(request)
@@ -297,21 +287,10 @@ def _session_id(request) -> str:
 
 
 def session_message(record: SessionRecord, session=None, include_token_ids: bool = False) -> pb.Session:
-    config = record.config
     message = pb.Session(
         session_id=public_id(record),
         kind=_KINDS[record.kind],
-        cache=pb.CacheConfig(
-            method=config["method"],
-            key_bits=config["key_bits"],
-            value_bits=config["value_bits"],
-            sink_tokens=config["sink_tokens"],
-            window=config["window"],
-            seed=config["seed"],
-            profile=config.get("profile", ""),
-            budget_bits=config.get("budget_bits", 0.0),
-            profile_fingerprint=config.get("profile_fingerprint", ""),
-        ),
+        cache=cache_config_to_pb(KVCacheConfig.from_dict(record.config)),
         shape=pb.RawShape(**record.shape),
         offset=record.offset,
         layer_offsets=record.layer_offsets,
@@ -332,6 +311,45 @@ def session_message(record: SessionRecord, session=None, include_token_ids: bool
     if include_token_ids:
         message.token_ids.extend(record.token_ids)
     return message
+
+
+def cache_config_from_pb(cache: pb.CacheConfig) -> KVCacheConfig:
+    """The one wire -> config conversion (a request's CacheConfig): the same field names; unset fields take
+    KVCacheConfig's defaults (method turboquant_mse, 4 key bits, value bits as the keys, seed 42); bits stay lists
+    (one value: every layer, which resolve_spec expands). The wire's own rules come first: a profile excludes method, bits and sinks, and
+    profile_fingerprint is the server's to set. Errors name the field as `cache.<field>`."""
+    if cache.profile_fingerprint:
+        raise ValueError("cache.profile_fingerprint: set by the server, not by requests")
+    if cache.profile or cache.budget_bits:
+        for field in ("method", "key_bits", "value_bits", "sink_tokens"):
+            if getattr(cache, field):
+                raise ValueError(f"cache.{field}: must be unset with cache.profile (the profile decides it)")
+    given = dict(sink_tokens=cache.sink_tokens, window=cache.window, profile=cache.profile, budget_bits=cache.budget_bits)
+    if cache.method:
+        given["method"] = cache.method
+    for field in ("key_bits", "value_bits"):
+        if getattr(cache, field):
+            given[field] = list(getattr(cache, field))
+    if cache.HasField("seed"):
+        given["seed"] = cache.seed
+    try:
+        return KVCacheConfig(**given)
+    except ValueError as error:
+        raise ValueError(f"cache.{error}") from None
+
+
+def cache_config_to_pb(config: KVCacheConfig) -> pb.CacheConfig:
+    """The one config -> wire conversion (Session.cache): bits as lists (value bits unset: as the keys); a
+    profile's session shows its profile, budget and fingerprint, and no bits (the profile planned them)."""
+
+    def bits(given) -> list[int]:
+        return [] if given is None or config.profile else given if isinstance(given, list) else [given]
+
+    return pb.CacheConfig(
+        method=config.method, key_bits=bits(config.key_bits), value_bits=bits(config.value_bits),
+        sink_tokens=config.sink_tokens, window=config.window, seed=config.seed, profile=config.profile,
+        budget_bits=config.budget_bits, profile_fingerprint=config.profile_fingerprint,
+    )
 
 
 def token_message(token) -> pb.GenerateResponse:

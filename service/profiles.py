@@ -1,11 +1,12 @@
-"""Calibration profiles on the wire: which the shard knows, a session spec from CacheConfig.profile, ProfileInfo,
+"""Calibration profiles on the wire: which the shard knows, a session's config from CacheConfig.profile, ProfileInfo,
 and the Calibrate RPC's profile mode."""
 
+import dataclasses
 import math
 import os
 import re
 
-from kvshard.quant import list_profiles, load_profile
+from kvshard.quant import KVCacheConfig, list_profiles, load_profile
 from kvshard.quant.calibrate.profile import PATH_VARIABLE, calibrate_profile, save_profile
 from kvshard.wire import kvshard_pb2 as pb
 
@@ -26,28 +27,22 @@ def profiles_for(fingerprint: str) -> dict:
     return found
 
 
-def profile_config(cache: pb.CacheConfig, model, limits) -> dict:
-    """A model session's config dict from CacheConfig.profile / budget_bits (profile empty: the default)."""
-    for field in ("method", "key_bits", "value_bits", "sink_tokens"):
-        if getattr(cache, field):
-            raise ValueError(f"cache.{field}: must be unset with cache.profile (the profile decides it)")
-    if cache.profile_fingerprint:
-        raise ValueError("cache.profile_fingerprint: set by the server, not by requests")
-    name = cache.profile or model.default_profile
+def profile_config(requested: KVCacheConfig, model) -> KVCacheConfig:
+    """A model session's config from its requested profile and budget_bits (profile empty: the default): it names
+    the profile, its budget and fingerprint (Session.new plans it, sessions.cache_config)."""
+    name = requested.profile or model.default_profile
     if not name:
         raise ValueError("cache.profile: this server has no default profile; name one of ServerInfo.profiles")
     profile = model.profiles.get(name)
     if profile is None:
         raise ValueError(f"cache.profile: unknown profile {name!r}; one of {', '.join(sorted(model.profiles)) or 'none'}")
-    budget = cache.budget_bits or profile.recommended_bits
+    budget = requested.budget_bits or profile.recommended_bits
     low, high = profile.bits_range()
     if not (math.isfinite(budget) and low <= budget <= high):
         raise ValueError(f"cache.budget_bits: must be in [{low:.3f}, {high:.3f}] for profile {name!r}, got {budget}")
-    if cache.window > limits.max_session_tokens:
-        raise ValueError(f"cache.window: {cache.window} exceeds max_session_tokens {limits.max_session_tokens}")
-    return dict(method="klt", key_bits=[], value_bits=[], sink_tokens=profile.config(budget).sink_tokens,
-                window=cache.window, seed=cache.seed if cache.HasField("seed") else 42,
-                profile=name, budget_bits=budget, profile_fingerprint=profile.fingerprint)
+    planned = profile.config(budget)
+    return dataclasses.replace(requested, method=planned.method, sink_tokens=planned.sink_tokens, profile=name,
+                               budget_bits=budget, profile_fingerprint=profile.fingerprint)
 
 
 def profile_info(profile) -> pb.ProfileInfo:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from kvshard.quant import METHODS, CompressedKVCache, KVCacheBuilder, KVCacheConfig
+from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig
 from kvshard.service import logs
 from kvshard.service.auth import DEFAULT_TENANT
 from kvshard.service.metrics import CACHE_OBSERVERS
@@ -38,6 +38,9 @@ _MAX_LAYERS = 256
 RESUME_PROGRESS_TOKENS = 8192  # sessions at least this long log one line per layer restored (32K tokens: ~1 s)
 _MAX_KV_HEADS = 256
 _MAX_HEAD_DIM = 1024
+# Sliding-window layers (Gemma 3) hold every token as codes under the window mask: the store persists append-only
+# codes, which a rotating window is not.
+SERVICE_SLIDING = "full"
 
 
 def now_ms() -> int:
@@ -67,7 +70,7 @@ class SessionSpec:
     """A validated CreateSession request."""
 
     kind: str  # "model" or "raw"
-    config: dict  # method, key_bits (per layer), value_bits (per layer), sink_tokens, window, seed
+    config: KVCacheConfig  # bits per layer; a profile session's names its profile (Session.new plans it)
     shape: dict  # layers, n_kv_heads, head_dim
     session_id: str = ""
     labels: dict = dataclasses.field(default_factory=dict)
@@ -92,49 +95,38 @@ def public_id(record: SessionRecord) -> str:
 
 
 def resolve_spec(
-    kind: str, shape: dict, method: str, key_bits: list[int], value_bits: list[int], sink_tokens: int, window: int,
-    seed: int, limits: Limits, session_id: str = "", labels: dict | None = None,
+    kind: str, shape: dict, requested: KVCacheConfig, limits: Limits, session_id: str = "", labels: dict | None = None,
 ) -> SessionSpec:
-    """Check a session's configuration, naming the wire field of whatever is wrong, and expand per-layer bits."""
+    """Check a session's configuration against the limits, naming the wire field of whatever is wrong, and expand
+    per-layer bits (a profile's session has none: the profile plans them)."""
     if session_id:
         check_session_id(session_id)
     for name, low, high in (("layers", 1, _MAX_LAYERS), ("n_kv_heads", 1, _MAX_KV_HEADS), ("head_dim", 2, _MAX_HEAD_DIM)):
         if not low <= shape[name] <= high:
             raise ValueError(f"raw.{name}: must be in [{low}, {high}], got {shape[name]}")
-    method = method or "turboquant_mse"
-    if method not in METHODS:
-        raise ValueError(f"cache.method: unknown method {method!r}; one of {', '.join(METHODS)}")
     layers = shape["layers"]
     per_layer = {}
-    for field, bits in (("key_bits", key_bits or [4]), ("value_bits", value_bits or key_bits or [4])):
+    bit_fields = () if requested.profile else (("key_bits", requested.key_bits), ("value_bits", requested.value_bits or requested.key_bits))
+    for field, bits in bit_fields:
+        bits = bits if isinstance(bits, list) else [bits]
         if len(bits) not in (1, layers):
             raise ValueError(f"cache.{field}: give one value or one per layer ({layers}), got {len(bits)}")
         for i, b in enumerate(bits):
             if not limits.min_bits <= b <= limits.max_bits:
                 raise ValueError(f"cache.{field}[{i}]: {b} bits is out of range [{limits.min_bits}, {limits.max_bits}]")
-        per_layer[field] = list(bits) * layers if len(bits) == 1 else list(bits)
-    for field, value in (("sink_tokens", sink_tokens), ("window", window)):
-        if value > limits.max_session_tokens:
-            raise ValueError(f"cache.{field}: {value} exceeds max_session_tokens {limits.max_session_tokens}")
-    config = dict(method=method, **per_layer, sink_tokens=sink_tokens, window=window, seed=seed)
+        per_layer[field] = bits * layers if len(bits) == 1 else bits
+    for field in ("sink_tokens", "window"):
+        if getattr(requested, field) > limits.max_session_tokens:
+            raise ValueError(f"cache.{field}: {getattr(requested, field)} exceeds max_session_tokens {limits.max_session_tokens}")
+    config = dataclasses.replace(requested, **per_layer, sliding=SERVICE_SLIDING)
     return SessionSpec(kind=kind, config=config, shape=dict(shape), session_id=session_id, labels=dict(labels or {}))
 
 
-def cache_config(config: dict, model=None) -> KVCacheConfig:
-    if config.get("profile"):
-        profile = model.profiles[config["profile"]].config(config["budget_bits"])
-        return dataclasses.replace(profile, window=config["window"], seed=config["seed"])
-    return KVCacheConfig(
-        method=config["method"],
-        bit_width_inlier=config["key_bits"],
-        bit_width_value=config["value_bits"],
-        sink_tokens=config["sink_tokens"],
-        window=config["window"],
-        seed=config["seed"],
-        # Sliding-window layers (Gemma 3) hold every token as codes under the window mask: the store persists
-        # append-only codes, which a rotating window is not.
-        sliding="full",
-    )
+def cache_config(config: KVCacheConfig, model=None) -> KVCacheConfig:
+    """What a session's caches are built from: its config, with a profile session's plans from the served model."""
+    if config.profile:
+        config = config.resolve_profile(model.profiles)
+    return dataclasses.replace(config, sliding=SERVICE_SLIDING)
 
 
 def _expect_kv_shape(field: str, shape: tuple, n_kv_heads: int, head_dim: int) -> int:
@@ -199,7 +191,7 @@ class Session:
             session_id=store_key(tenant, spec.session_id or uuid.uuid4().hex),
             tenant=tenant,
             kind=spec.kind,
-            config=spec.config,
+            config=spec.config.to_dict(),
             shape=spec.shape,
             model_fingerprint=model.fingerprint if spec.kind == "model" else "",
             layer_offsets=[0] * len(caches),
@@ -500,7 +492,7 @@ class SessionManager:
                     f"session_id: the session belongs to model {record.model_fingerprint[:16]}…, "
                     f"this server serves {self.model.fingerprint[:16]}…"
                 )
-            self._check_profile(record.config)
+            self._check_profile(KVCacheConfig.from_dict(record.config))
         in_use = sum(s.memory_bytes for s in self.hot.values() if s.lock.locked())
         if in_use and in_use + record.memory_bytes > self.limits.memory_budget_bytes:
             raise LimitExceeded(
@@ -513,10 +505,10 @@ class SessionManager:
         self.hot[record.session_id] = session
         return session
 
-    def _check_profile(self, config: dict) -> None:
+    def _check_profile(self, config: KVCacheConfig) -> None:
         """A session made from a profile resumes only where that name still means the same profile (its plans
         travel in the cache state, but a recalibrated profile of the same name would silently differ)."""
-        name, fingerprint = config.get("profile"), config.get("profile_fingerprint")
+        name, fingerprint = config.profile, config.profile_fingerprint
         profile = self.model.profiles.get(name) if name else None
         if profile is not None and profile.fingerprint != fingerprint:
             raise FailedPrecondition(

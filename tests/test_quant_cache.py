@@ -369,7 +369,7 @@ def test_other_bad_configuration_names_the_field():
         CompressedKVCache(head_dim=64, sink_tokens=-1)
     with pytest.raises(ValueError, match="window"):
         CompressedKVCache(head_dim=64, window=1.5)
-    with pytest.raises(ValueError, match="bit_width_inlier"):
+    with pytest.raises(ValueError, match="key_bits"):
         KVCacheConfig(bit_width_inlier=[4, 4]).make_cache(layer=0, n_layers=3)
 
 

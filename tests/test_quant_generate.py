@@ -96,7 +96,7 @@ def test_per_layer_bits_reach_the_caches(tiny_model):
         tiny_model, KVCacheConfig(method="turboquant_rvq", bit_width_inlier=[1, 3], bit_width_value=[2, 4])
     )
     assert [(c.key_bits, c.value_bits) for c in caches] == [(1, 2), (3, 4)]
-    with pytest.raises(ValueError, match="bit_width_inlier"):
+    with pytest.raises(ValueError, match="key_bits"):
         KVCacheBuilder.for_model(tiny_model, KVCacheConfig(bit_width_inlier=[4, 4, 4]))
 
 

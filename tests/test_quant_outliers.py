@@ -48,7 +48,7 @@ def test_outlier_keys_are_coded_closer_and_scores_follow_the_decoded_keys():
     keys, values = _keys(200, seed=1)
     errors = {}
     for n in (0, 3):
-        config = KVCacheConfig(bit_width_inlier=3, head_dim=D, n_outlier_channels=max(n, 1), enable_outlier_two_stream=n > 0)
+        config = KVCacheConfig(key_bits=3, head_dim=D, outlier_channels=n)
         cache = config.make_cache(0, 1, D, H)
         cache.append(mx.array(keys), mx.array(values))
         k_hat, v_hat = cache.dequantized()
@@ -72,9 +72,9 @@ def test_state_round_trip_keeps_the_second_stream():
 
 
 def test_bad_settings_are_refused_by_name():
-    with pytest.raises(ValueError, match="n_outlier_channels"):
+    with pytest.raises(ValueError, match="outlier_channels"):
         KVCacheBuilder().with_head_dim(D).with_outlier_channels(0).build()
-    with pytest.raises(ValueError, match="n_outlier_channels"):
+    with pytest.raises(ValueError, match="outlier_channels"):
         KVCacheBuilder().with_head_dim(D).with_outlier_channels(D).build()
     with pytest.raises(ValueError, match="turboquant_mse"):
         KVCacheBuilder().with_method("qjl").with_head_dim(D).with_outlier_channels(2).build()

@@ -359,13 +359,13 @@ def test_an_append_that_would_take_one_session_over_the_budget_changes_nothing(t
 def test_a_long_prompt_fed_in_turns_generates_what_one_pass_over_the_same_chunks_does(tmp_path, smollm):
     """A 600-token prompt is fed 256 tokens per turn on the MLX thread; the greedy tokens equal a local run of
     the same chunks through the same compressed caches (the same arithmetic, so no knife edge)."""
-    from kvshard.quant import KVCacheBuilder
+    from kvshard.quant import KVCacheBuilder, KVCacheConfig
     from kvshard.service.sessions import cache_config
 
     model, _ = smollm
     prompt = [int(t) for t in np.random.default_rng(4).integers(100, 20000, 600)]
     layers = len(model.layers)
-    config = dict(method="turboquant_mse", key_bits=[4] * layers, value_bits=[4] * layers, sink_tokens=0, window=0, seed=42)
+    config = KVCacheConfig(method="turboquant_mse", key_bits=[4] * layers, value_bits=[4] * layers)
     caches = KVCacheBuilder.for_model(model, cache_config(config))
     expected, pending = [], list(prompt)
     for _ in range(3):

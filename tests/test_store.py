@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kvshard.quant import METHODS
+from kvshard.quant import METHODS, KVCacheConfig
 from kvshard.service.errors import Fenced, LeaseHeld, LimitExceeded, SessionConflict, SessionExists, SessionNotFound
 from kvshard.service.sessions import Limits, SessionManager, resolve_spec
 from kvshard.service.store import Lease, open_store
@@ -39,7 +39,8 @@ class Harness:
         self.manager = SessionManager(store, self.mlx, self.io, None, LIMITS, lease_ttl_s)
 
     async def create(self, method="turboquant_mse", bits=4, layers=2, sinks=0, window=0, session_id=""):
-        spec = resolve_spec("raw", dict(layers=layers, n_kv_heads=HEADS, head_dim=DIM), method, [bits], [], sinks, window, 42, LIMITS, session_id)
+        config = KVCacheConfig(method=method, key_bits=bits, sink_tokens=sinks, window=window)
+        spec = resolve_spec("raw", dict(layers=layers, n_kv_heads=HEADS, head_dim=DIM), config, LIMITS, session_id)
         return await self.manager.create("default", spec)
 
     async def append(self, session_id, layer, k, v):
@@ -360,7 +361,7 @@ def test_a_session_keeps_to_one_slot_and_a_tenant_lists_across_slots(redis_url):
         await h.append(ids[0], 1, *kv(rng, 40))
         h.store._redis.zadd("kvshard:tenant:{default}", {ids[3] + "x": 0})  # an index entry without a session
         other = Harness(open_store(redis_url))
-        await other.manager.create("someone-else", resolve_spec("raw", dict(layers=1, n_kv_heads=HEADS, head_dim=DIM), "", [4], [], 0, 0, 1, LIMITS, "zz"))
+        await other.manager.create("someone-else", resolve_spec("raw", dict(layers=1, n_kv_heads=HEADS, head_dim=DIM), KVCacheConfig(seed=1), LIMITS, "zz"))
         listed, token = [], ""
         while True:
             page, token = await h.manager.list("default", 5, token)

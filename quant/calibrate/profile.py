@@ -84,7 +84,7 @@ class Profile:
     def config(self, budget_bits: float | None = None, tokens: int = PLANNED_TOKENS):
         """The best `klt` configuration this profile knows within `budget_bits` effective bits per K/V element,
         all overheads counted, for a cache holding at least `tokens` tokens. None: the recommended budget."""
-        from ..builder import KVCacheConfig
+        from ..config import KVCacheConfig
         from .klt import plan_klt
 
         budget = self.recommended_bits if budget_bits is None else budget_bits
@@ -100,7 +100,8 @@ class Profile:
             self._configs[code_bits] = plan_klt(self.moments, self.key_weights, self.value_weights, code_bits,
                                                 decomposed=self._decomposed)
         key_plans, value_plans = self._configs[code_bits]
-        return KVCacheConfig(method="klt", sink_tokens=SINK_TOKENS, key_plans=key_plans, value_plans=value_plans)
+        return KVCacheConfig(method="klt", sink_tokens=SINK_TOKENS, key_plans=key_plans, value_plans=value_plans,
+                             profile=self.name, budget_bits=float(budget), profile_fingerprint=self.fingerprint)
 
     @functools.cached_property
     def _decomposed(self) -> list:

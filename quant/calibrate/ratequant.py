@@ -7,7 +7,7 @@ allows, so the allocation is the exact minimiser of Σ w_i β^(−b_i) over thos
 
 Three pieces: `fit_distortion_curve` measures α, β of a quantizer; `calibrate_layer_sensitivities` measures
 w_i on a model (the logit damage of quantizing one layer alone); `allocate_bits_ratequant` turns them into
-bits per layer for `KVCacheConfig(bit_width_inlier=[...])`.
+bits per layer for `KVCacheConfig(key_bits=[...])`.
 """
 
 import math
@@ -222,14 +222,12 @@ def _log_probs(model, tokens: mx.array, caches) -> mx.array:
 
 
 def _probe_config(method: str, probe_bits: int, target: str, seed: int):
-    from ..builder import KVCacheConfig
+    from ..config import KVCacheConfig
 
     exact_method, exact_bits = _NEAR_EXACT
     if target == "keys":
-        return KVCacheConfig(method=method, bit_width_inlier=probe_bits, value_method=exact_method,
-                             bit_width_value=exact_bits, seed=seed)
-    return KVCacheConfig(method=exact_method, bit_width_inlier=exact_bits, value_method=method,
-                         bit_width_value=probe_bits, seed=seed)
+        return KVCacheConfig(method=method, key_bits=probe_bits, value_method=exact_method, value_bits=exact_bits, seed=seed)
+    return KVCacheConfig(method=exact_method, key_bits=exact_bits, value_method=method, value_bits=probe_bits, seed=seed)
 
 
 def calibrate_layer_sensitivities(

@@ -17,7 +17,7 @@ class OutlierChannels(RotatedDomainMethod):
         if inner.name != "turboquant_mse":
             raise ValueError(f"outlier channels wrap turboquant_mse keys (an orthogonal rotation), got {inner.name!r}")
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < min(inner.head_dim, 256):
-            raise ValueError(f"n_outlier_channels must be an integer in 1..{min(inner.head_dim, 256) - 1}, got {n!r}")
+            raise ValueError(f"outlier_channels: must be an integer in 1..{min(inner.head_dim, 256) - 1}, got {n!r}")
         self.inner, self.n = inner, n
         # A distinct name keeps method-specific fast paths (which know nothing of the second stream) away.
         self.name, self.bits, self.head_dim = f"{inner.name}+outliers", inner.bits, inner.head_dim

@@ -17,7 +17,7 @@ class SessionRecord:
     session_id: str
     tenant: str
     kind: str  # "model" or "raw"
-    config: dict  # method, key_bits (per layer), value_bits (per layer), sink_tokens, window, seed
+    config: dict  # KVCacheConfig.to_dict() (older sessions: method, per-layer bits, sink_tokens, window, seed)
     shape: dict  # layers, n_kv_heads, head_dim
     model_fingerprint: str = ""
     token_ids: list[int] = field(default_factory=list)  # model sessions: the conversation so far
