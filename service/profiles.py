@@ -40,13 +40,19 @@ def profile_config(cache: pb.CacheConfig, model, limits) -> dict:
     if profile is None:
         raise ValueError(f"cache.profile: unknown profile {name!r}; one of {', '.join(sorted(model.profiles)) or 'none'}")
     budget = cache.budget_bits or profile.recommended_bits
-    low, high = profile.bits_range()
+    # 0: the profile's default window for the budget (its fp16 window with no budget_bits); any window is counted
+    # in the budget.
+    window = cache.window or profile.default_window(cache.budget_bits or None)
+    if window > limits.max_session_tokens:
+        raise ValueError(f"cache.window: {window} exceeds max_session_tokens {limits.max_session_tokens}")
+    try:
+        low, high = profile.bits_range(window=window)
+    except ValueError as err:
+        raise ValueError(f"cache.window: {err}") from None
     if not (math.isfinite(budget) and low <= budget <= high):
         raise ValueError(f"cache.budget_bits: must be in [{low:.3f}, {high:.3f}] for profile {name!r}, got {budget}")
-    if cache.window > limits.max_session_tokens:
-        raise ValueError(f"cache.window: {cache.window} exceeds max_session_tokens {limits.max_session_tokens}")
-    return dict(method="klt", key_bits=[], value_bits=[], sink_tokens=profile.config(budget).sink_tokens,
-                window=cache.window, seed=cache.seed if cache.HasField("seed") else 42,
+    return dict(method="klt", key_bits=[], value_bits=[], sink_tokens=profile.config(budget, window=window).sink_tokens,
+                window=window, seed=cache.seed if cache.HasField("seed") else 42,
                 profile=name, budget_bits=budget, profile_fingerprint=profile.fingerprint)
 
 

@@ -122,8 +122,8 @@ def resolve_spec(
 
 def cache_config(config: dict, model=None) -> KVCacheConfig:
     if config.get("profile"):
-        profile = model.profiles[config["profile"]].config(config["budget_bits"])
-        return dataclasses.replace(profile, window=config["window"], seed=config["seed"])
+        profile = model.profiles[config["profile"]].config(config["budget_bits"], window=config["window"])
+        return dataclasses.replace(profile, seed=config["seed"])
     return KVCacheConfig(
         method=config["method"],
         bit_width_inlier=config["key_bits"],
