@@ -6,11 +6,11 @@ import os
 import re
 
 from kvshard.quant import list_profiles, load_profile
-from kvshard.quant.calibrate.profile import PATH_VARIABLE, calibrate_profile, save_profile
+from kvshard.quant.calibrate.profile import PATH_VARIABLE, RECOMMENDED_BITS, calibrate_profile, save_profile
 from kvshard.wire import kvshard_pb2 as pb
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-DEFAULT_BUDGETS = (3.5,)
+DEFAULT_BUDGETS = (RECOMMENDED_BITS,)  # a registered profile's measured quality covers its recommended budget
 DEFAULT_VALIDATION_TOKENS = 256
 MAX_VALIDATION_TOKENS = 2048
 MAX_BUDGETS = 8
