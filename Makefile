@@ -47,11 +47,15 @@ redis-server:
 	@command -v redis-server >/dev/null || $(call debian_install,redis-server,the Redis store tests use it) || \
 		echo "note: no redis-server (sudo apt-get install redis-server); the Redis store tests will be skipped" >&2
 
-# The eval's technical texts are read from the Debian packages that carry them (quant/eval.py: PACKAGED_TEXTS).
+# The eval's technical texts and the calibration's are read from the Debian packages that carry them
+# (quant/eval.py: PACKAGED_TEXTS, quant/calibrate/klt.py: DOMAIN_TEXTS).
 eval-texts:
 	@[ -e /usr/share/vim/vim90/doc/usr_02.txt ] || $(call debian_install,vim-runtime,an eval text) || echo "note: no vim-runtime" >&2
 	@[ -e /usr/lib/python3.11/argparse.py ] || $(call debian_install,libpython3.11-minimal,an eval text) || echo "note: no libpython3.11-minimal" >&2
 	@[ -e /usr/share/doc/dpkg/spec/triggers.txt ] || $(call debian_install,dpkg-dev,an eval text) || echo "note: no dpkg-dev" >&2
+	@[ -e /usr/include/zlib.h ] || $(call debian_install,zlib1g-dev,an eval text) || echo "note: no zlib1g-dev" >&2
+	@[ -e /usr/share/doc/valgrind/FAQ.txt.gz ] || $(call debian_install,valgrind,an eval text) || echo "note: no valgrind" >&2
+	@[ -e /usr/share/doc/git/RelNotes/2.39.0.txt ] || $(call debian_install,git,a calibration text) || echo "note: no git" >&2
 
 # Only `make cluster` and the cluster tests need nginx (the tests skip without it).
 nginx:

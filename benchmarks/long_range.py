@@ -4,8 +4,9 @@ attends over at least 7K compressed tokens, for a profile's budgets beside an fp
 Windows are cut one after another from kvshard eval's shipped texts, joined in order (about 17K tokens: two
 windows). Tokens go through the model in chunks of 256; only the last `--scored` positions are scored.
 
-    python benchmarks/long_range.py [--windows 2] [--budgets 4.5 3.5 2.5 2.0] [--out benchmarks/results]
-writes long_range_<cpu|gpu>.json: per configuration, ΔPPL % per window and overall, and the effective bits held.
+    python benchmarks/long_range.py [--windows 2] [--budgets 4.5 3.6 2.5 2.0] [--out benchmarks/results]
+writes long_range_<cpu|gpu>.json (after every configuration, so a long run keeps what it measured): per
+configuration, ΔPPL % per window and overall, and the effective bits held.
 """
 
 import argparse
@@ -21,6 +22,7 @@ import mlx.nn as nn
 
 from kvshard.quant import KVCacheBuilder, load_model, load_profile
 from bench import device_info  # benchmarks/bench.py, beside this script
+from kvshard.quant.calibrate.profile import RECOMMENDED_BITS
 from kvshard.quant.eval import TEXTS, Float16KVCache, effective_bits, load_text
 
 CHUNK = 256
@@ -48,7 +50,7 @@ def main() -> int:
     parser.add_argument("--scored", type=int, default=1024)
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--profile", default="smollm2-135m")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[4.5, 3.5, 2.5, 2.0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[4.5, RECOMMENDED_BITS, 2.5, 2.0])
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -72,6 +74,11 @@ def main() -> int:
             bits.append(effective_bits(model, caches))
         rows[name] = {"nll": nlls, "effective_bits": round(max(bits), 4), "seconds": time.perf_counter() - start}
         print(f"{name:<28} ppl {math.exp(sum(nlls) / (args.scored * len(nlls))):.3f}  bits {max(bits):.3f}", file=sys.stderr)
+        _write(args, profile, rows)
+    return 0
+
+
+def _write(args, profile, rows: dict) -> None:
     base = rows["fp16"]["nll"]
     for row in rows.values():
         row["delta_ppl_pct_per_window"] = [100 * (math.exp((n - b) / args.scored) - 1) for n, b in zip(row["nll"], base)]
@@ -88,7 +95,6 @@ def main() -> int:
     kind = "gpu" if mx.default_device() == mx.gpu else "cpu"
     with open(os.path.join(args.out, f"long_range_{kind}.json"), "w") as f:
         json.dump(report, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

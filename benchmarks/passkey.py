@@ -6,8 +6,9 @@ configuration is scored on the same trials as an fp16 cache.
 Trial t of n hides a seeded random key at depth (t + 0.5) / n of the filler; the prompt goes through the model
 in chunks of 256 tokens, so later chunks attend to keys and values read back from the codes.
 
-    python benchmarks/passkey.py [--lengths 512 1024 2048] [--trials 20] [--budgets 3.5 2.5] [--out benchmarks/results]
-writes passkey_<cpu|gpu>.json: per configuration and length, the hits, the trials and the effective bits held.
+    python benchmarks/passkey.py [--lengths 512 1024 2048] [--trials 20] [--budgets 3.6 2.5] [--out benchmarks/results]
+writes passkey_<cpu|gpu>.json (after every configuration and length, so a long run keeps what it measured) and
+passkey_<cpu|gpu>.png: per configuration and length, the hits, the trials and the effective bits held.
 """
 
 import argparse
@@ -22,6 +23,7 @@ import mlx.core as mx
 
 from kvshard.quant import KVCacheBuilder, load_model, load_profile
 from bench import device_info  # benchmarks/bench.py, beside this script
+from kvshard.quant.calibrate.profile import RECOMMENDED_BITS
 from kvshard.quant.eval import Float16KVCache, effective_bits
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize "
@@ -60,7 +62,7 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--profile", default="smollm2-135m")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[3.5, 2.5], help="profile budgets beside fp16")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[RECOMMENDED_BITS, 2.5], help="profile budgets beside fp16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -90,6 +92,11 @@ def main() -> int:
                 "effective_bits": round(max(bits), 4), "answers": answers, "seconds": time.perf_counter() - start,
             }
             print(f"{length:>5} tokens  {name:<28} {hits}/{len(trials)}  bits {max(bits):.3f}", file=sys.stderr)
+            _write(args, profile, results)
+    return 0
+
+
+def _write(args, profile, results: dict) -> None:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": device_info(),
@@ -102,7 +109,32 @@ def main() -> int:
     kind = "gpu" if mx.default_device() == mx.gpu else "cpu"
     with open(os.path.join(args.out, f"passkey_{kind}.json"), "w") as f:
         json.dump(report, f, indent=2)
-    return 0
+    plot(results, os.path.join(args.out, f"passkey_{kind}.png"), f"passkey retrieval, profile {profile.name}, {args.trials} trials per length")
+
+
+def plot(results: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, by_length in results.items():
+        if by_length:
+            lengths = sorted(by_length, key=int)
+            bits = max(by_length[n]["effective_bits"] for n in lengths)
+            ax.plot([int(n) for n in lengths], [by_length[n]["hits"] / by_length[n]["trials"] for n in lengths],
+                    marker="o", label=f"{name} ({bits:.2f} bits held)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("passkey found (share of trials)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

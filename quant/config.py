@@ -163,7 +163,7 @@ class KVCacheConfig:
             )
         # The profile decides method, bits, sinks and plans, and names the budget it planned and its fingerprint;
         # everything else (window, seed, sliding, observers...) stays this config's.
-        planned = found.config(self.budget_bits or None)
+        planned = found.config(self.budget_bits or None, window=self.window)
         return replace(planned, **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in _PROFILE_DECIDES})
 
     # ---- the one serialisation -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ held after the run).
 import argparse
 import datetime
 import functools
+import gzip
 import json
 import math
 import os
@@ -32,9 +33,12 @@ PACKAGED_TEXTS = {
     "vim_manual": ("/usr/share/vim/vim90/doc/usr_02.txt", "vim-runtime", None),
     "python_source": ("/usr/lib/python3.11/argparse.py", "libpython3.11-minimal", "class HelpFormatter"),
     "dpkg_triggers_spec": ("/usr/share/doc/dpkg/spec/triggers.txt", "dpkg-dev", None),
+    "c_header": ("/usr/include/zlib.h", "zlib1g-dev", "typedef voidpf (*alloc_func)"),
+    "valgrind_faq": ("/usr/share/doc/valgrind/FAQ.txt.gz", "valgrind", None),  # questions and answers
 }
 EXCERPT_CHARS = 14000  # a packaged text's excerpt: at most this many characters, cut at a line end
-# Five domains; none of them is among the calibration texts (calibrate/klt.py: calibration_texts).
+# Seven texts, none of them among the calibration texts (calibrate/klt.py: calibration_texts); the novels, the C
+# header and the FAQ are of domains the calibration does not see at all.
 TEXTS = {
     "pride_and_prejudice": "pride_and_prejudice.txt",
     "persuasion": "persuasion.txt",
@@ -73,20 +77,22 @@ class EvalConfig:
 def load_text(name: str) -> str:
     """An eval text by name (see quant/data/README.md), or a path to any UTF-8 text file."""
     if name in PACKAGED_TEXTS:
-        return _packaged_excerpt(*PACKAGED_TEXTS[name], name)
+        return packaged_excerpt(*PACKAGED_TEXTS[name], name=name)
     path = os.path.join(DATA_DIR, TEXTS[name]) if name in TEXTS else name
     with open(path, encoding="utf-8") as f:
         return f.read()
 
 
-def _packaged_excerpt(path: str, package: str, start: str | None, name: str) -> str:
+def packaged_excerpt(path: str, package: str, start: str | None, chars: int = EXCERPT_CHARS, name: str | None = None) -> str:
+    """At most `chars` characters of a file that Debian's `package` installs, from the first `start` (or the
+    file's beginning), cut at a line end; .gz files are read uncompressed."""
     if not os.path.exists(path):
-        raise ValueError(f"text {name!r} is read from {path}, which Debian's {package} installs "
+        raise ValueError(f"text {name or path!r} is read from {path}, which Debian's {package} installs "
                          f"(make setup does; or apt-get install {package})")
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         text = f.read()
     text = text[text.index(start):] if start else text
-    return text[: text.rfind("\n", 0, EXCERPT_CHARS) + 1]
+    return text[: text.rfind("\n", 0, chars) + 1]
 
 
 def perplexity(model, tokens, make_caches, chunk: int = 256, context: int = 1024) -> dict:

@@ -7,11 +7,11 @@ import os
 import re
 
 from kvshard.quant import KVCacheConfig, list_profiles, load_profile
-from kvshard.quant.calibrate.profile import PATH_VARIABLE, calibrate_profile, save_profile
+from kvshard.quant.calibrate.profile import PATH_VARIABLE, RECOMMENDED_BITS, calibrate_profile, save_profile
 from kvshard.wire import kvshard_pb2 as pb
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-DEFAULT_BUDGETS = (3.5,)
+DEFAULT_BUDGETS = (RECOMMENDED_BITS,)  # a registered profile's measured quality covers its recommended budget
 DEFAULT_VALIDATION_TOKENS = 256
 MAX_VALIDATION_TOKENS = 2048
 MAX_BUDGETS = 8
@@ -37,12 +37,18 @@ def profile_config(requested: KVCacheConfig, model) -> KVCacheConfig:
     if profile is None:
         raise ValueError(f"cache.profile: unknown profile {name!r}; one of {', '.join(sorted(model.profiles)) or 'none'}")
     budget = requested.budget_bits or profile.recommended_bits
-    low, high = profile.bits_range()
+    # 0: the profile's default window for the budget (its fp16 window with no budget_bits); any window is counted
+    # in the budget, and the stored config names the window planned.
+    window = requested.window or profile.default_window(requested.budget_bits or None)
+    try:
+        low, high = profile.bits_range(window=window)
+    except ValueError as err:
+        raise ValueError(f"cache.window: {err}") from None
     if not (math.isfinite(budget) and low <= budget <= high):
         raise ValueError(f"cache.budget_bits: must be in [{low:.3f}, {high:.3f}] for profile {name!r}, got {budget}")
-    planned = profile.config(budget)
-    return dataclasses.replace(requested, method=planned.method, sink_tokens=planned.sink_tokens, profile=name,
-                               budget_bits=budget, profile_fingerprint=profile.fingerprint)
+    planned = profile.config(budget, window=window)
+    return dataclasses.replace(requested, method=planned.method, sink_tokens=planned.sink_tokens, window=window,
+                               profile=name, budget_bits=budget, profile_fingerprint=profile.fingerprint)
 
 
 def profile_info(profile) -> pb.ProfileInfo:

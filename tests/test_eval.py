@@ -124,3 +124,12 @@ def test_packaged_texts_are_excerpts_of_their_debian_files(tmp_path, monkeypatch
     monkeypatch.setitem(quality.PACKAGED_TEXTS, "vim_manual", (str(tmp_path / "gone.txt"), "vim-runtime", None))
     with pytest.raises(ValueError, match="vim-runtime"):
         quality.load_text("vim_manual")
+
+
+def test_compressed_packaged_texts_are_read_uncompressed():
+    import gzip
+
+    faq = quality.load_text("valgrind_faq")
+    assert faq.startswith("\n\nValgrind FAQ") and len(faq) <= quality.EXCERPT_CHARS
+    with gzip.open(quality.PACKAGED_TEXTS["valgrind_faq"][0], "rt", encoding="utf-8") as f:
+        assert faq in f.read()

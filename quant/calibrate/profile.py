@@ -18,18 +18,24 @@ import json
 import math
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
 FORMAT_VERSION = 1
 SINK_TOKENS = 4
-# Per-sequence overheads (the fp16 sinks and key mean) are spread over this many tokens when a budget is planned:
-# a cache holding at least this many tokens stays within the budget.
+# The recommended configuration keeps the most recent tokens in fp16 (KVCacheConfig.window): a short answer is
+# decided there (README, "Quality": the French-capital example needs them). Other budgets keep none by default:
+# in chunked perplexity a window's bytes cost more than it returns (README, "Quality").
+WINDOW_TOKENS = 16
+# Per-sequence overheads (the fp16 sinks, window and key mean) are spread over this many tokens when a budget is
+# planned: a cache holding at least this many tokens stays within the budget.
 PLANNED_TOKENS = 1024
-BUDGETS = (2.0, 2.5, 3.5, 4.5)
-# What a model session gets when it asks for no configuration (issue 10: <= 3.6 bits, <= +1.5% ΔPPL).
-RECOMMENDED_BITS = 3.5
+# What a model session gets when it asks for no configuration (issue 10: <= 3.6 bits, <= +1.5% ΔPPL): the most the
+# issue allows, as the fp16 window takes 0.2 bits of it.
+RECOMMENDED_BITS = 3.6
+BUDGETS = (2.0, 2.5, 3.5, RECOMMENDED_BITS, 4.5)
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "profiles")
 # Folders searched for a profile by name, before the shipped ones: colon-separated, like PATH.
 PATH_VARIABLE = "KVSHARD_PROFILE_PATH"
@@ -71,37 +77,65 @@ class Profile:
     def recommended_bits(self) -> float:
         return float(self.meta.get("recommended_bits", RECOMMENDED_BITS))
 
-    def overhead_bits(self, tokens: int = PLANNED_TOKENS) -> float:
-        """Effective bits per K/V element that are not codes: each token's scale byte per head and side, and the
-        fp16 sinks (keys and values) plus the fp16 key mean, spread over `tokens` tokens."""
-        return 8 / self.head_dim + 16 * (2 * SINK_TOKENS + 1) / (2 * tokens)
+    @property
+    def window(self) -> int:
+        """fp16 recent tokens of the recommended configuration (profiles made before windows were counted: 0)."""
+        return int(self.meta.get("window_tokens", 0))
 
-    def bits_range(self, tokens: int = PLANNED_TOKENS) -> tuple[float, float]:
+    def default_window(self, budget_bits: float | None) -> int:
+        """The window config() gives a budget when none is asked: the profile's at the recommended budget, else 0."""
+        return self.window if budget_bits is None or budget_bits == self.recommended_bits else 0
+
+    def _window(self, window: int | None) -> int:
+        window = 0 if window is None else window
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be an integer >= 0, got {window!r}")
+        return window
+
+    def _coded_share(self, tokens: int, window: int) -> float:
+        """The share of a cache's `tokens` tokens that are held as codes (not fp16 sinks or window)."""
+        if tokens <= SINK_TOKENS + window:
+            raise ValueError(f"tokens must exceed the {SINK_TOKENS} sinks and the {window}-token window, got {tokens}")
+        return (tokens - SINK_TOKENS - window) / tokens
+
+    def overhead_bits(self, tokens: int = PLANNED_TOKENS, window: int | None = None) -> float:
+        """Effective bits per K/V element that are not codes, in a cache of `tokens` tokens: the fp16 sinks and
+        fp16 window (keys and values) plus the fp16 key mean, and each coded token's scale byte per head and
+        side. A budget b leaves (b − overhead) / coded share code bits per coordinate of a coded token."""
+        window = self._window(window)
+        return (16 * (SINK_TOKENS + window) + 8) / tokens + self._coded_share(tokens, window) * 8 / self.head_dim
+
+    def bits_range(self, tokens: int = PLANNED_TOKENS, window: int | None = None) -> tuple[float, float]:
         """The budgets config() accepts: from one byte of codes per token and side, to 8 bits per coordinate."""
-        overhead = self.overhead_bits(tokens)
-        return overhead + 8 / self.head_dim, overhead + 8.0
+        overhead, share = self.overhead_bits(tokens, window), self._coded_share(tokens, self._window(window))
+        return overhead + share * 8 / self.head_dim, overhead + share * 8.0
 
-    def config(self, budget_bits: float | None = None, tokens: int = PLANNED_TOKENS):
+    def config(self, budget_bits: float | None = None, tokens: int = PLANNED_TOKENS, window: int | None = None):
         """The best `klt` configuration this profile knows within `budget_bits` effective bits per K/V element,
-        all overheads counted, for a cache holding at least `tokens` tokens. None: the recommended budget."""
+        all overheads counted (sinks, the fp16 window of `window` tokens, key mean and scales), for a cache holding
+        at least `tokens` tokens. None: the recommended budget; window None: default_window(budget_bits)."""
         from ..config import KVCacheConfig
         from .klt import plan_klt
 
         budget = self.recommended_bits if budget_bits is None else budget_bits
-        low, high = self.bits_range(tokens)
+        window = self._window(self.default_window(budget_bits) if window is None else window)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
             raise ValueError(f"budget_bits must be a number, got {budget!r}")
+        low, high = self.bits_range(tokens, window)
         if not low <= budget <= high:
-            raise ValueError(f"budget_bits must be in [{low:.3f}, {high:.3f}] for profile {self.name!r}, got {budget}")
+            raise ValueError(f"budget_bits must be in [{low:.3f}, {high:.3f}] for profile {self.name!r} with a "
+                             f"{window}-token window, got {budget}")
         # Whole bits in all, rounded down, so that plan_klt's total never passes the budget.
         slots = 2 * len(self.moments) * self.head_dim
-        code_bits = math.floor((budget - self.overhead_bits(tokens)) * slots) / slots
+        code_bits = (budget - self.overhead_bits(tokens, window)) / self._coded_share(tokens, window)
+        code_bits = max(math.floor(code_bits * slots) / slots, 8 / self.head_dim)
         if code_bits not in self._configs:
             self._configs[code_bits] = plan_klt(self.moments, self.key_weights, self.value_weights, code_bits,
                                                 decomposed=self._decomposed)
         key_plans, value_plans = self._configs[code_bits]
-        return KVCacheConfig(method="klt", sink_tokens=SINK_TOKENS, key_plans=key_plans, value_plans=value_plans,
-                             profile=self.name, budget_bits=float(budget), profile_fingerprint=self.fingerprint)
+        return KVCacheConfig(method="klt", sink_tokens=SINK_TOKENS, window=window, key_plans=key_plans,
+                             value_plans=value_plans, profile=self.name, budget_bits=float(budget),
+                             profile_fingerprint=self.fingerprint)
 
     @functools.cached_property
     def _decomposed(self) -> list:
@@ -116,9 +150,14 @@ class Profile:
 
 
 def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, validation=None,
-                      validation_tokens: int = 1024, progress: bool = False) -> Profile:
+                      validation_tokens: int = 1024, progress: bool = False, on_measured=None, jobs: int = 1,
+                      model_name: str | None = None) -> Profile:
     """Measure a profile on `model`: moments over `texts` (default klt.calibration_texts()), sensitivities on
-    ratequant's prompts, then ΔPPL at each budget on the `validation` texts (default: `kvshard eval`'s)."""
+    ratequant's prompts, then ΔPPL at each budget on the `validation` texts (default: `kvshard eval`'s).
+    on_measured(profile), when given, is called before the first validation text and after each, with
+    meta["measured"] holding the texts measured so far (kvshard calibrate saves the profile each time).
+    jobs > 1: each text's moments and each side's sensitivities are measured in one of `jobs` processes that load
+    `model_name` (load_model), with the same result as one process."""
     import mlx.core as mx
 
     from .. import eval as quality
@@ -128,8 +167,16 @@ def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, 
 
     texts = calibration_texts() if texts is None else list(texts)
     validation = list(quality.TEXTS) if validation is None else list(validation)
-    moments = collect_moments(model, tokenizer, texts, skip_tokens=SINK_TOKENS, progress=progress)
-    weights = [calibrate_layer_sensitivities(model, tokenizer, target=t, progress=progress) for t in ("keys", "values")]
+    if jobs > 1:
+        if model_name is None:
+            raise ValueError("model_name: jobs > 1 loads the model by name in each process")
+        tasks = [("moments", text) for text in texts] + [("sensitivities", "keys"), ("sensitivities", "values")]
+        results = _in_processes(model_name, tasks, jobs, progress)
+        moments = collect_moments(model, tokenizer, texts, text_sums=results[: len(texts)])
+        weights = results[len(texts) :]
+    else:
+        moments = collect_moments(model, tokenizer, texts, skip_tokens=SINK_TOKENS, progress=progress)
+        weights = [calibrate_layer_sensitivities(model, tokenizer, target=t, progress=progress) for t in ("keys", "values")]
     profile = Profile(name, model_fingerprint(model), moments, *weights, meta={
         "format_version": FORMAT_VERSION,
         "library_version": _library_version(),
@@ -139,18 +186,64 @@ def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, 
         "recommended_bits": RECOMMENDED_BITS,
         "planned_tokens": PLANNED_TOKENS,
         "sink_tokens": SINK_TOKENS,
+        "window_tokens": WINDOW_TOKENS,
     })
-    profile.meta["measured"] = measure_profile(profile, model, tokenizer, budgets, validation, validation_tokens, progress)
+
+    def measured(rows):
+        profile.meta["measured"] = rows
+        if on_measured is not None:
+            on_measured(profile)
+
+    measured([])
+    profile.meta["measured"] = measure_profile(profile, model, tokenizer, budgets, validation, validation_tokens,
+                                               progress, on_text=measured)
     return profile
 
 
-def measure_profile(profile: Profile, model, tokenizer, budgets, texts, tokens: int = 1024, progress: bool = False) -> list:
-    """Per budget: effective bits and ΔPPL % against an fp16 cache on each text (kvshard eval's perplexity)."""
+_WORKER = {}
+
+
+def _load_worker(model_name: str) -> None:
+    from ..models import load_model
+
+    _WORKER["model"] = load_model(model_name)
+
+
+def _calibration_task(task: tuple):
+    from .klt import text_moment_sums
+    from .ratequant import calibrate_layer_sensitivities
+
+    model, tokenizer = _WORKER["model"]
+    kind, argument = task
+    if kind == "moments":
+        return text_moment_sums(model, tokenizer, argument, skip_tokens=SINK_TOKENS)
+    return calibrate_layer_sensitivities(model, tokenizer, target=argument, progress=False)
+
+
+def _in_processes(model_name: str, tasks: list, jobs: int, progress: bool) -> list:
+    """_calibration_task of every task, in order, run by `jobs` spawned processes that each load the model once."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    context = multiprocessing.get_context("spawn")  # MLX state does not survive a fork
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_load_worker, initargs=(model_name,)) as pool:
+        return list(tqdm(pool.map(_calibration_task, tasks), total=len(tasks), desc=f"calibrating ({jobs} processes)",
+                         disable=not progress, unit="task"))
+
+
+def measure_profile(profile: Profile, model, tokenizer, budgets, texts, tokens: int = 1024, progress: bool = False,
+                    on_text=None) -> list:
+    """Per budget (with its default window): effective bits and ΔPPL % against an fp16 cache on each text (kvshard
+    eval's perplexity).
+    on_text(rows), when given, gets the rows of the texts measured so far after each text."""
     from tqdm import tqdm
 
     from .. import eval as quality
     from ..builder import KVCacheBuilder
 
+    windows = [profile.default_window(b) for b in budgets]
     configs = [
         quality.EvalConfig(f"{b}", "profile", lambda b=b: KVCacheBuilder.for_model(model, profile.config(b)))
         for b in budgets
@@ -159,8 +252,32 @@ def measure_profile(profile: Profile, model, tokenizer, budgets, texts, tokens: 
     for name in tqdm(texts, desc="measuring", disable=not progress, unit="text"):
         ids = tokenizer.encode(quality.load_text(name), add_special_tokens=False)[:tokens]
         per_text[name] = quality.compare(model, ids, configs)[1:]
+        if on_text is not None:
+            on_text(_rows(budgets, windows, per_text, tokens))
+    return _rows(budgets, windows, per_text, tokens)
+
+
+def merge_measured(rows: list, other: list) -> list:
+    """Rows of two measurements of one profile at the same budgets and tokens, texts of `rows` first; a text
+    measured in both keeps `rows`' figures."""
+    if not other:
+        return rows
+    if not rows:
+        return other
+    if [(r["budget_bits"], r["tokens"]) for r in rows] != [(r["budget_bits"], r["tokens"]) for r in other]:
+        raise ValueError("measured: the two measurements differ in budgets or tokens")
+    merged = []
+    for row, more in zip(rows, other):
+        deltas = {**more["delta_ppl_pct"], **row["delta_ppl_pct"]}
+        merged.append(dict(row, delta_ppl_pct=deltas, effective_bits=max(row["effective_bits"], more["effective_bits"]),
+                           mean_delta_ppl_pct=round(sum(deltas.values()) / len(deltas), 4),
+                           worst_delta_ppl_pct=max(deltas.values())))
+    return merged
+
+
+def _rows(budgets, windows, per_text: dict, tokens: int) -> list:
     rows = []
-    for i, budget in enumerate(budgets):
+    for i, (budget, window) in enumerate(zip(budgets, windows)):
         deltas = {name: round(rows_[i]["delta_ppl_pct"], 4) for name, rows_ in per_text.items()}
         rows.append({
             "budget_bits": budget,
@@ -169,6 +286,7 @@ def measure_profile(profile: Profile, model, tokenizer, budgets, texts, tokens: 
             "mean_delta_ppl_pct": round(sum(deltas.values()) / len(deltas), 4),
             "worst_delta_ppl_pct": max(deltas.values()),
             "tokens": tokens,
+            "window_tokens": window,
         })
     return rows
 
@@ -184,14 +302,21 @@ def save_profile(profile: Profile, folder: str) -> str:
             arrays[f"{i}.{name}"] = mx.array(np.asarray(layer[name], np.float32))
         if layer.get("rope") is not None:
             arrays[f"{i}.rope_frequencies"] = mx.array(np.asarray(layer["rope"][0], np.float32))
-    mx.save_safetensors(os.path.join(folder, "profile.safetensors"), arrays)
+    # Each file is written beside and renamed into place: a reader never sees half a profile file.
+    mx.save_safetensors(os.path.join(folder, "profile.tmp.safetensors"), arrays)
+    os.replace(os.path.join(folder, "profile.tmp.safetensors"), os.path.join(folder, "profile.safetensors"))
+    _save_document(profile, folder)
+    return folder
+
+
+def _save_document(profile: Profile, folder: str) -> None:
     document = dict(profile.meta, name=profile.name, model_fingerprint=profile.model_fingerprint,
                     fingerprint=profile.fingerprint, key_weights=profile.key_weights,
                     value_weights=profile.value_weights, format_version=FORMAT_VERSION,
                     rope_traditional=[None if m.get("rope") is None else bool(m["rope"][1]) for m in profile.moments])
-    with open(os.path.join(folder, "profile.json"), "w") as f:
+    with open(os.path.join(folder, "profile.json.tmp"), "w") as f:
         json.dump(document, f, indent=2)
-    return folder
+    os.replace(os.path.join(folder, "profile.json.tmp"), os.path.join(folder, "profile.json"))
 
 
 def profile_path(name_or_path: str) -> str:
@@ -248,20 +373,26 @@ def _library_version() -> str:
 
 
 def main(argv=None) -> int:
-    """`kvshard calibrate --model NAME --out DIR`: calibrate, measure and write one profile."""
+    """`kvshard calibrate --model NAME --out DIR`: calibrate, measure and write one profile. With --measure, measure
+    the profile already in DIR on the --validation texts and add them to its measured rows: several such runs may
+    share the texts of one calibration between processes."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="kvshard calibrate", description=main.__doc__.split(":")[1].strip())
     parser.add_argument("--model", default="smollm2-135m", help="embedded model name, mlx_lm model path or repo id")
     parser.add_argument("--out", required=True, help="folder to write profile.json and profile.safetensors into")
     parser.add_argument("--name", help="profile name (default: the model name)")
-    parser.add_argument("--texts", nargs="+", help="calibration text files (default: the licence texts of klt.calibration_texts)")
+    parser.add_argument("--texts", nargs="+", help="calibration text files (default: klt.calibration_texts, licences and four technical domains)")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="effective bits to measure ΔPPL at")
     parser.add_argument("--validation", nargs="+", help="texts to measure ΔPPL on (default: kvshard eval's)")
     parser.add_argument("--validation-tokens", type=int, default=1024)
+    parser.add_argument("--measure", action="store_true", help="only measure the profile in --out on --validation")
+    parser.add_argument("--jobs", type=int, default=1, help="processes that measure moments and sensitivities (each loads the model)")
     args = parser.parse_args(argv)
     if args.validation_tokens < 2:
         parser.error(f"--validation-tokens must be >= 2, got {args.validation_tokens}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     texts = None
     if args.texts:
         texts = []
@@ -272,9 +403,46 @@ def main(argv=None) -> int:
     from ..models import load_model
 
     model, tokenizer = load_model(args.model)
-    profile = calibrate_profile(model, tokenizer, args.name or args.model, texts, tuple(args.budgets),
-                                args.validation, args.validation_tokens, progress=True)
-    save_profile(profile, args.out)
+    command = " ".join(["kvshard calibrate", *(sys.argv[1:] if argv is None else argv)])
+
+    def save(profile):
+        # Saved once the moments are known and after every validation text, with what other runs on the same
+        # profile measured meanwhile (they take turns on a lock of the folder): a run cut short leaves a profile that
+        # loads, with the texts it measured. A --measure run rewrites only profile.json.
+        import fcntl
+
+        os.makedirs(args.out, exist_ok=True)
+        folder = os.open(args.out, os.O_RDONLY)  # the folder itself is the lock: nothing is left behind in it
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            path = os.path.join(args.out, "profile.json")
+            on_disk = {}
+            if os.path.isfile(path):
+                with open(path) as f:
+                    on_disk = json.load(f)
+            if on_disk.get("fingerprint") == profile.fingerprint:
+                profile.meta["measured"] = merge_measured(profile.meta["measured"], on_disk.get("measured", []))
+                commands = on_disk.get("commands", [])
+                profile.meta["commands"] = commands + [command] * (command not in commands)
+            profile.meta.setdefault("commands", [command])
+            if args.measure:
+                _save_document(profile, args.out)
+            else:
+                save_profile(profile, args.out)
+        finally:
+            os.close(folder)
+
+    if args.measure:
+        profile = load_profile(args.out)
+        if not args.validation:
+            parser.error("--measure needs --validation")
+        profile.meta["measured"] = measure_profile(profile, model, tokenizer, tuple(args.budgets), args.validation,
+                                                   args.validation_tokens, True, on_text=lambda rows: (
+                                                       profile.meta.update(measured=rows), save(profile)))
+    else:
+        profile = calibrate_profile(model, tokenizer, args.name or args.model, texts, tuple(args.budgets),
+                                    args.validation, args.validation_tokens, progress=True, on_measured=save,
+                                    jobs=args.jobs, model_name=args.model)
     for row in profile.meta["measured"]:
         print(f"<= {row['budget_bits']} bits: {row['effective_bits']:.3f} effective, ΔPPL mean "
               f"{row['mean_delta_ppl_pct']:+.2f}% worst {row['worst_delta_ppl_pct']:+.2f}%")

@@ -1,0 +1,119 @@
+"""What each part of a profile's recipe buys, at equal effective bits: ΔPPL per text against an fp16 cache
+(kvshard eval's chunked perplexity, chunk 256) for profiles and fp16 windows side by side, on one token stream
+per text, with the effective bits really held.
+
+    python benchmarks/profile_recipes.py --profiles licences=DIR multi=smollm2-135m --windows 0 16 \\
+        --budgets 2.5 3.5 [--texts ...] [--out benchmarks/results/profile_recipes.json]
+
+Each configuration is a profile (name=folder or shipped name) at a budget with a window of fp16 recent tokens,
+the window counted in the budget (Profile.config(budget, window=)).
+
+With --decode N the last N tokens of each text's stream are fed one at a time after a chunked prefill of the rest,
+and only they are scored: as in generation, each predicted token then sees the window's fp16 tokens (in a chunk of
+256, only its last `window` queries do, so chunked perplexity charges a window's bytes without its benefit).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench import device_info  # noqa: E402
+
+from kvshard.quant import KVCacheBuilder, load_model, load_profile  # noqa: E402
+from kvshard.quant import eval as quality  # noqa: E402
+
+CHUNK = 256  # kvshard eval's chunk
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profiles", nargs="+", required=True, help="LABEL=PROFILE (a shipped name or a folder)")
+    parser.add_argument("--windows", nargs="+", type=int, default=[0, 16])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.5])
+    parser.add_argument("--texts", nargs="+", default=list(quality.TEXTS))
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--decode", type=int, default=0, help="score only the last N tokens, fed one at a time")
+    parser.add_argument("--out", default="benchmarks/results/profile_recipes.json")
+    args = parser.parse_args()
+    profiles = {}
+    for item in args.profiles:
+        label, _, where = item.partition("=")
+        if not where:
+            parser.error(f"--profiles: {item!r} must be LABEL=PROFILE")
+        profiles[label] = load_profile(where)
+    model, tokenizer = load_model("smollm2-135m")
+    configs = [
+        quality.EvalConfig(f"{label} <= {budget} w{window}", label,
+                           lambda p=p, b=budget, w=window: KVCacheBuilder.for_model(model, p.config(b, window=w)))
+        for label, p in profiles.items() for budget in args.budgets for window in args.windows
+    ]
+    per_text = {}
+    for name in args.texts:
+        ids = tokenizer.encode(quality.load_text(name), add_special_tokens=False)[: args.tokens]
+        if args.decode:
+            per_text[name] = decode_rows(model, ids, configs, args.decode)
+        else:
+            per_text[name] = quality.compare(model, ids, configs, progress=name)[1:]
+        _write(args, profiles, per_text)
+    for i, config in enumerate(configs):
+        deltas = [rows[i]["delta_ppl_pct"] for rows in per_text.values()]
+        bits = max(rows[i]["effective_bits"] for rows in per_text.values())
+        print(f"{config.label:<28} {bits:.3f} bits  mean {sum(deltas) / len(deltas):+.2f}%  worst {max(deltas):+.2f}%")
+    return 0
+
+
+def decode_nll(model, tokens: list[int], caches, decode: int) -> float:
+    """Summed NLL of the last `decode` next-token predictions, each made by a one-token step after a chunked
+    prefill of everything before them."""
+    ids = mx.array(tokens)
+    first = len(tokens) - 1 - decode
+    for start in range(0, first, CHUNK):
+        mx.eval(model(ids[None, start : min(start + CHUNK, first)], cache=caches))
+    nll = 0.0
+    for position in range(first, len(tokens) - 1):
+        logits = model(ids[None, position : position + 1], cache=caches)[0].astype(mx.float32)
+        nll += nn.losses.cross_entropy(logits, ids[position + 1 : position + 2], reduction="sum").item()
+    return nll
+
+
+def decode_rows(model, tokens: list[int], configs, decode: int) -> list[dict]:
+    base = decode_nll(model, tokens, quality.baseline_config(model).make_caches(), decode)
+    rows = []
+    for config in configs:
+        start = time.perf_counter()
+        caches = config.make_caches()
+        nll = decode_nll(model, tokens, caches, decode)
+        rows.append({"label": config.label, "delta_ppl_pct": 100 * (math.exp((nll - base) / decode) - 1),
+                     "top1_agreement": None, "effective_bits": quality.effective_bits(model, caches)})
+        print(f"{config.label}: {rows[-1]['delta_ppl_pct']:+.2f}% ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return rows
+
+
+def _write(args, profiles, per_text) -> None:
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": device_info() | {"platform": platform.platform()},
+        "tokens": args.tokens,
+        "decode": args.decode,
+        "profiles": {label: {"fingerprint": p.fingerprint, "texts": p.meta.get("calibration_texts")}
+                     for label, p in profiles.items()},
+        "per_text": {name: [{k: r[k] for k in ("label", "delta_ppl_pct", "top1_agreement", "effective_bits")}
+                            for r in rows] for name, rows in per_text.items()},
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
