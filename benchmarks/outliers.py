@@ -5,7 +5,7 @@ fp16 KV cache, effective bits from the bytes held.
 Outlier configurations are turboquant_mse with b-bit keys and values plus n exact key channels per token
 (n · 24 bits per key); plain turboquant_mse at the same b shows what the exact channels buy.
 
-    python benchmarks/outliers.py [--tokens 512] [--out benchmarks/results]
+    python benchmarks/outliers.py [--tokens 512] [--texts NAME ...] [--out benchmarks/results]
 writes outliers_cpu.json.
 """
 
@@ -49,17 +49,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--texts", nargs="+", choices=list(TEXTS), default=list(TEXTS))
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     model, tokenizer = load_model("smollm2-135m")
-    result = run_eval(model, tokenizer, list(TEXTS), args.tokens, args.chunk, configs(model, tokenizer, args.tokens))
+    result = run_eval(model, tokenizer, args.texts, args.tokens, args.chunk, configs(model, tokenizer, args.tokens))
     for row in result["mean"]:
         print(f"{row['label']:<44} bits {row['effective_bits']:6.3f}  ΔPPL {row['delta_ppl_pct']:+8.2f}%", flush=True)
     report = {"benchmark": "outliers", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "mlx": mx.__version__,
                           "device": str(mx.default_device())},
               "model": "SmolLM2-135M-Instruct (embedded GGUF, dense fp32 weights)", "tokens": args.tokens,
-              "chunk": args.chunk, "texts": list(TEXTS), **result}
+              "chunk": args.chunk, "texts": args.texts, **result}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "outliers_cpu.json"), "w") as f:
         json.dump(report, f, indent=2)

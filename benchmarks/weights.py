@@ -1,11 +1,11 @@
 """Weight quantization on the embedded SmolLM2-135M: kvshard's QuantizedLinear (rotation + Lloyd-Max) beside MLX's
 affine `nn.quantize`, in one run. Equal effective bits: ours at group 32 (b + 16/32 bits: one fp16 scale) against
 MLX's group 64 (b + 32/64 bits: fp16 scale and bias), the largest group MLX allows on this model (576 input
-features; MLX takes 32, 64 or 128). Ours at group 64 (b + 0.25 bits) is listed too.
+features; MLX takes 32, 64 or 128).
 
 All seven linear layers of every block are quantized (q, k, v, o, gate, up, down); the tied embedding / output
 layer stays dense fp32 in every configuration. The reference is the dense fp32 model (the GGUF's Q4_1 weights
-dequantized), with an fp16 KV cache.
+dequantized), with an fp16 KV cache; the dense model cast to fp16 is listed beside it.
 
 Per configuration: bytes held by the linear layers and effective bits (8 · bytes / weights), chunked perplexity
 on the shipped texts (ΔPPL vs the dense model) and greedy decode tokens/s (median step of a decode after a short
@@ -13,8 +13,8 @@ prompt; configurations alternate in order over rounds). MLX's affine perplexity 
 `mx.dequantize` of its own packed weights (the numbers its kernel multiplies by; its CPU kernel takes minutes per
 pass); its tokens/s through its real nn.QuantizedLinear.
 
-    python benchmarks/weights.py [--tokens 512] [--rounds 3] [--out benchmarks/results]
-writes weights_cpu.json (or _gpu).
+    python benchmarks/weights.py [--tokens 256] [--texts NAME ...] [--rounds 3] [--out benchmarks/results]
+writes weights_cpu.json and .png (or _gpu); a few minutes on a quiet 2-core CPU.
 """
 
 import argparse
@@ -96,24 +96,24 @@ def _machine() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=512, help="tokens of each text for perplexity")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens of each text for perplexity")
+    parser.add_argument("--texts", nargs="+", choices=list(TEXTS), default=["pride_and_prejudice", "python_source"])
     parser.add_argument("--rounds", type=int, default=3, help="decode-speed rounds (configurations alternate order)")
-    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per round")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps timed per round")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 
     base, tokenizer = load_model("smollm2-135m")
     weights = tree_flatten(base.parameters())
     n_weights = sum(m.weight.size for _, m in base.named_modules() if type(m) is nn.Linear)
-    configs = {"dense fp32": base}
+    configs = {"dense fp32": base, "dense fp16": _fresh([(k, v.astype(mx.float16)) for k, v in weights], base.args)}
     for bits in BITS:
-        configs[f"kvshard {bits}-bit g64"] = quantize_model(_fresh(weights, base.args), bits=bits, group_size=64)
         configs[f"kvshard {bits}-bit g32"] = quantize_model(_fresh(weights, base.args), bits=bits, group_size=32)
         configs[f"mlx affine {bits}-bit g64"] = _mlx_affine(_fresh(weights, base.args), bits, 64)
     for model in configs.values():
         mx.eval(model.parameters())
 
-    texts = {name: tokenizer.encode(load_text(name), add_special_tokens=False)[: args.tokens] for name in TEXTS}
+    texts = {name: tokenizer.encode(load_text(name), add_special_tokens=False)[: args.tokens] for name in args.texts}
     rows = {}
     for label, model in configs.items():
         scored = model
@@ -147,13 +147,38 @@ def main(argv=None) -> int:
         "linear_weights": n_weights, "tokens_per_text": args.tokens, "chunk": 256, "texts": list(texts),
         "decode": {"prompt_tokens": int(prompt.size), "steps_per_round": args.steps, "rounds": args.rounds,
                    "statistic": "1 / median step time over all rounds"},
+        "load_average": os.getloadavg(),
         "rows": list(rows.values()),
     }
     tag = "gpu" if mx.default_device() == mx.gpu else "cpu"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"weights_{tag}.json"), "w") as f:
         json.dump(result, f, indent=2)
+    plot(list(rows.values()), os.path.join(args.out, f"weights_{tag}.png"), result["machine"]["cpu"])
     return 0
+
+
+def plot(rows, path: str, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (quality, speed) = plt.subplots(1, 2, figsize=(11, 4))
+    for family, marker in (("kvshard", "o"), ("mlx affine", "s")):
+        got = [r for r in rows if r["label"].startswith(family)]
+        quality.plot([r["effective_bits"] for r in got], [r["delta_ppl_pct_mean"] for r in got], marker=marker, label=family)
+    quality.set_yscale("log")
+    quality.set_xlabel("effective bits per weight (linear layers)")
+    quality.set_ylabel("mean ΔPPL % vs dense fp32")
+    quality.legend(fontsize=8)
+    speed.barh([r["label"] for r in rows], [r["decode_tokens_per_s"] for r in rows])
+    speed.set_xlabel("decode tokens/s (median step)")
+    speed.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"SmolLM2-135M weight quantization, {machine}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -73,22 +73,31 @@ def gguf_path():
     return package.assemble(), package.EXPECTED_SHA256
 
 
-def load():
-    """(model, tokenizer) of Gemma 3 270M, float32 weights."""
+def converted_folder() -> str:
+    """The folder of the converted model (config.json, weights.safetensors, tokenizer.json), converting the GGUF
+    into it on first use."""
     path, sha256 = gguf_path()
     folder = os.path.join(os.path.dirname(path), f"kvshard-v{FORMAT_VERSION}-{sha256[:16]}")
     if not os.path.exists(os.path.join(folder, "config.json")):
         _convert(str(path), folder)
-    return _load_folder(folder)
+    return folder
 
 
-def _load_folder(folder: str):
+def load():
+    """(model, tokenizer) of Gemma 3 270M, float32 weights."""
+    return load_folder(converted_folder())
+
+
+def load_folder(folder: str, weights: dict | None = None):
+    """(model, tokenizer) from a converted folder (config.json, tokenizer.json and weights.safetensors, unless
+    the weights are given: `dequantize`'s pairs, for a GGUF's tensors carried without their metadata)."""
     from mlx_lm.models import gemma3_text
 
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
     model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(config))
-    weights = mx.load(os.path.join(folder, "weights.safetensors"))
+    if weights is None:
+        weights = mx.load(os.path.join(folder, "weights.safetensors"))
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
@@ -109,13 +118,7 @@ def _convert(path: str, folder: str) -> None:
     arch = scalar("general.architecture")
     if arch != "gemma3":
         raise ValueError(f"general.architecture: expected 'gemma3', got {arch!r}")
-    weights = {}
-    for tensor in reader.tensors:
-        name = _mlx_name(tensor.name)
-        value = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        if name.endswith("norm.weight"):
-            value = value - 1.0
-        weights[name] = mx.array(value)
+    weights = dict(dequantize(t.name, t.data, t.tensor_type) for t in reader.tensors)
     tokens = fields["tokenizer.ggml.tokens"].contents()
     tokenizer = _tokenizer_json(tokens, fields["tokenizer.ggml.scores"].contents(), fields["tokenizer.ggml.token_type"].contents())
     eos_ids = [scalar("tokenizer.ggml.eos_token_id"), tokens.index(END_OF_TURN)]
@@ -150,6 +153,17 @@ def _convert(path: str, folder: str) -> None:
         for name in os.listdir(staging):
             os.remove(os.path.join(staging, name))
         os.rmdir(staging)
+
+
+def dequantize(gguf_name: str, blocks: np.ndarray, tensor_type) -> tuple[str, mx.array]:
+    """One GGUF tensor (its raw blocks and GGML type) -> (mlx_lm parameter name, float32 value)."""
+    import gguf
+
+    name = _mlx_name(gguf_name)
+    value = gguf.quants.dequantize(blocks, tensor_type).astype(np.float32)
+    if name.endswith("norm.weight"):
+        value = value - 1.0
+    return name, mx.array(value)
 
 
 def _mlx_name(gguf_name: str) -> str:

@@ -32,6 +32,24 @@ def test_nearest_index_counts_boundaries_like_the_codebook(bits):
     assert mx.array_equal(nearest_index(codebook, y), codebook.quantize(y))
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("in_features, group_size", [(96, 32), (100, 4)])
+def test_rebuilt_weight_is_the_codebook_lookup_of_the_codes(bits, in_features, group_size):
+    """The compiled rebuild (word shifts and a select tree, no gather) equals unpacking the codes and looking each
+    one up in the codebook, bit for bit: rows whose codes fill whole words (96) and rows that do not (100)."""
+    from kvshard.quant.packing import pack, unpack
+
+    rng = np.random.default_rng(bits)
+    codes = rng.permutation(np.arange(24 * in_features) % 2**bits).reshape(24, in_features)  # every code appears
+    scales = mx.array(rng.uniform(0.5, 2.0, (24, in_features // group_size)).astype(np.float16))
+    layer = QuantizedLinear(pack(mx.array(codes), bits), scales, in_features, bits, group_size)
+    idx = unpack(layer.codes, bits, in_features)
+    assert np.array_equal(np.array(idx), codes)
+    groups = sphere_codebook(group_size, bits).lookup(idx).reshape(24, -1, group_size)
+    expected = (groups * layer.scales[..., None].astype(mx.float32)).reshape(24, in_features)
+    assert mx.array_equal(layer.rotated_weight(), expected)
+
+
 def test_bytes_by_hand_and_nothing_dense_held():
     layer = QuantizedLinear.from_linear(_linear(128, 96), bits=3, group_size=64)
     codes = 96 * 128 * 3 // 8  # 3-bit codes, packed
