@@ -14,7 +14,8 @@ prompt; configurations alternate in order over rounds). MLX's affine perplexity 
 pass); its tokens/s through its real nn.QuantizedLinear.
 
     python benchmarks/weights.py [--tokens 256] [--texts NAME ...] [--rounds 3] [--out benchmarks/results]
-writes weights_cpu.json and .png (or _gpu); a few minutes on a quiet 2-core CPU.
+writes weights_cpu.json and .png (or _gpu); a few minutes on a quiet 2-core CPU. `--layer-only`: one layer's
+rebuild and call times (weights_layer_cpu.json), what bounds our decode speed.
 """
 
 import argparse
@@ -85,6 +86,40 @@ def _decode_step_s(model, prompt: mx.array, steps: int) -> float:
     return statistics.median(times)
 
 
+def layer_timings(repeats: int) -> dict:
+    """One 576 -> 1536 layer (SmolLM2's gate/up shape), one decode token, medians of `repeats` calls per path in
+    alternating order: the rotated weight rebuilt by the compiled kernel (what QuantizedLinear does) against
+    unpack + codebook gather (what it did before), a whole call, MLX's affine layer and the dense one."""
+    from kvshard.quant.codebooks import sphere_codebook
+    from kvshard.quant.packing import unpack
+    from kvshard.quant.weights import QuantizedLinear
+
+    dense = nn.Linear(576, 1536, bias=False)
+    x = mx.random.normal((1, 1, 576), key=mx.random.key(0))
+    rows = {}
+    for bits in BITS:
+        ours = QuantizedLinear.from_linear(dense, bits, 32)
+        affine = nn.QuantizedLinear.from_linear(dense, 64, bits)
+        book = sphere_codebook(32, bits)
+
+        def gathered():
+            groups = book.lookup(unpack(ours.codes, bits, 576)).reshape(1536, -1, 32)
+            return (groups * ours.scales[..., None].astype(mx.float32)).reshape(1536, 576)
+
+        paths = {"rebuild compiled": ours.rotated_weight, "rebuild unpack+gather": gathered,
+                 "kvshard call": lambda: ours(x), "mlx affine call": lambda: affine(x), "dense fp32 call": lambda: dense(x)}
+        times = {name: [] for name in paths}
+        for i in range(repeats + 3):
+            for name in (list(paths) if i % 2 == 0 else list(paths)[::-1]):
+                start = time.perf_counter()
+                mx.eval(paths[name]())
+                if i >= 3:
+                    times[name].append(time.perf_counter() - start)
+        rows[f"{bits}-bit"] = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        print(bits, {k: round(v, 2) for k, v in rows[f"{bits}-bit"].items()}, flush=True)
+    return {"shape": [1536, 576], "repeats": repeats, "unit": "ms, median", "rows": rows}
+
+
 def _machine() -> dict:
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
@@ -101,7 +136,16 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="decode-speed rounds (configurations alternate order)")
     parser.add_argument("--steps", type=int, default=8, help="decode steps timed per round")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--layer-only", action="store_true", help="only the one-layer timings (weights_layer_<device>.json)")
     args = parser.parse_args(argv)
+    tag = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    if args.layer_only:
+        result = {"benchmark": "weights_layer", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "machine": _machine(), **layer_timings(30), "load_average": os.getloadavg()}
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"weights_layer_{tag}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        return 0
 
     base, tokenizer = load_model("smollm2-135m")
     weights = tree_flatten(base.parameters())
@@ -150,7 +194,6 @@ def main(argv=None) -> int:
         "load_average": os.getloadavg(),
         "rows": list(rows.values()),
     }
-    tag = "gpu" if mx.default_device() == mx.gpu else "cpu"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"weights_{tag}.json"), "w") as f:
         json.dump(result, f, indent=2)
