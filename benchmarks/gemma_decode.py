@@ -1,6 +1,6 @@
 """Decode speed of Gemma 3 270M with fp16 vs compressed caches at long contexts, and the bytes they hold.
 
-    python benchmarks/gemma_decode.py --out benchmarks/results [--contexts 8192 32768] [--steps 16]
+    python benchmarks/gemma_decode.py --out benchmarks/results [--contexts 8192 32768] [--steps 16] [--profile P]
 
 A decode step's time depends on how many tokens each cache holds, not on their values, and a 32K prefill of the
 real model takes far longer on this shared 2-core CPU than the decode steps measured: every cache is therefore
@@ -20,7 +20,7 @@ import time
 import mlx.core as mx
 from mlx_lm.models.cache import RotatingKVCache
 
-from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig
+from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig, load_profile
 from kvshard.quant.eval import Float16KVCache, Float16QuantizedKVCache, effective_bits, held_bytes
 from kvshard.quant.models import load_model
 from kvshard.quant.sliding import Float16RotatingKVCache
@@ -28,7 +28,7 @@ from kvshard.quant.sliding import Float16RotatingKVCache
 FILL_CHUNK = 4096
 
 
-def configs(model):
+def configs(model, profile=None):
     layout = [c.max_size if isinstance(c, RotatingKVCache) else None for c in model.make_cache()]
 
     def ours(**kw):
@@ -41,6 +41,8 @@ def configs(model):
         ],
         "turboquant_mse 4-bit, sliding fp16": ours(sliding="fp16"),
         "turboquant_mse 4-bit, sliding compressed": ours(sliding="compressed"),
+        **({} if profile is None else {f"profile {profile.name} <= 3.5 bits (global), sliding fp16":
+                                        lambda: KVCacheBuilder.for_model(model, profile.config(3.5))}),
     }
 
 
@@ -72,13 +74,15 @@ def main(argv=None):
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", help="a Gemma profile (name or folder) whose 3.5-bit configuration is timed too")
     args = parser.parse_args(argv)
     model, _ = load_model("gemma3-270m")
+    profile = load_profile(args.profile) if args.profile else None
     token = mx.array([[818]])
     rows = []
     for context in args.contexts:
         made = {}
-        for label, make in configs(model).items():
+        for label, make in configs(model, profile).items():
             caches = make()
             fill(caches, model, context)
             made[label] = caches
@@ -101,7 +105,8 @@ def main(argv=None):
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(mx.default_device()),
-                    "mlx": mx.__version__, "note": "2 CPU cores shared with other jobs (load average > 10)"},
+                    "mlx": mx.__version__, "load_average": os.getloadavg(),
+                    "note": "2 CPU cores shared with other jobs"},
         "model": "gemma3-270m (float32 weights)",
         "method": "caches filled with random K/V, then the real model decodes; configs alternate per step",
         "rows": rows,

@@ -20,9 +20,9 @@ Recipes (the cache of each layer; effective bits = 8 · bytes held / K+V element
 - turboquant_mse b-bit: every layer coded, sliding ones in a compressed rotating window.
 - klt: the Gemma profile's plans for all 18 layers (sliding layers hold their tokens as codes, attention
   windowed by the model's mask: KVCacheConfig.sliding = "full").
-- profile gemma3-270m: the same calibration's plans for the 3 global layers, sliding layers an fp16 window (what
-  `kvshard calibrate --model gemma3-270m` writes). At 1K tokens the fp16 windows dominate the bytes; from 8K on
-  they are a small, fixed part.
+- profile gemma3-270m-global: the same calibration's plans for the 3 global layers, sliding layers an fp16 window
+  (what `kvshard calibrate --model gemma3-270m` writes; the results of 2026-12-01 label it "profile gemma3-270m").
+  At 1K tokens the fp16 windows dominate the bytes; from 8K on they are a small, fixed part.
 Every token stream starts with <bos>, as Gemma's own prompts do.
 """
 
@@ -145,9 +145,10 @@ def global_layers(model) -> list:
     return [i for i, c in enumerate(model.make_cache()) if type(c) is KVCache]
 
 
-def global_profile(profile: Profile, model, name: str = "gemma3-270m") -> Profile:
+def global_profile(profile: Profile, model, name: str = "gemma3-270m-global") -> Profile:
     """The profile of the global layers alone: what `kvshard calibrate` measures on Gemma (each layer's moments
-    and sensitivities are measured on their own, so the subset is the same numbers)."""
+    and sensitivities are measured on their own, so the subset is the same numbers). Not named after the model:
+    a shard would make a profile of its model's name its default, and its sessions cannot hold fp16 windows."""
     keep = global_layers(model)
     meta = dict(profile.meta, layers=f"global {keep} (sliding layers: fp16 window)")
     return Profile(name, profile.model_fingerprint, [profile.moments[i] for i in keep],
@@ -274,8 +275,8 @@ def finish(results: str, profile_out: str) -> None:
     profile = global_profile(load_profile(os.path.join(results, "profile")), model)
     measured = []
     for budget in BUDGETS:
-        label = f"profile {profile.name} <= {budget} bits"
-        rows = {text: next(r for r in rows if r["label"] == label) for text, rows in report["per_text"].items()}
+        rows = {text: next(r for r in rows if r["family"] == "kvshard profile" and r["label"].endswith(f"<= {budget} bits"))
+                for text, rows in report["per_text"].items()}
         deltas = {text: round(r["delta_ppl_pct"], 4) for text, r in rows.items()}
         measured.append({"budget_bits": budget, "effective_bits": round(max(r["effective_bits"] for r in rows.values()), 4),
                          "delta_ppl_pct": deltas, "mean_delta_ppl_pct": round(sum(deltas.values()) / len(deltas), 4),
