@@ -5,8 +5,9 @@ every coordinate coded with the Lloyd-Max codebook of a rotated unit vector (qua
 A QuantizedLinear holds only the packed codes, one fp16 scale per group and the bias: bits + 16 / group_size
 bits per weight. It keeps no dequantized copy: each call rebuilds the rotated-domain weight, multiplies the
 rotated input by it and lets it go (y = x Wᵀ = (x Π_gᵀ)(Ŵ_rot)ᵀ, the rotation applied per group of inputs).
-The rebuild is one compiled elementwise kernel from packed bytes to scaled centroids (see `_weight_decoder`):
-MLX's CPU gather (`centroids[idx]`) costs ~60 ns a weight, 10-40x the fused select.
+The rebuild is one compiled elementwise kernel from packed bytes to scaled centroids (see `_weight_decoder`),
+2.2-6.6x faster than unpacking and looking codes up with MLX's CPU gather (~60 ns a weight); writing the whole
+weight each call still bounds decode speed (benchmarks/weights.py --layer-only).
 
 Encoding works on row chunks and finds codes by binary search over the codebook's boundaries, so its
 temporaries are a few times one chunk, never a (rows, cols, 2**bits) tensor.
