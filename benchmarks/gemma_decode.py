@@ -32,7 +32,7 @@ def configs(model, profile=None):
     layout = [c.max_size if isinstance(c, RotatingKVCache) else None for c in model.make_cache()]
 
     def ours(**kw):
-        return lambda: KVCacheBuilder.for_model(model, KVCacheConfig(method="turboquant_mse", bit_width_inlier=4, **kw))
+        return lambda: KVCacheBuilder.for_model(model, KVCacheConfig(method="turboquant_mse", key_bits=4, **kw))
 
     return {
         "fp16": lambda: [Float16RotatingKVCache(max_size=w) if w else Float16KVCache() for w in layout],

@@ -162,7 +162,7 @@ def recipes(model, profile: Profile, budgets=BUDGETS) -> list:
     # a row for the 24 that mx.quantize packs, and the first update fails on the shapes.
     configs = [quality.baseline_config(model)] + quality.mlx_affine_configs(model, bits=(4, 2))
     for bits in (4, 3, 2):
-        config = KVCacheConfig(method="turboquant_mse", bit_width_inlier=bits, seed=42, sliding="compressed")
+        config = KVCacheConfig(method="turboquant_mse", key_bits=bits, seed=42, sliding="compressed")
         configs.append(quality.EvalConfig(f"turboquant_mse {bits}-bit", "turboquant_mse",
                                           lambda c=config: KVCacheBuilder.for_model(model, c)))
     configs += klt_recipes(model, profile, budgets) + profile_recipes(model, global_profile(profile, model), budgets)
