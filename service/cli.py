@@ -57,8 +57,12 @@ def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="bytes of hot sessions kept in memory; the least recently used are dropped (they are stored)")
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help="sessions the store may hold (0: no limit)")
     parser.add_argument("--max-tenant-sessions", type=int, default=d.max_tenant_sessions, help="sessions one tenant may hold (0: only --max-sessions)")
+    parser.add_argument("--max-tenant-bytes", type=byte_size, default=d.max_tenant_bytes,
+                        help="bytes one tenant's sessions may store, e.g. 256MiB; a write that would pass it is refused whole (0: no quota)")
     parser.add_argument("--max-attend-cost", type=int, default=d.max_attend_cost, help="query heads x query tokens x layer tokens one Attend may cost")
     parser.add_argument("--attend-slice-cost", type=int, default=d.attend_slice_cost, help="an Attend takes turns on the compute thread in slices of this cost")
+    parser.add_argument("--append-slice-cost", type=int, default=d.append_slice_cost,
+                        help="an Append encodes on the compute thread in turns of at most this many key elements (heads x tokens x head_dim)")
     parser.add_argument("--session-ttl", type=int, default=d.session_ttl_s, help="seconds idle before a session is deleted (0: never)")
     parser.add_argument("--max-tokens", type=int, default=d.max_tokens, help="most tokens one Generate call may produce")
     parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="most tokens one Generate input may add")
@@ -87,7 +91,8 @@ def serve_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="kvshard serve", description="Run a kvshard model shard.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     args = serve_parser(parser).parse_args(argv)
-    for flag, value in (("--checkpoint-tokens", args.checkpoint_tokens), ("--attend-slice-cost", args.attend_slice_cost)):
+    for flag, value in (("--checkpoint-tokens", args.checkpoint_tokens), ("--attend-slice-cost", args.attend_slice_cost),
+                        ("--append-slice-cost", args.append_slice_cost)):
         if value < 1:
             parser.error(f"{flag} must be at least 1")
     if args.lease_ttl < 0.1:
@@ -100,8 +105,10 @@ def serve_main(argv: list[str]) -> None:
         max_message_bytes=args.max_message_bytes,
         max_sessions=args.max_sessions,
         max_tenant_sessions=args.max_tenant_sessions,
+        max_tenant_bytes=args.max_tenant_bytes,
         max_attend_cost=args.max_attend_cost,
         attend_slice_cost=args.attend_slice_cost,
+        append_slice_cost=args.append_slice_cost,
         memory_budget_bytes=args.memory_budget,
         session_ttl_s=args.session_ttl,
         checkpoint_tokens=args.checkpoint_tokens,

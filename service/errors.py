@@ -66,6 +66,16 @@ class LimitExceeded(Exception):
     """A configured limit (sizes, counts, memory) would be exceeded."""
 
 
+class QuotaExceeded(LimitExceeded):
+    """A write would leave a tenant storing more than --max-tenant-bytes; the store refused all of it."""
+
+    def __init__(self, tenant: str, held: int, grown: int, quota: int):
+        super().__init__(
+            f"max_tenant_bytes: tenant {tenant!r} stores {held} bytes; this change adds {grown}, over its quota of "
+            f"{quota} bytes; trim or delete sessions"
+        )
+
+
 class Unauthenticated(Exception):
     pass
 

@@ -116,7 +116,7 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         expected = request.expected_offset if request.HasField("expected_offset") else None
         async with self.manager.open(current_tenant(), session_id) as session:
             session.check_append(request.layer, keys, values, self.limits, expected)
-            offset = await self.manager.mutate(session, session.append, request.layer, keys, values)
+            offset = await self.manager.append(session, request.layer, keys, values)
         logs.note(tokens=keys.shape[-2])
         metrics.TOKENS_APPENDED.inc(keys.shape[-2])
         return pb.AppendResponse(offset=offset, memory_bytes=session.memory_bytes)
@@ -264,6 +264,12 @@ class KVShardServicer(pb_grpc.KVShardServicer):
                 min_bits=limits.min_bits,
                 max_bits=limits.max_bits,
                 session_ttl_s=limits.session_ttl_s,
+                max_tenant_sessions=limits.max_tenant_sessions,
+                max_tenant_bytes=limits.max_tenant_bytes,
+                max_attend_cost=limits.max_attend_cost,
+                attend_slice_cost=limits.attend_slice_cost,
+                append_slice_cost=limits.append_slice_cost,
+                checkpoint_tokens=limits.checkpoint_tokens,
             ),
             version=self.version,
             store=self.manager.store.kind,

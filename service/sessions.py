@@ -56,8 +56,10 @@ class Limits:
     max_message_bytes: int = 16 * 1024 * 1024
     max_sessions: int = 10000
     max_tenant_sessions: int = 0  # sessions one tenant may hold (0: only max_sessions)
+    max_tenant_bytes: int = 0  # bytes one tenant's sessions may store (0: no quota)
     max_attend_cost: int = 1 << 26  # query heads x query tokens x layer tokens of one Attend
     attend_slice_cost: int = 1 << 18  # an Attend runs on the MLX thread in slices of at most this cost
+    append_slice_cost: int = 1 << 18  # an Append encodes on the MLX thread in slices of at most this many elements (heads x tokens x head_dim)
     memory_budget_bytes: int = 1 << 30
     min_bits: int = 1
     max_bits: int = 8
@@ -412,7 +414,7 @@ class SessionManager:
             raise LimitExceeded(f"max_sessions: the server holds {limits.max_sessions} sessions already")
         if limits.max_tenant_sessions and self.store.count(record.tenant) >= limits.max_tenant_sessions:
             raise LimitExceeded(f"max_tenant_sessions: the tenant holds {limits.max_tenant_sessions} sessions already")
-        self.store.create(record, deltas, lease)
+        self.store.create(record, deltas, lease, limits.max_tenant_bytes)
 
     @asynccontextmanager
     async def open(self, tenant: str, session_id: str):
@@ -503,6 +505,7 @@ class SessionManager:
         session = await self.mlx.run(Session.restore, record, layers)
         session.lock = lock
         self.hot[record.session_id] = session
+        self._evict()  # idle sessions make room for it now, not after its call
         return session
 
     def _check_profile(self, config: KVCacheConfig) -> None:
@@ -551,12 +554,27 @@ class SessionManager:
     async def mutate(self, session: Session, change, *args):
         """Apply change(*args) on the MLX thread and commit it, as one unit: a cancelled caller waits for both
         (holding the session), so the call ends wholly applied and committed or not at all."""
-        return await run_to_completion(self._apply(session, change, *args))
+        return await run_to_completion(self._apply(session, self.mlx.run(change, *args)))
 
-    async def _apply(self, session: Session, change, *args):
+    async def append(self, session: Session, layer: int, keys: np.ndarray, values: np.ndarray) -> int:
+        """Append (checked by check_append) in slices of at most append_slice_cost elements (heads x tokens x
+        head_dim), each its own turn on the MLX thread, so a large Append cannot hold the thread while other
+        sessions wait; then one commit. All or nothing as `mutate`: a slice that fails drops the hot copy and
+        nothing was committed. Codes are per token, so the slices encode exactly what one call would."""
+        step = max(1, self.limits.append_slice_cost // (keys.shape[-3] * keys.shape[-1]))
+
+        async def in_slices() -> int:
+            for start in range(0, max(keys.shape[-2], 1), step):  # an empty Append is one (empty) turn, as before
+                offset = await self.mlx.run(session.append, layer, keys[..., start : start + step, :], values[..., start : start + step, :])
+            return offset
+
+        return await run_to_completion(self._apply(session, in_slices()))
+
+    async def _apply(self, session: Session, change):
+        """Await `change` (the session's mutation on the MLX thread), then check the budget and commit."""
         before = session.memory_bytes
         try:
-            result = await self.mlx.run(change, *args)
+            result = await change
             if session.memory_bytes > before:  # growing past the budget is refused; shrinking never is
                 session.check_memory(self.limits)
                 self._make_room()
@@ -587,7 +605,7 @@ class SessionManager:
             return
         record, deltas = snapshot
         try:
-            await self.io.run(self.store.commit, record, deltas, session.lease)
+            await self.io.run(self.store.commit, record, deltas, session.lease, self.limits.max_tenant_bytes)
         except BaseException:
             self.hot.pop(session.session_id, None)
             raise

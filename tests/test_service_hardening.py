@@ -140,6 +140,32 @@ def test_a_sliced_attend_equals_the_whole_one(stub):
     np.testing.assert_allclose(output, np.array(local.attend(mx.array(queries))), rtol=1e-4, atol=1e-5)
 
 
+def test_a_large_append_takes_turns_yet_commits_once_all_or_nothing(shard, stub):
+    """An Append over --append-slice-cost (2^18 key elements) encodes in several turns on the MLX thread: the
+    codes are those of the same slices appended one by one, it commits once, and a slice that fails (NaN in
+    the last one) leaves the session exactly as it was."""
+    rng = np.random.default_rng(2)
+    sid = raw_session(stub, heads=4, dim=128)
+    local = CompressedKVCache(head_dim=128, n_kv_heads=4, seed=42, **CONFIG)
+    k, v = (rng.standard_normal((4, 1500, 128)).astype(np.float32) for _ in range(2))  # 3 slices of 512 tokens
+    assert append(stub, sid, k, v).offset == 1500
+    for start in range(0, 1500, 512):
+        local.append(mx.array(k[:, start : start + 512]), mx.array(v[:, start : start + 512]))
+    info = stub.GetSession(pb.GetSessionRequest(session_id=sid))
+    assert info.version == 2 and info.committed_offset == 1500  # create, then one commit
+    queries = rng.standard_normal((4, 1, 128)).astype(np.float32)
+    output = to_numpy(stub.Attend(pb.AttendRequest(session_id=sid, queries=tensor(queries))).output, "output")
+    np.testing.assert_array_equal(output, np.array(local.attend(mx.array(queries)).astype(mx.float32)))
+    stored = stored_rows(shard.store.removeprefix("sqlite:///"), sid)
+    v[:, -1, 0] = np.nan  # the third slice fails after two were encoded
+    code, details = status_of(lambda: append(stub, sid, k, v))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in details
+    after = stub.GetSession(pb.GetSessionRequest(session_id=sid))
+    assert (after.offset, after.version) == (1500, 2) and stored_rows(shard.store.removeprefix("sqlite:///"), sid) == stored
+    again = to_numpy(stub.Attend(pb.AttendRequest(session_id=sid, queries=tensor(queries))).output, "output")
+    np.testing.assert_array_equal(again, output)
+
+
 # ---- C: exactly-once, all-or-nothing -------------------------------------------------------------------------
 
 
@@ -264,6 +290,36 @@ def test_one_tenant_cannot_use_up_the_sessions_of_all(auth_shard):
     channel.close()
 
 
+def test_a_tenant_over_its_byte_quota_is_refused_whole_and_others_carry_on(tmp_path):
+    tokens = [f"--auth-token={ALICE_TOKEN}=alice", f"--auth-token={BOB_TOKEN}=bob"]
+    server = ShardProcess(tmp_path, "--model", "none", "--max-tenant-bytes", "48KiB", *tokens).start()
+    try:
+        channel = grpc.insecure_channel(server.target)
+        stub = pb_grpc.KVShardStub(channel)
+        alice, bob = [("authorization", f"Bearer {ALICE_TOKEN}")], [("authorization", f"Bearer {BOB_TOKEN}")]
+        sid = raw_session(stub, heads=2, dim=64, metadata=alice)
+        rng = np.random.default_rng(11)
+        kv = rng.standard_normal((2, 64, 64)).astype(np.float32)
+        code, appended = grpc.StatusCode.OK, 0
+        while code == grpc.StatusCode.OK and appended < 64 * 100:
+            before = stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=alice)
+            stored = stored_rows(tmp_path / "kvshard.sqlite3", f"alice~{sid}")
+            code, details = status_of(lambda: append(stub, sid, kv, kv, metadata=alice))
+            appended += 64
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_tenant_bytes" in details and "49152" in details
+        assert appended > 64  # some appends fitted
+        after = stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=alice)
+        assert (after.offset, after.version, after.stored_bytes) == (before.offset, before.version, before.stored_bytes)
+        assert stored_rows(tmp_path / "kvshard.sqlite3", f"alice~{sid}") == stored
+        other = raw_session(stub, heads=2, dim=64, metadata=bob)  # bob's quota is his own
+        append(stub, other, kv, kv, metadata=bob)
+        stub.Trim(pb.TrimRequest(session_id=sid, n=128), metadata=alice)  # shrinking is always allowed
+        append(stub, sid, kv, kv, metadata=alice)  # and makes room again
+        channel.close()
+    finally:
+        server.stop()
+
+
 # ---- E, F: tokens and tenants --------------------------------------------------------------------------------
 
 
@@ -324,6 +380,39 @@ def test_a_second_shard_on_a_taken_port_fails_to_start(shard, stub, tmp_path):
     second = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=60)
     assert second.returncode != 0 and "in use" in second.stderr
     assert stub.ServerInfo(pb.ServerInfoRequest(), timeout=5).store == "sqlite"
+
+
+# ---- ServerInfo ----------------------------------------------------------------------------------------------
+
+
+def test_server_info_lists_every_limit_a_flag_sets_and_grpcurl_shows_them(tmp_path):
+    import dataclasses
+    import json
+    import os
+
+    from kvshard.service.sessions import Limits
+
+    flags = {"max_tokens": 101, "max_prompt_tokens": 202, "max_session_tokens": 3003, "max_append_tokens": 404,
+             "max_message_bytes": 5 << 20, "max_sessions": 606, "max_tenant_sessions": 7, "max_tenant_bytes": 8 << 20,
+             "max_attend_cost": 909, "attend_slice_cost": 1010, "append_slice_cost": 1111, "memory_budget_bytes": 12 << 20,
+             "session_ttl_s": 1313, "checkpoint_tokens": 14}
+    spelled = {"memory_budget_bytes": "--memory-budget", "session_ttl_s": "--session-ttl"}
+    fixed = {"min_bits": Limits.min_bits, "max_bits": Limits.max_bits}  # the codecs' range, not a flag
+    assert {f.name for f in dataclasses.fields(Limits)} == set(flags) | set(fixed)
+    assert set(pb.Limits.DESCRIPTOR.fields_by_name) == set(flags) | set(fixed)
+    args = [f"{spelled.get(name, '--' + name.replace('_', '-'))}={value}" for name, value in flags.items()]
+    server = ShardProcess(tmp_path, "--model", "none", *args).start()
+    try:
+        channel = grpc.insecure_channel(server.target)
+        limits = pb_grpc.KVShardStub(channel).ServerInfo(pb.ServerInfoRequest(), timeout=10).limits
+        channel.close()
+        assert {name: getattr(limits, name) for name in flags | fixed} == flags | fixed
+        grpcurl = os.path.join(os.path.dirname(sys.executable), "grpcurl")
+        shown = subprocess.run([grpcurl, "-plaintext", "-emit-defaults", server.target, "kvshard.v1.KVShard/ServerInfo"],
+                               capture_output=True, text=True, timeout=60, check=True)
+        assert {name: int(value) for name, value in json.loads(shown.stdout)["limits"].items()} == flags | fixed
+    finally:
+        server.stop()
 
 
 # ---- memory budget ---------------------------------------------------------------------------------------------

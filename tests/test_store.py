@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from kvshard.quant import METHODS, KVCacheConfig
-from kvshard.service.errors import Fenced, LeaseHeld, LimitExceeded, SessionConflict, SessionExists, SessionNotFound
-from kvshard.service.sessions import Limits, SessionManager, resolve_spec
+from kvshard.service.errors import Fenced, LeaseHeld, LimitExceeded, QuotaExceeded, SessionConflict, SessionExists, SessionNotFound, status_for
+from kvshard.service.sessions import Limits, SessionManager, resolve_spec, store_key
 from kvshard.service.store import Lease, open_store
 from kvshard.service.worker import SerialExecutor
 from redis_servers import RedisCluster, RedisNode
@@ -48,15 +48,25 @@ class Harness:
             session.check_append(layer, k, v, LIMITS, None)
             await self.manager.mutate(session, session.append, layer, k, v)
 
+    async def filled(self, rng, *tokens):
+        """One-layer sessions holding these many tokens each."""
+        sessions = [await self.create(layers=1) for _ in tokens]
+        for session, n in zip(sessions, tokens):
+            await self.append(session.session_id, 0, *kv(rng, n))
+        return sessions
+
     async def trim(self, session_id, n, layer=None):
         async with self.manager.open("default", session_id) as session:
             await self.mlx.run(session.trim, n, layer)
             await self.manager.commit(session)
 
     async def cold(self, session_id):
+        return await self.cold_of("default", session_id)
+
+    async def cold_of(self, tenant, session_id):
         """The session as a fresh process would load it."""
         self.manager.hot.clear()
-        async with self.manager.open("default", session_id) as session:
+        async with self.manager.open(tenant, session_id) as session:
             return session
 
     def close(self):
@@ -142,7 +152,7 @@ def test_a_failed_commit_leaves_the_store_and_drops_the_hot_copy(sqlite_url):
         await h.append(session.session_id, 0, *kv(rng, 10))
         real_commit = h.store.commit
 
-        def failing_commit(record, deltas, lease=None):
+        def failing_commit(record, deltas, *lease_and_quota):
             h.store._db.execute("BEGIN IMMEDIATE")
             h.store._db.execute("DELETE FROM blocks")
             h.store._db.execute("ROLLBACK")
@@ -186,15 +196,64 @@ def test_memory_budget_drops_least_recently_used(sqlite_url):
     async def scenario():
         h = Harness(open_store(sqlite_url))
         rng = np.random.default_rng(4)
-        a, b = await h.create(layers=1), await h.create(layers=1)
-        await h.append(a.session_id, 0, *kv(rng, 32))
-        await h.append(b.session_id, 0, *kv(rng, 32))
+        a, b = await h.filled(rng, 32, 32)
         h.manager.limits = Limits(memory_budget_bytes=b.memory_bytes * 3 // 2)  # room for one of the two
         await h.append(b.session_id, 0, *kv(rng, 1))  # b is used last; a goes
         assert list(h.manager.hot) == [b.session_id]
         async with h.manager.open("default", a.session_id) as reloaded:  # reloaded on use
             assert reloaded.record.layer_offsets == [32]
         assert list(h.manager.hot) == [a.session_id]
+        h.close()
+
+    asyncio.run(scenario())
+
+
+def test_sessions_in_use_count_against_the_budget(sqlite_url):
+    """A session is not loaded while those in use leave no room for it (idle ones are dropped for it)."""
+
+    async def refused():
+        h = Harness(open_store(sqlite_url))
+        rng = np.random.default_rng(12)
+        a, b, c = await h.filled(rng, 32, 32, 32)
+        h.manager.limits = Limits(memory_budget_bytes=a.memory_bytes * 3 // 2)  # room for one session and a half
+        await h.append(c.session_id, 0, *kv(rng, 1))  # c is used last: only c stays hot
+        assert list(h.manager.hot) == [c.session_id]
+        async with h.manager.open("default", a.session_id):  # idle c makes room for a as it loads
+            assert list(h.manager.hot) == [a.session_id]
+            with pytest.raises(LimitExceeded, match="memory_budget_bytes: sessions in use"):
+                async with h.manager.open("default", b.session_id):
+                    pass
+            assert list(h.manager.hot) == [a.session_id]
+        async with h.manager.open("default", b.session_id):  # a is idle again: b loads, a goes
+            assert list(h.manager.hot) == [b.session_id]
+        h.close()
+
+    asyncio.run(refused())
+
+
+def test_one_session_over_the_budget_is_served_alone_and_may_only_shrink(sqlite_url):
+    """The README's rule for a session stored over the budget (a lowered budget): it is served while no other
+    session is in use, dropped from memory after each call, refused any growth, and may be trimmed."""
+
+    async def scenario():
+        h = Harness(open_store(sqlite_url))
+        rng = np.random.default_rng(13)
+        big, small = await h.filled(rng, 64, 4)
+        h.manager.limits = Limits(memory_budget_bytes=big.memory_bytes // 2)
+        h.manager.hot.clear()
+        q = rng.standard_normal((HEADS, 1, DIM)).astype(np.float32)
+        async with h.manager.open("default", big.session_id) as session:
+            assert np.isfinite(await h.manager.attend(session, 0, q)).all()
+            with pytest.raises(LimitExceeded, match="memory_budget_bytes: sessions in use"):
+                async with h.manager.open("default", small.session_id):
+                    pass
+        assert big.session_id not in h.manager.hot  # dropped after the call
+        with pytest.raises(LimitExceeded, match="memory_budget_bytes"):
+            await h.append(big.session_id, 0, *kv(rng, 1))
+        assert h.store.load_record(big.session_id).layer_offsets == [64]
+        await h.trim(big.session_id, 48)
+        assert h.store.load_record(big.session_id).layer_offsets == [16]
+        await h.append(small.session_id, 0, *kv(rng, 1))  # others are served again
         h.close()
 
     asyncio.run(scenario())
@@ -228,6 +287,67 @@ def test_idle_sessions_expire(sqlite_url):
     asyncio.run(scenario())
 
 
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
+def any_store_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store.sqlite3"
+    else:
+        yield from redis_store(request.param, request, tmp_path)
+
+
+def test_a_tenant_quota_refuses_a_growing_write_whole_and_counts_every_byte(any_store_url):
+    """--max-tenant-bytes: a write that would take the tenant past its quota is refused before anything is
+    written (store bytes identical, hot copy dropped), other tenants carry on, shrinking and deleting always
+    work, and the tenant's count equals the sum of its sessions' stored bytes after every step."""
+    async def scenario():
+        h = Harness(open_store(any_store_url))
+        rng = np.random.default_rng(10)
+        shape = dict(layers=2, n_kv_heads=HEADS, head_dim=DIM)
+
+        async def create(tenant, session_id):
+            return await h.manager.create(tenant, resolve_spec("raw", shape, KVCacheConfig(key_bits=4, seed=42), LIMITS, session_id))
+
+        async def append(tenant, session_id, tokens):
+            async with h.manager.open(tenant, session_id) as session:
+                await h.manager.mutate(session, session.append, 0, *kv(rng, tokens))
+
+        def counted(tenant, ids):
+            keys = [store_key(tenant, i) for i in ids]
+            assert h.store.tenant_bytes(tenant) == sum(h.store.stored_bytes(k) for k in keys) > 0
+            return h.store.tenant_bytes(tenant)
+
+        await create("alice", "a1")
+        await append("alice", "a1", 64)
+        used = counted("alice", ["a1"])
+        h.manager.limits = Limits(max_tenant_bytes=used + 2000)  # room for a few tokens, not for 64 more
+        await append("alice", "a1", 2)
+        used = counted("alice", ["a1"])
+        key = store_key("alice", "a1")
+        before = (h.store.load_record(key).to_json(), h.store.load_layers(key, 2), h.store.version(key))
+        with pytest.raises(QuotaExceeded, match="max_tenant_bytes") as refused:
+            await append("alice", "a1", 64)
+        assert status_for(refused.value)[0].name == "RESOURCE_EXHAUSTED"
+        assert (h.store.load_record(key).to_json(), h.store.load_layers(key, 2), h.store.version(key)) == before
+        assert key not in h.manager.hot and counted("alice", ["a1"]) == used
+        assert (await h.cold_of("alice", "a1")).record.layer_offsets == [66, 0]
+        h.manager.limits = Limits(max_tenant_bytes=used)
+        with pytest.raises(QuotaExceeded):  # a new session's record and tails are bytes too
+            await create("alice", "a2")
+        assert h.store.load_record(store_key("alice", "a2")) is None and counted("alice", ["a1"]) == used
+        await create("bob", "b1")  # another tenant's quota is its own
+        await append("bob", "b1", 8)
+        counted("bob", ["b1"])
+        h.manager.limits = Limits(max_tenant_bytes=used // 2)  # a lowered quota: alice is over it, and may shrink
+        async with h.manager.open("alice", "a1") as session:
+            await h.manager.mutate(session, session.trim, 40, None)
+        assert counted("alice", ["a1"]) < used
+        await h.manager.delete("alice", "a1")
+        assert h.store.tenant_bytes("alice") == 0
+        h.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.fixture(scope="module")
 def redis_cluster(module_tmp):
     cluster = RedisCluster(module_tmp / "cluster")
@@ -238,7 +358,11 @@ def redis_cluster(module_tmp):
 @pytest.fixture(params=["redis", "redis-cluster"])
 def redis_url(request, tmp_path):
     """The same suite against one Redis and a 3-master Redis Cluster (emptied for each test)."""
-    if request.param == "redis":
+    yield from redis_store(request.param, request, tmp_path)
+
+
+def redis_store(kind, request, tmp_path):
+    if kind == "redis":
         node = RedisNode(tmp_path / "redis")
         yield f"redis://127.0.0.1:{node.port}/0"
         node.stop()
@@ -327,7 +451,6 @@ def test_a_shard_that_lost_its_lease_is_fenced_even_before_the_new_owner_writes(
 
 
 def test_a_live_lease_makes_another_shard_wait_then_answer_retryable(redis_url):
-    from kvshard.service.errors import status_for
 
     async def scenario():
         owner, other = two_shards(redis_url, first_ttl_s=30)

@@ -428,7 +428,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_tokens", "max_prompt_tokens", "max_session_tokens", "max_append_tokens", "max_message_bytes", "max_sessions", "memory_budget_bytes", "min_bits", "max_bits", "session_ttl_s")
+    __slots__ = ("max_tokens", "max_prompt_tokens", "max_session_tokens", "max_append_tokens", "max_message_bytes", "max_sessions", "memory_budget_bytes", "min_bits", "max_bits", "session_ttl_s", "max_tenant_sessions", "max_tenant_bytes", "max_attend_cost", "attend_slice_cost", "append_slice_cost", "checkpoint_tokens")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -439,6 +439,12 @@ class Limits(_message.Message):
     MIN_BITS_FIELD_NUMBER: _ClassVar[int]
     MAX_BITS_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENANT_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENANT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEND_COST_FIELD_NUMBER: _ClassVar[int]
+    ATTEND_SLICE_COST_FIELD_NUMBER: _ClassVar[int]
+    APPEND_SLICE_COST_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     max_prompt_tokens: int
     max_session_tokens: int
@@ -449,7 +455,13 @@ class Limits(_message.Message):
     min_bits: int
     max_bits: int
     session_ttl_s: int
-    def __init__(self, max_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_session_tokens: _Optional[int] = ..., max_append_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., min_bits: _Optional[int] = ..., max_bits: _Optional[int] = ..., session_ttl_s: _Optional[int] = ...) -> None: ...
+    max_tenant_sessions: int
+    max_tenant_bytes: int
+    max_attend_cost: int
+    attend_slice_cost: int
+    append_slice_cost: int
+    checkpoint_tokens: int
+    def __init__(self, max_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_session_tokens: _Optional[int] = ..., max_append_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., min_bits: _Optional[int] = ..., max_bits: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., max_tenant_sessions: _Optional[int] = ..., max_tenant_bytes: _Optional[int] = ..., max_attend_cost: _Optional[int] = ..., attend_slice_cost: _Optional[int] = ..., append_slice_cost: _Optional[int] = ..., checkpoint_tokens: _Optional[int] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
     __slots__ = ("model", "model_fingerprint", "model_shape", "methods", "limits", "version", "store", "auth_required", "tenant", "profiles", "default_profile")

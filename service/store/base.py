@@ -62,6 +62,12 @@ class LayerDelta:
     tail: bytes
 
 
+def written_bytes(record: SessionRecord, deltas: list[LayerDelta]) -> int:
+    """Bytes a create or commit writes: the record, its token ids (uint32) and each delta's tail and block. What a
+    store counts as a session's stored bytes, so a tenant's quota is checked before anything is written."""
+    return len(record.to_json().encode()) + 4 * len(record.token_ids) + sum(len(d.tail) + len(d.block or b"") for d in deltas)
+
+
 @dataclass
 class Lease:
     """A shard's claim on a session in a shared store: the store sets `token` (the fencing token) when it
@@ -76,13 +82,15 @@ class SessionStore(Protocol):
     kind: str
     shared: bool  # other shards may write it: shards lease the sessions they serve and fence their commits
 
-    def create(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None) -> None:
-        """Insert a new session; SessionExists if the id is taken. Shared stores lease it to the creator."""
+    def create(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None, tenant_quota: int = 0) -> None:
+        """Insert a new session; SessionExists if the id is taken. Shared stores lease it to the creator.
+        QuotaExceeded, writing nothing, if the tenant would then store more than tenant_quota bytes (0: no quota)."""
 
-    def commit(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None) -> None:
+    def commit(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None, tenant_quota: int = 0) -> None:
         """Apply the deltas and replace the record, atomically, if the stored version is record.version - 1;
         SessionConflict otherwise (another writer got there first). Shared stores also refuse (Fenced) a
-        commit whose lease token is no longer the latest they issued."""
+        commit whose lease token is no longer the latest they issued. A commit that grows the session is
+        refused (QuotaExceeded, nothing written) if the tenant would then store more than tenant_quota bytes."""
 
     # Shared stores only (shared = True): the session manager calls these, and passes leases to create/commit.
     def lease(self, session_id: str, lease: Lease) -> int | None:
@@ -113,6 +121,9 @@ class SessionStore(Protocol):
 
     def idle_since(self, before_ms: int) -> list[str]:
         """Ids of sessions last updated before this time."""
+
+    def tenant_bytes(self, tenant: str) -> int:
+        """Bytes the tenant's sessions hold, as its quota counts them."""
 
     def total_bytes(self) -> int: ...
 

@@ -30,8 +30,8 @@ from urllib.parse import parse_qs, urlencode, urlparse
 import redis
 import redis.cluster
 
-from kvshard.service.errors import Fenced, LeaseHeld, SessionConflict, SessionExists, StoreUnavailable
-from kvshard.service.store.base import LayerDelta, Lease, SessionRecord
+from kvshard.service.errors import Fenced, LeaseHeld, QuotaExceeded, SessionConflict, SessionExists, StoreUnavailable
+from kvshard.service.store.base import LayerDelta, Lease, SessionRecord, written_bytes
 from kvshard.service.store.sqlite import pack_tokens, unpack_tokens
 
 PREFIX = "kvshard:"
@@ -50,6 +50,11 @@ def _blocks_key(session_id: str, layer: int) -> str:
 
 def _tenant_key(tenant: str) -> str:
     return f"{PREFIX}tenant:{{{tenant}}}"
+
+
+def _usage_key(tenant: str) -> str:
+    """The bytes a tenant's sessions store: a counter in the tenant index's slot."""
+    return _tenant_key(tenant) + ":bytes"
 
 
 # KEYS: session, tails, lease, blocks of each changed layer. ARGV: record, token_ids, tenant, version,
@@ -105,6 +110,29 @@ _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
+"""
+
+# KEYS: session, tails, blocks of each changed layer. ARGV: per changed layer: keep_until, layer.
+# -> the bytes a commit of those deltas overwrites (record, token ids, the layers' tails and blocks from keep_until).
+_REPLACED = """
+local total = redis.call('HSTRLEN', KEYS[1], 'record') + redis.call('HSTRLEN', KEYS[1], 'token_ids')
+for i = 3, #KEYS do
+  local keep, layer = tonumber(ARGV[(i - 3) * 2 + 1]), ARGV[(i - 3) * 2 + 2]
+  total = total + redis.call('HSTRLEN', KEYS[2], layer)
+  for _, start in ipairs(redis.call('HKEYS', KEYS[i])) do
+    if tonumber(start) >= keep then total = total + redis.call('HSTRLEN', KEYS[i], start) end
+  end
+end
+return total
+"""
+
+# KEYS: a tenant's usage counter. ARGV: bytes to add, quota (0: none). -> {1, new total} or, when adding would
+# pass the quota, {0, total} and nothing added: the check and the reservation are one step.
+_RESERVE = """
+local held = tonumber(redis.call('GET', KEYS[1]) or '0')
+local grown, quota = tonumber(ARGV[1]), tonumber(ARGV[2])
+if grown > 0 and quota > 0 and held + grown > quota then return {0, held} end
+return {1, redis.call('INCRBY', KEYS[1], grown)}
 """
 
 # KEYS: tails, blocks of every layer. -> {tails as a flat hash, blocks of layer 0, ...}
@@ -180,6 +208,8 @@ class RedisStore:
         self._renew = client.register_script(_RENEW)
         self._load = client.register_script(_LOAD)
         self._size = client.register_script(_SIZE)
+        self._replaced = client.register_script(_REPLACED)
+        self._reserve = client.register_script(_RESERVE)
 
     @classmethod
     def from_url(cls, url: str) -> "RedisStore":
@@ -193,25 +223,51 @@ class RedisStore:
 
     # ---- writes -------------------------------------------------------------------------------------------
 
-    def create(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None) -> None:
+    # A tenant's stored bytes are a counter in its own slot (a Cluster cannot sum a tenant's sessions in one
+    # step): a write that grows a session first reserves its growth there, atomically against the quota, and
+    # hands it back if the session's script then refuses; a shrink or a delete is subtracted once applied. A
+    # shard killed between the two steps leaves the counter high, never low: the quota can refuse early, never
+    # let a tenant past it.
+
+    def create(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None, tenant_quota: int = 0) -> None:
         """Insert a new session; with a lease, it is leased to lease.owner under fencing token 1."""
+        grown = written_bytes(record, deltas)
+        self._reserve_bytes(record.tenant, grown, tenant_quota)
         self._redis.zadd(_tenant_key(record.tenant), {record.session_id: 0})
         if self._create(keys=self._keys_of(record, deltas), args=self._args_of(record, deltas, "1", lease)) == b"EXISTS":
+            self._reserve_bytes(record.tenant, -grown)
             raise SessionExists(record.session_id)
         if lease is not None:
             lease.token = 1
         self._after_write(record)
 
-    def commit(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None) -> None:
+    def commit(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None, tenant_quota: int = 0) -> None:
         """Apply the deltas if the stored version is record.version - 1 (SessionConflict otherwise) and, with a
         lease, if its token is still the latest issued for the session (Fenced otherwise); extends the lease."""
+        keys = self._keys_of(record, deltas)
+        replaced = self._replaced(keys=[keys[0], keys[1], *keys[3:]], args=[x for d in deltas for x in (d.keep_until, d.layer)])
+        grown = written_bytes(record, deltas) - int(replaced)
+        if grown > 0:
+            self._reserve_bytes(record.tenant, grown, tenant_quota)
         fence = "" if lease is None else str(lease.token)
-        answer = self._commit(keys=self._keys_of(record, deltas), args=self._args_of(record, deltas, fence, lease))
-        if answer == b"FENCED":
-            raise Fenced(record.session_id)
-        if answer == b"CONFLICT":
-            raise SessionConflict(record.session_id)
+        answer = self._commit(keys=keys, args=self._args_of(record, deltas, fence, lease))
+        if answer in (b"FENCED", b"CONFLICT"):
+            if grown > 0:
+                self._reserve_bytes(record.tenant, -grown)
+            raise Fenced(record.session_id) if answer == b"FENCED" else SessionConflict(record.session_id)
+        if grown < 0:
+            self._reserve_bytes(record.tenant, grown)
         self._after_write(record)
+
+    def _reserve_bytes(self, tenant: str, grown: int, quota: int = 0) -> None:
+        """Add grown (negative: hand back) to the tenant's stored bytes; QuotaExceeded, adding nothing, if it
+        would pass the quota."""
+        added, held = self._reserve(keys=[_usage_key(tenant)], args=[grown, quota])
+        if not added:
+            raise QuotaExceeded(tenant, int(held), grown, quota)
+
+    def tenant_bytes(self, tenant: str) -> int:
+        return int(self._redis.get(_usage_key(tenant)) or 0)
 
     @staticmethod
     def _keys_of(record: SessionRecord, deltas: list[LayerDelta]) -> list[str]:
@@ -282,14 +338,16 @@ class RedisStore:
         return [(tails[str(n).encode()], sorted((int(start), data) for start, data in blocks[n].items())) for n in range(layers)]
 
     def delete(self, session_id: str) -> bool:
-        record, tenant = self._redis.hmget(_keys(session_id)[0], "record", "tenant")
+        record, tenant, token_ids = self._redis.hmget(_keys(session_id)[0], "record", "tenant", "token_ids")
         if record is None:
             return False
+        size = self._stored_bytes(session_id, _layers(record), record, token_ids)
         # One slot: a single DEL is atomic on Redis and on a Cluster. A shard still holding a lease is then
         # fenced (the token counter went with the session).
         self._redis.delete(*_keys(session_id), *(_blocks_key(session_id, n) for n in range(_layers(record))))
         self._redis.zrem(_tenant_key(tenant.decode()), session_id)
         self._redis.zrem(_UPDATED, session_id)
+        self._reserve_bytes(tenant.decode(), -size)
         return True
 
     def page(self, tenant: str, after: str, limit: int) -> list[SessionRecord]:

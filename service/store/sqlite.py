@@ -10,8 +10,8 @@ import sqlite3
 import threading
 from array import array
 
-from kvshard.service.errors import SessionConflict, SessionExists
-from kvshard.service.store.base import LayerDelta, Lease, SessionRecord
+from kvshard.service.errors import QuotaExceeded, SessionConflict, SessionExists
+from kvshard.service.store.base import LayerDelta, Lease, SessionRecord, written_bytes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -43,6 +43,13 @@ _BYTES_OF = """
 SELECT (SELECT COALESCE(SUM(LENGTH(data)), 0) FROM blocks WHERE session_id = :id)
      + (SELECT COALESCE(SUM(LENGTH(data)), 0) FROM tails WHERE session_id = :id)
      + (SELECT LENGTH(record) + LENGTH(token_ids) FROM sessions WHERE session_id = :id)
+"""
+
+# The same sum over a tenant's sessions (LENGTH of a blob reads its size, not its pages).
+_TENANT_BYTES = """
+SELECT (SELECT COALESCE(SUM(LENGTH(b.data)), 0) FROM blocks b JOIN sessions s USING (session_id) WHERE s.tenant = :tenant)
+     + (SELECT COALESCE(SUM(LENGTH(t.data)), 0) FROM tails t JOIN sessions s USING (session_id) WHERE s.tenant = :tenant)
+     + (SELECT COALESCE(SUM(LENGTH(record) + LENGTH(token_ids)), 0) FROM sessions WHERE tenant = :tenant)
 """
 
 
@@ -77,20 +84,22 @@ class SQLiteStore:
             raise ValueError(f"store: expected sqlite:///path, got {url!r}")
         return cls(path)
 
-    def create(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None) -> None:
+    def create(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None, tenant_quota: int = 0) -> None:
         # One shard per file: no leases to grant or check.
         with self._lock, self._transaction():
-            try:
-                self._db.execute(
-                    "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
-                    (record.session_id, record.tenant, record.to_json(), pack_tokens(record.token_ids), record.updated_at_ms, record.version),
-                )
-            except sqlite3.IntegrityError:
-                raise SessionExists(record.session_id) from None
+            if self._db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (record.session_id,)).fetchone():
+                raise SessionExists(record.session_id)
+            self._check_quota(record, written_bytes(record, deltas), tenant_quota)
+            self._db.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
+                (record.session_id, record.tenant, record.to_json(), pack_tokens(record.token_ids), record.updated_at_ms, record.version),
+            )
             self._write_layers(record.session_id, deltas)
 
-    def commit(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None) -> None:
+    def commit(self, record: SessionRecord, deltas: list[LayerDelta], lease: Lease | None = None, tenant_quota: int = 0) -> None:
         with self._lock, self._transaction():
+            if tenant_quota:
+                self._check_quota(record, written_bytes(record, deltas) - self._replaced_bytes(record.session_id, deltas), tenant_quota)
             updated = self._db.execute(
                 "UPDATE sessions SET record = ?, token_ids = ?, updated_at_ms = ?, version = ? WHERE session_id = ? AND version = ?",
                 (record.to_json(), pack_tokens(record.token_ids), record.updated_at_ms, record.version, record.session_id, record.version - 1),
@@ -98,6 +107,30 @@ class SQLiteStore:
             if updated.rowcount != 1:
                 raise SessionConflict(record.session_id)
             self._write_layers(record.session_id, deltas)
+
+    def _replaced_bytes(self, session_id: str, deltas: list[LayerDelta]) -> int:
+        """Stored bytes a commit of these deltas overwrites: the record, and per layer its tail and the blocks
+        from keep_until on."""
+        total = self._db.execute("SELECT COALESCE(SUM(LENGTH(record) + LENGTH(token_ids)), 0) FROM sessions WHERE session_id = ?", (session_id,)).fetchone()[0]
+        for delta in deltas:
+            total += self._db.execute(
+                "SELECT (SELECT COALESCE(SUM(LENGTH(data)), 0) FROM tails WHERE session_id = :id AND layer = :layer)"
+                " + (SELECT COALESCE(SUM(LENGTH(data)), 0) FROM blocks WHERE session_id = :id AND layer = :layer AND start >= :keep)",
+                {"id": session_id, "layer": delta.layer, "keep": delta.keep_until},
+            ).fetchone()[0]
+        return total
+
+    def _check_quota(self, record: SessionRecord, grown: int, quota: int) -> None:
+        """(in the write transaction, before any write) QuotaExceeded if the change grows the session and would
+        leave its tenant storing more than the quota. Shrinking is always allowed."""
+        if quota and grown > 0:
+            held = self._db.execute(_TENANT_BYTES, {"tenant": record.tenant}).fetchone()[0]
+            if held + grown > quota:
+                raise QuotaExceeded(record.tenant, held, grown, quota)
+
+    def tenant_bytes(self, tenant: str) -> int:
+        with self._lock:
+            return self._db.execute(_TENANT_BYTES, {"tenant": tenant}).fetchone()[0]
 
     def version(self, session_id: str) -> int | None:
         with self._lock:
