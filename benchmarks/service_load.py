@@ -6,7 +6,8 @@ Trim, ListSessions, ServerInfo, an expensive Attend inside --max-attend-cost (ab
 one over it on one of 8 long sessions (8K tokens per layer; deliberately refused: RESOURCE_EXHAUSTED naming
 max_attend_cost). Every other non-OK answer is an error, except RESOURCE_EXHAUSTED memory_budget_bytes,
 which is also counted apart (the budget is a limit too).
-The shard's RSS (/proc) and hot-session bytes (its /metrics) are sampled every 0.25 s.
+The shard's RSS (/proc), hot-session bytes and MLX's live and cached bytes (its /metrics) are sampled every
+0.25 s; RSS growth is counted from the idle process (started, no session), which --memory-budget does not cover.
 
     python benchmarks/service_load.py [--seconds 60] [--out benchmarks/results]
 writes service_load_cpu.json: calls, codes and p50/p99 latency (ms) per RPC, errors, RSS and hot bytes.
@@ -118,9 +119,14 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def hot_bytes(metrics_port: int) -> float:
+GAUGES = {"hot": "kvshard_hot_session_bytes", "mlx_active": "kvshard_mlx_active_bytes", "mlx_cache": "kvshard_mlx_cache_bytes"}
+
+
+def gauges(metrics_port: int) -> dict[str, float]:
+    """The shard's memory gauges (its /metrics): hot-session bytes, MLX arrays alive, MLX's buffer cache."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("kvshard_hot_session_bytes "))
+    values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("kvshard_")}
+    return {key: values[name] for key, name in GAUGES.items()}
 
 
 def main() -> None:
@@ -133,6 +139,8 @@ def main() -> None:
     shard = ShardProcess(tmp, "--model", "none", "--memory-budget", str(BUDGET), "--metrics-port", str(metrics_port), "--log-format", "json").start()
     try:
         stub = pb_grpc.KVShardStub(grpc.insecure_channel(shard.target))
+        stub.ServerInfo(pb.ServerInfoRequest(), timeout=60)
+        idle_rss = rss_bytes(shard.proc.pid)  # the idle process: started, one call served, no session yet
         rng = np.random.default_rng(0)
         sessions = []
         for _ in range(SESSIONS):
@@ -151,17 +159,18 @@ def main() -> None:
                     kv = tensor(rng, HEADS, 2048, DIM)
                     stub.Append(pb.AppendRequest(session_id=sid, layer=layer, keys=kv, values=kv))
             long_sessions.append(sid)
-        idle_rss = rss_bytes(shard.proc.pid)
+        setup_rss = rss_bytes(shard.proc.pid)
         over_limit = from_numpy(rng.standard_normal((HEADS * 32, 100, DIM)).astype(np.float16), pb.FLOAT16)
         load = Load(shard.target, sessions, long_sessions, args.seconds, over_limit)
-        samples = {"rss": [], "hot": []}
+        samples = {"rss": [], **{key: [] for key in GAUGES}}
         done = threading.Event()
 
         def sample():
             while not done.is_set():
                 samples["rss"].append(rss_bytes(shard.proc.pid))
                 try:
-                    samples["hot"].append(hot_bytes(metrics_port))
+                    for key, value in gauges(metrics_port).items():
+                        samples[key].append(value)
                 except OSError:  # a scrape can time out under this load; RSS is still sampled
                     samples["scrape_timeouts"] = samples.get("scrape_timeouts", 0) + 1
                 time.sleep(0.25)
@@ -201,10 +210,14 @@ def main() -> None:
             "long_sessions": {"count": LONG_SESSIONS, "tokens_per_layer": LONG_TOKENS},
             "calls_per_second": round(sum(len(v) for v in load.latencies.values()) / wall, 1),
             "rss_idle_bytes": idle_rss,
+            "rss_after_setup_bytes": setup_rss,
             "rss_peak_bytes": max(samples["rss"]),
             "rss_peak_over_idle_bytes": max(samples["rss"]) - idle_rss,
+            "rss_growth_over_idle_under_budget": max(samples["rss"]) - idle_rss <= BUDGET,
             "hot_session_bytes_peak": max(samples["hot"]),
             "hot_session_bytes_under_budget": max(samples["hot"]) <= BUDGET,
+            "mlx_active_bytes_peak": max(samples["mlx_active"]),
+            "mlx_cache_bytes_peak": max(samples["mlx_cache"]),
             "metrics_scrape_timeouts": samples.get("scrape_timeouts", 0),
             "shard_alive": shard.proc.poll() is None,
         }

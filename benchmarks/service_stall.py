@@ -1,22 +1,26 @@
-"""How long one expensive call stalls another session's small Attend, with Attend slicing off vs on, in one run.
+"""How long one expensive call stalls another session's small Attend, before vs after turn-taking, in one run.
 
-Two `kvshard serve --model none` shards run side by side: `unsliced` (--attend-slice-cost 2^40: an Attend is
-one turn on the MLX thread, as before issue 11) and `sliced` (the default 2^18). Rounds alternate between
-them. In each round a client sends an expensive Attend like the issue's, queries (64, 4096, 2) FLOAT16 over
-256 tokens of one kv head (cost 2^26, the default --max-attend-cost), while another client sends small
-Attends (3 x 1 x 64 queries over 256 tokens of another session) back to back; we record the small calls'
-latencies while the big one runs. Also an 8 MiB Append (4096 tokens x 4 heads x 128, fp16; not sliced: an
-append is one encode) as the expensive call, for the record.
+Two `kvshard serve --model smollm2-135m` shards run side by side: `before` runs the code of a base revision
+(default 8cb9575, where an Append was one encode turn on the MLX thread and a Calibrate one turn for its whole
+run) from a `git archive` of it, `after` runs this tree (an Append encodes in turns of --append-slice-cost,
+a Calibrate takes one turn per forward pass). Rounds alternate between them. In each round one client sends
+an expensive call while another sends small Attends (3 x 1 x 64 queries over 256 tokens of another session)
+back to back; we record the small calls' latencies while the expensive one runs. The expensive calls:
 
-    python benchmarks/service_stall.py [--rounds 3] [--out benchmarks/results]
+- append: 4096 tokens x 4 kv heads x 128, fp16 keys and values (8 MiB), then a Trim back;
+- calibrate: a RateQuant Calibrate (mode kl, the library's default prompts) of the served model;
+- attend: queries (64, 4096, 2) fp16 over 256 tokens of one kv head (cost 2^26; sliced on both shards).
+
+    python benchmarks/service_stall.py [--rounds 3] [--calibrate-rounds 1] [--base 8cb9575] [--out benchmarks/results]
 writes service_stall_cpu.json: per shard and expensive call, the median and max small-Attend latency (ms)
-during it, and the expensive call's own duration (medians over rounds).
+during it, and the expensive call's own duration (medians over rounds), with the load average.
 """
 
 import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,16 +30,45 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import ShardProcess  # noqa: E402 (the tests' helper: a shard as a real process)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import ShardProcess, child_env  # noqa: E402 (the tests' helper: a shard as a real process)
 
 from bench import device_info  # noqa: E402 (benchmarks/bench.py, beside this script)
 from kvshard.wire import kvshard_pb2 as pb  # noqa: E402
 from kvshard.wire import kvshard_pb2_grpc as pb_grpc  # noqa: E402
 from kvshard.wire.tensors import from_numpy  # noqa: E402
 
-SHARDS = {"unsliced": 1 << 40, "sliced": 1 << 18}
 CHANNEL = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+PACKAGES = ("quant", "service", "wire", "client")  # kvshard.<name> lives in <name>/ (pyproject's package-dir)
+
+
+class RevisionShard(ShardProcess):
+    """A shard running the code of another revision: its tree is unpacked under `tree` and imported through
+    a kvshard/ namespace folder of symlinks put first on PYTHONPATH (ahead of this checkout's editable install)."""
+
+    def __init__(self, tmp_path, tree: Path, *args):
+        super().__init__(tmp_path, *args)
+        self.path = tmp_path / "pythonpath"
+        (self.path / "kvshard").mkdir(parents=True)
+        for name in PACKAGES:
+            (self.path / "kvshard" / name).symlink_to(tree / name)
+
+    def start(self, wait: bool = True, timeout: float = 300):
+        command = [sys.executable, "-m", "kvshard.service.cli", "serve", "--port", str(self.port), "--store", self.store, *self.args]
+        env = child_env() | {"PYTHONPATH": str(self.path)}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=log, env=env)
+        if wait:
+            self.wait_serving(timeout)
+        return self
+
+
+def unpack(revision: str, into: Path) -> Path:
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, *PACKAGES], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def raw_session(stub, heads, dim, tokens, rng):
@@ -73,32 +106,47 @@ def small_latencies_during(stub, small_sid, expensive) -> tuple[list[float], flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calibrate-rounds", type=int, default=1, help="a Calibrate of the whole model takes minutes here")
+    parser.add_argument("--base", default="8cb9575", help="the revision the `before` shard runs")
+    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp(prefix="kvshard-stall-"))
-    shards = {name: ShardProcess(tmp, "--model", "none", "--attend-slice-cost", str(cost)).start() for name, cost in SHARDS.items()}
+    (tmp / "before").mkdir()
+    (tmp / "after").mkdir()
+    shards = {
+        "before": RevisionShard(tmp / "before", unpack(args.base, tmp / "base-tree"), "--model", args.model),
+        "after": ShardProcess(tmp / "after", "--model", args.model),
+    }
     try:
+        for shard in shards.values():
+            shard.start(wait=False)
         setups = {}
         for name, shard in shards.items():
+            shard.wait_serving(600)
             stub = pb_grpc.KVShardStub(grpc.insecure_channel(shard.target, options=CHANNEL))
             big_sid = raw_session(stub, 1, 2, 256, rng)
-            append_sid = raw_session(stub, 4, 128, 1, rng)
+            append_sid = raw_session(stub, 4, 128, 16, rng)
             setups[name] = (stub, big_sid, append_sid, raw_session(stub, 3, 64, 256, rng))
         big_queries = from_numpy(rng.standard_normal((64, 4096, 2)).astype(np.float16), pb.FLOAT16)
         big_kv = [from_numpy(rng.standard_normal((4, 4096, 128)).astype(np.float16), pb.FLOAT16) for _ in range(2)]
-        samples = {name: {"attend": [], "append": []} for name in shards}
+        samples = {name: {"append": [], "calibrate": [], "attend": []} for name in shards}
+        load = [os.getloadavg()[0]]
         for _ in range(args.rounds):
             for name, (stub, big_sid, append_sid, small_sid) in setups.items():
                 calls = {
-                    "attend": lambda: stub.Attend(pb.AttendRequest(session_id=big_sid, queries=big_queries)),
                     "append": lambda: (
                         stub.Append(pb.AppendRequest(session_id=append_sid, keys=big_kv[0], values=big_kv[1])),
                         stub.Trim(pb.TrimRequest(session_id=append_sid, n=4096)),
                     ),
+                    "calibrate": lambda: stub.Calibrate(pb.CalibrateRequest(mode="kl", target_avg_bits=4), timeout=1800),
+                    "attend": lambda: stub.Attend(pb.AttendRequest(session_id=big_sid, queries=big_queries)),
                 }
                 for call, expensive in calls.items():
-                    samples[name][call].append(small_latencies_during(stub, small_sid, expensive))
+                    if call != "calibrate" or len(samples[name][call]) < args.calibrate_rounds:
+                        samples[name][call].append(small_latencies_during(stub, small_sid, expensive))
+                load.append(os.getloadavg()[0])
         results = {}
         for name, calls in samples.items():
             results[name] = {
@@ -110,22 +158,29 @@ def main() -> None:
                 }
                 for call, rounds in calls.items()
             }
+        worst = {call: results["before"][call]["small_attend_max_ms"] / results["after"][call]["small_attend_max_ms"] for call in samples["after"]}
         report = {
             "what": __doc__.splitlines()[0],
             "machine": device_info(),
+            "load_average_1min": {"median": statistics.median(load), "min": min(load), "max": max(load)},
             "rounds": args.rounds,
-            "attend_slice_cost": SHARDS,
-            "expensive_attend": "queries (64, 4096, 2) fp16 over 256 tokens, 1 kv head: cost 2^26",
+            "calibrate_rounds": args.calibrate_rounds,
+            "before": f"revision {args.base}",
+            "after": "this tree (--append-slice-cost 2^18, Calibrate one turn per forward pass)",
             "expensive_append": "4096 tokens x 4 kv heads x 128 fp16 keys and values (8 MiB), then a Trim back",
+            "expensive_calibrate": f"Calibrate mode kl on {args.model}, the default prompts",
+            "expensive_attend": "queries (64, 4096, 2) fp16 over 256 tokens, 1 kv head: cost 2^26",
+            "worst_wait_before_over_after": worst,
             "results": results,
         }
         os.makedirs(args.out, exist_ok=True)
         path = Path(args.out) / "service_stall_cpu.json"
         path.write_text(json.dumps(report, indent=2) + "\n")
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"worst_wait_before_over_after": worst, "results": results}, indent=2))
     finally:
         for shard in shards.values():
-            shard.stop()
+            if shard.proc is not None:
+                shard.stop()
 
 
 if __name__ == "__main__":

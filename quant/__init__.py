@@ -44,6 +44,7 @@ def __getattr__(name):
         return calibrate_key_scales
     if name in (
         "calibrate_layer_sensitivities",
+        "sensitivity_steps",
         "allocate_bits_ratequant",
         "allocate_kv_bits_ratequant",
         "fit_distortion_curve",

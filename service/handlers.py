@@ -221,7 +221,7 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         if request.profile:
             return await self._calibrate_profile(model, request)
         plan = calibration.check_request(request, self.limits, METHODS)
-        result = await self.manager.mlx.run(calibration.calibrate, model, plan)
+        result = await calibration.run_in_turns(self.manager.mlx, calibration.calibration_steps(model, plan))
         response = pb.CalibrateResponse(
             sensitivities=result.sensitivities, key_bits=result.key_bits, average_bits=result.average_bits, beta=result.beta
         )

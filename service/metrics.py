@@ -1,5 +1,6 @@
 """Prometheus metrics of a shard, served on --metrics-port."""
 
+import mlx.core as mx
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from kvshard.quant.observers import DistortionObserver, KeyNormObserver, LatencyObserver
@@ -18,6 +19,10 @@ HOT_SESSIONS = Gauge("kvshard_hot_sessions", "Sessions held in memory")
 HOT_BYTES = Gauge("kvshard_hot_session_bytes", "Bytes the caches of hot sessions hold")
 STORED_BYTES = Gauge("kvshard_stored_bytes", "Bytes in the session store")
 STORED_SESSIONS = Gauge("kvshard_stored_sessions", "Sessions in the session store")
+# What the process holds beyond its idle size: MLX arrays alive (hot sessions, the model, calls in flight) and
+# freed MLX buffers kept for reuse (MLX's cache); --memory-budget bounds only the hot sessions' share.
+MLX_ACTIVE_BYTES = Gauge("kvshard_mlx_active_bytes", "Bytes of MLX arrays alive")
+MLX_CACHE_BYTES = Gauge("kvshard_mlx_cache_bytes", "Bytes of freed MLX buffers kept for reuse")
 _SECONDS = (1e-4, 5e-4, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 CACHE_SECONDS = Histogram("kvshard_cache_seconds", "Seconds of a cache's encode or attention call (--observe-caches)",
                           ["event"], buckets=_SECONDS)
@@ -49,4 +54,6 @@ def serve_metrics(port: int, host: str, manager) -> None:
     HOT_BYTES.set_function(manager.hot_bytes)
     STORED_BYTES.set_function(manager.store.total_bytes)
     STORED_SESSIONS.set_function(manager.store.count)
+    MLX_ACTIVE_BYTES.set_function(mx.get_active_memory)
+    MLX_CACHE_BYTES.set_function(mx.get_cache_memory)
     start_http_server(port, addr=host)

@@ -1,4 +1,5 @@
-"""The shard against an attacker and a careless client, over real sockets (raw sessions, no model: fast).
+"""The shard against an attacker and a careless client, over real sockets (raw sessions on a model-less shard,
+but for one test of Calibrate taking turns on a model shard).
 
 Each test reproduces one finding of issue 11 and fails without its fix: an Attend that would kill the shard,
 cancelled calls half-applied, undecodable bodies answering UNKNOWN, racing creates past --max-sessions,
@@ -164,6 +165,40 @@ def test_a_large_append_takes_turns_yet_commits_once_all_or_nothing(shard, stub)
     assert (after.offset, after.version) == (1500, 2) and stored_rows(shard.store.removeprefix("sqlite:///"), sid) == stored
     again = to_numpy(stub.Attend(pb.AttendRequest(session_id=sid, queries=tensor(queries))).output, "output")
     np.testing.assert_array_equal(again, output)
+
+
+def test_other_sessions_take_turns_with_a_calibrate(tmp_path):
+    """A Calibrate runs one forward pass per turn on the MLX thread (the reference, then one per probed
+    layer): another session's small Attends keep completing while it runs, instead of waiting for its end."""
+    server = ShardProcess(tmp_path).start(timeout=600)
+    try:
+        channel = grpc.insecure_channel(server.target)
+        stub = pb_grpc.KVShardStub(channel)
+        sid = raw_session(stub, heads=2, dim=16)
+        kv = np.random.default_rng(5).standard_normal((2, 64, 16)).astype(np.float32)
+        append(stub, sid, kv, kv)
+        query = pb.AttendRequest(session_id=sid, queries=tensor(kv[:, :1]))
+        done, completed = threading.Event(), []
+
+        def small_attends():
+            while not done.is_set():
+                stub.Attend(query, timeout=600)
+                completed.append(time.monotonic())
+
+        worker = threading.Thread(target=small_attends)
+        worker.start()
+        request = pb.CalibrateRequest(mode="kl", prompts=["The cat sat on the mat.", "A dog ran in the park."], target_avg_bits=4)
+        started = time.monotonic()
+        response = stub.Calibrate(request, timeout=600)
+        ended = time.monotonic()
+        done.set()
+        worker.join()
+        channel.close()
+        layers = len(response.sensitivities)
+        during = [t for t in completed if started < t < ended]
+        assert layers == 30 and len(during) >= layers // 3, (len(during), ended - started)
+    finally:
+        server.stop()
 
 
 # ---- C: exactly-once, all-or-nothing -------------------------------------------------------------------------

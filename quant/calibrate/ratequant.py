@@ -230,7 +230,26 @@ def _probe_config(method: str, probe_bits: int, target: str, seed: int):
     return KVCacheConfig(method=exact_method, key_bits=exact_bits, value_method=method, value_bits=probe_bits, seed=seed)
 
 
-def calibrate_layer_sensitivities(
+def calibrate_layer_sensitivities(model, tokenizer, prompts=None, **options) -> list[float]:
+    """One sensitivity w_i per attention layer (the layers whose mlx_lm cache is a plain KVCache), in order.
+    Options (method, probe_bits, target, mode, progress, seed, max_tokens) as `sensitivity_steps`.
+
+    mode="kl" (default) measures it: for each attention layer alone, its keys (target="keys") or values
+    (target="values") are stored as `method` codes at `probe_bits` — every other layer keeps mlx_lm's fp16
+    KVCache and the other side of the probed layer is held at 8 bits — and w_i is the mean KL divergence
+    from the fp16 model's next-token distribution to the probed one, over every position of the prompts.
+    Only ratios between the w_i matter to the allocation. mode="key_norm" is the seed's cheap proxy, the
+    mean squared key norm of each layer in one fp16 pass.
+    """
+    steps = sensitivity_steps(model, tokenizer, prompts, **options)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def sensitivity_steps(
     model,
     tokenizer,
     prompts=None,
@@ -241,16 +260,9 @@ def calibrate_layer_sensitivities(
     progress: bool = True,
     seed: int = 42,
     max_tokens: int = 48,
-) -> list[float]:
-    """One sensitivity w_i per attention layer (the layers whose mlx_lm cache is a plain KVCache), in order.
-
-    mode="kl" (default) measures it: for each attention layer alone, its keys (target="keys") or values
-    (target="values") are stored as `method` codes at `probe_bits` — every other layer keeps mlx_lm's fp16
-    KVCache and the other side of the probed layer is held at 8 bits — and w_i is the mean KL divergence
-    from the fp16 model's next-token distribution to the probed one, over every position of the prompts.
-    Only ratios between the w_i matter to the allocation. mode="key_norm" is the seed's cheap proxy, the
-    mean squared key norm of each layer in one fp16 pass.
-    """
+):
+    """calibrate_layer_sensitivities as a generator that yields after each forward pass (the fp16 reference,
+    then one per probed layer) and returns the sensitivities: a server runs each step as its own turn."""
     from mlx_lm.models.cache import make_prompt_cache
 
     from ..builder import install_attention_hook
@@ -269,6 +281,8 @@ def calibrate_layer_sensitivities(
 
     reference_caches = make_prompt_cache(model)
     reference = _log_probs(model, tokens, reference_caches)
+    mx.eval(reference)
+    yield
     if mode == "key_norm":
         norms = []
         for i in layers:
@@ -287,4 +301,5 @@ def calibrate_layer_sensitivities(
         kl = (reference_probs * (reference - probed)).sum(axis=-1).mean()
         # KL ≥ 0; the floor keeps a layer that quantization leaves untouched a valid (positive) weight.
         sensitivities.append(max(float(kl.item()), 1e-12))
+        yield
     return sensitivities
