@@ -209,6 +209,7 @@ def main() -> None:
             "memory_budget_refusals": load.budget_refusals,
             "long_sessions": {"count": LONG_SESSIONS, "tokens_per_layer": LONG_TOKENS},
             "calls_per_second": round(sum(len(v) for v in load.latencies.values()) / wall, 1),
+            "load_average_1min_at_end": os.getloadavg()[0],
             "rss_idle_bytes": idle_rss,
             "rss_after_setup_bytes": setup_rss,
             "rss_peak_bytes": max(samples["rss"]),
