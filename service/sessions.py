@@ -560,7 +560,12 @@ class SessionManager:
         """Append (checked by check_append) in slices of at most append_slice_cost elements (heads x tokens x
         head_dim), each its own turn on the MLX thread, so a large Append cannot hold the thread while other
         sessions wait; then one commit. All or nothing as `mutate`: a slice that fails drops the hot copy and
-        nothing was committed. Codes are per token, so the slices encode exactly what one call would."""
+        nothing was committed. Codes are per token once a cache has estimated its key mean, so the slices encode
+        exactly what one call would; until then (a fresh cache's first Append) the call is one turn, since the
+        mean comes from all the tokens its first call brings."""
+        cache = session.caches[layer]
+        if cache.center_keys and cache.key_mean is None:
+            return await self.mutate(session, session.append, layer, keys, values)
         step = max(1, self.limits.append_slice_cost // (keys.shape[-3] * keys.shape[-1]))
 
         async def in_slices() -> int:

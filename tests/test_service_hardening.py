@@ -52,7 +52,9 @@ def stub(shard):
 @pytest.fixture(scope="module")
 def auth_shard(module_tmp):
     tokens = [f"--auth-token={PADDED_TOKEN}", f"--auth-token={ALICE_TOKEN}=alice", f"--auth-token={BOB_TOKEN}=bob"]
-    server = ShardProcess(module_tmp, "--model", "none", "--max-tenant-sessions", str(TENANT_QUOTA), *tokens).start()
+    own = module_tmp / "auth"  # its own store: the `shard` fixture's sessions are tenant default too
+    own.mkdir()
+    server = ShardProcess(own, "--model", "none", "--max-tenant-sessions", str(TENANT_QUOTA), *tokens).start()
     yield server
     assert server.stop() == 0, server.log()
 
@@ -142,18 +144,20 @@ def test_a_sliced_attend_equals_the_whole_one(stub):
 
 
 def test_a_large_append_takes_turns_yet_commits_once_all_or_nothing(shard, stub):
-    """An Append over --append-slice-cost (2^18 key elements) encodes in several turns on the MLX thread: the
-    codes are those of the same slices appended one by one, it commits once, and a slice that fails (NaN in
-    the last one) leaves the session exactly as it was."""
+    """An Append over --append-slice-cost (2^18 key elements) encodes in several turns on the MLX thread once
+    the cache has its key mean: the codes are exactly those of one call, it commits once, and a slice that
+    fails (NaN in the last one) leaves the session exactly as it was."""
     rng = np.random.default_rng(2)
     sid = raw_session(stub, heads=4, dim=128)
     local = CompressedKVCache(head_dim=128, n_kv_heads=4, seed=42, **CONFIG)
+    first = rng.standard_normal((4, 16, 128)).astype(np.float32)  # a fresh cache's first call sets its key mean
+    append(stub, sid, first, first)
+    local.append(mx.array(first), mx.array(first))
     k, v = (rng.standard_normal((4, 1500, 128)).astype(np.float32) for _ in range(2))  # 3 slices of 512 tokens
-    assert append(stub, sid, k, v).offset == 1500
-    for start in range(0, 1500, 512):
-        local.append(mx.array(k[:, start : start + 512]), mx.array(v[:, start : start + 512]))
+    assert append(stub, sid, k, v).offset == 1516
+    local.append(mx.array(k), mx.array(v))
     info = stub.GetSession(pb.GetSessionRequest(session_id=sid))
-    assert info.version == 2 and info.committed_offset == 1500  # create, then one commit
+    assert info.version == 3 and info.committed_offset == 1516  # create, first append, then one commit
     queries = rng.standard_normal((4, 1, 128)).astype(np.float32)
     output = to_numpy(stub.Attend(pb.AttendRequest(session_id=sid, queries=tensor(queries))).output, "output")
     np.testing.assert_array_equal(output, np.array(local.attend(mx.array(queries)).astype(mx.float32)))
@@ -162,7 +166,7 @@ def test_a_large_append_takes_turns_yet_commits_once_all_or_nothing(shard, stub)
     code, details = status_of(lambda: append(stub, sid, k, v))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in details
     after = stub.GetSession(pb.GetSessionRequest(session_id=sid))
-    assert (after.offset, after.version) == (1500, 2) and stored_rows(shard.store.removeprefix("sqlite:///"), sid) == stored
+    assert (after.offset, after.version) == (1516, 3) and stored_rows(shard.store.removeprefix("sqlite:///"), sid) == stored
     again = to_numpy(stub.Attend(pb.AttendRequest(session_id=sid, queries=tensor(queries))).output, "output")
     np.testing.assert_array_equal(again, output)
 
