@@ -13,6 +13,7 @@ in one kernel call with per-row lengths; otherwise each row goes through its cac
 
 import mlx.core as mx
 
+from . import kernels
 from .attention import CodeSegment
 from .kernels import dispatch, gpu
 
@@ -29,12 +30,35 @@ class BatchCacheView:
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         if keys.shape[0] != len(self.caches):
             raise ValueError(f"keys: batch of {keys.shape[0]} rows for a view of {len(self.caches)} caches")
+        if self._encode_together(keys, values):
+            self.offset = self.offset + keys.shape[2]
+            return keys, values
         for row, cache in enumerate(self.caches):
             fetched = cache.update_and_fetch(keys[row : row + 1], values[row : row + 1])
             if not callable(getattr(cache, "attention", None)):
                 self._fetched[row] = fetched
         self.offset = self.offset + keys.shape[2]
         return keys, values  # attention reads each row's own cache, never these
+
+    def _encode_together(self, keys: mx.array, values: mx.array) -> bool:
+        """Where every row's cache codes alike and would put the tokens straight into its codes (no fp16 sinks or
+        window waiting, the key mean known, no observers), encode all rows in one call and hand each cache its
+        row's codes: one encode per layer instead of one per session. The codes are those each cache would make."""
+        first = self.caches[0]
+        if len(self.caches) == 1 or not all(_same_codes(c, first) for c in self.caches):
+            return False
+        for cache in self.caches:
+            cache._settle()  # a token an earlier step left for its fused append kernel goes in first
+        if not all(_codes_directly(c) for c in self.caches):
+            return False
+        keys, values = keys.astype(mx.float16), values.astype(mx.float16)
+        if first.key_mean is not None:
+            keys = keys - mx.concatenate([cache.key_mean for cache in self.caches], axis=0)
+        new_k, new_v = kernels.encode_pair(first.key_quantizer, keys, first.value_quantizer, values)
+        for row, cache in enumerate(self.caches):
+            cache.offset += keys.shape[2]
+            cache.put_codes({n: a[row : row + 1] for n, a in new_k.items()}, {n: a[row : row + 1] for n, a in new_v.items()})
+        return True
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
         """Rows differ in length, so a mask over all of them would pad; each row's attention masks itself.
@@ -47,6 +71,9 @@ class BatchCacheView:
         """Attention of (B, Hq, L, D) queries, row b over the tokens of cache b only."""
         if mask is not None and not isinstance(mask, str):
             raise ValueError("mask: a batch view takes None or 'causal'; each row's cache masks its own tokens")
+        for cache, fetched in zip(self.caches, self._fetched, strict=True):
+            if fetched is None:
+                cache.read_by_hook = True  # as the hook marks a cache it attends from: no K/V built for nobody
         fused = self._fused_attention(queries, scale) if mask is None else None
         if fused is not None:
             return fused
@@ -62,16 +89,13 @@ class BatchCacheView:
 
     def _fused_attention(self, queries: mx.array, scale: float) -> mx.array | None:
         """One GPU kernel call for all rows (the per-row-length kernels), or None where it does not apply:
-        each cache must hold only codes (no fp16 sinks or window), with the very same quantizers."""
+        each cache must hold only codes (no fp16 sinks or window), coded the same way."""
         first = self.caches[0]
-        key_method = getattr(first, "key_quantizer", None)
-        value_method = getattr(first, "value_quantizer", None)
-        if key_method is None or len(self.caches) == 1:
+        if len(self.caches) == 1 or not all(_same_codes(cache, first) for cache in self.caches):
             return None
+        key_method, value_method = first.key_quantizer, first.value_quantizer
         segments = []
         for cache in self.caches:
-            if getattr(cache, "key_quantizer", None) is not key_method or cache.value_quantizer is not value_method:
-                return None
             parts = cache.segments(exact=False)
             if len(parts) != 1 or not parts[0].is_codes:
                 return None
@@ -84,6 +108,22 @@ class BatchCacheView:
         stacked = stack_segments(segments)
         lengths = mx.array([s.length for s in segments], dtype=mx.int32)
         return gpu.attention(queries, stacked, key_method, value_method, scale, kernel, lengths=lengths)[0]
+
+
+def _same_codes(cache, first) -> bool:
+    """Whether the cache codes exactly as `first` does (so `first`'s quantizers read its codes): the same
+    configuration, seeds included, and the same calibrated plans and key scales."""
+    if getattr(cache, "key_quantizer", None) is None or getattr(first, "key_quantizer", None) is None:
+        return False
+    if cache is first:
+        return True
+    return (cache.config == first.config and cache.key_plan is first.key_plan and cache.value_plan is first.value_plan
+            and cache.key_scale is first.key_scale)
+
+
+def _codes_directly(cache) -> bool:
+    """Whether the cache's next tokens go straight into its codes (CompressedKVCache's decode-step path)."""
+    return cache._codes_direct() and cache.n_encoded > 0 and cache._key_rope is None and not cache.observers
 
 
 def stack_segments(segments: list) -> CodeSegment:

@@ -162,8 +162,11 @@ def decode_batch(decoders: list[Decoder]) -> list:
             views = batch_views([decoder.session.caches for decoder in decoders])
             logits = model(mx.array(pending), cache=views)[:, -1, :]
             mx.eval(logits)
-            tokens = [decoder._sample(logits[row : row + 1]) for row, decoder in enumerate(decoders)]
+            greedy = mx.argmax(logits, axis=-1).tolist()  # one evaluation for every greedy row
+            tokens = [greedy[row] if decoder.sampling.temperature == 0 else decoder._sample(logits[row : row + 1])
+                      for row, decoder in enumerate(decoders)]
         except Exception:  # noqa: BLE001 (each row is retried alone below, and raises its own error)
+            metrics.BATCH_FALLBACKS.inc()
             for decoder in decoders:
                 decoder.rollback()
         else:

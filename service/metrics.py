@@ -16,6 +16,7 @@ TOKENS_GENERATED = Counter("kvshard_generated_tokens", "Tokens generated")
 TOKENS_APPENDED = Counter("kvshard_appended_tokens", "Tokens appended to raw sessions")
 BATCH_SIZE = Histogram("kvshard_batch_size", "Streams decoded together in one batched forward pass",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128))
+BATCH_FALLBACKS = Counter("kvshard_batch_fallbacks", "Batched decode steps that failed and were rerun one stream at a time")
 QUEUE_WAIT = Histogram("kvshard_queue_wait_seconds", "Seconds a Generate step waited for its scheduler turn",
                        buckets=(1e-4, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 TOKENS_PER_SECOND = Gauge("kvshard_generate_tokens_per_second", "Tokens all Generate streams produced per second (last 10 s)")

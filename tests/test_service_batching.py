@@ -44,6 +44,15 @@ def rows(smollm):
     return model, [_prefilled(model, c, n, i) for i, (c, n) in enumerate(zip(CONFIGS, LENGTHS, strict=True))]
 
 
+@pytest.fixture(scope="module")
+def alike(smollm):
+    """Sessions whose caches code alike (one configuration, different lengths): one encode call per layer for
+    the whole batch, and on a GPU one attention call."""
+    model, _ = smollm
+    install_attention_hook(model)
+    return model, [_prefilled(model, CONFIGS[0], n, i) for i, n in enumerate(LENGTHS[:3])]
+
+
 def _step_alone(model, caches, token: int) -> mx.array:
     logits = model(mx.array([[token]]), cache=caches)[0, -1].astype(mx.float32)
     mx.eval(logits)
@@ -62,11 +71,13 @@ def _trim(sessions, n: int = 1) -> None:
             cache.trim(n)
 
 
-def test_batched_step_logits_equal_unbatched_steps(rows):
-    model, sessions = rows
-    tokens = [11, 222, 3333, 444, 55]
+@pytest.mark.parametrize("batch", ["rows", "alike"])
+def test_batched_step_logits_equal_unbatched_steps(batch, request):
+    model, sessions = request.getfixturevalue(batch)
+    tokens = [11, 222, 3333, 444, 55][: len(sessions)]
+    lengths = [c[0].offset for c in sessions]
     batched = _step_batched(model, sessions, tokens)
-    assert [c[0].offset for c in sessions] == [n + 1 for n in LENGTHS]
+    assert [c[0].offset for c in sessions] == [n + 1 for n in lengths]
     after_batch = [c[5].state for c in sessions]
     _trim(sessions)
     alone = mx.stack([_step_alone(model, caches, t) for caches, t in zip(sessions, tokens, strict=True)])
