@@ -54,6 +54,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.order = order
         self._waiting: list[_Request] = []
+        self._taken: list[_Request] = []  # the requests of the turn on the MLX thread now
         self._streams: dict[int, int] = {}  # id(decoder) -> join order, for the streams between join and leave
         self._served: dict[int, int] = {}  # id(decoder) -> the turn it was last served in
         self._joined = itertools.count()
@@ -92,14 +93,26 @@ class Scheduler:
     # ---- the driver ---------------------------------------------------------------------------------------
 
     async def _drive(self) -> None:
+        try:
+            await self._turns_while_waiting()
+        except BaseException as error:
+            # The MLX thread refused the turn (shutting down): no stream may wait for an answer that never comes.
+            for request in self._taken + self._waiting:
+                if not request.future.done():
+                    request.future.set_exception(error if isinstance(error, Exception) else RuntimeError("scheduler stopped"))
+            self._taken, self._waiting = [], []
+            raise
+
+    async def _turns_while_waiting(self) -> None:
         while self._waiting:
             await self._gather()
             if not self._waiting:
                 break
             turn = next(self._turns)
             prefill, batch = self._pick(turn)
+            self._taken = ([prefill] if prefill else []) + batch
             now = time.monotonic()
-            for request in ([prefill] if prefill else []) + batch:
+            for request in self._taken:
                 metrics.QUEUE_WAIT.observe(now - request.asked)
             if batch:
                 metrics.BATCH_SIZE.observe(len(batch))
@@ -109,13 +122,14 @@ class Scheduler:
             outcomes = await self.mlx.run(_run_turn, prefill.decoder if prefill else None, [r.decoder for r in batch])
             self._last_turn_s = time.monotonic() - started
             self._count_tokens(outcomes)
-            for request, outcome in zip(([prefill] if prefill else []) + batch, outcomes, strict=True):
+            for request, outcome in zip(self._taken, outcomes, strict=True):
                 if request.future.done():  # its stream was cancelled meanwhile: the step happened regardless
                     continue
                 if isinstance(outcome, BaseException):
                     request.future.set_exception(outcome)
                 else:
                     request.future.set_result(outcome)
+            self._taken = []
 
     async def _gather(self) -> None:
         """Wait until every stream that is generating has asked for its step, or the gather time is up."""
