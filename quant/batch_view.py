@@ -51,12 +51,14 @@ class BatchCacheView:
             cache._settle()  # a token an earlier step left for its fused append kernel goes in first
         if not all(_codes_directly(c) for c in self.caches):
             return False
+        given = keys.dtype
         keys, values = keys.astype(mx.float16), values.astype(mx.float16)
         if first.key_mean is not None:
             keys = keys - mx.concatenate([cache.key_mean for cache in self.caches], axis=0)
         new_k, new_v = kernels.encode_pair(first.key_quantizer, keys, first.value_quantizer, values)
         for row, cache in enumerate(self.caches):
             cache.offset += keys.shape[2]
+            cache.input_dtype = given  # as its update_and_fetch records it
             cache.put_codes({n: a[row : row + 1] for n, a in new_k.items()}, {n: a[row : row + 1] for n, a in new_v.items()})
         return True
 
