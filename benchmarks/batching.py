@@ -230,7 +230,7 @@ def bench_inprocess(args) -> dict:
     from decode_speed import LLAMA_1B, fill
     from mlx_lm.models import llama
 
-    from kvshard.quant import install_attention_hook
+    from kvshard.quant import KVCacheConfig, install_attention_hook
     from kvshard.quant.batch_view import batch_views
     from kvshard.service import metrics
     from kvshard.service.generation import Decoder, Sampling
@@ -254,7 +254,7 @@ def bench_inprocess(args) -> dict:
     shape = dict(layers=layers, n_kv_heads=H, head_dim=D)
 
     def make_session(tokens: int) -> Session:
-        spec = resolve_spec("model", shape, "turboquant_mse", [4], [4], 0, 0, 42, Limits())
+        spec = resolve_spec("model", shape, KVCacheConfig(method="turboquant_mse", key_bits=4, value_bits=4, seed=42), Limits())
         session = Session.new(spec, "default", served)
         for cache in session.caches:
             fill(cache, H, D, tokens)
