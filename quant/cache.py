@@ -295,7 +295,14 @@ class CompressedKVCache(_BaseCache):
         start = start_timer(self.observers, keys, values)
         # The quantizers' encode, fused: one kernel for keys and values on CUDA; on the CPU bit for bit the same.
         new_k, new_v = kernels.encode_pair(self.key_quantizer, keys, self.value_quantizer, values)
-        n = keys.shape[2]
+        self.put_codes(new_k, new_v)
+        for observer in self.observers:
+            observer.on_encode(self, keys, values, new_k, new_v, start)
+
+    def put_codes(self, new_k: dict, new_v: dict) -> None:
+        """Append codes this cache's quantizers made (of keys less the key mean) after the held codes. A batch of
+        sessions' caches that code alike encodes all rows in one call and puts each row here (quant/batch_view.py)."""
+        n = next(iter(new_k.values())).shape[2]
         if self.key_codes is None:
             self.key_codes, self.value_codes = {}, {}
         needed = self.n_encoded + n
@@ -312,8 +319,6 @@ class CompressedKVCache(_BaseCache):
                 held[name][:, :, self.n_encoded : needed] = a
         self.n_encoded = needed
         self._exported = False
-        for observer in self.observers:
-            observer.on_encode(self, keys, values, new_k, new_v, start)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """mlx_lm's entry point. Returns the full K/V *lazily*, so that an attention that reads them gets the

@@ -44,6 +44,7 @@ def package_version() -> str:
 
 
 def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from kvshard.service.scheduler import DEFAULT_MAX_BATCH, ORDERS
     from kvshard.service.sessions import Limits
 
     d = Limits()
@@ -79,6 +80,8 @@ def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--log-format", choices=("json", "console"), default="json", help="one JSON line per RPC, or readable lines")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight RPCs get on SIGTERM")
     parser.add_argument("--lease-ttl", type=float, default=10.0, help="shared (Redis) stores: seconds a session stays leased to this shard after its last use; another shard takes over a dead shard's sessions after at most this long")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH, help="most Generate streams decoded together in one forward pass")
+    parser.add_argument("--batch-order", choices=ORDERS, default=ORDERS[0], help="which due streams a full batch serves first: the least recently served, or the oldest calls")
     return parser
 
 
@@ -95,6 +98,8 @@ def serve_main(argv: list[str]) -> None:
                         ("--append-slice-cost", args.append_slice_cost)):
         if value < 1:
             parser.error(f"{flag} must be at least 1")
+    if args.max_batch_size < 1:
+        parser.error("--max-batch-size must be at least 1")
     if args.lease_ttl < 0.1:
         parser.error("--lease-ttl must be at least 0.1 seconds")
     limits = Limits(
@@ -128,6 +133,8 @@ def serve_main(argv: list[str]) -> None:
         log_format=args.log_format,
         grace_s=args.grace,
         lease_ttl_s=args.lease_ttl,
+        max_batch_size=args.max_batch_size,
+        batch_order=args.batch_order,
     )
     try:
         asyncio.run(serve(config))

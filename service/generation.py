@@ -8,11 +8,14 @@ checkpoints.
 """
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+from kvshard.quant.batch_view import batch_views
+from kvshard.service import metrics
 from kvshard.service.errors import LimitExceeded
 from kvshard.service.sessions import Session, SessionManager
 from kvshard.service.worker import run_to_completion
@@ -87,41 +90,94 @@ class Decoder:
         self.progress = progress  # the session's last_generate, counted here so it matches the tokens
         self._before = None  # (tokens, cache offsets) before the token being fed, for a rollback
 
+    def pending_tokens(self) -> int:
+        """Tokens the next step feeds before it can sample (1 on a plain decode step)."""
+        held = self.session.caches[0].offset
+        return max(len(self.session.record.token_ids) + len(self.prompt) - held, 1)
+
     def step(self) -> int | None:
         """(MLX thread) Feed up to PREFILL_CHUNK pending tokens; once none are left, sample one and append it.
 
         Returns the token, or None while a long input is still being fed: each chunk is its own turn on the MLX
         thread, so other sessions are not held up by a long prompt. On error the session is as it was before
         this token's first chunk."""
-        caches, tokens = self.session.caches, self.session.record.token_ids
-        if self._before is None:
-            self._before = len(tokens), [c.offset for c in caches]
         try:
-            tokens.extend(self.prompt)
-            self.prompt = []
-            if caches[0].offset == len(tokens):
-                # Nothing pending (the conversation was trimmed to a token already in the cache): feed it again.
-                for cache in caches:
-                    cache.trim(1)
-            pending = tokens[caches[0].offset :]
-            logits = self.model.model(mx.array(pending[:PREFILL_CHUNK])[None], cache=caches)[:, -1, :]
+            pending = self._begin()
+            logits = self.model.model(mx.array(pending[:PREFILL_CHUNK])[None], cache=self.session.caches)[:, -1, :]
             mx.eval(logits)
             if len(pending) > PREFILL_CHUNK:
                 self.session.mark_all_changed()
                 return None
-            token = self.sampling.sample(logits.astype(mx.float32), len(tokens))
+            token = self._sample(logits)
         except BaseException:
-            before_tokens, before_offsets = self._before
-            for cache, offset in zip(caches, before_offsets, strict=True):
-                cache.trim(cache.offset - offset)
-            del tokens[before_tokens:]
-            self._before = None
+            self.rollback()
             raise
+        return self._accept(token)
+
+    def _begin(self) -> list[int]:
+        """Move the input into the conversation; the tokens the caches do not hold yet."""
+        caches, tokens = self.session.caches, self.session.record.token_ids
+        if self._before is None:
+            self._before = len(tokens), [c.offset for c in caches]
+        tokens.extend(self.prompt)
+        self.prompt = []
+        if caches[0].offset == len(tokens):
+            # Nothing pending (the conversation was trimmed to a token already in the cache): feed it again.
+            for cache in caches:
+                cache.trim(1)
+        return tokens[caches[0].offset :]
+
+    def _sample(self, logits: mx.array) -> int:
+        return self.sampling.sample(logits.astype(mx.float32), len(self.session.record.token_ids))
+
+    def _accept(self, token: int) -> int:
         self._before = None
-        tokens.append(token)
+        self.session.record.token_ids.append(token)
         self.progress["generated_tokens"] += 1
         self.session.mark_all_changed()
         return token
+
+    def rollback(self) -> None:
+        """The session as it was before this token's first chunk."""
+        if self._before is None:
+            return
+        before_tokens, before_offsets = self._before
+        for cache, offset in zip(self.session.caches, before_offsets, strict=True):
+            cache.trim(cache.offset - offset)
+        del self.session.record.token_ids[before_tokens:]
+        self._before = None
+
+
+def decode_batch(decoders: list[Decoder]) -> list:
+    """(MLX thread) One decode step of several sessions in one forward pass: the model is called with one pending
+    token per row over batch views of the sessions' own caches (quant/batch_view.py). Each row samples with its
+    own stream's sampling at its own position. Returns each decoder's token, or the exception its step raised:
+    if the batched pass fails, every row is rolled back and run alone, so an error stays with its stream."""
+    if len(decoders) > 1:
+        try:
+            pending = [decoder._begin() for decoder in decoders]
+            if any(len(p) != 1 for p in pending):
+                raise ValueError("decode_batch: every row must feed exactly one token")
+            model = decoders[0].model.model
+            views = batch_views([decoder.session.caches for decoder in decoders])
+            logits = model(mx.array(pending), cache=views)[:, -1, :]
+            mx.eval(logits)
+            greedy = mx.argmax(logits, axis=-1).tolist()  # one evaluation for every greedy row
+            tokens = [greedy[row] if decoder.sampling.temperature == 0 else decoder._sample(logits[row : row + 1])
+                      for row, decoder in enumerate(decoders)]
+        except Exception:  # noqa: BLE001 (each row is retried alone below, and raises its own error)
+            metrics.BATCH_FALLBACKS.inc()
+            for decoder in decoders:
+                decoder.rollback()
+        else:
+            return [decoder._accept(token) for decoder, token in zip(decoders, tokens, strict=True)]
+    outcomes = []
+    for decoder in decoders:
+        try:
+            outcomes.append(decoder.step())
+        except Exception as error:  # noqa: BLE001 (handed to its own stream, which re-raises it)
+            outcomes.append(error)
+    return outcomes
 
 
 class TextStream:
@@ -160,8 +216,9 @@ class TextStream:
         return out
 
 
-async def generate(manager: SessionManager, model, session: Session, prompt: list[int], options: GenerateOptions):
-    """Run one Generate call on a session the caller holds; yields a GeneratedToken per token.
+async def generate(manager: SessionManager, scheduler, model, session: Session, prompt: list[int], options: GenerateOptions):
+    """Run one Generate call on a session the caller holds; yields a GeneratedToken per token. Each step is
+    taken by the scheduler (service/scheduler.py), batched with the other streams' steps.
 
     Commits every `checkpoint_tokens` tokens and at the end; the last token is yielded only after its commit,
     so a final message means a durable turn. If the caller goes away (or anything fails) after some tokens,
@@ -190,11 +247,13 @@ async def generate(manager: SessionManager, model, session: Session, prompt: lis
     record.last_generate = progress
     decoder = Decoder(model, session, prompt, options.sampling, progress)
     stop_ids = options.stop_token_ids
+    scheduler.join(decoder)
+    started = time.monotonic()
     try:
         for generated in range(1, options.max_tokens + 1):
             token = None
             while token is None:
-                token = await manager.mlx.run(decoder.step)
+                token = await scheduler.step(decoder)
             delta = text.add(token)
             finish = _STOP if (token in stop_ids or text.stopped) else _LENGTH if generated == options.max_tokens else None
             if finish is not None:
@@ -215,6 +274,9 @@ async def generate(manager: SessionManager, model, session: Session, prompt: lis
             if finish is not None:
                 return
     finally:
+        scheduler.leave(decoder)
+        if progress["generated_tokens"]:
+            metrics.STREAM_TOKENS_PER_SECOND.observe(progress["generated_tokens"] / (time.monotonic() - started))
         if session.session_id in manager.hot:
             # Cut short (client gone, deadline, error): keep what was generated. The check runs on the MLX
             # thread after any step still in flight, and completes even when the handler was cancelled, before

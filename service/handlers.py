@@ -16,6 +16,7 @@ from kvshard.service import calibration, logs, metrics, profiles
 from kvshard.service.auth import current_tenant
 from kvshard.service.errors import FailedPrecondition, LimitExceeded
 from kvshard.service.generation import GenerateOptions, Sampling, generate
+from kvshard.service.scheduler import Scheduler
 from kvshard.service.sessions import SessionManager, check_session_id, public_id, resolve_spec
 from kvshard.service.store import SessionRecord
 from kvshard.wire import kvshard_pb2 as pb
@@ -37,8 +38,9 @@ _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.STOP, "length": pb.LEN
 
 
 class KVShardServicer(pb_grpc.KVShardServicer):
-    def __init__(self, manager: SessionManager, version: str, auth_required: bool):
+    def __init__(self, manager: SessionManager, version: str, auth_required: bool, scheduler: Scheduler | None = None):
         self.manager = manager
+        self.scheduler = scheduler or Scheduler(manager.mlx)  # batches the Generate streams' steps
         self.limits = manager.limits
         self.version = version
         self.auth_required = auth_required
@@ -158,7 +160,7 @@ class KVShardServicer(pb_grpc.KVShardServicer):
             elif source == "resume" and not session.record.token_ids:
                 raise ValueError("resume: the session is empty; there is nothing to continue")
             generated = 0
-            async with aclosing(generate(self.manager, model, session, prompt, options)) as stream:
+            async with aclosing(generate(self.manager, self.scheduler, model, session, prompt, options)) as stream:
                 async for token in stream:
                     generated += 1
                     metrics.TOKENS_GENERATED.inc()

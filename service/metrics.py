@@ -15,6 +15,14 @@ RPC_SECONDS = Histogram(
 MALFORMED = Counter("kvshard_malformed_requests", "Requests whose body did not parse, by method", ["method"])
 TOKENS_GENERATED = Counter("kvshard_generated_tokens", "Tokens generated")
 TOKENS_APPENDED = Counter("kvshard_appended_tokens", "Tokens appended to raw sessions")
+BATCH_SIZE = Histogram("kvshard_batch_size", "Streams decoded together in one batched forward pass",
+                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128))
+BATCH_FALLBACKS = Counter("kvshard_batch_fallbacks", "Batched decode steps that failed and were rerun one stream at a time")
+QUEUE_WAIT = Histogram("kvshard_queue_wait_seconds", "Seconds a Generate step waited for its scheduler turn",
+                       buckets=(1e-4, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+TOKENS_PER_SECOND = Gauge("kvshard_generate_tokens_per_second", "Tokens all Generate streams produced per second (last 10 s)")
+STREAM_TOKENS_PER_SECOND = Histogram("kvshard_stream_tokens_per_second", "Tokens per second of one Generate call, over its run",
+                                     buckets=(0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 HOT_SESSIONS = Gauge("kvshard_hot_sessions", "Sessions held in memory")
 HOT_BYTES = Gauge("kvshard_hot_session_bytes", "Bytes the caches of hot sessions hold")
 STORED_BYTES = Gauge("kvshard_stored_bytes", "Bytes in the session store")
@@ -48,8 +56,10 @@ def observe_caches() -> None:
     ]
 
 
-def serve_metrics(port: int, host: str, manager) -> None:
-    """Start the /metrics HTTP endpoint; session gauges are read from the manager at scrape time."""
+def serve_metrics(port: int, host: str, manager, scheduler) -> None:
+    """Start the /metrics HTTP endpoint; session gauges are read from the manager, rates from the scheduler, at
+    scrape time."""
+    TOKENS_PER_SECOND.set_function(scheduler.tokens_per_second)
     HOT_SESSIONS.set_function(lambda: len(manager.hot))
     HOT_BYTES.set_function(manager.hot_bytes)
     STORED_BYTES.set_function(manager.store.total_bytes)

@@ -20,6 +20,7 @@ from kvshard.service.auth import Authenticator
 from kvshard.service.handlers import KVShardServicer
 from kvshard.service.interceptor import ShardInterceptor
 from kvshard.service.metrics import observe_caches, serve_metrics
+from kvshard.service.scheduler import DEFAULT_MAX_BATCH, Scheduler
 from kvshard.service.sessions import Limits, SessionManager
 from kvshard.service.store import open_store
 from kvshard.service.worker import SerialExecutor
@@ -50,6 +51,8 @@ class ServeConfig:
     log_format: str = "json"
     grace_s: float = 30.0
     lease_ttl_s: float = 10.0  # shared stores: how long a session stays leased to this shard after its last use
+    max_batch_size: int = DEFAULT_MAX_BATCH  # Generate streams decoded in one forward pass
+    batch_order: str = "round-robin"  # which due streams a full batch takes first (service/scheduler.py)
 
 
 def package_version() -> str:
@@ -80,7 +83,8 @@ class Shard:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self.servicer = KVShardServicer(self.manager, package_version(), self.auth.required)
+        self.scheduler = Scheduler(self.mlx, config.max_batch_size, config.batch_order)
+        self.servicer = KVShardServicer(self.manager, package_version(), self.auth.required, self.scheduler)
         pb_grpc.add_KVShardServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -118,7 +122,7 @@ class Shard:
         if self.config.observe_caches:
             observe_caches()
         if self.config.metrics_port:
-            serve_metrics(self.config.metrics_port, self.config.host, self.manager)
+            serve_metrics(self.config.metrics_port, self.config.host, self.manager, self.scheduler)
         if self.config.model != NO_MODEL:
             # Imported here: a raw-cache shard never needs the model loader (and its transformers import).
             from kvshard.service.model import ServedModel

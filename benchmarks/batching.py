@@ -1,0 +1,359 @@
+"""Continuous batching: concurrent Generate streams against one stream alone, side by side in one run.
+
+--mode service (the CPU figures): `kvshard serve` with the embedded SmolLM2-135M in a child process on loopback,
+real gRPC. Eight sessions (turboquant_mse 4/4 bits) hold contexts of 100 to 4,000 tokens. Rounds alternate:
+each session decodes alone (one stream at a time: the single-stream figures), then all eight decode at once.
+Then seven streams decode while a new session's 4,000-token prompt arrives: the decoding streams' worst gap
+between tokens while it is fed, against one prefill chunk (the solo prefill's time per chunk) and the whole
+prefill.
+
+--mode inprocess (the GPU figures): the service cannot load a random-weight model, so the scheduler runs in this
+process (service/scheduler.py with real Sessions and Decoders, as the shard runs them, without gRPC) over a
+random Llama-3.2-1B-shaped fp16 model; caches filled with random K/V to contexts of 100 to 4,000 tokens;
+1, 8 and 32 streams. Also checks the fused one-call attention of a batch against each row's own call.
+
+    python benchmarks/batching.py [--mode service|inprocess] [--tokens 24] [--rounds 2] [--out benchmarks/results]
+writes batching_cpu.json + batching_cpu.png (service) or batching_gpu.json (inprocess).
+
+batching_gpu.json ran on the lent H200 as benchmarks/run_gpu.sh describes (MLX-CUDA in two loads; the package
+imported through a kvshard/ folder of symlinks to quant, service, wire and client; prometheus_client's wheel carried
+along), with: python3 benchmarks/batching.py --mode inprocess --streams 1 8 32 --tokens 32
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from bench import device_info  # noqa: E402 (benchmarks/bench.py, beside this script)
+
+MAX_CONTEXT = 4000  # contexts of 100 ... MAX_CONTEXT tokens, and the long prompt's length (--max-context)
+CONTEXTS = [100 + (MAX_CONTEXT - 100) * i // 7 for i in range(8)]
+LONG_PROMPT = MAX_CONTEXT
+
+
+def stream_stats(starts: float, times: list[float]) -> dict:
+    gaps = np.diff([starts, *times])
+    return {"tokens": len(times), "seconds": times[-1] - starts, "tok_s": len(times) / (times[-1] - starts),
+            "p99_gap_ms": float(np.percentile(gaps[1:] if len(gaps) > 1 else gaps, 99) * 1e3),
+            "median_gap_ms": float(np.median(gaps) * 1e3)}
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# ---- over gRPC ------------------------------------------------------------------------------------------------
+
+
+def bench_service(args) -> dict:
+    from conftest import ShardProcess  # the tests' helper: `kvshard serve` as a real process
+
+    from kvshard.client import NO_RETRY, Client
+
+    tmp = Path(tempfile.mkdtemp(prefix="kvshard-batching-"))
+    shard = ShardProcess(tmp, "--max-prompt-tokens", str(LONG_PROMPT + 100), "--max-tokens", "1024",
+                         "--max-session-tokens", "16384", "--checkpoint-tokens", "64", "--memory-budget", "4GiB",
+                         "--max-batch-size", "8").start(timeout=300)
+    rng = np.random.default_rng(0)
+    result = {"device": device_info(), "mode": "service (kvshard serve on loopback, real gRPC)",
+              "model": "smollm2-135m (embedded)", "cache": "turboquant_mse, 4-bit keys and values",
+              "contexts": CONTEXTS, "tokens_per_stream": args.tokens, "rounds": args.rounds, "load_average": {}}
+    try:
+        with Client(shard.target, retry=NO_RETRY, timeout=3600) as client:
+            sessions = [client.create_session(key_bits=4, value_bits=4) for _ in CONTEXTS]
+
+            def generate(session, max_tokens: int, tokens=None) -> tuple[float, list[float]]:
+                start, times = time.perf_counter(), []
+                for _ in session.generate(tokens=tokens, resume=tokens is None, max_tokens=max_tokens, ignore_eos=True):
+                    times.append(time.perf_counter())
+                return start, times
+
+            def together(jobs) -> list:
+                out, errors = [None] * len(jobs), []
+
+                def run(i, job):
+                    try:
+                        out[i] = job()
+                    except Exception as error:  # noqa: BLE001 (raised below, in the main thread)
+                        errors.append(error)
+
+                threads = [threading.Thread(target=run, args=(i, j)) for i, j in enumerate(jobs)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                if errors:
+                    raise errors[0]
+                return out
+
+            started = time.perf_counter()
+            prompts = [rng.integers(100, 20000, n).tolist() for n in CONTEXTS]
+            together([lambda s=s, p=p: generate(s, 1, p) for s, p in zip(sessions, prompts, strict=True)])
+            result["prefill_all_s"] = time.perf_counter() - started
+            result["effective_bits"] = _effective_bits(sessions[-1])
+            for session in sessions:
+                session.refresh()
+            rounds = []
+            for r in range(args.rounds):
+                result["load_average"][f"round {r} start"] = load_average()
+                solo = [stream_stats(*generate(s, args.tokens)) for s in sessions]
+                wall_start = time.perf_counter()
+                runs = together([lambda s=s: generate(s, args.tokens) for s in sessions])
+                wall = max(t[-1] for _, t in runs) - wall_start
+                batched = [stream_stats(*run) for run in runs]
+                rounds.append({
+                    "solo": solo, "batched": batched,
+                    "single_stream_tok_s": sum(x["tokens"] for x in solo) / sum(x["seconds"] for x in solo),
+                    "aggregate_tok_s": sum(x["tokens"] for x in batched) / wall,
+                })
+                print(f"round {r}: one stream {rounds[-1]['single_stream_tok_s']:.2f} tok/s, 8 streams "
+                      f"{rounds[-1]['aggregate_tok_s']:.2f} tok/s", flush=True)
+            result["rounds_detail"] = rounds
+            result["summary"] = _summary(rounds)
+            result["load_average"]["before prefill phase"] = load_average()
+            result["prefill_amid_decoding"] = _amid_prefill(client, sessions[:7], rng, generate, together)
+            result["load_average"]["end"] = load_average()
+    finally:
+        shard.stop()
+    return result
+
+
+def _effective_bits(session) -> float:
+    """8 x bytes held / K and V elements (SmolLM2: 30 layers x 3 kv heads x head_dim 64 per token)."""
+    info = session.refresh()
+    return 8 * info.memory_bytes / (2 * info.offset * 30 * 3 * 64)
+
+
+def _summary(rounds: list) -> dict:
+    single = statistics.median(r["single_stream_tok_s"] for r in rounds)
+    aggregate = statistics.median(r["aggregate_tok_s"] for r in rounds)
+    p99_ratio = [statistics.median(b["p99_gap_ms"] / s["p99_gap_ms"] for r in rounds for b, s in [(r["batched"][i], r["solo"][i])])
+                 for i in range(len(CONTEXTS))]
+    return {"single_stream_tok_s": single, "aggregate_tok_s_8_streams": aggregate, "speedup": aggregate / single,
+            "p99_gap_ratio_per_stream": dict(zip(map(str, CONTEXTS), p99_ratio, strict=True)),
+            "p99_gap_ratio_worst": max(p99_ratio)}
+
+
+def _amid_prefill(client, decoding, rng, generate, together) -> dict:
+    """Seven streams decode; a new session's 4,000-token prompt arrives once each has a few tokens."""
+    from kvshard.service.generation import PREFILL_CHUNK
+
+    prompt = rng.integers(100, 20000, LONG_PROMPT).tolist()
+    alone = client.create_session(key_bits=4, value_bits=4)
+    solo_start, solo_times = generate(alone, 1, prompt)
+    solo_prefill_s = solo_times[-1] - solo_start
+    chunks = -(-LONG_PROMPT // PREFILL_CHUNK)
+    newcomer = client.create_session(key_bits=4, value_bits=4)
+    ready = threading.Semaphore(0)  # released by each decoding stream at its third token (it keeps reading)
+    window = {}
+    streams = []
+
+    def decode(session):
+        start, times = time.perf_counter(), []
+        for _ in session.generate(resume=True, max_tokens=1000, ignore_eos=True):
+            times.append(time.perf_counter())
+            if len(times) == 3:
+                ready.release()
+            if "end" in window and times[-1] > window["end"] + 2.0:
+                break
+        streams.append(times)
+        return start, times
+
+    def arrive():
+        for _ in decoding:
+            ready.acquire()
+        window["start"] = time.perf_counter()
+        _, times = generate(newcomer, 1, prompt)
+        window["end"] = times[-1]
+
+    together([lambda s=s: decode(s) for s in decoding] + [arrive])
+    worst = []
+    for times in streams:
+        inside = [b - a for a, b in zip(times, times[1:]) if b > window["start"] and a < window["end"]]
+        worst.append(max(inside) if inside else 0.0)
+    return {"prompt_tokens": LONG_PROMPT, "chunk_tokens": PREFILL_CHUNK, "chunks": chunks,
+            "solo_prefill_s": solo_prefill_s, "solo_seconds_per_chunk": solo_prefill_s / chunks,
+            "prefill_amid_decoding_s": window["end"] - window["start"],
+            "worst_gap_s_per_stream": worst, "worst_gap_s": max(worst),
+            "worst_gap_in_solo_chunks": max(worst) / (solo_prefill_s / chunks)}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, rounds = result["summary"], result["rounds_detail"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    axes[0].bar(["one stream", "8 streams\n(aggregate)"], [summary["single_stream_tok_s"], summary["aggregate_tok_s_8_streams"]],
+                color=["grey", "tab:blue"])
+    axes[0].set_ylabel("tokens / s")
+    axes[0].set_title(f"throughput: {summary['speedup']:.2f}x")
+    x = np.arange(len(CONTEXTS))
+    solo = [statistics.median(r["solo"][i]["p99_gap_ms"] for r in rounds) for i in x]
+    batched = [statistics.median(r["batched"][i]["p99_gap_ms"] for r in rounds) for i in x]
+    axes[1].bar(x - 0.2, solo, 0.4, label="alone", color="grey")
+    axes[1].bar(x + 0.2, batched, 0.4, label="8 streams batched", color="tab:blue")
+    axes[1].set_xticks(x, [str(c) for c in CONTEXTS], rotation=45)
+    axes[1].set_xlabel("stream's context (tokens)")
+    axes[1].set_ylabel("p99 time between tokens (ms)")
+    axes[1].legend()
+    amid = result["prefill_amid_decoding"]
+    axes[2].bar(["worst gap of\n7 decoding streams", "one chunk\n(solo)", "whole 4K\nprefill (solo)"],
+                [amid["worst_gap_s"], amid["solo_seconds_per_chunk"], amid["solo_prefill_s"]],
+                color=["tab:blue", "grey", "lightgrey"])
+    axes[2].set_ylabel("seconds")
+    axes[2].set_title("a 4,000-token prompt arrives")
+    fig.suptitle(f"continuous batching over gRPC, {result['model']}, {result['device'].get('cpu', result['device'].get('gpu'))}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ---- the scheduler in process (GPU) -------------------------------------------------------------------------------
+
+
+def bench_inprocess(args) -> dict:
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+    from decode_speed import LLAMA_1B, fill
+    from mlx_lm.models import llama
+
+    from kvshard.quant import KVCacheConfig, install_attention_hook
+    from kvshard.quant.batch_view import batch_views
+    from kvshard.service import metrics
+    from kvshard.service.generation import Decoder, Sampling
+    from kvshard.service.scheduler import Scheduler
+    from kvshard.service.sessions import Limits, Session, resolve_spec
+    from kvshard.service.worker import SerialExecutor
+
+    config = dict(LLAMA_1B, num_hidden_layers=args.layers or LLAMA_1B["num_hidden_layers"])
+    mlx_thread = SerialExecutor("kvshard-mlx")
+
+    def build():
+        model = llama.Model(llama.ModelArgs(**config))
+        model.set_dtype(mx.float16)
+        mx.eval(model.parameters())
+        install_attention_hook(model)
+        return model
+
+    model = asyncio.run(_on(mlx_thread, build))
+    served = SimpleNamespace(model=model, fingerprint="random")
+    H, D, layers = config["num_key_value_heads"], config["head_dim"], config["num_hidden_layers"]
+    shape = dict(layers=layers, n_kv_heads=H, head_dim=D)
+
+    def make_session(tokens: int) -> Session:
+        spec = resolve_spec("model", shape, KVCacheConfig(method="turboquant_mse", key_bits=4, value_bits=4, seed=42), Limits())
+        session = Session.new(spec, "default", served)
+        for cache in session.caches:
+            fill(cache, H, D, tokens)
+        session.record.token_ids = [1] * (tokens + 1)  # the last one is pending: the next step feeds it
+        return session
+
+    result = {"device": device_info(), "mode": "in process: service/scheduler.py with real Sessions and Decoders, "
+              "no gRPC (the service cannot load a random-weight model)", "model": config,
+              "cache": "turboquant_mse, 4-bit keys and values", "contexts": "100 to 4000 tokens, spread evenly",
+              "tokens_per_stream": args.tokens, "series": {}}
+    for n_streams in args.streams:
+        contexts = [100 + (4000 - 100) * i // max(n_streams - 1, 1) for i in range(n_streams)]
+        sessions = asyncio.run(_on(mlx_thread, lambda c=contexts: [make_session(t) for t in c]))
+        if n_streams > 1:
+            result.setdefault("fused_check", {})[str(n_streams)] = asyncio.run(
+                _on(mlx_thread, lambda s=sessions: _fused_vs_rows(model, s, batch_views)))
+        runs = asyncio.run(_streams(mlx_thread, Scheduler, Decoder, Sampling, served, sessions, args.tokens, n_streams))
+        wall = max(t[-1] for _, t in runs) - min(s for s, _ in runs)
+        stats = [stream_stats(*run) for run in runs]
+        result["series"][str(n_streams)] = {"aggregate_tok_s": sum(s["tokens"] for s in stats) / wall,
+                                            "batch_fallbacks_so_far": metrics.BATCH_FALLBACKS._value.get(),
+                                            "p99_gap_ms": [s["p99_gap_ms"] for s in stats],
+                                            "median_gap_ms": statistics.median(s["median_gap_ms"] for s in stats)}
+        print(n_streams, result["series"][str(n_streams)]["aggregate_tok_s"], flush=True)
+        del sessions
+    single = result["series"].get("1", {}).get("aggregate_tok_s")
+    if single:
+        for row in result["series"].values():
+            row["speedup"] = row["aggregate_tok_s"] / single
+    mlx_thread.shutdown()
+    return result
+
+
+async def _on(executor, fn):
+    return await executor.run(fn)
+
+
+async def _streams(mlx_thread, Scheduler, Decoder, Sampling, served, sessions, tokens, max_batch):
+    scheduler = Scheduler(mlx_thread, max_batch=max(max_batch, 1))
+
+    async def stream(session):
+        progress = {"generated_tokens": 0}
+        decoder = Decoder(served, session, [], Sampling(), progress)
+        scheduler.join(decoder)
+        for _ in range(3):  # warm-up steps, not timed
+            await scheduler.step(decoder)
+        start, times = time.perf_counter(), []
+        for _ in range(tokens):
+            await scheduler.step(decoder)
+            times.append(time.perf_counter())
+        scheduler.leave(decoder)
+        return start, times
+
+    return await asyncio.gather(*(stream(s) for s in sessions))
+
+
+def _fused_vs_rows(model, sessions, batch_views) -> dict:
+    """One batched layer-0 attention through the fused call against each row's own attention call."""
+    import mlx.core as mx
+
+    views = batch_views([s.caches for s in sessions])
+    view = views[0]
+    attn = model.layers[0].self_attn
+    q = mx.random.normal((len(sessions), attn.n_heads, 1, attn.head_dim)).astype(mx.float16)
+    rows = mx.concatenate([c.attention(q[i : i + 1], attn.scale) for i, c in enumerate(view.caches)], axis=0)
+    try:
+        fused = view._fused_attention(q, attn.scale)
+        if fused is None:
+            return {"fused": False}
+        return {"fused": True, "max_abs_diff": mx.abs(fused.astype(mx.float32) - rows.astype(mx.float32)).max().item(),
+                "max_abs_output": mx.abs(rows.astype(mx.float32)).max().item()}
+    except Exception as error:  # noqa: BLE001 (recorded: the scheduler's steps then fall back to one row at a time)
+        return {"fused": "error", "error": repr(error)[:500]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("service", "inprocess"), default="service")
+    parser.add_argument("--tokens", type=int, default=24, help="tokens each stream decodes per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32], help="inprocess: stream counts")
+    parser.add_argument("--layers", type=int, default=0, help="inprocess: fewer layers for a quick check")
+    parser.add_argument("--max-context", type=int, default=MAX_CONTEXT, help="service: longest context (a quick check: 400)")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    global CONTEXTS, LONG_PROMPT
+    CONTEXTS = [100 + (args.max_context - 100) * i // 7 for i in range(8)]
+    LONG_PROMPT = args.max_context
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "service":
+        result = bench_service(args)
+        (out / "batching_cpu.json").write_text(json.dumps(result, indent=1))
+        plot(result, out / "batching_cpu.png")
+    else:
+        result = bench_inprocess(args)
+        (out / "batching_gpu.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result.get("summary", result.get("series")), indent=1))
+
+
+if __name__ == "__main__":
+    main()

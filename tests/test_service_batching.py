@@ -1,0 +1,259 @@
+"""Continuous batching: a batched decode step against the same sessions' unbatched steps (the real embedded model,
+caches of different lengths and budgets), and the shard's scheduler over real sockets: streams joining and leaving
+mid-stream, a long prompt fed in chunks among decoding streams, cancelling one of several, seeded sampling per
+stream, the batch-size limit and the scheduler's metrics."""
+
+import threading
+import urllib.request
+
+import grpc
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache
+
+from conftest import ShardProcess, free_port
+from kvshard.client import NO_RETRY, Client
+from kvshard.quant import KVCacheBuilder, KVCacheConfig, install_attention_hook
+from kvshard.quant.batch_view import batch_views
+from kvshard.wire import kvshard_pb2 as pb
+
+# Logits of the batched pass may differ from one row's pass by the summation order of the matmuls.
+LOGIT_TOLERANCE = 1e-3
+CONFIGS = [  # one row each: different methods, bits, fp16 sinks and windows, and a plain fp16 mlx_lm cache
+    KVCacheConfig(method="turboquant_mse", bit_width_inlier=4, seed=42),
+    KVCacheConfig(method="turboquant_mse", bit_width_inlier=3, bit_width_value=2, seed=7),
+    KVCacheConfig(method="turboquant_mse", bit_width_inlier=4, window=16, sink_tokens=4, seed=42),
+    KVCacheConfig(method="turboquant_prod", bit_width_inlier=4, seed=3),
+    None,
+]
+LENGTHS = [37, 90, 61, 140, 75]
+
+
+def _prefilled(model, config, length: int, salt: int) -> list:
+    caches = [KVCache() for _ in model.layers] if config is None else KVCacheBuilder.for_model(model, config)
+    tokens = mx.array([[(31 * i + 17 * salt) % 4000 + 50 for i in range(length)]])
+    mx.eval(model(tokens, cache=caches))
+    return caches
+
+
+@pytest.fixture(scope="module")
+def rows(smollm):
+    model, _ = smollm
+    install_attention_hook(model)
+    return model, [_prefilled(model, c, n, i) for i, (c, n) in enumerate(zip(CONFIGS, LENGTHS, strict=True))]
+
+
+@pytest.fixture(scope="module")
+def alike(smollm):
+    """Sessions whose caches code alike (one configuration, different lengths): one encode call per layer for
+    the whole batch, and on a GPU one attention call."""
+    model, _ = smollm
+    install_attention_hook(model)
+    return model, [_prefilled(model, CONFIGS[0], n, i) for i, n in enumerate(LENGTHS[:3])]
+
+
+def _step_alone(model, caches, token: int) -> mx.array:
+    logits = model(mx.array([[token]]), cache=caches)[0, -1].astype(mx.float32)
+    mx.eval(logits)
+    return logits
+
+
+def _step_batched(model, sessions, tokens: list[int]) -> mx.array:
+    logits = model(mx.array([[t] for t in tokens]), cache=batch_views(sessions))[:, -1].astype(mx.float32)
+    mx.eval(logits)
+    return logits
+
+
+def _trim(sessions, n: int = 1) -> None:
+    for caches in sessions:
+        for cache in caches:
+            cache.trim(n)
+
+
+@pytest.mark.parametrize("batch", ["rows", "alike"])
+def test_batched_step_logits_equal_unbatched_steps(batch, request):
+    model, sessions = request.getfixturevalue(batch)
+    tokens = [11, 222, 3333, 444, 55][: len(sessions)]
+    lengths = [c[0].offset for c in sessions]
+    batched = _step_batched(model, sessions, tokens)
+    assert [c[0].offset for c in sessions] == [n + 1 for n in lengths]
+    after_batch = [c[5].state for c in sessions]
+    _trim(sessions)
+    alone = mx.stack([_step_alone(model, caches, t) for caches, t in zip(sessions, tokens, strict=True)])
+    assert mx.abs(batched - alone).max().item() <= LOGIT_TOLERANCE
+    # Each row's cache took the same token as alone: the same codes, fp16 tokens and offsets.
+    for held, caches in zip(after_batch, sessions, strict=True):
+        again = caches[5].state
+        for a, b in zip(tree_flatten(held), tree_flatten(again), strict=True):
+            assert a[0] == b[0] and (a[1] == b[1] if isinstance(a[1], str) else mx.array_equal(a[1], b[1]))
+    _trim(sessions)
+
+
+def test_greedy_streams_agree_with_unbatched_runs(rows):
+    """Greedy continuations, batched vs each session alone: the same tokens, except after a step whose top two
+    logits are within the tolerance (counted; none is expected, but such a tie may legitimately flip)."""
+    model, sessions = rows
+    steps = 12
+    first = [101, 202, 303, 404, 505]
+    batched, tokens = [], list(first)
+    for _ in range(steps):
+        tokens = _step_batched(model, sessions, tokens).argmax(-1).tolist()
+        batched.append(tokens)
+    _trim(sessions, steps)
+    near_ties = 0
+    for row, caches in enumerate(sessions):
+        token = first[row]
+        for step in range(steps):
+            logits = _step_alone(model, caches, token)
+            top2 = mx.topk(logits, 2).tolist()
+            token = int(logits.argmax().item())
+            if token != batched[step][row]:
+                assert abs(top2[0] - top2[1]) <= LOGIT_TOLERANCE, f"row {row} step {step}: not a near tie"
+                near_ties += 1
+                _trim([caches], step + 1)
+                break
+        else:
+            _trim([caches], steps)
+    assert near_ties <= 1
+
+
+def test_rows_keep_their_own_positions(rows):
+    """The view hands the model an offset per row (RoPE), and each row appends only to its own cache."""
+    model, sessions = rows
+    views = batch_views(sessions)
+    assert views[0].offset.tolist() == LENGTHS
+    with pytest.raises(ValueError, match="keys: batch of 2 rows"):
+        views[0].update_and_fetch(mx.zeros((2, 3, 1, 64)), mx.zeros((2, 3, 1, 64)))
+    assert [c[0].offset for c in sessions] == LENGTHS
+    with pytest.raises(ValueError, match="same number of layers"):
+        batch_views([sessions[0], sessions[1][:3]])
+
+
+# ---- the shard ------------------------------------------------------------------------------------------------
+
+MAX_BATCH = 3
+
+
+@pytest.fixture(scope="module")
+def shard(module_tmp):
+    server = ShardProcess(module_tmp, "--max-tokens", "64", "--max-prompt-tokens", "700", "--checkpoint-tokens", "4",
+                          "--metrics-port", str(free_port()), "--max-batch-size", str(MAX_BATCH)).start()
+    server.metrics_port = int(server.args[server.args.index("--metrics-port") + 1])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(shard):
+    with Client(shard.target, retry=NO_RETRY) as c:
+        yield c
+
+
+def _prompt(n: int) -> str:
+    return " ".join(["river", "stone", "light", "garden", "winter", "market"][i % 6] for i in range(n))
+
+
+def _run(client, prompt: str, max_tokens: int, **sampling) -> list[int]:
+    session = client.create_session(key_bits=4)
+    return [t.token_id for t in session.generate(prompt, max_tokens=max_tokens, **sampling)]
+
+
+def _concurrently(jobs: list) -> list:
+    results = [None] * len(jobs)
+    errors = []
+
+    def run(i, job):
+        try:
+            results[i] = job()
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    assert not errors, errors
+    return results
+
+
+def _metric(shard, name: str) -> dict:
+    """{labels: value} of one metric family from the shard's /metrics page."""
+    page = urllib.request.urlopen(f"http://127.0.0.1:{shard.metrics_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in page.splitlines():
+        if line.startswith(name):
+            key, value = line.rsplit(" ", 1)
+            out[key[len(name):]] = float(value)
+    return out
+
+
+def test_streams_join_and_leave_mid_stream_and_match_solo_runs(client, shard):
+    """Short and long streams overlap: one ends early, one arrives late with a prompt fed in three chunks (>512
+    tokens) while the others decode; every stream's greedy tokens equal its run alone."""
+    jobs = [(_prompt(20), 24), (_prompt(60), 6), (_prompt(35), 20), (_prompt(560), 8)]
+    solo = [_run(client, prompt, n) for prompt, n in jobs]
+    late = threading.Event()
+
+    def stream(i):
+        prompt, n = jobs[i]
+        if i == 3:
+            late.wait(120)  # joins while the others are decoding
+        session = client.create_session(key_bits=4)
+        tokens = []
+        for token in session.generate(prompt, max_tokens=n):
+            tokens.append(token.token_id)
+            if i == 0 and len(tokens) == 3:
+                late.set()
+        info = session.refresh()
+        assert info.committed_offset == info.offset and info.last_generate.finished
+        return tokens
+
+    before = _metric(shard, "kvshard_batch_size_count").get("", 0)
+    assert _concurrently([lambda i=i: stream(i) for i in range(4)]) == solo
+    assert _metric(shard, "kvshard_batch_size_count")[""] > before
+
+
+def test_cancelling_one_stream_leaves_the_others_alone(client):
+    prompts = [_prompt(25), _prompt(45), _prompt(30)]
+    solo = [_run(client, p, 16) for p in prompts[1:]]
+    cancelled = client.create_session(key_bits=4)
+
+    def cut_short():
+        call = client.stub.Generate(pb.GenerateRequest(session_id=cancelled.session_id, prompt=prompts[0], max_tokens=64))
+        seen = 0
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in call:
+                seen += 1
+                if seen == 3:
+                    call.cancel()
+        assert caught.value.code() == grpc.StatusCode.CANCELLED
+        return seen
+
+    results = _concurrently([cut_short] + [lambda p=p: _run(client, p, 16) for p in prompts[1:]])
+    assert results[1:] == solo
+    info = cancelled.refresh()
+    # What it generated before the cut is kept and committed; it says where to resume.
+    assert info.offset == info.committed_offset and 3 <= info.last_generate.generated_tokens < 64
+    assert not info.last_generate.finished
+
+
+def test_seeded_sampling_is_reproducible_per_stream_under_batching(client):
+    streams = [(_prompt(15), dict(temperature=0.9, top_k=50, seed=s)) for s in (1, 2, 3, 4)]
+    solo = [_run(client, p, 10, **kw) for p, kw in streams]
+    batched = _concurrently([lambda p=p, kw=kw: _run(client, p, 10, **kw) for p, kw in streams])
+    assert batched == solo
+    assert len({tuple(t) for t in solo}) > 1  # the seeds really differ
+
+
+def test_batch_size_never_exceeds_the_flag(client, shard):
+    """Four streams at once against --max-batch-size 3: batches of more than one are seen, never of four."""
+    before = _metric(shard, "kvshard_batch_size_bucket"), _metric(shard, "kvshard_batch_size_count")[""]
+    _concurrently([lambda n=n: _run(client, _prompt(n), 12) for n in (10, 20, 30, 40)])
+    buckets = {k: v - before[0].get(k, 0) for k, v in _metric(shard, "kvshard_batch_size_bucket").items()}
+    total = _metric(shard, "kvshard_batch_size_count")[""] - before[1]
+    assert total > 0 and buckets['{le="3.0"}'] == total and buckets['{le="1.0"}'] < total
+    assert _metric(shard, "kvshard_queue_wait_seconds_count")[""] >= total
+    assert _metric(shard, "kvshard_stream_tokens_per_second_count")[""] > 0
+    assert "" in _metric(shard, "kvshard_generate_tokens_per_second")
