@@ -16,6 +16,7 @@ says so and gives the estimate.
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -867,6 +868,25 @@ def _write(folder: str, name: str, data: dict) -> None:
     with open(os.path.join(folder, name + ".json"), "w") as f:
         json.dump(data, f, indent=1, sort_keys=False, default=float)
     print(f"wrote {os.path.join(folder, name + '.json')}", flush=True)
+
+
+def write_profile_report(out: str, stem: str, profile, settings: dict, results: dict) -> str:
+    """The JSON report of a script that measures one calibration profile (passkey.py, long_range.py): when, where,
+    which profile, the script's settings and its results, as out/<stem>_<cpu|gpu>.json. Returns that path less
+    ".json", for a plot beside it."""
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": device_info(),
+        "model": "smollm2-135m",
+        "profile": {"name": profile.name, "fingerprint": profile.fingerprint},
+        **settings,
+        "results": results,
+    }
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{stem}_{'gpu' if mx.default_device() == mx.gpu else 'cpu'}")
+    with open(path + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    return path
 
 
 def _pyplot():

@@ -10,10 +10,7 @@ configuration, ΔPPL % per window and overall, and the effective bits held.
 """
 
 import argparse
-import datetime
-import json
 import math
-import os
 import sys
 import time
 
@@ -21,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kvshard.quant import KVCacheBuilder, load_model, load_profile
-from bench import device_info  # benchmarks/bench.py, beside this script
+from bench import write_profile_report  # benchmarks/bench.py, beside this script
 from kvshard.quant.calibrate.profile import RECOMMENDED_BITS
 from kvshard.quant.eval import TEXTS, Float16KVCache, effective_bits, load_text
 
@@ -83,18 +80,8 @@ def _write(args, profile, rows: dict) -> None:
     for row in rows.values():
         row["delta_ppl_pct_per_window"] = [100 * (math.exp((n - b) / args.scored) - 1) for n, b in zip(row["nll"], base)]
         row["delta_ppl_pct"] = 100 * (math.exp((sum(row["nll"]) - sum(base)) / (args.scored * len(base))) - 1)
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": device_info(),
-        "model": "smollm2-135m",
-        "profile": {"name": profile.name, "fingerprint": profile.fingerprint},
-        "window": args.window, "scored": args.scored, "windows": args.windows, "chunk": CHUNK,
-        "results": rows,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    kind = "gpu" if mx.default_device() == mx.gpu else "cpu"
-    with open(os.path.join(args.out, f"long_range_{kind}.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_profile_report(args.out, "long_range", profile,
+                         {"window": args.window, "scored": args.scored, "windows": args.windows, "chunk": CHUNK}, rows)
 
 
 if __name__ == "__main__":

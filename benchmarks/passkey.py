@@ -12,9 +12,6 @@ passkey_<cpu|gpu>.png: per configuration and length, the hits, the trials and th
 """
 
 import argparse
-import datetime
-import json
-import os
 import random
 import sys
 import time
@@ -22,7 +19,7 @@ import time
 import mlx.core as mx
 
 from kvshard.quant import KVCacheBuilder, load_model, load_profile
-from bench import device_info  # benchmarks/bench.py, beside this script
+from bench import write_profile_report  # benchmarks/bench.py, beside this script
 from kvshard.quant.calibrate.profile import RECOMMENDED_BITS
 from kvshard.quant.eval import Float16KVCache, effective_bits
 
@@ -97,19 +94,9 @@ def main() -> int:
 
 
 def _write(args, profile, results: dict) -> None:
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": device_info(),
-        "model": "smollm2-135m",
-        "profile": {"name": profile.name, "fingerprint": profile.fingerprint},
-        "trials": args.trials, "lengths": args.lengths, "seed": args.seed, "chunk": CHUNK,
-        "results": results,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    kind = "gpu" if mx.default_device() == mx.gpu else "cpu"
-    with open(os.path.join(args.out, f"passkey_{kind}.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    plot(results, os.path.join(args.out, f"passkey_{kind}.png"), f"passkey retrieval, profile {profile.name}, {args.trials} trials per length")
+    path = write_profile_report(args.out, "passkey", profile,
+                                {"trials": args.trials, "lengths": args.lengths, "seed": args.seed, "chunk": CHUNK}, results)
+    plot(results, path + ".png", f"passkey retrieval, profile {profile.name}, {args.trials} trials per length")
 
 
 def plot(results: dict, path: str, title: str) -> None:
