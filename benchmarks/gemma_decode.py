@@ -23,7 +23,7 @@ from mlx_lm.models.cache import RotatingKVCache
 from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig, load_profile
 from kvshard.quant.eval import Float16KVCache, Float16QuantizedKVCache, effective_bits, held_bytes
 from kvshard.quant.models import load_model
-from kvshard.quant.sliding import Float16RotatingKVCache
+from kvshard.quant.sliding import Float16RotatingKVCache, effective_bits_vs_fp16
 
 FILL_CHUNK = 4096
 
@@ -41,8 +41,12 @@ def configs(model, profile=None):
         ],
         "turboquant_mse 4-bit, sliding fp16": ours(sliding="fp16"),
         "turboquant_mse 4-bit, sliding compressed": ours(sliding="compressed"),
-        **({} if profile is None else {f"profile {profile.name} <= 3.5 bits (global), sliding fp16":
-                                        lambda: KVCacheBuilder.for_model(model, profile.config(3.5))}),
+        **({} if profile is None else {
+            f"profile {profile.name} <= 3.5 bits (global), sliding fp16":
+                lambda: KVCacheBuilder.for_model(model, profile.config(3.5, sliding="fp16")),
+            **({f"profile {profile.name} <= 3.5 bits, all layers (sliding compressed)":
+                lambda: KVCacheBuilder.for_model(model, profile.config(3.5))} if profile.sliding_layers else {}),
+        }),
     }
 
 
@@ -74,7 +78,8 @@ def main(argv=None):
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--profile", help="a Gemma profile (name or folder) whose 3.5-bit configuration is timed too")
+    parser.add_argument("--profile", help="a Gemma profile (name or folder) whose 3.5-bit configurations are timed too")
+    parser.add_argument("--name", help="output file name without .json (default gemma_decode_<device>)")
     args = parser.parse_args(argv)
     model, _ = load_model("gemma3-270m")
     profile = load_profile(args.profile) if args.profile else None
@@ -97,7 +102,8 @@ def main(argv=None):
             median = statistics.median(times[label])
             rows.append({
                 "context": context, "label": label, "median_step_s": median, "tokens_per_s": 1 / median,
-                "bytes_held": sum(held_bytes(c) for c in caches), "effective_bits": effective_bits(model, caches),
+                "bytes_held": sum(held_bytes(c) for c in caches), "bits_per_held_element": effective_bits(model, caches),
+                "effective_bits": effective_bits_vs_fp16(model, caches, context),
                 "steps": len(times[label]),
             })
             print(f"{context}: {label}: {1 / median:.2f} tok/s, {rows[-1]['bytes_held'] / 2**20:.1f} MiB", flush=True)
@@ -112,9 +118,10 @@ def main(argv=None):
         "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"gemma_decode_{device}.json"), "w") as f:
+    name = args.name or f"gemma_decode_{device}"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
-    plot(rows, os.path.join(args.out, f"gemma_decode_{device}.png"), report["machine"]["device"])
+    plot(rows, os.path.join(args.out, f"{name}.png"), report["machine"]["device"])
     return 0
 
 

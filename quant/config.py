@@ -162,8 +162,10 @@ class KVCacheConfig:
                 f"{self.profile_fingerprint[:16]}…, this one is {found.fingerprint[:16]}…"
             )
         # The profile decides method, bits, sinks and plans, and names the budget it planned and its fingerprint;
-        # everything else (window, seed, sliding, observers...) stays this config's.
-        planned = found.config(self.budget_bits or None, window=self.window)
+        # everything else (window, seed, sliding, observers...) stays this config's. The plans cover the layers
+        # that this config's sliding choice codes (a hybrid model's all-layer profile plans them all, or with
+        # sliding="fp16" its full-attention layers).
+        planned = found.config(self.budget_bits or None, window=self.window, sliding=self.sliding)
         return replace(planned, **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in _PROFILE_DECIDES})
 
     # ---- the one serialisation -------------------------------------------------------------------------------

@@ -9,6 +9,12 @@ Two kinds, chosen by KVCacheConfig.sliding (KVCacheBuilder.for_model):
 
 Both expose mlx_lm's `make_mask(N, window_size=...)` for what they hold: the model builds one sliding mask from
 the first sliding layer's cache and gives it to all of them, so every sliding layer must hold the same tokens.
+
+Effective bits on a hybrid model (`effective_bits_vs_fp16`): 8 · bytes held / K+V elements that the model's fp16
+cache holds at that length, i.e. `tokens` per full-attention layer and min(tokens, window) per sliding layer. A
+cache that drops what leaves its window is counted at the window it keeps between steps (after a chunk of a
+prefill it briefly holds window − 1 + chunk tokens); a cache that keeps every token (sliding="full") is counted
+whole, so at long contexts its sliding layers cost more than fp16 ones.
 """
 
 import json
@@ -108,6 +114,24 @@ class SlidingCompressedKVCache(CompressedKVCache):
     @property
     def meta_state(self) -> str:
         return self.state["meta"]
+
+
+def effective_bits_vs_fp16(model, caches, tokens: int, batch: int = 1) -> float:
+    """8 · bytes the caches keep / K+V elements of the model's fp16 cache at `tokens` tokens (module docstring),
+    for caches holding `batch` sequences of that length."""
+    from .builder import model_caches
+    from .eval import held_bytes, held_tokens
+
+    args = model.args
+    head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+    windows = [c.max_size if isinstance(c, RotatingKVCache) else None for c in model_caches(model)]
+    fp16_tokens = sum(tokens if w is None else min(tokens, w) for w in windows)
+    kept = 0.0
+    for cache in caches:
+        held, nbytes = held_tokens(cache), held_bytes(cache)
+        window = cache.max_size if isinstance(cache, (RotatingKVCache, SlidingCompressedKVCache)) else None
+        kept += nbytes if window is None or held <= window else nbytes * window / held
+    return 8 * kept / (2 * args.num_key_value_heads * head_dim * fp16_tokens * batch)
 
 
 # load_prompt_cache looks cache classes up by name in mlx_lm's module.

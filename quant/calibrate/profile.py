@@ -74,6 +74,20 @@ class Profile:
         return digest.hexdigest()
 
     @property
+    def sliding_layers(self) -> list:
+        """Indices of the sliding-window layers among the profile's layers (a hybrid model's all-layer profile,
+        e.g. Gemma 3's); empty when every layer is a full-attention one."""
+        return [int(i) for i in self.meta.get("sliding_layers", [])]
+
+    def _coded_layers(self, sliding: str) -> list:
+        """The profile's layers that a cache of this `sliding` choice codes (KVCacheConfig.sliding): all of them,
+        or with sliding="fp16" only the full-attention ones (the sliding layers keep fp16 windows)."""
+        if sliding not in ("fp16", "compressed", "full"):
+            raise ValueError(f"sliding: must be one of ('fp16', 'compressed', 'full'), got {sliding!r}")
+        skip = set(self.sliding_layers) if sliding == "fp16" else set()
+        return [i for i in range(len(self.moments)) if i not in skip]
+
+    @property
     def recommended_bits(self) -> float:
         return float(self.meta.get("recommended_bits", RECOMMENDED_BITS))
 
@@ -110,10 +124,14 @@ class Profile:
         overhead, share = self.overhead_bits(tokens, window), self._coded_share(tokens, self._window(window))
         return overhead + share * 8 / self.head_dim, overhead + share * 8.0
 
-    def config(self, budget_bits: float | None = None, tokens: int = PLANNED_TOKENS, window: int | None = None):
+    def config(self, budget_bits: float | None = None, tokens: int = PLANNED_TOKENS, window: int | None = None,
+               sliding: str | None = None):
         """The best `klt` configuration this profile knows within `budget_bits` effective bits per K/V element,
         all overheads counted (sinks, the fp16 window of `window` tokens, key mean and scales), for a cache holding
-        at least `tokens` tokens. None: the recommended budget; window None: default_window(budget_bits)."""
+        at least `tokens` tokens. None: the recommended budget; window None: default_window(budget_bits).
+        sliding (KVCacheConfig.sliding; a profile with sliding layers only): "compressed" (its default) or "full"
+        plan every layer; "fp16" plans the full-attention layers alone within the budget and leaves the sliding
+        layers' fp16 windows outside it."""
         from ..config import KVCacheConfig
         from .klt import plan_klt
 
@@ -126,15 +144,20 @@ class Profile:
             raise ValueError(f"budget_bits must be in [{low:.3f}, {high:.3f}] for profile {self.name!r} with a "
                              f"{window}-token window, got {budget}")
         # Whole bits in all, rounded down, so that plan_klt's total never passes the budget.
-        slots = 2 * len(self.moments) * self.head_dim
+        if sliding is None:
+            sliding = "compressed" if self.sliding_layers else "fp16"
+        layers = self._coded_layers(sliding)
+        slots = 2 * len(layers) * self.head_dim
         code_bits = (budget - self.overhead_bits(tokens, window)) / self._coded_share(tokens, window)
         code_bits = max(math.floor(code_bits * slots) / slots, 8 / self.head_dim)
-        if code_bits not in self._configs:
-            self._configs[code_bits] = plan_klt(self.moments, self.key_weights, self.value_weights, code_bits,
-                                                decomposed=self._decomposed)
-        key_plans, value_plans = self._configs[code_bits]
+        if (code_bits, len(layers)) not in self._configs:
+            pick = lambda items: [items[i] for i in layers]  # noqa: E731
+            self._configs[code_bits, len(layers)] = plan_klt(
+                pick(self.moments), pick(self.key_weights), pick(self.value_weights), code_bits,
+                decomposed=pick(self._decomposed))
+        key_plans, value_plans = self._configs[code_bits, len(layers)]
         return KVCacheConfig(method="klt", sink_tokens=SINK_TOKENS, window=window, key_plans=key_plans,
-                             value_plans=value_plans, profile=self.name, budget_bits=float(budget),
+                             value_plans=value_plans, sliding=sliding, profile=self.name, budget_bits=float(budget),
                              profile_fingerprint=self.fingerprint)
 
     @functools.cached_property
@@ -291,15 +314,17 @@ def _rows(budgets, windows, per_text: dict, tokens: int) -> list:
     return rows
 
 
-def save_profile(profile: Profile, folder: str) -> str:
-    """Write profile.safetensors and profile.json into `folder` (made if missing); returns the folder."""
+def save_profile(profile: Profile, folder: str, dtype=np.float32) -> str:
+    """Write profile.safetensors and profile.json into `folder` (made if missing); returns the folder.
+    dtype np.float16 halves the file; the moments must then hold float16 values already (the fingerprint is
+    of the values stored)."""
     import mlx.core as mx
 
     os.makedirs(folder, exist_ok=True)
     arrays = {}
     for i, layer in enumerate(profile.moments):
         for name in _ARRAYS:
-            arrays[f"{i}.{name}"] = mx.array(np.asarray(layer[name], np.float32))
+            arrays[f"{i}.{name}"] = mx.array(np.asarray(layer[name], np.float32).astype(dtype))
         if layer.get("rope") is not None:
             arrays[f"{i}.rope_frequencies"] = mx.array(np.asarray(layer["rope"][0], np.float32))
     # Each file is written beside and renamed into place: a reader never sees half a profile file.
