@@ -116,7 +116,7 @@ class KVCacheConfig:
 
     def make_cache(self, layer: int = 0, n_layers: int = 1, head_dim=None, n_kv_heads=None, max_size=None):
         """A CompressedKVCache for attention layer `layer` of `n_layers`; with max_size, one of a sliding-window
-        layer that holds at most that many tokens (and no sinks). The cache's constructor takes this config's
+        layer that holds at most that many tokens (its sinks leave the window too). The cache's constructor takes this config's
         field names, per layer (key_scales[layer] as key_scale, ...)."""
         if self.artifact_store is not None:
             load_artifact_store(os.fspath(self.artifact_store))
@@ -129,7 +129,7 @@ class KVCacheConfig:
             key_bits=self.bits_for_layer(False, layer, n_layers),
             value_bits=self.bits_for_layer(True, layer, n_layers),
             seed=self.seed,
-            sink_tokens=self.sink_tokens if max_size is None else 0,
+            sink_tokens=self.sink_tokens,
             window=self.window,
             center_keys=self.center_keys,
             value_method=self.value_method,

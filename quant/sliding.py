@@ -5,7 +5,8 @@ Two kinds, chosen by KVCacheConfig.sliding (KVCacheBuilder.for_model):
 - Float16RotatingKVCache: mlx_lm's RotatingKVCache holding float16 K/V whatever the model computes in. Exact
   attention; a fixed window x layers x fp16 bytes.
 - SlidingCompressedKVCache: a CompressedKVCache that drops the tokens no later query can see. Attention reads the
-  codes like any CompressedKVCache, so the window costs what the codes cost.
+  codes like any CompressedKVCache, so the window costs what the codes cost. Its fp16 sinks (the first tokens,
+  Gemma's <bos> among them) stay exact while they are in the window and leave it like any other token.
 
 Both expose mlx_lm's `make_mask(N, window_size=...)` for what they hold: the model builds one sliding mask from
 the first sliding layer's cache and gives it to all of them, so every sliding layer must hold the same tokens.
@@ -37,15 +38,17 @@ class Float16RotatingKVCache(RotatingKVCache):
 class SlidingCompressedKVCache(CompressedKVCache):
     """CompressedKVCache of a sliding-window layer of `max_size` tokens (a query sees itself and max_size − 1
     before it). Before new tokens are stored, tokens older than the last max_size − 1 are dropped: those are the
-    ones the new queries may see, as in mlx_lm's RotatingKVCache. Sinks would leave the window: refused."""
+    ones the new queries may see, as in mlx_lm's RotatingKVCache. The oldest go first: sinks, then codes, then the
+    front of the fp16 window. A sink dropped is not refilled (sink_tokens shrinks to the sinks still held), so the
+    cache attends to exactly the tokens of the model's own rotating window."""
 
     def __init__(self, *args, max_size: int | None = None, **kwargs):
         # The state setter re-runs __init__ without max_size: it keeps the one set from the state.
         max_size = getattr(self, "max_size", None) if max_size is None else max_size
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
             raise ValueError(f"max_size must be a positive integer (the sliding window), got {max_size!r}")
-        if kwargs.get("sink_tokens"):
-            raise ValueError("sink_tokens: a sliding-window layer cannot keep sinks (they leave its window)")
+        if kwargs.get("sink_tokens", 0) >= max_size:
+            raise ValueError(f"sink_tokens: must be fewer than the {max_size}-token window, got {kwargs['sink_tokens']}")
         self.max_size = max_size
         super().__init__(*args, **kwargs)
 
@@ -54,8 +57,9 @@ class SlidingCompressedKVCache(CompressedKVCache):
         self.n_dropped = 0
 
     def _codes_start(self) -> int:
-        # Position of the first held coded token: keys coded before RoPE are rotated back from there.
-        return self.n_dropped
+        # Position of the first held coded token (after the sinks still held): keys coded before RoPE are rotated
+        # back from there.
+        return self.n_dropped + (0 if self.sink_keys is None else self.sink_keys.shape[2])
 
     @property
     def held(self) -> int:
@@ -66,7 +70,18 @@ class SlidingCompressedKVCache(CompressedKVCache):
         super()._store(keys, values)
 
     def _drop(self, n: int) -> None:
-        """Forget the n oldest tokens: codes first, then the front of the fp16 window."""
+        """Forget the n oldest tokens: sinks first, then codes, then the front of the fp16 window."""
+        if n <= 0:
+            return
+        from_sinks = min(n, 0 if self.sink_keys is None else self.sink_keys.shape[2])
+        if from_sinks:
+            self.sink_tokens = self.sink_keys.shape[2] - from_sinks
+            if self.sink_tokens:
+                self.sink_keys, self.sink_values = self.sink_keys[:, :, from_sinks:], self.sink_values[:, :, from_sinks:]
+            else:
+                self.sink_keys = self.sink_values = None
+        self.n_dropped += from_sinks
+        n -= from_sinks
         if n <= 0:
             return
         from_codes = min(n, self.n_encoded)

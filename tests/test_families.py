@@ -95,13 +95,14 @@ def cache_holding(tokens, like):
     return cache
 
 
+@pytest.mark.parametrize("sinks", [0, 4])
 @pytest.mark.parametrize("family", ["gemma3", "llama-hybrid", "olmo3"])
-def test_sliding_layers_match_mlx_lm_when_nothing_is_coded(family):
+def test_sliding_layers_match_mlx_lm_when_nothing_is_coded(family, sinks):
     """With an fp16 window wider than the prompt nothing is coded: a compressed sliding layer is then a rotating
     fp16 window, and the model's logits must match mlx_lm's own caches over a prompt longer than the window,
-    prefilled in chunks (which checks the masks and what is dropped when)."""
+    prefilled in chunks (which checks the masks and what is dropped when; fp16 sinks must leave the window too)."""
     model = build(family)
-    ours = KVCacheBuilder.for_model(model, KVCacheConfig(window=4 * PROMPT, sliding="compressed"))
+    ours = KVCacheBuilder.for_model(model, KVCacheConfig(window=4 * PROMPT, sink_tokens=sinks, sliding="compressed"))
     theirs = make_prompt_cache(model)
     tokens = prompt_tokens()
     for start in range(0, PROMPT, 8):
@@ -111,6 +112,29 @@ def test_sliding_layers_match_mlx_lm_when_nothing_is_coded(family):
     for step in range(3):
         token = mx.array([[step + 5]])
         assert mx.allclose(model(token, cache=ours), model(token, cache=theirs), atol=2e-2, rtol=1e-2)
+    assert all(c.sink_keys is None for c in ours if isinstance(c, SlidingCompressedKVCache))
+
+
+def test_sliding_sinks_leave_with_their_window_and_coded_tokens_keep_their_positions():
+    """Gemma's shape: 4 fp16 sinks stay exact while the window holds them, the oldest tokens leave in order
+    (sinks, codes, window), and attention equals SDPA over what the cache decodes at every step."""
+    model = build("gemma3")
+    caches = KVCacheBuilder.for_model(model, KVCacheConfig(key_bits=4, sink_tokens=4, sliding="compressed"))
+    sliding = [c for c in caches if isinstance(c, SlidingCompressedKVCache)]
+    tokens = prompt_tokens()
+    for start in range(0, PROMPT, 4):
+        model(tokens[None, start : start + 4], cache=caches)
+        for cache in sliding:
+            assert cache.held <= WINDOW - 1 + 4 and cache.offset == start + 4
+            held_sinks = 0 if cache.sink_keys is None else cache.sink_keys.shape[2]
+            assert held_sinks == max(0, 4 - cache.n_dropped) and cache.sink_tokens == held_sinks
+            keys, values = cache.dequantized()
+            assert keys.shape[2] == cache.held
+            q = mx.random.normal((1, 4, 1, cache.head_dim), key=mx.random.key(start))
+            expected = mx.fast.scaled_dot_product_attention(q, keys.astype(mx.float32), values.astype(mx.float32),
+                                                            scale=cache.head_dim**-0.5)
+            # dequantized() rounds K̂/V̂ to fp16, the attention does not: ~1e-3 apart with or without sinks.
+            assert mx.allclose(cache.attention(q, scale=cache.head_dim**-0.5), expected, atol=3e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen3", "llama-hybrid"])
