@@ -117,7 +117,7 @@ def compressed_attention(
         if kernel is not None:
             return gpu.attention(queries, segments[0], key_method, value_method, scale, kernel)[0]
     path = dispatch.choose(backend, queries, segments, key_method, value_method, mask)
-    if path not in dispatch.GPU_PATHS:
+    if path not in (*dispatch.GPU_PATHS, "cpu"):  # those read `length` tokens of the buffers they are handed
         segments = [s.held() if s.is_codes else s for s in segments]
     if path == "pure":
         return _pure_attention(queries, segments, n_kv_heads, key_method, value_method, scale, mask)

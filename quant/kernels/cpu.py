@@ -258,7 +258,7 @@ def cpu_supported(key_method, value_method, tokens: int | None = None) -> bool:
 def _code_tensor(codes: dict) -> tuple:
     """A segment's (B, H, T, ·) code arrays as the kernel's strided view (no copy), and the arrays kept alive."""
     idx, scale = np.asarray(codes["idx"]), np.asarray(codes["norm"])
-    if idx.strides[-1] != 1:
+    if idx.strides[-1] != 1 or idx.strides[2] < idx.shape[3]:  # the kernel reads each token's bytes as its own
         idx = np.ascontiguousarray(idx)
     item = scale.itemsize
     struct = _Codes(idx.ctypes.data, scale.ctypes.data, *idx.strides[:3],
@@ -295,6 +295,11 @@ def _padded_synthesis(key_method, H: int, padded: int) -> np.ndarray:
     return hit[1]
 
 
+def _numpy32(a: mx.array) -> np.ndarray:
+    """An evaluated fp16/fp32 MLX array as fp32 numpy (numpy reads both without a copy; bf16 goes through MLX)."""
+    return np.asarray(a if a.dtype in (mx.float16, mx.float32) else a.astype(mx.float32)).astype(np.float32, copy=False)
+
+
 def _pre_rope(segment, key_method, B: int, H: int) -> tuple:
     """The kernel's description of keys coded before RoPE: RoPE's angles, the synthesis per head and the key
     mean, their rows zero-padded to whole pairs of vectors (16 floats)."""
@@ -306,17 +311,35 @@ def _pre_rope(segment, key_method, B: int, H: int) -> tuple:
     mean = None
     if segment.key_mean is not None:
         mean = np.zeros((B, H, padded), np.float32)
-        mean[..., :d] = np.asarray(segment.key_mean.astype(mx.float32))[:, :, 0]
+        mean[..., :d] = _numpy32(segment.key_mean)[:, :, 0]
     struct = _PreRope(omega.size, int(traditional), omega.ctypes.data, int(first_position), synthesis_t.ctypes.data,
                       None if mean is None else mean.ctypes.data, *((0, 0) if mean is None else
                       (mean.strides[0] // 4, mean.strides[1] // 4)), padded)
     return struct, (omega, synthesis_t, mean)
 
 
-def _code_part(q, segment, key_method, value_method, allowed) -> tuple:
+_MATRICES = {}
+
+
+def _head_matrices(method, side: str, H: int, dim: int) -> np.ndarray:
+    """(H, dim, ·) fp32: the method's rotate_query (side "query") or unrotate ("output") as one matrix per head,
+    read once per method by applying it to the unit vectors. Both are linear maps of the last axis (a rotation,
+    klt's synthesis, a key scale), and a numpy product of one decode step's few rows costs microseconds where
+    the method's MLX ops cost tens each on this path."""
+    key = (id(method), side, H)
+    hit = _MATRICES.get(key)
+    if hit is None or hit[0] is not method:
+        basis = mx.broadcast_to(mx.eye(dim)[None, None, None], (1, H, 1, dim, dim))
+        mapped = (method.rotate_query if side == "query" else method.unrotate)(basis).astype(mx.float32)
+        hit = _MATRICES[key] = (method, np.ascontiguousarray(np.asarray(mapped)[0, :, 0]))
+    return hit[1]
+
+
+def _code_part(q: np.ndarray, segment, key_method, value_method, allowed) -> tuple:
     """One code segment in the native kernel: (out (B, Hkv, g·L, m) fp32 in the values' rotated domain,
-    normalised; lse (B, Hkv, g·L)), numpy. q: (B, Hkv, g, L, D) fp32, scaled; allowed: the mask over the
-    segment's positions (None, bool or additive), evaluated."""
+    normalised; lse (B, Hkv, g·L)), numpy. q: (B, Hkv, g, L, D) fp32 numpy, scaled; allowed: the mask over the
+    segment's positions (None, bool or additive), evaluated; the segment's codes evaluated and read up to its
+    length."""
     library = native_library()
     key_layout, value_layout = code_layout(key_method), code_layout(value_method)
     B, H, g, L, D = q.shape
@@ -324,11 +347,10 @@ def _code_part(q, segment, key_method, value_method, allowed) -> tuple:
     pre_rope = segment.key_rope is not None
     if pre_rope and not isinstance(key_method, KLT):
         raise ValueError("keys coded before RoPE need a klt key method")
-    queries = q if pre_rope else key_method.rotate_query(q)
-    queries = queries.astype(mx.float32).reshape(B, H, R, -1)
-    mx.eval(queries, segment.key_codes, segment.value_codes)
-
-    q_np = np.ascontiguousarray(np.asarray(queries))
+    queries = q.reshape(B, H, R, D)
+    if not pre_rope:
+        queries = queries @ _head_matrices(key_method, "query", H, D)[None]
+    q_np = np.ascontiguousarray(queries, np.float32)
     keys, keep_k = _code_tensor(segment.key_codes)
     values, keep_v = _code_tensor(segment.value_codes)
     masking, keep_m = _masking(allowed, B, H, g, L, T)
@@ -346,15 +368,15 @@ def _code_part(q, segment, key_method, value_method, allowed) -> tuple:
     if status != 0:
         raise RuntimeError("the CPU attention kernel refused its sizes or ran out of memory")
     if segment.key_mean is not None and not pre_rope:  # keys were coded as k - mean: q.mean per row back
-        mean = np.asarray(segment.key_mean.astype(mx.float32))[:, :, 0]  # (B, H, D)
-        lse = lse + np.einsum("bhrd,bhd->bhr", np.asarray(q).reshape(B, H, R, D), mean)
+        mean = _numpy32(segment.key_mean)[:, :, 0]  # (B, H, D)
+        lse = lse + np.einsum("bhrd,bhd->bhr", q.reshape(B, H, R, D), mean)
     return out, lse
 
 
 def _exact_part(q: np.ndarray, segment, allowed) -> tuple:
     """fp16 tokens (sinks, window) in numpy: (out (B, Hkv, g·L, D), lse (B, Hkv, g·L)). q: (B, Hkv, g, L, D)."""
     B, H, g, L, D = q.shape
-    keys = np.asarray(segment.keys.astype(mx.float32))  # (B, H, t, D)
+    keys = _numpy32(segment.keys)  # (B, H, t, D)
     scores = np.einsum("bhgld,bhtd->bhglt", q, keys)
     if allowed is not None:
         allowed = np.asarray(allowed)
@@ -365,7 +387,7 @@ def _exact_part(q: np.ndarray, segment, allowed) -> tuple:
     peak = np.where(np.isinf(peak), 0.0, peak)
     weights = np.exp(scores - peak)
     total = weights.sum(-1, keepdims=True)
-    values = np.asarray(segment.values.astype(mx.float32))
+    values = _numpy32(segment.values)
     out = np.einsum("bhglt,bhtd->bhgld", weights, values) / np.maximum(total, 1e-30)
     with np.errstate(divide="ignore"):
         lse = (peak + np.log(total))[..., 0]
@@ -374,38 +396,38 @@ def _exact_part(q: np.ndarray, segment, allowed) -> tuple:
 
 def cpu_attention(q, segments, key_method, value_method, allowed_for) -> mx.array:
     """Attention over every segment (fp16 and codes) on the CPU: code segments in the native kernel, fp16
-    ones and the exact merge of all in numpy (a few microseconds where MLX ops cost tens each on this path),
-    then one un-rotation of the code segments' share. q: (B, Hkv, g, L, D) fp32, already scaled;
-    allowed_for(start, size): the caller's mask over positions [start, start + size) (None, bool or additive).
-    Returns (B, Hkv, g, L, D) fp32."""
+    ones, the exact merge of all and the query's rotation and the output's un-rotation in numpy (a few
+    microseconds each where MLX ops cost tens on this path): one evaluation of the inputs, one array out.
+    q: (B, Hkv, g, L, D) fp32, already scaled; allowed_for(start, size): the caller's mask over positions
+    [start, start + size) (None, bool or additive). Code segments may hand over buffers longer than their
+    length (the kernel reads `length` tokens). Returns (B, Hkv, g, L, D) fp32."""
     if native_library() is None or code_layout(key_method) is None or code_layout(value_method) is None:
         raise ValueError("the CPU kernel does not cover these methods (or no C compiler built it)")
     B, H, g, L, D = q.shape
     starts = np.cumsum([0] + [s.length for s in segments[:-1]])
     masks = [allowed_for(int(start), s.length) for start, s in zip(starts, segments)]
-    mx.eval(q, *[m for m in masks if m is not None])
+    codes = [codes for s in segments if s.is_codes and s.length for codes in (s.key_codes, s.value_codes)]
+    mx.eval(q, *[m for m in masks if m is not None], codes)
     q_np = np.asarray(q)
     coded, exact = [], []
     for segment, allowed in zip(segments, masks):
         if segment.length == 0:
             continue
         if segment.is_codes:
-            coded.append(_code_part(q, segment, key_method, value_method, allowed))
+            coded.append(_code_part(q_np, segment, key_method, value_method, allowed))
         else:
             exact.append(_exact_part(q_np, segment, allowed))
     peak = np.max([lse for _, lse in coded + exact], axis=0)
     peak = np.where(np.isinf(peak), 0.0, peak)
     weights = [np.exp(lse - peak) for _, lse in coded + exact]
     total = np.maximum(sum(weights), 1e-30)
-    result = None
+    result = np.zeros((B, H, g * L, D), np.float32)
     if coded:
         rotated = sum(w[..., None] * out for w, (out, _) in zip(weights, coded)) / total[..., None]
-        result = value_method.unrotate(mx.array(rotated.reshape(B, H, g, L, -1)))
+        result += rotated @ _head_matrices(value_method, "output", H, value_method.rotated_dim)[None]
     if exact:
-        plain = sum(w[..., None] * out for w, (out, _) in zip(weights[len(coded):], exact)) / total[..., None]
-        plain = mx.array(plain.reshape(B, H, g, L, D).astype(np.float32))
-        result = plain if result is None else result + plain
-    return result
+        result += sum(w[..., None] * out for w, (out, _) in zip(weights[len(coded):], exact)) / total[..., None]
+    return mx.array(result.reshape(B, H, g, L, D))
 
 
 # ---- encode -------------------------------------------------------------------------------------------

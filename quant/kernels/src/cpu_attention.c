@@ -65,46 +65,9 @@ static inline float token_scale(const code_layout *L, const code_tensor *c, int6
 
 // Codes of up to 4 bits: the 8 codes of a group shifted into 8 lanes at once, looked up in the 16-entry table
 // by two register permutes (vpermps on AVX2) and a select. Wider codes: one table read per coordinate.
-// Every group reads an 8-byte window, up to 7 bytes past the token's codes; bits past a group's codes only
-// reach lanes that the next group or the row's padding overwrite. `followed`: another token's codes follow
-// this one's in memory, so the window is read in place; else the codes are first copied beside 8 zero bytes.
 // Lane k of a group of b-bit codes starts at bit k * b of its window.
 static const v8ui LANE_SHIFTS[5] = {{0}, {0, 1, 2, 3, 4, 5, 6, 7}, {0, 2, 4, 6, 8, 10, 12, 14},
                                     {0, 3, 6, 9, 12, 15, 18, 21}, {0, 4, 8, 12, 16, 20, 24, 28}};
-
-static inline void decode_token(const code_layout *L, const uint8_t *restrict src, int followed, float *restrict z) {
-    uint8_t padded[MAX_BYTES + 8];
-    const uint8_t *buf = src;
-    if (!followed) {
-        memcpy(padded, src, (size_t)L->bytes);
-        memset(padded + L->bytes, 0, 8);
-        buf = padded;
-    }
-    const int32_t *restrict coord = L->group_coord, *restrict offset = L->group_offset;
-    const int32_t *restrict bits = L->group_bits, *restrict count = L->group_count, *restrict table = L->group_table;
-    for (int g = 0; g < L->n_groups; g++) {
-        const int off = offset[g], b = bits[g];
-        uint64_t window;
-        memcpy(&window, buf + (off >> 3), 8);
-        window >>= off & 7;
-        const float *restrict centroids = L->centroids + table[g];
-        float *restrict to = z + coord[g];
-        if (b <= 4) {  // lanes past the group's count are overwritten by the next group or padding
-            const v8i idx = (v8i)((((v8ui){0} + (uint32_t)window) >> LANE_SHIFTS[b]) & ((1u << b) - 1));
-            const v8 low = *(const v8u *)centroids;
-            if (b < 4) {  // at most 8 centroids: one permute
-                *(v8u *)to = __builtin_shuffle(low, idx);
-            } else {
-                const v8 high = *(const v8u *)(centroids + 8);
-                const v8i upper = idx > 7;
-                *(v8u *)to = (v8)(((v8i)__builtin_shuffle(low, idx) & ~upper) | ((v8i)__builtin_shuffle(high, idx) & upper));
-            }
-        } else {
-            const uint64_t mask = (1u << b) - 1;
-            for (int k = 0; k < count[g]; k++) to[k] = centroids[(window >> (k * b)) & mask];
-        }
-    }
-}
 
 // The common layout (TurboQuant-MSE, uniform klt): one run of 1, 2 or 4 bits over whole groups of 8, so
 // group g's codes are b whole bytes at byte g * b: read in place (no window past the token) and, with b a
@@ -135,14 +98,49 @@ static inline __attribute__((always_inline)) void decode_uniform_bits(const code
     }
 }
 
-// decode_token, through the constant-width loops where the layout allows (uniform: uniform_bits' answer).
-static inline void decode_any(const code_layout *L, int uniform, const uint8_t *restrict src, int followed,
-                              float *restrict z) {
+// A block's n tokens decoded into rows of z (`stride` floats apart); src[t]: token t's codes, followed in
+// memory by at least 8 readable bytes (the caller copies a segment's last token beside zeros). Uniform
+// layouts (uniform_bits' answer) go token by token through the constant-width loops. Mixed layouts go group by
+// group over the block's tokens: a group's bit offset, width, shifts and centroids are read once per block and
+// stay in registers across its tokens, where one token at a time re-read them for every group.
+static void decode_block(const code_layout *L, int uniform, const uint8_t *const *src, int n, float *restrict z,
+                         int stride) {
     switch (uniform) {
-        case 4: decode_uniform_bits(L, 4, src, z); break;
-        case 2: decode_uniform_bits(L, 2, src, z); break;
-        case 1: decode_uniform_bits(L, 1, src, z); break;
-        default: decode_token(L, src, followed, z);
+        case 4: for (int t = 0; t < n; t++) decode_uniform_bits(L, 4, src[t], z + t * stride); return;
+        case 2: for (int t = 0; t < n; t++) decode_uniform_bits(L, 2, src[t], z + t * stride); return;
+        case 1: for (int t = 0; t < n; t++) decode_uniform_bits(L, 1, src[t], z + t * stride); return;
+    }
+    for (int g = 0; g < L->n_groups; g++) {
+        const int off = L->group_offset[g], b = L->group_bits[g], count = L->group_count[g];
+        const int byte = off >> 3, shift = off & 7;
+        const float *restrict centroids = L->centroids + L->group_table[g];
+        float *restrict to = z + L->group_coord[g];
+        if (b <= 4) {  // lanes past the group's count are overwritten by the next group or padding
+            const v8ui lane_shifts = LANE_SHIFTS[b], mask = (v8ui){0} + ((1u << b) - 1);
+            const v8 low = *(const v8u *)centroids, high = *(const v8u *)(centroids + 8);
+            for (int t = 0; t < n; t++) {
+                uint64_t window;
+                memcpy(&window, src[t] + byte, 8);
+                const v8i idx = (v8i)((((v8ui){0} + (uint32_t)(window >> shift)) >> lane_shifts) & mask);
+                v8 out;
+                if (b < 4) {  // at most 8 centroids: one permute
+                    out = __builtin_shuffle(low, idx);
+                } else {
+                    const v8i upper = idx > 7;
+                    out = (v8)(((v8i)__builtin_shuffle(low, idx) & ~upper) | ((v8i)__builtin_shuffle(high, idx) & upper));
+                }
+                *(v8u *)(to + t * stride) = out;
+            }
+        } else {
+            const uint64_t mask = (1u << b) - 1;
+            for (int t = 0; t < n; t++) {
+                uint64_t window;
+                memcpy(&window, src[t] + byte, 8);
+                window >>= shift;
+                float *restrict row = to + t * stride;
+                for (int k = 0; k < count; k++) row[k] = centroids[(window >> (k * b)) & mask];
+            }
+        }
     }
 }
 
@@ -299,6 +297,7 @@ static inline int row_stride(int dim) { return (dim + 8 + 15) & ~15; }  // + 8: 
 typedef struct {  // one thread's buffers, 32-byte aligned
     float *q, *scores, *zk, *zv, *C, *S, *x;
     int32_t *partner;
+    uint8_t *kpad, *vpad;  // a segment's last token's codes, then zeros: decode_block reads 8 bytes past a group
 } scratch;
 
 // One work item: batch b, tokens [t0, t1), every kv head and row. Writes per (h, r): max, sum and acc (rows of
@@ -327,16 +326,21 @@ static void attend_chunk(int64_t b, int64_t t0, int64_t t1, int64_t T, int H, in
         if (P) rope_table(P, P->first_position + s, n, qdim, kstride, w->C, w->S);
         for (int64_t h = 0; h < H; h++) {
             float kscale[BLOCK], vscale[BLOCK] __attribute__((aligned(32)));
+            const uint8_t *ksrc[BLOCK], *vsrc[BLOCK];
             for (int t = 0; t < n; t++) {
-                float *z = w->zk + t * kstride;
-                const int last = s + t + 1 == T;  // else token s + t + 1's codes follow (codes_t >= bytes)
-                decode_any(K, kuniform, kc->codes + b * kc->codes_b + h * kc->codes_h + (s + t) * kc->codes_t,
-                           !last && kc->codes_t >= K->bytes, z);
+                ksrc[t] = kc->codes + b * kc->codes_b + h * kc->codes_h + (s + t) * kc->codes_t;
+                vsrc[t] = vc->codes + b * vc->codes_b + h * vc->codes_h + (s + t) * vc->codes_t;
                 kscale[t] = token_scale(K, kc, b, h, s + t);
                 vscale[t] = token_scale(V, vc, b, h, s + t);
-                decode_any(V, vuniform, vc->codes + b * vc->codes_b + h * vc->codes_h + (s + t) * vc->codes_t,
-                           !last && vc->codes_t >= V->bytes, w->zv + t * vstride);
             }
+            if (s + n == T) {  // the segment's last token: nothing of ours need follow its codes
+                memcpy(w->kpad, ksrc[n - 1], (size_t)K->bytes);
+                memcpy(w->vpad, vsrc[n - 1], (size_t)V->bytes);
+                ksrc[n - 1] = w->kpad;
+                vsrc[n - 1] = w->vpad;
+            }
+            decode_block(K, kuniform, ksrc, n, w->zk, kstride);
+            decode_block(V, vuniform, vsrc, n, w->zv, vstride);
             for (int t = n; t < vectors * LANES; t++) vscale[t] = 0;
             if (P) {  // x = scale * S z + mean, turned by RoPE: scored in the head's own domain
                 const int dp = P->dim_padded;
@@ -399,6 +403,7 @@ int kvshard_attend(const float *q, int B, int H, int R, int qdim, int64_t T, con
                    const masking *M, int chunk_tokens, int threads, float *out, float *lse) {
     if (K->dim > MAX_DIM || V->dim > MAX_DIM || qdim > MAX_DIM || K->bytes > MAX_BYTES || V->bytes > MAX_BYTES)
         return -1;
+    if (T > 1 && (kc->codes_t < K->bytes || vc->codes_t < V->bytes)) return -1;  // tokens' codes must not overlap
     if (P ? (P->dim_padded % (2 * LANES) || P->dim_padded < qdim || P->dim_padded > row_stride(qdim)) : qdim != K->dim)
         return -1;
     const int mv = V->dim, vstride = row_stride(mv), kstride = row_stride(K->dim > qdim ? K->dim : qdim);
@@ -415,8 +420,9 @@ int kvshard_attend(const float *q, int B, int H, int R, int qdim, int64_t T, con
                          aligned_floats((size_t)(BLOCK + SYN_TOKENS) * kstride), aligned_floats((size_t)BLOCK * vstride),
                          aligned_floats((size_t)(P ? BLOCK * kstride : 1)),
                          aligned_floats((size_t)(P ? BLOCK * kstride : 1)),
-                         aligned_floats((size_t)(P ? BLOCK * kstride : 1)), aligned_alloc(32, 4 * MAX_DIM)};
-            if (!w.q || !w.scores || !w.zk || !w.zv || !w.C || !w.S || !w.x || !w.partner) {
+                         aligned_floats((size_t)(P ? BLOCK * kstride : 1)), aligned_alloc(32, 4 * MAX_DIM),
+                         aligned_floats((MAX_BYTES + 8) / 4), aligned_floats((MAX_BYTES + 8) / 4)};
+            if (!w.q || !w.scores || !w.zk || !w.zv || !w.C || !w.S || !w.x || !w.partner || !w.kpad || !w.vpad) {
 #pragma omp atomic write
                 failed = 1;
             } else {
@@ -429,6 +435,7 @@ int kvshard_attend(const float *q, int B, int H, int R, int qdim, int64_t T, con
                 }
             }
             free(w.q); free(w.scores); free(w.zk); free(w.zv); free(w.C); free(w.S); free(w.x); free(w.partner);
+            free(w.kpad); free(w.vpad);
         }
     }
     if (!failed) {
