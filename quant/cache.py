@@ -284,6 +284,8 @@ class CompressedKVCache(_BaseCache):
     def _unrope(self, keys: mx.array, start: int) -> mx.array:
         if self._key_rope is None:
             return keys
+        if keys.shape[2] <= kernels.SMALL_APPEND_TOKENS and kernels.gpu_backend() is None:  # a CPU decode step
+            return kernels.rotate_rows(keys, start, *self._key_rope, inverse=True)
         return rotate(keys.astype(mx.float32), start, *self._key_rope, inverse=True)
 
     def _encode(self, keys: mx.array, values: mx.array) -> None:

@@ -17,7 +17,7 @@ from kvshard.quant.cache import CompressedKVCache
 from kvshard.quant.kernels import cpu
 from kvshard.quant.methods import make_method
 from kvshard.quant.methods.klt import KLT, KLTPlan
-from kvshard.quant.rope import rope_frequencies
+from kvshard.quant.rope import rope_frequencies, rotate
 
 pytestmark = pytest.mark.skipif(cpu.native_library() is None, reason="no C compiler to build the CPU kernel")
 
@@ -107,6 +107,21 @@ def test_head_dims_off_the_vector_width(kind, head_dim):
     cache = _cache(kind, head_dim, heads)
     cache.append(*_keys_values(1, heads, 257, head_dim))
     queries = mx.random.normal((1, 2 * heads, 1, head_dim))
+    native, portable = _attend(cache, queries, "cpu"), _attend(cache, queries, "pure")
+    assert _max_err(native, portable) < 2e-5 * max(1.0, mx.abs(portable).max().item())
+
+
+@pytest.mark.parametrize("kind", ["tq4/4", "klt pre-rope"])
+@pytest.mark.parametrize("head_dim", [64, 36])
+def test_decode_with_sinks_and_window(kind, head_dim):
+    """A decode step over fp16 sinks, codes and an fp16 window: the fp16 tokens go through the kernel's fp16
+    layout (head_dim 36: a tail of 4 past whole vectors) and merge with the codes as the portable path does."""
+    heads = 2
+    cache = _cache(kind, head_dim, heads)
+    cache.sink_tokens, cache.window = 4, 21
+    cache.append(*_keys_values(1, heads, 500, head_dim))
+    assert [s.is_codes for s in cache.segments()] == [False, True, False]
+    queries = mx.random.normal((1, 3 * heads, 1, head_dim))
     native, portable = _attend(cache, queries, "cpu"), _attend(cache, queries, "pure")
     assert _max_err(native, portable) < 2e-5 * max(1.0, mx.abs(portable).max().item())
 
@@ -210,15 +225,18 @@ def test_kernel_is_built_once_per_source_and_flags(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
 
 
+@pytest.mark.parametrize("tokens", [700, 5])
 @pytest.mark.parametrize("kind", ["mixed bits, 8-bit scale", "mixed bits, fp16 scale", "uncalibrated", "head_dim 40"])
-def test_klt_encode_matches_the_method(kind):
+def test_klt_encode_matches_the_method(kind, tokens):
     """The native klt encode (src/cpu_encode.c) against method.encode: the same codes and scales on all but
     values within float rounding of a boundary (its sums run in another order); packing order, nearest-centroid
-    search, the two scale refits and both scale formats would each change most tokens if wrong."""
+    search, the two scale refits and both scale formats would each change most tokens if wrong. 5 tokens: a
+    decode step's append, whose transform runs in numpy."""
+    assert 5 <= cpu.SMALL_APPEND_TOKENS < 700
     head_dim = 40 if kind == "head_dim 40" else 64
     plan = None if kind == "uncalibrated" else _plan(3, head_dim, _klt_bits(head_dim), 16 if "fp16" in kind else 8)
     method = KLT(head_dim, 3, plan=plan)
-    x, _ = _keys_values(2, 3, 700, head_dim)
+    x, _ = _keys_values(2, 3, tokens, head_dim)
     expected, native = method.encode(x), cpu.native_encode(method, x)
     assert native["idx"].dtype == expected["idx"].dtype and native["norm"].dtype == expected["norm"].dtype
     codes_a, codes_b = np.asarray(expected["idx"]), np.asarray(native["idx"])
@@ -237,6 +255,19 @@ def test_turboquant_encode_is_the_methods_bit_for_bit(bits, head_dim):
     x, _ = _keys_values(2, 3, 300, head_dim)
     expected, native = method.encode(x), cpu.native_encode(method, x)
     assert mx.array_equal(native["idx"], expected["idx"]) and mx.array_equal(native["norm"], expected["norm"])
+
+
+@pytest.mark.parametrize("traditional", [True, False])
+@pytest.mark.parametrize("inverse", [True, False])
+def test_rotate_rows_is_ropes_rotate(traditional, inverse):
+    """A decode step's RoPE in numpy (kernels.rotate_rows) against quant/rope.py's mx.fast.rope: one swapped
+    sign or pair layout would be off by the keys' size. At position ~8K, mx.fast.rope's float32 angles are off
+    by up to ~5e-4 rad (ours are float64), hence the looser bound there."""
+    x = mx.random.normal((2, 3, 4, 64))
+    frequencies, _ = _rope(64, traditional)
+    for offset, bound in ((3, 2e-5), (8189, 3e-3)):
+        ours = kernels.rotate_rows(x, offset, frequencies, traditional, inverse=inverse)
+        assert _max_err(ours, rotate(x, offset, frequencies, traditional, inverse=inverse)) < bound
 
 
 def test_klt_cache_appends_through_the_native_encode(monkeypatch):

@@ -16,8 +16,8 @@ import os
 import mlx.core as mx
 
 from . import gpu
-from .cpu import (CPU_ENCODE_MIN_ELEMENTS, CPU_MIN_TOKENS, cpu_attention, cpu_encode,  # noqa: F401
-                  cpu_supported, native_encode)
+from .cpu import (CPU_ENCODE_MIN_ELEMENTS, CPU_MIN_TOKENS, SMALL_APPEND_TOKENS, cpu_attention,  # noqa: F401
+                  cpu_encode, cpu_supported, native_encode, rotate_rows)
 from .dispatch import BACKENDS, ENV_BACKEND, gpu_backend, requested_backend  # noqa: F401 (the package's API)
 
 

@@ -151,7 +151,7 @@ GROUP_FIELDS = ("group_coord", "group_offset", "group_bits", "group_count", "gro
 class _Layout(ctypes.Structure):
     _fields_ = [("dim", ctypes.c_int32), ("bytes", ctypes.c_int32), ("n_groups", ctypes.c_int32)] + [
         (name, _i32) for name in GROUP_FIELDS] + [
-        ("centroids", _f32), ("scale_table", _f32)]
+        ("centroids", _f32), ("scale_table", _f32), ("fp16", ctypes.c_int32)]
 
 
 class _Codes(ctypes.Structure):
@@ -203,7 +203,21 @@ class CodeLayout:
             a[name] = np.asarray([group[k] for group in groups], np.int32)
         self.dim = coord
         self.struct = _Layout(coord, width, len(groups), *(_ptr(a[name], _i32) for name in GROUP_FIELDS),
-                              _ptr(a["centroids"], _f32), _ptr(a["scale_table"], _f32) if "scale_table" in a else None)
+                              _ptr(a["centroids"], _f32), _ptr(a["scale_table"], _f32) if "scale_table" in a else None,
+                              0)
+
+
+class Float16Layout:
+    """The kernel's layout of fp16 tokens (sinks, the recent window): the values themselves, no scale."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.struct = _Layout(dim, 2 * dim, 0, *([None] * len(GROUP_FIELDS)), None, None, 1)
+
+
+@lru_cache(maxsize=None)
+def _float16_layout(dim: int) -> Float16Layout:
+    return Float16Layout(dim)
 
 
 _LAYOUTS = {}
@@ -335,42 +349,61 @@ def _head_matrices(method, side: str, H: int, dim: int) -> np.ndarray:
     return hit[1]
 
 
+def _attend_native(queries: np.ndarray, T: int, key_layout, keys: dict, value_layout, values: dict, rope, allowed,
+                   g: int, L: int) -> tuple:
+    """The native kernel over T tokens of one segment: (out (B, Hkv, R, value dim) fp32, normalised; lse (B, Hkv,
+    R)), numpy. queries: (B, Hkv, R = g·L, ·) fp32 as the kernel scores them; keys, values: the segment's code
+    arrays (or fp16 tokens), evaluated."""
+    B, H, R, _ = queries.shape
+    q_np = np.ascontiguousarray(queries, np.float32)
+    key_tensor, keep_k = _code_tensor(keys)
+    value_tensor, keep_v = _code_tensor(values)
+    masking, keep_m = _masking(allowed, B, H, g, L, T)
+    out = np.empty((B, H, R, value_layout.dim), np.float32)
+    lse = np.empty((B, H, R), np.float32)
+    threads = _threads()
+    chunk = max(CHUNK_TOKENS, -(-T // (4 * threads)))
+    status = native_library().kvshard_attend(
+        _ptr(q_np, _f32), B, H, R, q_np.shape[-1], ctypes.c_int64(T), ctypes.byref(key_layout.struct),
+        ctypes.byref(key_tensor), ctypes.byref(value_layout.struct), ctypes.byref(value_tensor),
+        ctypes.byref(rope) if rope is not None else None, ctypes.byref(masking), chunk, threads,
+        _ptr(out, _f32), _ptr(lse, _f32))
+    del keep_k, keep_v, keep_m
+    if status != 0:
+        raise RuntimeError("the CPU attention kernel refused its sizes or ran out of memory")
+    return out, lse
+
+
 def _code_part(q: np.ndarray, segment, key_method, value_method, allowed) -> tuple:
     """One code segment in the native kernel: (out (B, Hkv, g·L, m) fp32 in the values' rotated domain,
     normalised; lse (B, Hkv, g·L)), numpy. q: (B, Hkv, g, L, D) fp32 numpy, scaled; allowed: the mask over the
     segment's positions (None, bool or additive), evaluated; the segment's codes evaluated and read up to its
     length."""
-    library = native_library()
-    key_layout, value_layout = code_layout(key_method), code_layout(value_method)
     B, H, g, L, D = q.shape
-    R, T = g * L, segment.length
     pre_rope = segment.key_rope is not None
     if pre_rope and not isinstance(key_method, KLT):
         raise ValueError("keys coded before RoPE need a klt key method")
-    queries = q.reshape(B, H, R, D)
+    queries = q.reshape(B, H, g * L, D)
     if not pre_rope:
         queries = queries @ _head_matrices(key_method, "query", H, D)[None]
-    q_np = np.ascontiguousarray(queries, np.float32)
-    keys, keep_k = _code_tensor(segment.key_codes)
-    values, keep_v = _code_tensor(segment.value_codes)
-    masking, keep_m = _masking(allowed, B, H, g, L, T)
     rope, keep_r = _pre_rope(segment, key_method, B, H) if pre_rope else (None, None)
-    out = np.empty((B, H, R, value_layout.dim), np.float32)
-    lse = np.empty((B, H, R), np.float32)
-    threads = _threads()
-    chunk = max(CHUNK_TOKENS, -(-T // (4 * threads)))
-    status = library.kvshard_attend(
-        _ptr(q_np, _f32), B, H, R, q_np.shape[-1], ctypes.c_int64(T), ctypes.byref(key_layout.struct),
-        ctypes.byref(keys), ctypes.byref(value_layout.struct), ctypes.byref(values),
-        ctypes.byref(rope) if rope is not None else None, ctypes.byref(masking), chunk, threads,
-        _ptr(out, _f32), _ptr(lse, _f32))
-    del keep_k, keep_v, keep_m, keep_r
-    if status != 0:
-        raise RuntimeError("the CPU attention kernel refused its sizes or ran out of memory")
+    out, lse = _attend_native(queries, segment.length, code_layout(key_method), segment.key_codes,
+                              code_layout(value_method), segment.value_codes, rope, allowed, g, L)
+    del keep_r
     if segment.key_mean is not None and not pre_rope:  # keys were coded as k - mean: q.mean per row back
         mean = _numpy32(segment.key_mean)[:, :, 0]  # (B, H, D)
-        lse = lse + np.einsum("bhrd,bhd->bhr", q.reshape(B, H, R, D), mean)
+        lse = lse + np.einsum("bhrd,bhd->bhr", q.reshape(B, H, g * L, D), mean)
     return out, lse
+
+
+def _float16_part(q: np.ndarray, segment, allowed) -> tuple:
+    """fp16 tokens (sinks, window) in the native kernel, read as they are held: (out (B, Hkv, g·L, D), lse)."""
+    B, H, g, L, D = q.shape
+    layout = _float16_layout(D)
+    keys, values = (a if a.strides[-1] == 2 else np.ascontiguousarray(a)
+                    for a in (np.asarray(segment.keys), np.asarray(segment.values)))
+    return _attend_native(q.reshape(B, H, g * L, D), segment.length, layout, {"idx": keys.view(np.uint8), "norm": keys},
+                          layout, {"idx": values.view(np.uint8), "norm": values}, None, allowed, g, L)
 
 
 def _exact_part(q: np.ndarray, segment, allowed) -> tuple:
@@ -406,8 +439,8 @@ def cpu_attention(q, segments, key_method, value_method, allowed_for) -> mx.arra
     B, H, g, L, D = q.shape
     starts = np.cumsum([0] + [s.length for s in segments[:-1]])
     masks = [allowed_for(int(start), s.length) for start, s in zip(starts, segments)]
-    codes = [codes for s in segments if s.is_codes and s.length for codes in (s.key_codes, s.value_codes)]
-    mx.eval(q, *[m for m in masks if m is not None], codes)
+    held = [(s.key_codes, s.value_codes) if s.is_codes else (s.keys, s.values) for s in segments if s.length]
+    mx.eval(q, *[m for m in masks if m is not None], held)
     q_np = np.asarray(q)
     coded, exact = [], []
     for segment, allowed in zip(segments, masks):
@@ -415,6 +448,8 @@ def cpu_attention(q, segments, key_method, value_method, allowed_for) -> mx.arra
             continue
         if segment.is_codes:
             coded.append(_code_part(q_np, segment, key_method, value_method, allowed))
+        elif segment.keys.dtype == mx.float16 and segment.values.dtype == mx.float16 and D <= MAX_DIM:
+            exact.append(_float16_part(q_np, segment, allowed))
         else:
             exact.append(_exact_part(q_np, segment, allowed))
     peak = np.max([lse for _, lse in coded + exact], axis=0)
@@ -504,9 +539,11 @@ def _run_encoder(method) -> RunEncoder:
     return hit[1]
 
 
-def _native_encode(method, z: mx.array, norm_dtype) -> tuple:
-    """(codes, scales or None) of the rows of z (B, H, n, m) in the native kernel; norm_dtype None: codes only."""
-    mx.eval(z)
+def _native_encode(method, z, norm_dtype) -> tuple:
+    """(codes, scales or None) of the rows of z (B, H, n, m; MLX or numpy) in the native kernel; norm_dtype None:
+    codes only."""
+    if isinstance(z, mx.array):
+        mx.eval(z)
     z = np.ascontiguousarray(np.asarray(z), np.float32)
     B, H, n, _ = z.shape
     encoder = _run_encoder(method)
@@ -520,22 +557,59 @@ def _native_encode(method, z: mx.array, norm_dtype) -> tuple:
     return codes, norm
 
 
+# Appends of at most this many tokens (a decode step's) run their small transforms in numpy rather than MLX:
+# each MLX op costs tens of microseconds on this path (mx.fast.rope with custom frequencies ~250 µs of CPU for
+# one token), a numpy product of a few rows a few.
+SMALL_APPEND_TOKENS = 16
+_TRANSFORMS = {}
+
+
+def _klt_transform(method: KLT) -> np.ndarray:
+    """klt's analysis (H or 1, d, m) as numpy, read once per method."""
+    hit = _TRANSFORMS.get(id(method))
+    if hit is None or hit[0] is not method:
+        hit = _TRANSFORMS[id(method)] = (method, np.ascontiguousarray(np.asarray(method._encode), np.float32))
+    return hit[1]
+
+
 def native_encode(method, x: mx.array) -> dict | None:
-    """method.encode(x) with the method's transform in MLX and the rest in the native kernel (src/cpu_encode.c),
-    in one call where the method runs from ~20 (turboquant_mse) to a few hundred (klt) small MLX ops: a decode
-    step appends one token per layer. turboquant_mse: bit for bit (the same comparisons; its norm is MLX's).
-    klt: the same codes and scales but where a value lies within float rounding of a boundary (its sums run in
-    another order). None when the kernel does not cover the method (or no compiler built it)."""
+    """method.encode(x) with the method's transform in MLX (numpy for a decode step's few tokens) and the rest in
+    the native kernel (src/cpu_encode.c), in one call where the method runs from ~20 (turboquant_mse) to a few
+    hundred (klt) small MLX ops: a decode step appends one token per layer. turboquant_mse: bit for bit (the
+    same comparisons; its norm is MLX's). klt: the same codes and scales but where a value lies within float
+    rounding of a boundary (its sums run in another order). None when the kernel does not cover the method
+    (or no compiler built it)."""
     if native_library() is None or x.ndim != 4:
         return None
     if isinstance(method, KLT) and method.rotated_dim <= MAX_DIM:
-        codes, norm = _native_encode(method, method.to_coded(x), np.uint8 if method.plan.norm_bits == 8 else np.float16)
+        if x.shape[2] <= SMALL_APPEND_TOKENS:
+            z = _numpy32(x) @ _klt_transform(method)
+        else:
+            z = method.to_coded(x)
+        codes, norm = _native_encode(method, z, np.uint8 if method.plan.norm_bits == 8 else np.float16)
         return {"idx": mx.array(codes), "norm": mx.array(norm)}
     if _is_mse(method) and method.head_dim <= MAX_DIM:
         unit, norm = unit_and_norm(x)
         codes, _ = _native_encode(method, method.rotation.rotate(unit), None)
         return {"idx": mx.array(codes), "norm": norm}
     return None
+
+
+def rotate_rows(x: mx.array, offset: int, frequencies: np.ndarray, traditional: bool, inverse: bool = False) -> mx.array:
+    """quant/rope.py's `rotate` of a few tokens in numpy (angles in float64), for a decode step's append: RoPE (or
+    its inverse) of x (B, H, T, D) at positions offset + 0..T-1."""
+    omega = np.asarray(frequencies, np.float64)
+    pairs = omega.size
+    angles = (offset + np.arange(x.shape[2]))[:, None] * omega[None] * (-1.0 if inverse else 1.0)  # (T, pairs)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    rows = _numpy32(x)
+    out = rows.copy()
+    first, second = (slice(0, 2 * pairs, 2), slice(1, 2 * pairs, 2)) if traditional else (
+        slice(0, pairs), slice(pairs, 2 * pairs))
+    a, b = rows[..., first], rows[..., second]
+    out[..., first] = a * cos - b * sin
+    out[..., second] = a * sin + b * cos
+    return mx.array(out)
 
 
 def cpu_encode(method, x: mx.array) -> dict:

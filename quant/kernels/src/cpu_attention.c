@@ -29,6 +29,7 @@ typedef struct {
     const int32_t *group_coord, *group_offset, *group_bits, *group_count, *group_table;
     const float *centroids;
     const float *scale_table;  // the 256 scales a log-scale byte stands for; NULL: fp16 scales
+    int32_t fp16;  // 1: no codes but the fp16 values themselves (sinks, the recent window), no scale
 } code_layout;
 
 typedef struct {
@@ -58,6 +59,7 @@ static inline float half_to_float(uint16_t bits) {
 }
 
 static inline float token_scale(const code_layout *L, const code_tensor *c, int64_t b, int64_t h, int64_t t) {
+    if (L->fp16) return 1.0f;
     int64_t at = b * c->scale_b + h * c->scale_h + t * c->scale_t;
     if (L->scale_table) return L->scale_table[((const uint8_t *)c->scale)[at]];
     return half_to_float(((const uint16_t *)c->scale)[at]);
@@ -73,6 +75,7 @@ static const v8ui LANE_SHIFTS[5] = {{0}, {0, 1, 2, 3, 4, 5, 6, 7}, {0, 2, 4, 6, 
 // group g's codes are b whole bytes at byte g * b: read in place (no window past the token) and, with b a
 // constant at each call below, shifted by constants.
 static int uniform_bits(const code_layout *L) {
+    if (L->fp16) return 16;
     const int b = L->n_groups ? L->group_bits[0] : 0;
     if ((b != 1 && b != 2 && b != 4) || L->dim != 8 * L->n_groups) return 0;
     for (int g = 0; g < L->n_groups; g++)
@@ -98,6 +101,14 @@ static inline __attribute__((always_inline)) void decode_uniform_bits(const code
     }
 }
 
+// fp16 values (F16C's vcvtph2ps where the target has it), 8 at a time.
+typedef _Float16 v8h __attribute__((vector_size(16), aligned(2)));
+static inline void decode_fp16(int dim, const uint8_t *restrict src, float *restrict z) {
+    int i = 0;
+    for (; i + LANES <= dim; i += LANES) *(v8u *)(z + i) = __builtin_convertvector(*(const v8h *)(src + 2 * i), v8);
+    for (; i < dim; i++) z[i] = half_to_float(((const uint16_t *)src)[i]);
+}
+
 // A block's n tokens decoded into rows of z (`stride` floats apart); src[t]: token t's codes, followed in
 // memory by at least 8 readable bytes (the caller copies a segment's last token beside zeros). Uniform
 // layouts (uniform_bits' answer) go token by token through the constant-width loops. Mixed layouts go group by
@@ -109,6 +120,7 @@ static void decode_block(const code_layout *L, int uniform, const uint8_t *const
         case 4: for (int t = 0; t < n; t++) decode_uniform_bits(L, 4, src[t], z + t * stride); return;
         case 2: for (int t = 0; t < n; t++) decode_uniform_bits(L, 2, src[t], z + t * stride); return;
         case 1: for (int t = 0; t < n; t++) decode_uniform_bits(L, 1, src[t], z + t * stride); return;
+        case 16: for (int t = 0; t < n; t++) decode_fp16(L->dim, src[t], z + t * stride); return;
     }
     for (int g = 0; g < L->n_groups; g++) {
         const int off = L->group_offset[g], b = L->group_bits[g], count = L->group_count[g];
