@@ -4,7 +4,8 @@ equal code bits (and fp16 SDPA), at several context lengths, in one run.
 One layer of SmolLM2-135M's shape (9 query / 3 KV heads, head_dim 64), one query token, random K/V. Pairs at equal
 bits: turboquant_mse k4/v4 and k2/v2 (fp16 scale per token) against klt plans with every coordinate at 4 or 2 bits
 (8-bit scale per token), and a calibrated layer of the shipped smollm2-135m profile at its 3.5-bit budget (mixed
-bits per coordinate; keys before RoPE, as the profile codes them). The uniform klt plans are synthetic (a random
+bits per coordinate; keys before RoPE, as the profile codes them, and the same plans coding keys after RoPE: what
+the pre-RoPE synthesis costs). The uniform klt plans are synthetic (a random
 orthonormal analysis): what is timed is the decode work, which depends on the bit layout and on RoPE, not on
 calibration. The series run interleaved, rounds in alternating order; each row gives the median wall time and the
 median CPU time of the process (all threads), the steadier of the two on a shared machine, and the ratios to its
@@ -15,6 +16,7 @@ writes klt_decode_<cpu|gpu>.json.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -54,9 +56,12 @@ def _caches() -> dict:
             caches[f"klt {bits}-bit, keys {where} RoPE"] = (cache, tq)
     config = load_profile("smollm2-135m").config(budget_bits=3.5)
     key_plan, value_plan = config.key_plans[PROFILE_LAYER], config.value_plans[PROFILE_LAYER]
-    caches[f"klt profile layer {PROFILE_LAYER} at 3.5 bits ({key_plan.mean_bits:.2f}/{value_plan.mean_bits:.2f} "
-           "code bits), keys before RoPE"] = (
+    name = f"klt profile layer {PROFILE_LAYER} at 3.5 bits ({key_plan.mean_bits:.2f}/{value_plan.mean_bits:.2f} code bits)"
+    caches[f"{name}, keys before RoPE"] = (
         CompressedKVCache(HEAD_DIM, N_KV_HEADS, method="klt", key_plan=key_plan, value_plan=value_plan), "turboquant_mse k4/v4")
+    caches[f"{name}, keys after RoPE (speed only)"] = (
+        CompressedKVCache(HEAD_DIM, N_KV_HEADS, method="klt", key_plan=dataclasses.replace(key_plan, rope_frequencies=None),
+                          value_plan=value_plan), "turboquant_mse k4/v4")
     return caches
 
 
