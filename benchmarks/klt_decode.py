@@ -12,7 +12,8 @@ median CPU time of the process (all threads), the steadier of the two on a share
 turboquant_mse partner are of CPU times.
 
     python benchmarks/klt_decode.py [--tokens 8192 32768] [--rounds 9] [--out benchmarks/results]
-writes klt_decode_<cpu|gpu>.json.
+writes klt_decode_<cpu|gpu>.json; on the CPU also the split of one decode step of the recommended layer (its append
+and attention, native kernel calls apart from the Python/MLX/numpy around them).
 """
 
 import argparse
@@ -28,6 +29,7 @@ import numpy as np
 
 from bench import device_info  # benchmarks/bench.py, beside this script
 from kvshard.quant.cache import CompressedKVCache
+from kvshard.quant.kernels import cpu
 from kvshard.quant.calibrate.profile import load_profile
 from kvshard.quant.methods.klt import KLTPlan
 from kvshard.quant.rope import rope_frequencies
@@ -101,6 +103,57 @@ def _measure(tokens: int, rounds: int) -> list:
     return rows
 
 
+def _step_split(tokens: int, rounds: int) -> dict:
+    """Where one decode step of the recommended configuration's layer goes on the CPU (process CPU time, medians):
+    the one-token append and the attention call, each split into its native kernel calls (src/cpu_encode.c,
+    src/cpu_attention.c) and the Python/MLX/numpy work around them. The layer as the service holds it: the
+    profile's plans, keys before RoPE, 4 fp16 sinks."""
+    config = load_profile("smollm2-135m").config(budget_bits=3.5)
+    cache = CompressedKVCache(HEAD_DIM, N_KV_HEADS, method="klt", key_plan=config.key_plans[PROFILE_LAYER],
+                              value_plan=config.value_plans[PROFILE_LAYER], sink_tokens=config.sink_tokens)
+    mx.random.seed(1)
+    cache.append(mx.random.normal((1, N_KV_HEADS, tokens, HEAD_DIM)), mx.random.normal((1, N_KV_HEADS, tokens, HEAD_DIM)))
+    cache.read_by_hook = True  # as under the model's attention hook: appends hand back only the new token
+    library, native = cpu.native_library(), {"kvshard_attend": [], "kvshard_encode": []}
+
+    def timed(name, function):
+        def call(*args):
+            started = time.process_time()
+            status = function(*args)
+            native[name][-1] += time.process_time() - started
+            return status
+        return call
+
+    for name in native:
+        setattr(library, name, timed(name, getattr(library, name)))
+    append, attend, native_append, native_attend = [], [], [], []
+    try:
+        for _ in range(rounds):
+            token = mx.random.normal((1, N_KV_HEADS, 1, HEAD_DIM))
+            query = mx.random.normal((1, N_Q_HEADS, 1, HEAD_DIM))
+            mx.eval(token, query)
+            for side in native.values():
+                side.append(0.0)
+            started = time.process_time()
+            mx.eval(cache.update_and_fetch(token, token))
+            append.append(time.process_time() - started)
+            native_append.append(native["kvshard_encode"][-1])
+            started = time.process_time()
+            mx.eval(cache.attention(query, HEAD_DIM**-0.5))
+            attend.append(time.process_time() - started)
+            native_attend.append(native["kvshard_attend"][-1])
+    finally:
+        for name in native:
+            delattr(library, name)
+    ms = lambda v: 1e3 * statistics.median(v)  # noqa: E731
+    split = {"tokens": tokens, "layer": PROFILE_LAYER, "steps": rounds, "append_ms": ms(append),
+             "append_native_encode_ms": ms(native_append), "attention_ms": ms(attend),
+             "attention_native_kernel_ms": ms(native_attend),
+             "glue_ms": ms([a + b - c - d for a, b, c, d in zip(append, attend, native_append, native_attend)])}
+    print("step split", {k: round(v, 3) if isinstance(v, float) else v for k, v in split.items()}, flush=True)
+    return split
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
@@ -110,9 +163,11 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = [row for tokens in args.tokens for row in _measure(tokens, args.rounds)]
     tag = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    split = _step_split(args.tokens[0], 8 * args.rounds) if tag == "cpu" else None
     result = {"device": device_info(), "query_tokens": 1, "rounds": args.rounds,
               "shape": {"n_q_heads": N_Q_HEADS, "n_kv_heads": N_KV_HEADS, "head_dim": HEAD_DIM},
-              "load_average_before": load_before, "load_average_after": os.getloadavg(), "rows": rows}
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "rows": rows,
+              "recommended_layer_step_split": split}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"klt_decode_{tag}.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -4,11 +4,12 @@ Attention (`cpu_attention`): src/cpu_attention.c, compiled with src/cpu_encode.c
 first use (-O3 -march=native, OpenMP over the cores; without a compiler the portable path runs instead),
 called through ctypes on the evaluated MLX arrays, zero-copy. It reads the packed codes of a segment directly:
 per block of 64 tokens it decodes them (one run of 1, 2 or 4 bits in place with constant shifts, other layouts
-group by group from a 64-bit window), scores them against the rotated query, runs the online softmax and
-accumulates values in their rotated domain; the caller rotates the query and un-rotates the output once, with
-the method's own MLX functions. Keys coded before RoPE (klt plans) are mapped back by the per-head synthesis
-(register tiles of 6 tokens x 16 outputs), shifted by the key mean and turned by RoPE inside the kernel. fp16
-segments (sinks, window) and the exact merge run in numpy beside it. Covered: every method whose codes are runs
+group by group over the block's tokens from 64-bit windows), scores them against the rotated query, runs the
+online softmax and accumulates values in their rotated domain; the query is rotated and the output un-rotated
+once, by the method's own maps read as per-head matrices and applied in numpy. Keys coded before RoPE (klt plans)
+are mapped back by the per-head synthesis (register tiles of 6 tokens x 16 outputs), shifted by the key mean and
+turned by RoPE inside the kernel. fp16 segments (sinks, window) go through the same kernel as an fp16 layout; the
+exact merge of the segments runs in numpy beside it: one evaluation of the inputs, one MLX array out. Covered: every method whose codes are runs
 of Lloyd-Max coordinates with one scale per token (turboquant_mse at 1-8 bits, klt), also inside query-aware
 key scales.
 
