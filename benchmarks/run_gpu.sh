@@ -24,5 +24,21 @@ if [ -n "${PROFILE:-}" ] && command -v ncu >/dev/null; then
    python3 profile_step.py --summarise /tmp/ncu_fp16.csv /tmp/ncu_ours.csv /tmp/ncu_klt.csv > "$out/speed_profile_gpu.json"
    head -c 3000 "$out/speed_profile_gpu.json") || true
 fi
+# TUNE=1: the tensor-core kernel's launch-shape sweep (tune_mma.py), device time per launch under Nsight Compute,
+# and Nsight's occupancy / stall sections of the default launch at 64K (Llama-3.2-1B attention shape).
+if [ -n "${TUNE:-}" ] && command -v ncu >/dev/null; then
+  (cd benchmarks && for s in ours fp16; do
+     timeout "${TUNE_S:-200}" ncu --clock-control none --profile-from-start off --csv --page raw \
+       --metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
+       python3 tune_mma.py --series $s --manifest /tmp/tune_$s.json > /tmp/tune_$s.csv 2> /tmp/tune_$s.err \
+       || tail -n 5 /tmp/tune_$s.err
+   done
+   python3 tune_mma.py --summarise /tmp/tune_ours.json /tmp/tune_ours.csv /tmp/tune_fp16.json /tmp/tune_fp16.csv \
+     > "$out/tune_mma_gpu.json"
+   timeout 90 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
+     --section LaunchStats --section WarpStateStats python3 profile_step.py --kernel --steps 1 \
+     > "$out/tune_mma_sections_gpu.txt" 2>&1 || true
+   python3 -c "import json; print(json.dumps(json.load(open('$out/tune_mma_gpu.json'))['best'], indent=0)[:4000])") || true
+fi
 # 2026-12-01's committed run: BENCH_ARGS="--steps 24 --rounds 3 --repeats 30" (the device budget's share).
 timeout "${BENCH_S:-300}" python3 benchmarks/decode_speed.py --out "$out" ${BENCH_ARGS:-}

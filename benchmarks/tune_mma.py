@@ -1,56 +1,165 @@
-"""Launch-shape sweep of the tensor-core kernel: warps per block, 16-token steps per warp step and target grid,
-one decode step of one layer at batch 1, device time per call (throughput: 20 calls evaluated together).
+"""Launch-shape sweep of the tensor-core kernel, device time per launch under Nsight Compute: centroids from
+registers or the shared table, warps per block, code buffers per warp and target grid, one decode step of one
+layer (Llama-3.2-1B and Llama-3.1-8B attention shapes, batch 1 and 8), fp16 SDPA beside it.
 
-    python benchmarks/tune_mma.py --out benchmarks/results      # writes tune_mma_gpu.json
+    ncu --clock-control none --profile-from-start off --csv --page raw \\
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \\
+        python3 benchmarks/tune_mma.py --series ours --manifest /tmp/ours.json > /tmp/ours.csv
+    (the same with --series fp16)
+    python3 benchmarks/tune_mma.py --summarise /tmp/ours.json /tmp/ours.csv /tmp/fp16.json /tmp/fp16.csv \\
+        > benchmarks/results/tune_mma_gpu.json
+
+Each case launches REPEATS times between cuProfilerStart/Stop; the manifest lists the cases in launch order,
+so the CSV's kernel rows map back to them (ours: the rows of kvshard's kernels; fp16: all rows, in equal groups).
 """
 
 import argparse
+import csv
+import ctypes
+import itertools
 import json
-from pathlib import Path
+import statistics
+import sys
 
 import mlx.core as mx
 
-from decode_speed import time_throughput  # benchmarks/, beside this script
 from kvshard.quant.cache import CompressedKVCache
 from kvshard.quant.kernels import gpu
 
-SHAPES = {"llama-3.2-1b (32 q / 8 kv, d 64)": (32, 8, 64), "llama-3.1-8b (32 q / 8 kv, d 128)": (32, 8, 128)}
+SHAPES = [  # (label, query heads, kv heads, head_dim, batch, contexts)
+    ("llama-3.2-1b b1", 32, 8, 64, 1, (16384, 65536, 131072)),
+    ("llama-3.1-8b b1", 32, 8, 128, 1, (32768, 131072)),
+    ("llama-3.1-8b b8", 32, 8, 128, 8, (32768, 131072)),
+]
+BUFFERS = {64: (3, 4, 5), 128: (2, 3)}
+REPEATS = 3
+METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "sm__warps_active.avg.pct_of_peak_sustained_active")
+
+
+def variants(D: int):
+    for reg_lut, warps, nb, target in itertools.product((True, False), (4, 8), BUFFERS[D], (396, 528, 792, 1056)):
+        yield {"reg_lut": reg_lut, "warps": warps, "buffers": nb, "target_blocks": target}
+
+
+def apply(v: dict, D: int) -> None:
+    gpu.GPU_MMA_REG_LUT, gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS = v["reg_lut"], v["warps"], v["target_blocks"]
+    gpu.GPU_MMA_BUFFERS = dict(gpu.GPU_MMA_BUFFERS, **{D: v["buffers"]})
+    gpu._launch_shape.cache_clear()  # it reads the module's settings
+
+
+def run(series: str, manifest_path: str) -> None:
+    driver = ctypes.CDLL("libcuda.so.1")  # ncu --profile-from-start off records between start and stop
+    manifest = []
+    defaults = (gpu.GPU_MMA_REG_LUT, gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS, dict(gpu.GPU_MMA_BUFFERS))
+    for label, Hq, H, D, B, contexts in SHAPES:
+        for tokens in contexts:
+            k = mx.random.normal((B, H, tokens, D)).astype(mx.float16)
+            v = mx.random.normal((B, H, tokens, D)).astype(mx.float16)
+            q = mx.random.normal((B, Hq, 1, D)).astype(mx.float16)
+            scale = D**-0.5
+            mx.eval(k, v, q)
+            if series == "fp16":
+                cases = [({}, lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))]
+            else:
+                cache = CompressedKVCache(head_dim=D, n_kv_heads=H, key_bits=4, value_bits=4)
+                for start in range(0, tokens, 8192):
+                    cache.update_and_fetch(k[:, :, start:start + 8192], v[:, :, start:start + 8192])
+                    mx.eval(cache.state)
+                reference = cache.attention(q, scale).astype(mx.float32)
+                mx.eval(reference)
+                cases = [(var, lambda: cache.attention(q, scale)) for var in variants(D)]
+            for var, call in cases:
+                if var:
+                    apply(var, D)
+                err = None
+                try:
+                    out = call()
+                    mx.eval(out)  # compiles outside the profiled range
+                    if var:
+                        err = mx.abs(out.astype(mx.float32) - reference).max().item()
+                    mx.synchronize()
+                    driver.cuProfilerStart()
+                    for _ in range(REPEATS):
+                        mx.eval(call())
+                    mx.synchronize()
+                    driver.cuProfilerStop()
+                    launched = True
+                except Exception as e:  # noqa: BLE001 (a shape the kernel cannot launch)
+                    launched, err = False, str(e)[:200]
+                manifest.append({"shape": label, "batch": B, "head_dim": D, "tokens": tokens, **var,
+                                 "launched": launched, "max_abs_diff_vs_default": err})
+            gpu.GPU_MMA_REG_LUT, gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS, gpu.GPU_MMA_BUFFERS = (
+                defaults[0], defaults[1], defaults[2], dict(defaults[3]))
+            gpu._launch_shape.cache_clear()
+            del k, v
+            mx.clear_cache()
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+
+
+UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6, "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6,
+         "Gbyte": 1e9, "%": 1.0, "": 1.0}  # to µs, bytes, percent
+
+
+def _kernel_rows(path: str) -> list:
+    """[(kernel name, {metric: value in µs / bytes / %})] in launch order from ncu's raw CSV (a header row,
+    a units row, then one row per kernel)."""
+    rows = list(csv.DictReader(line for line in open(path) if line.startswith('"')))
+    units = next((r for r in rows if not r.get("ID", "").isdigit()), {})
+    out = []
+    for r in rows:
+        if not r.get("ID", "").isdigit():
+            continue
+        values = {}
+        for m in METRICS:
+            try:
+                values[m] = float(r[m].replace(",", "")) * UNITS.get(units.get(m, ""), 1.0)
+            except (KeyError, ValueError):
+                values[m] = None
+        out.append((r.get("Kernel Name", ""), values))
+    return out
+
+
+def summarise(ours_manifest: str, ours_csv: str, fp16_manifest: str, fp16_csv: str) -> dict:
+    """Median µs per launch (and achieved read TB/s, active warps) per case; the fp16 SDPA beside each shape."""
+    def per_case(manifest, rows):
+        cases = [c for c in manifest if c["launched"]]
+        per = len(rows) // max(1, len(cases) * REPEATS)  # kernels per call
+        result = []
+        for i, case in enumerate(cases):
+            calls = [rows[(i * REPEATS + j) * per:(i * REPEATS + j + 1) * per] for j in range(REPEATS)]
+            us = statistics.median(sum(v[METRICS[0]] or 0.0 for _, v in call) for call in calls)
+            read = statistics.median(sum(v[METRICS[1]] or 0.0 for _, v in call) for call in calls)
+            warps = [v[METRICS[2]] for call in calls for _, v in call if v[METRICS[2]] is not None]
+            result.append(dict(case, us=us, read_tb_s=read / (us * 1e-6) / 1e12 if us else None,
+                               warps_active_pct=statistics.median(warps) if warps else None,
+                               kernels_per_call=per))
+        return result
+
+    ours = per_case(json.load(open(ours_manifest)),
+                    [r for r in _kernel_rows(ours_csv) if "kvshard" in r[0]])
+    fp16 = per_case(json.load(open(fp16_manifest)), _kernel_rows(fp16_csv))
+    base = {(c["shape"], c["tokens"]): c["us"] for c in fp16}
+    for c in ours:
+        c["vs_fp16_sdpa"] = c["us"] / base[(c["shape"], c["tokens"])] if base.get((c["shape"], c["tokens"])) else None
+    best = {}
+    for c in ours:
+        key = f'{c["shape"]} {c["tokens"]}'
+        if key not in best or c["us"] < best[key]["us"]:
+            best[key] = c
+    return {"metrics": METRICS, "repeats": REPEATS, "fp16_sdpa": fp16, "ours": ours, "best": best}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--contexts", nargs="+", type=int, default=[16384, 65536, 131072])
+    parser.add_argument("--series", choices=("ours", "fp16"))
+    parser.add_argument("--manifest")
+    parser.add_argument("--summarise", nargs=4, metavar=("OURS_JSON", "OURS_CSV", "FP16_JSON", "FP16_CSV"))
     args = parser.parse_args()
-    rows = []
-    for shape, (Hq, H, D) in SHAPES.items():
-        for tokens in args.contexts:
-            cache = CompressedKVCache(head_dim=D, n_kv_heads=H, key_bits=4, value_bits=4)
-            for start in range(0, tokens, 8192):
-                n = min(8192, tokens - start)
-                cache.update_and_fetch(mx.random.normal((1, H, n, D)).astype(mx.float16),
-                                       mx.random.normal((1, H, n, D)).astype(mx.float16))
-                mx.eval(cache.state)
-            q = mx.random.normal((1, Hq, 1, D)).astype(mx.float16)
-            reference = cache.attention(q, D**-0.5)
-            mx.eval(reference)
-            for warps in (4, 8):
-                for unroll in (1, 2):
-                    for target in (132, 264, 396, 792):
-                        gpu.GPU_MMA_WARPS, gpu.GPU_MMA_UNROLL, gpu.GPU_MMA_TARGET_BLOCKS = warps, unroll, target
-                        try:
-                            out = cache.attention(q, D**-0.5)
-                            err = mx.abs(out.astype(mx.float32) - reference.astype(mx.float32)).max().item()
-                            ms = time_throughput(lambda: cache.attention(q, D**-0.5), groups=9)
-                        except Exception as e:  # noqa: BLE001 (a shape the kernel cannot launch)
-                            ms, err = None, str(e)[:200]
-                        rows.append({"shape": shape, "tokens": tokens, "warps": warps, "unroll": unroll,
-                                     "target_blocks": target, "ms": ms, "max_abs_diff_vs_default": err})
-                        print(shape, tokens, warps, unroll, target, ms, err, flush=True)
-            gpu.GPU_MMA_WARPS, gpu.GPU_MMA_UNROLL, gpu.GPU_MMA_TARGET_BLOCKS = 4, 1, 396
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "tune_mma_gpu.json").write_text(json.dumps({"device": str(mx.default_device()),
-                                                                    "rows": rows}, indent=1))
+    if args.summarise:
+        json.dump(summarise(*args.summarise), sys.stdout, indent=1)
+        return
+    run(args.series, args.manifest)
 
 
 if __name__ == "__main__":

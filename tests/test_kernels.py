@@ -257,7 +257,8 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     log = _nvcc_compile("attend", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=gpu.GPU_UNROLL, TPS=256, ROUNDS=3,
                                        HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
-    mma = dict(D=128, R=4, WARPS=gpu.GPU_MMA_WARPS, U=gpu.GPU_MMA_UNROLL, NB=gpu.GPU_MMA_BUFFERS[128], ROUNDS=3)
+    mma = dict(D=128, R=4, WARPS=gpu.GPU_MMA_WARPS, U=gpu.GPU_MMA_UNROLL, NB=gpu.GPU_MMA_BUFFERS[128], ROUNDS=3,
+               REG_LUT=gpu.GPU_MMA_REG_LUT)
     log = _nvcc_compile("mma_attend", dict(mma, HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
     log = _nvcc_compile("mma_split", dict(mma, D=64, R=3, NB=gpu.GPU_MMA_BUFFERS[64]), tmp_path)
@@ -334,18 +335,20 @@ def _emulated_attend(kind, dtypes, template, inputs, q_shape, grid, rows, warps,
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
 @pytest.mark.parametrize(
-    "tokens, head_dim, queries_per_kv, length, warps, unroll, splits, center, second_row",
+    "tokens, head_dim, queries_per_kv, length, warps, unroll, splits, center, second_row, reg_lut",
     [
-        (300, 128, 4, 1, 4, 1, 3, True, None),  # Llama decode shape, partial last step, a split with no tokens
-        (1000, 64, 3, 1, 8, 1, 5, False, None),  # SmolLM shape, no key mean, 8 warps
-        (150, 128, 4, 2, 4, 2, 2, True, None),  # two query tokens per head (8 rows), two 16-token steps per warp step
-        (700, 64, 3, 1, 4, 1, 4, True, 77),  # batch 2, rows of 700 and 77 tokens in one launch
+        (300, 128, 4, 1, 4, 1, 3, True, None, True),  # Llama decode shape, partial last step, a split with no tokens
+        (300, 128, 4, 1, 4, 1, 3, True, None, False),  # the same from the shared centroid table
+        (1000, 64, 3, 1, 8, 1, 5, False, None, True),  # SmolLM shape, no key mean, 8 warps
+        (150, 128, 4, 2, 4, 2, 2, True, None, True),  # two query tokens per head (8 rows), two 16-token steps a warp step
+        (700, 64, 3, 1, 4, 1, 4, True, 77, False),  # batch 2, rows of 700 and 77 tokens in one launch
     ],
 )
 def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, length, warps, unroll, splits, center,
-                                            second_row, tmp_path):
-    """The tensor-core kernel's CUDA source (fragment layouts, table look-ups, online softmax, split merge,
-    tickets, per-row lengths) run under g++ with warp operations emulated, against the portable path. Codes
+                                            second_row, reg_lut, tmp_path):
+    """The tensor-core kernel's CUDA source (fragment layouts, centroid look-ups from registers or the shared
+    table, online softmax, split merge, tickets, per-row lengths) run under g++ with warp operations emulated,
+    against the portable path. Codes
     are read from buffers longer than the held tokens, as the cache hands them over; with a second row, that
     row holds fewer tokens than its buffer has codes, as a batch of sequences of different lengths does."""
     import numpy as np
@@ -381,7 +384,7 @@ def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, le
               "counter": (tickets, tickets.shape, [1])}
     dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
               "kmean": "__half", "counter": "int32_t", "out": "__half", "lengths": "int32_t"}
-    template = dict(D=head_dim, R=rows, WARPS=warps, U=unroll, NB=gpu.GPU_MMA_BUFFERS[head_dim],
+    template = dict(D=head_dim, R=rows, WARPS=warps, U=unroll, NB=gpu.GPU_MMA_BUFFERS[head_dim], REG_LUT=reg_lut,
                     ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=center, VROUNDS=vm.rotation.signs.shape[0],
                     OutT="__half")
     results = _emulated_attend("mma_attend", dtypes, template, inputs, queries.shape, (splits, n_kv, batch), rows,
@@ -466,7 +469,7 @@ def test_append_kernel_on_cpu_emulator(kind, tokens, head_dim, queries_per_kv, b
     template = dict(D=head_dim, R=rows, ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=True,
                     VROUNDS=vm.rotation.signs.shape[0], OutT="__half", KB=bits, VB=bits, W=window)
     if kind.startswith("mma"):
-        template.update(WARPS=4, U=1, NB=gpu.GPU_MMA_BUFFERS[head_dim])
+        template.update(WARPS=4, U=1, NB=gpu.GPU_MMA_BUFFERS[head_dim], REG_LUT=gpu.GPU_MMA_REG_LUT)
     else:
         plan = gpu.gpu_plan(head_dim, rows, bits, bits)
         template.update(LPT=plan["LPT"], WARPS=4, U=gpu.GPU_UNROLL, TPS=64)

@@ -39,13 +39,25 @@ GPU_MMA_WARPS = 4  # warps per split block
 GPU_MMA_UNROLL = 1  # 16-token steps per warp step
 # Code buffers per warp by head_dim: while one 16-token step is computed, the next NB - 1 are in flight. At
 # head_dim 64 three left the warps stalled on their loads (Nsight on an H200: 0.55 TB/s, 57% of the stalls
-# long-scoreboard, 12 warps per SM); at 128 a fourth buffer would cost the registers of a resident block.
-GPU_MMA_BUFFERS = {64: 5, 128: 3}
+# long-scoreboard, 12 warps per SM). With the centroids in registers (ptxas, sm_90): head_dim 64 takes 124 / 127 /
+# 160 registers a thread at 3 / 4 / 5 buffers, head_dim 128 128 / 162 at 2 / 3: four buffers at 64 still fit
+# 16 warps per SM.
+GPU_MMA_BUFFERS = {64: 4, 128: 3}
 # Split blocks per call to aim for (3 resident per SM on a 132-SM H100/H200). 132 was 10-25% faster for one
 # layer at batch 1 (benchmarks/tune_mma.py, results/tune_mma_gpu.json) but 1.4-2.1x slower at batch 8, and no
 # faster end to end (results/speed_*_gpu_target132.json).
 GPU_MMA_TARGET_BLOCKS = 396
-MMA_TABLE_BYTES = 256 * 64 * 4  # per block: a 256-entry fp16x2 centroid-pair table per lane, keys and values
+# Centroids in registers as byte planes, looked up with byte permutes (mma_common.cuh: kvs_dq4), instead of a
+# 64 KB shared table a block (a 256-entry fp16x2 centroid-pair table per lane, keys and values) that allowed
+# only 3 blocks per SM.
+GPU_MMA_REG_LUT = True
+
+
+def mma_shared_bytes(D: int, R: int, warps: int, reg_lut: bool) -> int:
+    """Dynamic shared memory of a tensor-core block, as mma_split.cu lays it out: the centroid table (none
+    in registers) or the warps' partial results, whichever is larger, then the rotated query."""
+    table = 0 if reg_lut else 256 * 64 * 4
+    return -(-max(table, warps * R * (D + 2) * 4) // 16) * 16 + R * D * 4
 
 
 def gpu_plan(head_dim: int, rows: int, key_bits: int, value_bits: int) -> dict | None:
@@ -254,13 +266,14 @@ def _launch_shape(kernel, kspec, vspec, krounds, vrounds, shape, out_dtype, has_
     krounds = krounds if kspec.signs is not None else 0
     vrounds = vrounds if vspec.signs is not None else 0
     if kernel == "mma":
-        template = [("D", D), ("R", R), ("WARPS", warps), ("U", unroll), ("NB", GPU_MMA_BUFFERS[D]), ("ROUNDS", krounds)]
+        template = [("D", D), ("R", R), ("WARPS", warps), ("U", unroll), ("NB", GPU_MMA_BUFFERS[D]), ("ROUNDS", krounds),
+                    ("REG_LUT", GPU_MMA_REG_LUT)]
         split_kind = "mma_append" if append else "mma_attend" if single_launch else "mma_split"
         if append:
             template += [("KB", kspec.bits), ("VB", vspec.bits)]
         if window:
             split_kind, template = "mma_append_ring", template + [("W", window)]
-        split = cuda.kernel(split_kind, MMA_TABLE_BYTES + R * D * 4)
+        split = cuda.kernel(split_kind, mma_shared_bytes(D, R, warps, GPU_MMA_REG_LUT))
     else:
         plan = gpu_plan(D, R, kspec.bits, vspec.bits)
         template = [("D", D), ("R", R), ("KB", kspec.bits), ("VB", vspec.bits), ("LPT", plan["LPT"]),

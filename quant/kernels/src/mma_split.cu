@@ -10,14 +10,18 @@
   constexpr int VW = D / 64;  // words of one token's value codes per lane: an eighth of the token
   constexpr int MT = D / 16;  // m-tiles of the value product
   constexpr int STEP = 16 * U;
-  constexpr int TABLE_BYTES = 256 * 64 * 4;
+  // Dynamic shared memory: the centroid table (none with REG_LUT), whose space the warps' partial results take
+  // afterwards, then the rotated query (gpu.mma_shared_bytes says the same).
+  constexpr int TABLE_BYTES = REG_LUT ? 0 : 256 * 64 * 4;
+  constexpr int WACC_BYTES = WARPS * R * (D + 2) * 4;
+  constexpr int SQ_OFFSET = ((TABLE_BYTES > WACC_BYTES ? TABLE_BYTES : WACC_BYTES) + 15) / 16 * 16;
   constexpr unsigned FULL = 0xffffffffu;
   constexpr float LOG2E = 1.4426950408889634f;
   const float tail_qnat = 1.0f / LOG2E;  // sq · k̂ · tail_qnat: a score in natural-log units (append_token.cu)
   const float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
   extern __shared__ __align__(16) unsigned char kvs_smem[];
   const unsigned char* table = kvs_smem;
-  float* sq = reinterpret_cast<float*>(kvs_smem + TABLE_BYTES);  // R x D: rotated query, later the output
+  float* sq = reinterpret_cast<float*>(kvs_smem + SQ_OFFSET);  // R x D: rotated query, later the output
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -85,7 +89,12 @@
   // The small reads first (centroids, the query, its rotation's signs), then the first two steps' codes: at
   // launch every block floods the memory system, and what the set-up waits for must not queue behind that.
   __shared__ float scent[32];
-  const float cent = tid < 32 ? __ldg(tid < 16 ? kcent + tid : vcent + tid - 16) : 0.0f;
+  const float cent = !REG_LUT && tid < 32 ? __ldg(tid < 16 ? kcent + tid : vcent + tid - 16) : 0.0f;
+  KvsLut klut, vlut;
+  if constexpr (REG_LUT) {
+    klut = kvs_make_lut(kcent);
+    vlut = kvs_make_lut(vcent);
+  }
   const int r0 = warp;  // the query row this warp rotates (warps >= R have none)
   float v[D / 32], sg[ROUNDS > 0 ? ROUNDS : 1][D / 32];  // ROUNDS = 0: the query came rotated
   if (r0 < R) {
@@ -108,7 +117,7 @@
   if (tid < 32) scent[tid] = cent;
   __syncthreads();
   // Tables: 256 code bytes x 64 words; words 0-31 are the 32 lanes' copies for keys, 32-63 for values.
-  for (int i = tid; i < 256 * 16; i += NT) {
+  for (int i = tid; i < (REG_LUT ? 0 : 256 * 16); i += NT) {
     const int byte = i >> 4, side = (i & 15) < 8 ? 0 : 16;
     const uint32_t w = kvs_half2(scent[side + (byte & 15)], scent[side + (byte >> 4)]);
     reinterpret_cast<uint4*>(kvs_smem)[i] = make_uint4(w, w, w, w);
@@ -155,10 +164,10 @@
         for (int i = 0; i < 4; ++i) s[u][i] = odd[i] = 0.0f;
 #pragma unroll
         for (int ks = 0; ks < KSTEPS; ++ks) {
-          const uint32_t w0 = cur.k[u][0][ks / 2], w1 = cur.k[u][1][ks / 2];
-          const int k = 2 * (ks % 2);
-          kvs_mma(ks % 2 ? odd : s[u], kvs_lut(table, w0, kcol, k), kvs_lut(table, w1, kcol, k),
-                  kvs_lut(table, w0, kcol, k + 1), kvs_lut(table, w1, kcol, k + 1), qf[ks][0], qf[ks][1]);
+          uint32_t a0, a1, a2, a3;  // tokens g (a0, a2) and g + 8 (a1, a3) at the k-step's coordinates
+          kvs_pairs<REG_LUT>(klut, table, kcol, cur.k[u][0][ks / 2], ks % 2, a0, a2);
+          kvs_pairs<REG_LUT>(klut, table, kcol, cur.k[u][1][ks / 2], ks % 2, a1, a3);
+          kvs_mma(ks % 2 ? odd : s[u], a0, a1, a2, a3, qf[ks][0], qf[ks][1]);
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[u][i] += odd[i];
@@ -213,11 +222,17 @@
           hi89[w] = ((cur.v[u][2][w] >> 4) & 0x0F0F0F0Fu) | (cur.v[u][3][w] & 0xF0F0F0F0u);
         }
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const int w = mt / 4, k = mt % 4;
-          kvs_mma(o[mt], kvs_lut(table, lo01[w], vcol, k), kvs_lut(table, hi01[w], vcol, k),
-                  kvs_lut(table, lo89[w], vcol, k), kvs_lut(table, hi89[w], vcol, k), pb0, pb1);
-        }
+        for (int w = 0; w < VW; ++w)  // m-tile 4w + k takes byte k of the words
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            uint32_t a[4][2];
+            kvs_pairs<REG_LUT>(vlut, table, vcol, lo01[w], half, a[0][0], a[0][1]);
+            kvs_pairs<REG_LUT>(vlut, table, vcol, hi01[w], half, a[1][0], a[1][1]);
+            kvs_pairs<REG_LUT>(vlut, table, vcol, lo89[w], half, a[2][0], a[2][1]);
+            kvs_pairs<REG_LUT>(vlut, table, vcol, hi89[w], half, a[3][0], a[3][1]);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) kvs_mma(o[4 * w + 2 * half + i], a[0][i], a[1][i], a[2][i], a[3][i], pb0, pb1);
+          }
       }
   };
   for (; tau < end; tau += NB * WARPS * STEP) {
