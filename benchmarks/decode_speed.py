@@ -466,12 +466,26 @@ def main(argv=None) -> int:
     parser.add_argument("--portable-max", type=int, default=16384)
     parser.add_argument("--tag", default="gpu" if dispatch.gpu_backend() else "cpu")
     parser.add_argument("--plot", default=None, help="a results folder: draw its PNGs and stop")
+    parser.add_argument("--apply-tune", default=None, help="tune_mma_gpu.json: run with its fastest launch shape")
     args = parser.parse_args(argv)
     if args.plot:
         plot(Path(args.plot), args.tag if args.tag != "cpu" else "gpu")
         return 0
+    tuned = None
+    if args.apply_tune:
+        from tune_mma import apply_best  # noqa: PLC0415 (benchmarks/, beside this script)
+
+        try:
+            tuned = apply_best(args.apply_tune)
+        except (OSError, ValueError, KeyError) as e:  # a sweep cut short: the defaults, said so
+            print(f"no launch shape from {args.apply_tune}: {e}", flush=True)
+        print("launch shape from the sweep:", tuned, flush=True)
     for section in args.only.split(","):
-        _write(args, section, {"decode": bench_decode, "attention": bench_attention}[section](args))
+        result = {"decode": bench_decode, "attention": bench_attention}[section](args)
+        result["mma_launch_shape"] = tuned or {"reg_lut": gpu.GPU_MMA_REG_LUT, "warps": gpu.GPU_MMA_WARPS,
+                                               "target_blocks": gpu.GPU_MMA_TARGET_BLOCKS,
+                                               "buffers": gpu.GPU_MMA_BUFFERS}
+        _write(args, section, result)
     return 0
 
 

@@ -12,7 +12,7 @@ out=${1:-benchmarks/results}
 mkdir -p "$out" /tmp/pp/kvshard && ln -sfn "$PWD/quant" /tmp/pp/kvshard/quant
 export PYTHONPATH=/tmp/pp PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
-timeout 240 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_kernels.py -k "gpu and not emulator" 2>&1 \
+timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_kernels.py -k "gpu and not emulator" 2>&1 \
   | tail -n 40 > "$out/gpu_tests.log" || true
 tail -n 5 "$out/gpu_tests.log"
 # Device time of each kernel of 3 decode steps of a 2-layer model at 64K, per series (Nsight Compute).
@@ -25,20 +25,21 @@ if [ -n "${PROFILE:-}" ] && command -v ncu >/dev/null; then
    head -c 3000 "$out/speed_profile_gpu.json") || true
 fi
 # TUNE=1: the tensor-core kernel's launch-shape sweep (tune_mma.py), device time per launch under Nsight Compute,
-# and Nsight's occupancy / stall sections of the default launch at 64K (Llama-3.2-1B attention shape).
+# and (SECTIONS=1) Nsight's occupancy / stall sections of the default launch at 64K (Llama-3.2-1B attention shape).
 if [ -n "${TUNE:-}" ] && command -v ncu >/dev/null; then
-  (cd benchmarks && for s in ours fp16; do
-     timeout "${TUNE_S:-200}" ncu --clock-control none --profile-from-start off --csv --page raw \
+  (cd benchmarks && for run in "ours 0" "ours 1" "ours 2" "fp16 0 1 2"; do
+     set -- $run; s=$1; shift; tag=${s}_$1
+     timeout "${TUNE_S:-70}" ncu --clock-control none --profile-from-start off --csv --page raw \
        --metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
-       python3 tune_mma.py --series $s --manifest /tmp/tune_$s.json > /tmp/tune_$s.csv 2> /tmp/tune_$s.err \
-       || tail -n 5 /tmp/tune_$s.err
+       python3 tune_mma.py --series $s --shapes "$@" --manifest /tmp/tune_$tag.json > /tmp/tune_$tag.csv \
+       2> /tmp/tune_$tag.err || tail -n 5 /tmp/tune_$tag.err
    done
-   python3 tune_mma.py --summarise /tmp/tune_ours.json /tmp/tune_ours.csv /tmp/tune_fp16.json /tmp/tune_fp16.csv \
-     > "$out/tune_mma_gpu.json"
-   timeout 90 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
-     --section LaunchStats --section WarpStateStats python3 profile_step.py --kernel --steps 1 \
+   python3 tune_mma.py --summarise /tmp/tune_ours_ /tmp/tune_fp16_ > "$out/tune_mma_gpu.json"
+   [ -z "${SECTIONS:-}" ] || timeout 90 ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+     --section Occupancy --section LaunchStats --section WarpStateStats python3 profile_step.py --kernel --steps 1 \
      > "$out/tune_mma_sections_gpu.txt" 2>&1 || true
    python3 -c "import json; print(json.dumps(json.load(open('$out/tune_mma_gpu.json'))['best'], indent=0)[:4000])") || true
 fi
 # 2026-12-01's committed run: BENCH_ARGS="--steps 24 --rounds 3 --repeats 30" (the device budget's share).
-timeout "${BENCH_S:-300}" python3 benchmarks/decode_speed.py --out "$out" ${BENCH_ARGS:-}
+tune=(); [ ! -s "$out/tune_mma_gpu.json" ] || tune=(--apply-tune "$out/tune_mma_gpu.json")
+timeout "${BENCH_S:-300}" python3 benchmarks/decode_speed.py --out "$out" "${tune[@]}" ${BENCH_ARGS:-}

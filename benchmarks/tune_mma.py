@@ -4,10 +4,10 @@ layer (Llama-3.2-1B and Llama-3.1-8B attention shapes, batch 1 and 8), fp16 SDPA
 
     ncu --clock-control none --profile-from-start off --csv --page raw \\
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \\
-        python3 benchmarks/tune_mma.py --series ours --manifest /tmp/ours.json > /tmp/ours.csv
-    (the same with --series fp16)
-    python3 benchmarks/tune_mma.py --summarise /tmp/ours.json /tmp/ours.csv /tmp/fp16.json /tmp/fp16.csv \\
-        > benchmarks/results/tune_mma_gpu.json
+        python3 benchmarks/tune_mma.py --series ours --shapes 0 --manifest /tmp/ours_0.json > /tmp/ours_0.csv
+    (each shape in its own run, so that a timeout loses one; the same with --series fp16)
+    python3 benchmarks/tune_mma.py --summarise /tmp/ours_ /tmp/fp16_ > benchmarks/results/tune_mma_gpu.json
+    run_gpu.sh (TUNE=1) runs all of it.
 
 Each case launches REPEATS times between cuProfilerStart/Stop; the manifest lists the cases in launch order,
 so the CSV's kernel rows map back to them (ours: the rows of kvshard's kernels; fp16: all rows, in equal groups).
@@ -20,6 +20,7 @@ import itertools
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -37,21 +38,21 @@ METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "sm__warps_active.a
 
 
 def variants(D: int):
-    for reg_lut, warps, nb, target in itertools.product((True, False), (4, 8), BUFFERS[D], (396, 528, 792, 1056)):
+    for reg_lut, warps, nb, target in itertools.product((True, False), (4, 8), BUFFERS[D], (396, 528, 792)):
         yield {"reg_lut": reg_lut, "warps": warps, "buffers": nb, "target_blocks": target}
 
 
 def apply(v: dict, D: int) -> None:
     gpu.GPU_MMA_REG_LUT, gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS = v["reg_lut"], v["warps"], v["target_blocks"]
-    gpu.GPU_MMA_BUFFERS = dict(gpu.GPU_MMA_BUFFERS, **{D: v["buffers"]})
+    gpu.GPU_MMA_BUFFERS = {**gpu.GPU_MMA_BUFFERS, D: v["buffers"]}
     gpu._launch_shape.cache_clear()  # it reads the module's settings
 
 
-def run(series: str, manifest_path: str) -> None:
+def run(series: str, manifest_path: str, shapes: list) -> None:
     driver = ctypes.CDLL("libcuda.so.1")  # ncu --profile-from-start off records between start and stop
     manifest = []
     defaults = (gpu.GPU_MMA_REG_LUT, gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS, dict(gpu.GPU_MMA_BUFFERS))
-    for label, Hq, H, D, B, contexts in SHAPES:
+    for label, Hq, H, D, B, contexts in (SHAPES[i] for i in shapes):
         for tokens in contexts:
             k = mx.random.normal((B, H, tokens, D)).astype(mx.float16)
             v = mx.random.normal((B, H, tokens, D)).astype(mx.float16)
@@ -93,8 +94,8 @@ def run(series: str, manifest_path: str) -> None:
             gpu._launch_shape.cache_clear()
             del k, v
             mx.clear_cache()
-    with open(manifest_path, "w") as f:
-        json.dump(manifest, f)
+            with open(manifest_path, "w") as f:  # after every context: a run cut short keeps what it launched
+                json.dump(manifest, f)
 
 
 UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6, "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6,
@@ -120,8 +121,9 @@ def _kernel_rows(path: str) -> list:
     return out
 
 
-def summarise(ours_manifest: str, ours_csv: str, fp16_manifest: str, fp16_csv: str) -> dict:
-    """Median µs per launch (and achieved read TB/s, active warps) per case; the fp16 SDPA beside each shape."""
+def summarise(ours: list, fp16: list) -> dict:
+    """Median µs per launch (and achieved read TB/s, active warps) per case, from (manifest, CSV) pairs of
+    ncu runs (one per shape); the fp16 SDPA beside each shape."""
     def per_case(manifest, rows):
         cases = [c for c in manifest if c["launched"]]
         per = len(rows) // max(1, len(cases) * REPEATS)  # kernels per call
@@ -136,9 +138,17 @@ def summarise(ours_manifest: str, ours_csv: str, fp16_manifest: str, fp16_csv: s
                                kernels_per_call=per))
         return result
 
-    ours = per_case(json.load(open(ours_manifest)),
-                    [r for r in _kernel_rows(ours_csv) if "kvshard" in r[0]])
-    fp16 = per_case(json.load(open(fp16_manifest)), _kernel_rows(fp16_csv))
+    def runs(pairs, keep):
+        out = []
+        for manifest, rows in pairs:
+            try:
+                out += per_case(json.load(open(manifest)), [r for r in _kernel_rows(rows) if keep(r[0])])
+            except (OSError, ValueError, IndexError) as e:  # a run cut short by its timeout: left out, said so
+                print(f"{manifest}: {e}", file=sys.stderr)
+        return out
+
+    ours = runs(ours, lambda name: "kvshard" in name)
+    fp16 = runs(fp16, lambda name: True)
     base = {(c["shape"], c["tokens"]): c["us"] for c in fp16}
     for c in ours:
         c["vs_fp16_sdpa"] = c["us"] / base[(c["shape"], c["tokens"])] if base.get((c["shape"], c["tokens"])) else None
@@ -150,16 +160,45 @@ def summarise(ours_manifest: str, ours_csv: str, fp16_manifest: str, fp16_csv: s
     return {"metrics": METRICS, "repeats": REPEATS, "fp16_sdpa": fp16, "ours": ours, "best": best}
 
 
+def apply_best(path: str) -> dict:
+    """Set gpu.py's tensor-core launch shape to the sweep's fastest: table kind, warps and grid by the summed
+    device time over the Llama-3.2-1B contexts (the end-to-end model's shape; these settings are shared by
+    head dims), then each head_dim's buffers given those. Returns what it set."""
+    rows = [r for r in json.load(open(path))["ours"] if r.get("us")]
+    def fastest(candidates, keys):
+        totals = {}
+        for r in candidates:
+            totals.setdefault(tuple(r[k] for k in keys), []).append(r["us"])
+        most = max(len(v) for v in totals.values())
+        return min((k for k, v in totals.items() if len(v) == most), key=lambda k: sum(totals[k]))
+    shared = ("reg_lut", "warps", "target_blocks")
+    chosen = dict(zip(shared, fastest([r for r in rows if r["head_dim"] == 64 and r["batch"] == 1],
+                                      shared + ("buffers",))))
+    buffers = {}
+    for D in sorted({r["head_dim"] for r in rows}):
+        same = [r for r in rows if r["head_dim"] == D and all(r[k] == chosen[k] for k in shared)]
+        buffers[D] = fastest(same, ("buffers",))[0]
+    gpu.GPU_MMA_REG_LUT, gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS = (chosen["reg_lut"], chosen["warps"],
+                                                                         chosen["target_blocks"])
+    gpu.GPU_MMA_BUFFERS = {**gpu.GPU_MMA_BUFFERS, **buffers}
+    gpu._launch_shape.cache_clear()
+    return dict(chosen, buffers=buffers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--series", choices=("ours", "fp16"))
     parser.add_argument("--manifest")
-    parser.add_argument("--summarise", nargs=4, metavar=("OURS_JSON", "OURS_CSV", "FP16_JSON", "FP16_CSV"))
+    parser.add_argument("--shapes", nargs="+", type=int, default=list(range(len(SHAPES))), help="indices of SHAPES")
+    parser.add_argument("--summarise", nargs=2, metavar=("OURS_PREFIX", "FP16_PREFIX"),
+                        help="PREFIX*.json manifests, each beside its PREFIX*.csv")
     args = parser.parse_args()
     if args.summarise:
-        json.dump(summarise(*args.summarise), sys.stdout, indent=1)
+        pairs = [[(str(m), str(m.with_suffix(".csv"))) for m in sorted(Path(prefix).parent.glob(Path(prefix).name + "*.json"))]
+                 for prefix in args.summarise]
+        json.dump(summarise(*pairs), sys.stdout, indent=1)
         return
-    run(args.series, args.manifest)
+    run(args.series, args.manifest, args.shapes)
 
 
 if __name__ == "__main__":
