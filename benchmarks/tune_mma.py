@@ -98,8 +98,8 @@ def run(series: str, manifest_path: str, shapes: list) -> None:
                 json.dump(manifest, f)
 
 
-UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6, "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6,
-         "Gbyte": 1e9, "%": 1.0, "": 1.0}  # to µs, bytes, percent
+UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "byte": 1.0,
+         "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "%": 1.0, "": 1.0}  # to µs, bytes, percent
 
 
 def _kernel_rows(path: str) -> list:

@@ -39,18 +39,21 @@ GPU_MMA_WARPS = 4  # warps per split block
 GPU_MMA_UNROLL = 1  # 16-token steps per warp step
 # Code buffers per warp by head_dim: while one 16-token step is computed, the next NB - 1 are in flight. At
 # head_dim 64 three left the warps stalled on their loads (Nsight on an H200: 0.55 TB/s, 57% of the stalls
-# long-scoreboard, 12 warps per SM). With the centroids in registers (ptxas, sm_90): head_dim 64 takes 124 / 127 /
-# 160 registers a thread at 3 / 4 / 5 buffers, head_dim 128 128 / 162 at 2 / 3: four buffers at 64 still fit
-# 16 warps per SM.
-GPU_MMA_BUFFERS = {64: 4, 128: 3}
+# long-scoreboard, 12 warps per SM); at 128 a fourth buffer would cost the registers of a resident block.
+# ptxas (sm_90): 103 / 125 / 128 registers a thread at head_dim 64 with 3 / 4 / 5 buffers, 128 / 164 at 128 with 2 / 3.
+GPU_MMA_BUFFERS = {64: 5, 128: 3}
 # Split blocks per call to aim for (3 resident per SM on a 132-SM H100/H200). 132 was 10-25% faster for one
 # layer at batch 1 (benchmarks/tune_mma.py, results/tune_mma_gpu.json) but 1.4-2.1x slower at batch 8, and no
 # faster end to end (results/speed_*_gpu_target132.json).
 GPU_MMA_TARGET_BLOCKS = 396
-# Centroids in registers as byte planes, looked up with byte permutes (mma_common.cuh: kvs_dq4), instead of a
-# 64 KB shared table a block (a 256-entry fp16x2 centroid-pair table per lane, keys and values) that allowed
-# only 3 blocks per SM.
-GPU_MMA_REG_LUT = True
+# Centroids from registers as byte planes, looked up with byte permutes (mma_common.cuh: kvs_dq4), instead of
+# the 64 KB shared table a block (a 256-entry fp16x2 centroid-pair table per lane, keys and values), which allows
+# 3 blocks per SM. Measured slower everywhere (benchmarks/tune_mma.py, results/tune_mma_gpu.json, H200): the
+# registers (124-160 a thread) still bound residency near the table's 12 warps per SM (Nsight: 18-23% of warps
+# active either way), and the permutes cost issue slots in a kernel that is issue- and latency-bound, e.g.
+# 78.3 vs 66.0 µs for Llama-3.2-1B attention at 64K, 152.7 vs 113.5 µs for Llama-3.1-8B at 128K. Kept as the
+# sweep's other arm: it is the way to more resident warps once the registers a thread come down.
+GPU_MMA_REG_LUT = False
 
 
 def mma_shared_bytes(D: int, R: int, warps: int, reg_lut: bool) -> int:
