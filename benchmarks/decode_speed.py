@@ -322,6 +322,8 @@ def bench_attention(args) -> dict:
             for label, kw in (("ours turboquant_mse k4/v4", dict(key_bits=4, value_bits=4)),
                               ("ours turboquant_mse k2/v2", dict(key_bits=2, value_bits=2)),
                               ("ours klt k4/v4 uncalibrated", dict(method="klt", key_bits=4, value_bits=4))):
+                if args.attention_series and not any(s in label for s in args.attention_series):
+                    continue
                 cache = CompressedKVCache(head_dim=D, n_kv_heads=H, **kw)
                 cache.update_and_fetch(k, v)
                 mx.eval(cache.state)
@@ -459,6 +461,7 @@ def main(argv=None) -> int:
     parser.add_argument("--contexts", nargs="+", default=["16384", "65536", "131072"])
     parser.add_argument("--attention-contexts", nargs="+", default=["32768", "131072"])
     parser.add_argument("--series", nargs="*", default=None, help="substrings of the decode series to run")
+    parser.add_argument("--attention-series", nargs="*", default=None, help="substrings of ours to time in attention")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=50)
@@ -482,8 +485,7 @@ def main(argv=None) -> int:
         print("launch shape from the sweep:", tuned, flush=True)
     for section in args.only.split(","):
         result = {"decode": bench_decode, "attention": bench_attention}[section](args)
-        result["mma_launch_shape"] = tuned or {"reg_lut": gpu.GPU_MMA_REG_LUT, "warps": gpu.GPU_MMA_WARPS,
-                                               "target_blocks": gpu.GPU_MMA_TARGET_BLOCKS,
+        result["mma_launch_shape"] = tuned or {"warps": gpu.GPU_MMA_WARPS, "target_blocks": gpu.GPU_MMA_TARGET_BLOCKS,
                                                "buffers": gpu.GPU_MMA_BUFFERS}
         _write(args, section, result)
     return 0

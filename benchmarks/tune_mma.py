@@ -1,6 +1,7 @@
-"""Launch-shape sweep of the tensor-core kernel, device time per launch under Nsight Compute: centroids from
-registers or the shared table, warps per block, code buffers per warp and target grid, one decode step of one
-layer (Llama-3.2-1B and Llama-3.1-8B attention shapes, batch 1 and 8), fp16 SDPA beside it.
+"""Launch-shape sweep of the tensor-core kernel, device time per launch under Nsight Compute: warps per block,
+code buffers per warp and target grid, one decode step of one layer at 4 bits (Llama-3.2-1B and Llama-3.1-8B
+attention shapes, batch 1 and 8), fp16 SDPA beside it. (results/tune_mma_gpu.json also has a `reg_lut` arm:
+centroids from registers, measured slower everywhere and removed.)
 
     ncu --clock-control none --profile-from-start off --csv --page raw \\
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \\
@@ -38,12 +39,12 @@ METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "sm__warps_active.a
 
 
 def variants(D: int):
-    for reg_lut, warps, nb, target in itertools.product((True, False), (4, 8), BUFFERS[D], (396, 528, 792)):
-        yield {"reg_lut": reg_lut, "warps": warps, "buffers": nb, "target_blocks": target}
+    for warps, nb, target in itertools.product((4, 8), BUFFERS[D], (396, 528, 792)):
+        yield {"warps": warps, "buffers": nb, "target_blocks": target}
 
 
 def apply(v: dict, D: int) -> None:
-    gpu.GPU_MMA_REG_LUT, gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS = v["reg_lut"], v["warps"], v["target_blocks"]
+    gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS = v["warps"], v["target_blocks"]
     gpu.GPU_MMA_BUFFERS = {**gpu.GPU_MMA_BUFFERS, D: v["buffers"]}
     gpu._launch_shape.cache_clear()  # it reads the module's settings
 
@@ -51,7 +52,7 @@ def apply(v: dict, D: int) -> None:
 def run(series: str, manifest_path: str, shapes: list) -> None:
     driver = ctypes.CDLL("libcuda.so.1")  # ncu --profile-from-start off records between start and stop
     manifest = []
-    defaults = (gpu.GPU_MMA_REG_LUT, gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS, dict(gpu.GPU_MMA_BUFFERS))
+    defaults = (gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS, dict(gpu.GPU_MMA_BUFFERS))
     for label, Hq, H, D, B, contexts in (SHAPES[i] for i in shapes):
         for tokens in contexts:
             k = mx.random.normal((B, H, tokens, D)).astype(mx.float16)
@@ -89,8 +90,7 @@ def run(series: str, manifest_path: str, shapes: list) -> None:
                     launched, err = False, str(e)[:200]
                 manifest.append({"shape": label, "batch": B, "head_dim": D, "tokens": tokens, **var,
                                  "launched": launched, "max_abs_diff_vs_default": err})
-            gpu.GPU_MMA_REG_LUT, gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS, gpu.GPU_MMA_BUFFERS = (
-                defaults[0], defaults[1], defaults[2], dict(defaults[3]))
+            gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS, gpu.GPU_MMA_BUFFERS = defaults[0], defaults[1], dict(defaults[2])
             gpu._launch_shape.cache_clear()
             del k, v
             mx.clear_cache()
@@ -161,25 +161,24 @@ def summarise(ours: list, fp16: list) -> dict:
 
 
 def apply_best(path: str) -> dict:
-    """Set gpu.py's tensor-core launch shape to the sweep's fastest: table kind, warps and grid by the summed
-    device time over the Llama-3.2-1B contexts (the end-to-end model's shape; these settings are shared by
-    head dims), then each head_dim's buffers given those. Returns what it set."""
-    rows = [r for r in json.load(open(path))["ours"] if r.get("us")]
+    """Set gpu.py's tensor-core launch shape to the sweep's fastest: warps and grid by the summed device time
+    over the Llama-3.2-1B contexts (the end-to-end model's shape; these settings are shared by head dims), then
+    each head_dim's buffers given those. Returns what it set."""
+    rows = [r for r in json.load(open(path))["ours"] if r.get("us") and not r.get("reg_lut")]
     def fastest(candidates, keys):
         totals = {}
         for r in candidates:
             totals.setdefault(tuple(r[k] for k in keys), []).append(r["us"])
         most = max(len(v) for v in totals.values())
         return min((k for k, v in totals.items() if len(v) == most), key=lambda k: sum(totals[k]))
-    shared = ("reg_lut", "warps", "target_blocks")
+    shared = ("warps", "target_blocks")
     chosen = dict(zip(shared, fastest([r for r in rows if r["head_dim"] == 64 and r["batch"] == 1],
                                       shared + ("buffers",))))
     buffers = {}
     for D in sorted({r["head_dim"] for r in rows}):
         same = [r for r in rows if r["head_dim"] == D and all(r[k] == chosen[k] for k in shared)]
         buffers[D] = fastest(same, ("buffers",))[0]
-    gpu.GPU_MMA_REG_LUT, gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS = (chosen["reg_lut"], chosen["warps"],
-                                                                         chosen["target_blocks"])
+    gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS = chosen["warps"], chosen["target_blocks"]
     gpu.GPU_MMA_BUFFERS = {**gpu.GPU_MMA_BUFFERS, **buffers}
     gpu._launch_shape.cache_clear()
     return dict(chosen, buffers=buffers)

@@ -6,6 +6,7 @@ kernel against the portable path (the benchmarks record the same check on the le
 """
 
 import ctypes
+import itertools
 import shutil
 import subprocess
 from pathlib import Path
@@ -164,7 +165,8 @@ def _klt_plan(head_dim, bits, n_kv_heads=1, norm_bits=16):
 def test_kernels_are_chosen_from_fused_specs(monkeypatch):
     """Kernels see methods only through fused_spec(): TurboQuant-MSE, klt with one bit width and fp16 scales
     (calibrated or not) and query-aware key scales take them; mixed-bit klt, log-scale bytes and other
-    methods do not. The tensor-core kernel needs sm_80+, 4-bit codes, head_dim 64/128 and <= 8 rows."""
+    methods do not. The tensor-core kernel needs sm_80+, 4-bit or 2-bit codes of one width, head_dim 64/128
+    and <= 8 rows."""
     from kvshard.quant.methods.klt import KLT
     from kvshard.quant.methods.scaled import ScaledKeys
 
@@ -172,7 +174,9 @@ def test_kernels_are_chosen_from_fused_specs(monkeypatch):
     monkeypatch.setattr(dispatch, "_tensor_cores", lambda: True)
     mse4 = make_method("turboquant_mse", 128, 4)
     assert pick("cuda", mse4, mse4, 128, 4) == "mma"  # Llama-3.1-8B decode
-    assert pick("cuda", mse4, make_method("turboquant_mse", 128, 2), 128, 4) == "cuda"  # 2-bit values
+    assert pick("cuda", mse4, make_method("turboquant_mse", 128, 2), 128, 4) == "cuda"  # 2-bit values only
+    mse2 = make_method("turboquant_mse", 64, 2)
+    assert pick("cuda", mse2, mse2, 64, 4) == "mma"  # 2-bit keys and values: the nibble-indexed table
     assert pick("cuda", mse4, mse4, 128, 10) == "cuda"  # more than 8 rows per kv head
     assert pick("metal", mse4, mse4, 128, 4) == "metal"
     klt4 = KLT(64, 4)
@@ -258,14 +262,14 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
                                        HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
     mma = dict(D=128, R=4, WARPS=gpu.GPU_MMA_WARPS, U=gpu.GPU_MMA_UNROLL, NB=gpu.GPU_MMA_BUFFERS[128], ROUNDS=3,
-               REG_LUT=gpu.GPU_MMA_REG_LUT)
+               KB=4, VB=4)
     log = _nvcc_compile("mma_attend", dict(mma, HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
     assert " 0 bytes spill stores" in log, log
     log = _nvcc_compile("mma_split", dict(mma, D=64, R=3, NB=gpu.GPU_MMA_BUFFERS[64]), tmp_path)
     assert " 0 bytes spill stores" in log, log
-    for D in (64, 128):  # the decode step's single launch, appending in place
+    for D, bits in itertools.product((64, 128), (4, 2)):  # the decode step's single launch, appending in place
         log = _nvcc_compile("mma_append", dict(mma, D=D, NB=gpu.GPU_MMA_BUFFERS[D], HAS_MEAN=True, VROUNDS=3,
-                                               OutT="__half", KB=4, VB=4), tmp_path)
+                                               OutT="__half", KB=bits, VB=bits), tmp_path)
         assert " 0 bytes spill stores" in log, log
     log = _nvcc_compile("append", dict(D=64, R=4, KB=2, VB=2, LPT=4, WARPS=4, U=gpu.GPU_UNROLL, TPS=256, ROUNDS=3,
                                        HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
@@ -335,25 +339,26 @@ def _emulated_attend(kind, dtypes, template, inputs, q_shape, grid, rows, warps,
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
 @pytest.mark.parametrize(
-    "tokens, head_dim, queries_per_kv, length, warps, unroll, splits, center, second_row, reg_lut",
+    "tokens, head_dim, queries_per_kv, length, warps, unroll, splits, center, second_row, bits",
     [
-        (300, 128, 4, 1, 4, 1, 3, True, None, True),  # Llama decode shape, partial last step, a split with no tokens
-        (300, 128, 4, 1, 4, 1, 3, True, None, False),  # the same from the shared centroid table
-        (1000, 64, 3, 1, 8, 1, 5, False, None, True),  # SmolLM shape, no key mean, 8 warps
-        (150, 128, 4, 2, 4, 2, 2, True, None, True),  # two query tokens per head (8 rows), two 16-token steps a warp step
-        (700, 64, 3, 1, 4, 1, 4, True, 77, False),  # batch 2, rows of 700 and 77 tokens in one launch
+        (300, 128, 4, 1, 4, 1, 3, True, None, 4),  # Llama decode shape, partial last step, a split with no tokens
+        (1000, 64, 3, 1, 8, 1, 5, False, None, 4),  # SmolLM shape, no key mean, 8 warps
+        (150, 128, 4, 2, 4, 2, 2, True, None, 4),  # two query tokens per head (8 rows), two 16-token steps a warp step
+        (700, 64, 3, 1, 4, 1, 4, True, 77, 4),  # batch 2, rows of 700 and 77 tokens in one launch
+        (300, 128, 4, 1, 4, 1, 3, True, None, 2),  # 2-bit codes: nibble-indexed pair table
+        (700, 64, 3, 1, 4, 1, 4, True, 77, 2),  # 2 bits at head_dim 64: a lane's values are half a word
     ],
 )
 def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, length, warps, unroll, splits, center,
-                                            second_row, reg_lut, tmp_path):
-    """The tensor-core kernel's CUDA source (fragment layouts, centroid look-ups from registers or the shared
-    table, online softmax, split merge, tickets, per-row lengths) run under g++ with warp operations emulated,
-    against the portable path. Codes
+                                            second_row, bits, tmp_path):
+    """The tensor-core kernel's CUDA source (fragment layouts, centroid-pair table look-ups at 4 and 2 bits,
+    online softmax, split merge, tickets, per-row lengths) run under g++ with warp operations emulated, against
+    the portable path. Codes
     are read from buffers longer than the held tokens, as the cache hands them over; with a second row, that
     row holds fewer tokens than its buffer has codes, as a batch of sequences of different lengths does."""
     import numpy as np
 
-    cache = _filled(tokens, head_dim=head_dim, center=center)
+    cache = _filled(tokens, head_dim=head_dim, center=center, key_bits=bits, value_bits=bits)
     batch = 1 if second_row is None else 2
     queries = mx.random.normal((batch, 2 * queries_per_kv, length, head_dim)).astype(mx.float16)
     (segment,) = cache.segments()
@@ -384,7 +389,7 @@ def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, le
               "counter": (tickets, tickets.shape, [1])}
     dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
               "kmean": "__half", "counter": "int32_t", "out": "__half", "lengths": "int32_t"}
-    template = dict(D=head_dim, R=rows, WARPS=warps, U=unroll, NB=gpu.GPU_MMA_BUFFERS[head_dim], REG_LUT=reg_lut,
+    template = dict(D=head_dim, R=rows, WARPS=warps, U=unroll, NB=gpu.GPU_MMA_BUFFERS[head_dim], KB=bits, VB=bits,
                     ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=center, VROUNDS=vm.rotation.signs.shape[0],
                     OutT="__half")
     results = _emulated_attend("mma_attend", dtypes, template, inputs, queries.shape, (splits, n_kv, batch), rows,
@@ -406,6 +411,7 @@ def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, le
     [
         ("mma_append", 300, 64, 4, 4, 3, 1, 0, 0),  # Llama-3.2-1B decode shape (the e2e benchmark's)
         ("mma_append", 150, 128, 4, 4, 2, 2, 0, 0),  # Llama-3.1-8B shape, batch 2 (rows of 150 and 61 tokens)
+        ("mma_append", 300, 64, 4, 2, 3, 1, 0, 0),  # tensor cores at 2 bits: codes under a byte a lane
         ("append", 200, 64, 3, 2, 0, 1, 0, 0),  # CUDA-core kernel, 2 bits: a lane's codes are under a byte
         ("append", 130, 128, 4, 4, 0, 1, 0, 0),
         ("mma_append_ring", 300, 64, 4, 4, 3, 1, 24, 5),  # an fp16 window of 24 as a ring, oldest in slot 5
@@ -469,7 +475,7 @@ def test_append_kernel_on_cpu_emulator(kind, tokens, head_dim, queries_per_kv, b
     template = dict(D=head_dim, R=rows, ROUNDS=km.rotation.signs.shape[0], HAS_MEAN=True,
                     VROUNDS=vm.rotation.signs.shape[0], OutT="__half", KB=bits, VB=bits, W=window)
     if kind.startswith("mma"):
-        template.update(WARPS=4, U=1, NB=gpu.GPU_MMA_BUFFERS[head_dim], REG_LUT=gpu.GPU_MMA_REG_LUT)
+        template.update(WARPS=4, U=1, NB=gpu.GPU_MMA_BUFFERS[head_dim])
     else:
         plan = gpu.gpu_plan(head_dim, rows, bits, bits)
         template.update(LPT=plan["LPT"], WARPS=4, U=gpu.GPU_UNROLL, TPS=64)

@@ -8,7 +8,7 @@ rotate_query / unrotate run around the kernel and the kernel runs with zero rota
 
 CUDA-core kernel (split.cu): a group of LPT lanes reads one token's packed key and value bytes with one vector
 load each; each lane owns C = D / LPT coordinates for all R query rows of its kv head. Tensor-core kernel
-(mma_split.cu; 4-bit keys and values, head_dim 64 or 128, <= 8 rows, sm_80+): per 16 tokens a warp computes
+(mma_split.cu; 4-bit or 2-bit keys and values of one width, head_dim 64 or 128, <= 8 rows, sm_80+): per 16 tokens a warp computes
 scores and value sums with mma.sync m16n8k16 (fp16 in, fp32 accumulate), centroids from a per-lane
 shared-memory table; products round the query, centroids and P·‖v‖ to fp16, as fp16 SDPA rounds q, K and V.
 On CUDA one launch does it all (GPU_SINGLE_LAUNCH: the last split block of each kv head, found with an atomic
@@ -46,20 +46,11 @@ GPU_MMA_BUFFERS = {64: 5, 128: 3}
 # layer at batch 1 (benchmarks/tune_mma.py, results/tune_mma_gpu.json) but 1.4-2.1x slower at batch 8, and no
 # faster end to end (results/speed_*_gpu_target132.json).
 GPU_MMA_TARGET_BLOCKS = 396
-# Centroids from registers as byte planes, looked up with byte permutes (mma_common.cuh: kvs_dq4), instead of
-# the 64 KB shared table a block (a 256-entry fp16x2 centroid-pair table per lane, keys and values), which allows
-# 3 blocks per SM. Measured slower everywhere (benchmarks/tune_mma.py, results/tune_mma_gpu.json, H200): the
-# registers (124-160 a thread) still bound residency near the table's 12 warps per SM (Nsight: 18-23% of warps
-# active either way), and the permutes cost issue slots in a kernel that is issue- and latency-bound, e.g.
-# 78.3 vs 66.0 µs for Llama-3.2-1B attention at 64K, 152.7 vs 113.5 µs for Llama-3.1-8B at 128K. Kept as the
-# sweep's other arm: it is the way to more resident warps once the registers a thread come down.
-GPU_MMA_REG_LUT = False
-
-
-def mma_shared_bytes(D: int, R: int, warps: int, reg_lut: bool) -> int:
-    """Dynamic shared memory of a tensor-core block, as mma_split.cu lays it out: the centroid table (none
-    in registers) or the warps' partial results, whichever is larger, then the rotated query."""
-    table = 0 if reg_lut else 256 * 64 * 4
+def mma_shared_bytes(D: int, R: int, warps: int, bits: int) -> int:
+    """Dynamic shared memory of a tensor-core block, as mma_split.cu lays it out: the centroid-pair table (a
+    row of 64 words per code pair: 64 KB at 4 bits, 4 KB at 2) or the warps' partial results, whichever is
+    larger, then the rotated query."""
+    table = (1 << (2 * bits)) * 64 * 4
     return -(-max(table, warps * R * (D + 2) * 4) // 16) * 16 + R * D * 4
 
 
@@ -100,8 +91,9 @@ def _gpu_plan(D: int, R: int, key_bits: int, value_bits: int, coords, warps: int
 
 
 def mma_supported(head_dim: int, rows: int, key_bits: int, value_bits: int) -> bool:
-    """Whether the tensor-core kernel covers this case (dispatch checks the device)."""
-    return GPU_MMA and key_bits == 4 and value_bits == 4 and head_dim in (64, 128) and 1 <= rows <= 8
+    """Whether the tensor-core kernel covers this case (dispatch checks the device): keys and values of one
+    width, 4 or 2 bits (one centroid-pair table)."""
+    return GPU_MMA and key_bits == value_bits and key_bits in (2, 4) and head_dim in (64, 128) and 1 <= rows <= 8
 
 
 def _mma_splits(batch: int, n_kv_heads: int, tokens: int) -> int:
@@ -270,13 +262,11 @@ def _launch_shape(kernel, kspec, vspec, krounds, vrounds, shape, out_dtype, has_
     vrounds = vrounds if vspec.signs is not None else 0
     if kernel == "mma":
         template = [("D", D), ("R", R), ("WARPS", warps), ("U", unroll), ("NB", GPU_MMA_BUFFERS[D]), ("ROUNDS", krounds),
-                    ("REG_LUT", GPU_MMA_REG_LUT)]
+                    ("KB", kspec.bits), ("VB", vspec.bits)]
         split_kind = "mma_append" if append else "mma_attend" if single_launch else "mma_split"
-        if append:
-            template += [("KB", kspec.bits), ("VB", vspec.bits)]
         if window:
             split_kind, template = "mma_append_ring", template + [("W", window)]
-        split = cuda.kernel(split_kind, mma_shared_bytes(D, R, warps, GPU_MMA_REG_LUT))
+        split = cuda.kernel(split_kind, mma_shared_bytes(D, R, warps, kspec.bits))
     else:
         plan = gpu_plan(D, R, kspec.bits, vspec.bits)
         template = [("D", D), ("R", R), ("KB", kspec.bits), ("VB", vspec.bits), ("LPT", plan["LPT"]),

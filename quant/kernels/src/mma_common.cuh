@@ -11,46 +11,17 @@ __device__ __forceinline__ uint32_t kvs_lut(const unsigned char* table, uint32_t
   return *reinterpret_cast<const uint32_t*>(table + addr);
 }
 
-// The register table (REG_LUT): the 16 fp16 centroids as two byte planes, lo[i] / hi[i] holding the low / high
-// bytes of centroids 4i..4i+3, so that a look-up is byte permutes and takes no shared memory. The shared table
-// above is 64 KB a block, which allowed 3 blocks per SM (Nsight on an H200: 12 warps per SM, 75% of the cycles
-// with no eligible warp).
-struct KvsLut {
-  uint32_t lo[4], hi[4];
-};
-
-__device__ __forceinline__ KvsLut kvs_make_lut(const float* cent) {
-  KvsLut t;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t a = kvs_half2(__ldg(cent + 4 * i), __ldg(cent + 4 * i + 1));
-    const uint32_t b = kvs_half2(__ldg(cent + 4 * i + 2), __ldg(cent + 4 * i + 3));
-    t.lo[i] = __byte_perm(a, b, 0x6420);
-    t.hi[i] = __byte_perm(a, b, 0x7531);
-  }
-  return t;
-}
-
-// The centroid pairs (as fp16x2) of codes 0-1 and 2-3 of x's low 16 bits: a code's low 3 bits pick a byte in
-// each half of a plane, its bit 3 picks the half; the planes' bytes are then interleaved into halves.
-__device__ __forceinline__ void kvs_dq4(const KvsLut& t, uint32_t x, uint32_t& p01, uint32_t& p23) {
-  const uint32_t sel = x & 0x7777u, pick = 0x3210u | ((x >> 1) & 0x4444u);
-  const uint32_t lo = __byte_perm(__byte_perm(t.lo[0], t.lo[1], sel), __byte_perm(t.lo[2], t.lo[3], sel), pick);
-  const uint32_t hi = __byte_perm(__byte_perm(t.hi[0], t.hi[1], sel), __byte_perm(t.hi[2], t.hi[3], sel), pick);
-  p01 = __byte_perm(lo, hi, 0x5140);
-  p23 = __byte_perm(lo, hi, 0x7362);
-}
-
-// The centroid pairs of bytes 2·half and 2·half + 1 of `codes`, from the registers (REG) or the lane's column
-// of the shared table.
-template <bool REG>
-__device__ __forceinline__ void kvs_pairs(const KvsLut& lut, const unsigned char* table, uint32_t column,
-                                          uint32_t codes, int half, uint32_t& p0, uint32_t& p1) {
-  if constexpr (REG) {
-    kvs_dq4(lut, codes >> (16 * half), p0, p1);
+// Centroid pair j of a lane's codes `words` from its table column: at 4 bits byte j (two codes) of the words,
+// looked up in a 256-row table; at 2 bits nibble j (two codes), in a 16-row table (rows 256 bytes apart in both).
+template <int BITS>
+__device__ __forceinline__ uint32_t kvs_pair(const unsigned char* table, const uint32_t* words, uint32_t column, int j) {
+  if constexpr (BITS == 4) {
+    return kvs_lut(table, words[j / 4], column, j % 4);
   } else {
-    p0 = kvs_lut(table, codes, column, 2 * half);
-    p1 = kvs_lut(table, codes, column, 2 * half + 1);
+    const uint32_t w = words[j / 8];
+    const int at = 4 * (j % 8);  // the nibble's first bit, moved to bit 8
+    const uint32_t row = at >= 8 ? w >> (at - 8) : w << (8 - at);
+    return *reinterpret_cast<const uint32_t*>(table + ((row & 0xF00u) | column));
   }
 }
 
@@ -63,6 +34,21 @@ __device__ __forceinline__ void kvs_load_codes(const uint8_t* p, int64_t step, b
     for (int i = 0; i < NW; ++i)
       w[i] = uint32_t(p[(4 * i) * step]) | (uint32_t(p[(4 * i + 1) * step]) << 8) |
              (uint32_t(p[(4 * i + 2) * step]) << 16) | (uint32_t(p[(4 * i + 3) * step]) << 24);
+  }
+}
+
+// A lane's BYTES bytes of one token's codes: BYTES / 4 words, or under a word (2-bit values at head_dim 64) the
+// low half of one.
+template <int BYTES>
+__device__ __forceinline__ void kvs_load_bytes(const uint8_t* p, int64_t step, bool vec,
+                                               uint32_t (&w)[BYTES >= 4 ? BYTES / 4 : 1]) {
+  if constexpr (BYTES >= 4) {
+    kvs_load_codes<BYTES / 4>(p, step, vec, w);
+  } else if (vec) {
+    static_assert(BYTES == 2, "whole words, or half of one");
+    w[0] = __ldg(reinterpret_cast<const unsigned short*>(p));
+  } else {
+    w[0] = uint32_t(p[0]) | (uint32_t(p[step]) << 8);
   }
 }
 

@@ -1,4 +1,5 @@
-  // Tensor-core split kernel for 4-bit keys and values, R <= 8 query rows per kv head, D = 64 or 128.
+  // Tensor-core split kernel for 4-bit or 2-bit keys and values (KB == VB), R <= 8 query rows per kv head, D = 64
+  // or 128.
   // Lane 4g+t of a warp. Per 16 tokens: scores Sᵀ (16 tokens x 8 rows) = K̂ (16 x D) · Qᵀ, keys dequantized
   // straight into A fragments (tokens g and g+8, the lane's quarter of their codes); the fp16 probabilities
   // (times the value norms) are transposed in registers into the B fragment of Oᵀ (D x 8 rows) += V̂ᵀ · Pᵀ,
@@ -6,13 +7,16 @@
   // a fixed permutation, the same for the query and the keys; outputs are written back in natural order.
   constexpr int NT = WARPS * 32;
   constexpr int KSTEPS = D / 16;
-  constexpr int KW = D / 32;  // words of one token's key codes per lane: a quarter of the token
-  constexpr int VW = D / 64;  // words of one token's value codes per lane: an eighth of the token
+  static_assert(KB == VB && (KB == 4 || KB == 2), "one table: keys and values of one width, 4 or 2 bits");
+  constexpr int KW = D * KB / 128;  // words of one token's key codes per lane: a quarter of the token
+  constexpr int VBYTES = D * VB / 64;  // bytes of one token's value codes per lane: an eighth of the token
+  constexpr int VW = VBYTES >= 4 ? VBYTES / 4 : 1;
   constexpr int MT = D / 16;  // m-tiles of the value product
   constexpr int STEP = 16 * U;
-  // Dynamic shared memory: the centroid table (none with REG_LUT), whose space the warps' partial results take
-  // afterwards, then the rotated query (gpu.mma_shared_bytes says the same).
-  constexpr int TABLE_BYTES = REG_LUT ? 0 : 256 * 64 * 4;
+  // Dynamic shared memory: the centroid-pair table (a row per code pair: 256 at 4 bits, 16 at 2; 64 words a row,
+  // one per lane and side), whose space the warps' partial results take afterwards, then the rotated query
+  // (gpu.mma_shared_bytes says the same).
+  constexpr int TABLE_BYTES = (1 << (2 * KB)) * 64 * 4;
   constexpr int WACC_BYTES = WARPS * R * (D + 2) * 4;
   constexpr int SQ_OFFSET = ((TABLE_BYTES > WACC_BYTES ? TABLE_BYTES : WACC_BYTES) + 15) / 16 * 16;
   constexpr unsigned FULL = 0xffffffffu;
@@ -43,9 +47,9 @@
   const int end = min(start + per, T);
   const int64_t kt = kidx_strides[2], vt = vidx_strides[2], kd = kidx_strides[3], vd = vidx_strides[3];
   const uint8_t* kp = kidx + b * kidx_strides[0] + h * kidx_strides[1] + t * (KW * 4) * kd;
-  const uint8_t* vp = vidx + b * vidx_strides[0] + h * vidx_strides[1] + g * (VW * 4) * vd;
+  const uint8_t* vp = vidx + b * vidx_strides[0] + h * vidx_strides[1] + g * VBYTES * vd;
   const bool vec = kd == 1 && vd == 1 && (reinterpret_cast<uintptr_t>(kp) | static_cast<uintptr_t>(kt)) % (KW * 4) == 0 &&
-                   (reinterpret_cast<uintptr_t>(vp) | static_cast<uintptr_t>(vt)) % (VW * 4) == 0;
+                   (reinterpret_cast<uintptr_t>(vp) | static_cast<uintptr_t>(vt)) % VBYTES == 0;
   const auto* knp = knorm + b * knorm_strides[0] + h * knorm_strides[1];
   const auto* vnp = vnorm + b * vnorm_strides[0] + h * vnorm_strides[1];
   const int64_t knt = knorm_strides[2], vnt = vnorm_strides[2];
@@ -77,7 +81,7 @@
       for (int j = 0; j < 4; ++j) {
         const int tok = tau + 16 * u + 2 * t + (j & 1) + 8 * (j >> 1);
         if (tok < end) {
-          kvs_load_codes<VW>(vp + tok * vt, vd, vec, c.v[u][j]);
+          kvs_load_bytes<VBYTES>(vp + tok * vt, vd, vec, c.v[u][j]);
         } else {
 #pragma unroll
           for (int i = 0; i < VW; ++i) c.v[u][j][i] = 0u;
@@ -89,12 +93,8 @@
   // The small reads first (centroids, the query, its rotation's signs), then the first two steps' codes: at
   // launch every block floods the memory system, and what the set-up waits for must not queue behind that.
   __shared__ float scent[32];
-  const float cent = !REG_LUT && tid < 32 ? __ldg(tid < 16 ? kcent + tid : vcent + tid - 16) : 0.0f;
-  KvsLut klut, vlut;
-  if constexpr (REG_LUT) {
-    klut = kvs_make_lut(kcent);
-    vlut = kvs_make_lut(vcent);
-  }
+  const int code = tid & 15;  // scent: 16 slots a side, the first 2^KB filled
+  const float cent = tid < 32 && code < (1 << KB) ? __ldg(tid < 16 ? kcent + code : vcent + code) : 0.0f;
   const int r0 = warp;  // the query row this warp rotates (warps >= R have none)
   float v[D / 32], sg[ROUNDS > 0 ? ROUNDS : 1][D / 32];  // ROUNDS = 0: the query came rotated
   if (r0 < R) {
@@ -116,10 +116,11 @@
     if (tau + i * WARPS * STEP < end) load(tau + i * WARPS * STEP, c[i]);
   if (tid < 32) scent[tid] = cent;
   __syncthreads();
-  // Tables: 256 code bytes x 64 words; words 0-31 are the 32 lanes' copies for keys, 32-63 for values.
-  for (int i = tid; i < (REG_LUT ? 0 : 256 * 16); i += NT) {
-    const int byte = i >> 4, side = (i & 15) < 8 ? 0 : 16;
-    const uint32_t w = kvs_half2(scent[side + (byte & 15)], scent[side + (byte >> 4)]);
+  // Tables: a row per code pair (its low code in the low bits) x 64 words; words 0-31 are the 32 lanes' copies
+  // for keys, 32-63 for values.
+  for (int i = tid; i < (1 << (2 * KB)) * 16; i += NT) {
+    const int pair = i >> 4, side = (i & 15) < 8 ? 0 : 16;
+    const uint32_t w = kvs_half2(scent[side + (pair & ((1 << KB) - 1))], scent[side + (pair >> KB)]);
     reinterpret_cast<uint4*>(kvs_smem)[i] = make_uint4(w, w, w, w);
   }
   // The query rows, rotated by the key rotation, times scale·log2(e) (the softmax runs in base 2).
@@ -164,10 +165,10 @@
         for (int i = 0; i < 4; ++i) s[u][i] = odd[i] = 0.0f;
 #pragma unroll
         for (int ks = 0; ks < KSTEPS; ++ks) {
-          uint32_t a0, a1, a2, a3;  // tokens g (a0, a2) and g + 8 (a1, a3) at the k-step's coordinates
-          kvs_pairs<REG_LUT>(klut, table, kcol, cur.k[u][0][ks / 2], ks % 2, a0, a2);
-          kvs_pairs<REG_LUT>(klut, table, kcol, cur.k[u][1][ks / 2], ks % 2, a1, a3);
-          kvs_mma(ks % 2 ? odd : s[u], a0, a1, a2, a3, qf[ks][0], qf[ks][1]);
+          // Pairs 2ks and 2ks + 1 of the lane's quarter: coordinates (D/4)t + 4ks + {0, 1} and {2, 3}.
+          kvs_mma(ks % 2 ? odd : s[u], kvs_pair<KB>(table, cur.k[u][0], kcol, 2 * ks),
+                  kvs_pair<KB>(table, cur.k[u][1], kcol, 2 * ks), kvs_pair<KB>(table, cur.k[u][0], kcol, 2 * ks + 1),
+                  kvs_pair<KB>(table, cur.k[u][1], kcol, 2 * ks + 1), qf[ks][0], qf[ks][1]);
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[u][i] += odd[i];
@@ -212,27 +213,21 @@
         // Pᵀ fragments: (token g, rows 2t, 2t+1) transposed to (row g, tokens 2t, 2t+1), and tokens + 8.
         const uint32_t pb0 = kvs_transpose8x8(kvs_half2(p0 * cur.vn[u][0], p1 * cur.vn[u][0]));
         const uint32_t pb1 = kvs_transpose8x8(kvs_half2(p2 * cur.vn[u][1], p3 * cur.vn[u][1]));
-        // Byte i of lo/hi: code i's low/high nibble of token 2t (low half) and of token 2t+1 (high half).
+        // Pair i of lo/hi (a byte at 4 bits, a nibble at 2): the lane's code 2i / 2i+1 of token 2t (low code)
+        // and of token 2t+1 (high code): pair mt holds m-tile mt's coordinates (D/8)g + 2mt / + 1.
+        constexpr uint32_t LOW = VB == 4 ? 0x0F0F0F0Fu : 0x33333333u;
         uint32_t lo01[VW], hi01[VW], lo89[VW], hi89[VW];
 #pragma unroll
         for (int w = 0; w < VW; ++w) {
-          lo01[w] = (cur.v[u][0][w] & 0x0F0F0F0Fu) | ((cur.v[u][1][w] << 4) & 0xF0F0F0F0u);
-          hi01[w] = ((cur.v[u][0][w] >> 4) & 0x0F0F0F0Fu) | (cur.v[u][1][w] & 0xF0F0F0F0u);
-          lo89[w] = (cur.v[u][2][w] & 0x0F0F0F0Fu) | ((cur.v[u][3][w] << 4) & 0xF0F0F0F0u);
-          hi89[w] = ((cur.v[u][2][w] >> 4) & 0x0F0F0F0Fu) | (cur.v[u][3][w] & 0xF0F0F0F0u);
+          lo01[w] = (cur.v[u][0][w] & LOW) | ((cur.v[u][1][w] << VB) & ~LOW);
+          hi01[w] = ((cur.v[u][0][w] >> VB) & LOW) | (cur.v[u][1][w] & ~LOW);
+          lo89[w] = (cur.v[u][2][w] & LOW) | ((cur.v[u][3][w] << VB) & ~LOW);
+          hi89[w] = ((cur.v[u][2][w] >> VB) & LOW) | (cur.v[u][3][w] & ~LOW);
         }
 #pragma unroll
-        for (int w = 0; w < VW; ++w)  // m-tile 4w + k takes byte k of the words
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            uint32_t a[4][2];
-            kvs_pairs<REG_LUT>(vlut, table, vcol, lo01[w], half, a[0][0], a[0][1]);
-            kvs_pairs<REG_LUT>(vlut, table, vcol, hi01[w], half, a[1][0], a[1][1]);
-            kvs_pairs<REG_LUT>(vlut, table, vcol, lo89[w], half, a[2][0], a[2][1]);
-            kvs_pairs<REG_LUT>(vlut, table, vcol, hi89[w], half, a[3][0], a[3][1]);
-#pragma unroll
-            for (int i = 0; i < 2; ++i) kvs_mma(o[4 * w + 2 * half + i], a[0][i], a[1][i], a[2][i], a[3][i], pb0, pb1);
-          }
+        for (int mt = 0; mt < MT; ++mt)
+          kvs_mma(o[mt], kvs_pair<VB>(table, lo01, vcol, mt), kvs_pair<VB>(table, hi01, vcol, mt),
+                  kvs_pair<VB>(table, lo89, vcol, mt), kvs_pair<VB>(table, hi89, vcol, mt), pb0, pb1);
       }
   };
   for (; tau < end; tau += NB * WARPS * STEP) {
