@@ -8,15 +8,15 @@ rotate_query / unrotate run around the kernel and the kernel runs with zero rota
 
 CUDA-core kernel (split.cu): a group of LPT lanes reads one token's packed key and value bytes with one vector
 load each; each lane owns C = D / LPT coordinates for all R query rows of its kv head. Tensor-core kernel
-(mma_split.cu; 4-bit or 2-bit keys and values of one width, head_dim 64 or 128, <= 8 rows, sm_80+): per 16 tokens a warp computes
-scores and value sums with mma.sync m16n8k16 (fp16 in, fp32 accumulate), centroids from a per-lane
-shared-memory table; products round the query, centroids and P·‖v‖ to fp16, as fp16 SDPA rounds q, K and V.
-On CUDA one launch does it all (GPU_SINGLE_LAUNCH: the last split block of each kv head, found with an atomic
-ticket, merges); tickets are slots of one persistent zeroed buffer that the last block cleans. The decode
-step's launch also appends (mma_append / append): that last block codes the new token into the cache's
-preallocated code buffers in place (row `lengths`, which no block of the launch reads) and attends it from
-those codes, so a decode step is one launch per layer: no encode launch, no slice updates. With an fp16
-window the cache holds it as a ring that the same launch updates (mma_append_ring / append_ring): the oldest
+(mma_split.cu; 4-bit or 2-bit keys and values of one width, head_dim 64 or 128, <= 8 rows, sm_80+): per 16
+tokens a warp computes scores and value sums with mma.sync m16n8k16 (fp16 in, fp32 accumulate), centroid pairs
+from a per-lane shared-memory table (a code byte at 4 bits, a nibble at 2); products round the query, centroids and
+P·‖v‖ to fp16, as fp16 SDPA rounds q, K and V. On CUDA one launch does it all (GPU_SINGLE_LAUNCH: the last split
+block of each kv head, found with an atomic ticket, merges); tickets are slots of one persistent zeroed buffer that
+the last block cleans. The decode step's launch also appends (mma_append / append): that last block codes the new
+token into the cache's preallocated code buffers in place (row `lengths`, which no block of the launch reads) and
+attends it from those codes, so a decode step is one launch per layer: no encode launch, no slice updates. With an
+fp16 window the cache holds it as a ring that the same launch updates (mma_append_ring / append_ring): the oldest
 token is coded, the new one takes its slot, the ring is attended exactly.
 """
 
@@ -40,12 +40,15 @@ GPU_MMA_UNROLL = 1  # 16-token steps per warp step
 # Code buffers per warp by head_dim: while one 16-token step is computed, the next NB - 1 are in flight. At
 # head_dim 64 three left the warps stalled on their loads (Nsight on an H200: 0.55 TB/s, 57% of the stalls
 # long-scoreboard, 12 warps per SM); at 128 a fourth buffer would cost the registers of a resident block.
-# ptxas (sm_90): 103 / 125 / 128 registers a thread at head_dim 64 with 3 / 4 / 5 buffers, 128 / 164 at 128 with 2 / 3.
+# ptxas (sm_90), 4 bits: 103 / 125 / 128 registers a thread at head_dim 64 with 3 / 4 / 5 buffers, 128 / 164 at
+# 128 with 2 / 3; 2 bits: 128 at both defaults.
 GPU_MMA_BUFFERS = {64: 5, 128: 3}
 # Split blocks per call to aim for (3 resident per SM on a 132-SM H100/H200). 132 was 10-25% faster for one
 # layer at batch 1 (benchmarks/tune_mma.py, results/tune_mma_gpu.json) but 1.4-2.1x slower at batch 8, and no
 # faster end to end (results/speed_*_gpu_target132.json).
 GPU_MMA_TARGET_BLOCKS = 396
+
+
 def mma_shared_bytes(D: int, R: int, warps: int, bits: int) -> int:
     """Dynamic shared memory of a tensor-core block, as mma_split.cu lays it out: the centroid-pair table (a
     row of 64 words per code pair: 64 KB at 4 bits, 4 KB at 2) or the warps' partial results, whichever is
