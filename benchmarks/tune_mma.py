@@ -90,7 +90,8 @@ def run(series: str, manifest_path: str, shapes: list) -> None:
                     launched, err = False, str(e)[:200]
                 manifest.append({"shape": label, "batch": B, "head_dim": D, "tokens": tokens, **var,
                                  "launched": launched, "max_abs_diff_vs_default": err})
-            gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS, gpu.GPU_MMA_BUFFERS = defaults[0], defaults[1], dict(defaults[2])
+            gpu.GPU_MMA_WARPS, gpu.GPU_MMA_TARGET_BLOCKS = defaults[0], defaults[1]
+            gpu.GPU_MMA_BUFFERS = dict(defaults[2])
             gpu._launch_shape.cache_clear()
             del k, v
             mx.clear_cache()
@@ -193,8 +194,8 @@ def main() -> None:
                         help="PREFIX*.json manifests, each beside its PREFIX*.csv")
     args = parser.parse_args()
     if args.summarise:
-        pairs = [[(str(m), str(m.with_suffix(".csv"))) for m in sorted(Path(prefix).parent.glob(Path(prefix).name + "*.json"))]
-                 for prefix in args.summarise]
+        pairs = [[(str(m), str(m.with_suffix(".csv")))
+                  for m in sorted(Path(prefix).parent.glob(Path(prefix).name + "*.json"))] for prefix in args.summarise]
         json.dump(summarise(*pairs), sys.stdout, indent=1)
         return
     run(args.series, args.manifest, args.shapes)

@@ -3,7 +3,8 @@ tests compile them without a GPU (nvcc) or run them on the CPU (tests/cuda_emula
 
 Kernels (launched from gpu.py): "split" + "combine", the CUDA-core flash-decoding pair; "attend", the split
 kernel whose last block per (batch, kv head), found with an atomic ticket, merges all splits, un-rotates and
-writes the output; "mma_split" / "mma_attend", the tensor-core kernel (4- or 2-bit codes of one width, head_dim 64 or 128);
+writes the output; "mma_split" / "mma_attend", the tensor-core kernel (4- or 2-bit codes of one width, head_dim
+64 or 128);
 "append" / "mma_append", the decode step in one launch: "attend" whose last block also codes the new token
 into the cache's code buffers in place and attends it from those codes; "append_ring" / "mma_append_ring",
 the same with an fp16 window held as a ring (the oldest token is coded, the new one takes its slot, the ring

@@ -264,8 +264,8 @@ def _launch_shape(kernel, kspec, vspec, krounds, vrounds, shape, out_dtype, has_
     krounds = krounds if kspec.signs is not None else 0
     vrounds = vrounds if vspec.signs is not None else 0
     if kernel == "mma":
-        template = [("D", D), ("R", R), ("WARPS", warps), ("U", unroll), ("NB", GPU_MMA_BUFFERS[D]), ("ROUNDS", krounds),
-                    ("KB", kspec.bits), ("VB", vspec.bits)]
+        template = [("D", D), ("R", R), ("WARPS", warps), ("U", unroll), ("NB", GPU_MMA_BUFFERS[D]),
+                    ("ROUNDS", krounds), ("KB", kspec.bits), ("VB", vspec.bits)]
         split_kind = "mma_append" if append else "mma_attend" if single_launch else "mma_split"
         if window:
             split_kind, template = "mma_append_ring", template + [("W", window)]

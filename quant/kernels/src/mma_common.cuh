@@ -14,7 +14,8 @@ __device__ __forceinline__ uint32_t kvs_lut(const unsigned char* table, uint32_t
 // Centroid pair j of a lane's codes `words` from its table column: at 4 bits byte j (two codes) of the words,
 // looked up in a 256-row table; at 2 bits nibble j (two codes), in a 16-row table (rows 256 bytes apart in both).
 template <int BITS>
-__device__ __forceinline__ uint32_t kvs_pair(const unsigned char* table, const uint32_t* words, uint32_t column, int j) {
+__device__ __forceinline__ uint32_t kvs_pair(const unsigned char* table, const uint32_t* words, uint32_t column,
+                                             int j) {
   if constexpr (BITS == 4) {
     return kvs_lut(table, words[j / 4], column, j % 4);
   } else {
