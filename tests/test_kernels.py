@@ -723,3 +723,43 @@ def test_hooked_cache_stops_returning_the_decoded_history():
     k, v = plain.update_and_fetch(mx.ones((1, 2, 12, 16)), mx.ones((1, 2, 12, 16)))
     k, v = plain.update_and_fetch(mx.ones((1, 2, 1, 16)), mx.ones((1, 2, 1, 16)))
     assert k.shape[2] == v.shape[2] == 13
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
+@pytest.mark.parametrize("key_bits, value_bits", [(8, 8), (8, 4), (4, 8), (4, 4), (2, 2)])
+def test_gpu_gemma_shape_round_trip_and_attention(key_bits, value_bits):
+    """Gemma 3 270M's shape (one KV head, head_dim 256, 4 query heads), filled through update_and_fetch on the GPU
+    as a model fills it: the codes decode back to the K/V within the method's distortion (so a bad GPU encode
+    cannot hide behind a reference that reads the same codes), and attention equals the portable path on the CPU."""
+    mx.random.seed(3)
+    cache = CompressedKVCache(head_dim=256, n_kv_heads=1, key_bits=key_bits, value_bits=value_bits, sink_tokens=1)
+    keys = (mx.random.normal((1, 1, 600, 256)) + 0.5).astype(mx.float16)
+    values = mx.random.normal((1, 1, 600, 256)).astype(mx.float16)
+    cache.update_and_fetch(keys[:, :, :590], values[:, :, :590])
+    for t in range(590, 600):
+        cache.update_and_fetch(keys[:, :, t:t + 1], values[:, :, t:t + 1])
+    queries = mx.random.normal((1, 4, 1, 256)).astype(mx.float16)
+    fast = cache.attention(queries, 256**-0.5)
+    with mx.stream(mx.cpu):
+        pure = _attend(cache, queries, "pure")
+        decoded_k, decoded_v = _exact_kv(cache)
+    bound = {8: 1e-3, 4: 0.03, 2: 0.15}
+    for got, want, bits in ((decoded_k, keys, key_bits), (decoded_v, values, value_bits)):
+        want = want.astype(mx.float32)
+        relative = (mx.sum((got - want) ** 2) / mx.sum(want**2)).item()
+        assert relative < bound[bits], (bits, relative)
+    assert _max_err(fast, pure) < 2e-3
+
+
+def _exact_kv(cache):
+    """The K/V the cache holds, decoded in fp32 in token order (sinks, codes, window)."""
+    keys, values = [], []
+    for segment in cache.segments():
+        if isinstance(segment, ExactSegment):
+            keys.append(segment.keys.astype(mx.float32))
+            values.append(segment.values.astype(mx.float32))
+        else:
+            k = cache.key_quantizer.decode(segment.key_codes)
+            keys.append(k if segment.key_mean is None else k + segment.key_mean.astype(mx.float32))
+            values.append(cache.value_quantizer.decode(segment.value_codes))
+    return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
