@@ -7,7 +7,8 @@ one over it on one of 8 long sessions (8K tokens per layer; deliberately refused
 max_attend_cost). Every other non-OK answer is an error, except RESOURCE_EXHAUSTED memory_budget_bytes,
 which is also counted apart (the budget is a limit too).
 The shard's RSS (/proc), hot-session bytes and MLX's live and cached bytes (its /metrics) are sampled every
-0.25 s; RSS growth is counted from the idle process (started, no session), which --memory-budget does not cover.
+0.25 s; RSS growth is counted from the idle process (started and warmed up by one call of each kind on a small session,
+then deleted: warm_up), which --memory-budget does not cover.
 
     python benchmarks/service_load.py [--seconds 60] [--out benchmarks/results]
 writes service_load_cpu.json: calls, codes and p50/p99 latency (ms) per RPC, errors, RSS and hot bytes.
@@ -112,6 +113,23 @@ class Load:
                 stub.Trim(pb.TrimRequest(session_id=sid, n=MAX_TOKENS // 2), timeout=60)
 
 
+def warm_up(stub) -> None:
+    """What the idle process is measured after: every kind of call served once on a small session, then the
+    session deleted. The first calls page in code, start OpenBLAS's thread buffers and MLX's, which no budget
+    can hold back and which stay the same however many sessions and calls follow."""
+    rng = np.random.default_rng(1)
+    shape = pb.RawShape(layers=LAYERS, n_kv_heads=HEADS, head_dim=DIM)
+    sid = stub.CreateSession(pb.CreateSessionRequest(kind=pb.RAW, raw=shape), timeout=60).session_id
+    kv = tensor(rng, HEADS, 64, DIM)
+    stub.Append(pb.AppendRequest(session_id=sid, layer=0, keys=kv, values=kv), timeout=60)
+    stub.Attend(pb.AttendRequest(session_id=sid, layer=0, queries=tensor(rng, HEADS * 3, 4, DIM)), timeout=60)
+    for call, request in (("GetSession", pb.GetSessionRequest(session_id=sid)), ("Trim", pb.TrimRequest(session_id=sid, n=1)),
+                          ("ListSessions", pb.ListSessionsRequest()), ("ServerInfo", pb.ServerInfoRequest()),
+                          ("DeleteSession", pb.DeleteSessionRequest(session_id=sid))):
+        getattr(stub, call)(request, timeout=60)
+    time.sleep(2)  # the shard trims its heaps every second
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -119,7 +137,8 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-GAUGES = {"hot": "kvshard_hot_session_bytes", "mlx_active": "kvshard_mlx_active_bytes", "mlx_cache": "kvshard_mlx_cache_bytes"}
+GAUGES = {"hot": "kvshard_hot_session_bytes", "working": "kvshard_call_working_bytes", "mlx_active": "kvshard_mlx_active_bytes",
+          "mlx_cache": "kvshard_mlx_cache_bytes", "resident_growth": "kvshard_resident_growth_bytes"}
 
 
 def gauges(metrics_port: int) -> dict[str, float]:
@@ -127,6 +146,21 @@ def gauges(metrics_port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("kvshard_")}
     return {key: values[name] for key, name in GAUGES.items()}
+
+
+def memory_map(pid: int) -> dict[str, int]:
+    """Resident bytes of the process's anonymous memory by kind (/proc/PID/smaps): the C heap, and other
+    anonymous mappings (mmapped blocks, thread stacks and arenas, MLX's buffers)."""
+    kinds = {"heap": 0, "anonymous": 0, "file": 0}
+    kind = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            name = fields[5] if len(fields) > 5 else ""
+            kind = "heap" if name == "[heap]" else "anonymous" if not name or name.startswith("[anon") else "file"
+        elif fields[0] == "Rss:":
+            kinds[kind] += int(fields[1]) * 1024
+    return kinds
 
 
 def main() -> None:
@@ -139,8 +173,9 @@ def main() -> None:
     shard = ShardProcess(tmp, "--model", "none", "--memory-budget", str(BUDGET), "--metrics-port", str(metrics_port), "--log-format", "json").start()
     try:
         stub = pb_grpc.KVShardStub(grpc.insecure_channel(shard.target))
-        stub.ServerInfo(pb.ServerInfoRequest(), timeout=60)
-        idle_rss = rss_bytes(shard.proc.pid)  # the idle process: started, one call served, no session yet
+        warm_up(stub)
+        idle_rss = rss_bytes(shard.proc.pid)  # the idle process, warmed up (warm_up)
+        idle_map = memory_map(shard.proc.pid)
         rng = np.random.default_rng(0)
         sessions = []
         for _ in range(SESSIONS):
@@ -163,16 +198,22 @@ def main() -> None:
         over_limit = from_numpy(rng.standard_normal((HEADS * 32, 100, DIM)).astype(np.float16), pb.FLOAT16)
         load = Load(shard.target, sessions, long_sessions, args.seconds, over_limit)
         samples = {"rss": [], **{key: [] for key in GAUGES}}
+        timeline = []
         done = threading.Event()
 
         def sample():
             while not done.is_set():
-                samples["rss"].append(rss_bytes(shard.proc.pid))
+                rss = rss_bytes(shard.proc.pid)
                 try:
-                    for key, value in gauges(metrics_port).items():
-                        samples[key].append(value)
+                    values = gauges(metrics_port)
                 except OSError:  # a scrape can time out under this load; RSS is still sampled
                     samples["scrape_timeouts"] = samples.get("scrape_timeouts", 0) + 1
+                    values = {}
+                samples["rss"].append(rss)
+                for key, value in values.items():
+                    samples[key].append(value)
+                if values:
+                    timeline.append({"rss": rss, **values, **memory_map(shard.proc.pid)})
                 time.sleep(0.25)
 
         sampler = threading.Thread(target=sample)
@@ -187,6 +228,9 @@ def main() -> None:
         wall = time.perf_counter() - started
         done.set()
         sampler.join()
+        time.sleep(3)  # the shard idles: what stays resident once no call is in flight
+        settled = {"rss": rss_bytes(shard.proc.pid), **gauges(metrics_port), **memory_map(shard.proc.pid)}
+        peak = max(timeline, key=lambda row: row["rss"])
         per_rpc = {
             rpc: {
                 "calls": len(lat),
@@ -211,14 +255,19 @@ def main() -> None:
             "calls_per_second": round(sum(len(v) for v in load.latencies.values()) / wall, 1),
             "load_average_1min_at_end": os.getloadavg()[0],
             "rss_idle_bytes": idle_rss,
+            "idle_memory_map": idle_map,
             "rss_after_setup_bytes": setup_rss,
             "rss_peak_bytes": max(samples["rss"]),
             "rss_peak_over_idle_bytes": max(samples["rss"]) - idle_rss,
             "rss_growth_over_idle_under_budget": max(samples["rss"]) - idle_rss <= BUDGET,
             "hot_session_bytes_peak": max(samples["hot"]),
             "hot_session_bytes_under_budget": max(samples["hot"]) <= BUDGET,
+            "call_working_bytes_peak": max(samples["working"]),
+            "hot_plus_working_bytes_peak": max(h + w for h, w in zip(samples["hot"], samples["working"])),
             "mlx_active_bytes_peak": max(samples["mlx_active"]),
             "mlx_cache_bytes_peak": max(samples["mlx_cache"]),
+            "at_rss_peak": peak,
+            "settled_after_load": settled,
             "metrics_scrape_timeouts": samples.get("scrape_timeouts", 0),
             "shard_alive": shard.proc.poll() is None,
         }

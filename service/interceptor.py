@@ -3,7 +3,8 @@
 Handlers stay thin: they raise, and this turns the exception into a gRPC status through errors.status_for.
 Request bodies arrive as bytes and are parsed here, after readiness and auth, so an undecodable body is an
 INVALID_ARGUMENT that is logged and counted like any other call (gRPC's own parser would answer UNKNOWN
-before any of this ran). Health and reflection pass through untouched (probes and grpcurl need no token).
+before any of this ran), and a call's working memory is reserved against the memory budget from the body's
+size before it is parsed (SessionManager.working_memory). Health and reflection pass through untouched (probes and grpcurl need no token).
 """
 
 import asyncio
@@ -20,9 +21,10 @@ SERVICE_PREFIX = "/kvshard.v1.KVShard/"
 
 
 class ShardInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, auth: Authenticator, readiness):
+    def __init__(self, auth: Authenticator, readiness, working_memory):
         self.auth = auth
         self.readiness = readiness  # callable -> None when ready, else the reason the shard cannot serve
+        self.working_memory = working_memory  # (method, request bytes) -> async context holding the call's working memory
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -44,7 +46,8 @@ class ShardInterceptor(grpc.aio.ServerInterceptor):
             rpc = _Rpc(method)
             try:
                 self._admit(metadata, rpc)
-                return await behavior(_parsed(method, parse, body), context)
+                async with self.working_memory(method, len(body)):
+                    return await behavior(_parsed(method, parse, body), context)
             except BaseException as error:
                 await rpc.fail(error, context)
             finally:
@@ -57,8 +60,9 @@ class ShardInterceptor(grpc.aio.ServerInterceptor):
             rpc = _Rpc(method)
             try:
                 self._admit(metadata, rpc)
-                async for response in behavior(_parsed(method, parse, body), context):
-                    yield response
+                async with self.working_memory(method, len(body)):
+                    async for response in behavior(_parsed(method, parse, body), context):
+                        yield response
             except BaseException as error:
                 await rpc.fail(error, context)
             finally:

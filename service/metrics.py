@@ -31,6 +31,8 @@ STORED_SESSIONS = Gauge("kvshard_stored_sessions", "Sessions in the session stor
 # freed MLX buffers kept for reuse (MLX's cache); --memory-budget bounds only the hot sessions' share.
 MLX_ACTIVE_BYTES = Gauge("kvshard_mlx_active_bytes", "Bytes of MLX arrays alive")
 MLX_CACHE_BYTES = Gauge("kvshard_mlx_cache_bytes", "Bytes of freed MLX buffers kept for reuse")
+RESIDENT_GROWTH_BYTES = Gauge("kvshard_resident_growth_bytes", "RSS grown since the shard started serving (what --memory-budget bounds)")
+WORKING_BYTES = Gauge("kvshard_call_working_bytes", "Working memory the calls in flight hold against the memory budget")
 _SECONDS = (1e-4, 5e-4, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 CACHE_SECONDS = Histogram("kvshard_cache_seconds", "Seconds of a cache's encode or attention call (--observe-caches)",
                           ["event"], buckets=_SECONDS)
@@ -66,4 +68,6 @@ def serve_metrics(port: int, host: str, manager, scheduler) -> None:
     STORED_SESSIONS.set_function(manager.store.count)
     MLX_ACTIVE_BYTES.set_function(mx.get_active_memory)
     MLX_CACHE_BYTES.set_function(mx.get_cache_memory)
+    WORKING_BYTES.set_function(lambda: manager.working)
+    RESIDENT_GROWTH_BYTES.set_function(manager.resident_growth)
     start_http_server(port, addr=host)

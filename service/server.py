@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvshard.service import logs
+from kvshard.service import logs, memory
 from kvshard.service.auth import Authenticator
 from kvshard.service.handlers import KVShardServicer
 from kvshard.service.interceptor import ShardInterceptor
@@ -33,6 +33,7 @@ class PortInUse(RuntimeError):
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVShard"].full_name
 NO_MODEL = "none"
+TRIM_INTERVAL_S = 1.0  # how often the C heaps' free pages go back to the system (memory.trim)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Shard:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.log = logs.logger()
+        memory.configure(config.limits.memory_budget_bytes)  # before gRPC starts its threads (their malloc arenas)
         self.auth = Authenticator.from_specs(config.auth_tokens, config.auth_tokens_file)
         self.store = open_store(config.store)
         self.mlx = SerialExecutor("kvshard-mlx")
@@ -75,7 +77,7 @@ class Shard:
         self.health = health.aio.HealthServicer()
         message_limit = config.limits.max_message_bytes
         self.server = grpc.aio.server(
-            interceptors=[ShardInterceptor(self.auth, lambda: self.not_ready)],
+            interceptors=[ShardInterceptor(self.auth, lambda: self.not_ready, self.manager.working_memory)],
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
@@ -129,10 +131,13 @@ class Shard:
 
             self.manager.model = await self.mlx.run(ServedModel.load, self.config.model)
             self.log.info("model loaded", model=self.config.model, fingerprint=self.manager.model.fingerprint)
+        await self.mlx.run(memory.warm_up)
+        memory.trim()
+        self.manager.watch_resident()
         self.not_ready = None
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.log.info("serving", port=self.port)
-        background = [asyncio.create_task(self._expire_idle())]
+        background = [asyncio.create_task(self._expire_idle()), asyncio.create_task(self._trim_memory())]
         if self.store.shared:
             background.append(asyncio.create_task(self.manager.renew_leases()))
         await self._stopping.wait()
@@ -151,6 +156,11 @@ class Shard:
         self.io.shutdown()
         self.store.close()
         self.log.info("stopped")
+
+    async def _trim_memory(self) -> None:
+        while True:
+            await asyncio.sleep(TRIM_INTERVAL_S)
+            memory.trim()
 
     async def _expire_idle(self) -> None:
         ttl = self.config.limits.session_ttl_s

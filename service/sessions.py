@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig
-from kvshard.service import logs
+from kvshard.service import logs, memory
 from kvshard.service.auth import DEFAULT_TENANT
 from kvshard.service.metrics import CACHE_OBSERVERS
 from kvshard.service.errors import FailedPrecondition, LeaseHeld, LimitExceeded, OffsetMismatch, SessionNotFound
@@ -35,6 +35,7 @@ from kvshard.service.worker import SerialExecutor, run_to_completion
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _TENANT_SEPARATOR = "~"  # not an id character, so a tenant-scoped key cannot be forged through an id
 _MAX_LAYERS = 256
+ADMISSION_WAIT_S = 30  # how long a call waits for its working memory to fit the budget before RESOURCE_EXHAUSTED
 RESUME_PROGRESS_TOKENS = 8192  # sessions at least this long log one line per layer restored (32K tokens: ~1 s)
 _MAX_KV_HEADS = 256
 _MAX_HEAD_DIM = 1024
@@ -155,6 +156,7 @@ class Session:
         self.encoded_until = [c.n_encoded for c in caches]
         self.dirty: set[int] = set()
         self.memory_bytes = sum(c.nbytes for c in caches)
+        self.held_bytes = sum(memory.held_bytes(c) for c in caches)  # what the budget counts (memory.py)
         self.committed_offset = record.offset
         self.committed_tokens = len(record.token_ids)
         self.lock = asyncio.Lock()
@@ -239,9 +241,9 @@ class Session:
             raise OffsetMismatch(expected, self.offset_of(layer))
 
     def check_memory(self, limits: Limits) -> None:
-        if self.memory_bytes > limits.memory_budget_bytes:
+        if self.held_bytes > limits.memory_budget_bytes:
             raise LimitExceeded(
-                f"memory_budget_bytes: the session holds {self.memory_bytes} bytes, over the budget "
+                f"memory_budget_bytes: the session holds {self.held_bytes} bytes, over the budget "
                 f"{limits.memory_budget_bytes}; trim or delete it"
             )
 
@@ -322,6 +324,7 @@ class Session:
         self.dirty.update(layers)
         self.record.layer_offsets = [c.offset for c in self.caches]
         self.memory_bytes = sum(c.nbytes for c in self.caches)
+        self.held_bytes = sum(memory.held_bytes(c) for c in self.caches)
 
     def mark_all_changed(self) -> None:
         self._changed(range(len(self.caches)))
@@ -390,6 +393,9 @@ class SessionManager:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.hot: OrderedDict[str, Session] = OrderedDict()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.working = 0  # bytes of working memory the calls in flight hold (working_memory)
+        self.resident_base: int | None = None  # the process's RSS when it started serving (resident_growth)
+        self._room_waiters: list[asyncio.Future] = []
 
     # ---- lookups ------------------------------------------------------------------------------------------
 
@@ -443,6 +449,7 @@ class SessionManager:
             finally:
                 session.last_used = time.monotonic()
         self._evict()
+        self._wake()
 
     def _new_lease(self) -> Lease | None:
         return Lease(self.owner, int(self.lease_ttl_s * 1000)) if self.store.shared else None
@@ -495,11 +502,11 @@ class SessionManager:
                     f"this server serves {self.model.fingerprint[:16]}…"
                 )
             self._check_profile(KVCacheConfig.from_dict(record.config))
-        in_use = sum(s.memory_bytes for s in self.hot.values() if s.lock.locked())
-        if in_use and in_use + record.memory_bytes > self.limits.memory_budget_bytes:
+        in_use = self._in_use_bytes()
+        if in_use and in_use + self.working + record.memory_bytes > self.room:
             raise LimitExceeded(
-                f"memory_budget_bytes: sessions in use hold {in_use} bytes; loading this one ({record.memory_bytes} bytes) "
-                f"would exceed the budget {self.limits.memory_budget_bytes}; retry later"
+                f"memory_budget_bytes: sessions in use hold {in_use} bytes and calls in flight {self.working}; loading "
+                f"this one ({record.memory_bytes} bytes) would exceed the budget {self.limits.memory_budget_bytes}; retry later"
             )
         layers = await self.io.run(self.store.load_layers, record.session_id, record.shape["layers"])
         session = await self.mlx.run(Session.restore, record, layers)
@@ -577,10 +584,10 @@ class SessionManager:
 
     async def _apply(self, session: Session, change):
         """Await `change` (the session's mutation on the MLX thread), then check the budget and commit."""
-        before = session.memory_bytes
+        before = session.held_bytes
         try:
             result = await change
-            if session.memory_bytes > before:  # growing past the budget is refused; shrinking never is
+            if session.held_bytes > before:  # growing past the budget is refused; shrinking never is
                 session.check_memory(self.limits)
                 self._make_room()
         except BaseException:
@@ -617,27 +624,96 @@ class SessionManager:
         session.committed(record, deltas)
 
     def hot_bytes(self) -> int:
-        return sum(s.memory_bytes for s in self.hot.values())
+        return sum(s.held_bytes for s in self.hot.values())
+
+    def _in_use_bytes(self) -> int:
+        return sum(s.held_bytes for s in self.hot.values() if s.lock.locked())
+
+    @property
+    def room(self) -> int:
+        """What the budget leaves for hot sessions and calls' working memory, MLX's buffer cache having its share."""
+        budget = self.limits.memory_budget_bytes
+        return budget - memory.mlx_cache_bytes(budget)
+
+    @asynccontextmanager
+    async def working_memory(self, method: str, message_bytes: int):
+        """Hold a call's working memory (memory.working_bytes of its request's size) against the budget for the
+        duration, reserved before its body is parsed. The body is in memory already: it is counted at once, or
+        refused when not even it finds room. The rest waits up to ADMISSION_WAIT_S for idle sessions to be dropped
+        or other calls to end. Refusals are RESOURCE_EXHAUSTED memory_budget_bytes and change nothing."""
+        need = memory.working_bytes(method, message_bytes)
+        if need > self.room:
+            raise LimitExceeded(
+                f"memory_budget_bytes: a {message_bytes}-byte request needs about {need} bytes of working memory, more "
+                f"than the budget {self.limits.memory_budget_bytes} leaves for calls ({self.room}); send smaller requests"
+            )
+        if not self._fits(message_bytes):
+            raise self._no_room(need)
+        self.working += message_bytes
+        held = message_bytes
+        try:
+            deadline = asyncio.get_running_loop().time() + ADMISSION_WAIT_S
+            while not self._fits(need - held):
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise self._no_room(need)
+                waiter = asyncio.get_running_loop().create_future()
+                self._room_waiters.append(waiter)
+                try:
+                    await asyncio.wait_for(waiter, left)
+                except TimeoutError:
+                    pass
+            self.working += need - held
+            held = need
+            yield
+        finally:
+            self.working -= held
+            self._wake()
+
+    def _no_room(self, need: int) -> LimitExceeded:
+        return LimitExceeded(
+            f"memory_budget_bytes: sessions in use hold {self._in_use_bytes()} bytes and calls in flight {self.working}; "
+            f"this call's {need} bytes of working memory do not fit the budget {self.limits.memory_budget_bytes}; retry later"
+        )
+
+    def watch_resident(self) -> None:
+        """Count the process's RSS growth from now on (the kvshard_resident_growth_bytes gauge)."""
+        self.resident_base = memory.resident_bytes()
+
+    def resident_growth(self) -> int:
+        return 0 if self.resident_base is None else memory.resident_bytes() - self.resident_base
+
+    def _fits(self, extra: int) -> bool:
+        """Whether `extra` more bytes fit the budget (hot sessions, calls' working memory, MLX's cache share),
+        after dropping idle sessions to make room."""
+        self._evict(extra)
+        return self.hot_bytes() + self.working + extra <= self.room
+
+    def _wake(self) -> None:
+        """Room may have appeared (a call ended, a session went idle): waiting calls look again."""
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _make_room(self) -> None:
-        """Drop idle sessions until the hot ones fit the budget; LimitExceeded if those in use alone do not."""
-        self._evict()
-        total = self.hot_bytes()
-        if total > self.limits.memory_budget_bytes:
+        """Drop idle sessions until the hot ones and the calls in flight fit; LimitExceeded if those in use alone do not."""
+        if not self._fits(0):
             raise LimitExceeded(
-                f"memory_budget_bytes: sessions in use would hold {total} bytes, over the budget "
-                f"{self.limits.memory_budget_bytes}; retry later"
+                f"memory_budget_bytes: sessions in use would hold {self.hot_bytes()} bytes with calls in flight holding "
+                f"{self.working}, over the budget {self.limits.memory_budget_bytes}; retry later"
             )
 
-    def _evict(self) -> None:
-        total = self.hot_bytes()
+    def _evict(self, extra: int = 0) -> None:
+        """Drop least recently used idle sessions until hot sessions, calls in flight and `extra` fit the room."""
+        total = self.hot_bytes() + self.working + extra
         for session_id, session in list(self.hot.items()):
-            if total <= self.limits.memory_budget_bytes:
+            if total <= self.room:
                 break
             if session.lock.locked():
                 continue
             del self.hot[session_id]
-            total -= session.memory_bytes
+            total -= session.held_bytes
 
     async def expire_idle(self) -> int:
         """Delete sessions idle longer than the TTL; returns how many."""

@@ -457,27 +457,55 @@ def test_server_info_lists_every_limit_a_flag_sets_and_grpcurl_shows_them(tmp_pa
 # ---- memory budget ---------------------------------------------------------------------------------------------
 
 
-def test_an_append_that_would_take_one_session_over_the_budget_changes_nothing(tmp_path):
-    server = ShardProcess(tmp_path, "--model", "none", "--memory-budget", "64KiB").start()
+def test_a_request_whose_working_memory_cannot_fit_the_budget_is_refused_before_its_body_is_parsed(tmp_path):
+    """A call's working memory (a multiple of its message size) is reserved against --memory-budget before its
+    body is parsed: one that can never fit is RESOURCE_EXHAUSTED naming memory_budget_bytes, even when its body
+    would not parse, and nothing changes; a request that fits is served."""
+    server = ShardProcess(tmp_path, "--model", "none", "--memory-budget", "1MiB").start()
     try:
         channel = grpc.insecure_channel(server.target)
         stub = pb_grpc.KVShardStub(channel)
         sid = raw_session(stub, heads=2, dim=64)
-        rng = np.random.default_rng(3)
-        kv = rng.standard_normal((2, 64, 64)).astype(np.float32)
-        append(stub, sid, kv, kv)
+        rng = np.random.default_rng(5)
+        small = rng.standard_normal((2, 8, 64)).astype(np.float32)
+        append(stub, sid, small, small)
         before = stub.GetSession(pb.GetSessionRequest(session_id=sid))
         stored = stored_rows(tmp_path / "kvshard.sqlite3", sid)
-        big = rng.standard_normal((2, 1024, 64)).astype(np.float32)
+        big = rng.standard_normal((2, 300, 64)).astype(np.float32)  # 307 KB of message: ~1.3 MB to work on
         code, details = status_of(lambda: append(stub, sid, big, big))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory_budget_bytes" in details and "working memory" in details
+        garbage = channel.unary_unary("/kvshard.v1.KVShard/Append")  # raw bytes in, raw bytes out
+        code, details = status_of(lambda: garbage(b"\xff" * 400_000, timeout=30))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory_budget_bytes" in details
         after = stub.GetSession(pb.GetSessionRequest(session_id=sid))
         assert (after.offset, after.version, after.memory_bytes) == (before.offset, before.version, before.memory_bytes)
         assert stored_rows(tmp_path / "kvshard.sqlite3", sid) == stored
-        append(stub, sid, kv, kv)  # still usable below the budget
+        append(stub, sid, small, small)  # still usable within the budget
         channel.close()
     finally:
         server.stop()
+
+
+def test_dropped_caches_free_what_the_cpu_kernels_derived_from_their_methods():
+    """The CPU kernels cache per method object what they derive from it (layouts, encoders); a shard drops
+    and reloads sessions all day, so those caches must not keep the methods (and the sessions' memory) alive."""
+    import gc
+    import weakref
+
+    from kvshard.quant import KVCacheConfig
+    from kvshard.quant.kernels import cpu
+
+    before = len(cpu._ENCODERS), len(cpu._LAYOUTS)
+    caches = [KVCacheConfig(seed=seed).make_cache(0, 1, 64, 2) for seed in range(4)]
+    keys = mx.random.normal((2, 32, 64))
+    for cache in caches:
+        cache.append(keys, keys)
+        mx.eval(cache.attend(mx.random.normal((4, 1, 64))))
+    methods = [weakref.ref(cache.key_quantizer) for cache in caches]
+    del cache, caches
+    gc.collect()
+    assert all(method() is None for method in methods)
+    assert (len(cpu._ENCODERS), len(cpu._LAYOUTS)) == before
 
 
 # ---- A: a long prompt takes turns -------------------------------------------------------------------------------

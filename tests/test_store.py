@@ -10,6 +10,7 @@ import pytest
 
 from kvshard.quant import METHODS, KVCacheConfig
 from kvshard.service.errors import Fenced, LeaseHeld, LimitExceeded, QuotaExceeded, SessionConflict, SessionExists, SessionNotFound, status_for
+from kvshard.service.memory import MLX_CACHE_SHARE
 from kvshard.service.sessions import Limits, SessionManager, resolve_spec, store_key
 from kvshard.service.store import Lease, open_store
 from kvshard.service.worker import SerialExecutor
@@ -54,6 +55,10 @@ class Harness:
         for session, n in zip(sessions, tokens):
             await self.append(session.session_id, 0, *kv(rng, n))
         return sessions
+
+    async def touch(self, session_id):
+        async with self.manager.open("default", session_id):
+            pass
 
     async def trim(self, session_id, n, layer=None):
         async with self.manager.open("default", session_id) as session:
@@ -192,16 +197,21 @@ def test_ids_tenants_paging_and_delete(sqlite_url):
     asyncio.run(scenario())
 
 
+def budget_with_room(room: int) -> int:
+    """A --memory-budget that leaves `room` bytes for sessions (MLX's buffer cache has its share: service/memory.py)."""
+    return -(-room * MLX_CACHE_SHARE // (MLX_CACHE_SHARE - 1))
+
+
 def test_memory_budget_drops_least_recently_used(sqlite_url):
     async def scenario():
         h = Harness(open_store(sqlite_url))
         rng = np.random.default_rng(4)
-        a, b = await h.filled(rng, 32, 32)
-        h.manager.limits = Limits(memory_budget_bytes=b.memory_bytes * 3 // 2)  # room for one of the two
-        await h.append(b.session_id, 0, *kv(rng, 1))  # b is used last; a goes
+        a, b = await h.filled(rng, 256, 256)  # whole 256-token code buffers: held as they are stored
+        h.manager.limits = Limits(memory_budget_bytes=budget_with_room(b.held_bytes * 3 // 2))  # room for one of the two
+        await h.touch(b.session_id)  # b is used last; a goes
         assert list(h.manager.hot) == [b.session_id]
         async with h.manager.open("default", a.session_id) as reloaded:  # reloaded on use
-            assert reloaded.record.layer_offsets == [32]
+            assert reloaded.record.layer_offsets == [256]
         assert list(h.manager.hot) == [a.session_id]
         h.close()
 
@@ -214,9 +224,9 @@ def test_sessions_in_use_count_against_the_budget(sqlite_url):
     async def refused():
         h = Harness(open_store(sqlite_url))
         rng = np.random.default_rng(12)
-        a, b, c = await h.filled(rng, 32, 32, 32)
-        h.manager.limits = Limits(memory_budget_bytes=a.memory_bytes * 3 // 2)  # room for one session and a half
-        await h.append(c.session_id, 0, *kv(rng, 1))  # c is used last: only c stays hot
+        a, b, c = await h.filled(rng, 256, 256, 256)
+        h.manager.limits = Limits(memory_budget_bytes=budget_with_room(a.held_bytes * 3 // 2))  # room for one session and a half
+        await h.touch(c.session_id)  # c is used last: only c stays hot
         assert list(h.manager.hot) == [c.session_id]
         async with h.manager.open("default", a.session_id):  # idle c makes room for a as it loads
             assert list(h.manager.hot) == [a.session_id]
@@ -239,7 +249,7 @@ def test_one_session_over_the_budget_is_served_alone_and_may_only_shrink(sqlite_
         h = Harness(open_store(sqlite_url))
         rng = np.random.default_rng(13)
         big, small = await h.filled(rng, 64, 4)
-        h.manager.limits = Limits(memory_budget_bytes=big.memory_bytes // 2)
+        h.manager.limits = Limits(memory_budget_bytes=budget_with_room(big.memory_bytes // 2))
         h.manager.hot.clear()
         q = rng.standard_normal((HEADS, 1, DIM)).astype(np.float32)
         async with h.manager.open("default", big.session_id) as session:
@@ -253,7 +263,8 @@ def test_one_session_over_the_budget_is_served_alone_and_may_only_shrink(sqlite_
         assert h.store.load_record(big.session_id).layer_offsets == [64]
         await h.trim(big.session_id, 48)
         assert h.store.load_record(big.session_id).layer_offsets == [16]
-        await h.append(small.session_id, 0, *kv(rng, 1))  # others are served again
+        async with h.manager.open("default", small.session_id) as session:  # others are served again
+            assert np.isfinite(await h.manager.attend(session, 0, q)).all()
         h.close()
 
     asyncio.run(scenario())

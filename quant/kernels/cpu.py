@@ -39,6 +39,7 @@ from ..methods.common import unit_and_norm
 from ..methods.klt import KLT
 from ..methods.scaled import ScaledKeys
 from ..methods.turboquant_mse import TurboQuantMSE
+from .object_cache import ObjectCache
 
 # Threads of the native kernel. Default 1: a parallel call ends at a barrier that waits for every thread, and
 # on a shared machine the second core is often busy, so waking a thread for it cost more than it saved (a
@@ -62,7 +63,7 @@ def _is_mse(method) -> bool:
     return isinstance(method, TurboQuantMSE)
 
 
-_FLOATS = {}
+_FLOATS = ObjectCache()
 
 
 def _floats(array: mx.array) -> tuple:
@@ -221,7 +222,7 @@ def _float16_layout(dim: int) -> Float16Layout:
     return Float16Layout(dim)
 
 
-_LAYOUTS = {}
+_LAYOUTS = ObjectCache()
 
 
 def _scale_table(method: KLT) -> np.ndarray | None:
@@ -296,7 +297,7 @@ def _masking(allowed, B: int, H: int, g: int, L: int, T: int) -> tuple:
     return _Masking(mask.ctypes.data, *strides, L), mask
 
 
-_SYNTHESES = {}
+_SYNTHESES = ObjectCache()
 
 
 def _padded_synthesis(key_method, H: int, padded: int) -> np.ndarray:
@@ -530,7 +531,7 @@ class RunEncoder:
                                   _ptr(table, _f32) if table is not None else None)
 
 
-_ENCODERS = {}
+_ENCODERS = ObjectCache()
 
 
 def _run_encoder(method) -> RunEncoder:
