@@ -1,9 +1,9 @@
 """How long one expensive call stalls another session's small Attend, before vs after turn-taking, in one run.
 
 Two `kvshard serve --model smollm2-135m` shards run side by side: `before` runs the code of a base revision
-(default 8cb9575, where an Append was one encode turn on the MLX thread and a Calibrate one turn for its whole
-run) from a `git archive` of it, `after` runs this tree (an Append encodes in turns of --append-slice-cost,
-a Calibrate takes one turn per forward pass). Rounds alternate between them. In each round one client sends
+from a `git archive` of it (8cb9575: an Append was one encode turn on the MLX thread and a Calibrate one turn
+for its whole run; 1bafd57: Appends in turns of --append-slice-cost, a Calibrate one turn per forward pass),
+`after` runs this tree (a Calibrate runs in a worker process with its own copy of the model). Rounds alternate between them. In each round one client sends
 an expensive call while another sends small Attends (3 x 1 x 64 queries over 256 tokens of another session)
 back to back; we record the small calls' latencies while the expensive one runs. The expensive calls:
 
@@ -11,7 +11,7 @@ back to back; we record the small calls' latencies while the expensive one runs.
 - calibrate: a RateQuant Calibrate (mode kl, the library's default prompts) of the served model;
 - attend: queries (64, 4096, 2) fp16 over 256 tokens of one kv head (cost 2^26; sliced on both shards).
 
-    python benchmarks/service_stall.py [--rounds 3] [--calibrate-rounds 1] [--base 8cb9575] [--out benchmarks/results]
+    python benchmarks/service_stall.py [--rounds 3] [--calibrate-rounds 1] [--base 1bafd57] [--out benchmarks/results]
 writes service_stall_cpu.json: per shard and expensive call, the median and max small-Attend latency (ms)
 during it, and the expensive call's own duration (medians over rounds), with the load average.
 """
@@ -107,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calibrate-rounds", type=int, default=1, help="a Calibrate of the whole model takes minutes here")
-    parser.add_argument("--base", default="8cb9575", help="the revision the `before` shard runs")
+    parser.add_argument("--base", default="1bafd57", help="the revision the `before` shard runs")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -166,7 +166,7 @@ def main() -> None:
             "rounds": args.rounds,
             "calibrate_rounds": args.calibrate_rounds,
             "before": f"revision {args.base}",
-            "after": "this tree (--append-slice-cost 2^18, Calibrate one turn per forward pass)",
+            "after": "this tree (--append-slice-cost 2^18, Calibrate in a worker process with its own model copy)",
             "expensive_append": "4096 tokens x 4 kv heads x 128 fp16 keys and values (8 MiB), then a Trim back",
             "expensive_calibrate": f"Calibrate mode kl on {args.model}, the default prompts",
             "expensive_attend": "queries (64, 4096, 2) fp16 over 256 tokens, 1 kv head: cost 2^26",

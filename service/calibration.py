@@ -59,8 +59,8 @@ def check_request(request, limits, methods) -> CalibrationPlan:
 
 def calibration_steps(model, plan: CalibrationPlan):
     """Sensitivities on real activations, then the allocation for the target average, as a generator: each
-    next() is one forward pass (the fp16 reference, then one per probed layer) and is run as its own turn on
-    the MLX thread, so other sessions keep their latency during a Calibrate; returns the CalibrationResult."""
+    next() is one forward pass (the fp16 reference, then one per probed layer); returns the CalibrationResult.
+    The shard drives it in its calibration worker process (service/calibration_worker.py)."""
     sensitivities = yield from quant.sensitivity_steps(
         model.model, model.tokenizer, prompts=plan.prompts, method=plan.method, mode=plan.mode, progress=False
     )
@@ -73,20 +73,3 @@ def calibration_steps(model, plan: CalibrationPlan):
     )
     bits = [int(b) for b in bits]
     return CalibrationResult([float(w) for w in sensitivities], bits, sum(bits) / len(bits), float(beta))
-
-
-async def run_in_turns(executor, steps):
-    """Drive a generator on the executor's thread, one next() per turn (other work queues between turns); its
-    return value. A cancelled caller stops driving it after the step in flight."""
-
-    def step():
-        try:
-            next(steps)
-        except StopIteration as done:
-            return True, done.value
-        return False, None
-
-    while True:
-        finished, value = await executor.run(step)
-        if finished:
-            return value

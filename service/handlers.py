@@ -9,11 +9,13 @@ codes are decided in errors.py; the interceptor applies them.
 import base64
 import binascii
 import dataclasses
+import shutil
 from contextlib import aclosing
 
 from kvshard.quant import METHODS, KVCacheConfig
 from kvshard.service import calibration, logs, metrics, profiles
 from kvshard.service.auth import current_tenant
+from kvshard.service.calibration_worker import CalibrationWorker
 from kvshard.service.errors import FailedPrecondition, LimitExceeded
 from kvshard.service.generation import GenerateOptions, Sampling, generate
 from kvshard.service.scheduler import Scheduler
@@ -41,6 +43,7 @@ class KVShardServicer(pb_grpc.KVShardServicer):
     def __init__(self, manager: SessionManager, version: str, auth_required: bool, scheduler: Scheduler | None = None):
         self.manager = manager
         self.scheduler = scheduler or Scheduler(manager.mlx)  # batches the Generate streams' steps
+        self.calibrations = CalibrationWorker()  # Calibrate runs there, off the MLX thread
         self.limits = manager.limits
         self.version = version
         self.auth_required = auth_required
@@ -223,7 +226,7 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         if request.profile:
             return await self._calibrate_profile(model, request)
         plan = calibration.check_request(request, self.limits, METHODS)
-        result = await calibration.run_in_turns(self.manager.mlx, calibration.calibration_steps(model, plan))
+        result = await self.calibrations.run(model.name, "ratequant", plan)
         response = pb.CalibrateResponse(
             sensitivities=result.sensitivities, key_bits=result.key_bits, average_bits=result.average_bits, beta=result.beta
         )
@@ -240,7 +243,11 @@ class KVShardServicer(pb_grpc.KVShardServicer):
     async def _calibrate_profile(self, model, request: pb.CalibrateRequest) -> pb.CalibrateResponse:
         calibration.check_prompts(request)
         name, budgets, tokens = profiles.check_calibrate_request(request)
-        profile = await self.manager.mlx.run(profiles.calibrate_and_register, model, name, list(request.prompts), budgets, tokens)
+        folder = await self.calibrations.run(model.name, "profile", name, list(request.prompts), budgets, tokens)
+        try:
+            profile = await self.manager.mlx.run(profiles.register, model, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         response = pb.CalibrateResponse(profile=profiles.profile_info(profile))
         if request.apply:
             cache = pb.CacheConfig()

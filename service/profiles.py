@@ -7,7 +7,7 @@ import os
 import re
 
 from kvshard.quant import KVCacheConfig, list_profiles, load_profile
-from kvshard.quant.calibrate.profile import PATH_VARIABLE, RECOMMENDED_BITS, calibrate_profile, save_profile
+from kvshard.quant.calibrate.profile import PATH_VARIABLE, RECOMMENDED_BITS, save_profile
 from kvshard.wire import kvshard_pb2 as pb
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -90,10 +90,13 @@ def check_calibrate_request(request: pb.CalibrateRequest) -> tuple[str, tuple, i
     return request.profile, budgets, tokens
 
 
-def calibrate_and_register(model, name: str, prompts, budgets, tokens: int):
-    """(MLX thread) Calibrate a profile on the served model and register it; saved under the first folder of
-    $KVSHARD_PROFILE_PATH when set, so that it survives a restart."""
-    profile = calibrate_profile(model.model, model.tokenizer, name, prompts or None, budgets, validation_tokens=tokens)
+def register(model, folder: str):
+    """Register the profile a calibration worker saved in `folder` with the served model; saved under the first
+    folder of $KVSHARD_PROFILE_PATH when set, so that it survives a restart."""
+    profile = load_profile(folder)
+    if profile.model_fingerprint != model.fingerprint:
+        raise RuntimeError(f"profile: calibrated on model {profile.model_fingerprint[:16]}…, not the served {model.fingerprint[:16]}…")
+    name = profile.name
     folders = [p for p in os.environ.get(PATH_VARIABLE, "").split(os.pathsep) if p]
     if folders:
         save_profile(profile, os.path.join(folders[0], name))

@@ -152,6 +152,7 @@ class Shard:
         await self.server.stop(self.config.grace_s)
         if self.store.shared:
             await self.manager.release_leases()
+        self.servicer.calibrations.stop()
         self.mlx.shutdown()
         self.io.shutdown()
         self.store.close()
