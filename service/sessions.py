@@ -372,8 +372,10 @@ class Session:
 class SessionManager:
     """Hot sessions under a byte budget (least recently used dropped first), loaded from the store on use.
 
-    The budget counts every hot session, in use or not: idle ones are dropped to make room, and a session is
-    not loaded while the ones in use leave no room for it (RESOURCE_EXHAUSTED, retryable). A change that
+    The budget counts every hot session at its held bytes, in use or not, and the working memory of the calls
+    in flight (`working_memory`, reserved before a request is parsed), with a share left to MLX's buffer cache
+    (service/memory.py): idle sessions are dropped to make room, and a session is not loaded while the ones in
+    use and the calls leave no room for it (RESOURCE_EXHAUSTED, retryable). A change that
     would make one session alone hold more than the budget is refused. One session stored over the budget
     (a lowered budget, or a Generate turn that crossed it) is still served while no other session is in
     use, and dropped from memory after each call, so it can be trimmed or deleted.
