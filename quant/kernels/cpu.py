@@ -334,7 +334,7 @@ def _pre_rope(segment, key_method, B: int, H: int) -> tuple:
     return struct, (omega, synthesis_t, mean)
 
 
-_MATRICES = {}
+_MATRICES = ObjectCache()
 
 
 def _head_matrices(method, side: str, H: int, dim: int) -> np.ndarray:
@@ -563,7 +563,7 @@ def _native_encode(method, z, norm_dtype) -> tuple:
 # each MLX op costs tens of microseconds on this path (mx.fast.rope with custom frequencies ~250 µs of CPU for
 # one token), a numpy product of a few rows a few.
 SMALL_APPEND_TOKENS = 16
-_TRANSFORMS = {}
+_TRANSFORMS = ObjectCache()
 
 
 def _klt_transform(method: KLT) -> np.ndarray:

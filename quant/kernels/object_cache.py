@@ -4,8 +4,8 @@ import weakref
 
 
 class ObjectCache:
-    """Reads and writes like a dict of id(obj) -> (obj, value), but holds obj weakly: an entry goes when its object
-    does. The CPU kernels cache what they derive from a method or a codebook array per object; a shard drops and
+    """Reads and writes like a dict of key -> (obj, value), the key made from id(obj), but holds obj weakly: an
+    entry goes when its object does. The CPU kernels cache what they derive from a method or a codebook array per object; a shard drops and
     reloads sessions (whose caches own their methods) all day, and a plain dict would keep every one of them, and
     what was derived from it, for the life of the process."""
 
