@@ -225,6 +225,26 @@ def test_other_sessions_carry_on_while_a_calibrate_runs_in_its_worker_process(tm
         server.stop()
 
 
+@pytest.mark.slow  # a profile's moments, 62 probe passes and its validation: 7 minutes at load 15
+def test_a_profile_mode_calibrate_in_the_worker_registers_its_profile_and_applies_it(tmp_path):
+    """The worker saves the profile it calibrated; the shard registers it (ServerInfo lists it) and the
+    session `apply` asks for is made from it."""
+    server = ShardProcess(tmp_path).start(timeout=600)
+    try:
+        channel = grpc.insecure_channel(server.target)
+        stub = pb_grpc.KVShardStub(channel)
+        prompt = "The old lighthouse keeper climbed the spiral stairs every evening and watched the ships pass the rocky point."
+        request = pb.CalibrateRequest(profile="worker-profile", profile_budgets=[3.5], validation_tokens=16, apply=True, prompts=[prompt])
+        response = stub.Calibrate(request, timeout=1800)
+        assert response.profile.name == "worker-profile" and len(response.profile.measured) == 1
+        assert response.session.cache.profile == "worker-profile"
+        info = stub.ServerInfo(pb.ServerInfoRequest())
+        assert {"worker-profile": response.profile.fingerprint}.items() <= {p.name: p.fingerprint for p in info.profiles}.items()
+        channel.close()
+    finally:
+        server.stop()
+
+
 # ---- C: exactly-once, all-or-nothing -------------------------------------------------------------------------
 
 
