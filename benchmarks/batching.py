@@ -10,9 +10,9 @@ prefill.
 --mode inprocess (the GPU figures): the service cannot load a random-weight model, so the scheduler runs in this
 process (service/scheduler.py with real Sessions and Decoders, as the shard runs them, without gRPC) over a
 random Llama-3.2-1B-shaped fp16 model; caches filled with random K/V to contexts of 100 to 4,000 tokens;
-1, 8 and 32 streams. Also checks the fused one-call attention of a batch against each row's own call.
+1, 8 and 32 streams. Also checks one batch-arena step of the sessions against the same step row by row.
 
-    python benchmarks/batching.py [--mode service|inprocess] [--tokens 24] [--rounds 2] [--out benchmarks/results]
+    python benchmarks/batching.py [--mode service|inprocess] [--tokens 24] [--rounds 2] [--lock FILE] [--out benchmarks/results]
 writes batching_cpu.json + batching_cpu.png (service) or batching_gpu.json (inprocess).
 
 batching_gpu.json ran on the lent H200 as benchmarks/run_gpu.sh describes (MLX-CUDA in two loads; the package
@@ -22,6 +22,7 @@ along), with: python3 benchmarks/batching.py --mode inprocess --streams 1 8 32 -
 
 import argparse
 import asyncio
+import fcntl
 import json
 import os
 import statistics
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +105,38 @@ def bench_service(args) -> dict:
             result["effective_bits"] = _effective_bits(sessions[-1])
             for session in sessions:
                 session.refresh()
-            rounds = []
-            for r in range(args.rounds):
+            with timing_lock(args.lock):
+                rounds = _rounds(args, sessions, generate, together, result)
+            result["rounds_detail"] = rounds
+            result["summary"] = _summary(rounds)
+            result["load_average"]["before prefill phase"] = load_average()
+            with timing_lock(args.lock):
+                result["prefill_amid_decoding"] = _amid_prefill(client, sessions[:7], rng, generate, together)
+            result["load_average"]["end"] = load_average()
+    finally:
+        shard.stop()
+    return result
+
+
+@contextmanager
+def timing_lock(path: str | None):
+    """Hold the machine's timing lock (flock) while timing, so that two timings never overlap; the untimed set-up
+    (the prefills) runs outside it."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+
+def _rounds(args, sessions, generate, together, result) -> list:
+    """Each round: every session decodes alone, one after another, then all of them at once."""
+    rounds = []
+    for r in range(args.rounds):
                 result["load_average"][f"round {r} start"] = load_average()
                 solo = [stream_stats(*generate(s, args.tokens)) for s in sessions]
                 wall_start = time.perf_counter()
@@ -118,14 +150,7 @@ def bench_service(args) -> dict:
                 })
                 print(f"round {r}: one stream {rounds[-1]['single_stream_tok_s']:.2f} tok/s, 8 streams "
                       f"{rounds[-1]['aggregate_tok_s']:.2f} tok/s", flush=True)
-            result["rounds_detail"] = rounds
-            result["summary"] = _summary(rounds)
-            result["load_average"]["before prefill phase"] = load_average()
-            result["prefill_amid_decoding"] = _amid_prefill(client, sessions[:7], rng, generate, together)
-            result["load_average"]["end"] = load_average()
-    finally:
-        shard.stop()
-    return result
+    return rounds
 
 
 def _effective_bits(session) -> float:
@@ -231,7 +256,6 @@ def bench_inprocess(args) -> dict:
     from mlx_lm.models import llama
 
     from kvshard.quant import KVCacheConfig, install_attention_hook
-    from kvshard.quant.batch_view import batch_views
     from kvshard.service import metrics
     from kvshard.service.generation import Decoder, Sampling
     from kvshard.service.scheduler import Scheduler
@@ -269,8 +293,8 @@ def bench_inprocess(args) -> dict:
         contexts = [100 + (4000 - 100) * i // max(n_streams - 1, 1) for i in range(n_streams)]
         sessions = asyncio.run(_on(mlx_thread, lambda c=contexts: [make_session(t) for t in c]))
         if n_streams > 1:
-            result.setdefault("fused_check", {})[str(n_streams)] = asyncio.run(
-                _on(mlx_thread, lambda s=sessions: _fused_vs_rows(model, s, batch_views)))
+            result.setdefault("arena_check", {})[str(n_streams)] = asyncio.run(
+                _on(mlx_thread, lambda s=sessions: _arena_vs_rows(model, s)))
         runs = asyncio.run(_streams(mlx_thread, Scheduler, Decoder, Sampling, served, sessions, args.tokens, n_streams))
         wall = max(t[-1] for _, t in runs) - min(s for s, _ in runs)
         stats = [stream_stats(*run) for run in runs]
@@ -311,23 +335,32 @@ async def _streams(mlx_thread, Scheduler, Decoder, Sampling, served, sessions, t
     return await asyncio.gather(*(stream(s) for s in sessions))
 
 
-def _fused_vs_rows(model, sessions, batch_views) -> dict:
-    """One batched layer-0 attention through the fused call against each row's own attention call."""
+def _arena_vs_rows(model, sessions) -> dict:
+    """One decode step of copies of the sessions in the batch arena against the same step row by row (the
+    per-row batch views): the largest logit difference, and each path's step time (a single step, warm)."""
+    import copy
+
     import mlx.core as mx
 
-    views = batch_views([s.caches for s in sessions])
-    view = views[0]
-    attn = model.layers[0].self_attn
-    q = mx.random.normal((len(sessions), attn.n_heads, 1, attn.head_dim)).astype(mx.float16)
-    rows = mx.concatenate([c.attention(q[i : i + 1], attn.scale) for i, c in enumerate(view.caches)], axis=0)
-    try:
-        fused = view._fused_attention(q, attn.scale)
-        if fused is None:
-            return {"fused": False}
-        return {"fused": True, "max_abs_diff": mx.abs(fused.astype(mx.float32) - rows.astype(mx.float32)).max().item(),
-                "max_abs_output": mx.abs(rows.astype(mx.float32)).max().item()}
-    except Exception as error:  # noqa: BLE001 (recorded: the scheduler's steps then fall back to one row at a time)
-        return {"fused": "error", "error": repr(error)[:500]}
+    from kvshard.quant.batch_arena import BatchArena
+    from kvshard.quant.batch_view import batch_views
+
+    tokens = mx.array([[7 + i] for i in range(len(sessions))])
+    out = {}
+    for name in ("rows", "arena", "rows (timed)", "arena (timed)"):  # the first of each warms up
+        copies = [copy.deepcopy(s.caches) for s in sessions]
+        mx.eval([c.state for caches in copies for c in caches])
+        arena, in_arena = BatchArena(), name.startswith("arena")
+        if in_arena and not all(arena.fits(c) for c in copies):
+            return {"arena": False}
+        views = arena.views([arena.join(c) for c in copies]) if in_arena else batch_views(copies)
+        started = time.perf_counter()
+        logits = model(tokens, cache=views)[:, -1].astype(mx.float32)
+        mx.eval(logits)
+        out[name] = (logits, time.perf_counter() - started)
+    return {"arena": True, "max_abs_logit_diff": mx.abs(out["arena"][0] - out["rows"][0]).max().item(),
+            "max_abs_logit": mx.abs(out["rows"][0]).max().item(),
+            "step_s": {"rows": out["rows (timed)"][1], "arena": out["arena (timed)"][1]}}
 
 
 def main() -> None:
@@ -338,6 +371,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32], help="inprocess: stream counts")
     parser.add_argument("--layers", type=int, default=0, help="inprocess: fewer layers for a quick check")
     parser.add_argument("--max-context", type=int, default=MAX_CONTEXT, help="service: longest context (a quick check: 400)")
+    parser.add_argument("--lock", help="service: a file to flock while timing (not while prefilling), e.g. /work/wt/timing.lock")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     global CONTEXTS, LONG_PROMPT

@@ -132,6 +132,7 @@ class CompressedKVCache(_BaseCache):
         self._written = None
         self._fusable = None  # whether this cache's appends can be coded in the attention launch (worked out once)
         self._ring, self._ring_start = None, 0  # the window's buffers while held as a ring; its oldest slot
+        self._lease = None  # a batch arena's hold on this cache's newest codes (quant/batch_arena.py)
         # Set when `state` or `trim` may have handed out views of the buffers: in-place appends wait until an
         # ordinary append has given the cache buffers of its own again (MLX copies a buffer still viewed).
         self._exported = False
@@ -262,7 +263,9 @@ class CompressedKVCache(_BaseCache):
     def _settle(self) -> None:
         """Before anything but the decode kernel reads the codes or the window: the last in-place launch is
         evaluated (a graph that slices the buffers does not depend on it), the ring put back in token order, and
-        a deferred token appended the ordinary way."""
+        a deferred token appended the ordinary way; codes a batch arena holds for this cache copied back."""
+        if self._lease is not None:
+            self._lease.give_back(self)
         if self._written is not None:
             mx.eval(self._written)
             self._written = None
@@ -636,6 +639,8 @@ class CompressedKVCache(_BaseCache):
         memo[id(self)] = twin
         for name, value in self.__dict__.items():
             shared = name in _SHARED_ON_COPY or isinstance(value, mx.Dtype)  # a Dtype is immutable and cannot be pickled
+            if name == "_lease":  # a batch arena holds this cache, not its copy
+                value, shared = None, True
             twin.__dict__[name] = value if shared else copy.deepcopy(value, memo)
         return twin
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+from kvshard.quant.batch_arena import BatchArena
 from kvshard.quant.batch_view import batch_views
 from kvshard.service import metrics
 from kvshard.service.errors import LimitExceeded
@@ -130,11 +131,19 @@ class Decoder:
     def _sample(self, logits: mx.array) -> int:
         return self.sampling.sample(logits.astype(mx.float32), len(self.session.record.token_ids))
 
-    def _accept(self, token: int) -> int:
+    def _accept(self, token: int, grown_bytes: int | None = None) -> int:
+        """The sampled token joins the conversation. grown_bytes: the step ran in a batch arena, whose caches
+        each grew by one token of known size (reading their nbytes would copy the arena's codes back)."""
         self._before = None
-        self.session.record.token_ids.append(token)
+        session = self.session
+        session.record.token_ids.append(token)
         self.progress["generated_tokens"] += 1
-        self.session.mark_all_changed()
+        if grown_bytes is None:
+            session.mark_all_changed()
+        else:
+            session.dirty.update(range(len(session.caches)))
+            session.record.layer_offsets = [c.offset for c in session.caches]
+            session.memory_bytes += grown_bytes
         return token
 
     def rollback(self) -> None:
@@ -148,18 +157,31 @@ class Decoder:
         self._before = None
 
 
-def decode_batch(decoders: list[Decoder]) -> list:
+def decode_batch(decoders: list[Decoder], arena: BatchArena | None = None) -> list:
     """(MLX thread) One decode step of several sessions in one forward pass: the model is called with one pending
-    token per row over batch views of the sessions' own caches (quant/batch_view.py). Each row samples with its
+    token per row. Where every row's caches can share the batch arena (quant/batch_arena.py: codes only, coded
+    alike), each layer is one encode and one attention for all rows; otherwise the model runs over batch views
+    of the sessions' own caches (quant/batch_view.py), row by row inside each layer. Each row samples with its
     own stream's sampling at its own position. Returns each decoder's token, or the exception its step raised:
     if the batched pass fails, every row is rolled back and run alone, so an error stays with its stream."""
-    if len(decoders) > 1:
+    sessions = [decoder.session.caches for decoder in decoders]
+    # A lone row that fits decodes in the arena too: a stream's steps then take one path whether or not others
+    # decode beside it (the same attention kernel), so a seeded stream draws the same tokens either way.
+    in_arena = arena is not None and all(arena.slot_of(c) is not None or arena.fits(c) for c in sessions)
+    if in_arena or len(decoders) > 1:
+        grown = None
         try:
             pending = [decoder._begin() for decoder in decoders]
             if any(len(p) != 1 for p in pending):
                 raise ValueError("decode_batch: every row must feed exactly one token")
             model = decoders[0].model.model
-            views = batch_views([decoder.session.caches for decoder in decoders])
+            if in_arena:
+                views = arena.views([arena.join(c) for c in sessions])
+                grown = arena.bytes_per_token()
+            else:
+                for caches in sessions:  # their caches take their codes back from the arena before the rows' own writes
+                    _leave(arena, caches)
+                views = batch_views(sessions)
             logits = model(mx.array(pending), cache=views)[:, -1, :]
             mx.eval(logits)
             greedy = mx.argmax(logits, axis=-1).tolist()  # one evaluation for every greedy row
@@ -168,16 +190,24 @@ def decode_batch(decoders: list[Decoder]) -> list:
         except Exception:  # noqa: BLE001 (each row is retried alone below, and raises its own error)
             metrics.BATCH_FALLBACKS.inc()
             for decoder in decoders:
+                _leave(arena, decoder.session.caches)
                 decoder.rollback()
         else:
-            return [decoder._accept(token) for decoder, token in zip(decoders, tokens, strict=True)]
+            return [decoder._accept(token, grown) for decoder, token in zip(decoders, tokens, strict=True)]
     outcomes = []
     for decoder in decoders:
+        _leave(arena, decoder.session.caches)
         try:
             outcomes.append(decoder.step())
         except Exception as error:  # noqa: BLE001 (handed to its own stream, which re-raises it)
             outcomes.append(error)
     return outcomes
+
+
+def _leave(arena: BatchArena | None, caches: list) -> None:
+    """(MLX thread) Before anything but the arena writes to a session's caches, they leave it with their codes."""
+    if arena is not None:
+        arena.release(caches)
 
 
 class TextStream:
@@ -277,11 +307,18 @@ async def generate(manager: SessionManager, scheduler, model, session: Session, 
         scheduler.leave(decoder)
         if progress["generated_tokens"]:
             metrics.STREAM_TOKENS_PER_SECOND.observe(progress["generated_tokens"] / (time.monotonic() - started))
-        if session.session_id in manager.hot:
-            # Cut short (client gone, deadline, error): keep what was generated. The check runs on the MLX
-            # thread after any step still in flight, and completes even when the handler was cancelled, before
-            # the caller releases the session lock.
-            await run_to_completion(manager.commit(session, only_if_changed=True))
+        # Both run on the MLX thread after any step still in flight, and complete even when the handler was
+        # cancelled, before the caller releases the session lock.
+        await run_to_completion(_leave_and_keep(manager, scheduler, decoder))
+
+
+async def _leave_and_keep(manager: SessionManager, scheduler, decoder: Decoder) -> None:
+    """The stream's session leaves the batch arena (its caches own all their codes again); and if the call was cut
+    short (client gone, deadline, error), what was generated is committed."""
+    session = decoder.session
+    await scheduler.release(decoder)
+    if session.session_id in manager.hot:
+        await manager.commit(session, only_if_changed=True)
 
 
 def _replayed(record, replay_from: int) -> list[int]:

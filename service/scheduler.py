@@ -24,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from kvshard.quant.batch_arena import BatchArena
 from kvshard.service import metrics
 from kvshard.service.generation import decode_batch
 from kvshard.service.worker import SerialExecutor
@@ -63,6 +64,7 @@ class Scheduler:
         self._driver: asyncio.Task | None = None
         self._last_turn_s = 0.0
         self._recent = deque()  # (time, tokens) of the last turns, for the aggregate rate
+        self.arena = BatchArena()  # the co-decoding sessions' codes, one buffer per layer (MLX thread only)
 
     # ---- the streams' side --------------------------------------------------------------------------------
 
@@ -74,6 +76,11 @@ class Scheduler:
         self._streams.pop(id(decoder), None)
         self._served.pop(id(decoder), None)
         self._arrived.set()  # a turn waiting for this stream need not wait any more
+
+    async def release(self, decoder) -> None:
+        """After `leave`: the stream's session leaves the batch arena, its caches owning all their codes again
+        (on the MLX thread, after any turn still running its step), before the caller lets go of the session."""
+        await self.mlx.run(self.arena.release, decoder.session.caches)
 
     async def step(self, decoder) -> int | None:
         """The stream's next step: its sampled token, or None when a prefill chunk was fed and more input is left.
@@ -119,7 +126,8 @@ class Scheduler:
             started = time.monotonic()
             # The job is handed to the MLX thread before this task can be interrupted, and the driver is never
             # cancelled by a stream, so a taken request always runs to its end.
-            outcomes = await self.mlx.run(_run_turn, prefill.decoder if prefill else None, [r.decoder for r in batch])
+            outcomes = await self.mlx.run(_run_turn, prefill.decoder if prefill else None, [r.decoder for r in batch],
+                                          self.arena)
             self._last_turn_s = time.monotonic() - started
             self._count_tokens(outcomes)
             for request, outcome in zip(self._taken, outcomes, strict=True):
@@ -171,15 +179,16 @@ class Scheduler:
         return tokens / _RATE_WINDOW_S
 
 
-def _run_turn(prefill, batch: list) -> list:
+def _run_turn(prefill, batch: list, arena: BatchArena) -> list:
     """(MLX thread) One turn: the prefill chunk, then the batched decode step. Each stream's outcome is its token,
     None (a chunk fed, more input left) or the exception its step raised."""
     outcomes = []
     if prefill is not None:
+        arena.release(prefill.session.caches)  # (not a member, unless its conversation moved back meanwhile)
         try:
             outcomes.append(prefill.step())
         except Exception as error:  # noqa: BLE001 (handed to its own stream, which re-raises it)
             outcomes.append(error)
     if batch:
-        outcomes.extend(decode_batch(batch))
+        outcomes.extend(decode_batch(batch, arena))
     return outcomes

@@ -15,6 +15,7 @@ from mlx_lm.models.cache import KVCache
 from conftest import ShardProcess, free_port
 from kvshard.client import NO_RETRY, Client
 from kvshard.quant import KVCacheBuilder, KVCacheConfig, install_attention_hook
+from kvshard.quant.batch_arena import BatchArena
 from kvshard.quant.batch_view import batch_views
 from kvshard.wire import kvshard_pb2 as pb
 
@@ -86,6 +87,32 @@ def test_batched_step_logits_equal_unbatched_steps(batch, request):
     for held, caches in zip(after_batch, sessions, strict=True):
         again = caches[5].state
         for a, b in zip(tree_flatten(held), tree_flatten(again), strict=True):
+            assert a[0] == b[0] and (a[1] == b[1] if isinstance(a[1], str) else mx.array_equal(a[1], b[1]))
+    _trim(sessions)
+
+
+def test_arena_step_equals_unbatched_steps(alike):
+    """Sessions coded alike decode in the batch arena (one buffer per layer): the logits equal each session's
+    step alone, each cache holds afterwards the very codes it codes alone (read back from the arena), and its
+    bytes grew by what the arena reports for one token."""
+    model, sessions = alike
+    arena = BatchArena()
+    tokens = [11, 222, 3333]
+    held = [sum(c.nbytes for c in caches) for caches in sessions]
+    assert all(arena.fits(caches) for caches in sessions)
+    views = arena.views([arena.join(caches) for caches in sessions])
+    logits = model(mx.array([[t] for t in tokens]), cache=views)[:, -1].astype(mx.float32)
+    mx.eval(logits)
+    grown = arena.bytes_per_token()
+    assert [sum(c.nbytes for c in caches) for caches in sessions] == [n + grown for n in held]
+    for caches in sessions:
+        arena.release(caches)
+    after_batch = [c[5].state for c in sessions]
+    _trim(sessions)
+    alone = mx.stack([_step_alone(model, caches, t) for caches, t in zip(sessions, tokens, strict=True)])
+    assert mx.abs(logits - alone).max().item() <= LOGIT_TOLERANCE
+    for held_state, caches in zip(after_batch, sessions, strict=True):
+        for a, b in zip(tree_flatten(held_state), tree_flatten(caches[5].state), strict=True):
             assert a[0] == b[0] and (a[1] == b[1] if isinstance(a[1], str) else mx.array_equal(a[1], b[1]))
     _trim(sessions)
 

@@ -130,7 +130,7 @@ def native_library():
         warnings.warn(f"kvshard: the CPU attention kernel did not build with {compiler} ({err}): CPU attention "
                       "over codes takes the portable MLX path", RuntimeWarning, stacklevel=2)
         return None
-    library.kvshard_attend.restype = library.kvshard_encode.restype = ctypes.c_int
+    library.kvshard_attend.restype = library.kvshard_attend_rows.restype = library.kvshard_encode.restype = ctypes.c_int
     return library
 
 
@@ -352,10 +352,10 @@ def _head_matrices(method, side: str, H: int, dim: int) -> np.ndarray:
 
 
 def _attend_native(queries: np.ndarray, T: int, key_layout, keys: dict, value_layout, values: dict, rope, allowed,
-                   g: int, L: int) -> tuple:
+                   g: int, L: int, lengths=None) -> tuple:
     """The native kernel over T tokens of one segment: (out (B, Hkv, R, value dim) fp32, normalised; lse (B, Hkv,
     R)), numpy. queries: (B, Hkv, R = g·L, ·) fp32 as the kernel scores them; keys, values: the segment's code
-    arrays (or fp16 tokens), evaluated."""
+    arrays (or fp16 tokens), evaluated; lengths: None, or (B,) tokens row b holds (<= T: kvshard_attend_rows)."""
     B, H, R, _ = queries.shape
     q_np = np.ascontiguousarray(queries, np.float32)
     key_tensor, keep_k = _code_tensor(keys)
@@ -365,22 +365,26 @@ def _attend_native(queries: np.ndarray, T: int, key_layout, keys: dict, value_la
     lse = np.empty((B, H, R), np.float32)
     threads = _threads()
     chunk = max(CHUNK_TOKENS, -(-T // (4 * threads)))
-    status = native_library().kvshard_attend(
-        _ptr(q_np, _f32), B, H, R, q_np.shape[-1], ctypes.c_int64(T), ctypes.byref(key_layout.struct),
-        ctypes.byref(key_tensor), ctypes.byref(value_layout.struct), ctypes.byref(value_tensor),
-        ctypes.byref(rope) if rope is not None else None, ctypes.byref(masking), chunk, threads,
-        _ptr(out, _f32), _ptr(lse, _f32))
+    head = (_ptr(q_np, _f32), B, H, R, q_np.shape[-1], ctypes.c_int64(T))
+    tail = (ctypes.byref(key_layout.struct), ctypes.byref(key_tensor), ctypes.byref(value_layout.struct),
+            ctypes.byref(value_tensor), ctypes.byref(rope) if rope is not None else None, ctypes.byref(masking), chunk,
+            threads, _ptr(out, _f32), _ptr(lse, _f32))
+    if lengths is None:
+        status = native_library().kvshard_attend(*head, *tail)
+    else:
+        lengths = np.ascontiguousarray(lengths, np.int32)
+        status = native_library().kvshard_attend_rows(*head, _ptr(lengths, _i32), *tail)
     del keep_k, keep_v, keep_m
     if status != 0:
         raise RuntimeError("the CPU attention kernel refused its sizes or ran out of memory")
     return out, lse
 
 
-def _code_part(q: np.ndarray, segment, key_method, value_method, allowed) -> tuple:
+def _code_part(q: np.ndarray, segment, key_method, value_method, allowed, lengths=None) -> tuple:
     """One code segment in the native kernel: (out (B, Hkv, g·L, m) fp32 in the values' rotated domain,
     normalised; lse (B, Hkv, g·L)), numpy. q: (B, Hkv, g, L, D) fp32 numpy, scaled; allowed: the mask over the
     segment's positions (None, bool or additive), evaluated; the segment's codes evaluated and read up to its
-    length."""
+    length, or row b up to lengths[b] (the code arrays may then be numpy)."""
     B, H, g, L, D = q.shape
     pre_rope = segment.key_rope is not None
     if pre_rope and not isinstance(key_method, KLT):
@@ -390,12 +394,22 @@ def _code_part(q: np.ndarray, segment, key_method, value_method, allowed) -> tup
         queries = queries @ _head_matrices(key_method, "query", H, D)[None]
     rope, keep_r = _pre_rope(segment, key_method, B, H) if pre_rope else (None, None)
     out, lse = _attend_native(queries, segment.length, code_layout(key_method), segment.key_codes,
-                              code_layout(value_method), segment.value_codes, rope, allowed, g, L)
+                              code_layout(value_method), segment.value_codes, rope, allowed, g, L, lengths)
     del keep_r
     if segment.key_mean is not None and not pre_rope:  # keys were coded as k - mean: q.mean per row back
         mean = _numpy32(segment.key_mean)[:, :, 0]  # (B, H, D)
         lse = lse + np.einsum("bhrd,bhd->bhr", q.reshape(B, H, g * L, D), mean)
     return out, lse
+
+
+def cpu_rows_attention(q, segment, key_method, value_method, lengths) -> mx.array:
+    """Attention over one code segment whose rows hold lengths[b] tokens each (sessions sharing one buffer,
+    quant/batch_arena.py), in one kernel call. q: (B, Hkv, g, L, D) fp32, scaled. Returns (B, Hkv, g, L, D) fp32."""
+    B, H, g, L, D = q.shape
+    mx.eval(q)
+    out, _ = _code_part(np.asarray(q), segment, key_method, value_method, None, lengths)
+    out = out @ _head_matrices(value_method, "output", H, value_method.rotated_dim)[None]
+    return mx.array(out.reshape(B, H, g, L, D))
 
 
 def _float16_part(q: np.ndarray, segment, allowed) -> tuple:

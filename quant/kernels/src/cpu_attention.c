@@ -408,11 +408,11 @@ static void *aligned_floats(size_t n) {
     return p;
 }
 
-// Entry point. q: (B, H, R, qdim) fp32 contiguous, already scaled (and rotated unless P is given).
-// out: (B, H, R, mv) normalised rotated-domain output; lse: (B, H, R). Returns 0, or -1 on bad sizes.
-int kvshard_attend(const float *q, int B, int H, int R, int qdim, int64_t T, const code_layout *K,
-                   const code_tensor *kc, const code_layout *V, const code_tensor *vc, const pre_rope *P,
-                   const masking *M, int chunk_tokens, int threads, float *out, float *lse) {
+// Both entry points. lengths: NULL (every row holds T tokens) or per row b its own lengths[b] <= T (a batch of
+// sessions in one buffer); a chunk past a row's length does nothing and merges as nothing.
+static int attend(const float *q, int B, int H, int R, int qdim, int64_t T, const int32_t *lengths,
+                  const code_layout *K, const code_tensor *kc, const code_layout *V, const code_tensor *vc,
+                  const pre_rope *P, const masking *M, int chunk_tokens, int threads, float *out, float *lse) {
     if (K->dim > MAX_DIM || V->dim > MAX_DIM || qdim > MAX_DIM || K->bytes > MAX_BYTES || V->bytes > MAX_BYTES)
         return -1;
     if (T > 1 && (kc->codes_t < K->bytes || vc->codes_t < V->bytes)) return -1;  // tokens' codes must not overlap
@@ -441,8 +441,10 @@ int kvshard_attend(const float *q, int B, int H, int R, int qdim, int64_t T, con
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t item = 0; item < items; item++) {
                     int64_t b = item / chunks, t0 = (item % chunks) * chunk_tokens;
-                    int64_t t1 = t0 + chunk_tokens < T ? t0 + chunk_tokens : T;
-                    attend_chunk(b, t0, t1, T, H, R, qdim, q, K, kc, V, vc, P, M, pmax + item * per_item,
+                    const int64_t Tb = lengths ? lengths[b] : T;
+                    int64_t t1 = t0 + chunk_tokens < Tb ? t0 + chunk_tokens : Tb;
+                    if (t1 < t0) t1 = t0;
+                    attend_chunk(b, t0, t1, Tb, H, R, qdim, q, K, kc, V, vc, P, M, pmax + item * per_item,
                                  psum + item * per_item, pacc + item * per_item * vstride, &w);
                 }
             }
@@ -477,4 +479,22 @@ int kvshard_attend(const float *q, int B, int H, int R, int qdim, int64_t T, con
     }
     free(pmax); free(psum); free(pacc);
     return failed ? -1 : 0;
+}
+
+// Entry point. q: (B, H, R, qdim) fp32 contiguous, already scaled (and rotated unless P is given).
+// out: (B, H, R, mv) normalised rotated-domain output; lse: (B, H, R). Returns 0, or -1 on bad sizes.
+int kvshard_attend(const float *q, int B, int H, int R, int qdim, int64_t T, const code_layout *K,
+                   const code_tensor *kc, const code_layout *V, const code_tensor *vc, const pre_rope *P,
+                   const masking *M, int chunk_tokens, int threads, float *out, float *lse) {
+    return attend(q, B, H, R, qdim, T, NULL, K, kc, V, vc, P, M, chunk_tokens, threads, out, lse);
+}
+
+// The same with rows of their own lengths (0 <= lengths[b] <= T): row b attends its first lengths[b] tokens;
+// a row of none gets output 0 and lse -inf.
+int kvshard_attend_rows(const float *q, int B, int H, int R, int qdim, int64_t T, const int32_t *lengths,
+                        const code_layout *K, const code_tensor *kc, const code_layout *V, const code_tensor *vc,
+                        const pre_rope *P, const masking *M, int chunk_tokens, int threads, float *out, float *lse) {
+    for (int b = 0; b < B; b++)
+        if (lengths[b] < 0 || lengths[b] > T) return -1;
+    return attend(q, B, H, R, qdim, T, lengths, K, kc, V, vc, P, M, chunk_tokens, threads, out, lse);
 }

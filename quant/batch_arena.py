@@ -1,0 +1,369 @@
+"""Co-decoding sessions' codes in one buffer per layer, so that a batched decode step costs a constant number of
+ops per layer, whatever the number of rows.
+
+A batch arena holds, for each layer, the codes of the sessions that decode together (service/scheduler.py) in
+one preallocated (slots, kv_heads, capacity, ·) buffer per code array, with per-slot lengths and key means. A
+session's caches join by copying their codes in once; a (B, 1) decode step is then, per layer, one encode of
+the B new tokens written at each row's length and one attention with per-row lengths: on the CPU one call of
+the native kernel's rows entry point (the buffer is numpy, written in place); on CUDA one launch of the append
+kernel, which codes the new tokens into the buffer in place and attends (quant/kernels/gpu.py).
+
+The sessions' caches stay the durable truth. Every step moves each row's `offset` and `n_encoded` with the
+arena; the codes themselves are copied back lazily: a cache that belongs to an arena holds a lease
+(`cache._lease`), and whatever reads its codes first (its `_settle`: state for a commit, trim, segments,
+nbytes, deepcopy) takes back the tokens the arena coded since. A row leaves (`release`) with the same copy,
+and before anything but the arena writes to its cache (a prefill chunk, a row run alone): `sync` rejects a row
+whose cache moved behind the arena's back (a trim), which then joins again from its cache.
+
+Rows that can share a layer's buffer: caches that hold only codes (no fp16 sinks or window, the key mean known),
+coded alike (one configuration, the same calibrated plans and key scales), keys coded after RoPE, no observers.
+`fits(caches)` says whether a session's caches qualify; other batches take quant/batch_view.py's per-row path.
+"""
+
+import mlx.core as mx
+import numpy as np
+
+from . import kernels
+from .attention import CodeSegment
+from .cache import CompressedKVCache
+from .kernels import dispatch, gpu
+from .kernels.cpu import cpu_rows_attention, cpu_supported
+
+_GROW_TOKENS = 256  # token capacity grows in steps (a row's next token always has room: see _room)
+_CODE_SIDES = ("key_codes", "value_codes")
+
+
+def coded_alike(cache, first) -> bool:
+    """Whether `cache` codes exactly as `first` does, so that first's quantizers read its codes: the same
+    configuration, seeds included, and the same calibrated plans and key scales."""
+    if not isinstance(cache, CompressedKVCache) or not isinstance(first, CompressedKVCache):
+        return False
+    if cache.key_quantizer is None or first.key_quantizer is None:
+        return False
+    return cache is first or (cache.config == first.config and cache.key_plan is first.key_plan
+                              and cache.value_plan is first.value_plan and cache.key_scale is first.key_scale)
+
+
+def codes_only(cache) -> bool:
+    """Whether the cache holds only codes and codes its next tokens straight away: no fp16 sinks or window, the
+    key mean known (or not used), keys coded after RoPE, no observers (they see each encode of their cache)."""
+    if type(cache) is not CompressedKVCache or cache.key_quantizer is None or cache.observers:
+        return False
+    cache._settle()
+    return (cache.n_encoded > 0 and cache.n_encoded == cache.offset and cache.sink_keys is None
+            and cache.window_keys is None and cache._codes_direct() and cache._key_rope is None)
+
+
+class _Lease:
+    """A cache's place in an arena layer: the layer reads its codes back through it (`CompressedKVCache._settle`)."""
+
+    def __init__(self, layer: "ArenaLayer", slot: int):
+        self.layer, self.slot = layer, slot
+
+    def give_back(self, cache) -> None:
+        self.layer.sync(self.slot)
+
+
+class ArenaLayer:
+    """One layer's buffer: slot s holds the codes of `caches[s]`, its first `lengths[s]` tokens; the cache's own
+    buffers hold the first `synced[s]` of them."""
+
+    def __init__(self, first: CompressedKVCache, on_gpu: bool):
+        self.key_method, self.value_method = first.key_quantizer, first.value_quantizer
+        self.first = first
+        self.on_gpu = on_gpu
+        self.n_kv_heads = first.n_kv_heads
+        self.caches: list = []
+        self.lengths: list[int] = []
+        self.synced: list[int] = []
+        self.codes = {side: None for side in _CODE_SIDES}  # name -> (slots, H, capacity, w)
+        self.key_mean = None  # (slots, H, 1, D) fp16, or None when keys are not centred
+        self._pending = None  # on a GPU, the step's (slots, keys, values): `attend`'s launch codes them in place
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.codes["key_codes"] is None else next(iter(self.codes["key_codes"].values())).shape[2]
+
+    # ---- rows in and out ------------------------------------------------------------------------------------
+
+    def add(self, cache: CompressedKVCache) -> int:
+        """Copy the cache's codes into a new slot (the cache must fit: codes_only and coded like the first)."""
+        slot = len(self.caches)
+        n = cache.n_encoded
+        self._room(slot + 1, n + 1)
+        for side in _CODE_SIDES:
+            for name, held in getattr(cache, side).items():
+                self._write(self.codes[side][name], slot, 0, held[:, :, :n])
+        if cache.key_mean is not None:
+            mean = cache.key_mean.astype(mx.float16)
+            self.key_mean = mean if slot == 0 else mx.concatenate([self.key_mean[:slot], mean], axis=0)
+        self._settle_buffers()
+        self.caches.append(cache)
+        self.lengths.append(n)
+        self.synced.append(n)
+        cache._lease = _Lease(self, slot)
+        return slot
+
+    def sync(self, slot: int) -> None:
+        """Copy the tokens the arena coded since the last sync back into the slot's cache."""
+        cache, start, stop = self.caches[slot], self.synced[slot], self.lengths[slot]
+        lease = cache._lease
+        if stop <= start or lease is None or lease.layer is not self or lease.slot != slot or cache.n_encoded != stop:
+            return  # nothing new, or the cache moved on without the arena (its state replaced): ours is stale
+        self._flush()
+        fresh = [{name: self._read(a, slot, start, stop) for name, a in self.codes[side].items()} for side in _CODE_SIDES]
+        cache.n_encoded = start
+        cache.put_codes(*fresh)
+        mx.eval([getattr(cache, side) for side in _CODE_SIDES])  # copies: the slot may be reused after this
+        self.synced[slot] = stop
+
+    def remove(self, slot: int) -> None:
+        """The slot's cache leaves with its codes synced; the last slot moves into its place."""
+        self.sync(slot)
+        self.caches[slot]._lease = None
+        last = len(self.caches) - 1
+        if slot != last:
+            self.sync(last)
+            n = self.lengths[last]
+            for side in _CODE_SIDES:
+                for a in self.codes[side].values():
+                    self._write(a, slot, 0, self._read(a, last, 0, n))
+            if self.key_mean is not None:
+                order = mx.array([i if i != slot else last for i in range(last)], dtype=mx.int32)
+                self.key_mean = mx.take(self.key_mean, order, axis=0)
+            self._settle_buffers()
+            self.caches[slot], self.lengths[slot], self.synced[slot] = self.caches[last], n, self.synced[last]
+            self.caches[slot]._lease = _Lease(self, slot)
+        elif self.key_mean is not None:
+            self.key_mean = self.key_mean[:last]
+        del self.caches[last], self.lengths[last], self.synced[last]
+
+    # ---- storage: numpy on the CPU (the kernel reads it, written in place), MLX arrays on a GPU ---------------
+
+    def _room(self, slots: int, tokens: int) -> None:
+        """Buffers for at least this many slots and, past every row's length, room for its next token."""
+        rows = 0 if self.codes["key_codes"] is None else next(iter(self.codes["key_codes"].values())).shape[0]
+        if rows >= slots and self.capacity >= tokens:
+            return
+        new_rows = max(slots, 2 * rows, 1)
+        new_tokens = max(self.capacity, -(-tokens // _GROW_TOKENS) * _GROW_TOKENS)
+        layouts = (self.key_method.layout, self.value_method.layout)
+        for side, layout in zip(_CODE_SIDES, layouts, strict=True):
+            grown = {}
+            for name, (width, dtype) in layout.items():
+                fresh = self._zeros((new_rows, self.n_kv_heads, new_tokens, width), dtype)
+                if self.codes[side] is not None:
+                    old = self.codes[side][name]
+                    fresh = self._write_block(fresh, old)
+                grown[name] = fresh
+            self.codes[side] = grown
+        self._settle_buffers()
+
+    def _zeros(self, shape, dtype):
+        dtype = getattr(mx, dtype) if isinstance(dtype, str) else dtype
+        if self.on_gpu:
+            return mx.zeros(shape, dtype=dtype)
+        return np.zeros(shape, _NUMPY[dtype])
+
+    @staticmethod
+    def _write_block(fresh, old):
+        rows, _, tokens, _ = old.shape
+        fresh[:rows, :, :tokens] = old  # numpy in place; MLX as a slice update of the new array
+        return fresh
+
+    def _write(self, buffer, slot: int, start: int, data) -> None:
+        """buffer[slot, :, start : start + n] = data (1, H, n, w), in place."""
+        n = data.shape[2]
+        if self.on_gpu:
+            buffer[slot : slot + 1, :, start : start + n] = data
+        else:
+            buffer[slot, :, start : start + n] = np.asarray(data)[0]
+
+    def _read(self, buffer, slot: int, start: int, stop: int) -> mx.array:
+        """buffer[slot, :, start:stop] as a (1, H, n, w) MLX array of its own."""
+        if self.on_gpu:
+            return buffer[slot : slot + 1, :, start:stop] + 0  # an op: a buffer of its own, not a view of ours
+        return mx.array(buffer[slot : slot + 1, :, start:stop])
+
+    def _settle_buffers(self) -> None:
+        """On a GPU, the buffers evaluated, so that the in-place launch writes the arrays we hold."""
+        if self.on_gpu:
+            mx.eval(self.codes, [] if self.key_mean is None else self.key_mean)
+
+    def _flush(self) -> None:
+        if self.on_gpu:
+            mx.eval(self.codes)
+
+    # ---- one decode step ----------------------------------------------------------------------------------
+
+    def store(self, slots: list[int], keys: mx.array, values: mx.array) -> None:
+        """The step's new tokens, one per row: (B, H, 1, D) for slots[b]."""
+        # Every slot's next token has room: on a GPU the launch writes one for the slots not in this step too.
+        self._room(len(self.caches), max(self.lengths) + 2)
+        given = keys.dtype
+        keys, values = keys.astype(mx.float16), values.astype(mx.float16)
+        if self.on_gpu:
+            self._pending = (slots, keys, values)
+        else:
+            self._encode_and_write(slots, keys, values)
+        for slot in slots:
+            cache = self.caches[slot]
+            cache.offset += 1
+            cache.n_encoded += 1
+            cache.input_dtype = given
+
+    def _encode_and_write(self, slots: list[int], keys: mx.array, values: mx.array) -> None:
+        """(CPU) One encode of the rows' tokens (less their key means), written at each row's length in place."""
+        if self.key_mean is not None:
+            keys = keys - self._rows(self.key_mean, slots)
+        new_k, new_v = kernels.encode_pair(self.key_method, keys, self.value_method, values)
+        rows, tokens = np.asarray(slots), np.asarray([self.lengths[s] for s in slots])
+        for side, new in zip(_CODE_SIDES, (new_k, new_v), strict=True):
+            for name, a in new.items():
+                self.codes[side][name][rows, :, tokens] = np.asarray(a)[:, :, 0]
+        for slot in slots:
+            self.lengths[slot] += 1
+
+    def attend(self, slots: list[int], queries: mx.array, scale: float) -> mx.array:
+        """Attention of (B, Hq, 1, D) queries, row b over slot slots[b]'s tokens, in one call for all rows."""
+        S, B = len(self.caches), len(slots)
+        every = slots == list(range(S))
+        H = self.n_kv_heads
+        q = queries if every else _scatter(queries, slots, S)
+        if self._pending is not None:  # CUDA: the new tokens coded into the buffers by the attention's launch
+            pending_slots, keys, values = self._pending
+            self._pending = None
+            kernel = dispatch.append_kernel(q, None, H, self.key_method, self.value_method)
+            if kernel is None:
+                raise ValueError("batch arena: no CUDA kernel appends and attends these caches' codes")
+            lengths = list(self.lengths)  # a slot not in the step gets a token past its length, never read
+            keys, values = (x if every else _scatter(x, pending_slots, S) for x in (keys, values))
+            segment = CodeSegment(self.codes["key_codes"], self.codes["value_codes"], self.key_mean, max(lengths))
+            out = gpu.attention(q, segment, self.key_method, self.value_method, scale, kernel,
+                                lengths=mx.array(lengths, dtype=mx.int32), append=(keys, values))[0]
+            for slot in pending_slots:
+                self.lengths[slot] += 1
+        else:  # CPU: one call of the native kernel, slots not in the step given no tokens
+            lengths = [n if every or s in slots else 0 for s, n in enumerate(self.lengths)]
+            segment = CodeSegment(self.codes["key_codes"], self.codes["value_codes"], None, max(lengths))
+            _, n_q_heads, L, D = q.shape
+            # One code segment: q·mean is the same for every score of a row, so the softmax drops the key mean.
+            q5 = (q.astype(mx.float32) * scale).reshape(S, H, n_q_heads // H, L, D)
+            out = cpu_rows_attention(q5, segment, self.key_method, self.value_method, np.asarray(lengths, np.int32))
+            out = out.reshape(S, n_q_heads, L, D).astype(queries.dtype)
+        return out if every else mx.take(out, mx.array(slots, dtype=mx.int32), axis=0)
+
+    def _rows(self, a: mx.array, slots: list[int]) -> mx.array:
+        if slots == list(range(len(self.caches))):
+            return a[: len(slots)] if a.shape[0] != len(slots) else a
+        return mx.take(a, mx.array(slots, dtype=mx.int32), axis=0)
+
+    def bytes_per_token(self) -> int:
+        """Code bytes one token adds to a cache of this layer (nbytes grows by this much per token)."""
+        heads = self.n_kv_heads
+        return sum(heads * width * np.dtype(_NUMPY[getattr(mx, d) if isinstance(d, str) else d]).itemsize
+                   for layout in (self.key_method.layout, self.value_method.layout) for width, d in layout.values())
+
+
+_NUMPY = {mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32, mx.float16: np.float16,
+          mx.float32: np.float32, mx.int8: np.int8, mx.int32: np.int32}
+
+
+def _scatter(x: mx.array, slots: list[int], S: int) -> mx.array:
+    """(B, ...) rows placed at `slots` of an (S, ...) array of zeros."""
+    full = mx.zeros((S, *x.shape[1:]), dtype=x.dtype)
+    full[mx.array(slots, dtype=mx.int32)] = x
+    return full
+
+
+class ArenaView:
+    """One layer of a batched decode step over an arena layer: what the model sees as that layer's cache."""
+
+    def __init__(self, layer: ArenaLayer, slots: list[int]):
+        self.layer, self.slots = layer, slots
+        self.offset = mx.array([layer.caches[s].offset for s in slots])
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if keys.shape[0] != len(self.slots) or keys.shape[2] != 1:
+            raise ValueError(f"keys: a batch arena step takes one token for each of {len(self.slots)} rows, "
+                             f"got {tuple(keys.shape)}")
+        self.layer.store(self.slots, keys, values)
+        self.offset = self.offset + 1
+        return keys, values  # the attention reads the arena, never these
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        if N != 1 or window_size is not None:
+            raise ValueError("a batch arena serves decode steps of full-attention layers (one token per row)")
+        return None
+
+    def attention(self, queries: mx.array, scale: float, mask=None) -> mx.array:
+        if mask is not None:
+            raise ValueError("mask: a batch arena step is one token per row and needs none")
+        return self.layer.attend(self.slots, queries, scale)
+
+
+class BatchArena:
+    """The arena of one model: per layer an ArenaLayer, and the sessions (their per-layer caches) in it."""
+
+    def __init__(self):
+        self.layers: list[ArenaLayer] | None = None
+        self.members: list[list] = []  # per slot, the session's per-layer caches
+
+    def fits(self, caches: list) -> bool:
+        """Whether a session's per-layer caches can join: codes only in every layer, of methods this device's
+        kernel covers (the CPU kernel's, or on CUDA the append kernel's), coded like the members'."""
+        if not all(codes_only(c) and _device_covers(c) for c in caches):
+            return False
+        if self.layers is None:
+            return True
+        return len(caches) == len(self.layers) and all(
+            coded_alike(c, layer.first) for c, layer in zip(caches, self.layers, strict=True))
+
+    def slot_of(self, caches: list) -> int | None:
+        for slot, member in enumerate(self.members):
+            if member is caches:
+                return slot
+        return None
+
+    def join(self, caches: list) -> int:
+        """The session's slot: joined now if needed (its codes copied in), or again if its caches moved without
+        the arena (a trim: their offsets differ from the arena's lengths)."""
+        slot = self.slot_of(caches)
+        if slot is not None and all(c.offset == layer.lengths[slot] and c._lease is not None
+                                    and c._lease.slot == slot for c, layer in zip(caches, self.layers, strict=True)):
+            return slot
+        if slot is not None:
+            self.release(caches)
+        if self.layers is None:
+            self.layers = [ArenaLayer(c, on_gpu=kernels.gpu_backend() is not None) for c in caches]
+        for cache, layer in zip(caches, self.layers, strict=True):
+            layer.add(cache)
+        self.members.append(caches)
+        return len(self.members) - 1
+
+    def release(self, caches: list) -> None:
+        """The session leaves: its caches get the codes back and own them again."""
+        slot = self.slot_of(caches)
+        if slot is None:
+            return
+        for layer in self.layers:
+            layer.remove(slot)
+        last = len(self.members) - 1
+        self.members[slot] = self.members[last]
+        del self.members[last]
+        if not self.members:
+            self.layers = None  # the next batch may code otherwise
+
+    def views(self, slots: list[int]) -> list[ArenaView]:
+        return [ArenaView(layer, slots) for layer in self.layers]
+
+    def bytes_per_token(self) -> int:
+        """Bytes one decode step adds to a member session (all layers)."""
+        return sum(layer.bytes_per_token() for layer in self.layers)
+
+
+def _device_covers(cache) -> bool:
+    kind = kernels.gpu_backend()
+    if kind is None:
+        return cpu_supported(cache.key_quantizer, cache.value_quantizer)
+    return kind == "cuda" and gpu.append_supported(cache.key_quantizer, cache.value_quantizer)

@@ -1,0 +1,158 @@
+"""The batch arena (quant/batch_arena.py) against each row's own cache: one decode step of many rows in one buffer
+per layer gives each row the attention and the codes that row's cache gives alone; rows join, leave (the last
+slot moving into the hole) and sit out steps; a cache's readers (state, trim, deepcopy, nbytes) see its codes
+from the arena; a cache that moved behind the arena's back (a trim) joins again from its own codes. Also the CPU
+kernel's per-row-length entry point against one call per row."""
+
+import copy
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from kvshard.quant import CompressedKVCache
+from kvshard.quant.attention import CodeSegment
+from kvshard.quant.batch_arena import BatchArena, codes_only
+from kvshard.quant.kernels import cpu
+
+H, D, Q_HEADS = 3, 64, 9
+SCALE = D**-0.5
+LENGTHS = [37, 300, 129, 520]  # on both sides of the single-cache path's switch to the kernel (256 tokens)
+# Attention of one cache alone (the portable loop below 256 tokens, the kernel above) against the arena's kernel
+# call: both fp32 over the same codes, summed in other orders.
+TOLERANCE = 2e-4
+
+
+def _cache(length: int, seed: int, **config) -> CompressedKVCache:
+    cache = CompressedKVCache(head_dim=D, n_kv_heads=H, key_bits=4, value_bits=4, seed=42, **config)
+    rng = np.random.default_rng(seed)
+    cache.append(mx.array(rng.normal(size=(1, H, length, D)).astype(np.float32)),
+                 mx.array(rng.normal(size=(1, H, length, D)).astype(np.float32)))
+    return cache
+
+
+def _rows(lengths=LENGTHS):
+    """Per row: a cache for the arena and its twin that steps alone."""
+    caches = [_cache(n, seed) for seed, n in enumerate(lengths)]
+    return caches, [copy.deepcopy(c) for c in caches]
+
+
+def _token(rng, rows: int):
+    shape = (rows, H, 1, D)
+    return (mx.array(rng.normal(size=shape).astype(np.float32)), mx.array(rng.normal(size=shape).astype(np.float32)),
+            mx.array(rng.normal(size=(rows, Q_HEADS, 1, D)).astype(np.float32)))
+
+
+def _arena_step(arena, members, rows: list[int], keys, values, queries) -> mx.array:
+    slots = [arena.join(members[r]) for r in rows]
+    view = arena.views(slots)[0]
+    view.update_and_fetch(keys, values)
+    return view.attention(queries, SCALE)
+
+
+def _alone_step(twins, rows: list[int], keys, values, queries) -> mx.array:
+    out = []
+    for b, r in enumerate(rows):
+        twins[r].update_and_fetch(keys[b : b + 1], values[b : b + 1])
+        out.append(twins[r].attention(queries[b : b + 1], SCALE))
+    return mx.concatenate(out, axis=0)
+
+
+def _same_state(a: CompressedKVCache, b: CompressedKVCache) -> None:
+    for (name_a, x), (name_b, y) in zip(tree_flatten(a.state), tree_flatten(b.state), strict=True):
+        assert name_a == name_b
+        assert x == y if isinstance(x, str) else mx.array_equal(x, y), name_a
+
+
+def test_steps_equal_each_row_alone_with_rows_joining_leaving_and_sitting_out():
+    caches, twins = _rows()
+    members = [[c] for c in caches]
+    arena, rng = BatchArena(), np.random.default_rng(7)
+    steps = [[0, 1, 2, 3], [0, 1, 2, 3], [3, 0], [1, 2, 3, 0], [2, 1]]  # a subset in another order; rows sitting out
+    for step, rows in enumerate(steps):
+        if step == 3:
+            arena.release(members[0])  # slot 0 leaves: the last slot moves into its place
+            assert caches[0]._lease is None
+        keys, values, queries = _token(rng, len(rows))
+        together = _arena_step(arena, members, rows, keys, values, queries)
+        alone = _alone_step(twins, rows, keys, values, queries)
+        assert mx.abs(together - alone).max().item() <= TOLERANCE, f"step {step}"
+        assert [caches[r].offset for r in rows] == [twins[r].offset for r in rows]
+    for cache, twin in zip(caches, twins, strict=True):
+        assert cache.nbytes == twin.nbytes  # reads the codes: they come back from the arena first
+        _same_state(cache, twin)  # the same codes, bit for bit, as one cache coding its tokens alone
+
+
+def test_readers_see_the_arena_codes_and_a_trimmed_row_joins_again():
+    caches, twins = _rows(LENGTHS[:3])
+    members = [[c] for c in caches]
+    arena, rng = BatchArena(), np.random.default_rng(3)
+    for _ in range(2):
+        keys, values, queries = _token(rng, 3)
+        _arena_step(arena, members, [0, 1, 2], keys, values, queries)
+        _alone_step(twins, [0, 1, 2], keys, values, queries)
+    twin_copy = copy.deepcopy(caches[1])  # a copy holds every code, and no lease
+    assert twin_copy._lease is None and caches[1]._lease is not None
+    _same_state(twin_copy, twins[1])
+    # A trim behind the arena's back (the cache's own verb): the row joins again from the trimmed cache.
+    assert caches[2].trim(5) == 5 and twins[2].trim(5) == 5
+    for _ in range(2):
+        keys, values, queries = _token(rng, 3)
+        together = _arena_step(arena, members, [0, 1, 2], keys, values, queries)
+        alone = _alone_step(twins, [0, 1, 2], keys, values, queries)
+        assert mx.abs(together - alone).max().item() <= TOLERANCE
+    for member in members:
+        arena.release(member)
+    assert arena.layers is None
+    for cache, twin in zip(caches, twins, strict=True):
+        assert cache._lease is None
+        _same_state(cache, twin)
+
+
+def test_only_caches_of_codes_coded_alike_fit():
+    arena = BatchArena()
+    assert arena.fits([_cache(40, 0)])
+    assert not codes_only(_cache(40, 0, window=16))  # an fp16 window waits beside the codes
+    assert not codes_only(_cache(40, 0, sink_tokens=4))
+    assert not codes_only(CompressedKVCache(head_dim=D, n_kv_heads=H))  # holds nothing yet
+    arena.join([_cache(40, 0)])
+    other_bits = CompressedKVCache(head_dim=D, n_kv_heads=H, key_bits=3, value_bits=4, seed=42)
+    rng = np.random.default_rng(0)
+    other_bits.append(mx.array(rng.normal(size=(1, H, 20, D)).astype(np.float32)),
+                      mx.array(rng.normal(size=(1, H, 20, D)).astype(np.float32)))
+    assert codes_only(other_bits) and not arena.fits([other_bits])  # codes of other widths: not one buffer
+    assert arena.fits([_cache(50, 2)])
+
+
+@pytest.mark.skipif(cpu.native_library() is None, reason="no C compiler for the CPU kernel")
+def test_cpu_kernel_rows_of_their_own_lengths_equal_one_call_per_row():
+    """kvshard_attend_rows over one buffer with per-row lengths (a row of none included) against kvshard_attend on
+    each row cut to its length."""
+    caches = [_cache(n, seed) for seed, n in enumerate([300, 40, 129, 700])]
+    lengths = [300, 0, 129, 700]  # row 1 attends none of its tokens
+    capacity = 768
+    method_k, method_v = caches[0].key_quantizer, caches[0].value_quantizer
+    buffers = {}
+    for side in ("key_codes", "value_codes"):
+        buffers[side] = {}
+        for name, a in getattr(caches[0], side).items():
+            full = np.zeros((len(caches), H, capacity, a.shape[3]), np.asarray(a).dtype)
+            for b, cache in enumerate(caches):
+                held = np.asarray(getattr(cache, side)[name][:, :, : lengths[b]])
+                full[b, :, : lengths[b]] = held[0]
+            buffers[side][name] = full
+    rng = np.random.default_rng(1)
+    q = mx.array(rng.normal(size=(len(caches), H, Q_HEADS // H, 1, D)).astype(np.float32) * SCALE)
+    segment = CodeSegment(buffers["key_codes"], buffers["value_codes"], None, max(lengths))
+    together = cpu.cpu_rows_attention(q, segment, method_k, method_v, np.asarray(lengths, np.int32))
+    for b, cache in enumerate(caches):
+        if lengths[b] == 0:
+            assert mx.all(together[b] == 0).item()  # attends nothing: output 0
+            continue
+        one = CodeSegment({n: a[b : b + 1, :, : lengths[b]] for n, a in buffers["key_codes"].items()},
+                          {n: a[b : b + 1, :, : lengths[b]] for n, a in buffers["value_codes"].items()}, None, lengths[b])
+        alone = cpu.cpu_attention(q[b : b + 1], [one], method_k, method_v, lambda start, n: None)  # kvshard_attend
+        assert mx.abs(together[b] - alone[0]).max().item() <= 1e-6
+    with pytest.raises(RuntimeError, match="refused"):
+        cpu.cpu_rows_attention(q, segment, method_k, method_v, np.asarray([800, 0, 1, 1], np.int32))
