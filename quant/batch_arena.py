@@ -88,6 +88,9 @@ class ArenaLayer:
 
     def add(self, cache: CompressedKVCache) -> int:
         """Copy the cache's codes into a new slot (the cache must fit: codes_only and coded like the first)."""
+        cache._settle()  # a token its own GPU step left for the next launch goes into its codes first
+        if cache.n_encoded != cache.offset:
+            raise ValueError("cache: holds tokens other than codes, which a batch arena does not")
         slot = len(self.caches)
         n = cache.n_encoded
         self._room(slot + 1, n + 1)

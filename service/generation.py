@@ -96,17 +96,17 @@ class Decoder:
         held = self.session.caches[0].offset
         return max(len(self.session.record.token_ids) + len(self.prompt) - held, 1)
 
-    def step(self) -> int | None:
-        """(MLX thread) Feed up to PREFILL_CHUNK pending tokens; once none are left, sample one and append it.
+    def step(self, chunk: int = PREFILL_CHUNK) -> int | None:
+        """(MLX thread) Feed up to `chunk` pending tokens; once none are left, sample one and append it.
 
         Returns the token, or None while a long input is still being fed: each chunk is its own turn on the MLX
         thread, so other sessions are not held up by a long prompt. On error the session is as it was before
         this token's first chunk."""
         try:
             pending = self._begin()
-            logits = self.model.model(mx.array(pending[:PREFILL_CHUNK])[None], cache=self.session.caches)[:, -1, :]
+            logits = self.model.model(mx.array(pending[:chunk])[None], cache=self.session.caches)[:, -1, :]
             mx.eval(logits)
-            if len(pending) > PREFILL_CHUNK:
+            if len(pending) > chunk:
                 self.session.mark_all_changed()
                 return None
             token = self._sample(logits)

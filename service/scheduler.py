@@ -2,11 +2,16 @@
 
 Each Generate stream asks the scheduler for its next step (`await scheduler.step(decoder)`) instead of taking its
 own turn on the MLX thread. A driver task gathers the requests, and each scheduler turn is one job on the MLX
-thread: at most one prefill chunk of one stream whose input is still being fed (`PREFILL_CHUNK` tokens), then one
-batched decode step of up to `max_batch` streams that each feed a single token (generation.decode_batch: the
-model called with (B, 1) tokens over a batch view of the sessions' own caches, quant/batch_view.py). Streams
-join and leave between turns; a long prompt delays the decoding streams by one chunk per turn, never by its
-whole prefill. Other MLX work (Append, Attend, commits' snapshots) queues on the same thread between turns.
+thread: at most one prefill chunk of one stream whose input is still being fed, then one batched decode step of
+up to `max_batch` streams that each feed a single token (generation.decode_batch: the model called with (B, 1)
+tokens, over the batch arena where the sessions' caches fit it, quant/batch_arena.py). Streams join and leave
+between turns. Other MLX work (Append, Attend, commits' snapshots) queues on the same thread between turns.
+
+A long prompt is fed in chunks sized by cost, so that the decoding streams wait no longer than one chunk of it
+alone: with streams decoding, a turn aims at CHUNK_SHARE of the prompt's average chunk (`PREFILL_CHUNK` tokens at
+its middle position) for the chunk and the decode step together. The cost of a token grows with its position
+(attention); `ChunkCost` fits seconds per token as a line in the position to the chunks fed so far. Alone, a
+prompt is fed in full chunks, and a fresh session's first chunk is always full (its key mean comes from it).
 
 Fair order when more streams are due than `max_batch`: "round-robin" serves the streams that were served least
 recently first, so every stream gets a step at least every ⌈due / max_batch⌉ turns; "arrival" serves the streams
@@ -24,9 +29,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kvshard.quant.batch_arena import BatchArena
 from kvshard.service import metrics
-from kvshard.service.generation import decode_batch
+from kvshard.service.generation import PREFILL_CHUNK, decode_batch
 from kvshard.service.worker import SerialExecutor
 
 ORDERS = ("round-robin", "arrival")
@@ -35,6 +42,8 @@ DEFAULT_MAX_BATCH = 32
 # before they ask for the next step; the driver waits for them up to this share of the last turn's time.
 GATHER_SHARE, GATHER_MAX_S = 0.2, 0.02
 _RATE_WINDOW_S = 10.0  # the aggregate tokens/s metric covers the last this many seconds
+CHUNK_SHARE = 0.85  # with streams decoding, a prefill turn's target: this share of the prompt's average chunk alone
+MIN_CHUNK = 32  # the fewest prompt tokens a turn feeds, so that a prompt always advances
 
 
 @dataclass(eq=False)
@@ -65,6 +74,9 @@ class Scheduler:
         self._last_turn_s = 0.0
         self._recent = deque()  # (time, tokens) of the last turns, for the aggregate rate
         self.arena = BatchArena()  # the co-decoding sessions' codes, one buffer per layer (MLX thread only)
+        self.chunk_cost = ChunkCost()
+        self._spans: dict[int, tuple[int, int]] = {}  # id(decoder) -> (first, end position) of the prompt it feeds
+        self._decode_s = 0.0  # the last batched decode step's seconds
 
     # ---- the streams' side --------------------------------------------------------------------------------
 
@@ -75,6 +87,7 @@ class Scheduler:
     def leave(self, decoder) -> None:
         self._streams.pop(id(decoder), None)
         self._served.pop(id(decoder), None)
+        self._spans.pop(id(decoder), None)
         self._arrived.set()  # a turn waiting for this stream need not wait any more
 
     async def release(self, decoder) -> None:
@@ -123,12 +136,17 @@ class Scheduler:
                 metrics.QUEUE_WAIT.observe(now - request.asked)
             if batch:
                 metrics.BATCH_SIZE.observe(len(batch))
+            chunk, fed_from, prompt_end = self._chunk(prefill.decoder, bool(batch)) if prefill else (0, 0, 0)
             started = time.monotonic()
             # The job is handed to the MLX thread before this task can be interrupted, and the driver is never
             # cancelled by a stream, so a taken request always runs to its end.
-            outcomes = await self.mlx.run(_run_turn, prefill.decoder if prefill else None, [r.decoder for r in batch],
-                                          self.arena)
+            outcomes, prefill_s, decode_s = await self.mlx.run(
+                _run_turn, prefill.decoder if prefill else None, chunk, [r.decoder for r in batch], self.arena)
             self._last_turn_s = time.monotonic() - started
+            if prefill:
+                self.chunk_cost.add(fed_from, min(chunk, prompt_end - fed_from), prefill_s)
+            if batch:
+                self._decode_s = decode_s
             self._count_tokens(outcomes)
             for request, outcome in zip(self._taken, outcomes, strict=True):
                 if request.future.done():  # its stream was cancelled meanwhile: the step happened regardless
@@ -138,6 +156,14 @@ class Scheduler:
                 else:
                     request.future.set_result(outcome)
             self._taken = []
+
+    def _chunk(self, decoder, decoding: bool) -> tuple[int, int, int]:
+        """(tokens of the decoder's prompt to feed this turn, the position they start at, the prompt's end)."""
+        start = decoder.session.caches[0].offset
+        first, end = self._spans.setdefault(id(decoder), (start, start + decoder.pending_tokens()))
+        if not decoding:
+            return PREFILL_CHUNK, start, end
+        return chunk_tokens(self.chunk_cost, first, end, start, self._decode_s), start, end
 
     async def _gather(self) -> None:
         """Wait until every stream that is generating has asked for its step, or the gather time is up."""
@@ -179,16 +205,53 @@ class Scheduler:
         return tokens / _RATE_WINDOW_S
 
 
-def _run_turn(prefill, batch: list, arena: BatchArena) -> list:
-    """(MLX thread) One turn: the prefill chunk, then the batched decode step. Each stream's outcome is its token,
-    None (a chunk fed, more input left) or the exception its step raised."""
+def _run_turn(prefill, chunk: int, batch: list, arena: BatchArena) -> tuple[list, float, float]:
+    """(MLX thread) One turn: a prefill chunk of `chunk` tokens, then the batched decode step. Each stream's outcome
+    is its token, None (a chunk fed, more input left) or the exception its step raised; and the seconds of each
+    part."""
     outcomes = []
+    started = time.monotonic()
     if prefill is not None:
         arena.release(prefill.session.caches)  # (not a member, unless its conversation moved back meanwhile)
         try:
-            outcomes.append(prefill.step())
+            outcomes.append(prefill.step(chunk))
         except Exception as error:  # noqa: BLE001 (handed to its own stream, which re-raises it)
             outcomes.append(error)
+    fed = time.monotonic()
     if batch:
         outcomes.extend(decode_batch(batch, arena))
-    return outcomes
+    return outcomes, fed - started, time.monotonic() - fed
+
+
+def chunk_tokens(cost: "ChunkCost", first: int, end: int, start: int, decode_s: float) -> int:
+    """Tokens of a prompt spanning positions [first, end) to feed from `start` in a turn whose decode step takes
+    decode_s: the chunk and the step together CHUNK_SHARE of the prompt's average chunk alone. A fresh cache's
+    key mean comes from its first chunk: that one is always whole, so a prompt codes alike whether or not
+    streams decode beside it."""
+    average = cost.per_token((first + end) / 2)
+    if average is None or start == 0:
+        return PREFILL_CHUNK
+    budget = CHUNK_SHARE * PREFILL_CHUNK * average - decode_s
+    return int(min(max(budget / cost.per_token(start + PREFILL_CHUNK / 2), MIN_CHUNK), PREFILL_CHUNK))
+
+
+class ChunkCost:
+    """Seconds per prefill token as a line in the token's position, fitted to the last chunks fed (of any prompt):
+    the weights cost every token the same, attention more the later it comes."""
+
+    def __init__(self, keep: int = 32):
+        self._seen = deque(maxlen=keep)  # (mid position, seconds per token) of a chunk
+
+    def add(self, start: int, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            self._seen.append((start + tokens / 2, seconds / tokens))
+
+    def per_token(self, position: float) -> float | None:
+        """The fitted seconds per token at this position; None before any chunk was fed."""
+        if not self._seen:
+            return None
+        x, y = np.array(self._seen).T
+        if np.ptp(x) < PREFILL_CHUNK:  # one position: no slope to fit
+            return float(np.median(y))
+        slope, at_zero = np.polyfit(x, y, 1)
+        return max(float(at_zero + slope * position), float(y.min()) / 2)

@@ -17,6 +17,8 @@ from kvshard.client import NO_RETRY, Client
 from kvshard.quant import KVCacheBuilder, KVCacheConfig, install_attention_hook
 from kvshard.quant.batch_arena import BatchArena
 from kvshard.quant.batch_view import batch_views
+from kvshard.service.generation import PREFILL_CHUNK
+from kvshard.service.scheduler import CHUNK_SHARE, MIN_CHUNK, ChunkCost, chunk_tokens
 from kvshard.wire import kvshard_pb2 as pb
 
 # Logits of the batched pass may differ from one row's pass by the summation order of the matmuls.
@@ -155,6 +157,26 @@ def test_rows_keep_their_own_positions(rows):
     assert [c[0].offset for c in sessions] == LENGTHS
     with pytest.raises(ValueError, match="same number of layers"):
         batch_views([sessions[0], sessions[1][:3]])
+
+
+def test_prefill_chunks_are_sized_by_cost():
+    """Seconds per prefill token grow with the position (here 1 ms + 1 µs per position); with a decode step
+    waiting, a chunk and the step fit CHUNK_SHARE of the prompt's average chunk, later chunks being smaller."""
+    cost = ChunkCost()
+    assert cost.per_token(0) is None and chunk_tokens(cost, 100, 4100, 612, 0.1) == PREFILL_CHUNK
+    per_token = lambda p: 1e-3 + 1e-6 * p  # noqa: E731
+    for start in range(0, 4096, 256):
+        cost.add(start, 256, 256 * per_token(start + 128))
+    assert cost.per_token(2000) == pytest.approx(per_token(2000), rel=1e-6)
+    average_chunk = PREFILL_CHUNK * per_token(2100)  # the prompt [100, 4100) alone
+    decode_s = 0.3
+    sizes = {}
+    for start in (1000, 3800):
+        n = sizes[start] = chunk_tokens(cost, 100, 4100, start, decode_s)
+        assert n * per_token(start + n / 2) + decode_s <= CHUNK_SHARE * average_chunk * 1.01
+    assert MIN_CHUNK <= sizes[3800] < sizes[1000] < PREFILL_CHUNK
+    assert chunk_tokens(cost, 0, 4000, 0, decode_s) == PREFILL_CHUNK  # a fresh session's first chunk is whole
+    assert chunk_tokens(cost, 100, 4100, 1000, 10.0) == MIN_CHUNK  # a prompt always advances
 
 
 # ---- the shard ------------------------------------------------------------------------------------------------
