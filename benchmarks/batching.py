@@ -330,6 +330,7 @@ async def _streams(mlx_thread, Scheduler, Decoder, Sampling, served, sessions, t
             await scheduler.step(decoder)
             times.append(time.perf_counter())
         scheduler.leave(decoder)
+        await scheduler.release(decoder)  # out of the batch arena, as a Generate call's end does
         return start, times
 
     return await asyncio.gather(*(stream(s) for s in sessions))
