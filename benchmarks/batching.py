@@ -303,6 +303,7 @@ def bench_inprocess(args) -> dict:
                                             "p99_gap_ms": [s["p99_gap_ms"] for s in stats],
                                             "median_gap_ms": statistics.median(s["median_gap_ms"] for s in stats)}
         print(n_streams, result["series"][str(n_streams)]["aggregate_tok_s"], flush=True)
+        (Path(args.out) / "batching_gpu.json").write_text(json.dumps(result, indent=1))  # so far, if cut short
         del sessions
     single = result["series"].get("1", {}).get("aggregate_tok_s")
     if single:
