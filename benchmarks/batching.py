@@ -355,7 +355,7 @@ def _arena_vs_rows(model, sessions) -> dict:
         arena, in_arena = BatchArena(), name.startswith("arena")
         if in_arena and not all(arena.fits(c) for c in copies):
             return {"arena": False}
-        views = arena.views([arena.join(c) for c in copies]) if in_arena else batch_views(copies)
+        views = arena.views(arena.join(copies)) if in_arena else batch_views(copies)
         started = time.perf_counter()
         logits = model(tokens, cache=views)[:, -1].astype(mx.float32)
         mx.eval(logits)

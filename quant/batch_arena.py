@@ -33,15 +33,14 @@ _GROW_TOKENS = 256  # token capacity grows in steps (a row's next token always h
 _CODE_SIDES = ("key_codes", "value_codes")
 
 
-def coded_alike(cache, first) -> bool:
-    """Whether `cache` codes exactly as `first` does, so that first's quantizers read its codes: the same
-    configuration, seeds included, and the same calibrated plans and key scales."""
-    if not isinstance(cache, CompressedKVCache) or not isinstance(first, CompressedKVCache):
-        return False
-    if cache.key_quantizer is None or first.key_quantizer is None:
-        return False
-    return cache is first or (cache.config == first.config and cache.key_plan is first.key_plan
-                              and cache.value_plan is first.value_plan and cache.key_scale is first.key_scale)
+def coding(cache) -> tuple:
+    """What decides a cache's codes: its configuration, seeds included, and its calibrated plans and key scales
+    (model-level objects, compared by identity). Caches of one coding share a buffer and its quantizers."""
+    return cache.config, cache.key_plan, cache.value_plan, cache.key_scale
+
+
+def _same_coding(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and all(x is y for x, y in zip(a[1:], b[1:], strict=True))
 
 
 def codes_only(cache) -> bool:
@@ -70,7 +69,7 @@ class ArenaLayer:
 
     def __init__(self, first: CompressedKVCache, on_gpu: bool):
         self.key_method, self.value_method = first.key_quantizer, first.value_quantizer
-        self.first = first
+        self.coding = coding(first)
         self.on_gpu = on_gpu
         self.n_kv_heads = first.n_kv_heads
         self.caches: list = []
@@ -144,12 +143,16 @@ class ArenaLayer:
     # ---- storage: numpy on the CPU (the kernel reads it, written in place), MLX arrays on a GPU ---------------
 
     def _room(self, slots: int, tokens: int) -> None:
-        """Buffers for at least this many slots and, past every row's length, room for its next token."""
+        """Buffers for at least this many slots and tokens per slot. They grow with headroom (a quarter more
+        tokens, twice the slots): a growth copies every slot, and fresh pages cost as much as the copy."""
         rows = 0 if self.codes["key_codes"] is None else next(iter(self.codes["key_codes"].values())).shape[0]
         if rows >= slots and self.capacity >= tokens:
             return
-        new_rows = max(slots, 2 * rows, 1)
-        new_tokens = max(self.capacity, -(-tokens // _GROW_TOKENS) * _GROW_TOKENS)
+        new_rows = max(slots, 2 * rows if rows < slots else rows)
+        if self.capacity >= tokens:
+            new_tokens = self.capacity
+        else:
+            new_tokens = -(-(tokens + max(tokens // 4, _GROW_TOKENS)) // _GROW_TOKENS) * _GROW_TOKENS
         layouts = (self.key_method.layout, self.value_method.layout)
         for side, layout in zip(_CODE_SIDES, layouts, strict=True):
             grown = {}
@@ -317,10 +320,11 @@ class BatchArena:
         kernel covers (the CPU kernel's, or on CUDA the append kernel's), coded like the members'."""
         if not all(codes_only(c) and _device_covers(c) for c in caches):
             return False
-        if self.layers is None:
-            return True
-        return len(caches) == len(self.layers) and all(
-            coded_alike(c, layer.first) for c, layer in zip(caches, self.layers, strict=True))
+        return not self.members or self._codes_alike(caches)
+
+    def _codes_alike(self, caches: list) -> bool:
+        return self.layers is not None and len(caches) == len(self.layers) and all(
+            _same_coding(coding(c), layer.coding) for c, layer in zip(caches, self.layers, strict=True))
 
     def slot_of(self, caches: list) -> int | None:
         for slot, member in enumerate(self.members):
@@ -328,21 +332,30 @@ class BatchArena:
                 return slot
         return None
 
-    def join(self, caches: list) -> int:
-        """The session's slot: joined now if needed (its codes copied in), or again if its caches moved without
+    def join(self, sessions: list[list]) -> list[int]:
+        """The sessions' slots (each session: its per-layer caches, which must fit): joined now where needed (their
+        codes copied in, the buffers sized once for all of them), or again where a member's caches moved without
         the arena (a trim: their offsets differ from the arena's lengths)."""
-        slot = self.slot_of(caches)
-        if slot is not None and all(c.offset == layer.lengths[slot] and c._lease is not None
-                                    and c._lease.slot == slot for c, layer in zip(caches, self.layers, strict=True)):
-            return slot
-        if slot is not None:
-            self.release(caches)
-        if self.layers is None:
-            self.layers = [ArenaLayer(c, on_gpu=kernels.gpu_backend() is not None) for c in caches]
-        for cache, layer in zip(caches, self.layers, strict=True):
-            layer.add(cache)
-        self.members.append(caches)
-        return len(self.members) - 1
+        joining = []
+        for caches in sessions:
+            slot = self.slot_of(caches)
+            if slot is not None and not all(c.offset == layer.lengths[slot] and c._lease is not None
+                                            and c._lease.slot == slot for c, layer in zip(caches, self.layers, strict=True)):
+                self.release(caches)
+                slot = None
+            if slot is None:
+                joining.append(caches)
+        if joining:
+            if not self.members and not self._codes_alike(joining[0]):
+                # The buffers are kept while the arena is empty, for the next batch of the same coding.
+                self.layers = [ArenaLayer(c, on_gpu=kernels.gpu_backend() is not None) for c in joining[0]]
+            for i, layer in enumerate(self.layers):
+                layer._room(len(self.members) + len(joining), max(caches[i].n_encoded for caches in joining) + 2)
+            for caches in joining:
+                for cache, layer in zip(caches, self.layers, strict=True):
+                    layer.add(cache)
+                self.members.append(caches)
+        return [self.slot_of(caches) for caches in sessions]
 
     def release(self, caches: list) -> None:
         """The session leaves: its caches get the codes back and own them again."""
@@ -354,8 +367,6 @@ class BatchArena:
         last = len(self.members) - 1
         self.members[slot] = self.members[last]
         del self.members[last]
-        if not self.members:
-            self.layers = None  # the next batch may code otherwise
 
     def views(self, slots: list[int]) -> list[ArenaView]:
         return [ArenaView(layer, slots) for layer in self.layers]

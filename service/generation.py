@@ -176,7 +176,7 @@ def decode_batch(decoders: list[Decoder], arena: BatchArena | None = None) -> li
                 raise ValueError("decode_batch: every row must feed exactly one token")
             model = decoders[0].model.model
             if in_arena:
-                views = arena.views([arena.join(c) for c in sessions])
+                views = arena.views(arena.join(sessions))
                 grown = arena.bytes_per_token()
             else:
                 for caches in sessions:  # their caches take their codes back from the arena before the rows' own writes

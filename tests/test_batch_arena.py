@@ -45,7 +45,7 @@ def _token(rng, rows: int):
 
 
 def _arena_step(arena, members, rows: list[int], keys, values, queries) -> mx.array:
-    slots = [arena.join(members[r]) for r in rows]
+    slots = arena.join([members[r] for r in rows])
     view = arena.views(slots)[0]
     view.update_and_fetch(keys, values)
     return view.attention(queries, SCALE)
@@ -54,6 +54,7 @@ def _arena_step(arena, members, rows: list[int], keys, values, queries) -> mx.ar
 def _alone_step(twins, rows: list[int], keys, values, queries) -> mx.array:
     out = []
     for b, r in enumerate(rows):
+        twins[r].read_by_hook = True  # as the model's hook marks it: on CUDA its append codes in the attention launch
         twins[r].update_and_fetch(keys[b : b + 1], values[b : b + 1])
         out.append(twins[r].attention(queries[b : b + 1], SCALE))
     return mx.concatenate(out, axis=0)
@@ -104,7 +105,7 @@ def test_readers_see_the_arena_codes_and_a_trimmed_row_joins_again():
         assert mx.abs(together - alone).max().item() <= TOLERANCE
     for member in members:
         arena.release(member)
-    assert arena.layers is None
+    assert not arena.members
     for cache, twin in zip(caches, twins, strict=True):
         assert cache._lease is None
         _same_state(cache, twin)
@@ -116,13 +117,16 @@ def test_only_caches_of_codes_coded_alike_fit():
     assert not codes_only(_cache(40, 0, window=16))  # an fp16 window waits beside the codes
     assert not codes_only(_cache(40, 0, sink_tokens=4))
     assert not codes_only(CompressedKVCache(head_dim=D, n_kv_heads=H))  # holds nothing yet
-    arena.join([_cache(40, 0)])
+    arena.join([[_cache(40, 0)]])
     other_bits = CompressedKVCache(head_dim=D, n_kv_heads=H, key_bits=3, value_bits=4, seed=42)
     rng = np.random.default_rng(0)
     other_bits.append(mx.array(rng.normal(size=(1, H, 20, D)).astype(np.float32)),
                       mx.array(rng.normal(size=(1, H, 20, D)).astype(np.float32)))
     assert codes_only(other_bits) and not arena.fits([other_bits])  # codes of other widths: not one buffer
     assert arena.fits([_cache(50, 2)])
+    arena.release(arena.members[0])  # empty: the next batch may code otherwise, in buffers of its own
+    assert arena.fits([other_bits]) and arena.join([[other_bits]]) == [0]
+    assert arena.layers[0].key_method is other_bits.key_quantizer
 
 
 @pytest.mark.skipif(cpu.native_library() is None, reason="no C compiler for the CPU kernel")

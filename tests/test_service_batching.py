@@ -102,7 +102,7 @@ def test_arena_step_equals_unbatched_steps(alike):
     tokens = [11, 222, 3333]
     held = [sum(c.nbytes for c in caches) for caches in sessions]
     assert all(arena.fits(caches) for caches in sessions)
-    views = arena.views([arena.join(caches) for caches in sessions])
+    views = arena.views(arena.join(sessions))
     logits = model(mx.array([[t] for t in tokens]), cache=views)[:, -1].astype(mx.float32)
     mx.eval(logits)
     grown = arena.bytes_per_token()
