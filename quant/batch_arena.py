@@ -282,6 +282,10 @@ def _scatter(x: mx.array, slots: list[int], S: int) -> mx.array:
     return full
 
 
+class SlidingWindowLayer(ValueError):
+    """A model layer asked for a sliding-window mask: the arena serves full-attention layers only."""
+
+
 class ArenaView:
     """One layer of a batched decode step over an arena layer: what the model sees as that layer's cache."""
 
@@ -298,8 +302,11 @@ class ArenaView:
         return keys, values  # the attention reads the arena, never these
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
-        if N != 1 or window_size is not None:
-            raise ValueError("a batch arena serves decode steps of full-attention layers (one token per row)")
+        if window_size is not None:
+            raise SlidingWindowLayer("window_size: a batch arena serves full-attention layers (Gemma's sliding ones "
+                                     "run unbatched)")
+        if N != 1:
+            raise ValueError("a batch arena serves decode steps (one token per row)")
         return None
 
     def attention(self, queries: mx.array, scale: float, mask=None) -> mx.array:
@@ -314,11 +321,12 @@ class BatchArena:
     def __init__(self):
         self.layers: list[ArenaLayer] | None = None
         self.members: list[list] = []  # per slot, the session's per-layer caches
+        self.model_slides = False  # set once a step met a sliding-window layer: no session of this model fits
 
     def fits(self, caches: list) -> bool:
         """Whether a session's per-layer caches can join: codes only in every layer, of methods this device's
         kernel covers (the CPU kernel's, or on CUDA the append kernel's), coded like the members'."""
-        if not all(codes_only(c) and _device_covers(c) for c in caches):
+        if self.model_slides or not all(codes_only(c) and _device_covers(c) for c in caches):
             return False
         return not self.members or self._codes_alike(caches)
 

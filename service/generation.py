@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from kvshard.quant.batch_arena import BatchArena
+from kvshard.quant.batch_arena import BatchArena, SlidingWindowLayer
 from kvshard.quant.batch_view import batch_views
 from kvshard.service import metrics
 from kvshard.service.errors import LimitExceeded
@@ -187,8 +187,10 @@ def decode_batch(decoders: list[Decoder], arena: BatchArena | None = None) -> li
             greedy = mx.argmax(logits, axis=-1).tolist()  # one evaluation for every greedy row
             tokens = [greedy[row] if decoder.sampling.temperature == 0 else decoder._sample(logits[row : row + 1])
                       for row, decoder in enumerate(decoders)]
-        except Exception:  # noqa: BLE001 (each row is retried alone below, and raises its own error)
+        except Exception as error:  # noqa: BLE001 (each row is retried alone below, and raises its own error)
             metrics.BATCH_FALLBACKS.inc()
+            if isinstance(error, SlidingWindowLayer):
+                arena.model_slides = True  # every step of this model would fail so: its streams step alone
             for decoder in decoders:
                 _leave(arena, decoder.session.caches)
                 decoder.rollback()

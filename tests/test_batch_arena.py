@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from kvshard.quant import CompressedKVCache
 from kvshard.quant.attention import CodeSegment
-from kvshard.quant.batch_arena import BatchArena, codes_only
+from kvshard.quant.batch_arena import BatchArena, SlidingWindowLayer, codes_only
 from kvshard.quant.kernels import cpu
 
 H, D, Q_HEADS = 3, 64, 9
@@ -127,6 +127,10 @@ def test_only_caches_of_codes_coded_alike_fit():
     arena.release(arena.members[0])  # empty: the next batch may code otherwise, in buffers of its own
     assert arena.fits([other_bits]) and arena.join([[other_bits]]) == [0]
     assert arena.layers[0].key_method is other_bits.key_quantizer
+    with pytest.raises(SlidingWindowLayer, match="window_size"):  # Gemma's sliding layers: not served
+        arena.views([0])[0].make_mask(1, window_size=512)
+    arena.model_slides = True  # what decode_batch sets on that error: the model's sessions step alone
+    assert not arena.fits([_cache(50, 2)])
 
 
 @pytest.mark.skipif(cpu.native_library() is None, reason="no C compiler for the CPU kernel")
