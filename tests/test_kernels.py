@@ -192,6 +192,11 @@ def test_kernels_are_chosen_from_fused_specs(monkeypatch):
     monkeypatch.setattr(dispatch, "_tensor_cores", lambda: False)
     assert pick("cuda", mse4, mse4, 128, 4) == "cuda"
     assert not gpu.mma_supported(256, 4, 4, 4)
+    # A lane packs its codes into one 32-bit word: head_dim 256 at 8 bits (64 bits a lane) is not encoded on the
+    # GPU (it gave garbage codes on the H200); at 4 bits it is.
+    mse8_256, mse4_256 = make_method("turboquant_mse", 256, 8), make_method("turboquant_mse", 256, 4)
+    assert not gpu.encode_supported(mse8_256) and not gpu.append_supported(mse8_256, mse4_256)
+    assert gpu.encode_supported(mse4_256) and gpu.encode_supported(make_method("turboquant_mse", 128, 8))
 
 
 def test_gpu_plan_covers_the_benchmarked_shapes():

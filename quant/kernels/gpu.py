@@ -308,8 +308,12 @@ def pair_covers(key_method, value_method) -> bool:
 
 
 def _encodable(D: int, bits: int) -> bool:
-    lane_bits = (D // 32) * bits  # under a byte, neighbouring lanes pack into one (kvs_store_codes)
-    return 32 <= D <= 256 and D % 32 == 0 and bits in (1, 2, 4, 8) and (lane_bits % 8 == 0 or 8 % lane_bits == 0)
+    # A lane packs its D/32 codes into one 32-bit word (kvs_quantize_lane), so head_dim 256 at 8 bits (64 bits a
+    # lane) would overflow it: it gave garbage codes on the H200 and takes the portable encode instead. Under a byte,
+    # neighbouring lanes pack into one (kvs_store_codes).
+    lane_bits = (D // 32) * bits
+    return (32 <= D <= 256 and D % 32 == 0 and bits in (1, 2, 4, 8) and lane_bits <= 32
+            and (lane_bits % 8 == 0 or 8 % lane_bits == 0))
 
 
 def encode(method, x: mx.array, backend: str) -> dict:
