@@ -3,7 +3,7 @@
 # had time for it) were produced on a lent GPU machine, which reaches no package index and takes 64 MiB a call, the
 # tree included. The embedded GGUF (98 MB) travels in two halves; the second goes with the code, the profile and the
 # eval texts.
-#   Here:          [AFTER_ROPE=DIR2] bash benchmarks/long_range_gpu.sh stage DIR
+#   Here:          bash benchmarks/long_range_gpu.sh stage DIR
 #   Device call 1 (carry DIR/a):   mkdir -p ~/stage && cp DIR/a/* ~/stage/
 #   Device call 2 at once (carry DIR/b), MLX-CUDA already installed (../shared/tools/gpu/README.md: .gpu/a, .gpu/b):
 #                                  bash DIR/b/benchmarks/long_range_gpu.sh run DIR/b "$OUT"
@@ -16,12 +16,17 @@ stage)
   split -b 52M "$gguf" "$dir/a/gguf_"
   mv "$dir/a/gguf_ab" "$dir/b/"
   cp "$venv"/lib/python3*/site-packages/threadpoolctl.py "$dir/a/"
-  rsync -a --exclude __pycache__ --exclude 'data/profiles/*' quant "$dir/b/"
-  cp -r quant/data/profiles/smollm2-135m "$dir/b/quant/data/profiles/"
+  tar -c --exclude __pycache__ --exclude 'quant/data/profiles/*' quant | tar -x -C "$dir/b"
+  cp -r "${PROFILE_DIR:-quant/data/profiles/smollm2-135m}" "$dir/b/quant/data/profiles/smollm2-135m"
   cp benchmarks/long_range.py benchmarks/passkey.py benchmarks/profile_recipes.py benchmarks/bench.py \
     benchmarks/long_range_gpu.sh "$dir/b/benchmarks/"
-  # A keys-after-RoPE twin of the profile (profile_recipes.py --after-rope-out), when one was made here.
-  [ -z "${AFTER_ROPE:-}" ] || cp -r "$AFTER_ROPE" "$dir/b/after_rope"
+  # The calibration texts too, for the profile's keys-after-RoPE twin (profile_recipes.py --after-rope).
+  mkdir -p "$dir/b/calibration"
+  "$venv/bin/python" -c '
+import sys
+from kvshard.quant.calibrate.klt import calibration_texts
+for i, text in enumerate(calibration_texts()):
+    open(f"{sys.argv[1]}/{i}.txt", "w").write(text)' "$dir/b/calibration"
   # The eval texts as files NAME.txt, and their names in kvshard eval's order (the technical texts come from Debian
   # packages, which the device has not).
   "$venv/bin/python" -c '
@@ -41,9 +46,10 @@ run)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   cd "$dir/benchmarks"
   texts=$(sed "s|.*|$dir/texts/&.txt|" "$dir/texts/order")
-  if [ -d "$dir/after_rope" ]; then
-    timeout "${RECIPES_S:-60}" python3 profile_recipes.py --profiles before=smollm2-135m "after=$dir/after_rope" \
-      --windows 0 --budgets 4.5 3.5 2.5 --texts $texts --out "$out/profile_recipes_rope_gpu.json" || true
+  if [ -n "${RECIPES_S:-}" ]; then
+    timeout "$RECIPES_S" python3 profile_recipes.py --profiles before=smollm2-135m --after-rope after=smollm2-135m \
+      --calibration-texts $(ls "$dir"/calibration/*.txt | sort -V) --windows 0 --budgets ${RECIPES_BUDGETS:-4.5 3.5 2.5} \
+      --texts $texts --out "$out/profile_recipes_rope_gpu.json" ${RECIPES_ARGS:-} || true
   fi
   timeout "${LONG_RANGE_S:-150}" python3 long_range.py --texts $texts --out "$out" ${LONG_RANGE_ARGS:-} || true
   if [ -n "${PASSKEY_S:-}" ]; then

@@ -11,8 +11,8 @@ the window counted in the budget (Profile.config(budget, window=)).
 --after-rope LABEL=PROFILE adds PROFILE with its key moments measured again on its own calibration texts, keys as
 the model caches them (after RoPE), and its sensitivities kept: what `kvshard calibrate --keys-after-rope` makes,
 less the measuring (sensitivities are probed with plain TurboQuant, which knows no RoPE). --after-rope-out DIR
-saves it, so that a run where the calibration texts are not installed (a lent GPU machine) can load it; with
---texts and nothing after it, the script only builds and saves. The model runs dense in float32 on any device.
+saves it; --calibration-texts gives its texts as files where the Debian packages are not installed (a lent GPU
+machine); with --texts and nothing after it, the script only builds. The model runs dense in float32 on any device.
 
 With --decode N the last N tokens of each text's stream are fed one at a time after a chunked prefill of the rest,
 and only they are scored: as in generation, each predicted token then sees the window's fp16 tokens (in a chunk of
@@ -50,6 +50,7 @@ def main() -> int:
     parser.add_argument("--after-rope", nargs="+", default=[], metavar="LABEL=PROFILE",
                         help="PROFILE with key moments measured after RoPE (see above)")
     parser.add_argument("--after-rope-out", help="folder to save the one --after-rope profile in")
+    parser.add_argument("--calibration-texts", nargs="+", help="--after-rope's texts as files (default: calibration_texts())")
     parser.add_argument("--windows", nargs="+", type=int, default=[0, 16])
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.5])
     parser.add_argument("--texts", nargs="*", default=list(quality.TEXTS))
@@ -69,8 +70,11 @@ def main() -> int:
     if args.after_rope_out and len(after_rope) != 1:
         parser.error("--after-rope-out saves one --after-rope profile")
     model, tokenizer = load_model("smollm2-135m", dequantize=True)
+    calibration = None
+    if args.calibration_texts:
+        calibration = [open(path, encoding="utf-8").read() for path in args.calibration_texts]
     for label, profile in after_rope.items():
-        profiles[label] = keys_after_rope(profile, model, tokenizer)
+        profiles[label] = keys_after_rope(profile, model, tokenizer, calibration)
         if args.after_rope_out:
             save_profile(profiles[label], args.after_rope_out)
     configs = [
@@ -96,10 +100,10 @@ def main() -> int:
     return 0
 
 
-def keys_after_rope(profile: Profile, model, tokenizer) -> Profile:
-    texts = calibration_texts()
+def keys_after_rope(profile: Profile, model, tokenizer, texts: list[str] | None = None) -> Profile:
+    texts = calibration_texts() if texts is None else texts
     if [hashlib.sha256(t.encode()).hexdigest() for t in texts] != [t["sha256"] for t in profile.meta["calibration_texts"]]:
-        raise SystemExit(f"--after-rope: profile {profile.name} was not calibrated on calibration_texts()")
+        raise SystemExit(f"--after-rope: profile {profile.name} was not calibrated on these texts")
     moments = collect_moments(model, tokenizer, texts, skip_tokens=SINK_TOKENS, pre_rope=False, progress=True)
     return Profile(profile.name, profile.model_fingerprint, moments, profile.key_weights, profile.value_weights,
                    dict(profile.meta, measured=[]))
