@@ -1,8 +1,10 @@
 """Long-range use of the cache: ΔPPL on tokens 7,168-8,191 of 8,192-token windows, so that every scored token
 attends over at least 7K compressed tokens, for a profile's budgets beside an fp16 cache.
 
-Windows are cut one after another from kvshard eval's shipped texts, joined in order (about 17K tokens: two
-windows). Tokens go through the model in chunks of 256; only the last `--scored` positions are scored.
+Windows are cut one after another from kvshard eval's texts, joined in order (about 24K tokens: two windows);
+`--texts` takes the same texts as files where the Debian packages are not installed (a lent GPU machine). Tokens
+go through the model in chunks of 256; only the last `--scored` positions are scored. The model runs dense in
+float32 on any device, as on the CPU.
 
     python benchmarks/long_range.py [--windows 2] [--budgets 4.5 3.6 2.5 2.0] [--out benchmarks/results]
 writes long_range_<cpu|gpu>.json (after every configuration, so a long run keeps what it measured): per
@@ -48,12 +50,13 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--profile", default="smollm2-135m")
     parser.add_argument("--budgets", type=float, nargs="+", default=[4.5, RECOMMENDED_BITS, 2.5, 2.0])
+    parser.add_argument("--texts", nargs="+", default=list(TEXTS), help="eval text names or files, joined in order")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m", dequantize=True)
     profile = load_profile(args.profile)
-    stream = tokenizer.encode("\n\n".join(load_text(name) for name in TEXTS), add_special_tokens=False)
+    stream = tokenizer.encode("\n\n".join(load_text(name) for name in args.texts), add_special_tokens=False)
     if len(stream) < args.windows * args.window:
         raise SystemExit(f"--windows: the texts hold {len(stream) // args.window} windows of {args.window} tokens")
     windows = [mx.array(stream[i * args.window : (i + 1) * args.window]) for i in range(args.windows)]

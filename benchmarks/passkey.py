@@ -64,7 +64,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m", dequantize=True)  # dense float32 on any device, as on the CPU
     profile = load_profile(args.profile)
     configs = {"fp16": lambda: [Float16KVCache() for _ in model.layers]}
     for budget in args.budgets:

@@ -50,7 +50,7 @@ def main() -> int:
         "created": profile.meta.get("created"),
         "library_version": profile.meta.get("library_version"),
         "machine": profile.meta.get("machine", "this project's 2-core x86 CPU (MLX CPU, OpenBLAS preloaded)"),
-        "command": profile.meta.get("command"),
+        "commands": profile.meta.get("commands"),
         "calibration_texts": profile.meta.get("calibration_texts"),
         "window_tokens": profile.window,
         "sink_tokens": profile.meta.get("sink_tokens"),

@@ -8,6 +8,12 @@ per text, with the effective bits really held.
 Each configuration is a profile (name=folder or shipped name) at a budget with a window of fp16 recent tokens,
 the window counted in the budget (Profile.config(budget, window=)).
 
+--after-rope LABEL=PROFILE adds PROFILE with its key moments measured again on its own calibration texts, keys as
+the model caches them (after RoPE), and its sensitivities kept: what `kvshard calibrate --keys-after-rope` makes,
+less the measuring (sensitivities are probed with plain TurboQuant, which knows no RoPE). --after-rope-out DIR
+saves it; --calibration-texts gives its texts as files where the Debian packages are not installed (a lent GPU
+machine); with --texts and nothing after it, the script only builds. The model runs dense in float32 on any device.
+
 With --decode N the last N tokens of each text's stream are fed one at a time after a chunked prefill of the rest,
 and only they are scored: as in generation, each predicted token then sees the window's fp16 tokens (in a chunk of
 256, only its last `window` queries do, so chunked perplexity charges a window's bytes without its benefit).
@@ -15,6 +21,7 @@ and only they are scored: as in generation, each predicted token then sees the w
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -29,29 +36,47 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench import device_info  # noqa: E402
 
-from kvshard.quant import KVCacheBuilder, load_model, load_profile  # noqa: E402
+from kvshard.quant import KVCacheBuilder, Profile, load_model, load_profile, save_profile  # noqa: E402
 from kvshard.quant import eval as quality  # noqa: E402
+from kvshard.quant.calibrate.klt import calibration_texts, collect_moments  # noqa: E402
+from kvshard.quant.calibrate.profile import SINK_TOKENS  # noqa: E402
 
 CHUNK = 256  # kvshard eval's chunk
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profiles", nargs="+", required=True, help="LABEL=PROFILE (a shipped name or a folder)")
+    parser.add_argument("--profiles", nargs="*", default=[], help="LABEL=PROFILE (a shipped name or a folder)")
+    parser.add_argument("--after-rope", nargs="+", default=[], metavar="LABEL=PROFILE",
+                        help="PROFILE with key moments measured after RoPE (see above)")
+    parser.add_argument("--after-rope-out", help="folder to save the one --after-rope profile in")
+    parser.add_argument("--calibration-texts", nargs="+", help="--after-rope's texts as files (default: calibration_texts())")
     parser.add_argument("--windows", nargs="+", type=int, default=[0, 16])
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.5])
-    parser.add_argument("--texts", nargs="+", default=list(quality.TEXTS))
+    parser.add_argument("--texts", nargs="*", default=list(quality.TEXTS))
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--decode", type=int, default=0, help="score only the last N tokens, fed one at a time")
     parser.add_argument("--out", default="benchmarks/results/profile_recipes.json")
     args = parser.parse_args()
-    profiles = {}
-    for item in args.profiles:
-        label, _, where = item.partition("=")
-        if not where:
-            parser.error(f"--profiles: {item!r} must be LABEL=PROFILE")
-        profiles[label] = load_profile(where)
-    model, tokenizer = load_model("smollm2-135m")
+    profiles, after_rope = {}, {}
+    for option, items, into in (("--profiles", args.profiles, profiles), ("--after-rope", args.after_rope, after_rope)):
+        for item in items:
+            label, _, where = item.partition("=")
+            if not where:
+                parser.error(f"{option}: {item!r} must be LABEL=PROFILE")
+            into[label] = load_profile(where)
+    if not profiles and not after_rope:
+        parser.error("--profiles or --after-rope: no profile to measure")
+    if args.after_rope_out and len(after_rope) != 1:
+        parser.error("--after-rope-out saves one --after-rope profile")
+    model, tokenizer = load_model("smollm2-135m", dequantize=True)
+    calibration = None
+    if args.calibration_texts:
+        calibration = [open(path, encoding="utf-8").read() for path in args.calibration_texts]
+    for label, profile in after_rope.items():
+        profiles[label] = keys_after_rope(profile, model, tokenizer, calibration)
+        if args.after_rope_out:
+            save_profile(profiles[label], args.after_rope_out)
     configs = [
         quality.EvalConfig(f"{label} <= {budget} w{window}", label,
                            lambda p=p, b=budget, w=window: KVCacheBuilder.for_model(model, p.config(b, window=w)))
@@ -60,16 +85,28 @@ def main() -> int:
     per_text = {}
     for name in args.texts:
         ids = tokenizer.encode(quality.load_text(name), add_special_tokens=False)[: args.tokens]
+        label = name if name in quality.TEXTS else os.path.splitext(os.path.basename(name))[0]  # a file: its stem
         if args.decode:
-            per_text[name] = decode_rows(model, ids, configs, args.decode)
+            per_text[label] = decode_rows(model, ids, configs, args.decode)
         else:
-            per_text[name] = quality.compare(model, ids, configs, progress=name)[1:]
+            per_text[label] = quality.compare(model, ids, configs, progress=label)[1:]
         _write(args, profiles, per_text)
+    if not per_text:
+        return 0
     for i, config in enumerate(configs):
         deltas = [rows[i]["delta_ppl_pct"] for rows in per_text.values()]
         bits = max(rows[i]["effective_bits"] for rows in per_text.values())
         print(f"{config.label:<28} {bits:.3f} bits  mean {sum(deltas) / len(deltas):+.2f}%  worst {max(deltas):+.2f}%")
     return 0
+
+
+def keys_after_rope(profile: Profile, model, tokenizer, texts: list[str] | None = None) -> Profile:
+    texts = calibration_texts() if texts is None else texts
+    if [hashlib.sha256(t.encode()).hexdigest() for t in texts] != [t["sha256"] for t in profile.meta["calibration_texts"]]:
+        raise SystemExit(f"--after-rope: profile {profile.name} was not calibrated on these texts")
+    moments = collect_moments(model, tokenizer, texts, skip_tokens=SINK_TOKENS, pre_rope=False, progress=True)
+    return Profile(profile.name, profile.model_fingerprint, moments, profile.key_weights, profile.value_weights,
+                   dict(profile.meta, measured=[]))
 
 
 def decode_nll(model, tokens: list[int], caches, decode: int) -> float:
@@ -105,7 +142,8 @@ def _write(args, profiles, per_text) -> None:
         "machine": device_info() | {"platform": platform.platform()},
         "tokens": args.tokens,
         "decode": args.decode,
-        "profiles": {label: {"fingerprint": p.fingerprint, "texts": p.meta.get("calibration_texts")}
+        "profiles": {label: {"fingerprint": p.fingerprint, "texts": p.meta.get("calibration_texts"),
+                             "keys": "after RoPE" if p.moments[0].get("rope") is None else "before RoPE"}
                      for label, p in profiles.items()},
         "per_text": {name: [{k: r[k] for k in ("label", "delta_ppl_pct", "top1_agreement", "effective_bits")}
                             for r in rows] for name, rows in per_text.items()},

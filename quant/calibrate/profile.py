@@ -174,9 +174,12 @@ class Profile:
 
 def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, validation=None,
                       validation_tokens: int = 1024, progress: bool = False, on_measured=None, jobs: int = 1,
-                      model_name: str | None = None) -> Profile:
+                      model_name: str | None = None, keys_after_rope: bool = False) -> Profile:
     """Measure a profile on `model`: moments over `texts` (default klt.calibration_texts()), sensitivities on
     ratequant's prompts, then ΔPPL at each budget on the `validation` texts (default: `kvshard eval`'s).
+    keys_after_rope: key moments (and so the plans) of keys as the model caches them, after RoPE, instead of before
+    (the default, better at every budget measured; README, "Quality") — the CPU kernel scores such keys 2–2.5×
+    faster and the GPU kernels have a fast path only for them.
     on_measured(profile), when given, is called before the first validation text and after each, with
     meta["measured"] holding the texts measured so far (kvshard calibrate saves the profile each time).
     jobs > 1: each text's moments and each side's sensitivities are measured in one of `jobs` processes that load
@@ -193,12 +196,14 @@ def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, 
     if jobs > 1:
         if model_name is None:
             raise ValueError("model_name: jobs > 1 loads the model by name in each process")
-        tasks = [("moments", text) for text in texts] + [("sensitivities", "keys"), ("sensitivities", "values")]
+        tasks = [("moments", (text, not keys_after_rope)) for text in texts]
+        tasks += [("sensitivities", "keys"), ("sensitivities", "values")]
         results = _in_processes(model_name, tasks, jobs, progress)
-        moments = collect_moments(model, tokenizer, texts, text_sums=results[: len(texts)])
+        moments = collect_moments(model, tokenizer, texts, pre_rope=not keys_after_rope, text_sums=results[: len(texts)])
         weights = results[len(texts) :]
     else:
-        moments = collect_moments(model, tokenizer, texts, skip_tokens=SINK_TOKENS, progress=progress)
+        moments = collect_moments(model, tokenizer, texts, skip_tokens=SINK_TOKENS, pre_rope=not keys_after_rope,
+                                  progress=progress)
         weights = [calibrate_layer_sensitivities(model, tokenizer, target=t, progress=progress) for t in ("keys", "values")]
     profile = Profile(name, model_fingerprint(model), moments, *weights, meta={
         "format_version": FORMAT_VERSION,
@@ -239,7 +244,8 @@ def _calibration_task(task: tuple):
     model, tokenizer = _WORKER["model"]
     kind, argument = task
     if kind == "moments":
-        return text_moment_sums(model, tokenizer, argument, skip_tokens=SINK_TOKENS)
+        text, pre_rope = argument
+        return text_moment_sums(model, tokenizer, text, skip_tokens=SINK_TOKENS, pre_rope=pre_rope)
     return calibrate_layer_sensitivities(model, tokenizer, target=argument, progress=False)
 
 
@@ -413,6 +419,8 @@ def main(argv=None) -> int:
     parser.add_argument("--validation-tokens", type=int, default=1024)
     parser.add_argument("--measure", action="store_true", help="only measure the profile in --out on --validation")
     parser.add_argument("--jobs", type=int, default=1, help="processes that measure moments and sensitivities (each loads the model)")
+    parser.add_argument("--keys-after-rope", action="store_true",
+                        help="plan keys as cached, after RoPE (faster kernels, lower quality; default: before RoPE)")
     args = parser.parse_args(argv)
     if args.validation_tokens < 2:
         parser.error(f"--validation-tokens must be >= 2, got {args.validation_tokens}")
@@ -467,7 +475,7 @@ def main(argv=None) -> int:
     else:
         profile = calibrate_profile(model, tokenizer, args.name or args.model, texts, tuple(args.budgets),
                                     args.validation, args.validation_tokens, progress=True, on_measured=save,
-                                    jobs=args.jobs, model_name=args.model)
+                                    jobs=args.jobs, model_name=args.model, keys_after_rope=args.keys_after_rope)
     for row in profile.meta["measured"]:
         print(f"<= {row['budget_bits']} bits: {row['effective_bits']:.3f} effective, ΔPPL mean "
               f"{row['mean_delta_ppl_pct']:+.2f}% worst {row['worst_delta_ppl_pct']:+.2f}%")
