@@ -42,6 +42,15 @@ def _attend(cache, queries, backend, mask=None):
 
 def _exact(cache, queries, mask=None):
     """Plain softmax attention on the K/V the cache holds, dequantized in fp32 and repeated per query head."""
+    keys, values = _exact_kv(cache)
+    group = queries.shape[1] // cache.n_kv_heads
+    keys, values = mx.repeat(keys, group, axis=1), mx.repeat(values, group, axis=1)
+    return mx.fast.scaled_dot_product_attention(queries.astype(mx.float32), keys, values,
+                                                scale=cache.head_dim**-0.5, mask=mask)
+
+
+def _exact_kv(cache):
+    """The K/V the cache holds, decoded in fp32 in token order (sinks, codes, window)."""
     keys, values = [], []
     for segment in cache.segments():
         if isinstance(segment, ExactSegment):
@@ -51,11 +60,7 @@ def _exact(cache, queries, mask=None):
             k = cache.key_quantizer.decode(segment.key_codes)
             keys.append(k if segment.key_mean is None else k + segment.key_mean.astype(mx.float32))
             values.append(cache.value_quantizer.decode(segment.value_codes))
-    group = queries.shape[1] // cache.n_kv_heads
-    keys = mx.repeat(mx.concatenate(keys, axis=2), group, axis=1)
-    values = mx.repeat(mx.concatenate(values, axis=2), group, axis=1)
-    return mx.fast.scaled_dot_product_attention(queries.astype(mx.float32), keys, values,
-                                                scale=cache.head_dim**-0.5, mask=mask)
+    return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
 
 
 def _max_err(a, b):
@@ -755,16 +760,3 @@ def test_gpu_gemma_shape_round_trip_and_attention(key_bits, value_bits):
         assert relative < bound[bits], (bits, relative)
     assert _max_err(fast, pure) < 2e-3
 
-
-def _exact_kv(cache):
-    """The K/V the cache holds, decoded in fp32 in token order (sinks, codes, window)."""
-    keys, values = [], []
-    for segment in cache.segments():
-        if isinstance(segment, ExactSegment):
-            keys.append(segment.keys.astype(mx.float32))
-            values.append(segment.values.astype(mx.float32))
-        else:
-            k = cache.key_quantizer.decode(segment.key_codes)
-            keys.append(k if segment.key_mean is None else k + segment.key_mean.astype(mx.float32))
-            values.append(cache.value_quantizer.decode(segment.value_codes))
-    return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
