@@ -69,10 +69,7 @@ _FLOATS = ObjectCache()
 def _floats(array: mx.array) -> tuple:
     """A codebook array as Python floats, read once: `tolist()` is a device-to-host sync, which at every
     append or attention call would stall MLX's asynchronous pipeline. Keyed by the (long-lived) array."""
-    hit = _FLOATS.get(id(array))
-    if hit is None or hit[0] is not array:
-        hit = _FLOATS[id(array)] = (array, tuple(float(v) for v in array.tolist()))
-    return hit[1]
+    return _FLOATS.derive(array, lambda: tuple(float(v) for v in array.tolist()))
 
 
 # ---- the native kernel: build and load ---------------------------------------------------------------------
@@ -236,10 +233,7 @@ def _scale_table(method: KLT) -> np.ndarray | None:
 def code_layout(method) -> CodeLayout | None:
     """The layout of a method's codes, or None when the kernel does not cover the method. Cached per method
     object (methods live as long as their caches)."""
-    hit = _LAYOUTS.get(id(method))
-    if hit is None or hit[0] is not method:
-        hit = _LAYOUTS[id(method)] = (method, _make_layout(method))
-    return hit[1]
+    return _LAYOUTS.derive(method, lambda: _make_layout(method))
 
 
 def _make_layout(method) -> CodeLayout | None:
@@ -302,13 +296,13 @@ _SYNTHESES = ObjectCache()
 
 def _padded_synthesis(key_method, H: int, padded: int) -> np.ndarray:
     """(H, m, padded) fp32: column j of head h's synthesis as row j, zero-padded; built once per method."""
-    hit = _SYNTHESES.get(id(key_method))
-    if hit is None or hit[0] is not key_method or hit[1].shape[0] != H:
+    def make():
         synthesis = np.asarray(key_method._synthesis).transpose(0, 2, 1)  # (H or 1, m, d)
         rows = np.zeros((H, synthesis.shape[1], padded), np.float32)
         rows[..., : synthesis.shape[2]] = synthesis
-        hit = _SYNTHESES[id(key_method)] = (key_method, rows)
-    return hit[1]
+        return rows
+
+    return _SYNTHESES.derive(key_method, make, H, padded)
 
 
 def _numpy32(a: mx.array) -> np.ndarray:
@@ -342,13 +336,12 @@ def _head_matrices(method, side: str, H: int, dim: int) -> np.ndarray:
     read once per method by applying it to the unit vectors. Both are linear maps of the last axis (a rotation,
     klt's synthesis, a key scale), and a numpy product of one decode step's few rows costs microseconds where
     the method's MLX ops cost tens each on this path."""
-    key = (id(method), side, H)
-    hit = _MATRICES.get(key)
-    if hit is None or hit[0] is not method:
+    def make():
         basis = mx.broadcast_to(mx.eye(dim)[None, None, None], (1, H, 1, dim, dim))
         mapped = (method.rotate_query if side == "query" else method.unrotate)(basis).astype(mx.float32)
-        hit = _MATRICES[key] = (method, np.ascontiguousarray(np.asarray(mapped)[0, :, 0]))
-    return hit[1]
+        return np.ascontiguousarray(np.asarray(mapped)[0, :, 0])
+
+    return _MATRICES.derive(method, make, side, H)
 
 
 def _attend_native(queries: np.ndarray, T: int, key_layout, keys: dict, value_layout, values: dict, rope, allowed,
@@ -549,10 +542,7 @@ _ENCODERS = ObjectCache()
 
 
 def _run_encoder(method) -> RunEncoder:
-    hit = _ENCODERS.get(id(method))
-    if hit is None or hit[0] is not method:
-        hit = _ENCODERS[id(method)] = (method, RunEncoder(method))
-    return hit[1]
+    return _ENCODERS.derive(method, lambda: RunEncoder(method))
 
 
 def _native_encode(method, z, norm_dtype) -> tuple:
@@ -582,10 +572,7 @@ _TRANSFORMS = ObjectCache()
 
 def _klt_transform(method: KLT) -> np.ndarray:
     """klt's analysis (H or 1, d, m) as numpy, read once per method."""
-    hit = _TRANSFORMS.get(id(method))
-    if hit is None or hit[0] is not method:
-        hit = _TRANSFORMS[id(method)] = (method, np.ascontiguousarray(np.asarray(method._encode), np.float32))
-    return hit[1]
+    return _TRANSFORMS.derive(method, lambda: np.ascontiguousarray(np.asarray(method._encode), np.float32))
 
 
 def native_encode(method, x: mx.array) -> dict | None:

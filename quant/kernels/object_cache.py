@@ -4,22 +4,23 @@ import weakref
 
 
 class ObjectCache:
-    """Reads and writes like a dict of key -> (obj, value), the key made from id(obj), but holds obj weakly: an
-    entry goes when its object does. The CPU kernels cache what they derive from a method or a codebook array per object; a shard drops and
-    reloads sessions (whose caches own their methods) all day, and a plain dict would keep every one of them, and
-    what was derived from it, for the life of the process."""
+    """What was derived from an object, kept per object (and per extra key parts) while the object lives: an
+    entry goes when its object does. The CPU kernels cache what they derive from a method or a codebook array
+    per object; a shard drops and reloads sessions (whose caches own their methods) all day, and a plain dict
+    would keep every one of them, and what was derived from it, for the life of the process."""
 
     def __init__(self):
         self._entries = {}
 
-    def get(self, key, default=None):
+    def derive(self, obj, make, *extra):
+        """make() the first time obj (with these extra key parts) is asked for, the kept value after that."""
+        key = (id(obj), *extra)
         entry = self._entries.get(key)
-        obj = None if entry is None else entry[0]()
-        return default if obj is None else (obj, entry[1])
-
-    def __setitem__(self, key, pair) -> None:
-        obj, value = pair
+        if entry is not None and entry[0]() is obj:
+            return entry[1]
+        value = make()
         self._entries[key] = (weakref.ref(obj, lambda _, key=key: self._entries.pop(key, None)), value)
+        return value
 
     def __len__(self) -> int:
         return len(self._entries)
