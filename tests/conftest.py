@@ -97,3 +97,12 @@ class ShardProcess:
 @pytest.fixture(scope="module")
 def module_tmp(tmp_path_factory, request):
     return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def client(shard):
+    """A client of the module's `shard` fixture that never retries (the tests see every status as it is)."""
+    from kvshard.client import NO_RETRY, Client
+
+    with Client(shard.target, retry=NO_RETRY) as c:
+        yield c

@@ -157,12 +157,6 @@ def shard(module_tmp):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def client(shard):
-    with Client(shard.target, retry=NO_RETRY) as c:
-        yield c
-
-
 def test_a_session_with_no_cache_config_uses_the_recommended_profile(client, shard, profile):
     info = client.server_info()
     assert info.default_profile == NAME

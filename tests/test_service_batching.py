@@ -13,7 +13,6 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
 from conftest import ShardProcess, free_port
-from kvshard.client import NO_RETRY, Client
 from kvshard.quant import KVCacheBuilder, KVCacheConfig, install_attention_hook
 from kvshard.quant.batch_arena import BatchArena
 from kvshard.quant.batch_view import batch_views
@@ -191,12 +190,6 @@ def shard(module_tmp):
     server.metrics_port = int(server.args[server.args.index("--metrics-port") + 1])
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(shard):
-    with Client(shard.target, retry=NO_RETRY) as c:
-        yield c
 
 
 def _prompt(n: int) -> str:

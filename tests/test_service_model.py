@@ -10,7 +10,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ShardProcess
-from kvshard.client import NO_RETRY, Client
 from kvshard.wire import kvshard_pb2 as pb
 from kvshard.wire import kvshard_pb2_grpc as pb_grpc
 from test_service_raw import grpcurl
@@ -23,12 +22,6 @@ def shard(module_tmp):
     server = ShardProcess(module_tmp, "--max-tokens", str(MAX_TOKENS), "--max-prompt-tokens", "200", "--checkpoint-tokens", "4").start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(shard):
-    with Client(shard.target, retry=NO_RETRY) as c:
-        yield c
 
 
 def test_multi_turn_chat_continues_one_session(client):
