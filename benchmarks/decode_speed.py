@@ -53,28 +53,38 @@ def synthetic_plan(n_kv_heads: int, head_dim: int, bits: tuple, norm_bits: int, 
     return KLTPlan(analysis, energies, bits, norm_bits)
 
 
-# Coordinate bits of the recommended configuration's shape: the shipped profile (smollm2-135m) at 3.5 bits
-# plans keys before RoPE with most bits in a few coordinates and many dropped, values at 3-4 bits, per layer
-# (two allocations of its layers' shape, alternating), with 8-bit scales and 4 fp16 sinks: ~3.4 effective bits.
-RECOMMENDED_BITS = [
-    ((7, 6, 6, 5, 5, 5, 4, 4) + (4,) * 4 + (3,) * 16 + (2,) * 14 + (1,) * 14 + (0,) * 8,
-     (6, 6, 6) + (5,) * 13 + (4,) * 48),
-    ((6, 5, 5, 4, 4) + (3,) * 14 + (2,) * 14 + (1,) * 8 + (0,) * 23,
-     (8, 7, 6, 6, 6) + (6,) * 10 + (5,) * 30 + (4,) * 19),
-]
-RECOMMENDED = "ours recommended: klt, keys before RoPE, per-layer mixed bits, 8-bit scales, 4 sinks"
+# Coordinate bits of the recommended configuration: the shipped profile (smollm2-135m, head_dim 64 as the random
+# model's) at its recommended budget, per layer, written by --write-recommended-bits (recommended_bits.json).
+RECOMMENDED_BITS_FILE = Path(__file__).parent / "recommended_bits.json"
+RECOMMENDED = "ours recommended: klt, keys before RoPE, per-layer mixed bits, 8-bit scales, 4 sinks, 16 window"
 
 
-def recommended_plans(n_kv_heads: int, head_dim: int, layer: int, rope_theta: float) -> tuple:
-    """(key plan, value plan) of the recommended configuration's shape for one layer of the random model."""
-    key_bits, value_bits = RECOMMENDED_BITS[layer % len(RECOMMENDED_BITS)]
+def write_recommended_bits(path: Path = RECOMMENDED_BITS_FILE) -> None:
+    from kvshard.quant.calibrate.profile import load_profile  # noqa: PLC0415 (here, not on the GPU machine)
+
+    profile = load_profile("smollm2-135m")
+    config = profile.config()
+    path.write_text(json.dumps({  # one line: a layer's bits are read, not browsed
+        "profile": profile.name, "profile_fingerprint": profile.fingerprint, "budget_bits": config.budget_bits,
+        "sink_tokens": config.sink_tokens, "window": config.window,
+        "norm_bits": [config.key_plans[0].norm_bits, config.value_plans[0].norm_bits],
+        "key_bits": [[int(b) for b in p.coordinate_bits] for p in config.key_plans],
+        "value_bits": [[int(b) for b in p.coordinate_bits] for p in config.value_plans]}) + "\n")
+
+
+def recommended_plans(n_kv_heads: int, head_dim: int, layer: int, layers: int, rope_theta: float) -> tuple:
+    """(key plan, value plan) of the recommended configuration's shape for one layer of the random model: the
+    profile layer at the same depth, its bits and scale bytes, keys before the model's own RoPE."""
+    shipped = json.loads(RECOMMENDED_BITS_FILE.read_text())
+    at = round(layer * (len(shipped["key_bits"]) - 1) / max(1, layers - 1))
     frequencies = rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)
-    key = synthetic_plan(n_kv_heads, head_dim, key_bits, 8, 10 + layer)
-    key = KLTPlan(key.analysis, key.energies, key.coordinate_bits, 8, frequencies, False)
-    return key, synthetic_plan(n_kv_heads, head_dim, value_bits, 8, 100 + layer)
+    key_norm, value_norm = shipped["norm_bits"]
+    key = synthetic_plan(n_kv_heads, head_dim, tuple(shipped["key_bits"][at]), key_norm, 10 + layer)
+    key = KLTPlan(key.analysis, key.energies, key.coordinate_bits, key_norm, frequencies, False)
+    return key, synthetic_plan(n_kv_heads, head_dim, tuple(shipped["value_bits"][at]), value_norm, 100 + layer)
 
 
-def cache_series(n_kv_heads: int, head_dim: int, rope_theta: float = LLAMA_1B["rope_theta"]) -> dict:
+def cache_series(n_kv_heads: int, head_dim: int, layers: int, rope_theta: float = LLAMA_1B["rope_theta"]) -> dict:
     """label -> (layer index) -> that layer's cache. Calibrated-plan klt: the same plan for every layer, but
     the recommended configuration's, which differs per layer."""
     uniform = synthetic_plan(n_kv_heads, head_dim, (4,) * head_dim, 16, 1)
@@ -82,9 +92,11 @@ def cache_series(n_kv_heads: int, head_dim: int, rope_theta: float = LLAMA_1B["r
     ours = lambda **kw: lambda layer=0: CompressedKVCache(head_dim=head_dim, n_kv_heads=n_kv_heads, **kw)  # noqa: E731
 
     def recommended(layer=0):
-        key_plan, value_plan = recommended_plans(n_kv_heads, head_dim, layer, rope_theta)
+        shipped = json.loads(RECOMMENDED_BITS_FILE.read_text())
+        key_plan, value_plan = recommended_plans(n_kv_heads, head_dim, layer, layers, rope_theta)
         return CompressedKVCache(head_dim=head_dim, n_kv_heads=n_kv_heads, method="klt", key_bits=4, value_bits=4,
-                                 key_plan=key_plan, value_plan=value_plan, sink_tokens=4)
+                                 key_plan=key_plan, value_plan=value_plan, sink_tokens=shipped["sink_tokens"],
+                                 window=shipped["window"])
 
     return {
         "mlx_lm KVCache fp16": lambda layer=0: KVCache(),
@@ -177,7 +189,7 @@ def bench_decode(args) -> dict:
     H, D, layers = config["num_key_value_heads"], config["head_dim"], config["num_hidden_layers"]
     if args.quick:
         D = config["hidden_size"] // config["num_attention_heads"]
-    series = cache_series(H, D)
+    series = cache_series(H, D, layers)
     if args.series:
         series = {k: v for k, v in series.items() if any(s in k for s in args.series)}
     contexts = [int(c) for c in args.contexts]
@@ -187,9 +199,6 @@ def bench_decode(args) -> dict:
         row = {}
         built = {}
         for label, make in series.items():
-            if ("mixed" in label or label == RECOMMENDED) and tokens > args.portable_max:
-                row[label] = {"skipped": f"portable path; measured up to {args.portable_max} tokens"}
-                continue
             try:
                 caches = [make(i) for i in range(layers)]
                 for c in caches:
@@ -245,7 +254,7 @@ def bench_memory(model, series, H, D, layers, tokens, built) -> dict:
     mx.clear_cache()
     memory = {"tokens": tokens}
     for label, make in series.items():
-        if "mixed" in label or "Quantized" in label or label == RECOMMENDED:
+        if "Quantized" in label or "klt" in label:
             continue
         base = mx.get_active_memory()
         mx.reset_peak_memory()
@@ -466,11 +475,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--memory-at", type=int, default=65536)
-    parser.add_argument("--portable-max", type=int, default=16384)
     parser.add_argument("--tag", default="gpu" if dispatch.gpu_backend() else "cpu")
     parser.add_argument("--plot", default=None, help="a results folder: draw its PNGs and stop")
     parser.add_argument("--apply-tune", default=None, help="tune_mma_gpu.json: run with its fastest launch shape")
+    parser.add_argument("--write-recommended-bits", action="store_true", help=f"write {RECOMMENDED_BITS_FILE.name}")
     args = parser.parse_args(argv)
+    if args.write_recommended_bits:
+        write_recommended_bits()
+        return 0
     if args.plot:
         plot(Path(args.plot), args.tag if args.tag != "cpu" else "gpu")
         return 0

@@ -19,12 +19,12 @@ import sys
 import mlx.core as mx
 from mlx_lm.models import llama
 
-from decode_speed import LLAMA_1B, cache_series, fill, step_fn  # benchmarks/, beside this script
+from decode_speed import LLAMA_1B, RECOMMENDED, cache_series, fill, step_fn  # benchmarks/, beside this script
 from kvshard.quant import install_attention_hook
 from kvshard.quant.cache import CompressedKVCache
 
 SERIES = {"fp16": "mlx_lm KVCache fp16", "ours": "ours turboquant_mse k4/v4",
-          "klt": "ours klt calibrated-shape plan, 4 bits/coord, fp16 scale"}
+          "klt": "ours klt calibrated-shape plan, 4 bits/coord, fp16 scale", "recommended": RECOMMENDED}
 
 
 def run(series: str, tokens: int, steps: int) -> None:
@@ -32,7 +32,7 @@ def run(series: str, tokens: int, steps: int) -> None:
     model = llama.Model(llama.ModelArgs(**config))
     model.set_dtype(mx.float16)
     install_attention_hook(model)
-    make = cache_series(config["num_key_value_heads"], config["head_dim"])[SERIES[series]]
+    make = cache_series(config["num_key_value_heads"], config["head_dim"], 2)[SERIES[series]]
     caches = [make(i) for i in range(2)]
     for c in caches:
         fill(c, config["num_key_value_heads"], config["head_dim"], tokens)

@@ -147,13 +147,17 @@ def _prefill_attention(queries, segments, key_method, value_method, scale, mask)
 
 def _exact_part(q, segment: ExactSegment, allowed):
     """Attention of q (B, Hkv, g, L, D) fp32 over fp16 tokens: (normalised output, log-sum-exp)."""
-    scores = q @ segment.keys[:, :, None].astype(mx.float32).swapaxes(-1, -2)
+    return _exact_arrays(q, segment.keys, segment.values, allowed)
+
+
+def _exact_arrays(q, keys, values, allowed=None):
+    scores = q @ keys[:, :, None].astype(mx.float32).swapaxes(-1, -2)
     scores = _apply_mask(scores, allowed)
     peak = scores.max(axis=-1, keepdims=True)
     safe = mx.where(mx.isinf(peak), 0.0, peak)
     weights = mx.exp(scores - safe)
     total = weights.sum(axis=-1, keepdims=True)
-    out = (weights @ segment.values[:, :, None].astype(mx.float32)) / mx.maximum(total, 1e-30)
+    out = (weights @ values[:, :, None].astype(mx.float32)) / mx.maximum(total, 1e-30)
     return out, safe + mx.log(total)
 
 
@@ -166,6 +170,14 @@ def _merge(parts):
     weights = [mx.exp(lse - peak) for _, lse in parts]
     out = sum(w * o for w, (o, _) in zip(weights, parts))
     return out / mx.maximum(sum(weights), 1e-30)
+
+
+@mx.compile
+def _merge_with_exact(q, parts, exact):
+    """_merge of the kernels' (output, lse) parts and of attention over unmasked fp16 segments [(keys, values)]: a
+    decode step's sinks and window beside its codes. Compiled: traced once per shape, so the step's host time does
+    not grow with its ~25 small ops."""
+    return _merge(list(parts) + [_exact_arrays(q, keys, values) for keys, values in exact])
 
 
 def _fast_attention(path, queries, segments, n_kv_heads, key_method, value_method, scale, mask):
@@ -182,18 +194,23 @@ def _fast_attention(path, queries, segments, n_kv_heads, key_method, value_metho
         out = kernels.cpu_attention(q, segments, key_method, value_method,
                                     lambda start, n: _allowed(mask, L, total, start, n))
         return out.reshape(B, n_q_heads, L, D).astype(queries.dtype)
+    exact = []  # unmasked fp16 segments, attended inside the compiled merge
     for segment in segments:
         if segment.length == 0:
             pass
         elif not segment.is_codes:
-            parts.append(_exact_part(q, segment, _allowed(mask, L, total, start, segment.length)))
+            allowed = _allowed(mask, L, total, start, segment.length)
+            if allowed is None:
+                exact.append((segment.keys, segment.values))
+            else:
+                parts.append(_exact_part(q, segment, allowed))
         else:
             out, lse = gpu.attention(queries, segment, key_method, value_method, scale, path, with_lse=True)
             parts.append(
                 (out.astype(mx.float32).reshape(B, n_kv_heads, group, L, D), lse.reshape(B, n_kv_heads, group, L, 1))
             )
         start += segment.length
-    return _merge(parts).reshape(B, n_q_heads, L, D).astype(queries.dtype)
+    return _merge_with_exact(q, parts, exact).reshape(B, n_q_heads, L, D).astype(queries.dtype)
 
 
 def _pure_attention(queries, segments, n_kv_heads, key_method, value_method, scale, mask) -> mx.array:

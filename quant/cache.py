@@ -23,6 +23,7 @@ from .observers import start_timer
 from .rope import rotate
 
 _GROW_TOKENS = 256  # codes are preallocated in steps, as mlx_lm's KVCache does, so decode appends in place
+WINDOW_BLOCK = 16  # see CompressedKVCache._window_block
 _MIN_TOKENS_FOR_MEAN = 8  # tokens wait in fp16 until the key mean is estimated from at least this many
 # kvshard's own state format, so that a state loads whatever mlx_lm release saved it (their meta_state protocol
 # changed between releases; ours travels inside the state). 1: the unversioned meta of releases before it.
@@ -131,6 +132,7 @@ class CompressedKVCache(_BaseCache):
         self._pending = None
         self._written = None
         self._fusable = None  # whether this cache's appends can be coded in the attention launch (worked out once)
+        self._block = None  # tokens that leave the window together (_window_block, worked out once)
         self._ring, self._ring_start = None, 0  # the window's buffers while held as a ring; its oldest slot
         self._lease = None  # a batch arena's hold on this cache's newest codes (quant/batch_arena.py)
         # Set when `state` or `trim` may have handed out views of the buffers: in-place appends wait until an
@@ -217,13 +219,23 @@ class CompressedKVCache(_BaseCache):
             # Keys share a large common direction; encoding k − μ spends the bits on what differs between them.
             window = self._unrope(self.window_keys.astype(mx.float32), self._codes_start())
             self.key_mean = window.mean(axis=2, keepdims=True).astype(mx.float16)
-        if overflow > 0:
+        if overflow >= self._window_block():
             self._encode(self.window_keys[:, :, :overflow], self.window_values[:, :, :overflow])
             if self.window:
                 self.window_keys = self.window_keys[:, :, overflow:]
                 self.window_values = self.window_values[:, :, overflow:]
             else:
                 self.window_keys = self.window_values = None
+
+    def _window_block(self) -> int:
+        """Tokens that leave the window for the codes together. 1 (every token as it leaves) but for a CUDA decode
+        whose appends the attention launch cannot code in place (klt's calibrated layouts): there a decode step's
+        encode is ~300 small MLX ops a layer, so the window holds up to WINDOW_BLOCK − 1 tokens more and codes them
+        in one encode every WINDOW_BLOCK steps (the extra tokens stay fp16, and are counted in nbytes)."""
+        if self._block is None:
+            self._block = WINDOW_BLOCK if (self.window and kernels.gpu_backend() == "cuda" and not gpu.append_supported(
+                self.key_quantizer, self.value_quantizer)) else 1
+        return self._block
 
     def _codes_direct(self) -> bool:
         """Whether new tokens go straight into the codes: no window, sinks full, the key mean known."""

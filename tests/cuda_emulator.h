@@ -44,6 +44,7 @@ struct float4 {
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 
 using __half = _Float16;
 struct __half2 {
@@ -103,6 +104,7 @@ inline void launch(dim3 grid, int threads, const std::function<void()>& kernel) 
 #define blockDim (emu::blockDim_)
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::my_warp().bar.arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 // Lane `from(lane)`'s value of v, for every lane of the warp.
@@ -149,6 +151,8 @@ inline T __ldcg(const T* p) {
 }
 
 inline float __expf(float x) { return std::exp(x); }
+inline float __sinf(float x) { return std::sin(x); }
+inline float __cosf(float x) { return std::cos(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 // prmt (default mode): output byte n is byte (s >> 4n) & 7 of {y, x}, or its sign replicated if bit 3 is set.

@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 
 from kvshard.quant import kernels
-from kvshard.quant.attention import CodeSegment, ExactSegment, compressed_attention
+from kvshard.quant.attention import CodeSegment, ExactSegment, compressed_attention, decode_keys
 from kvshard.quant.kernels import cuda, dispatch, gpu, metal
 from kvshard.quant.cache import CompressedKVCache
 from kvshard.quant.methods import make_method
@@ -169,8 +169,8 @@ def _klt_plan(head_dim, bits, n_kv_heads=1, norm_bits=16):
 
 def test_kernels_are_chosen_from_fused_specs(monkeypatch):
     """Kernels see methods only through fused_spec(): TurboQuant-MSE, klt with one bit width and fp16 scales
-    (calibrated or not) and query-aware key scales take them; mixed-bit klt, log-scale bytes and other
-    methods do not. The tensor-core kernel needs sm_80+, 4-bit or 2-bit codes of one width, head_dim 64/128
+    (calibrated or not) and query-aware key scales take the TurboQuant kernels; mixed-bit klt and log-scale bytes
+    the coded-layout kernel (tensor cores); other methods none. The tensor-core kernel needs sm_80+, 4-bit or 2-bit codes of one width, head_dim 64/128
     and <= 8 rows."""
     from kvshard.quant.methods.klt import KLT
     from kvshard.quant.methods.scaled import ScaledKeys
@@ -188,14 +188,20 @@ def test_kernels_are_chosen_from_fused_specs(monkeypatch):
     assert pick("cuda", klt4, klt4, 64, 3) == "mma"
     calibrated = KLT(64, 4, plan=_klt_plan(64, (4,) * 64))
     assert pick("cuda", calibrated, klt4, 64, 3) == "mma"
-    assert pick("cuda", KLT(64, 4, plan=_klt_plan(64, (5,) * 32 + (3,) * 32)), klt4, 64, 3) is None
-    assert pick("cuda", KLT(64, 4, plan=_klt_plan(64, (4,) * 64, norm_bits=8)), klt4, 64, 3) is None
+    # Mixed bits and log-scale bytes: the coded-layout kernel, on tensor cores only.
+    mixed = KLT(64, 4, plan=_klt_plan(64, (5,) * 32 + (3,) * 32))
+    assert pick("cuda", mixed, klt4, 64, 3) == "mma_coded"
+    assert pick("cuda", KLT(64, 4, plan=_klt_plan(64, (4,) * 64, norm_bits=8)), klt4, 64, 3) == "mma_coded"
+    assert pick("cuda", mixed, klt4, 64, 9) is None  # more than 8 rows per kv head
+    assert pick("metal", mixed, klt4, 64, 3) is None
+    assert pick("cuda", mixed, make_method("turboquant_mse", 64, 4), 64, 3) is None  # TurboQuant has no coded layout
     scaled = ScaledKeys(make_method("turboquant_mse", 64, 4), mx.ones((3, 64)))
     assert pick("cuda", scaled, make_method("turboquant_mse", 64, 4), 64, 3) == "mma"
     assert pick("cuda", make_method("polar", 64, 4), klt4, 64, 3) is None
     assert pick("cuda", make_method("turboquant_mse", 96, 4), make_method("turboquant_mse", 96, 4), 96, 4) is None
     monkeypatch.setattr(dispatch, "_tensor_cores", lambda: False)
     assert pick("cuda", mse4, mse4, 128, 4) == "cuda"
+    assert pick("cuda", mixed, klt4, 64, 3) is None
     assert not gpu.mma_supported(256, 4, 4, 4)
     # A lane packs its codes into one 32-bit word: head_dim 256 at 8 bits (64 bits a lane) is not encoded on the
     # GPU (it gave garbage codes on the H200); at 4 bits it is.
@@ -326,6 +332,26 @@ def _emulated(kind, dtypes, template, tmp_path):
     return ctypes.CDLL(str(library)).launch, names, outputs
 
 
+def _dense(a, dtype, batch):
+    """An input for an emulated launch: (array, shape, strides), 4-D arrays repeated to `batch` rows."""
+    import numpy as np
+
+    a = np.array(a).astype(dtype)
+    a = np.ascontiguousarray(np.repeat(a, batch, 0) if a.ndim == 4 and a.shape[0] != batch else a)
+    return a, a.shape, [s // a.itemsize for s in a.strides]
+
+
+def _roomy(codes, batch, room=40):
+    """Codes repeated to `batch` rows in a buffer `room` tokens longer than they are, as the cache preallocates."""
+    import numpy as np
+
+    codes = np.repeat(np.array(codes), batch, 0)
+    B, H, T, W = codes.shape
+    buffer = np.zeros((B, H, T + room, W), codes.dtype)
+    buffer[:, :, :T] = codes
+    return buffer, codes.shape, [H * (T + room) * W, (T + room) * W, W, 1]
+
+
 def _emulated_attend(kind, dtypes, template, inputs, q_shape, grid, rows, warps, tmp_path) -> list:
     """One launch of a single-launch attention kernel under the emulator: inputs are name -> (array, shape,
     strides); returns the outputs (split partials, out, lse); the inputs' arrays are what the kernel left."""
@@ -375,17 +401,8 @@ def test_tensor_core_kernel_on_cpu_emulator(tokens, head_dim, queries_per_kv, le
     km, vm = cache.key_quantizer, cache.value_quantizer
     rows, n_kv = queries_per_kv * length, cache.n_kv_heads
 
-    def dense(a, dtype):
-        a = np.array(a).astype(dtype)
-        a = np.ascontiguousarray(np.repeat(a, batch, 0) if a.ndim == 4 and a.shape[0] != batch else a)
-        return a, a.shape, [s // a.itemsize for s in a.strides]
-
-    def roomy(codes):
-        codes = np.repeat(np.array(codes), batch, 0)
-        B, H, T, W = codes.shape
-        buffer = np.zeros((B, H, T + 40, W), codes.dtype)
-        buffer[:, :, :T] = codes
-        return buffer, codes.shape, [H * (T + 40) * W, (T + 40) * W, W, 1]
+    dense = lambda a, dtype: _dense(a, dtype, batch)  # noqa: E731
+    roomy = lambda codes: _roomy(codes, batch)  # noqa: E731
 
     lengths = np.array([tokens] if second_row is None else [tokens, second_row], np.int32)
     tickets = np.zeros(batch * n_kv, np.int32)
@@ -514,6 +531,119 @@ def test_append_kernel_on_cpu_emulator(kind, tokens, head_dim, queries_per_kv, b
         assert np.abs(results[2][b:b + 1].astype(np.float32) - pure).max() < 2e-3 * max(1.0, np.abs(pure).max())
 
 
+# Coordinate bits of the recommended configuration's shape at head_dim 64 (benchmarks/decode_speed.py): keys with
+# most bits in a few coordinates and 8 dropped, values at 6-4 bits.
+RECOMMENDED_KEY_BITS = (7, 6, 6, 5, 5, 5, 4, 4) + (4,) * 4 + (3,) * 16 + (2,) * 14 + (1,) * 14 + (0,) * 8
+RECOMMENDED_VALUE_BITS = (6, 6, 6) + (5,) * 13 + (4,) * 48
+
+
+def _coded_cache(head_dim, key_bits, value_bits, rope, tokens, sinks=4, norm_bits=8, center=True, window=0):
+    """A klt cache of calibrated plans' shape (per-head transforms, mixed bits), keys coded before RoPE when rope
+    is "half" or "traditional", filled with keys of a shared offset and a few large ones."""
+    import numpy as np
+
+    from kvshard.quant.methods.klt import KLTPlan
+
+    key, value = _klt_plan(head_dim, key_bits, 2, norm_bits), _klt_plan(head_dim, value_bits, 2, norm_bits)
+    if rope:
+        key = KLTPlan(key.analysis, key.energies, key.coordinate_bits, norm_bits,
+                      10000.0 ** (-np.arange(0, head_dim, 2) / head_dim), rope == "traditional")
+    cache = CompressedKVCache(head_dim=head_dim, n_kv_heads=2, method="klt", key_plan=key, value_plan=value,
+                              sink_tokens=sinks, center_keys=center, window=window)
+    mx.random.seed(3)
+    keys = mx.random.normal((1, 2, tokens, head_dim)) + 0.7 * mx.random.normal((1, 2, 1, head_dim))
+    keys = keys * (1 + 3 * (mx.random.uniform(shape=(1, 2, tokens, 1)) > 0.98))
+    cache.append(keys, mx.random.normal((1, 2, tokens, head_dim)))
+    return cache
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+@pytest.mark.parametrize(
+    "head_dim, queries_per_kv, key_bits, value_bits, rope, norm_bits, center, splits, second_row",
+    [
+        (64, 4, RECOMMENDED_KEY_BITS, RECOMMENDED_VALUE_BITS, "half", 8, True, 3, 77),  # the recommended config
+        (64, 3, RECOMMENDED_KEY_BITS, (4,) * 64, "traditional", 16, True, 2, None),  # SmolLM2's RoPE layout
+        (128, 4, (6,) * 16 + (4,) * 48 + (2,) * 40 + (0,) * 24, (3,) * 100 + (0,) * 28, None, 8, False, 3, None),
+        (64, 2, (4,) * 64, (2,) * 64, "half", 16, True, 1, None),  # uniform klt before RoPE, one split
+    ],
+)
+def test_coded_kernel_on_cpu_emulator(head_dim, queries_per_kv, key_bits, value_bits, rope, norm_bits, center, splits,
+                                      second_row, tmp_path):
+    """The coded-layout tensor-core kernel's CUDA source (per-coordinate bit widths and codebooks, 8-bit log or fp16
+    scales, keys decoded through the synthesis on tensor cores, RoPE at the tokens' positions after the fp16
+    sinks, value sums in the coded domain) run under g++ against the portable path over the code segment, with
+    the splits merged and un-rotated as gpu.coded_attention does. Codes are read from buffers longer than the
+    held tokens; with a second row, that row holds fewer tokens than its buffer has codes."""
+    import numpy as np
+
+    tokens = 300
+    cache = _coded_cache(head_dim, key_bits, value_bits, rope, tokens + 4, norm_bits=norm_bits, center=center)
+    batch = 1 if second_row is None else 2
+    segment = next(s for s in cache.segments() if s.is_codes)
+    km, vm = cache.key_quantizer, cache.value_quantizer
+    queries = mx.random.normal((batch, 2 * queries_per_kv, 1, head_dim)).astype(mx.float16)
+    template, synth, kcoord, kcent, vcoord, vcent, mv, centres = gpu._coded_layout(km, vm, head_dim)
+    rows, n_kv = queries_per_kv, 2
+
+    dense = lambda a, dtype: _dense(a, dtype, batch)  # noqa: E731
+    roomy = lambda codes: _roomy(codes, batch)  # noqa: E731
+
+    frequencies = np.zeros(1) if rope is None else segment.key_rope[0]
+    lengths = np.array([tokens] if second_row is None else [tokens, second_row], np.int32)
+    params = [head_dim**-0.5, *centres, 0 if rope is None else segment.key_rope[2]]
+    norm_type = "uint8_t" if norm_bits == 8 else "__half"
+    norm_dtype = np.uint8 if norm_bits == 8 else np.float16
+    inputs = {"q": dense(queries, np.float16), "params": dense(mx.array(params), np.float32),
+              "synth": dense(synth, np.uint32), "kmean": dense(segment.key_mean if center else mx.zeros((1, 1, 1, 1)),
+                                                               np.float16),
+              "omega": dense(mx.array(frequencies.astype(np.float32)), np.float32), "kcoord": dense(kcoord, np.int32),
+              "kcent": dense(kcent, np.float32), "vcoord": dense(vcoord, np.int32), "vcent": dense(vcent, np.float32),
+              "kidx": roomy(segment.key_codes["idx"]), "knorm": dense(segment.key_codes["norm"], norm_dtype),
+              "vidx": roomy(segment.value_codes["idx"]), "vnorm": dense(segment.value_codes["norm"], norm_dtype),
+              "lengths": (lengths, lengths.shape, [1])}
+    dtypes = {"q": "__half", "synth": "uint32_t", "kmean": "__half", "kcoord": "int32_t", "vcoord": "int32_t",
+              "kidx": "uint8_t", "vidx": "uint8_t", "knorm": norm_type, "vnorm": norm_type, "lengths": "int32_t"}
+    full = dict(D=head_dim, R=rows, WARPS=4, ROPE={None: 0, "half": 1, "traditional": 2}[rope], HAS_MEAN=center,
+                **dict(template))
+    launch, names, _ = _emulated("mma_coded", dtypes, full, tmp_path)
+    shapes, strides, arrays = np.zeros((len(names), 8), np.int32), np.zeros((len(names), 8), np.int64), []
+    for i, name in enumerate(names):
+        array, shape, stride = inputs[name]
+        arrays.append(array)
+        shapes[i, : len(shape)], strides[i, : len(stride)] = shape, stride
+    MPV = dict(template)["MPV"]
+    part_o = np.full((batch, n_kv, splits, rows, MPV), np.nan, np.float32)
+    part_ml = np.full((batch, n_kv, splits, rows, 2), np.nan, np.float32)
+    pointers = (ctypes.c_void_p * (len(arrays) + 2))(*[a.ctypes.data for a in arrays + [part_o, part_ml]])
+    launch(pointers, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p), splits, n_kv,
+           batch, 4 * 32)
+    # The splits merged (combine.cu's arithmetic), the padding coordinates dropped, un-rotated by the method.
+    m, l = part_ml[..., 0], part_ml[..., 1]
+    top = np.max(np.where(np.isfinite(m), m, -np.inf), axis=2, keepdims=True)
+    w = np.where(np.isfinite(m), np.exp(m - top), 0.0) * l
+    coded = (np.exp(np.where(np.isfinite(m), m - top, -np.inf))[..., None] * part_o).sum(2) / w.sum(2)[..., None]
+    out = np.array(vm.unrotate(mx.array(coded[..., :mv]).reshape(batch, n_kv, queries_per_kv, 1, mv)))
+    out = out.reshape(batch, n_kv * queries_per_kv, 1, head_dim)
+    lse = (top[:, :, 0] + np.log(w.sum(2)))
+
+    def portable(q, seg):
+        return np.array(compressed_attention(q.astype(mx.float32), [seg], n_kv_heads=2, key_method=km,
+                                             value_method=vm, scale=head_dim**-0.5, backend="pure"))
+
+    pure = [portable(queries[:1], segment)]
+    if second_row is not None:
+        pure.append(portable(queries[1:], segment.block(0, second_row)))
+    pure = np.concatenate(pure)
+    assert np.abs(out - pure).max() < 2e-3 * max(1.0, np.abs(pure).max())
+    # The log-sum-exp of the scores, key mean and RoPE included: what merges with the fp16 sinks and window.
+    keys = np.array(decode_keys(segment, km))[:, :, :tokens]
+    q = np.array(queries[:1].astype(mx.float32)).reshape(1, n_kv, queries_per_kv, head_dim)
+    scores = np.einsum("bhgd,bhtd->bhgt", q, keys[:1]) * head_dim**-0.5
+    top_s = scores.max(-1)
+    expected = top_s + np.log(np.exp(scores - top_s[..., None]).sum(-1))
+    assert np.abs(lse[:1] - expected.reshape(1, n_kv, queries_per_kv)).max() < 2e-2
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
 @pytest.mark.parametrize("single_launch", [True, False])
 @pytest.mark.parametrize("tokens", [1, 100, 4096, 70000])
@@ -552,6 +682,27 @@ def test_gpu_kernel_klt(head_dim, queries_per_kv, plan, window):
     cache.append(mx.random.normal((1, 2, 3000, head_dim)) + 0.5, mx.random.normal((1, 2, 3000, head_dim)))
     queries = mx.random.normal((1, 2 * queries_per_kv, 1, head_dim)).astype(mx.float16)
     assert _gpu_vs_pure(cache, queries) < 2e-3
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")
+@pytest.mark.parametrize(
+    "head_dim, queries_per_kv, key_bits, value_bits, rope, norm_bits, tokens, window",
+    [
+        (64, 4, RECOMMENDED_KEY_BITS, RECOMMENDED_VALUE_BITS, "half", 8, 5000, 16),  # the recommended config's shape
+        (64, 3, RECOMMENDED_KEY_BITS, RECOMMENDED_VALUE_BITS, "traditional", 8, 20000, 0),  # SmolLM2's RoPE layout
+        (128, 4, (6,) * 16 + (4,) * 48 + (2,) * 40 + (0,) * 24, (3,) * 128, "half", 16, 3000, 16),
+        (64, 2, (5,) * 32 + (3,) * 32, (4,) * 64, None, 8, 3000, 0),  # mixed bits, keys after RoPE
+    ],
+)
+def test_gpu_coded_kernel_matches_pure(head_dim, queries_per_kv, key_bits, value_bits, rope, norm_bits, tokens, window):
+    """klt's calibrated layouts on the coded-layout tensor-core kernel (mixed bits, log-scale bytes, keys coded
+    before RoPE, decoded at their positions after the fp16 sinks), merged with the sinks and window, against the
+    portable path on the CPU."""
+    cache = _coded_cache(head_dim, key_bits, value_bits, rope, tokens, norm_bits=norm_bits, window=window)
+    queries = mx.random.normal((1, 2 * queries_per_kv, 1, head_dim)).astype(mx.float16)
+    (segment,) = [s for s in cache.segments(exact=False) if s.is_codes]
+    assert dispatch.gpu_kernel(queries, segment, cache.key_quantizer, cache.value_quantizer) == "mma_coded"
+    assert _gpu_vs_pure(cache, queries) < 3e-3
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")

@@ -8,7 +8,8 @@ writes the output; "mma_split" / "mma_attend", the tensor-core kernel (4- or 2-b
 "append" / "mma_append", the decode step in one launch: "attend" whose last block also codes the new token
 into the cache's code buffers in place and attends it from those codes; "append_ring" / "mma_append_ring",
 the same with an fp16 window held as a ring (the oldest token is coded, the new one takes its slot, the ring
-is attended exactly); "encode" / "encode_pair", the appends' encode. Codes are read through their strides and each row's token count
+is attended exactly); "mma_coded", tensor-core split kernel for codes of any coded layout (klt's plans: mixed
+bits, log-scale bytes, keys before RoPE), merged by "combine"; "encode" / "encode_pair", the appends' encode. Codes are read through their strides and each row's token count
 from `lengths`: the cache hands over its preallocated buffers, longer than what they hold.
 """
 
@@ -29,6 +30,8 @@ ATTEND_INPUTS = SPLIT_INPUTS + ["vsigns", "kmean", "counter"]
 ATTEND_OUTPUTS = SPLIT_OUTPUTS + ["out", "lse"]
 APPEND_INPUTS = ATTEND_INPUTS + ["xk", "xv", "kbounds", "vbounds"]
 RING_INPUTS = APPEND_INPUTS + ["wk", "wv", "ring"]
+CODED_INPUTS = ["q", "params", "synth", "kmean", "omega", "kcoord", "kcent", "vcoord", "vcent", "kidx", "knorm", "vidx",
+                "vnorm", "lengths"]
 ENCODE_INPUTS = ["x", "signs", "bounds"]
 ENCODE_OUTPUTS = ["idx", "norm"]
 ENCODE_PAIR_INPUTS = ["xk", "xv", "ksigns", "vsigns", "kbounds", "vbounds", "kcent", "vcent"]
@@ -65,6 +68,7 @@ def parts(kind: str) -> tuple:
         "mma_attend": (ATTEND_INPUTS, ATTEND_OUTPUTS, mma, ("mma_split.cu", "attend_merge.cu", "attend_out.cu")),
         "mma_append": (APPEND_INPUTS, ATTEND_OUTPUTS, mma, ("mma_split.cu", "attend_merge.cu", "append_token.cu",
                                                             "attend_out.cu")),
+        "mma_coded": (CODED_INPUTS, SPLIT_OUTPUTS, mma, ("mma_coded.cu",)),
         "append_ring": (RING_INPUTS, ATTEND_OUTPUTS, common, ("split.cu", "attend_merge.cu", "append_ring.cu",
                                                               "attend_out.cu")),
         "mma_append_ring": (RING_INPUTS, ATTEND_OUTPUTS, mma, ("mma_split.cu", "attend_merge.cu", "append_ring.cu",

@@ -1,8 +1,9 @@
 """The one place an attention path is chosen.
 
 Paths: "pure" (the portable loop in quant/attention.py), "prefill" (a GPU under a mask over codes: decode the
-layer once and run MLX's fused SDPA), "cpu" (the CPU fast path), "mma" (the CUDA tensor-core kernel), "cuda"
-and "metal" (the CUDA-core kernel and its Metal twin). `append_kernel` says whether a decode step's append
+layer once and run MLX's fused SDPA), "cpu" (the CPU fast path), "mma" (the CUDA tensor-core kernel), "mma_coded"
+(the CUDA tensor-core kernel for any coded layout: klt's mixed bits, log-scale bytes, keys coded before RoPE),
+"cuda" and "metal" (the CUDA-core kernel and its Metal twin). `append_kernel` says whether a decode step's append
 runs inside the CUDA kernel's launch (the cache asks it). Kernels learn what they need of a method from its
 `fused_spec()` (quant/methods/common.py) and nothing else. `backend=` or the environment variable
 KVSHARD_ATTENTION=pure|cpu|cuda|metal|prefill forces a path (tests compare them); a forced path that does not
@@ -19,7 +20,7 @@ from .cpu import cpu_supported
 
 ENV_BACKEND = "KVSHARD_ATTENTION"  # auto | pure | cpu | cuda | metal | prefill
 BACKENDS = ("auto", "pure", "cpu", "cuda", "metal", "prefill")
-GPU_PATHS = ("mma", "cuda", "metal")
+GPU_PATHS = ("mma", "mma_coded", "cuda", "metal")
 
 
 def requested_backend(backend: str | None) -> str:
@@ -60,12 +61,20 @@ def gpu_kernel(queries, segment, key_method, value_method, honour_env: bool = Fa
     honour_env: also None when KVSHARD_ATTENTION asks for a path other than this GPU's (the decode step's
     quick check, before `choose`)."""
     kind = gpu_backend()
-    if kind is None or segment.key_rope is not None:
+    if kind is None:
         return None
     if honour_env and os.environ.get(ENV_BACKEND, "auto") not in ("auto", kind):
         return None
     _, n_q_heads, L, D = queries.shape
-    return _kernel_for(kind, key_method, value_method, D, (n_q_heads // segment.n_kv_heads) * L)
+    rows = (n_q_heads // segment.n_kv_heads) * L
+    if segment.key_rope is not None:  # each token's rotation differs: only the kernel that decodes keys covers them
+        return _coded_kernel(kind, key_method, value_method, D, rows, len(segment.key_rope[0]))
+    return _kernel_for(kind, key_method, value_method, D, rows)
+
+
+def _coded_kernel(kind: str, key_method, value_method, D: int, rows: int, rope_pairs: int | None) -> str | None:
+    covered = kind == "cuda" and _tensor_cores() and gpu.coded_supported(key_method, value_method, D, rows, rope_pairs)
+    return "mma_coded" if covered else None
 
 
 @lru_cache(maxsize=64)
@@ -74,11 +83,14 @@ def _kernel_for(kind: str, key_method, value_method, D: int, rows: int) -> str |
     if kspec is None or vspec is None:
         return None
     dim = key_method.rotated_dim
-    if value_method.rotated_dim != dim or (kspec.signs is not None and dim != D):
-        return None
+    if kspec.bits is None or vspec.bits is None or value_method.rotated_dim != dim or (
+            kspec.signs is not None and dim != D):
+        return _coded_kernel(kind, key_method, value_method, D, rows, None)
     if kind == "cuda" and gpu.mma_supported(dim, rows, kspec.bits, vspec.bits) and _tensor_cores():
         return "mma"
-    return kind if gpu.gpu_plan(dim, rows, kspec.bits, vspec.bits) is not None else None
+    if gpu.gpu_plan(dim, rows, kspec.bits, vspec.bits) is not None:
+        return kind
+    return _coded_kernel(kind, key_method, value_method, D, rows, None)  # e.g. 3 bits a coordinate
 
 
 def append_kernel(queries, mask, n_kv_heads: int, key_method, value_method) -> str | None:
@@ -100,10 +112,6 @@ def choose(backend, queries, segments, key_method, value_method, mask) -> str:
     codes = [(start, seg) for start, seg in _starts(segments) if seg.is_codes and seg.length]
     if choice == "pure" or (choice == "auto" and not codes):
         return "pure"
-    # Keys coded before RoPE are scored decoded (portable, prefill or CPU kernel path); the GPU kernels score codes.
-    pre_rope = any(seg.key_rope is not None for _, seg in codes)
-    if pre_rope and choice not in ("auto", "prefill", "cpu"):
-        raise ValueError(f"backend {choice!r} does not cover keys coded before RoPE")
     if choice == "prefill":
         return "prefill"
     L, total = queries.shape[2], sum(s.length for s in segments)

@@ -25,6 +25,7 @@ import math
 from functools import lru_cache
 
 import mlx.core as mx
+import numpy as np
 
 from . import cuda, metal
 
@@ -191,6 +192,9 @@ def attention(queries, segment, key_method, value_method, scale: float, kernel: 
     ring: with append, (keys, values, oldest slot) of a full fp16 window held as a ring, (B, Hkv, W, D): the
     oldest token is the one coded, the new one takes its slot, and the ring is attended exactly.
     Returns (out (B, Hq, L, D) in queries.dtype, lse (B, Hkv, R) or None unless with_lse)."""
+    if kernel == "mma_coded":  # merged with fp16 segments (with_lse) in float32: no round trip through fp16
+        out, lse = coded_attention(queries, segment, key_method, value_method, scale, lengths)
+        return (out, lse) if with_lse else (out.astype(queries.dtype), None)
     B, n_q_heads, L, D = queries.shape
     H = segment.n_kv_heads
     G = n_q_heads // H
@@ -311,9 +315,23 @@ def _encodable(D: int, bits: int) -> bool:
     # A lane packs its D/32 codes into one 32-bit word (kvs_quantize_lane), so head_dim 256 at 8 bits (64 bits a
     # lane) would overflow it: it gave garbage codes on the H200 and takes the portable encode instead. Under a byte,
     # neighbouring lanes pack into one (kvs_store_codes).
+    if bits is None:  # runs of several widths
+        return False
     lane_bits = (D // 32) * bits
     return (32 <= D <= 256 and D % 32 == 0 and bits in (1, 2, 4, 8) and lane_bits <= 32
             and (lane_bits % 8 == 0 or 8 % lane_bits == 0))
+
+
+def compiles_encode(method) -> bool:
+    """Whether the method's encode runs compiled on a GPU: codes of a coded layout the encode kernels do not cover."""
+    spec = method.fused_spec()
+    return spec is not None and bool(spec.runs) and spec.signs is None
+
+
+@lru_cache(maxsize=64)
+def compiled_encode(method):
+    """method.encode under mx.compile, traced once per shape: the same operations, fused where elementwise."""
+    return mx.compile(method.encode)
 
 
 def encode(method, x: mx.array, backend: str) -> dict:
@@ -365,3 +383,130 @@ def _pair_plan(key_method, value_method):
     template = [("KBITS", kspec.bits), ("VBITS", vspec.bits), ("KROUNDS", 0 if kspec.refit else ksigns.shape[0]),
                 ("VROUNDS", 0 if vspec.refit else vsigns.shape[0]), ("KREFIT", kspec.refit), ("VREFIT", vspec.refit)]
     return kspec, vspec, statics, template
+
+
+# ---- the coded-layout kernel: codes of any layout, keys decoded on tensor cores (mma_coded.cu) ----------------
+
+CODED_WARPS = 4
+# Split blocks per call to aim for: ~4 resident per SM of an H100/H200 (registers bound them), since a warp waits
+# on its next tile's loads while it computes this one's, and more warps hide the rest of that wait.
+CODED_TARGET_BLOCKS = 528
+
+
+def coded_supported(key_method, value_method, head_dim: int, rows: int, rope_pairs: int | None) -> bool:
+    """Whether mma_coded covers these methods (dispatch checks the device): both specs describe their codes'
+    layout, keys with a synthesis into head_dim-wide model space, runs of at most 8 bits, coded widths of at most
+    head_dim, head_dim 64 or 128, <= 8 rows; rope_pairs (keys coded before RoPE): RoPE over every coordinate."""
+    return _coded_layout(key_method, value_method, head_dim) is not None and 1 <= rows <= 8 and (
+        rope_pairs is None or 2 * rope_pairs == head_dim)
+
+
+@lru_cache(maxsize=64)
+def _coded_layout(key_method, value_method, D: int):
+    """What a mma_coded launch needs of a method pair besides the codes, worked out once: (template constants as
+    (name, value) pairs,
+    synthesis B fragments, key coordinate words, key centroids, value coordinate words, value centroids, value
+    coded width), or None when the kernel does not cover the pair."""
+    kspec, vspec = key_method.fused_spec(), value_method.fused_spec()
+    if D not in (64, 128) or kspec is None or vspec is None or not kspec.runs or not vspec.runs:
+        return None
+    synthesis = kspec.synthesis
+    mk, mv = (sum(n for n, _ in spec.runs) for spec in (kspec, vspec))
+    if synthesis is None or synthesis.shape[1:] != (D, mk) or mk > D or mv > 128:
+        return None
+    if any(not 1 <= b <= 8 for spec in (kspec, vspec) for _, b in spec.runs):
+        return None
+    MPK, MPV = -(-mk // 16) * 16, -(-mv // 16) * 16
+
+    def words(spec, padded):
+        # Per coordinate: bit offset in the token's code row, width, first entry of its run's codebook.
+        coords, centroids, offset = [], [], 0
+        for (n, bits), table in zip(spec.runs, spec.run_centroids):
+            base = sum(len(c) for c in centroids)
+            coords += [(offset + i * bits) | (bits << 12) | (base << 16) for i in range(n)]
+            centroids.append(np.array(table, np.float32))
+            offset += n * bits
+        if offset > 8 * 511:
+            return None
+        return (mx.array(np.array(coords + [0] * (padded - len(coords)), np.int32)),
+                mx.array(np.concatenate(centroids)), -(-offset // 8))
+
+    kw, vw = words(kspec, MPK), words(vspec, MPV)
+    if kw is None or vw is None:
+        return None
+    # Sᵀ's B fragments, lane (g, t) of k-step ks and n-tile nt: S[8nt + g, 16ks + 2t + {0, 1}] and [.. + 8 + ..].
+    S = np.zeros((synthesis.shape[0], D, MPK), np.float16)
+    S[:, :, :mk] = np.array(synthesis, np.float32)
+    S = S.reshape(-1, D // 8, 8, MPK // 16, 2, 4, 2)  # heads, nt, g, ks, half, t, pair
+    fragments = np.ascontiguousarray(S.transpose(0, 3, 1, 2, 5, 4, 6)).view(np.uint32)  # heads, ks, nt, g, t, half
+    template = (("MPK", MPK), ("MPV", MPV), ("NKC", int(kw[1].size)), ("NVC", int(vw[1].size)), ("RBK", kw[2]),
+                ("RBV", vw[2]), ("KLOG", kspec.log_scale_center is not None),
+                ("VLOG", vspec.log_scale_center is not None))
+    centres = (kspec.log_scale_center or 0.0, vspec.log_scale_center or 0.0)
+    return template, mx.array(fragments.reshape(fragments.shape[0], -1)), kw[0], kw[1], vw[0], vw[1], mv, centres
+
+
+def coded_shared_bytes(D: int, R: int, warps: int, MPK: int, MPV: int, RBK: int, RBV: int) -> int:
+    """Dynamic shared memory of a mma_coded block, as mma_coded.cu lays it out: Sᵀ's fragments and each warp's
+    tile (key and value centroids, code rows, scales), or the warps' partial results, whichever is larger."""
+    rows = 16 * RBK + 4 + 16 * RBV + 4
+    warp_bytes = -(-((16 * (MPK + 8) + MPV * 24) * 2 + rows + 32 * 4) // 16) * 16
+    return max((MPK // 16) * (D // 8) * 32 * 8 + warps * warp_bytes, warps * R * (MPV + 2) * 4)
+
+
+@lru_cache(maxsize=256)
+def _coded_params(scale: float, kcentre: float, vcentre: float, position: int) -> mx.array:
+    return mx.array([scale, kcentre, vcentre, float(position)], dtype=mx.float32)
+
+
+@lru_cache(maxsize=64)
+def _rope_omega(frequencies: bytes) -> mx.array:
+    return mx.array(np.frombuffer(frequencies, np.float64).astype(np.float32))
+
+
+def coded_attention(queries, segment, key_method, value_method, scale: float, lengths=None):
+    """Attention of (B, Hq, L, D) queries over one code segment with mma_coded, then the value method's own
+    un-rotation: (out (B, Hq, L, D) float32, lse (B, Hkv, R), natural log, the key mean included)."""
+    B, n_q_heads, L, D = queries.shape
+    H = segment.n_kv_heads
+    R = (n_q_heads // H) * L
+    template, synth, kcoord, kcent, vcoord, vcent, mv, centres = _coded_layout(key_method, value_method, D)
+    rope, position = 0, 0
+    omega = _placeholder((1,), mx.float32)
+    if segment.key_rope is not None:
+        frequencies, traditional, position = segment.key_rope
+        rope = 2 if traditional else 1
+        omega = _rope_omega(np.asarray(frequencies, np.float64).tobytes())
+    has_mean = segment.key_mean is not None
+    if lengths is None:
+        lengths = _row_lengths(segment.length, B)
+    params = _coded_params(float(scale), *centres, int(position))
+    splits = max(1, min(CODED_TARGET_BLOCKS // (B * H), -(-segment.length // (16 * CODED_WARPS))))
+    split, kwargs = _coded_launch(template, D, R, rope, has_mean, splits, B, H)
+    part_o, part_ml = split(
+        inputs=[queries, params, synth, segment.key_mean if has_mean else _placeholder(), omega, kcoord, kcent,
+                vcoord, vcent, segment.key_codes["idx"], segment.key_codes["norm"], segment.value_codes["idx"],
+                segment.value_codes["norm"], lengths], **kwargs)
+    MPV = dict(template)["MPV"]
+    out, lse = cuda.kernel("combine")(
+        inputs=[queries, params, _placeholder((1, MPV), mx.float32), _placeholder(), part_o, part_ml],
+        template=[("D", MPV), ("R", R), ("HAS_MEAN", False), ("NT", GPU_COMBINE_THREADS), ("ROUNDS", 0),
+                  ("OutT", mx.float32)],
+        grid=(R * GPU_COMBINE_THREADS, H, B), threadgroup=(GPU_COMBINE_THREADS, 1, 1),
+        output_shapes=[(B, n_q_heads, L, MPV), (B, H, R)], output_dtypes=[mx.float32, mx.float32])
+    if MPV != mv:
+        out = out[..., :mv]
+    return value_method.unrotate(out.reshape(B, H, n_q_heads // H, L, mv)).reshape(B, n_q_heads, L, D), lse
+
+
+@lru_cache(maxsize=256)
+def _coded_launch(template: tuple, D: int, R: int, rope: int, has_mean: bool, splits: int, B: int, H: int):
+    t = dict(template)
+    threads = CODED_WARPS * 32
+    shared = coded_shared_bytes(D, R, CODED_WARPS, t["MPK"], t["MPV"], t["RBK"], t["RBV"])
+    kwargs = {"template": [("D", D), ("R", R), ("WARPS", CODED_WARPS), ("ROPE", rope), ("HAS_MEAN", has_mean),
+                           *template],
+              "grid": (splits * threads, H, B), "threadgroup": (threads, 1, 1),
+              "output_shapes": [(B, H, splits, R, t["MPV"]), (B, H, splits, R, 2)],
+              "output_dtypes": [mx.float32, mx.float32]}
+    return cuda.kernel("mma_coded", shared), kwargs

@@ -19,14 +19,24 @@ class FusedSpec:
     domain as given and the method's own rotate_query / unrotate run around them (klt's per-head transform,
     query-aware key scales). `boundaries` are the codebook's, for the encode kernel, which takes either a rotation
     it applies itself (signs) or, with `refit`, vectors that `to_coded` put in the coded domain, whose kept scale
-    is the least-squares gain of the chosen centroids (klt)."""
+    is the least-squares gain of the chosen centroids (klt).
 
-    bits: int
-    centroids: mx.array
-    boundaries: mx.array
+    The coded-layout kernel (mma_coded.cu) reads codes of any layout from the last four fields: `runs`, the code
+    stream's runs ((coordinates, bits), …) with one codebook each in `run_centroids`; `log_scale_center` when the
+    scale is a log byte, 2^((n − 128)/16 + centre), else None (fp16); `synthesis` (H or 1, d, m), x̂ = S·ẑ, so
+    keys can be decoded into model space (where keys coded before RoPE get their RoPE back). `bits` is None when
+    the runs differ in width (only that kernel covers them)."""
+
+    bits: int | None
+    centroids: mx.array | None
+    boundaries: mx.array | None
     signs: mx.array | None
     refit: bool = False
     to_coded: Callable | None = None
+    runs: tuple = ()
+    run_centroids: tuple = ()
+    log_scale_center: float | None = None
+    synthesis: mx.array | None = None
 
 
 def unit_and_norm(x: mx.array) -> tuple[mx.array, mx.array]:

@@ -138,16 +138,21 @@ class KLT(RotatedDomainMethod):
         self._energy = mx.array(run_energy.astype(np.float32))[:, None]  # (H, 1, m): weights of z's coordinates
         self._fused = self._fused_spec()
 
-    def fused_spec(self) -> FusedSpec | None:
-        """One bit width for every coded coordinate and an fp16 scale: the codes are TurboQuant's layout in z,
-        so the kernels score them with the transform applied to the query outside (rotate_query)."""
+    def fused_spec(self) -> FusedSpec:
+        """The codes' layout: runs of coordinates with their bits and codebooks, the scale's coding and the
+        synthesis. With one bit width and an fp16 scale the codes are also TurboQuant's layout in z, so the
+        TurboQuant kernels score them with the transform applied to the query outside (rotate_query)."""
         return self._fused
 
-    def _fused_spec(self) -> FusedSpec | None:
+    def _fused_spec(self) -> FusedSpec:
+        layout = dict(runs=tuple(self._runs), run_centroids=tuple(cb.centroids for cb in self.codebooks),
+                      log_scale_center=None if self.plan.norm_bits == 16 else float(self._log_norm_center),
+                      synthesis=self._synthesis)
         if len(self.groups) != 1 or self.plan.norm_bits != 16:
-            return None
+            return FusedSpec(None, None, None, None, **layout)
         codebook = self.codebooks[0]
-        return FusedSpec(self.groups[0][2], codebook.centroids, codebook.boundaries, None, True, self.to_coded)
+        return FusedSpec(self.groups[0][2], codebook.centroids, codebook.boundaries, None, True, self.to_coded,
+                         **layout)
 
     def _matrices(self, analysis: np.ndarray, energies: np.ndarray, m: int):
         heads, d = energies.shape

@@ -184,26 +184,8 @@
         mx0 = fmaxf(mx0, fmaxf(s[u][0], s[u][2]));
         mx1 = fmaxf(mx1, fmaxf(s[u][1], s[u][3]));
       }
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, off));
-      }
-      const float base0 = kvs_finite_or_zero(mx0), base1 = kvs_finite_or_zero(mx1);
-      const float c0 = kvs_exp2(m[0] - base0), c1 = kvs_exp2(m[1] - base1);
-      m[0] = mx0;
-      m[1] = mx1;
-      l[0] *= c0;
-      l[1] *= c1;
-      if (__any_sync(FULL, c0 != 1.0f || c1 != 1.0f)) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          o[mt][0] *= c0;
-          o[mt][1] *= c1;
-          o[mt][2] *= c0;
-          o[mt][3] *= c1;
-        }
-      }
+      float base0, base1;
+      kvs_softmax_rescale<MT>(mx0, mx1, m, l, o, base0, base1);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const float p0 = kvs_exp2(s[u][0] - base0), p1 = kvs_exp2(s[u][1] - base1);
