@@ -254,7 +254,7 @@ def bench_memory(model, series, H, D, layers, tokens, built) -> dict:
     mx.clear_cache()
     memory = {"tokens": tokens}
     for label, make in series.items():
-        if "Quantized" in label or "klt" in label:
+        if "Quantized" in label or ("klt" in label and label != RECOMMENDED):
             continue
         base = mx.get_active_memory()
         mx.reset_peak_memory()
