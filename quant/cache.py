@@ -228,19 +228,22 @@ class CompressedKVCache(_BaseCache):
                 self.window_keys = self.window_values = None
 
     def _window_block(self) -> int:
-        """Tokens that leave the window for the codes together. 1 (every token as it leaves) but for a CUDA decode
-        whose appends the attention launch cannot code in place (klt's calibrated layouts): there a decode step's
-        encode is ~300 small MLX ops a layer, so the window holds up to WINDOW_BLOCK − 1 tokens more and codes them
-        in one encode every WINDOW_BLOCK steps (the extra tokens stay fp16, and are counted in nbytes)."""
+        """Tokens that leave the fp16 window (of `window` tokens, maybe none) for the codes together. 1 (every token
+        as it leaves) but on CUDA for methods that no encode kernel covers (klt's calibrated layouts): their encode
+        is ~300 small MLX ops a layer, so there up to WINDOW_BLOCK − 1 tokens more wait in fp16 and are coded in one
+        encode every WINDOW_BLOCK steps (the waiting tokens are attended exactly and counted in nbytes)."""
+        if self.head_dim is None:  # no quantizers yet: nothing is coded before the first append
+            return 1
         if self._block is None:
-            self._block = WINDOW_BLOCK if (self.window and kernels.gpu_backend() == "cuda" and not gpu.append_supported(
-                self.key_quantizer, self.value_quantizer)) else 1
+            self._block = WINDOW_BLOCK if kernels.gpu_backend() == "cuda" and not gpu.pair_covers(
+                self.key_quantizer, self.value_quantizer) else 1
         return self._block
 
     def _codes_direct(self) -> bool:
         """Whether new tokens go straight into the codes: no window, sinks full, the key mean known."""
         return self.window == 0 and self.window_keys is None and (self.key_mean is not None or not self.center_keys) \
-            and (self.sink_keys is not None and self.sink_keys.shape[2] == self.sink_tokens or not self.sink_tokens)
+            and (self.sink_keys is not None and self.sink_keys.shape[2] == self.sink_tokens or not self.sink_tokens) \
+            and self._window_block() == 1
 
     def _defer_append(self, keys, values) -> bool:
         """Whether this append can wait for `attention`, whose kernel codes it in place (one launch a layer): one

@@ -557,6 +557,42 @@ def _coded_cache(head_dim, key_bits, value_bits, rope, tokens, sinks=4, norm_bit
     return cache
 
 
+@pytest.mark.parametrize("window", [16, 0])
+def test_cuda_caches_of_klt_layouts_code_window_tokens_in_blocks(window, monkeypatch):
+    """On CUDA, tokens of a method no encode kernel covers (klt's calibrated layouts) leave the fp16 window for the
+    codes WINDOW_BLOCK at a time: the window holds window..window + 15 tokens, the codes are the ones a cache coding
+    token by token holds, nbytes counts the waiting tokens, and attention over the segments is the portable path's.
+    (The device check is patched: what is checked is the cache's bookkeeping, which the same on any device.)"""
+    from kvshard.quant.cache import WINDOW_BLOCK
+
+    def decode(on_cuda):
+        monkeypatch.setattr(kernels, "gpu_backend", (lambda: "cuda") if on_cuda else dispatch.gpu_backend)
+        cache = _coded_cache(64, RECOMMENDED_KEY_BITS, RECOMMENDED_VALUE_BITS, "half", 100, window=window)
+        mx.random.seed(5)
+        held = []
+        for _ in range(2 * WINDOW_BLOCK + 8):
+            cache.update_and_fetch(mx.random.normal((1, 2, 1, 64)), mx.random.normal((1, 2, 1, 64)))
+            held.append(0 if cache.window_keys is None else cache.window_keys.shape[2])
+        return cache, held
+
+    plain, plain_held = decode(False)
+    blocked, held = decode(True)
+    assert set(plain_held) == {window}
+    assert held == [window + 1 + i % WINDOW_BLOCK if i % WINDOW_BLOCK < WINDOW_BLOCK - 1 else window
+                    for i in range(len(held))]
+    n = blocked.n_encoded
+    assert n == plain.n_encoded - held[-1] + window and blocked.offset == plain.offset
+    for side in ("key_codes", "value_codes"):
+        for field in ("idx", "norm"):
+            assert mx.array_equal(getattr(plain, side)[field][:, :, :n], getattr(blocked, side)[field][:, :, :n])
+    waiting = held[-1] - window
+    coded_token = sum(a[:, :, :1].nbytes for codes in (plain.key_codes, plain.value_codes) for a in codes.values())
+    fp16_token = 2 * 2 * 64 * 2  # keys and values, 2 kv heads, head_dim 64, fp16
+    assert waiting > 0 and blocked.nbytes - plain.nbytes == waiting * (fp16_token - coded_token)
+    queries = mx.random.normal((1, 8, 1, 64))
+    assert _max_err(_attend(blocked, queries, None), _attend(blocked, queries, "pure")) < 2e-4
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
 @pytest.mark.parametrize(
     "head_dim, queries_per_kv, key_bits, value_bits, rope, norm_bits, center, splits, second_row",

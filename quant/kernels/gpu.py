@@ -322,18 +322,6 @@ def _encodable(D: int, bits: int) -> bool:
             and (lane_bits % 8 == 0 or 8 % lane_bits == 0))
 
 
-def compiles_encode(method) -> bool:
-    """Whether the method's encode runs compiled on a GPU: codes of a coded layout the encode kernels do not cover."""
-    spec = method.fused_spec()
-    return spec is not None and bool(spec.runs) and spec.signs is None
-
-
-@lru_cache(maxsize=64)
-def compiled_encode(method):
-    """method.encode under mx.compile, traced once per shape: the same operations, fused where elementwise."""
-    return mx.compile(method.encode)
-
-
 def encode(method, x: mx.array, backend: str) -> dict:
     """Encode in one launch: (B, H, n, D) -> {"idx": (B, H, n, D·b/8) uint8, "norm": (B, H, n, 1)}.
     Same arithmetic as the method's encode; summation orders differ, so a coordinate within float rounding of
