@@ -618,7 +618,7 @@ def test_coded_kernel_on_cpu_emulator(head_dim, queries_per_kv, key_bits, value_
     segment = next(s for s in cache.segments() if s.is_codes)
     km, vm = cache.key_quantizer, cache.value_quantizer
     queries = mx.random.normal((batch, 2 * queries_per_kv, 1, head_dim)).astype(mx.float16)
-    template, synth, kcoord, kcent, vcoord, vcent, mv, centres = gpu._coded_layout(km, vm, head_dim)
+    template, synth, kcoord, kcent, vcoord, vcent, mv, constants = gpu._coded_layout(km, vm, head_dim)
     rows, n_kv = queries_per_kv, 2
 
     dense = lambda a, dtype: _dense(a, dtype, batch)  # noqa: E731
@@ -626,7 +626,7 @@ def test_coded_kernel_on_cpu_emulator(head_dim, queries_per_kv, key_bits, value_
 
     frequencies = np.zeros(1) if rope is None else segment.key_rope[0]
     lengths = np.array([tokens] if second_row is None else [tokens, second_row], np.int32)
-    params = [head_dim**-0.5, *centres, 0 if rope is None else segment.key_rope[2]]
+    params = np.array(gpu._coded_params(head_dim**-0.5, 0 if rope is None else segment.key_rope[2], *constants))
     norm_type = "uint8_t" if norm_bits == 8 else "__half"
     norm_dtype = np.uint8 if norm_bits == 8 else np.float16
     inputs = {"q": dense(queries, np.float16), "params": dense(mx.array(params), np.float32),

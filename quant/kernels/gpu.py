@@ -394,7 +394,7 @@ def _coded_layout(key_method, value_method, D: int):
     """What a mma_coded launch needs of a method pair besides the codes, worked out once: (template constants as
     (name, value) pairs,
     synthesis B fragments, key coordinate words, key centroids, value coordinate words, value centroids, value
-    coded width), or None when the kernel does not cover the pair."""
+    coded width, run-time constants for _coded_params), or None when the kernel does not cover the pair."""
     kspec, vspec = key_method.fused_spec(), value_method.fused_spec()
     if D not in (64, 128) or kspec is None or vspec is None or not kspec.runs or not vspec.runs:
         return None
@@ -416,8 +416,10 @@ def _coded_layout(key_method, value_method, D: int):
             offset += n * bits
         if offset > 8 * 511:
             return None
-        return (mx.array(np.array(coords + [0] * (padded - len(coords)), np.int32)),
-                mx.array(np.concatenate(centroids)), -(-offset // 8))
+        # The codebook table padded to a power of two entries, so that a model's layers share a few compiled kernels.
+        table = np.concatenate(centroids)
+        table = np.pad(table, (0, (1 << max(5, (table.size - 1).bit_length())) - table.size))
+        return mx.array(np.array(coords + [0] * (padded - len(coords)), np.int32)), mx.array(table), -(-offset // 8)
 
     kw, vw = words(kspec, MPK), words(vspec, MPV)
     if kw is None or vw is None:
@@ -427,24 +429,26 @@ def _coded_layout(key_method, value_method, D: int):
     S[:, :, :mk] = np.array(synthesis, np.float32)
     S = S.reshape(-1, D // 8, 8, MPK // 16, 2, 4, 2)  # heads, nt, g, ks, half, t, pair
     fragments = np.ascontiguousarray(S.transpose(0, 3, 1, 2, 5, 4, 6)).view(np.uint32)  # heads, ks, nt, g, t, half
-    template = (("MPK", MPK), ("MPV", MPV), ("NKC", int(kw[1].size)), ("NVC", int(vw[1].size)), ("RBK", kw[2]),
-                ("RBV", vw[2]), ("KLOG", kspec.log_scale_center is not None),
-                ("VLOG", vspec.log_scale_center is not None))
-    centres = (kspec.log_scale_center or 0.0, vspec.log_scale_center or 0.0)
-    return template, mx.array(fragments.reshape(fragments.shape[0], -1)), kw[0], kw[1], vw[0], vw[1], mv, centres
+    template = (("MPK", MPK), ("MPV", MPV), ("NKC", kw[1].size), ("NVC", vw[1].size),
+                ("KLOG", kspec.log_scale_center is not None), ("VLOG", vspec.log_scale_center is not None))
+    # The launch's run-time constants besides scale and position: log-scale centres, code rows' bytes.
+    constants = (kspec.log_scale_center or 0.0, vspec.log_scale_center or 0.0, kw[2], vw[2])
+    return template, mx.array(fragments.reshape(fragments.shape[0], -1)), kw[0], kw[1], vw[0], vw[1], mv, constants
 
 
-def coded_shared_bytes(D: int, R: int, warps: int, MPK: int, MPV: int, RBK: int, RBV: int) -> int:
+def coded_shared_bytes(D: int, R: int, warps: int, MPK: int, MPV: int) -> int:
     """Dynamic shared memory of a mma_coded block, as mma_coded.cu lays it out: Sᵀ's fragments and each warp's
     tile (key and value centroids, code rows, scales), or the warps' partial results, whichever is larger."""
-    rows = 16 * RBK + 4 + 16 * RBV + 4
+    rows = 16 * MPK + 4 + 16 * MPV + 4  # code rows of at most MPK / MPV bytes
     warp_bytes = -(-((16 * (MPK + 8) + MPV * 24) * 2 + rows + 32 * 4) // 16) * 16
     return max((MPK // 16) * (D // 8) * 32 * 8 + warps * warp_bytes, warps * R * (MPV + 2) * 4)
 
 
 @lru_cache(maxsize=256)
-def _coded_params(scale: float, kcentre: float, vcentre: float, position: int) -> mx.array:
-    return mx.array([scale, kcentre, vcentre, float(position)], dtype=mx.float32)
+def _coded_params(scale: float, position: int, kcentre: float, vcentre: float, key_bytes: int,
+                  value_bytes: int) -> mx.array:
+    """mma_coded's params: scale, log-scale centres, the segment's first position, code rows' bytes."""
+    return mx.array([scale, kcentre, vcentre, position, key_bytes, value_bytes], dtype=mx.float32)
 
 
 @lru_cache(maxsize=64)
@@ -458,7 +462,7 @@ def coded_attention(queries, segment, key_method, value_method, scale: float, le
     B, n_q_heads, L, D = queries.shape
     H = segment.n_kv_heads
     R = (n_q_heads // H) * L
-    template, synth, kcoord, kcent, vcoord, vcent, mv, centres = _coded_layout(key_method, value_method, D)
+    template, synth, kcoord, kcent, vcoord, vcent, mv, constants = _coded_layout(key_method, value_method, D)
     rope, position = 0, 0
     omega = _placeholder((1,), mx.float32)
     if segment.key_rope is not None:
@@ -468,7 +472,7 @@ def coded_attention(queries, segment, key_method, value_method, scale: float, le
     has_mean = segment.key_mean is not None
     if lengths is None:
         lengths = _row_lengths(segment.length, B)
-    params = _coded_params(float(scale), *centres, int(position))
+    params = _coded_params(float(scale), int(position), *constants)
     splits = max(1, min(CODED_TARGET_BLOCKS // (B * H), -(-segment.length // (16 * CODED_WARPS))))
     split, kwargs = _coded_launch(template, D, R, rope, has_mean, splits, B, H)
     part_o, part_ml = split(
@@ -491,7 +495,7 @@ def coded_attention(queries, segment, key_method, value_method, scale: float, le
 def _coded_launch(template: tuple, D: int, R: int, rope: int, has_mean: bool, splits: int, B: int, H: int):
     t = dict(template)
     threads = CODED_WARPS * 32
-    shared = coded_shared_bytes(D, R, CODED_WARPS, t["MPK"], t["MPV"], t["RBK"], t["RBV"])
+    shared = coded_shared_bytes(D, R, CODED_WARPS, t["MPK"], t["MPV"])
     kwargs = {"template": [("D", D), ("R", R), ("WARPS", CODED_WARPS), ("ROPE", rope), ("HAS_MEAN", has_mean),
                            *template],
               "grid": (splits * threads, H, B), "threadgroup": (threads, 1, 1),

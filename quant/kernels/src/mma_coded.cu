@@ -13,16 +13,19 @@
   //      fragment of Oᵀ (MPV x 8 rows) += Ẑᵥᵀ · Pᵀ.
   // kcoord / vcoord: per coded coordinate, its bit offset in the token's code row (bits 0-11), its width (12-15)
   // and its codebook's first entry in kcent / vcent (16-31); width 0: a padding coordinate (value 0).
-  // params: scale, the key / value log-scale centres, the position of the segment's first token.
+  // params: scale, the key / value log-scale centres, the position of the segment's first token, the key and value
+  // code rows' bytes. NKC / NVC: the codebook tables' entries, rounded up.
   constexpr int NT = WARPS * 32;
   constexpr int NTL = D / 8;   // n-tiles of the key product: model-space coordinates
   constexpr int KSK = MPK / 16;  // k-steps of the key product: coded key coordinates
   constexpr int MTV = MPV / 16;  // m-tiles of the value product: coded value coordinates
   constexpr int ZK = MPK + 8;  // halves a token row of the key tile takes (padded: fragment loads hit 32 banks)
   constexpr int ZV = 24;  // halves a coordinate row of the transposed value tile takes
-  constexpr int KSPAN = 16 * RBK + 4;  // a tile's key code rows in the warp's shared memory (a byte of padding
-  constexpr int RB = KSPAN + 16 * RBV + 4;  // read past the last row), then its value code rows
-  constexpr int CK = (4 * RBK + 31) / 32, CV = (4 * RBV + 31) / 32;  // words of the spans a lane loads
+  // A token's code row takes rbk (rbv) bytes, at most MPK (MPV): run-time values, so that the layers of one model,
+  // whose plans differ, share a few compiled kernels (one per padded width and codebook size).
+  constexpr int KSPAN = 16 * MPK + 4;  // a tile's key code rows in the warp's shared memory (a byte of padding
+  constexpr int RB = KSPAN + 16 * MPV + 4;  // read past the last row), then its value code rows
+  constexpr int CK = MPK / 8, CV = MPV / 8;  // words of the spans a lane loads, at most
   constexpr int NP = NTL;  // RoPE pairs a lane holds per token
   constexpr int SB_WORDS = KSK * NTL * 32;  // uint2 B fragments of Sᵀ
   constexpr int WARP_BYTES = ((16 * ZK + MPV * ZV) * 2 + RB + 32 * 4 + 15) / 16 * 16;
@@ -47,6 +50,7 @@
   const int L = q_shape[2];
   const int G = R / L;
   const float scale = params[0], kcenter = params[1], vcenter = params[2], pos0 = params[3];
+  const int rbk = static_cast<int>(params[4]), rbv = static_cast<int>(params[5]);
 
   uint2* sB = reinterpret_cast<uint2*>(kvs_smem);
   unsigned char* own = kvs_smem + SB_WORDS * 8 + warp * WARP_BYTES;
@@ -119,9 +123,9 @@
 #pragma unroll
     for (int i = 0; i < 4; ++i) o[mt][i] = 0.0f;
   float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};  // rows 2t, 2t+1 (base 2)
-  // A tile's key codes are 16 rows of RBK bytes, one span in the buffer (rows RBK apart, as the cache lays them
-  // out): each lane loads CK words of it and CV of the values', the next tile's while this one is computed.
-  const bool words = kt == RBK && kd == 1 && vt == RBV && vd == 1 &&
+  // A tile's key codes are 16 rows of rbk bytes, one span in the buffer (rows rbk apart, as the cache lays them
+  // out): each lane loads up to CK words of it and CV of the values', the next tile's while this one is computed.
+  const bool words = kt == rbk && kd == 1 && vt == rbv && vd == 1 &&
                      ((reinterpret_cast<uintptr_t>(kp) | reinterpret_cast<uintptr_t>(vp)) & 3) == 0;
   struct Tile {
     uint32_t k[CK], v[CV];
@@ -129,8 +133,8 @@
   };
   auto load = [&](int tau, Tile& x) {
     const bool full = words && tau + 16 <= end;
-    kvs_load_span<RBK, CK>(kp, kt, kd, tau, end, full, lane, x.k);
-    kvs_load_span<RBV, CV>(vp, vt, vd, tau, end, full, lane, x.v);
+    kvs_load_span<CK>(kp, rbk, kt, kd, tau, end, full, lane, x.k);
+    kvs_load_span<CV>(vp, rbv, vt, vd, tau, end, full, lane, x.v);
     const int tok = tau + (lane & 15);
     x.scale = 0.0f;
     if (tok < end) {
@@ -147,24 +151,24 @@
     uint32_t* vspan = reinterpret_cast<uint32_t*>(rows + KSPAN);
 #pragma unroll
     for (int j = 0; j < CK; ++j)
-      if (lane + 32 * j < 4 * RBK) kspan[lane + 32 * j] = next.k[j];
+      if (lane + 32 * j < 4 * rbk) kspan[lane + 32 * j] = next.k[j];
 #pragma unroll
     for (int j = 0; j < CV; ++j)
-      if (lane + 32 * j < 4 * RBV) vspan[lane + 32 * j] = next.v[j];
+      if (lane + 32 * j < 4 * rbv) vspan[lane + 32 * j] = next.v[j];
     sc[lane] = next.scale;
     if (tau + WARPS * STEP < end) load(tau + WARPS * STEP, next);
     __syncwarp();
     for (int i = lane; i < 16 * (MPK / 2); i += 32) {
       const int tok = i / (MPK / 2), c = 2 * (i - tok * (MPK / 2));
-      const uint8_t* row = rows + tok * RBK;
+      const uint8_t* row = rows + tok * rbk;
       *reinterpret_cast<uint32_t*>(zk + tok * ZK + c) = kvs_half2(kvs_coded(row, kco[c], kc),
                                                                   kvs_coded(row, kco[c + 1], kc));
     }
     for (int i = lane; i < MPV * 8; i += 32) {
       const int c = i >> 3, tok = 2 * (i & 7);
-      const uint8_t* row = rows + KSPAN + tok * RBV;
+      const uint8_t* row = rows + KSPAN + tok * rbv;
       *reinterpret_cast<uint32_t*>(zv + c * ZV + tok) = kvs_half2(kvs_coded(row, vco[c], vc),
-                                                                  kvs_coded(row + RBV, vco[c], vc));
+                                                                  kvs_coded(row + rbv, vco[c], vc));
     }
     __syncwarp();
     // 2. K̂ = Ẑ·Sᵀ: acc[nt] holds (token g, coordinates 8nt + 2t, + 1) and (token g + 8, the same).

@@ -65,22 +65,22 @@ __device__ __forceinline__ float kvs_coded(const uint8_t* row, int word, const f
   return table[(word >> 16) + (v & ((1 << bits) - 1))];
 }
 
-// Lane `lane`'s C words of a 16-token tile's code rows (RB bytes a row, rows of tokens tau.., one span when
-// `full`: the rows are RB bytes apart and word-aligned), bytes of tokens past `end` zero.
-template <int RB, int C, typename S>
-__device__ __forceinline__ void kvs_load_span(const uint8_t* p, S token_stride, S byte_stride, int tau, int end,
-                                              bool full, int lane, uint32_t (&w)[C]) {
+// Lane `lane`'s words of a 16-token tile's code rows (rb bytes a row, 4·rb words a tile, at most 32·C; rows of
+// tokens tau.., one span when `full`: the rows are rb bytes apart and word-aligned), bytes past token `end` zero.
+template <int C, typename S>
+__device__ __forceinline__ void kvs_load_span(const uint8_t* p, int rb, S token_stride, S byte_stride, int tau,
+                                              int end, bool full, int lane, uint32_t (&w)[C]) {
 #pragma unroll
   for (int j = 0; j < C; ++j) {
     const int i = lane + 32 * j;
     w[j] = 0u;
-    if (i < 4 * RB) {
+    if (i < 4 * rb) {
       if (full) {
-        w[j] = __ldg(reinterpret_cast<const unsigned int*>(p + tau * RB) + i);
+        w[j] = __ldg(reinterpret_cast<const unsigned int*>(p + tau * rb) + i);
       } else {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int tok = (4 * i + e) / RB, byte = 4 * i + e - tok * RB;
+          const int tok = (4 * i + e) / rb, byte = 4 * i + e - tok * rb;
           if (tau + tok < end) w[j] |= uint32_t(p[(tau + tok) * token_stride + byte * byte_stride]) << (8 * e);
         }
       }
