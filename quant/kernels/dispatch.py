@@ -56,8 +56,9 @@ def _tensor_cores() -> bool:
 
 
 def gpu_kernel(queries, segment, key_method, value_method, honour_env: bool = False) -> str | None:
-    """The GPU kernel ("mma", "cuda" or "metal") that covers attention of these queries over one code segment
-    on this device, or None. Keys coded before RoPE are scored decoded (their rotation differs per token).
+    """The GPU kernel ("mma", "mma_coded", "cuda" or "metal") that covers attention of these queries over one code
+    segment on this device, or None. Keys coded before RoPE are decoded to model space and turned by RoPE in the
+    kernel (their rotation differs per token): only mma_coded covers them.
     honour_env: also None when KVSHARD_ATTENTION asks for a path other than this GPU's (the decode step's
     quick check, before `choose`)."""
     kind = gpu_backend()
