@@ -18,6 +18,11 @@ token into the cache's preallocated code buffers in place (row `lengths`, which 
 attends it from those codes, so a decode step is one launch per layer: no encode launch, no slice updates. With an
 fp16 window the cache holds it as a ring that the same launch updates (mma_append_ring / append_ring): the oldest
 token is coded, the new one takes its slot, the ring is attended exactly.
+
+Coded-layout kernel (mma_coded.cu, then combine.cu; sm_80+, head_dim 64 or 128, <= 8 rows): codes of any layout a
+spec describes by its runs (klt's calibrated plans: per-coordinate bit widths, 8-bit log scales), keys decoded into
+model space through the synthesis on tensor cores and, when coded before RoPE, turned by RoPE at their positions;
+values summed in the coded domain and mapped back by the method (`coded_attention`).
 """
 
 import itertools
