@@ -599,7 +599,9 @@ def test_cuda_caches_of_klt_layouts_code_window_tokens_in_blocks(window, monkeyp
     [
         (64, 4, RECOMMENDED_KEY_BITS, RECOMMENDED_VALUE_BITS, "half", 8, True, 3, 77),  # the recommended config
         (64, 3, RECOMMENDED_KEY_BITS, (4,) * 64, "traditional", 16, True, 2, None),  # SmolLM2's RoPE layout
-        (128, 4, (6,) * 16 + (4,) * 48 + (2,) * 40 + (0,) * 24, (3,) * 100 + (0,) * 28, None, 8, False, 3, None),
+        # head_dim 128, 8 rows per kv head, 8-bit codes at odd bit offsets, no RoPE, no key mean
+        (128, 8, (8,) * 3 + (6,) * 13 + (4,) * 48 + (2,) * 40 + (0,) * 24, (8,) * 5 + (3,) * 95 + (0,) * 28, None, 8,
+         False, 3, None),
         (64, 2, (4,) * 64, (2,) * 64, "half", 16, True, 1, None),  # uniform klt before RoPE, one split
     ],
 )
