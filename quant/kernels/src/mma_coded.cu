@@ -35,6 +35,7 @@
   extern __shared__ __align__(16) unsigned char kvs_smem[];
   __shared__ int kco[MPK], vco[MPV];
   __shared__ float kc[NKC], vc[NVC];
+  __shared__ float smu[D], som[D / 2], sc8[D / 2], ss8[D / 2];
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -85,24 +86,14 @@
                          : 0u;
       }
   }
-  // The key mean at the lane's coordinates (8nt + 2t + {0, 1}), and its RoPE pairs' frequencies, with the
-  // rotation by 8 positions that takes token g's angles to token g + 8's.
-  float mu[NTL][2];
-#pragma unroll
-  for (int nt = 0; nt < NTL; ++nt)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      mu[nt][j] = HAS_MEAN ? static_cast<float>(kmean[b * kmean_strides[0] + h * kmean_strides[1] +
-                                                      (8 * nt + 2 * t + j) * kmean_strides[3]])
-                           : 0.0f;
-  float om[NP], c8[NP], s8[NP];
-#pragma unroll
-  for (int p = 0; p < NP; ++p) {
-    // ROPE 1 (pairs i, i + D/2): pair p is coordinate 8(p/2) + 2t + p%2 of the first half; ROPE 2 (pairs 2i,
-    // 2i + 1): pair p is coordinates 8p + 2t, + 1.
-    const int i = ROPE == 1 ? 8 * (p / 2) + 2 * t + p % 2 : 4 * p + t;
-    om[p] = ROPE ? __ldg(omega + i) : 0.0f;
-    kvs_sincos(8.0f * om[p], s8[p], c8[p]);
+  // The key mean, and per RoPE pair its frequency with the rotation by 8 positions that takes token g's angles to
+  // token g + 8's: in shared memory, not registers (at head_dim 128 these would be 80 registers a thread).
+  for (int d = tid; d < D; d += NT)
+    smu[d] = HAS_MEAN ? static_cast<float>(kmean[b * kmean_strides[0] + h * kmean_strides[1] + d * kmean_strides[3]])
+                      : 0.0f;
+  for (int i = tid; i < D / 2; i += NT) {
+    som[i] = ROPE ? __ldg(omega + i) : 0.0f;
+    kvs_sincos(8.0f * som[i], ss8[i], sc8[i]);
   }
 
   constexpr int STEP = 16;
@@ -194,14 +185,17 @@
 #pragma unroll
     for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[nt][i] = acc[nt][i] * sk[i >> 1] + mu[nt][i & 1];
+      for (int i = 0; i < 4; ++i) acc[nt][i] = acc[nt][i] * sk[i >> 1] + smu[8 * nt + 2 * t + (i & 1)];
     if constexpr (ROPE) {
       const float pg = pos0 + static_cast<float>(tau + g);
 #pragma unroll
       for (int p = 0; p < NP; ++p) {
+        // ROPE 1 (pairs i, i + D/2): the lane's pair p is coordinate 8(p/2) + 2t + p%2 of the first half; ROPE 2
+        // (pairs 2i, 2i + 1): coordinates 8p + 2t, + 1.
+        const int i = ROPE == 1 ? 8 * (p / 2) + 2 * t + p % 2 : 4 * p + t;
         float s, c;
-        kvs_sincos(pg * om[p], s, c);
-        const float s1 = s * c8[p] + c * s8[p], c1 = c * c8[p] - s * s8[p];  // token g + 8
+        kvs_sincos(pg * som[i], s, c);
+        const float s1 = s * sc8[i] + c * ss8[i], c1 = c * sc8[i] - s * ss8[i];  // token g + 8
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const float cs = e ? c1 : c, sn = e ? s1 : s;
