@@ -78,6 +78,7 @@ class ArenaLayer:
         self.codes = {side: None for side in _CODE_SIDES}  # name -> (slots, H, capacity, w)
         self.key_mean = None  # (slots, H, 1, D) fp16, or None when keys are not centred
         self._pending = None  # on a GPU, the step's (slots, keys, values): `attend`'s launch codes them in place
+        self._written = None  # on a GPU, the output of the last in-place launch, until evaluated
 
     @property
     def capacity(self) -> int:
@@ -88,6 +89,7 @@ class ArenaLayer:
     def add(self, cache: CompressedKVCache) -> int:
         """Copy the cache's codes into a new slot (the cache must fit: codes_only and coded like the first)."""
         cache._settle()  # a token its own GPU step left for the next launch goes into its codes first
+        self._flush()  # (a GPU write below copies the buffer it writes into)
         if cache.n_encoded != cache.offset:
             raise ValueError("cache: holds tokens other than codes, which a batch arena does not")
         slot = len(self.caches)
@@ -121,6 +123,7 @@ class ArenaLayer:
 
     def remove(self, slot: int) -> None:
         """The slot's cache leaves with its codes synced; the last slot moves into its place."""
+        self._flush()
         self.sync(slot)
         self.caches[slot]._lease = None
         last = len(self.caches) - 1
@@ -148,6 +151,7 @@ class ArenaLayer:
         rows = 0 if self.codes["key_codes"] is None else next(iter(self.codes["key_codes"].values())).shape[0]
         if rows >= slots and self.capacity >= tokens:
             return
+        self._flush()
         new_rows = max(slots, 2 * rows if rows < slots else rows)
         if self.capacity >= tokens:
             new_tokens = self.capacity
@@ -197,8 +201,11 @@ class ArenaLayer:
             mx.eval(self.codes, [] if self.key_mean is None else self.key_mean)
 
     def _flush(self) -> None:
+        """On a GPU, the last in-place launch run before the buffers are read: a graph that slices them does not
+        depend on it (only its output does)."""
         if self.on_gpu:
-            mx.eval(self.codes)
+            mx.eval(self.codes, [] if self._written is None else self._written)
+            self._written = None
 
     # ---- one decode step ----------------------------------------------------------------------------------
 
@@ -249,6 +256,7 @@ class ArenaLayer:
                                 lengths=mx.array(lengths, dtype=mx.int32), append=(keys, values))[0]
             for slot in pending_slots:
                 self.lengths[slot] += 1
+            self._written = out
         else:  # CPU: one call of the native kernel, slots not in the step given no tokens
             lengths = [n if every or s in slots else 0 for s, n in enumerate(self.lengths)]
             segment = CodeSegment(self.codes["key_codes"], self.codes["value_codes"], None, max(lengths))

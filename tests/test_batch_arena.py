@@ -2,7 +2,7 @@
 per layer gives each row the attention and the codes that row's cache gives alone; rows join, leave (the last
 slot moving into the hole) and sit out steps; a cache's readers (state, trim, deepcopy, nbytes) see its codes
 from the arena; a cache that moved behind the arena's back (a trim) joins again from its own codes. Also the CPU
-kernel's per-row-length entry point against one call per row."""
+kernel's per-row-length entry point against one call per row, and on CUDA a token coded alike by either launch."""
 
 import copy
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from kvshard.quant import CompressedKVCache
+from kvshard.quant import CompressedKVCache, kernels
 from kvshard.quant.attention import CodeSegment
 from kvshard.quant.batch_arena import BatchArena, SlidingWindowLayer, codes_only
 from kvshard.quant.kernels import cpu
@@ -33,9 +33,10 @@ def _cache(length: int, seed: int, **config) -> CompressedKVCache:
 
 
 def _rows(lengths=LENGTHS):
-    """Per row: a cache for the arena and its twin that steps alone."""
-    caches = [_cache(n, seed) for seed, n in enumerate(lengths)]
-    return caches, [copy.deepcopy(c) for c in caches]
+    """Per row: a cache for the arena and its twin that steps alone, each coded from the same tokens (not a deep
+    copy: on CUDA a copy's first step takes two launches, encode then attend, where a decoding cache takes the
+    one append launch that the arena's step takes too)."""
+    return [_cache(n, seed) for seed, n in enumerate(lengths)], [_cache(n, seed) for seed, n in enumerate(lengths)]
 
 
 def _token(rng, rows: int):
@@ -118,7 +119,8 @@ def test_only_caches_of_codes_coded_alike_fit():
     assert not codes_only(_cache(40, 0, sink_tokens=4))
     assert not codes_only(CompressedKVCache(head_dim=D, n_kv_heads=H))  # holds nothing yet
     arena.join([[_cache(40, 0)]])
-    other_bits = CompressedKVCache(head_dim=D, n_kv_heads=H, key_bits=3, value_bits=4, seed=42)
+    # 2-bit codes: a width that both the CPU kernel and the CUDA append launch cover (3 bits the latter does not)
+    other_bits = CompressedKVCache(head_dim=D, n_kv_heads=H, key_bits=2, value_bits=2, seed=42)
     rng = np.random.default_rng(0)
     other_bits.append(mx.array(rng.normal(size=(1, H, 20, D)).astype(np.float32)),
                       mx.array(rng.normal(size=(1, H, 20, D)).astype(np.float32)))
@@ -131,6 +133,21 @@ def test_only_caches_of_codes_coded_alike_fit():
         arena.views([0])[0].make_mask(1, window_size=512)
     arena.model_slides = True  # what decode_batch sets on that error: the model's sessions step alone
     assert not arena.fits([_cache(50, 2)])
+
+
+@pytest.mark.skipif(kernels.gpu_backend() != "cuda", reason="the append launch is CUDA's")
+def test_a_token_gets_the_same_codes_from_the_append_launch_and_the_encode_launch():
+    """A decoding cache's tokens are coded by the attention's append launch; after its state was read (a commit)
+    the next one is coded by the encode launch. Both code k − μ in fp32: the same codes either way (k − μ in fp16
+    before the encode moved a key code in about one token in ten)."""
+    decoding, committed = _cache(300, 0), _cache(300, 0)
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        keys, values, queries = _token(rng, 1)
+        _ = committed.state  # read: its next append is not coded in place
+        _alone_step([decoding, committed], [0], keys, values, queries)
+        _alone_step([decoding, committed], [1], keys, values, queries)
+    _same_state(decoding, committed)
 
 
 @pytest.mark.skipif(cpu.native_library() is None, reason="no C compiler for the CPU kernel")
