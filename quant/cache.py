@@ -311,10 +311,6 @@ class CompressedKVCache(_BaseCache):
             self._settle()
         keys = self._unrope(keys, self._codes_start() + self.n_encoded)
         if self.key_mean is not None:
-            if kernels.gpu_backend() == "cuda":
-                # The decode step's append launch codes k − μ in fp32: so does this encode, so that a token gets
-                # the same codes whichever launch codes it (in fp16, k − μ moved a key code in ~10% of tokens).
-                keys = keys.astype(mx.float32)
             keys = keys - self.key_mean
         start = start_timer(self.observers, keys, values)
         # The quantizers' encode, fused: one kernel for keys and values on CUDA; on the CPU bit for bit the same.

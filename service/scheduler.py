@@ -34,7 +34,7 @@ import numpy as np
 from kvshard.quant.batch_arena import BatchArena
 from kvshard.service import metrics
 from kvshard.service.generation import PREFILL_CHUNK, decode_batch
-from kvshard.service.worker import SerialExecutor
+from kvshard.service.worker import SerialExecutor, blas_threads
 
 ORDERS = ("round-robin", "arrival")
 DEFAULT_MAX_BATCH = 32
@@ -44,6 +44,10 @@ GATHER_SHARE, GATHER_MAX_S = 0.2, 0.02
 _RATE_WINDOW_S = 10.0  # the aggregate tokens/s metric covers the last this many seconds
 CHUNK_SHARE = 0.85  # with streams decoding, a prefill turn's target: this share of the prompt's average chunk alone
 MIN_CHUNK = 32  # the fewest prompt tokens a turn feeds, so that a prompt always advances
+# A decode step multiplies the weights by at most max_batch rows: memory-bound, so a second OpenBLAS thread barely
+# helps, and one that waits for a busy core stalls the step. One thread: a step of 8 SmolLM2 rows 1.09 -> 0.75 s,
+# one row 0.66 -> 0.49 s (benchmarks/results/batch_step_cpu.json, 2 shared cores). Prefill chunks keep the default.
+DECODE_BLAS_THREADS = 1
 
 
 @dataclass(eq=False)
@@ -219,7 +223,8 @@ def _run_turn(prefill, chunk: int, batch: list, arena: BatchArena) -> tuple[list
             outcomes.append(error)
     fed = time.monotonic()
     if batch:
-        outcomes.extend(decode_batch(batch, arena))
+        with blas_threads(DECODE_BLAS_THREADS):
+            outcomes.extend(decode_batch(batch, arena))
     return outcomes, fed - started, time.monotonic() - fed
 
 

@@ -7,7 +7,10 @@ never stalls compute.
 """
 
 import asyncio
+import ctypes
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import lru_cache
 
 
 class SerialExecutor:
@@ -41,3 +44,25 @@ async def run_to_completion(work):
     if cancelled:
         raise asyncio.CancelledError
     return result
+
+
+@lru_cache(maxsize=1)
+def _openblas():
+    """The process's OpenBLAS (the library `kvshard serve` preloads on Linux), or None."""
+    library = ctypes.CDLL(None)
+    return library if hasattr(library, "openblas_set_num_threads") else None
+
+
+@contextmanager
+def blas_threads(n: int):
+    """OpenBLAS's matmuls on n threads for the block (nothing changes where the process has no OpenBLAS)."""
+    library = _openblas()
+    if library is None:
+        yield
+        return
+    before = library.openblas_get_num_threads()
+    library.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        library.openblas_set_num_threads(before)

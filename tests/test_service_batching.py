@@ -17,7 +17,8 @@ from kvshard.quant import KVCacheBuilder, KVCacheConfig, install_attention_hook
 from kvshard.quant.batch_arena import BatchArena
 from kvshard.quant.batch_view import batch_views
 from kvshard.service.generation import PREFILL_CHUNK
-from kvshard.service.scheduler import CHUNK_SHARE, MIN_CHUNK, ChunkCost, chunk_tokens
+from kvshard.service import worker
+from kvshard.service.scheduler import CHUNK_SHARE, DECODE_BLAS_THREADS, MIN_CHUNK, ChunkCost, chunk_tokens
 from kvshard.wire import kvshard_pb2 as pb
 
 # Logits of the batched pass may differ from one row's pass by the summation order of the matmuls.
@@ -176,6 +177,20 @@ def test_prefill_chunks_are_sized_by_cost():
     assert MIN_CHUNK <= sizes[3800] < sizes[1000] < PREFILL_CHUNK
     assert chunk_tokens(cost, 0, 4000, 0, decode_s) == PREFILL_CHUNK  # a fresh session's first chunk is whole
     assert chunk_tokens(cost, 100, 4100, 1000, 10.0) == MIN_CHUNK  # a prompt always advances
+
+
+@pytest.mark.skipif(worker._openblas() is None, reason="no OpenBLAS in this process (it is LD_PRELOADed on Linux)")
+def test_decode_steps_take_one_blas_thread_and_give_the_count_back():
+    """The scheduler's decode steps run OpenBLAS on DECODE_BLAS_THREADS threads; the count before comes back after,
+    also when the step raises."""
+    library = worker._openblas()
+    before = library.openblas_get_num_threads()
+    seen = []
+    with pytest.raises(RuntimeError):
+        with worker.blas_threads(DECODE_BLAS_THREADS):
+            seen.append(library.openblas_get_num_threads())
+            raise RuntimeError("a failed step")
+    assert seen == [DECODE_BLAS_THREADS] and library.openblas_get_num_threads() == before
 
 
 # ---- the shard ------------------------------------------------------------------------------------------------
