@@ -18,7 +18,7 @@ from kvshard.client import NO_RETRY, Client
 from kvshard.quant import KVCacheBuilder, Profile, load_profile, save_profile
 from kvshard.quant.calibrate.klt import calibration_texts
 from kvshard.quant.calibrate.profile import (BUDGETS, PATH_VARIABLE, PLANNED_TOKENS, RECOMMENDED_BITS, WINDOW_TOKENS,
-                                             merge_measured)
+                                             merge_measured, replanned)
 from kvshard.quant.eval import TEXTS, Float16KVCache, effective_bits, load_text
 from kvshard.quant.models import model_fingerprint
 from kvshard.wire import kvshard_pb2 as pb
@@ -97,6 +97,20 @@ def test_the_window_is_paid_for_from_the_codes(profile):
         profile.config(3.0, window=PLANNED_TOKENS)
     with pytest.raises(ValueError, match="window"):
         profile.config(3.0, window=-1)
+
+
+def test_key_cost_scale_moves_bits_to_keys_under_a_new_fingerprint(profile, tmp_path):
+    """A re-plan with keys costing more gives keys more of the same budget and values less; it is another profile
+    (fingerprint, nothing measured), which survives a save and load, and scaling back gives the profile again."""
+    scaled = replanned(profile, 2 * profile.key_cost_scale, "test")
+    assert scaled.fingerprint != profile.fingerprint and scaled.meta["measured"] == []
+    coded = lambda plans: sum(sum(p.coordinate_bits) for p in plans)  # noqa: E731
+    base, more = profile.config(3.0), scaled.config(3.0)
+    assert coded(more.key_plans) > coded(base.key_plans) and coded(more.value_plans) < coded(base.value_plans)
+    assert coded(more.key_plans + more.value_plans) <= coded(base.key_plans + base.value_plans) + 8 * len(base.key_plans)
+    again = load_profile(save_profile(scaled, str(tmp_path / "scaled")))
+    assert again.key_cost_scale == scaled.key_cost_scale and again.fingerprint == scaled.fingerprint
+    assert replanned(scaled, profile.key_cost_scale, "test").fingerprint == profile.fingerprint
 
 
 def test_calibration_texts_are_of_several_domains_and_none_is_an_eval_text():
