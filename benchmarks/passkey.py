@@ -7,11 +7,16 @@ Trial t of n hides a seeded random key at depth (t + 0.5) / n of the filler; the
 in chunks of 256 tokens, so later chunks attend to keys and values read back from the codes.
 
     python benchmarks/passkey.py [--lengths 512 1024 2048] [--trials 20] [--budgets 3.6 2.5] [--out benchmarks/results]
-writes passkey_<cpu|gpu>.json (after every configuration and length, so a long run keeps what it measured) and
-passkey_<cpu|gpu>.png: per configuration and length, the hits, the trials and the effective bits held.
+writes passkey_<cpu|gpu>.json (after every trial, so a run cut short keeps what it measured) and
+passkey_<cpu|gpu>.png: per configuration and length, the hits, the trials run and the effective bits held. Each
+trial goes through every configuration before the next trial starts. --resume keeps what that file already holds for
+the same profile, trial count and seed and runs only the rest: the trials are drawn in the same order either way,
+so a resumed run asks what an uninterrupted one would have.
 """
 
 import argparse
+import json
+import os
 import random
 import sys
 import time
@@ -62,6 +67,7 @@ def main() -> int:
     parser.add_argument("--budgets", type=float, nargs="+", default=[RECOMMENDED_BITS, 2.5], help="profile budgets beside fp16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--resume", action="store_true", help="keep the results already in --out's report (see above)")
     args = parser.parse_args()
 
     model, tokenizer = load_model("smollm2-135m", dequantize=True)  # dense float32 on any device, as on the CPU
@@ -72,25 +78,45 @@ def main() -> int:
         configs[f"{args.profile} <= {budget} bits"] = lambda config=config: KVCacheBuilder.for_model(model, config)
     rng = random.Random(args.seed)
     results = {name: {} for name in configs}
+    if args.resume:
+        results = _measured(args, profile, configs)
     for length in args.lengths:
         trials = [(rng.randrange(10000, 100000), (t + 0.5) / args.trials) for t in range(args.trials)]
-        for name, make in configs.items():
-            hits, bits, answers = 0, [], []
-            start = time.perf_counter()
-            for key, depth in trials:
-                tokens = prompt_tokens(tokenizer, length, key, depth)
+        # Trial by trial, every configuration in turn: a run cut short still compares them on the same trials.
+        rows = {name: results[name].setdefault(str(length), {"hits": 0, "trials": 0, "answers": [], "seconds": 0.0})
+                for name in configs}
+        for t, (key, depth) in enumerate(trials):
+            tokens = prompt_tokens(tokenizer, length, key, depth)
+            for name, make in configs.items():
+                row = rows[name]
+                if row["trials"] > t:
+                    continue
+                start = time.perf_counter()
                 caches = make()
                 text = answer(model, tokenizer, tokens, caches)
-                hits += str(key) in text
-                answers.append(text)
-                bits.append(effective_bits(model, caches))
-            results[name][str(length)] = {
-                "hits": hits, "trials": len(trials), "prompt_tokens": len(tokens),
-                "effective_bits": round(max(bits), 4), "answers": answers, "seconds": time.perf_counter() - start,
-            }
-            print(f"{length:>5} tokens  {name:<28} {hits}/{len(trials)}  bits {max(bits):.3f}", file=sys.stderr)
-            _write(args, profile, results)
+                row.update(hits=row["hits"] + (str(key) in text), trials=t + 1, prompt_tokens=len(tokens),
+                           effective_bits=round(max(row.get("effective_bits", 0.0), effective_bits(model, caches)), 4),
+                           answers=row["answers"] + [text], seconds=row["seconds"] + time.perf_counter() - start)
+                _write(args, profile, results)
+        for name, row in rows.items():
+            print(f"{length:>5} tokens  {name:<28} {row['hits']}/{row['trials']}  bits {row['effective_bits']:.3f}", file=sys.stderr)
     return 0
+
+
+def _measured(args, profile, configs) -> dict:
+    """Per configuration, the rows (whole or partial) that the report in --out holds for this profile, trial count and
+    seed, at the lengths asked."""
+    path = os.path.join(args.out, f"passkey_{'gpu' if mx.default_device() == mx.gpu else 'cpu'}.json")
+    results = {name: {} for name in configs}
+    if not os.path.isfile(path):
+        return results
+    with open(path) as f:
+        report = json.load(f)
+    if (report["profile"]["fingerprint"], report["trials"], report["seed"]) != (profile.fingerprint, args.trials, args.seed):
+        raise SystemExit(f"--resume: {path} was measured with another profile, trial count or seed")
+    for name in configs:
+        results[name] = {n: row for n, row in report["results"].get(name, {}).items() if int(n) in args.lengths}
+    return results
 
 
 def _write(args, profile, results: dict) -> None:
@@ -107,8 +133,8 @@ def plot(results: dict, path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, by_length in results.items():
-        if by_length:
-            lengths = sorted(by_length, key=int)
+        lengths = sorted((n for n, row in by_length.items() if row["trials"]), key=int)
+        if lengths:
             bits = max(by_length[n]["effective_bits"] for n in lengths)
             ax.plot([int(n) for n in lengths], [by_length[n]["hits"] / by_length[n]["trials"] for n in lengths],
                     marker="o", label=f"{name} ({bits:.2f} bits held)")

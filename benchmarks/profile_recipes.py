@@ -14,6 +14,11 @@ less the measuring (sensitivities are probed with plain TurboQuant, which knows 
 saves it; --calibration-texts gives its texts as files where the Debian packages are not installed (a lent GPU
 machine); with --texts and nothing after it, the script only builds. The model runs dense in float32 on any device.
 
+--variants SPEC... adds re-plans of every --profiles profile from its stored moments and sensitivities, no
+recalibration: keys=A (key costs times A, Profile.key_cost_scale: the balance of keys against values), temper=G (every layer weight to
+the power G: G < 1 trusts the probed sensitivities less), shrink=S (key and value moments shrunk by S instead of
+klt.SHRINKAGE). Each is labelled LABEL:SPEC.
+
 With --decode N the last N tokens of each text's stream are fed one at a time after a chunked prefill of the rest,
 and only they are scored: as in generation, each predicted token then sees the window's fp16 tokens (in a chunk of
 256, only its last `window` queries do, so chunked perplexity charges a window's bytes without its benefit).
@@ -38,8 +43,8 @@ from bench import device_info  # noqa: E402
 
 from kvshard.quant import KVCacheBuilder, Profile, load_model, load_profile, save_profile  # noqa: E402
 from kvshard.quant import eval as quality  # noqa: E402
-from kvshard.quant.calibrate.klt import calibration_texts, collect_moments  # noqa: E402
-from kvshard.quant.calibrate.profile import SINK_TOKENS  # noqa: E402
+from kvshard.quant.calibrate.klt import calibration_texts, collect_moments, decompose  # noqa: E402
+from kvshard.quant.calibrate.profile import SINK_TOKENS, replanned  # noqa: E402
 
 CHUNK = 256  # kvshard eval's chunk
 
@@ -51,6 +56,7 @@ def main() -> int:
                         help="PROFILE with key moments measured after RoPE (see above)")
     parser.add_argument("--after-rope-out", help="folder to save the one --after-rope profile in")
     parser.add_argument("--calibration-texts", nargs="+", help="--after-rope's texts as files (default: calibration_texts())")
+    parser.add_argument("--variants", nargs="+", default=[], metavar="SPEC", help="re-plans of each profile (see above)")
     parser.add_argument("--windows", nargs="+", type=int, default=[0, 16])
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.5])
     parser.add_argument("--texts", nargs="*", default=list(quality.TEXTS))
@@ -73,6 +79,9 @@ def main() -> int:
     calibration = None
     if args.calibration_texts:
         calibration = [open(path, encoding="utf-8").read() for path in args.calibration_texts]
+    for label, profile in list(profiles.items()):
+        for spec in args.variants:
+            profiles[f"{label}:{spec}"] = variant(profile, spec)
     for label, profile in after_rope.items():
         profiles[label] = keys_after_rope(profile, model, tokenizer, calibration)
         if args.after_rope_out:
@@ -107,6 +116,24 @@ def keys_after_rope(profile: Profile, model, tokenizer, texts: list[str] | None 
     moments = collect_moments(model, tokenizer, texts, skip_tokens=SINK_TOKENS, pre_rope=False, progress=True)
     return Profile(profile.name, profile.model_fingerprint, moments, profile.key_weights, profile.value_weights,
                    dict(profile.meta, measured=[]))
+
+
+def variant(profile: Profile, spec: str) -> Profile:
+    """`profile` planned otherwise from the same moments and sensitivities (--variants)."""
+    kind, _, value = spec.partition("=")
+    if kind not in ("keys", "temper", "shrink") or not value:
+        raise SystemExit(f"--variants: {spec!r} must be keys=A, temper=G or shrink=S")
+    x = float(value)
+    if kind == "keys":  # what `kvshard calibrate --measure --key-cost-scale` makes
+        return replanned(profile, x * profile.key_cost_scale, f"profile_recipes.py --variants {spec}")
+    key_weights, value_weights = list(profile.key_weights), list(profile.value_weights)
+    if kind == "temper":
+        key_weights, value_weights = [w**x for w in key_weights], [w**x for w in value_weights]
+    variant = Profile(profile.name, profile.model_fingerprint, profile.moments, key_weights, value_weights,
+                      dict(profile.meta, measured=[]))
+    if kind == "shrink":
+        variant.__dict__["_decomposed"] = [decompose(m, shrinkage=x) for m in profile.moments]
+    return variant
 
 
 def decode_nll(model, tokens: list[int], caches, decode: int) -> float:

@@ -211,10 +211,10 @@ def _shrink(moment: np.ndarray, amount: float) -> np.ndarray:
     return moment + amount * np.trace(moment, axis1=1, axis2=2)[:, None, None] / d * np.eye(d)
 
 
-def decompose(moments: dict):
+def decompose(moments: dict, shrinkage: float = SHRINKAGE):
     """Analysis matrices and energies of one layer's keys and values."""
     metric = np.stack([_sqrtm(q) for q in _shrink(moments["query"], QUERY_RIDGE)])
-    keys, values = _shrink(moments["keys"], SHRINKAGE), _shrink(moments["values"], SHRINKAGE)
+    keys, values = _shrink(moments["keys"], shrinkage), _shrink(moments["values"], shrinkage)
     return _decorrelate(keys, metric), _decorrelate(values, None)
 
 
