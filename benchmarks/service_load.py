@@ -19,6 +19,7 @@ import collections
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -62,6 +63,7 @@ class Load:
         self.codes = collections.defaultdict(collections.Counter)
         self.errors = collections.Counter()
         self.budget_refusals = 0
+        self.refusals = collections.defaultdict(collections.Counter)  # rpc -> reason -> count
         self.lock = threading.Lock()
 
     def client(self, seed):
@@ -98,6 +100,9 @@ class Load:
                 code = grpc.StatusCode.OK
             except grpc.RpcError as error:
                 answer, code = None, error.code()
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    with self.lock:
+                        self.refusals[rpc][refusal_reason(error.details())] += 1
             elapsed = 1000 * (time.perf_counter() - start)
             deliberate = rpc == "AttendOverLimit" and code == grpc.StatusCode.RESOURCE_EXHAUSTED
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not deliberate:
@@ -111,6 +116,11 @@ class Load:
                     self.errors[f"{rpc} {code.name}"] += 1
             if rpc == "Append" and answer is not None and answer.offset > MAX_TOKENS:
                 stub.Trim(pb.TrimRequest(session_id=sid, n=MAX_TOKENS // 2), timeout=60)
+
+
+def refusal_reason(details: str) -> str:
+    """A RESOURCE_EXHAUSTED's reason without its numbers: the limit it names and what did not fit."""
+    return re.sub(r"\d+", "N", details)[:120]
 
 
 def warm_up(stub) -> None:
@@ -251,6 +261,7 @@ def main() -> None:
             "per_rpc": per_rpc,
             "errors": dict(load.errors),
             "memory_budget_refusals": load.budget_refusals,
+            "refusals_per_rpc": {rpc: dict(reasons) for rpc, reasons in sorted(load.refusals.items())},
             "long_sessions": {"count": LONG_SESSIONS, "tokens_per_layer": LONG_TOKENS},
             "calls_per_second": round(sum(len(v) for v in load.latencies.values()) / wall, 1),
             "load_average_1min_at_end": os.getloadavg()[0],

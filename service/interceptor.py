@@ -4,7 +4,8 @@ Handlers stay thin: they raise, and this turns the exception into a gRPC status 
 Request bodies arrive as bytes and are parsed here, after readiness and auth, so an undecodable body is an
 INVALID_ARGUMENT that is logged and counted like any other call (gRPC's own parser would answer UNKNOWN
 before any of this ran), and a call's working memory is reserved against the memory budget from the body's
-size before it is parsed (SessionManager.working_memory). Health and reflection pass through untouched (probes and grpcurl need no token).
+size before it is parsed and held until the RPC is done, its answer sent (SessionManager.reserve_call). Health
+and reflection pass through untouched (probes and grpcurl need no token).
 """
 
 import asyncio
@@ -21,10 +22,10 @@ SERVICE_PREFIX = "/kvshard.v1.KVShard/"
 
 
 class ShardInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, auth: Authenticator, readiness, working_memory):
+    def __init__(self, auth: Authenticator, readiness, reserve_call):
         self.auth = auth
         self.readiness = readiness  # callable -> None when ready, else the reason the shard cannot serve
-        self.working_memory = working_memory  # (method, request bytes) -> async context holding the call's working memory
+        self.reserve_call = reserve_call  # async (method, request bytes) -> the function that releases the reservation
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -46,8 +47,8 @@ class ShardInterceptor(grpc.aio.ServerInterceptor):
             rpc = _Rpc(method)
             try:
                 self._admit(metadata, rpc)
-                async with self.working_memory(method, len(body)):
-                    return await behavior(_parsed(method, parse, body), context)
+                await self._reserve(method, body, context)
+                return await behavior(_parsed(method, parse, body), context)
             except BaseException as error:
                 await rpc.fail(error, context)
             finally:
@@ -60,15 +61,20 @@ class ShardInterceptor(grpc.aio.ServerInterceptor):
             rpc = _Rpc(method)
             try:
                 self._admit(metadata, rpc)
-                async with self.working_memory(method, len(body)):
-                    async for response in behavior(_parsed(method, parse, body), context):
-                        yield response
+                await self._reserve(method, body, context)
+                async for response in behavior(_parsed(method, parse, body), context):
+                    yield response
             except BaseException as error:
                 await rpc.fail(error, context)
             finally:
                 rpc.finish()
 
         return call
+
+    async def _reserve(self, method: str, body: bytes, context) -> None:
+        """The call's working memory, held until gRPC has sent its answer (or the call ended otherwise)."""
+        release = await self.reserve_call(method, len(body))
+        context.add_done_callback(lambda _: release())
 
     def _admit(self, metadata, rpc: "_Rpc") -> None:
         reason = self.readiness()

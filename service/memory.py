@@ -27,6 +27,7 @@ import mlx.core as mx
 # inside: as MLX arrays, numpy, and answer bytes), a refused request 4.4.
 WORKING_FACTORS = {"Attend": 9}
 WORKING_FACTOR = 4  # every other RPC
+LOAD_FACTOR = 3  # a session's load: its stored rows, their MLX copies, the joined codes
 CALL_FLOOR_BYTES = 16 << 10  # a call with a tiny body still builds messages, a log line and MLX scalars
 MLX_CACHE_SHARE = 8  # MLX keeps at most 1/8 of the budget in freed buffers
 MMAP_THRESHOLD = 32 << 10  # fixed (mallopt disables glibc's dynamic rise): a session layer's code arrays are mmapped
@@ -37,6 +38,12 @@ _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
 def working_bytes(method: str, message_bytes: int) -> int:
     """The working memory reserved for a `method` call whose request message is `message_bytes` long."""
     return CALL_FLOOR_BYTES + WORKING_FACTORS.get(method, WORKING_FACTOR) * message_bytes
+
+
+def load_bytes(stored_bytes: int) -> int:
+    """What loading a session of `stored_bytes` holds at once: the rows read from the store, their arrays, and
+    the arrays they are joined into (which then stay, as the hot session)."""
+    return CALL_FLOOR_BYTES + LOAD_FACTOR * stored_bytes
 
 
 def mlx_cache_bytes(budget: int) -> int:
