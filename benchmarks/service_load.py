@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import ShardProcess, free_port  # noqa: E402 (the tests' helper: a shard as a real process)
 
-from bench import device_info  # noqa: E402 (benchmarks/bench.py, beside this script)
+from bench import device_info, revision  # noqa: E402 (benchmarks/bench.py, beside this script)
 from kvshard.wire import kvshard_pb2 as pb  # noqa: E402
 from kvshard.wire import kvshard_pb2_grpc as pb_grpc  # noqa: E402
 from kvshard.wire.tensors import from_numpy  # noqa: E402
@@ -253,6 +253,7 @@ def main() -> None:
         report = {
             "what": __doc__.splitlines()[0],
             "machine": device_info(),
+            "revision": revision(),
             "clients": CLIENTS,
             "sessions": SESSIONS,
             "session_shape": {"layers": LAYERS, "n_kv_heads": HEADS, "head_dim": DIM, "tokens_per_layer_at_start": 1024},

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import ShardProcess, child_env  # noqa: E402 (the tests' helper: a shard as a real process)
 
-from bench import device_info  # noqa: E402 (benchmarks/bench.py, beside this script)
+from bench import device_info, revision  # noqa: E402 (benchmarks/bench.py, beside this script)
 from kvshard.wire import kvshard_pb2 as pb  # noqa: E402
 from kvshard.wire import kvshard_pb2_grpc as pb_grpc  # noqa: E402
 from kvshard.wire.tensors import from_numpy  # noqa: E402
@@ -162,6 +162,7 @@ def main() -> None:
         report = {
             "what": __doc__.splitlines()[0],
             "machine": device_info(),
+            "revision": revision(),
             "load_average_1min": {"median": statistics.median(load), "min": min(load), "max": max(load)},
             "rounds": args.rounds,
             "calibrate_rounds": args.calibrate_rounds,
