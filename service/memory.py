@@ -21,6 +21,8 @@ import os
 
 import mlx.core as mx
 
+from kvshard.quant.kernels import cpu
+
 # Copies of a request's payload alive at once during its call, measured as the peak RSS one call adds per byte of
 # its message on an idle shard (/proc/PID/clear_refs, VmHWM): an Append 3.7-3.8 (the body gRPC hands over, the parsed
 # message, the MLX copy, its slices' encode), an Attend 8.0-8.6 (its output is as large as its queries, in float32
@@ -32,6 +34,8 @@ CALL_FLOOR_BYTES = 16 << 10  # a call with a tiny body still builds messages, a 
 MLX_CACHE_SHARE = 8  # MLX keeps at most 1/8 of the budget in freed buffers
 MMAP_THRESHOLD = 32 << 10  # fixed (mallopt disables glibc's dynamic rise): a session layer's code arrays are mmapped
 ARENAS = 2
+LAYER_OBJECT_BYTES = 16 << 10  # a cache layer's Python objects (the cache, its methods, the kernels' layouts of them), measured 1-29 KB
+_CHUNK_HEADER = 16
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
 
 
@@ -52,10 +56,22 @@ def mlx_cache_bytes(budget: int) -> int:
 
 def held_bytes(cache) -> int:
     """Bytes a CompressedKVCache's arrays occupy: its code buffers whole (preallocated in steps of 256 tokens,
-    and kept after a trim), plus sinks, window, key mean and scales."""
+    and kept after a trim), plus sinks, window, key mean and scales, plus what the CPU kernels derived from its
+    methods once it was attended (per-head rotation matrices: 2 x heads x head_dim^2 floats a layer, half a
+    1K-token layer's codes at 4 bits)."""
     codes = [a for group in (cache.key_codes or {}, cache.value_codes or {}) for a in group.values()]
     held = (cache.sink_keys, cache.sink_values, cache.window_keys, cache.window_values, cache.key_mean, cache.key_scale)
-    return sum(a.nbytes for a in codes) + sum(a.nbytes for a in held if a is not None)
+    derived = sum(cpu.derived_bytes(m) for m in {id(m): m for m in (cache.key_quantizer, cache.value_quantizer)}.values())
+    arrays = sum(allocated(a.nbytes) for a in codes) + sum(allocated(a.nbytes) for a in held if a is not None)
+    return LAYER_OBJECT_BYTES + arrays + derived
+
+
+def allocated(nbytes: int) -> int:
+    """What malloc takes for an nbytes buffer: a block at or over MMAP_THRESHOLD is mapped in whole pages (a
+    1K-token layer's four code arrays waste up to 16 KB so, measured as RSS over MLX's count)."""
+    if nbytes >= MMAP_THRESHOLD:
+        return -(-(nbytes + _CHUNK_HEADER) // _PAGE) * _PAGE
+    return nbytes + _CHUNK_HEADER
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
