@@ -47,9 +47,10 @@ class ShardInterceptor(grpc.aio.ServerInterceptor):
             rpc = _Rpc(method)
             try:
                 self._admit(metadata, rpc)
-                await self._reserve(method, body, context)
+                await self._reserve(method, body)
                 return await behavior(_parsed(method, parse, body), context)
             except BaseException as error:
+                del body  # an aborted call's traceback outlives it (see _Rpc.fail): not with the request's bytes
                 await rpc.fail(error, context)
             finally:
                 rpc.finish()
@@ -61,20 +62,24 @@ class ShardInterceptor(grpc.aio.ServerInterceptor):
             rpc = _Rpc(method)
             try:
                 self._admit(metadata, rpc)
-                await self._reserve(method, body, context)
+                await self._reserve(method, body)
                 async for response in behavior(_parsed(method, parse, body), context):
                     yield response
             except BaseException as error:
+                del body  # an aborted call's traceback outlives it (see _Rpc.fail): not with the request's bytes
                 await rpc.fail(error, context)
             finally:
                 rpc.finish()
 
         return call
 
-    async def _reserve(self, method: str, body: bytes, context) -> None:
-        """The call's working memory, held until gRPC has sent its answer (or the call ended otherwise)."""
+    async def _reserve(self, method: str, body: bytes) -> None:
+        """The call's working memory, held until gRPC has sent its answer (or the call ended otherwise): until the
+        task serving the RPC is done. (Not context.add_done_callback: that ties the context and gRPC's call
+        state in a reference cycle, and an aborted call's traceback, with its request and arrays, would then
+        stay alive until the garbage collector's next full pass.)"""
         release = await self.reserve_call(method, len(body))
-        context.add_done_callback(lambda _: release())
+        asyncio.current_task().add_done_callback(lambda _: release())
 
     def _admit(self, metadata, rpc: "_Rpc") -> None:
         reason = self.readiness()
@@ -91,6 +96,17 @@ def _parsed(method: str, parse, body: bytes):
     except (DecodeError, RecursionError) as error:
         metrics.MALFORMED.labels(method).inc()
         raise ValueError(f"request: not a valid {method} request body ({len(body)} bytes): {error}") from None
+
+
+def _drop_tracebacks(error: BaseException | None) -> None:
+    """gRPC keeps an aborted call's AbortError in a reference cycle with the call's state, and that error's
+    context is the handler's error: with their tracebacks gone, the handler's frames (the request's arrays, a
+    session dropped meanwhile) are freed when the call ends, not at the garbage collector's next full pass."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
 
 
 class _Rpc:
@@ -113,6 +129,7 @@ class _Rpc:
         self.fields["error"] = details
         if self.code == grpc.StatusCode.INTERNAL:
             logs.logger().error("internal error", method=self.fields["method"], exc_info=error)
+        _drop_tracebacks(error)
         await context.abort(self.code, details, trailing_metadata=trailers)
 
     def finish(self) -> None:
