@@ -1,13 +1,17 @@
 """What `--memory-budget` covers, and the process settings that make the shard's resident memory follow it.
 
-The budget covers three things, all counted by the SessionManager before they are allocated:
-- hot sessions: the bytes their caches' arrays occupy (`held_bytes`: code buffers at their preallocated
-  capacity, which a Trim keeps, not only the tokens' share that `memory_bytes` reports);
+The budget covers four things, all counted by the SessionManager before they are allocated:
+- hot sessions: the bytes their caches hold (`held_bytes`: code buffers at their preallocated capacity, which a
+  Trim keeps, in whole pages where malloc maps them, plus what the CPU kernels derived from their methods and
+  the layers' Python objects), not only the tokens' share that `memory_bytes` reports;
 - the working memory of the calls in flight (`working_bytes`: a multiple of the request's message size, for
-  the copies a call keeps alive at once), reserved when the request arrives, before its body is parsed;
+  the copies a call keeps alive at once), reserved when the request arrives, before its body is parsed, and
+  held until its answer is sent;
+- a session being loaded (`load_bytes` of its stored size), until it is hot;
 - MLX's cache of freed buffers, capped at `mlx_cache_bytes(budget)`.
 What it does not cover is the idle process (Python, MLX, gRPC, the model's weights), which the operator measures
-once; and a model's forward-pass activations, which the prompt turn bounds (256 tokens per turn).
+once; gRPC's buffers for requests not yet handed over; and a model's forward-pass activations, which the prompt
+turn bounds (256 tokens per turn).
 
 glibc hands large freed blocks back to the system only when they were mmapped, and by default it raises its
 mmap threshold every time one is freed (up to 32 MiB), after which such blocks come from heaps that fragment and
