@@ -375,10 +375,11 @@ class Session:
 class SessionManager:
     """Hot sessions under a byte budget (least recently used dropped first), loaded from the store on use.
 
-    The budget counts every hot session at its held bytes, in use or not, and the working memory of the calls
-    in flight (`working_memory`, reserved before a request is parsed), with a share left to MLX's buffer cache
-    (service/memory.py): idle sessions are dropped to make room, and a session is not loaded while the ones in
-    use and the calls leave no room for it (RESOURCE_EXHAUSTED, retryable). A change that
+    The budget counts every hot session at its held bytes, in use or not, the working memory of the calls in
+    flight (`reserve_call`, reserved before a request is parsed, held until its answer is sent) and of the
+    sessions being loaded, with a share left to MLX's buffer cache (service/memory.py): idle sessions are
+    dropped to make room, a load waits for room, and a session is not loaded at all while the ones in use
+    leave no room for it (RESOURCE_EXHAUSTED, retryable). A change that
     would make one session alone hold more than the budget is refused. One session stored over the budget
     (a lowered budget, or a Generate turn that crossed it) is still served while no other session is in
     use, and dropped from memory after each call, so it can be trimmed or deleted.
@@ -398,7 +399,7 @@ class SessionManager:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.hot: OrderedDict[str, Session] = OrderedDict()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self.working = 0  # bytes of working memory the calls in flight hold (working_memory)
+        self.working = 0  # bytes the calls in flight and the sessions being loaded hold (reserve_call, _load)
         self.resident_base: int | None = None  # the process's RSS when it started serving (resident_growth)
         self._calls_queue: collections.deque = collections.deque()  # calls waiting for working memory, in arrival order
         self._call_waiters: list[asyncio.Future] = []
@@ -659,7 +660,7 @@ class SessionManager:
         """Reserve a call's working memory (memory.working_bytes of its request's size) against the budget before
         its body is parsed; returns the function that gives it back, which the caller runs once the RPC is done
         (its answer sent: the answer's copies are part of it). The body is in memory already: it is counted at
-        once. The rest waits its turn, calls being admitted in arrival order, up to admission_wait_s for calls to
+        once. The rest waits its turn, calls being admitted in arrival order, up to ADMISSION_WAIT_S for calls to
         end or idle sessions to be dropped. Calls together hold at most half the room, so sessions always keep
         the other half. A call that could never fit, or did not in time, is RESOURCE_EXHAUSTED
         memory_budget_bytes and changes nothing."""
@@ -673,7 +674,7 @@ class SessionManager:
 
     async def _hold(self, need: int, now: int = 0, queue: collections.deque | None = None):
         """Count `need` bytes as working memory: `now` of them at once, the rest once they fit (a call: at the head
-        of `queue` and within calls_room); the release function, or LimitExceeded after admission_wait_s."""
+        of `queue` and within calls_room); the release function, or LimitExceeded after ADMISSION_WAIT_S."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ADMISSION_WAIT_S
         self.working += now
