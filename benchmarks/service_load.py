@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    code_revision = revision()  # now: the shards start from this tree, which may move on while they run
     tmp = Path(tempfile.mkdtemp(prefix="kvshard-load-"))
     metrics_port = free_port()
     shard = ShardProcess(tmp, "--model", "none", "--memory-budget", str(BUDGET), "--metrics-port", str(metrics_port), "--log-format", "json").start()
@@ -253,7 +254,7 @@ def main() -> None:
         report = {
             "what": __doc__.splitlines()[0],
             "machine": device_info(),
-            "revision": revision(),
+            "revision": code_revision,
             "clients": CLIENTS,
             "sessions": SESSIONS,
             "session_shape": {"layers": LAYERS, "n_kv_heads": HEADS, "head_dim": DIM, "tokens_per_layer_at_start": 1024},

@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--calls", default="append,calibrate,attend", help="the expensive calls, in order (also: calibrate_profile)")
     parser.add_argument("--json", default="service_stall_cpu.json", help="the result file's name under --out")
     args = parser.parse_args()
+    code_revision = revision()  # now: the shards start from this tree, which may move on while they run
     names = args.shards.split(",")
     chosen = args.calls.split(",")
     rng = np.random.default_rng(0)
@@ -175,7 +176,7 @@ def main() -> None:
         report = {
             "what": __doc__.splitlines()[0],
             "machine": device_info(),
-            "revision": revision(),
+            "revision": code_revision,
             "load_average_1min": {"median": statistics.median(load), "min": min(load), "max": max(load)},
             "rounds": args.rounds,
             "calibrate_rounds": args.calibrate_rounds,
