@@ -112,6 +112,19 @@ def device_info() -> dict:
     return info
 
 
+def revision() -> str:
+    """The git commit of the code under test (this checkout's HEAD, "+dirty" with uncommitted changes)."""
+    import subprocess  # noqa: PLC0415
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def _gpu_name() -> str:
     try:
         import subprocess  # noqa: PLC0415

@@ -37,7 +37,7 @@ from conftest import ShardProcess  # noqa: E402 (the tests' helper: a shard as a
 
 from kvshard.client import Client, RetryPolicy  # noqa: E402
 from kvshard.quant import CompressedKVCache  # noqa: E402
-from bench import device_info  # noqa: E402 (benchmarks/bench.py, beside this script)
+from bench import device_info, revision  # noqa: E402 (benchmarks/bench.py, beside this script)
 from kvshard.wire import kvshard_pb2 as pb  # noqa: E402
 from kvshard.wire.tensors import from_numpy, to_numpy  # noqa: E402
 
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     rng = random.Random(0)
-    report = {"what": __doc__.splitlines()[0], "machine": device_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    report = {"what": __doc__.splitlines()[0], "machine": device_info(), "revision": revision(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     raw_tmp = Path(tempfile.mkdtemp(prefix="kvshard-crash-raw-"))
     raw = ShardProcess(raw_tmp, "--model", "none").start()

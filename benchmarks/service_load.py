@@ -19,6 +19,7 @@ import collections
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -33,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import ShardProcess, free_port  # noqa: E402 (the tests' helper: a shard as a real process)
 
-from bench import device_info  # noqa: E402 (benchmarks/bench.py, beside this script)
+from bench import device_info, revision  # noqa: E402 (benchmarks/bench.py, beside this script)
 from kvshard.wire import kvshard_pb2 as pb  # noqa: E402
 from kvshard.wire import kvshard_pb2_grpc as pb_grpc  # noqa: E402
 from kvshard.wire.tensors import from_numpy  # noqa: E402
@@ -62,6 +63,7 @@ class Load:
         self.codes = collections.defaultdict(collections.Counter)
         self.errors = collections.Counter()
         self.budget_refusals = 0
+        self.refusals = collections.defaultdict(collections.Counter)  # rpc -> reason -> count
         self.lock = threading.Lock()
 
     def client(self, seed):
@@ -98,6 +100,9 @@ class Load:
                 code = grpc.StatusCode.OK
             except grpc.RpcError as error:
                 answer, code = None, error.code()
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    with self.lock:
+                        self.refusals[rpc][refusal_reason(error.details())] += 1
             elapsed = 1000 * (time.perf_counter() - start)
             deliberate = rpc == "AttendOverLimit" and code == grpc.StatusCode.RESOURCE_EXHAUSTED
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not deliberate:
@@ -111,6 +116,11 @@ class Load:
                     self.errors[f"{rpc} {code.name}"] += 1
             if rpc == "Append" and answer is not None and answer.offset > MAX_TOKENS:
                 stub.Trim(pb.TrimRequest(session_id=sid, n=MAX_TOKENS // 2), timeout=60)
+
+
+def refusal_reason(details: str) -> str:
+    """A RESOURCE_EXHAUSTED's reason without its numbers: the limit it names and what did not fit."""
+    return re.sub(r"\d+", "N", details)[:120]
 
 
 def warm_up(stub) -> None:
@@ -168,6 +178,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    code_revision = revision()  # now: the shards start from this tree, which may move on while they run
     tmp = Path(tempfile.mkdtemp(prefix="kvshard-load-"))
     metrics_port = free_port()
     shard = ShardProcess(tmp, "--model", "none", "--memory-budget", str(BUDGET), "--metrics-port", str(metrics_port), "--log-format", "json").start()
@@ -243,6 +254,7 @@ def main() -> None:
         report = {
             "what": __doc__.splitlines()[0],
             "machine": device_info(),
+            "revision": code_revision,
             "clients": CLIENTS,
             "sessions": SESSIONS,
             "session_shape": {"layers": LAYERS, "n_kv_heads": HEADS, "head_dim": DIM, "tokens_per_layer_at_start": 1024},
@@ -251,6 +263,7 @@ def main() -> None:
             "per_rpc": per_rpc,
             "errors": dict(load.errors),
             "memory_budget_refusals": load.budget_refusals,
+            "refusals_per_rpc": {rpc: dict(reasons) for rpc, reasons in sorted(load.refusals.items())},
             "long_sessions": {"count": LONG_SESSIONS, "tokens_per_layer": LONG_TOKENS},
             "calls_per_second": round(sum(len(v) for v in load.latencies.values()) / wall, 1),
             "load_average_1min_at_end": os.getloadavg()[0],

@@ -9,11 +9,14 @@ back to back; we record the small calls' latencies while the expensive one runs.
 
 - append: 4096 tokens x 4 kv heads x 128, fp16 keys and values (8 MiB), then a Trim back;
 - calibrate: a RateQuant Calibrate (mode kl, the library's default prompts) of the served model;
+- calibrate_profile: a profile-mode Calibrate (moments over one prompt, one budget, 16 validation tokens: the
+  cheapest profile the service makes, minutes here), only with --calls naming it;
 - attend: queries (64, 4096, 2) fp16 over 256 tokens of one kv head (cost 2^26; sliced on both shards).
 
     python benchmarks/service_stall.py [--rounds 3] [--calibrate-rounds 1] [--base 1bafd57] [--out benchmarks/results]
-writes service_stall_cpu.json: per shard and expensive call, the median and max small-Attend latency (ms)
-during it, and the expensive call's own duration (medians over rounds), with the load average.
+    python benchmarks/service_stall.py --shards after --calls calibrate,calibrate_profile --json service_stall_calibrate_cpu.json
+writes service_stall_cpu.json (or --json): per shard and expensive call, the median and max small-Attend latency
+(ms) during it, and the expensive call's own duration (medians over rounds), with the load average.
 """
 
 import argparse
@@ -34,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import ShardProcess, child_env  # noqa: E402 (the tests' helper: a shard as a real process)
 
-from bench import device_info  # noqa: E402 (benchmarks/bench.py, beside this script)
+from bench import device_info, revision  # noqa: E402 (benchmarks/bench.py, beside this script)
 from kvshard.wire import kvshard_pb2 as pb  # noqa: E402
 from kvshard.wire import kvshard_pb2_grpc as pb_grpc  # noqa: E402
 from kvshard.wire.tensors import from_numpy  # noqa: E402
@@ -110,15 +113,22 @@ def main() -> None:
     parser.add_argument("--base", default="1bafd57", help="the revision the `before` shard runs")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--shards", default="before,after", help="which shards run: before (--base), after (this tree)")
+    parser.add_argument("--calls", default="append,calibrate,attend", help="the expensive calls, in order (also: calibrate_profile)")
+    parser.add_argument("--json", default="service_stall_cpu.json", help="the result file's name under --out")
     args = parser.parse_args()
+    code_revision = revision()  # now: the shards start from this tree, which may move on while they run
+    names = args.shards.split(",")
+    chosen = args.calls.split(",")
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp(prefix="kvshard-stall-"))
-    (tmp / "before").mkdir()
-    (tmp / "after").mkdir()
-    shards = {
-        "before": RevisionShard(tmp / "before", unpack(args.base, tmp / "base-tree"), "--model", args.model),
-        "after": ShardProcess(tmp / "after", "--model", args.model),
+    for name in names:
+        (tmp / name).mkdir()
+    makers = {
+        "before": lambda: RevisionShard(tmp / "before", unpack(args.base, tmp / "base-tree"), "--model", args.model),
+        "after": lambda: ShardProcess(tmp / "after", "--model", args.model),
     }
+    shards = {name: makers[name]() for name in names}
     try:
         for shard in shards.values():
             shard.start(wait=False)
@@ -131,7 +141,8 @@ def main() -> None:
             setups[name] = (stub, big_sid, append_sid, raw_session(stub, 3, 64, 256, rng))
         big_queries = from_numpy(rng.standard_normal((64, 4096, 2)).astype(np.float16), pb.FLOAT16)
         big_kv = [from_numpy(rng.standard_normal((4, 4096, 128)).astype(np.float16), pb.FLOAT16) for _ in range(2)]
-        samples = {name: {"append": [], "calibrate": [], "attend": []} for name in shards}
+        samples = {name: {call: [] for call in chosen} for name in shards}
+        profile_prompt = "The old lighthouse keeper climbed the spiral stairs every evening and watched the ships pass the rocky point."
         load = [os.getloadavg()[0]]
         for _ in range(args.rounds):
             for name, (stub, big_sid, append_sid, small_sid) in setups.items():
@@ -141,11 +152,13 @@ def main() -> None:
                         stub.Trim(pb.TrimRequest(session_id=append_sid, n=4096)),
                     ),
                     "calibrate": lambda: stub.Calibrate(pb.CalibrateRequest(mode="kl", target_avg_bits=4), timeout=1800),
+                    "calibrate_profile": lambda: stub.Calibrate(pb.CalibrateRequest(
+                        profile="stall-profile", profile_budgets=[3.5], validation_tokens=16, prompts=[profile_prompt]), timeout=1800),
                     "attend": lambda: stub.Attend(pb.AttendRequest(session_id=big_sid, queries=big_queries)),
                 }
-                for call, expensive in calls.items():
-                    if call != "calibrate" or len(samples[name][call]) < args.calibrate_rounds:
-                        samples[name][call].append(small_latencies_during(stub, small_sid, expensive))
+                for call in chosen:
+                    if not call.startswith("calibrate") or len(samples[name][call]) < args.calibrate_rounds:
+                        samples[name][call].append(small_latencies_during(stub, small_sid, calls[call]))
                 load.append(os.getloadavg()[0])
         results = {}
         for name, calls in samples.items():
@@ -158,23 +171,26 @@ def main() -> None:
                 }
                 for call, rounds in calls.items()
             }
-        worst = {call: results["before"][call]["small_attend_max_ms"] / results["after"][call]["small_attend_max_ms"] for call in samples["after"]}
+        worst = {call: results["before"][call]["small_attend_max_ms"] / results["after"][call]["small_attend_max_ms"]
+                 for call in chosen if len(results) == 2}
         report = {
             "what": __doc__.splitlines()[0],
             "machine": device_info(),
+            "revision": code_revision,
             "load_average_1min": {"median": statistics.median(load), "min": min(load), "max": max(load)},
             "rounds": args.rounds,
             "calibrate_rounds": args.calibrate_rounds,
-            "before": f"revision {args.base}",
+            "before": f"revision {args.base}" if "before" in shards else None,
             "after": "this tree (--append-slice-cost 2^18, Calibrate in a worker process with its own model copy)",
             "expensive_append": "4096 tokens x 4 kv heads x 128 fp16 keys and values (8 MiB), then a Trim back",
             "expensive_calibrate": f"Calibrate mode kl on {args.model}, the default prompts",
             "expensive_attend": "queries (64, 4096, 2) fp16 over 256 tokens, 1 kv head: cost 2^26",
+            "expensive_calibrate_profile": "Calibrate profile=stall-profile, profile_budgets [3.5], validation_tokens 16, one prompt",
             "worst_wait_before_over_after": worst,
             "results": results,
         }
         os.makedirs(args.out, exist_ok=True)
-        path = Path(args.out) / "service_stall_cpu.json"
+        path = Path(args.out) / args.json
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({"worst_wait_before_over_after": worst, "results": results}, indent=2))
     finally:

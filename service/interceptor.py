@@ -4,7 +4,8 @@ Handlers stay thin: they raise, and this turns the exception into a gRPC status 
 Request bodies arrive as bytes and are parsed here, after readiness and auth, so an undecodable body is an
 INVALID_ARGUMENT that is logged and counted like any other call (gRPC's own parser would answer UNKNOWN
 before any of this ran), and a call's working memory is reserved against the memory budget from the body's
-size before it is parsed (SessionManager.working_memory). Health and reflection pass through untouched (probes and grpcurl need no token).
+size before it is parsed and held until the RPC is done, its answer sent (SessionManager.reserve_call). Health
+and reflection pass through untouched (probes and grpcurl need no token).
 """
 
 import asyncio
@@ -21,10 +22,10 @@ SERVICE_PREFIX = "/kvshard.v1.KVShard/"
 
 
 class ShardInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, auth: Authenticator, readiness, working_memory):
+    def __init__(self, auth: Authenticator, readiness, reserve_call):
         self.auth = auth
         self.readiness = readiness  # callable -> None when ready, else the reason the shard cannot serve
-        self.working_memory = working_memory  # (method, request bytes) -> async context holding the call's working memory
+        self.reserve_call = reserve_call  # async (method, request bytes) -> the function that releases the reservation
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -46,9 +47,10 @@ class ShardInterceptor(grpc.aio.ServerInterceptor):
             rpc = _Rpc(method)
             try:
                 self._admit(metadata, rpc)
-                async with self.working_memory(method, len(body)):
-                    return await behavior(_parsed(method, parse, body), context)
+                await self._reserve(method, body)
+                return await behavior(_parsed(method, parse, body), context)
             except BaseException as error:
+                del body  # an aborted call's traceback outlives it (see _Rpc.fail): not with the request's bytes
                 await rpc.fail(error, context)
             finally:
                 rpc.finish()
@@ -60,15 +62,24 @@ class ShardInterceptor(grpc.aio.ServerInterceptor):
             rpc = _Rpc(method)
             try:
                 self._admit(metadata, rpc)
-                async with self.working_memory(method, len(body)):
-                    async for response in behavior(_parsed(method, parse, body), context):
-                        yield response
+                await self._reserve(method, body)
+                async for response in behavior(_parsed(method, parse, body), context):
+                    yield response
             except BaseException as error:
+                del body  # an aborted call's traceback outlives it (see _Rpc.fail): not with the request's bytes
                 await rpc.fail(error, context)
             finally:
                 rpc.finish()
 
         return call
+
+    async def _reserve(self, method: str, body: bytes) -> None:
+        """The call's working memory, held until gRPC has sent its answer (or the call ended otherwise): until the
+        task serving the RPC is done. (Not context.add_done_callback: that ties the context and gRPC's call
+        state in a reference cycle, and an aborted call's traceback, with its request and arrays, would then
+        stay alive until the garbage collector's next full pass.)"""
+        release = await self.reserve_call(method, len(body))
+        asyncio.current_task().add_done_callback(lambda _: release())
 
     def _admit(self, metadata, rpc: "_Rpc") -> None:
         reason = self.readiness()
@@ -85,6 +96,17 @@ def _parsed(method: str, parse, body: bytes):
     except (DecodeError, RecursionError) as error:
         metrics.MALFORMED.labels(method).inc()
         raise ValueError(f"request: not a valid {method} request body ({len(body)} bytes): {error}") from None
+
+
+def _drop_tracebacks(error: BaseException | None) -> None:
+    """gRPC keeps an aborted call's AbortError in a reference cycle with the call's state, and that error's
+    context is the handler's error: with their tracebacks gone, the handler's frames (the request's arrays, a
+    session dropped meanwhile) are freed when the call ends, not at the garbage collector's next full pass."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
 
 
 class _Rpc:
@@ -107,6 +129,7 @@ class _Rpc:
         self.fields["error"] = details
         if self.code == grpc.StatusCode.INTERNAL:
             logs.logger().error("internal error", method=self.fields["method"], exc_info=error)
+        _drop_tracebacks(error)
         await context.abort(self.code, details, trailing_metadata=trailers)
 
     def finish(self) -> None:

@@ -77,7 +77,7 @@ class Shard:
         self.health = health.aio.HealthServicer()
         message_limit = config.limits.max_message_bytes
         self.server = grpc.aio.server(
-            interceptors=[ShardInterceptor(self.auth, lambda: self.not_ready, self.manager.working_memory)],
+            interceptors=[ShardInterceptor(self.auth, lambda: self.not_ready, self.manager.reserve_call)],
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),

@@ -9,7 +9,9 @@ same expected_offset recognises. Dropping a hot session from memory is always sa
 """
 
 import asyncio
+import collections
 import dataclasses
+import functools
 import os
 import re
 import socket
@@ -35,7 +37,7 @@ from kvshard.service.worker import SerialExecutor, run_to_completion
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _TENANT_SEPARATOR = "~"  # not an id character, so a tenant-scoped key cannot be forged through an id
 _MAX_LAYERS = 256
-ADMISSION_WAIT_S = 30  # how long a call waits for its working memory to fit the budget before RESOURCE_EXHAUSTED
+ADMISSION_WAIT_S = 30  # how long a call waits for memory to fit the budget before RESOURCE_EXHAUSTED
 RESUME_PROGRESS_TOKENS = 8192  # sessions at least this long log one line per layer restored (32K tokens: ~1 s)
 _MAX_KV_HEADS = 256
 _MAX_HEAD_DIM = 1024
@@ -292,8 +294,9 @@ class Session:
             )
 
     def attend(self, layer: int, queries: np.ndarray) -> np.ndarray:
-        out = self.caches[layer].attend(mx.array(queries))
-        return np.array(out.astype(mx.float32))
+        out = np.array(self.caches[layer].attend(mx.array(queries)).astype(mx.float32))
+        self.held_bytes = sum(memory.held_bytes(c) for c in self.caches)  # the kernels' first attend derives from its methods
+        return out
 
     def check_trim(self, n: int, layer: int | None, expected_offset: int | None) -> None:
         if layer is not None:
@@ -372,10 +375,11 @@ class Session:
 class SessionManager:
     """Hot sessions under a byte budget (least recently used dropped first), loaded from the store on use.
 
-    The budget counts every hot session at its held bytes, in use or not, and the working memory of the calls
-    in flight (`working_memory`, reserved before a request is parsed), with a share left to MLX's buffer cache
-    (service/memory.py): idle sessions are dropped to make room, and a session is not loaded while the ones in
-    use and the calls leave no room for it (RESOURCE_EXHAUSTED, retryable). A change that
+    The budget counts every hot session at its held bytes, in use or not, the working memory of the calls in
+    flight (`reserve_call`, reserved before a request is parsed, held until its answer is sent) and of the
+    sessions being loaded, with a share left to MLX's buffer cache (service/memory.py): idle sessions are
+    dropped to make room, a load waits for room, and a session is not loaded at all while the ones in use
+    leave no room for it (RESOURCE_EXHAUSTED, retryable). A change that
     would make one session alone hold more than the budget is refused. One session stored over the budget
     (a lowered budget, or a Generate turn that crossed it) is still served while no other session is in
     use, and dropped from memory after each call, so it can be trimmed or deleted.
@@ -395,9 +399,11 @@ class SessionManager:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.hot: OrderedDict[str, Session] = OrderedDict()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self.working = 0  # bytes of working memory the calls in flight hold (working_memory)
+        self.working = 0  # bytes the calls in flight and the sessions being loaded hold (reserve_call, _load)
         self.resident_base: int | None = None  # the process's RSS when it started serving (resident_growth)
-        self._room_waiters: list[asyncio.Future] = []
+        self._calls_queue: collections.deque = collections.deque()  # calls waiting for working memory, in arrival order
+        self._call_waiters: list[asyncio.Future] = []
+        self._load_waiters: list[asyncio.Future] = []
 
     # ---- lookups ------------------------------------------------------------------------------------------
 
@@ -504,16 +510,24 @@ class SessionManager:
                     f"this server serves {self.model.fingerprint[:16]}…"
                 )
             self._check_profile(KVCacheConfig.from_dict(record.config))
+        need = memory.load_bytes(record.memory_bytes)
         in_use = self._in_use_bytes()
-        if in_use and in_use + self.working + record.memory_bytes > self.room:
+        if in_use and in_use + need > self.room:
             raise LimitExceeded(
-                f"memory_budget_bytes: sessions in use hold {in_use} bytes and calls in flight {self.working}; loading "
-                f"this one ({record.memory_bytes} bytes) would exceed the budget {self.limits.memory_budget_bytes}; retry later"
+                f"memory_budget_bytes: sessions in use hold {in_use} bytes; loading this one ({record.memory_bytes} "
+                f"bytes, {need} while it loads) would exceed the budget {self.limits.memory_budget_bytes}; retry later"
             )
-        layers = await self.io.run(self.store.load_layers, record.session_id, record.shape["layers"])
-        session = await self.mlx.run(Session.restore, record, layers)
-        session.lock = lock
-        self.hot[record.session_id] = session
+        # Alone (nothing else in use) a session over the budget still loads: it is served alone (class docstring).
+        release = await self._hold(need) if in_use + need <= self.room else None
+        try:
+            layers = await self.io.run(self.store.load_layers, record.session_id, record.shape["layers"])
+            session = await self.mlx.run(Session.restore, record, layers)
+            del layers  # the rows read are freed before the load's share of the budget is given back
+            session.lock = lock
+            self.hot[record.session_id] = session  # counted as hot from here: the load's share goes back
+        finally:
+            if release is not None:
+                release()
         self._evict()  # idle sessions make room for it now, not after its call
         return session
 
@@ -637,45 +651,71 @@ class SessionManager:
         budget = self.limits.memory_budget_bytes
         return budget - memory.mlx_cache_bytes(budget)
 
-    @asynccontextmanager
-    async def working_memory(self, method: str, message_bytes: int):
-        """Hold a call's working memory (memory.working_bytes of its request's size) against the budget for the
-        duration, reserved before its body is parsed. The body is in memory already: it is counted at once, or
-        refused when not even it finds room. The rest waits up to ADMISSION_WAIT_S for idle sessions to be dropped
-        or other calls to end. Refusals are RESOURCE_EXHAUSTED memory_budget_bytes and change nothing."""
+    @property
+    def calls_room(self) -> int:
+        """The most the calls in flight may hold together: half the room, so hot sessions keep the other half."""
+        return self.room // 2
+
+    async def reserve_call(self, method: str, message_bytes: int):
+        """Reserve a call's working memory (memory.working_bytes of its request's size) against the budget before
+        its body is parsed; returns the function that gives it back, which the caller runs once the RPC is done
+        (its answer sent: the answer's copies are part of it). The body is in memory already: it is counted at
+        once. The rest waits its turn, calls being admitted in arrival order, up to ADMISSION_WAIT_S for calls to
+        end or idle sessions to be dropped. Calls together hold at most half the room, so sessions always keep
+        the other half. A call that could never fit, or did not in time, is RESOURCE_EXHAUSTED
+        memory_budget_bytes and changes nothing."""
         need = memory.working_bytes(method, message_bytes)
-        if need > self.room:
+        if need > self.calls_room:
             raise LimitExceeded(
                 f"memory_budget_bytes: a {message_bytes}-byte request needs about {need} bytes of working memory, more "
-                f"than the budget {self.limits.memory_budget_bytes} leaves for calls ({self.room}); send smaller requests"
+                f"than the budget {self.limits.memory_budget_bytes} leaves for a call ({self.calls_room}); send smaller requests"
             )
-        if not self._fits(message_bytes):
-            raise self._no_room(need)
-        self.working += message_bytes
-        held = message_bytes
+        return await self._hold(need, now=message_bytes, queue=self._calls_queue)
+
+    async def _hold(self, need: int, now: int = 0, queue: collections.deque | None = None):
+        """Count `need` bytes as working memory: `now` of them at once, the rest once they fit (a call: at the head
+        of `queue` and within calls_room); the release function, or LimitExceeded after ADMISSION_WAIT_S."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ADMISSION_WAIT_S
+        self.working += now
+        held, turn = now, object()
+        if queue is not None:
+            queue.append(turn)
         try:
-            deadline = asyncio.get_running_loop().time() + ADMISSION_WAIT_S
-            while not self._fits(need - held):
-                left = deadline - asyncio.get_running_loop().time()
+            while not self._admits(need - held, turn, queue):
+                left = deadline - loop.time()
                 if left <= 0:
                     raise self._no_room(need)
-                waiter = asyncio.get_running_loop().create_future()
-                self._room_waiters.append(waiter)
+                waiter = loop.create_future()
+                (self._load_waiters if queue is None else self._call_waiters).append(waiter)
                 try:
                     await asyncio.wait_for(waiter, left)
                 except TimeoutError:
                     pass
-            self.working += need - held
-            held = need
-            yield
+        except BaseException:
+            self._release(held)
+            raise
         finally:
-            self.working -= held
-            self._wake()
+            if queue is not None:
+                queue.remove(turn)
+                self._wake()  # the next in line may fit now
+        self.working += need - held
+        return functools.partial(self._release, need)
+
+    def _admits(self, extra: int, turn: object, queue: collections.deque | None) -> bool:
+        if queue is not None and (queue[0] is not turn or self.working + extra > self.calls_room):
+            return False
+        return self._fits(extra)
+
+    def _release(self, held: int) -> None:
+        self.working -= held
+        self._wake()
 
     def _no_room(self, need: int) -> LimitExceeded:
         return LimitExceeded(
             f"memory_budget_bytes: sessions in use hold {self._in_use_bytes()} bytes and calls in flight {self.working}; "
-            f"this call's {need} bytes of working memory do not fit the budget {self.limits.memory_budget_bytes}; retry later"
+            f"this call's {need} bytes of working memory did not fit the budget {self.limits.memory_budget_bytes} "
+            f"within {ADMISSION_WAIT_S} s; retry later"
         )
 
     def watch_resident(self) -> None:
@@ -686,14 +726,19 @@ class SessionManager:
         return 0 if self.resident_base is None else memory.resident_bytes() - self.resident_base
 
     def _fits(self, extra: int) -> bool:
-        """Whether `extra` more bytes fit the budget (hot sessions, calls' working memory, MLX's cache share),
-        after dropping idle sessions to make room."""
+        """Whether `extra` more bytes fit the budget (hot sessions, working memory, MLX's cache share), dropping
+        idle sessions to make room only when that makes them fit."""
+        idle = sum(s.held_bytes for s in self.hot.values() if not s.lock.locked())
+        if self.hot_bytes() - idle + self.working + extra > self.room:
+            return False
         self._evict(extra)
-        return self.hot_bytes() + self.working + extra <= self.room
+        return True
 
     def _wake(self) -> None:
-        """Room may have appeared (a call ended, a session went idle): waiting calls look again."""
-        waiters, self._room_waiters = self._room_waiters, []
+        """Room may have appeared (a call ended, a session went idle): waiters look again, loads first (they
+        belong to calls already admitted, which end sooner for it)."""
+        waiters = self._load_waiters + self._call_waiters
+        self._load_waiters, self._call_waiters = [], []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)

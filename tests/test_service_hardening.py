@@ -526,6 +526,68 @@ def test_a_request_whose_working_memory_cannot_fit_the_budget_is_refused_before_
         server.stop()
 
 
+def test_held_bytes_count_what_an_attended_cache_keeps_alive():
+    """The budget counts a hot session at its held bytes: after an Attend they cover every MLX array the cache
+    keeps alive, the CPU kernels' per-head matrices derived from its methods included (half as much again as
+    a 1K-token layer's codes, which the load proof found alive beyond the hot bytes)."""
+    import gc
+
+    from kvshard.quant import KVCacheConfig
+    from kvshard.service import memory
+
+    gc.collect()
+    before = mx.get_active_memory()
+    cache = KVCacheConfig(seed=7).make_cache(0, 1, 64, 3)
+    keys = mx.random.normal((3, 1024, 64))
+    cache.append(keys, keys)
+    mx.eval(cache.attend(mx.random.normal((9, 1, 64))))
+    del keys
+    gc.collect()
+    alive = mx.get_active_memory() - before
+    assert alive > 1.3 * sum(a.nbytes for group in (cache.key_codes, cache.value_codes) for a in group.values())
+    assert alive <= memory.held_bytes(cache) <= alive + 64 * 1024
+
+
+def test_calls_wait_their_turn_for_working_memory_and_none_is_refused_while_room_frees(tmp_path):
+    """Calls that do not fit together wait in arrival order and are admitted as others end, instead of being
+    refused; calls together hold at most half the room; one that can never fit is refused at once."""
+    import asyncio
+
+    from kvshard.service.errors import LimitExceeded
+    from kvshard.service.sessions import Limits, SessionManager
+    from kvshard.service.store import open_store
+    from kvshard.service.worker import SerialExecutor
+
+    async def scenario():
+        manager = SessionManager(open_store(f"sqlite:///{tmp_path}/s.sqlite3"), SerialExecutor("m"), SerialExecutor("i"),
+                                 None, Limits(memory_budget_bytes=8 << 20))
+        def message(share):  # an Append message whose working memory is this share of the calls' room
+            return int(manager.calls_room * share - 16 * 1024) // 4
+
+        order = []
+
+        async def call(name, share, hold_s):
+            release = await manager.reserve_call("Append", message(share))
+            order.append(name)
+            assert manager.working <= manager.calls_room
+            await asyncio.sleep(hold_s)
+            release()
+
+        tasks = []
+        # b does not fit beside a and waits; c would fit at once but came after b, so it waits its turn (a large
+        # call is never starved by small ones); d and e queue behind them.
+        for name, share in (("a", 0.6), ("b", 0.6), ("c", 0.1), ("d", 0.3), ("e", 0.6)):
+            tasks.append(asyncio.create_task(call(name, share, 0.05)))
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*tasks)
+        assert order == list("abcde") and manager.working == 0
+        with pytest.raises(LimitExceeded, match="memory_budget_bytes: .*send smaller requests"):
+            await manager.reserve_call("Append", manager.calls_room)
+        assert manager.working == 0
+
+    asyncio.run(scenario())
+
+
 def test_dropped_caches_free_what_the_cpu_kernels_derived_from_their_methods():
     """The CPU kernels cache per method object what they derive from it (layouts, encoders); a shard drops
     and reloads sessions all day, so those caches must not keep the methods (and the sessions' memory) alive."""

@@ -628,3 +628,9 @@ def cpu_encode(method, x: mx.array) -> dict:
     norm = mx.linalg.norm(x32, axis=-1, keepdims=True)
     y = method.rotation.rotate(_unit()(x32, norm))
     return {"idx": _quantize_pack(_floats(method.codebook.boundaries), method.bits)(y), "norm": norm.astype(mx.float16)}
+
+
+def derived_bytes(method) -> int:
+    """Bytes the CPU kernels keep derived from a method object while it lives (its per-head matrices, syntheses
+    and transforms): part of its cache's memory, which the service's budget counts."""
+    return sum(cache.nbytes(method) for cache in (_LAYOUTS, _SYNTHESES, _MATRICES, _ENCODERS, _TRANSFORMS))
