@@ -55,7 +55,7 @@ def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2-135m",
                         help="the embedded model, any mlx_lm model path or repo id, or 'none' for raw cache sessions only")
     parser.add_argument("--memory-budget", type=byte_size, default=human_bytes(d.memory_budget_bytes),
-                        help="bytes for hot sessions, the working memory of calls in flight (until their answers are sent), sessions being loaded and MLX's buffer cache (1/8); least recently used idle sessions are dropped (they are stored)")
+                        help="bytes for hot sessions, calls in flight, session loads and MLX's buffer cache (service/README: what the budget covers); idle sessions are dropped first (they are stored)")
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help="sessions the store may hold (0: no limit)")
     parser.add_argument("--max-tenant-sessions", type=int, default=d.max_tenant_sessions, help="sessions one tenant may hold (0: only --max-sessions)")
     parser.add_argument("--max-tenant-bytes", type=byte_size, default=d.max_tenant_bytes,
