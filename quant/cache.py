@@ -144,6 +144,10 @@ class CompressedKVCache(_BaseCache):
         self.window_keys = self.window_values = None
         self.key_codes = self.value_codes = None
         self.key_mean = None
+        # A fresh cache fed its first tokens in pieces (a prompt fed in small chunks beside decoding streams) holds
+        # them in fp16 until this many have arrived, so its key mean comes from as many tokens as one whole first
+        # chunk would give it (service/generation.py sets it; 0: the mean comes from the first append).
+        self.mean_tokens = 0
 
     @property
     def config(self) -> dict:
@@ -214,7 +218,7 @@ class CompressedKVCache(_BaseCache):
         self.window_values = _concat(self.window_values, values)
         overflow = self.window_keys.shape[2] - self.window
         if self.center_keys and self.key_mean is None:
-            if self.window_keys.shape[2] < _MIN_TOKENS_FOR_MEAN:
+            if self.window_keys.shape[2] < _MIN_TOKENS_FOR_MEAN or self.offset < self.mean_tokens:
                 return
             # Keys share a large common direction; encoding k − μ spends the bits on what differs between them.
             window = self._unrope(self.window_keys.astype(mx.float32), self._codes_start())
@@ -251,8 +255,7 @@ class CompressedKVCache(_BaseCache):
         window or a full one (held as a ring: the kernel codes its oldest token, the new one takes its slot);
         no observers (they see each encode), keys after RoPE, on CUDA with both methods' rotations in the
         kernel. Checked in this order, so that the decode step's own host time stays small."""
-        if (not self.read_by_hook or self._pending is not None or not self.n_encoded or self._exported
-                or self.observers):
+        if not self.read_by_hook or self._pending is not None or not self.n_encoded or self.observers:
             return False
         if self._fusable is None:
             self._fusable = (kernels.gpu_backend() == "cuda" and self._key_rope is None and not self.sink_tokens
@@ -266,10 +269,19 @@ class CompressedKVCache(_BaseCache):
                 and idx.shape[2] > self.n_encoded):
             return False
         if not self.window:
-            return self.window_keys is None
-        if self.window_keys is None or self.window_keys.shape[2] != self.window:
+            if self.window_keys is not None:
+                return False
+        elif self.window_keys is None or self.window_keys.shape[2] != self.window:
             return False
-        if self._ring is None or self._ring[0] is not self.window_keys:
+        if self._exported:
+            # A state, trim or copy may view the buffers. The launch writes into buffers of the cache's own instead
+            # of the token going to the encode launch: on CUDA the two launches can code a key differently (a
+            # rounding apart), and a token must get the same codes whether or not its cache was just committed,
+            # trimmed or copied (the batch arena always codes by the append launch: tests/test_batch_arena.py).
+            for codes in (self.key_codes, self.value_codes):
+                codes.update({name: a + 0 for name, a in codes.items()})
+            self._ring, self._exported = None, False
+        if self.window and (self._ring is None or self._ring[0] is not self.window_keys):
             # The ring is written in place: it gets buffers of its own (the window may be a view of a prefill's K/V).
             self.window_keys, self.window_values = self.window_keys + 0, self.window_values + 0
             self._ring = (self.window_keys, self.window_values)
