@@ -111,7 +111,11 @@ def bench_service(args) -> dict:
             result["summary"] = _summary(rounds)
             result["load_average"]["before prefill phase"] = load_average()
             with timing_lock(args.lock):
-                result["prefill_amid_decoding"] = _amid_prefill(client, sessions[:7], rng, generate, together)
+                result["prefill_amid_decoding"] = amid = _amid_prefill(client, sessions[:7], rng, generate, together)
+            # The second reading of "one prefill chunk": a stream waits for a chunk and then its own batched step.
+            amid["batched_step_s"] = statistics.median(b["median_gap_ms"] for r in rounds for b in r["batched"]) / 1e3
+            amid["worst_gap_in_solo_chunk_plus_batched_step"] = amid["worst_gap_s"] / (
+                amid["solo_seconds_per_chunk"] + amid["batched_step_s"])
             result["load_average"]["end"] = load_average()
     finally:
         shard.stop()

@@ -255,7 +255,8 @@ class CompressedKVCache(_BaseCache):
         window or a full one (held as a ring: the kernel codes its oldest token, the new one takes its slot);
         no observers (they see each encode), keys after RoPE, on CUDA with both methods' rotations in the
         kernel. Checked in this order, so that the decode step's own host time stays small."""
-        if not self.read_by_hook or self._pending is not None or not self.n_encoded or self.observers:
+        if (not self.read_by_hook or self._pending is not None or not self.n_encoded or self._exported
+                or self.observers):
             return False
         if self._fusable is None:
             self._fusable = (kernels.gpu_backend() == "cuda" and self._key_rope is None and not self.sink_tokens
@@ -269,19 +270,10 @@ class CompressedKVCache(_BaseCache):
                 and idx.shape[2] > self.n_encoded):
             return False
         if not self.window:
-            if self.window_keys is not None:
-                return False
-        elif self.window_keys is None or self.window_keys.shape[2] != self.window:
+            return self.window_keys is None
+        if self.window_keys is None or self.window_keys.shape[2] != self.window:
             return False
-        if self._exported:
-            # A state, trim or copy may view the buffers. The launch writes into buffers of the cache's own instead
-            # of the token going to the encode launch: on CUDA the two launches can code a key differently (a
-            # rounding apart), and a token must get the same codes whether or not its cache was just committed,
-            # trimmed or copied (the batch arena always codes by the append launch: tests/test_batch_arena.py).
-            for codes in (self.key_codes, self.value_codes):
-                codes.update({name: a + 0 for name, a in codes.items()})
-            self._ring, self._exported = None, False
-        if self.window and (self._ring is None or self._ring[0] is not self.window_keys):
+        if self._ring is None or self._ring[0] is not self.window_keys:
             # The ring is written in place: it gets buffers of its own (the window may be a view of a prefill's K/V).
             self.window_keys, self.window_values = self.window_keys + 0, self.window_values + 0
             self._ring = (self.window_keys, self.window_values)
