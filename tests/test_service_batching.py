@@ -348,3 +348,26 @@ def test_batch_size_never_exceeds_the_flag(client, shard):
     assert _metric(shard, "kvshard_queue_wait_seconds_count")[""] >= total
     assert _metric(shard, "kvshard_stream_tokens_per_second_count")[""] > 0
     assert "" in _metric(shard, "kvshard_generate_tokens_per_second")
+
+
+def test_a_random_weight_model_is_served_over_grpc_with_its_own_fingerprint(tmp_path):
+    """`kvshard serve --model random:tiny` (service/random_model.py): seeded random weights of a named shape, so the
+    fingerprint is the same at every load, and a byte-level tokenizer; concurrent Generate streams batch over it and a
+    greedy stream gives the same tokens alone."""
+    from kvshard.client import NO_RETRY, Client
+    from kvshard.service.random_model import load_random
+
+    server = ShardProcess(tmp_path, "--model", "random:tiny", "--max-tokens", "16", "--max-batch-size", "4").start()
+    try:
+        with Client(server.target, retry=NO_RETRY) as client:
+            info = client.server_info()
+            model, tokenizer = load_random("random:tiny")
+            assert info.model == "random:tiny" and info.model_fingerprint == model_fingerprint(model)
+            assert (info.model_shape.layers, info.model_shape.n_kv_heads, info.model_shape.head_dim) == (2, 2, 64)
+            prompts = [f"stream {i}: héllo" for i in range(4)]
+            together = _concurrently([lambda p=p: _run(client, p, 12) for p in prompts])
+            assert [len(tokens) for tokens in together] == [12] * 4
+            assert _run(client, prompts[0], 12) == together[0]
+            assert tokenizer.encode(prompts[0], add_special_tokens=False)[:6] == list(b"stream")
+    finally:
+        server.stop()
