@@ -101,7 +101,7 @@ def bench_service(args) -> dict:
                 return out
 
             started = time.perf_counter()
-            prompts = [rng.integers(100, 20000, n).tolist() for n in CONTEXTS]
+            prompts = [rng.integers(100, _token_high(args.model), n).tolist() for n in CONTEXTS]
             together([lambda s=s, p=p: generate(s, 1, p) for s, p in zip(sessions, prompts, strict=True)])
             result["prefill_all_s"] = time.perf_counter() - started
             result["effective_bits"] = _effective_bits(sessions[-1], client.server_info().model_shape)
@@ -159,6 +159,13 @@ def _rounds(args, sessions, generate, together, result) -> list:
     return rounds
 
 
+def _token_high(model: str) -> int:
+    """Prompt token ids are drawn below this: 20,000, or a random-weight model's smaller vocabulary."""
+    from kvshard.service.random_model import PREFIX, SHAPES, is_random
+
+    return min(20000, SHAPES[model[len(PREFIX):]]["vocab_size"]) if is_random(model) else 20000
+
+
 def _effective_bits(session, shape) -> float:
     """8 x bytes held / K and V elements (layers x kv heads x head_dim per token, twice)."""
     info = session.refresh()
@@ -179,7 +186,7 @@ def _amid_prefill(client, decoding, rng, generate, together) -> dict:
     """Seven streams decode; a new session's 4,000-token prompt arrives once each has a few tokens."""
     from kvshard.service.generation import PREFILL_CHUNK
 
-    prompt = rng.integers(100, 20000, LONG_PROMPT).tolist()
+    prompt = rng.integers(100, _token_high(client.server_info().model), LONG_PROMPT).tolist()
     alone = client.create_session(key_bits=4, value_bits=4)
     solo_start, solo_times = generate(alone, 1, prompt)
     solo_prefill_s = solo_times[-1] - solo_start
