@@ -10,7 +10,8 @@ ArenaLayer call is timed with its inputs evaluated first, so a step splits into
   - attention: the per-row-length kernel call over the rows' codes,
   - rest: everything else (the logits' evaluation after the last layer, sampling, host bookkeeping).
 Each repeat runs once per OpenBLAS thread count (--threads, set at run time through openblas_set_num_threads),
-so the counts compare side by side; also one 256-token prefill chunk of a fresh session per count.
+so the counts compare side by side; also one 256-token prefill chunk of a fresh session per count, and the model's
+matmuls alone (each Linear shape at 1 and 8 rows, and the forward pass with no cache) per count.
 
     python benchmarks/batch_step.py [--repeats 5] [--threads 2 1] [--out benchmarks/results]  -> batch_step_cpu.json
 """
@@ -100,6 +101,40 @@ def timed_step(clock: StepClock, decoders, arena) -> dict:
 def openblas_threads(n: int) -> None:
     """OpenBLAS's thread count from now on (the library LD_PRELOAD put in this process)."""
     ctypes.CDLL(None).openblas_set_num_threads(n)
+
+
+def matmuls(served, threads: list[int]) -> dict:
+    """Milliseconds (median of 20) of the model's own matmuls alone, at 1 and 8 rows per OpenBLAS thread count: each
+    distinct Linear shape of a layer (fp32 weights, as the CPU runs them) and the tied output projection, then
+    the whole forward pass of one token per row with no cache (every layer's matmuls plus norms, RoPE, MLP)."""
+    layer = served.model.layers[0]
+    shapes = {name: module.weight.shape for name, module in (
+        ("q_proj", layer.self_attn.q_proj), ("k_proj", layer.self_attn.k_proj), ("gate_proj", layer.mlp.gate_proj),
+        ("down_proj", layer.mlp.down_proj))}
+    shapes["lm_head"] = served.model.model.embed_tokens.weight.shape
+
+    def median_ms(fn) -> float:
+        fn()
+        seconds = []
+        for _ in range(20):
+            started = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - started)
+        return 1e3 * statistics.median(seconds)
+
+    out = {}
+    for n in threads:
+        openblas_threads(n)
+        row = {}
+        for rows in (1, 8):
+            for name, (n_out, n_in) in shapes.items():
+                w, x = mx.random.normal((n_out, n_in)), mx.random.normal((rows, n_in))
+                mx.eval(w, x)
+                row[f"{name} {n_out}x{n_in}, {rows} rows"] = median_ms(lambda w=w, x=x: mx.eval(x @ w.T))
+            tokens = mx.array([[5]] * rows)
+            row[f"model forward, no cache, {rows} rows"] = median_ms(lambda t=tokens: mx.eval(served.model(t)))
+        out[str(n)] = row
+    return out
 
 
 def timed_chunk(served, salt: int) -> float:
@@ -206,13 +241,15 @@ def main() -> None:
                 for i, decoder in enumerate(decoders):
                     run["alone"][i].append(timed_step(clock, [decoder], arena))
                 run["chunk"].append(timed_chunk(served, repeat))
+        matmul_ms = matmuls(served, args.threads)
         load.append(os.getloadavg()[0])
 
     def medians(steps):
         return {k: statistics.median(s[k] for s in steps) for k in steps[0]}
 
     result = {"device": device_info(), "model": "smollm2-135m (embedded)", "cache": "turboquant_mse, 4-bit keys and values",
-              "contexts": contexts, "repeats": args.repeats, "load_average_1min": load, "openblas_threads": {}}
+              "contexts": contexts, "repeats": args.repeats, "load_average_1min": load, "matmuls_alone_ms": matmul_ms,
+              "openblas_threads": {}}
     for threads, run in runs.items():
         alone = [medians(a) for a in run["alone"]]
         row = {"batched_8_rows_s": medians(run["batched"]),

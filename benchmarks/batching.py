@@ -7,9 +7,11 @@ Then seven streams decode while a new session's 4,000-token prompt arrives: the 
 between tokens while it is fed, against one prefill chunk (the solo prefill's time per chunk) and the whole
 prefill.
 
---mode inprocess (the GPU figures): the service cannot load a random-weight model, so the scheduler runs in this
-process (service/scheduler.py with real Sessions and Decoders, as the shard runs them, without gRPC) over a
-random Llama-3.2-1B-shaped fp16 model; caches filled with random K/V to contexts of 100 to 4,000 tokens;
+--mode service --model random:llama-3.2-1b: the same over gRPC on a GPU, with the service's random-weight model of
+that shape (service/random_model.py; not yet run) -> batching_gpu_service.{json,png}.
+
+--mode inprocess (the GPU figures so far): the scheduler runs in this process (service/scheduler.py with real
+Sessions and Decoders, as the shard runs them, without gRPC) over a random Llama-3.2-1B-shaped fp16 model; caches filled with random K/V to contexts of 100 to 4,000 tokens;
 1, 8 and 32 streams. Also checks one batch-arena step of the sessions against the same step row by row.
 
     python benchmarks/batching.py [--mode service|inprocess] [--tokens 24] [--rounds 2] [--lock FILE] [--out benchmarks/results]
@@ -63,12 +65,12 @@ def bench_service(args) -> dict:
     from kvshard.client import NO_RETRY, Client
 
     tmp = Path(tempfile.mkdtemp(prefix="kvshard-batching-"))
-    shard = ShardProcess(tmp, "--max-prompt-tokens", str(LONG_PROMPT + 100), "--max-tokens", "1024",
+    shard = ShardProcess(tmp, "--model", args.model, "--max-prompt-tokens", str(LONG_PROMPT + 100), "--max-tokens", "1024",
                          "--max-session-tokens", "16384", "--checkpoint-tokens", "64", "--memory-budget", "4GiB",
                          "--max-batch-size", "8").start(timeout=300)
     rng = np.random.default_rng(0)
     result = {"device": device_info(), "mode": "service (kvshard serve on loopback, real gRPC)",
-              "model": "smollm2-135m (embedded)", "cache": "turboquant_mse, 4-bit keys and values",
+              "model": args.model, "cache": "turboquant_mse, 4-bit keys and values",
               "contexts": CONTEXTS, "tokens_per_stream": args.tokens, "rounds": args.rounds, "load_average": {}}
     try:
         with Client(shard.target, retry=NO_RETRY, timeout=3600) as client:
@@ -99,10 +101,10 @@ def bench_service(args) -> dict:
                 return out
 
             started = time.perf_counter()
-            prompts = [rng.integers(100, 20000, n).tolist() for n in CONTEXTS]
+            prompts = [rng.integers(100, _token_high(args.model), n).tolist() for n in CONTEXTS]
             together([lambda s=s, p=p: generate(s, 1, p) for s, p in zip(sessions, prompts, strict=True)])
             result["prefill_all_s"] = time.perf_counter() - started
-            result["effective_bits"] = _effective_bits(sessions[-1])
+            result["effective_bits"] = _effective_bits(sessions[-1], client.server_info().model_shape)
             for session in sessions:
                 session.refresh()
             with timing_lock(args.lock):
@@ -111,7 +113,11 @@ def bench_service(args) -> dict:
             result["summary"] = _summary(rounds)
             result["load_average"]["before prefill phase"] = load_average()
             with timing_lock(args.lock):
-                result["prefill_amid_decoding"] = _amid_prefill(client, sessions[:7], rng, generate, together)
+                result["prefill_amid_decoding"] = amid = _amid_prefill(client, sessions[:7], rng, generate, together)
+            # The second reading of "one prefill chunk": a stream waits for a chunk and then its own batched step.
+            amid["batched_step_s"] = statistics.median(b["median_gap_ms"] for r in rounds for b in r["batched"]) / 1e3
+            amid["worst_gap_in_solo_chunk_plus_batched_step"] = amid["worst_gap_s"] / (
+                amid["solo_seconds_per_chunk"] + amid["batched_step_s"])
             result["load_average"]["end"] = load_average()
     finally:
         shard.stop()
@@ -153,10 +159,17 @@ def _rounds(args, sessions, generate, together, result) -> list:
     return rounds
 
 
-def _effective_bits(session) -> float:
-    """8 x bytes held / K and V elements (SmolLM2: 30 layers x 3 kv heads x head_dim 64 per token)."""
+def _token_high(model: str) -> int:
+    """Prompt token ids are drawn below this: 20,000, or a random-weight model's smaller vocabulary."""
+    from kvshard.service.random_model import PREFIX, SHAPES, is_random
+
+    return min(20000, SHAPES[model[len(PREFIX):]]["vocab_size"]) if is_random(model) else 20000
+
+
+def _effective_bits(session, shape) -> float:
+    """8 x bytes held / K and V elements (layers x kv heads x head_dim per token, twice)."""
     info = session.refresh()
-    return 8 * info.memory_bytes / (2 * info.offset * 30 * 3 * 64)
+    return 8 * info.memory_bytes / (2 * info.offset * shape.layers * shape.n_kv_heads * shape.head_dim)
 
 
 def _summary(rounds: list) -> dict:
@@ -173,7 +186,7 @@ def _amid_prefill(client, decoding, rng, generate, together) -> dict:
     """Seven streams decode; a new session's 4,000-token prompt arrives once each has a few tokens."""
     from kvshard.service.generation import PREFILL_CHUNK
 
-    prompt = rng.integers(100, 20000, LONG_PROMPT).tolist()
+    prompt = rng.integers(100, _token_high(client.server_info().model), LONG_PROMPT).tolist()
     alone = client.create_session(key_bits=4, value_bits=4)
     solo_start, solo_times = generate(alone, 1, prompt)
     solo_prefill_s = solo_times[-1] - solo_start
@@ -373,6 +386,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32], help="inprocess: stream counts")
     parser.add_argument("--layers", type=int, default=0, help="inprocess: fewer layers for a quick check")
     parser.add_argument("--max-context", type=int, default=MAX_CONTEXT, help="service: longest context (a quick check: 400)")
+    parser.add_argument("--model", default="smollm2-135m", help="service: the model the shard serves (on a GPU: "
+                        "random:llama-3.2-1b; results then go to batching_gpu_service.json)")
     parser.add_argument("--lock", help="service: a file to flock while timing (not while prefilling), e.g. /work/wt/timing.lock")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -383,8 +398,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.mode == "service":
         result = bench_service(args)
-        (out / "batching_cpu.json").write_text(json.dumps(result, indent=1))
-        plot(result, out / "batching_cpu.png")
+        name = "batching_cpu" if args.model == "smollm2-135m" else "batching_gpu_service"
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        plot(result, out / f"{name}.png")
     else:
         result = bench_inprocess(args)
         (out / "batching_gpu.json").write_text(json.dumps(result, indent=1))

@@ -144,6 +144,10 @@ class CompressedKVCache(_BaseCache):
         self.window_keys = self.window_values = None
         self.key_codes = self.value_codes = None
         self.key_mean = None
+        # A fresh cache fed its first tokens in pieces (a prompt fed in small chunks beside decoding streams) holds
+        # them in fp16 until this many have arrived, so its key mean comes from as many tokens as one whole first
+        # chunk would give it (service/generation.py sets it; 0: the mean comes from the first append).
+        self.mean_tokens = 0
 
     @property
     def config(self) -> dict:
@@ -214,7 +218,7 @@ class CompressedKVCache(_BaseCache):
         self.window_values = _concat(self.window_values, values)
         overflow = self.window_keys.shape[2] - self.window
         if self.center_keys and self.key_mean is None:
-            if self.window_keys.shape[2] < _MIN_TOKENS_FOR_MEAN:
+            if self.window_keys.shape[2] < _MIN_TOKENS_FOR_MEAN or self.offset < self.mean_tokens:
                 return
             # Keys share a large common direction; encoding k − μ spends the bits on what differs between them.
             window = self._unrope(self.window_keys.astype(mx.float32), self._codes_start())

@@ -53,7 +53,8 @@ def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--store", default="sqlite:///data/kvshard.sqlite3",
                         help="session store: sqlite:///relative/path, sqlite:////absolute/path or redis://host:port/db")
     parser.add_argument("--model", default="smollm2-135m",
-                        help="the embedded model, any mlx_lm model path or repo id, or 'none' for raw cache sessions only")
+                        help="the embedded model, any mlx_lm model path or repo id, random:llama-3.2-1b (random weights "
+                        "of that shape, a byte-level tokenizer: for measuring), or 'none' for raw cache sessions only")
     parser.add_argument("--memory-budget", type=byte_size, default=human_bytes(d.memory_budget_bytes),
                         help="bytes for hot sessions, calls in flight, session loads and MLX's buffer cache (service/README: what the budget covers); idle sessions are dropped first (they are stored)")
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help="sessions the store may hold (0: no limit)")

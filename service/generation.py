@@ -122,6 +122,12 @@ class Decoder:
             self._before = len(tokens), [c.offset for c in caches]
         tokens.extend(self.prompt)
         self.prompt = []
+        if caches[0].offset == 0:
+            # A fresh session's key mean comes from its first PREFILL_CHUNK tokens (or its whole shorter input)
+            # however the scheduler chunks them: fed in smaller pieces, they wait in fp16 until all are in.
+            for cache in caches:
+                if hasattr(cache, "mean_tokens"):
+                    cache.mean_tokens = min(PREFILL_CHUNK, len(tokens))
         if caches[0].offset == len(tokens):
             # Nothing pending (the conversation was trimmed to a token already in the cache): feed it again.
             for cache in caches:

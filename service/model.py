@@ -6,6 +6,7 @@ from typing import Any
 from kvshard.quant import install_attention_hook, load_model
 from kvshard.quant.models import model_fingerprint
 from kvshard.service.profiles import profiles_for
+from kvshard.service.random_model import is_random, load_random
 
 CHAT_ROLES = ("system", "user", "assistant")
 # Stands in for an earlier assistant reply so that the chat template renders a continuation (see render_chat).
@@ -27,7 +28,7 @@ class ServedModel:
     @classmethod
     def load(cls, name: str) -> "ServedModel":
         """Load on the MLX thread: the weights belong to it from then on."""
-        model, tokenizer = load_model(name)
+        model, tokenizer = load_random(name) if is_random(name) else load_model(name)
         # Sessions restored from the store never pass through KVCacheBuilder.for_model, which installs the
         # hook that makes attention read the codes; without it they would attend over dequantized fp16 K/V
         # and drift from sessions that were never restored.

@@ -11,7 +11,9 @@ A long prompt is fed in chunks sized by cost, so that the decoding streams wait 
 alone: with streams decoding, a turn aims at CHUNK_SHARE of the prompt's average chunk (`PREFILL_CHUNK` tokens at
 its middle position) for the chunk and the decode step together. The cost of a token grows with its position
 (attention); `ChunkCost` fits seconds per token as a line in the position to the chunks fed so far. Alone, a
-prompt is fed in full chunks, and a fresh session's first chunk is always full (its key mean comes from it).
+prompt is fed in full chunks. A fresh session's key mean comes from its first PREFILL_CHUNK tokens: fed in smaller
+pieces beside decoding streams, they wait in fp16 until the last piece, which ends where a whole chunk would, so a
+prompt codes alike whether or not streams decode beside it (generation.Decoder sets the caches' mean_tokens).
 
 Fair order when more streams are due than `max_batch`: "round-robin" serves the streams that were served least
 recently first, so every stream gets a step at least every ⌈due / max_batch⌉ turns; "arrival" serves the streams
@@ -167,9 +169,10 @@ class Scheduler:
         """(tokens of the decoder's prompt to feed this turn, the position they start at, the prompt's end)."""
         start = decoder.session.caches[0].offset
         first, end = self._spans.setdefault(id(decoder), (start, start + decoder.pending_tokens()))
-        if not decoding:
-            return PREFILL_CHUNK, start, end
-        return chunk_tokens(self.chunk_cost, first, end, start, self._decode_s), start, end
+        chunk = chunk_tokens(self.chunk_cost, first, end, start, self._decode_s) if decoding else PREFILL_CHUNK
+        if start < PREFILL_CHUNK:  # the pieces of a fresh session's first chunk end where a whole one would
+            chunk = min(chunk, PREFILL_CHUNK - start)
+        return chunk, start, end
 
     async def _gather(self) -> None:
         """Wait until every stream that is generating has asked for its step, or the gather time is up."""
@@ -232,11 +235,10 @@ def _run_turn(prefill, chunk: int, batch: list, arena: BatchArena) -> tuple[list
 
 def chunk_tokens(cost: "ChunkCost", first: int, end: int, start: int, decode_s: float) -> int:
     """Tokens of a prompt spanning positions [first, end) to feed from `start` in a turn whose decode step takes
-    decode_s: the chunk and the step together CHUNK_SHARE of the prompt's average chunk alone. A fresh cache's
-    key mean comes from its first chunk: that one is always whole, so a prompt codes alike whether or not
-    streams decode beside it."""
+    decode_s: the chunk and the step together CHUNK_SHARE of the prompt's average chunk alone (a whole chunk
+    before any was fed)."""
     average = cost.per_token((first + end) / 2)
-    if average is None or start == 0:
+    if average is None:
         return PREFILL_CHUNK
     budget = CHUNK_SHARE * PREFILL_CHUNK * average - decode_s
     return int(min(max(budget / cost.per_token(start + PREFILL_CHUNK / 2), MIN_CHUNK), PREFILL_CHUNK))

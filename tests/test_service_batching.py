@@ -16,7 +16,10 @@ from conftest import ShardProcess, free_port
 from kvshard.quant import KVCacheBuilder, KVCacheConfig, install_attention_hook
 from kvshard.quant.batch_arena import BatchArena
 from kvshard.quant.batch_view import batch_views
-from kvshard.service.generation import PREFILL_CHUNK
+from kvshard.quant.models import model_fingerprint
+from kvshard.service.generation import PREFILL_CHUNK, Decoder, Sampling
+from kvshard.service.model import ServedModel
+from kvshard.service.sessions import Limits, Session, resolve_spec
 from kvshard.service import worker
 from kvshard.service.scheduler import CHUNK_SHARE, DECODE_BLAS_THREADS, MIN_CHUNK, ChunkCost, chunk_tokens
 from kvshard.wire import kvshard_pb2 as pb
@@ -175,8 +178,39 @@ def test_prefill_chunks_are_sized_by_cost():
         n = sizes[start] = chunk_tokens(cost, 100, 4100, start, decode_s)
         assert n * per_token(start + n / 2) + decode_s <= CHUNK_SHARE * average_chunk * 1.01
     assert MIN_CHUNK <= sizes[3800] < sizes[1000] < PREFILL_CHUNK
-    assert chunk_tokens(cost, 0, 4000, 0, decode_s) == PREFILL_CHUNK  # a fresh session's first chunk is whole
+    assert chunk_tokens(cost, 0, 4000, 0, 0.5) < PREFILL_CHUNK  # a fresh session's first chunk is sized alike
     assert chunk_tokens(cost, 100, 4100, 1000, 10.0) == MIN_CHUNK  # a prompt always advances
+
+
+def _fresh_decoder(served, prompt: list[int]) -> Decoder:
+    config = KVCacheConfig(method="turboquant_mse", key_bits=4, value_bits=4, seed=42)
+    session = Session.new(resolve_spec("model", served.shape, config, Limits()), "default", served)
+    return Decoder(served, session, list(prompt), Sampling(), {"generated_tokens": 0})
+
+
+def test_a_fresh_prompt_fed_in_pieces_takes_its_key_mean_from_a_whole_first_chunk(smollm):
+    """Beside decoding streams a fresh prompt's first chunk comes in pieces; its caches hold them in fp16 until
+    PREFILL_CHUNK tokens are in, so every layer's key mean is the whole first chunk's (as when fed alone), not the
+    first piece's. (Its codes are not bit-identical: the later pieces attend over the earlier ones' exact fp16 K/V,
+    a whole chunk over its own codes, so deeper layers' keys differ by about the coding error.)"""
+    model, tokenizer = smollm
+    install_attention_hook(model)
+    served = ServedModel("smollm2-135m", model, tokenizer, model_fingerprint(model),
+                         dict(layers=len(model.layers), n_kv_heads=3, head_dim=64), model.args.vocab_size,
+                         frozenset(), {}, "")
+    prompt = [(37 * i + 11) % 4000 + 50 for i in range(PREFILL_CHUNK + 44)]
+    whole, pieces = _fresh_decoder(served, prompt), _fresh_decoder(served, prompt)
+    assert whole.step() is None and isinstance(whole.step(), int)
+    for _ in range(PREFILL_CHUNK // 64):
+        assert pieces.step(64) is None
+    assert isinstance(pieces.step(64), int)
+    first_piece = _fresh_decoder(served, prompt[:64])
+    first_piece.step()
+    for a, b, c in zip(whole.session.caches, pieces.session.caches, first_piece.session.caches, strict=True):
+        mean = a.key_mean.astype(mx.float32)
+        gap = lambda other: (mx.abs(mean - other.key_mean).max() / mx.abs(mean).max()).item()  # noqa: E731
+        assert gap(b) < 0.05 and gap(c) > 3 * gap(b)
+        assert a.n_encoded == b.n_encoded == len(prompt) and b.window_keys is None
 
 
 @pytest.mark.skipif(worker._openblas() is None, reason="no OpenBLAS in this process (it is LD_PRELOADed on Linux)")
@@ -314,3 +348,26 @@ def test_batch_size_never_exceeds_the_flag(client, shard):
     assert _metric(shard, "kvshard_queue_wait_seconds_count")[""] >= total
     assert _metric(shard, "kvshard_stream_tokens_per_second_count")[""] > 0
     assert "" in _metric(shard, "kvshard_generate_tokens_per_second")
+
+
+def test_a_random_weight_model_is_served_over_grpc_with_its_own_fingerprint(tmp_path):
+    """`kvshard serve --model random:tiny` (service/random_model.py): seeded random weights of a named shape, so the
+    fingerprint is the same at every load, and a byte-level tokenizer; concurrent Generate streams batch over it and a
+    greedy stream gives the same tokens alone."""
+    from kvshard.client import NO_RETRY, Client
+    from kvshard.service.random_model import load_random
+
+    server = ShardProcess(tmp_path, "--model", "random:tiny", "--max-tokens", "16", "--max-batch-size", "4").start()
+    try:
+        with Client(server.target, retry=NO_RETRY) as client:
+            info = client.server_info()
+            model, tokenizer = load_random("random:tiny")
+            assert info.model == "random:tiny" and info.model_fingerprint == model_fingerprint(model)
+            assert (info.model_shape.layers, info.model_shape.n_kv_heads, info.model_shape.head_dim) == (2, 2, 64)
+            prompts = [f"stream {i}: héllo" for i in range(4)]
+            together = _concurrently([lambda p=p: _run(client, p, 12) for p in prompts])
+            assert [len(tokens) for tokens in together] == [12] * 4
+            assert _run(client, prompts[0], 12) == together[0]
+            assert tokenizer.encode(prompts[0], add_special_tokens=False)[:6] == list(b"stream")
+    finally:
+        server.stop()
