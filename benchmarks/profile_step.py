@@ -19,12 +19,13 @@ import sys
 import mlx.core as mx
 from mlx_lm.models import llama
 
-from decode_speed import LLAMA_1B, RECOMMENDED, cache_series, fill, step_fn  # benchmarks/, beside this script
+from decode_speed import LLAMA_1B, RECOMMENDED, RECOMMENDED_BARE, cache_series, fill, step_fn  # benchmarks/, beside this script
 from kvshard.quant import install_attention_hook
 from kvshard.quant.cache import CompressedKVCache
 
 SERIES = {"fp16": "mlx_lm KVCache fp16", "ours": "ours turboquant_mse k4/v4",
-          "klt": "ours klt calibrated-shape plan, 4 bits/coord, fp16 scale", "recommended": RECOMMENDED}
+          "klt": "ours klt calibrated-shape plan, 4 bits/coord, fp16 scale", "recommended": RECOMMENDED,
+          "bare": RECOMMENDED_BARE}
 
 
 def run(series: str, tokens: int, steps: int) -> None:

@@ -186,6 +186,12 @@ def _fast_attention(path, queries, segments, n_kv_heads, key_method, value_metho
     live = [s for s in segments if s.length]
     if path in dispatch.GPU_PATHS and len(live) == 1:
         return gpu.attention(queries, live[0], key_method, value_method, scale, path)[0]
+    codes = [s for s in live if s.is_codes]
+    if (path == "mma_coded" and mask is None and len(codes) == 1 and len(live) <= 3
+            and gpu.coded_merge_supported(value_method, D)):
+        # A decode step beside the fp16 sinks and window: two launches, the merge and the fp16 tokens in the second.
+        exact = [(s.keys, s.values) for s in live if not s.is_codes]
+        return gpu.coded_decode(queries, codes[0], key_method, value_method, scale, exact)
 
     q = (queries.astype(mx.float32) * scale).reshape(B, n_kv_heads, group, L, D)
     parts, start = [], 0

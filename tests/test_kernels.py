@@ -254,7 +254,7 @@ def _nvcc_compile(kind, template, tmp_path):
     dtypes = {"q": "__half", "kidx": "uint8_t", "vidx": "uint8_t", "knorm": "__half", "vnorm": "__half",
               "kmean": "__half", "x": "__half", "idx": "uint8_t", "norm": "__half", "counter": "int32_t",
               "xk": "__half", "xv": "__half", "kidx_out": "uint8_t", "vnorm_out": "__half", "lengths": "int32_t",
-              "wk": "__half", "wv": "__half", "ring": "int32_t"}
+              "wk": "__half", "wv": "__half", "ring": "int32_t", "sk": "__half", "sv": "__half"}
     source = tmp_path / f"{kind}.cu"
     source.write_text(cuda.translation_unit(kind, dtypes, template))
     result = subprocess.run(
@@ -273,6 +273,9 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     assert " 0 bytes spill stores" in log, log
     _nvcc_compile("combine", dict(D=64, R=3, HAS_MEAN=True, NT=128, ROUNDS=3, OutT="__half"), tmp_path)
     _nvcc_compile("encode", dict(D=128, BITS=4, ROUNDS=3), tmp_path)
+    log = _nvcc_compile("coded_merge", dict(D=64, R=4, MPV=64, MV=64, NT=128, HAS_SINKS=True, HAS_WINDOW=True,
+                                            OutT="__half"), tmp_path)
+    assert " 0 bytes spill stores" in log, log
     _nvcc_compile("encode_pair", dict(D=64, KBITS=4, VBITS=2, KROUNDS=3, VROUNDS=0, KREFIT=False, VREFIT=True), tmp_path)
     log = _nvcc_compile("attend", dict(D=128, R=4, KB=4, VB=4, LPT=8, WARPS=4, U=gpu.GPU_UNROLL, TPS=256, ROUNDS=3,
                                        HAS_MEAN=True, VROUNDS=3, OutT="__half"), tmp_path)
@@ -680,6 +683,99 @@ def test_coded_kernel_on_cpu_emulator(head_dim, queries_per_kv, key_bits, value_
     top_s = scores.max(-1)
     expected = top_s + np.log(np.exp(scores - top_s[..., None]).sum(-1))
     assert np.abs(lse[:1] - expected.reshape(1, n_kv, queries_per_kv)).max() < 2e-2
+
+
+@pytest.mark.parametrize("head_dim, tokens", [(64, 16), (128, 3)])
+def test_compiled_klt_encode_is_the_methods_bit_for_bit(head_dim, tokens):
+    """A decode block's klt encode on a GPU runs under mx.compile (gpu.compiled_encode): the same codes and scale
+    bytes as the method's own encode, for the recommended layout's keys and values."""
+    bits = RECOMMENDED_KEY_BITS if head_dim == 64 else (6,) * 16 + (4,) * 48 + (2,) * 40 + (0,) * 24
+    cache = _coded_cache(head_dim, bits, (4,) * head_dim, "half", 100)
+    for method in (cache.key_quantizer, cache.value_quantizer):
+        assert gpu.has_layout(method)
+        x = 2 * mx.random.normal((1, 2, tokens, head_dim))
+        want, got = method.encode(x), gpu.compiled_encode(method)(x)
+        assert all(mx.array_equal(want[k], got[k]).item() for k in want)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+@pytest.mark.parametrize(
+    "head_dim, queries_per_kv, coded_width, splits, sinks, window, empty_split, shared_synthesis",
+    [
+        (64, 4, 64, 5, 4, 16, True, False),  # the recommended config: 4 sinks, 16-token window
+        (64, 3, 61, 3, 0, 9, False, False),  # no sinks, a part-filled block waiting in fp16, padded coded width
+        (128, 8, 104, 4, 4, 0, False, True),  # head_dim 128, 8 rows, sinks only, one synthesis for all heads
+        (64, 2, 64, 2, 0, 0, False, False),  # codes only
+        (128, 4, 128, 3, 2, 200, False, False),  # a window longer than one chunk of weights
+    ],
+)
+def test_coded_merge_on_cpu_emulator(head_dim, queries_per_kv, coded_width, splits, sinks, window, empty_split,
+                                     shared_synthesis, tmp_path):
+    """coded_merge.cu (mma_coded's splits merged, values mapped back through the synthesis, fp16 sinks and window
+    attended exactly and merged) under g++ against the same arithmetic in numpy; the window is a strided view of a
+    longer buffer, as the cache's is after a block leaves it; a split with no tokens (-inf) must weigh nothing."""
+    import numpy as np
+
+    rng = np.random.default_rng(head_dim + window)
+    batch, n_kv, D, R, mv = 2, 2, head_dim, queries_per_kv, coded_width
+    MPV = -(-mv // 16) * 16
+    scale = D**-0.5
+    q = rng.standard_normal((batch, n_kv * R, 1, D)).astype(np.float16)
+    synth = rng.standard_normal((1 if shared_synthesis else n_kv, D, mv)).astype(np.float32) / np.sqrt(mv)
+    part_o = rng.standard_normal((batch, n_kv, splits, R, MPV)).astype(np.float32)
+    part_ml = np.stack([rng.uniform(-2, 6, (batch, n_kv, splits, R)), rng.uniform(1, 40, (batch, n_kv, splits, R))],
+                       -1).astype(np.float32)
+    if empty_split:
+        part_ml[:, :, -1, :, 0], part_ml[:, :, -1, :, 1] = -np.inf, 0.0
+        part_o[:, :, -1] = 0.0
+    sk = 3 * rng.standard_normal((batch, n_kv, max(sinks, 1), D)).astype(np.float16)
+    sv = rng.standard_normal(sk.shape).astype(np.float16)
+    buffer_k = 3 * rng.standard_normal((batch, n_kv, window + 7, D)).astype(np.float16)
+    buffer_v = rng.standard_normal(buffer_k.shape).astype(np.float16)
+
+    def view(a, start, n):  # tokens [start, start + n) of a contiguous buffer, through its strides
+        T = a.shape[2]
+        return a[:, :, start:], (a.shape[0], a.shape[1], n, D), [n_kv * T * D, T * D, D, 1]
+
+    dense = lambda a, dtype: _dense(a, dtype, batch)  # noqa: E731
+    inputs = {"q": dense(q, np.float16), "params": dense(np.array([scale], np.float32), np.float32),
+              "vsynth": dense(synth, np.float32), "sk": dense(sk, np.float16), "sv": dense(sv, np.float16),
+              "wk": view(buffer_k, 7, window) if window else dense(np.zeros((1, 1, 1, 1)), np.float16),
+              "wv": view(buffer_v, 7, window) if window else dense(np.zeros((1, 1, 1, 1)), np.float16),
+              "part_o": dense(part_o, np.float32), "part_ml": dense(part_ml, np.float32)}
+    fp16 = [name for name, on in (("sinks", sinks), ("window", window)) if on]
+    template = dict(D=D, R=R, MPV=MPV, MV=mv, NT=gpu.GPU_COMBINE_THREADS, HAS_SINKS=bool(fp16),
+                    HAS_WINDOW=len(fp16) > 1, OutT="float")
+    if fp16 == ["window"]:  # the kernel's first fp16 slot takes whichever segment comes first
+        inputs["sk"], inputs["sv"], inputs["wk"], inputs["wv"] = inputs["wk"], inputs["wv"], inputs["sk"], inputs["sv"]
+    dtypes = {"q": "__half", "sk": "__half", "sv": "__half", "wk": "__half", "wv": "__half"}
+    launch, names, _ = _emulated("coded_merge", dtypes, template, tmp_path)
+    shapes, strides, arrays = np.zeros((len(names), 8), np.int32), np.zeros((len(names), 8), np.int64), []
+    for i, name in enumerate(names):
+        array, shape, stride = inputs[name]
+        arrays.append(np.ascontiguousarray(array) if name not in ("wk", "wv", "sk", "sv") else array)
+        shapes[i, : len(shape)], strides[i, : len(stride)] = shape, stride
+    out = np.full((batch, n_kv * R, 1, D), np.nan, np.float32)
+    pointers = (ctypes.c_void_p * (len(arrays) + 1))(*[a.ctypes.data for a in arrays + [out]])
+    launch(pointers, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p), R, n_kv, batch,
+           gpu.GPU_COMBINE_THREADS)
+
+    m, l = part_ml[..., 0].astype(np.float64), part_ml[..., 1].astype(np.float64)
+    top = m.max(2, keepdims=True)
+    w = np.where(np.isfinite(m), np.exp(m - top), 0.0)
+    coded = (w[..., None] * part_o).sum(2)[..., :mv] / (w * l).sum(2)[..., None]  # (B, H, R, mv)
+    coded_lse = top[:, :, 0] + np.log((w * l).sum(2))
+    model = np.einsum("bhrm,hdm->bhrd", coded, np.broadcast_to(synth, (n_kv, D, mv)))
+    keys = [sk[:, :, :sinks]] + [buffer_k[:, :, 7:7 + window]]
+    values = [sv[:, :, :sinks]] + [buffer_v[:, :, 7:7 + window]]
+    k, v = np.concatenate(keys, 2).astype(np.float64), np.concatenate(values, 2).astype(np.float64)
+    qq = q.astype(np.float64).reshape(batch, n_kv, R, D) * scale
+    scores = np.concatenate([coded_lse[..., None], np.einsum("bhrd,bhtd->bhrt", qq, k)], -1)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = p[..., :1] * model + np.einsum("bhrt,bhtd->bhrd", p[..., 1:], v)
+    got = out.reshape(batch, n_kv, R, D)
+    assert np.isfinite(got).all() and np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA or Metal GPU")

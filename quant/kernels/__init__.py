@@ -23,11 +23,14 @@ from .dispatch import BACKENDS, ENV_BACKEND, gpu_backend, requested_backend  # n
 
 def encode(method, x: mx.array) -> dict:
     """method.encode(x) for the cache's appends. On a GPU, methods the encode kernel covers encode in one launch
-    (`gpu.encode`). On the CPU the native kernel encodes what it covers (`native_encode`: klt, turboquant_mse).
+    (`gpu.encode`); klt's layouts, which no encode kernel covers, encode a decode step's few tokens through
+    mx.compile (`gpu.compiled_encode`). On the CPU the native kernel encodes what it covers (`native_encode`: klt, turboquant_mse).
     Elsewhere it is `cpu_encode`: method.encode, bit for bit, with fewer and fused passes."""
     kind, portable = gpu_backend(), os.environ.get(ENV_BACKEND) == "pure"
     if kind is not None and gpu.encode_supported(method) and not portable:
         return gpu.encode(method, x, kind)
+    if kind is not None and not portable and x.shape[2] <= gpu.COMPILED_ENCODE_TOKENS and gpu.has_layout(method):
+        return gpu.compiled_encode(method)(x)
     codes = native_encode(method, x) if kind is None and not portable else None
     if codes is not None:
         return codes

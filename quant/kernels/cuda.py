@@ -32,6 +32,7 @@ APPEND_INPUTS = ATTEND_INPUTS + ["xk", "xv", "kbounds", "vbounds"]
 RING_INPUTS = APPEND_INPUTS + ["wk", "wv", "ring"]
 CODED_INPUTS = ["q", "params", "synth", "kmean", "omega", "kcoord", "kcent", "vcoord", "vcent", "kidx", "knorm", "vidx",
                 "vnorm", "lengths"]
+CODED_MERGE_INPUTS = ["q", "params", "vsynth", "sk", "sv", "wk", "wv", "part_o", "part_ml"]
 ENCODE_INPUTS = ["x", "signs", "bounds"]
 ENCODE_OUTPUTS = ["idx", "norm"]
 ENCODE_PAIR_INPUTS = ["xk", "xv", "ksigns", "vsigns", "kbounds", "vbounds", "kcent", "vcent"]
@@ -69,6 +70,7 @@ def parts(kind: str) -> tuple:
         "mma_append": (APPEND_INPUTS, ATTEND_OUTPUTS, mma, ("mma_split.cu", "attend_merge.cu", "append_token.cu",
                                                             "attend_out.cu")),
         "mma_coded": (CODED_INPUTS, SPLIT_OUTPUTS, mma, ("mma_coded.cu",)),
+        "coded_merge": (CODED_MERGE_INPUTS, ["out"], common, ("coded_merge.cu",)),
         "append_ring": (RING_INPUTS, ATTEND_OUTPUTS, common, ("split.cu", "attend_merge.cu", "append_ring.cu",
                                                               "attend_out.cu")),
         "mma_append_ring": (RING_INPUTS, ATTEND_OUTPUTS, mma, ("mma_split.cu", "attend_merge.cu", "append_ring.cu",

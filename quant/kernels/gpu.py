@@ -22,7 +22,10 @@ token is coded, the new one takes its slot, the ring is attended exactly.
 Coded-layout kernel (mma_coded.cu, then combine.cu; sm_80+, head_dim 64 or 128, <= 8 rows): codes of any layout a
 spec describes by its runs (klt's calibrated plans: per-coordinate bit widths, 8-bit log scales), keys decoded into
 model space through the synthesis on tensor cores and, when coded before RoPE, turned by RoPE at their positions;
-values summed in the coded domain and mapped back by the method (`coded_attention`).
+values summed in the coded domain and mapped back by the method (`coded_attention`). A decode step's merge is one
+more launch (coded_merge.cu, `coded_decode`): the splits merged, the values mapped back through the spec's synthesis,
+the fp16 sinks and window attended exactly beside them; klt's tokens leaving the window are coded under mx.compile
+(`compiled_encode`).
 """
 
 import itertools
@@ -198,6 +201,8 @@ def attention(queries, segment, key_method, value_method, scale: float, kernel: 
     oldest token is the one coded, the new one takes its slot, and the ring is attended exactly.
     Returns (out (B, Hq, L, D) in queries.dtype, lse (B, Hkv, R) or None unless with_lse)."""
     if kernel == "mma_coded":  # merged with fp16 segments (with_lse) in float32: no round trip through fp16
+        if not with_lse and coded_merge_supported(value_method, queries.shape[3]):
+            return coded_decode(queries, segment, key_method, value_method, scale, lengths=lengths), None
         out, lse = coded_attention(queries, segment, key_method, value_method, scale, lengths)
         return (out, lse) if with_lse else (out.astype(queries.dtype), None)
     B, n_q_heads, L, D = queries.shape
@@ -346,6 +351,24 @@ def encode(method, x: mx.array, backend: str) -> dict:
     return {"idx": idx, "norm": norm}
 
 
+# Appends of at most this many tokens (a decode step's block leaving the fp16 window) encode klt's layouts through
+# mx.compile: one traced graph per shape instead of ~150 small MLX ops a method, each built on the host at every
+# block. Larger appends (prefill chunks of many shapes) keep the method's own encode.
+COMPILED_ENCODE_TOKENS = 16
+
+
+def has_layout(method) -> bool:
+    """Whether the method's spec describes its codes by runs (klt): the codes mma_coded reads."""
+    spec = method.fused_spec()
+    return spec is not None and bool(spec.runs)
+
+
+@lru_cache(maxsize=64)
+def compiled_encode(method):
+    """method.encode under mx.compile (the method's matrices and codebooks are constants of the trace)."""
+    return mx.compile(method.encode)
+
+
 def encode_pair(key_method, keys: mx.array, value_method, values: mx.array) -> tuple[dict, dict]:
     """Keys and values of one append in one CUDA launch (the first half of the warps encode keys)."""
     kspec, vspec, statics, template = _pair_plan(key_method, value_method)
@@ -467,6 +490,54 @@ def coded_attention(queries, segment, key_method, value_method, scale: float, le
     B, n_q_heads, L, D = queries.shape
     H = segment.n_kv_heads
     R = (n_q_heads // H) * L
+    part_o, part_ml, params, MPV, mv = _coded_split(queries, segment, key_method, value_method, scale, lengths)
+    out, lse = cuda.kernel("combine")(
+        inputs=[queries, params, _placeholder((1, MPV), mx.float32), _placeholder(), part_o, part_ml],
+        template=[("D", MPV), ("R", R), ("HAS_MEAN", False), ("NT", GPU_COMBINE_THREADS), ("ROUNDS", 0),
+                  ("OutT", mx.float32)],
+        grid=(R * GPU_COMBINE_THREADS, H, B), threadgroup=(GPU_COMBINE_THREADS, 1, 1),
+        output_shapes=[(B, n_q_heads, L, MPV), (B, H, R)], output_dtypes=[mx.float32, mx.float32])
+    if MPV != mv:
+        out = out[..., :mv]
+    return value_method.unrotate(out.reshape(B, H, n_q_heads // H, L, mv)).reshape(B, n_q_heads, L, D), lse
+
+
+@lru_cache(maxsize=64)
+def coded_merge_supported(value_method, head_dim: int) -> bool:
+    """Whether coded_decode covers this value method: its codes map back to model space through the spec's
+    synthesis (H or 1, head_dim, coded width), as klt's do."""
+    spec = value_method.fused_spec()
+    synthesis = None if spec is None else spec.synthesis
+    return synthesis is not None and synthesis.ndim == 3 and synthesis.shape[1:] == (
+        head_dim, sum(n for n, _ in spec.runs)) and synthesis.dtype == mx.float32
+
+
+def coded_decode(queries, segment, key_method, value_method, scale: float, exact=(), lengths=None) -> mx.array:
+    """A decode step's attention over one code segment and up to two unmasked fp16 segments [(keys, values)] (the
+    sinks, the window) in two launches: mma_coded's splits, then coded_merge.cu, which merges them, maps the values
+    back through the synthesis (coded_merge_supported) and merges the fp16 tokens exactly. (B, Hq, L, D) in the
+    queries' dtype."""
+    B, n_q_heads, L, D = queries.shape
+    H = segment.n_kv_heads
+    R = (n_q_heads // H) * L
+    part_o, part_ml, params, MPV, mv = _coded_split(queries, segment, key_method, value_method, scale, lengths)
+    fp16 = [(k, v) for k, v in exact if k.shape[2]]
+    if len(fp16) > 2:
+        raise ValueError(f"coded_decode merges at most two fp16 segments, got {len(fp16)}")
+    slots = fp16 + [(_placeholder(), _placeholder())] * (2 - len(fp16))
+    return cuda.kernel("coded_merge")(
+        inputs=[queries, params, value_method.fused_spec().synthesis, *slots[0], *slots[1], part_o, part_ml],
+        template=[("D", D), ("R", R), ("MPV", MPV), ("MV", mv), ("NT", GPU_COMBINE_THREADS),
+                  ("HAS_SINKS", len(fp16) > 0), ("HAS_WINDOW", len(fp16) > 1), ("OutT", queries.dtype)],
+        grid=(R * GPU_COMBINE_THREADS, H, B), threadgroup=(GPU_COMBINE_THREADS, 1, 1),
+        output_shapes=[(B, n_q_heads, L, D)], output_dtypes=[queries.dtype])[0]
+
+
+def _coded_split(queries, segment, key_method, value_method, scale: float, lengths):
+    """mma_coded's launch: (part_o, part_ml, params, padded and real value coded widths)."""
+    B, n_q_heads, L, D = queries.shape
+    H = segment.n_kv_heads
+    R = (n_q_heads // H) * L
     template, synth, kcoord, kcent, vcoord, vcent, mv, constants = _coded_layout(key_method, value_method, D)
     rope, position = 0, 0
     omega = _placeholder((1,), mx.float32)
@@ -484,16 +555,7 @@ def coded_attention(queries, segment, key_method, value_method, scale: float, le
         inputs=[queries, params, synth, segment.key_mean if has_mean else _placeholder(), omega, kcoord, kcent,
                 vcoord, vcent, segment.key_codes["idx"], segment.key_codes["norm"], segment.value_codes["idx"],
                 segment.value_codes["norm"], lengths], **kwargs)
-    MPV = dict(template)["MPV"]
-    out, lse = cuda.kernel("combine")(
-        inputs=[queries, params, _placeholder((1, MPV), mx.float32), _placeholder(), part_o, part_ml],
-        template=[("D", MPV), ("R", R), ("HAS_MEAN", False), ("NT", GPU_COMBINE_THREADS), ("ROUNDS", 0),
-                  ("OutT", mx.float32)],
-        grid=(R * GPU_COMBINE_THREADS, H, B), threadgroup=(GPU_COMBINE_THREADS, 1, 1),
-        output_shapes=[(B, n_q_heads, L, MPV), (B, H, R)], output_dtypes=[mx.float32, mx.float32])
-    if MPV != mv:
-        out = out[..., :mv]
-    return value_method.unrotate(out.reshape(B, H, n_q_heads // H, L, mv)).reshape(B, n_q_heads, L, D), lse
+    return part_o, part_ml, params, dict(template)["MPV"], mv
 
 
 @lru_cache(maxsize=256)

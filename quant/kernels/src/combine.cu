@@ -1,26 +1,12 @@
-  const float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
   __shared__ float so[D];
   __shared__ float sw[NT];
   __shared__ float red[NT / 32];
   const int tid = threadIdx.x;
-  const int r = blockIdx.x;
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
-  const int H = gridDim.y;
-  const int S = part_ml_shape[2];
-  const int L = q_shape[2];
-  const int G = R / L;
-  const int hq = h * G + r / L, pos = r % L;
-  const int64_t split0 = static_cast<int64_t>(b * H + h) * S;
-
-  float mx_ = NEG_INF;
-  for (int s = tid; s < S; s += NT) mx_ = fmaxf(mx_, part_ml[((split0 + s) * R + r) * 2]);
-  mx_ = kvs_block_max<NT>(mx_, red);
-  const float ms = kvs_finite_or_zero(mx_);
-  float lsum = 0.0f;
-  for (int s = tid; s < S; s += NT)
-    lsum += part_ml[((split0 + s) * R + r) * 2 + 1] * __expf(part_ml[((split0 + s) * R + r) * 2] - ms);
-  lsum = kvs_block_sum<NT>(lsum, red);
+  const KvsMergeRow row = kvs_merge_row<NT, R>(part_ml, q_shape[2], part_ml_shape[2], red);
+  const int r = row.r, h = row.h, b = row.b, H = row.H, S = row.S, hq = row.hq, pos = row.pos;
+  const int64_t split0 = row.split0;
+  const float mx_ = row.top, ms = kvs_finite_or_zero(row.top), lsum = row.total;
+  const float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
   const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
   // Each output coordinate sums S partials: the splits' weights go to shared memory a chunk at a time, so
   // the loads of a thread are independent (no exp on their path) and the loop unrolls.

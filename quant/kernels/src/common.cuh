@@ -223,6 +223,36 @@ __device__ __forceinline__ float kvs_block_sum(float v, float* red) {
   return v;
 }
 
+// One query row of a merge launch (combine.cu, coded_merge.cu: one block per (row, kv head, batch row)) and its
+// splits' merged maximum and weight sum: the split outputs of the row weigh exp(m_s - finite max) each.
+struct KvsMergeRow {
+  int r, h, b, H, S, hq, pos;
+  int64_t split0;
+  float top, total;
+};
+
+template <int NT, int R>
+__device__ __forceinline__ KvsMergeRow kvs_merge_row(const float* part_ml, int L, int S, float* red) {
+  KvsMergeRow row;
+  row.r = blockIdx.x;
+  row.h = blockIdx.y;
+  row.b = blockIdx.z;
+  row.H = gridDim.y;
+  row.S = S;
+  row.hq = row.h * (R / L) + row.r / L;
+  row.pos = row.r % L;
+  row.split0 = static_cast<int64_t>(row.b * row.H + row.h) * S;
+  float top = -cuda::std::numeric_limits<float>::infinity();
+  for (int s = threadIdx.x; s < S; s += NT) top = fmaxf(top, part_ml[((row.split0 + s) * R + row.r) * 2]);
+  row.top = kvs_block_max<NT>(top, red);
+  const float ms = kvs_finite_or_zero(row.top);
+  float total = 0.0f;
+  for (int s = threadIdx.x; s < S; s += NT)
+    total += part_ml[((row.split0 + s) * R + row.r) * 2 + 1] * __expf(part_ml[((row.split0 + s) * R + row.r) * 2] - ms);
+  row.total = kvs_block_sum<NT>(total, red);
+  return row;
+}
+
 // Append one token of one (batch, kv head) in place, by one warp: x (the token, minus the key mean when MEAN)
 // TurboQuant-coded into row `pos` of the cache's preallocated code and norm buffers (inputs that the kernel
 // writes: no block of the launch reads row `pos`), and its decoded rotated vector (centroids · fp16 norm, as
