@@ -14,6 +14,12 @@ from .precompute import precomputable
 
 _GRID = 40001
 _ITERATIONS = 300
+# Which codebooks codes were made with; stored codes and profile plans name it (profile.json "codebook_version",
+# a service session's record "codebooks"). 1: 5-8-bit Lloyd-Max codebooks started from the law's quantiles (not
+# converged) and klt coded every run with the sphere law. 2: they start from density^(1/3) and a calibrated klt
+# plan's >= 7-bit runs use wide_codebook. Codebooks below 5 bits are the same in both.
+CODEBOOK_VERSION = 2
+CHANGED_FROM_BITS = 5  # codes of fewer bits decode the same under every version
 
 
 @dataclass(frozen=True)
@@ -30,8 +36,9 @@ class Codebook:
         return self.centroids[idx]
 
 
-def lloyd_max(values: np.ndarray, weights: np.ndarray, bits: int) -> np.ndarray:
-    """Optimal 2**bits-level scalar quantizer for a discrete law (values with weights), by Lloyd iteration."""
+def lloyd_max(values: np.ndarray, weights: np.ndarray, bits: int, version: int = CODEBOOK_VERSION) -> np.ndarray:
+    """Optimal 2**bits-level scalar quantizer for a discrete law (values with weights), by Lloyd iteration; version 1
+    gives the older codebooks (CODEBOOK_VERSION), for measuring what the change did."""
     order = np.argsort(values)
     values, weights = values[order], weights[order] / weights.sum()
     cdf = np.cumsum(weights)
@@ -41,7 +48,7 @@ def lloyd_max(values: np.ndarray, weights: np.ndarray, bits: int) -> np.ndarray:
     # sparse and Lloyd crawls: after _ITERATIONS steps the 6 / 7 / 8-bit codebooks still had 1.19 / 1.78 / 2.82 times
     # the optimum's distortion (klt plans give keys' strongest coordinates 6-8 bits). Below 5 bits the law's own
     # quantiles converge, and those codebooks stay as they were, so are the codes of sessions already stored.
-    start = np.cbrt(weights) if bits >= 5 else weights
+    start = np.cbrt(weights) if bits >= CHANGED_FROM_BITS and version >= 2 else weights
     centroids = np.interp((np.arange(levels) + 0.5) / levels, np.cumsum(start) / start.sum(), values)
     weighted = np.cumsum(weights * values)
     for _ in range(_ITERATIONS):

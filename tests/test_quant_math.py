@@ -67,6 +67,17 @@ def test_high_bit_codebooks_reach_lloyd_max_distortion(d, bits):
     assert 0.9 * GAUSSIAN_DISTORTION[bits] < distortion < 1.01 * GAUSSIAN_DISTORTION[bits]
 
 
+def test_codebooks_below_the_changed_widths_are_those_of_every_version():
+    """A stored session of older codebooks resumes when all its widths are below CHANGED_FROM_BITS
+    (service/sessions.py): that holds only while those codebooks are exactly the older ones."""
+    from kvshard.quant.codebooks import CHANGED_FROM_BITS, lloyd_max, sphere_coordinate_law
+
+    values, weights = sphere_coordinate_law(64)
+    for bits in range(1, 9):
+        same = np.array_equal(lloyd_max(values, weights, bits, version=1), lloyd_max(values, weights, bits))
+        assert same == (bits < CHANGED_FROM_BITS), bits
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_turboquant_mse_bound_holds_for_sparse_inputs_on_average_over_seeds(bits):
     d = 64
