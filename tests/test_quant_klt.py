@@ -249,13 +249,16 @@ def test_real_model_klt_beats_turboquant_at_fewer_bytes(smollm):
     mse_kl, mse_bytes = damage(KVCacheConfig(method="turboquant_mse", bit_width_inlier=3, sink_tokens=4))
     assert klt_bytes < mse_bytes
     assert klt_kl < mse_kl
-    # Keys coded before RoPE are what takes klt this far: the same recipe on keys after RoPE does worse.
+    # Keys coded before RoPE beat the same recipe on keys after RoPE. The margin is small: 0.0338 against 0.0360 with
+    # converged sphere-law codebooks, 0.0393 against 0.0484 with the wide >= 7-bit runs of codebook version 2
+    # (benchmarks/results/klt_rope_codebooks_cpu.json). The 0.8 factor this test once asked came from the unconverged
+    # 5-8-bit codebooks of version 1, which hurt the post-RoPE plans more (0.0497; pre-RoPE 0.0401).
     post_moments = collect_moments(model, tokenizer, calibration_texts(2), pre_rope=False)
     assert all(m["rope"] is None for m in post_moments) and all(m["rope"] is not None for m in moments)
     post_keys, post_values = plan_klt(post_moments, keys, values, code_bits=2.875)
     post_kl, post_bytes = damage(KVCacheConfig(method="klt", key_plans=post_keys, value_plans=post_values, sink_tokens=4))
     assert post_bytes == klt_bytes
-    assert klt_kl < 0.8 * post_kl
+    assert klt_kl < post_kl
 
 
 # ---- keys before RoPE (quant/rope.py) -----------------------------------------------------------------------
