@@ -82,6 +82,12 @@ def _file_name(key: tuple) -> str:
     return "-".join(str(part) for part in key) + ".npz"
 
 
+def _codebook_version() -> int:
+    from .codebooks import CODEBOOK_VERSION  # codebooks.py imports this module
+
+    return CODEBOOK_VERSION
+
+
 PRECOMPUTED_METHODS = ("turboquant_mse", "turboquant_prod", "turboquant_rvq", "polar", "qjl")
 
 
@@ -110,7 +116,7 @@ def precompute(folder: str, head_dims, bits, seeds=(42,), methods=PRECOMPUTED_ME
         np.savez(os.path.join(folder, _file_name(key)), **_arrays(value))
         entries.append({"function": key[0], "args": list(key[1:]), "file": _file_name(key)})
     with open(os.path.join(folder, "manifest.json"), "w") as f:
-        json.dump({"format": FORMAT, "entries": entries}, f, indent=1)
+        json.dump({"format": FORMAT, "codebooks": _codebook_version(), "entries": entries}, f, indent=1)
     return [e["file"] for e in entries]
 
 
@@ -127,6 +133,19 @@ class ArtifactStore:
             self.manifest = json.load(f)
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"artifact_store: format {self.manifest.get('format')!r}, this kvshard reads {FORMAT}")
+        self._check_codebooks()
+
+    def _check_codebooks(self) -> None:
+        """Codebooks of 5-8 bits changed with codebook version 2 (quant/codebooks.py); older stores (no "codebooks":
+        version 1) holding any of them are refused, the narrower ones are the same in every version."""
+        from .codebooks import CHANGED_FROM_BITS
+
+        version = self.manifest.get("codebooks", 1)
+        changed = [e["file"] for e in self.manifest["entries"]
+                   if e["function"].endswith("codebook") and max(e["args"][1:], default=0) >= CHANGED_FROM_BITS]
+        if version != _codebook_version() and changed:
+            raise ValueError(f"artifact_store: {self.folder!r} holds codebooks of version {version} ({changed[0]}, ...), "
+                             f"this kvshard codes with version {_codebook_version()}: write it again with kvshard precompute")
 
     def load(self) -> int:
         """Register every artifact of the folder (idempotent); returns how many there are."""

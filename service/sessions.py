@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig
+from kvshard.quant.codebooks import CHANGED_FROM_BITS, CODEBOOK_VERSION
 from kvshard.service import logs, memory
 from kvshard.service.auth import DEFAULT_TENANT
 from kvshard.service.metrics import CACHE_OBSERVERS
@@ -144,6 +145,22 @@ def _expect_kv_shape(field: str, shape: tuple, n_kv_heads: int, head_dim: int) -
     return shape[-2]
 
 
+def _check_codebooks(record: SessionRecord) -> None:
+    """Codes decode only with the codebooks they were made with; a session of older codebooks resumes when none of
+    its widths changed since (every width below CHANGED_FROM_BITS, no profile plans), else FAILED_PRECONDITION."""
+    if record.codebooks == CODEBOOK_VERSION:
+        return
+    config = record.config
+    widths = [b for name in ("key_bits", "value_bits") for b in (config.get(name) if isinstance(config.get(name), list)
+                                                                    else [config.get(name) or 0])]
+    if config.get("profile") or max(widths) >= CHANGED_FROM_BITS:
+        raise FailedPrecondition(
+            f"session_id: the session's codes were made with codebook version {record.codebooks} and this server "
+            f"decodes with version {CODEBOOK_VERSION} (its {CHANGED_FROM_BITS}-8-bit codebooks changed): "
+            "create a new session"
+        )
+
+
 class Session:
     """A hot session. `record` is its durable metadata, kept current; `caches` hold one layer each."""
 
@@ -202,6 +219,7 @@ class Session:
             model_fingerprint=model.fingerprint if spec.kind == "model" else "",
             layer_offsets=[0] * len(caches),
             labels=spec.labels,
+            codebooks=CODEBOOK_VERSION,
             created_at_ms=stamp,
             updated_at_ms=stamp,
         )
@@ -510,6 +528,7 @@ class SessionManager:
                     f"this server serves {self.model.fingerprint[:16]}…"
                 )
             self._check_profile(KVCacheConfig.from_dict(record.config))
+        _check_codebooks(record)
         need = memory.load_bytes(record.memory_bytes)
         in_use = self._in_use_bytes()
         if in_use and in_use + need > self.room:

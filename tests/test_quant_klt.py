@@ -94,6 +94,24 @@ def test_uncalibrated_klt_is_at_least_as_good_as_turboquant_mse(bits):
     assert ours <= (3**0.5 * np.pi / 2) * 4.0**-bits
 
 
+def test_strong_coordinates_off_the_calibrated_law_are_not_clipped():
+    """A calibrated plan's 8-bit run is mixed only within itself, so a token class far out on one of its coordinates
+    stays there (Gemma 3's commas, ~6 spreads out on a top pre-RoPE key coordinate of layer 1). The sphere law's
+    8-bit levels stop at ~4.5 standard deviations: such tokens had a relative error of 2.6e-3 on the run here,
+    1.2e-4 with the wide codebook, which costs the other tokens 7.3e-5 instead of 5.7e-5."""
+    d, strong = 256, 6
+    rng = np.random.default_rng(0)
+    spread = np.array([8.0] * strong + [1.0] * (d - strong))
+    x = rng.standard_normal((4096, d)) * spread
+    spiked = rng.random(4096) < 0.03
+    x[spiked, 0] = 6 * spread[0] * np.sign(rng.standard_normal(spiked.sum()))
+    klt = KLT(d, 3, plan=KLTPlan(np.eye(d)[None], (spread**2)[None], (8,) * strong + (3,) * (d - strong)))
+    decoded = np.array(klt.decode(klt.encode(mx.array(x[None, None].astype(np.float32)))))[0, 0]
+    error = ((decoded - x)[:, :strong] ** 2).sum(axis=1) / (spread[:strong] ** 2).sum()
+    assert error[spiked].mean() < 5e-4
+    assert error[~spiked].mean() < 1e-4
+
+
 @pytest.mark.parametrize("mean_bits", [2, 3])
 def test_transform_coding_gain_on_a_known_spectrum(mean_bits):
     calibration, energies = _spectrum_data(4096, seed=1)
@@ -231,13 +249,16 @@ def test_real_model_klt_beats_turboquant_at_fewer_bytes(smollm):
     mse_kl, mse_bytes = damage(KVCacheConfig(method="turboquant_mse", bit_width_inlier=3, sink_tokens=4))
     assert klt_bytes < mse_bytes
     assert klt_kl < mse_kl
-    # Keys coded before RoPE are what takes klt this far: the same recipe on keys after RoPE does worse.
+    # Keys coded before RoPE beat the same recipe on keys after RoPE. The margin is small: 0.0338 against 0.0360 with
+    # converged sphere-law codebooks, 0.0393 against 0.0484 with the wide >= 7-bit runs of codebook version 2
+    # (benchmarks/results/klt_rope_codebooks_cpu.json). The 0.8 factor this test once asked came from the unconverged
+    # 5-8-bit codebooks of version 1, which hurt the post-RoPE plans more (0.0497; pre-RoPE 0.0401).
     post_moments = collect_moments(model, tokenizer, calibration_texts(2), pre_rope=False)
     assert all(m["rope"] is None for m in post_moments) and all(m["rope"] is not None for m in moments)
     post_keys, post_values = plan_klt(post_moments, keys, values, code_bits=2.875)
     post_kl, post_bytes = damage(KVCacheConfig(method="klt", key_plans=post_keys, value_plans=post_values, sink_tokens=4))
     assert post_bytes == klt_bytes
-    assert klt_kl < 0.8 * post_kl
+    assert klt_kl < post_kl
 
 
 # ---- keys before RoPE (quant/rope.py) -----------------------------------------------------------------------
@@ -355,3 +376,25 @@ def test_query_moment_under_rope_averages_over_the_key_positions_a_query_sees():
     assert np.linalg.norm(estimate - exact) < 0.05 * np.linalg.norm(exact)
     plain = np.array(queries[0].reshape(-1, D), np.float64)
     assert np.linalg.norm(plain.T @ plain / (L * heads) - exact) > 0.2 * np.linalg.norm(exact)  # it does differ
+
+
+def test_query_moment_of_a_sliding_layer_averages_over_its_window_only():
+    """A sliding-window query at position p sees keys p − window + 1..p: its moment is the mean over those, not over
+    0..p (Gemma 3's sliding layers see 512 of up to 2,048 calibration positions)."""
+    import mlx.nn as nn
+
+    rope = nn.RoPE(D, traditional=False, base=100.0)
+    omega, traditional = rope_frequencies(rope, D)
+    L, heads, window = 16, 2, 4
+    queries = rope(mx.random.normal((1, heads, L, D), key=mx.random.key(6)) + 1.0, offset=0)
+    cache = QueryMomentCache((omega, traditional), samples=3000, window=window)
+    cache.update_and_fetch(mx.zeros((1, 1, L, D)), mx.zeros((1, 1, L, D)))
+    cache.attention(queries, 0.125)
+    exact = np.zeros((D, D))
+    for p in range(L):
+        positions = mx.arange(max(0, p - window + 1), p + 1)
+        seen = rotate(mx.repeat(queries[:, :, p : p + 1], positions.size, axis=0), positions, omega, traditional, inverse=True)
+        seen = np.array(seen, np.float64).reshape(-1, D)
+        exact += seen.T @ seen / positions.size / (L * heads)
+    estimate = np.array(cache.query_moment[0], np.float64) / cache.query_count
+    assert np.linalg.norm(estimate - exact) < 0.05 * np.linalg.norm(exact)

@@ -110,6 +110,21 @@ def test_bad_stores_are_refused_by_name(tmp_path):
         KVCacheBuilder(KVCacheConfig(head_dim=64, artifact_store=str(tmp_path))).build()
 
 
+def test_a_store_of_older_codebooks_is_refused_where_they_changed(tmp_path):
+    from kvshard.quant.precompute import precompute
+
+    precompute(tmp_path, [64], [4, 6], methods=("turboquant_mse",))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert ArtifactStore(tmp_path).load() == len(manifest["entries"])
+    del manifest["codebooks"]  # as a store written before the version was recorded
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="artifact_store: .*version 1 .*sphere_codebook-64-6"):
+        ArtifactStore(tmp_path)
+    manifest["entries"] = [e for e in manifest["entries"] if e["args"][-1] != 6]  # only 4-bit codebooks: unchanged
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert ArtifactStore(tmp_path).load() == len(manifest["entries"])
+
+
 def test_cli_rejects_bad_arguments():
     done = _cli("--head_dim", "1", "--output_dir", "/tmp/unused-kvshard-artifacts")
     assert done.returncode == 2 and "--head_dim" in done.stderr

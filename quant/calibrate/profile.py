@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..codebooks import CODEBOOK_VERSION
+
 FORMAT_VERSION = 1
 SINK_TOKENS = 4
 # The recommended configuration keeps the most recent tokens in fp16 (KVCacheConfig.window): a short answer is
@@ -73,12 +75,18 @@ class Profile:
         plain TurboQuant after RoPE, unlike the klt codes of pre-RoPE keys that the plans are for (README, "Quality")."""
         return float(self.meta.get("key_cost_scale", 1.0))
 
+    @property
+    def codebook_version(self) -> int:
+        """The codebooks (codebooks.CODEBOOK_VERSION) its measured rows were coded with (profiles without it: 1)."""
+        return int(self.meta.get("codebook_version", 1))
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 over what decides the configurations: model fingerprint, sensitivities (and the key cost scale,
-        when not 1), moments (as stored)."""
+        when not 1; the codebook version, when not 1), moments (as stored)."""
         decides = [self.model_fingerprint, self.key_weights, self.value_weights]
         decides += [self.key_cost_scale] if self.key_cost_scale != 1.0 else []
+        decides += [self.codebook_version] if self.codebook_version != 1 else []
         digest = hashlib.sha256(json.dumps(decides).encode())
         for layer in self.moments:
             for name in _ARRAYS:
@@ -231,6 +239,7 @@ def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, 
         "planned_tokens": PLANNED_TOKENS,
         "sink_tokens": SINK_TOKENS,
         "window_tokens": WINDOW_TOKENS,
+        "codebook_version": CODEBOOK_VERSION,
         **({"key_cost_scale": key_cost_scale} if key_cost_scale != 1.0 else {}),
     })
 
@@ -412,10 +421,10 @@ def list_profiles() -> list[str]:
 
 
 def replanned(profile: Profile, key_cost_scale: float, command: str) -> Profile:
-    """`profile` with another key cost scale: the same moments and sensitivities, other plans, so a new fingerprint and
-    nothing measured yet; `command` joins the commands that made it."""
+    """`profile` with another key cost scale, for this library's codebooks: the same moments and sensitivities, other
+    plans or codes, so a new fingerprint and nothing measured yet; `command` joins the commands that made it."""
     meta = {k: v for k, v in profile.meta.items() if k != "key_cost_scale"}
-    meta.update(measured=[], commands=profile.meta.get("commands", []) + [command],
+    meta.update(measured=[], commands=profile.meta.get("commands", []) + [command], codebook_version=CODEBOOK_VERSION,
                 **({"key_cost_scale": key_cost_scale} if key_cost_scale != 1.0 else {}))
     return Profile(profile.name, profile.model_fingerprint, profile.moments, profile.key_weights, profile.value_weights,
                    meta)
@@ -448,7 +457,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="processes that measure moments and sensitivities (each loads the model)")
     parser.add_argument("--key-cost-scale", type=float,
                         help=f"Profile.key_cost_scale (default {KEY_COST_SCALE}); with --measure, re-plans the profile in --out "
-                             "with it (a new fingerprint, its measured rows dropped) before measuring")
+                             "with it (a new fingerprint, its measured rows dropped) before measuring, as --measure does "
+                             "for a profile measured with older codebooks")
     parser.add_argument("--keys-after-rope", action="store_true",
                         help="plan keys as cached, after RoPE (faster kernels, lower quality; default: before RoPE)")
     args = parser.parse_args(argv)
@@ -501,8 +511,9 @@ def main(argv=None) -> int:
         profile = load_profile(args.out)
         if not args.validation:
             parser.error("--measure needs --validation")
-        if args.key_cost_scale is not None and args.key_cost_scale != profile.key_cost_scale:
-            profile = replanned(profile, args.key_cost_scale, command)
+        scale = profile.key_cost_scale if args.key_cost_scale is None else args.key_cost_scale
+        if scale != profile.key_cost_scale or profile.codebook_version != CODEBOOK_VERSION:
+            profile = replanned(profile, scale, command)
         profile.meta["measured"] = measure_profile(profile, model, tokenizer, tuple(args.budgets), args.validation,
                                                    args.validation_tokens, True, on_text=lambda rows: (
                                                        profile.meta.update(measured=rows), save(profile)))

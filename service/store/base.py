@@ -30,6 +30,7 @@ class SessionRecord:
     updated_at_ms: int = 0
     stored_bytes: int = 0  # filled in by the store on reads
     format: int = FORMAT_VERSION
+    codebooks: int = 1  # quant.codebooks.CODEBOOK_VERSION its codes were made with (sessions stored before it: 1)
 
     @property
     def offset(self) -> int:
