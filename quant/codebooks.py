@@ -36,8 +36,12 @@ def lloyd_max(values: np.ndarray, weights: np.ndarray, bits: int) -> np.ndarray:
     values, weights = values[order], weights[order] / weights.sum()
     cdf = np.cumsum(weights)
     levels = 1 << bits
-    # Start from the law's quantiles: a good start makes Lloyd converge to the symmetric optimum.
-    centroids = np.interp((np.arange(levels) + 0.5) / levels, cdf, values)
+    # Start from the quantiles of the law's density^(1/3), the optimal density of levels at high rate (Panter-Dite):
+    # Lloyd then converges in < 100 steps. From the law's own quantiles the tails start far too sparse and Lloyd
+    # crawls: after _ITERATIONS steps the 6 / 7 / 8-bit codebooks still had 1.19 / 1.78 / 2.82 times the optimum's
+    # distortion (klt plans give keys' strongest coordinates 6-8 bits).
+    density = np.cbrt(weights)
+    centroids = np.interp((np.arange(levels) + 0.5) / levels, np.cumsum(density) / density.sum(), values)
     weighted = np.cumsum(weights * values)
     for _ in range(_ITERATIONS):
         edges = np.searchsorted(values, (centroids[1:] + centroids[:-1]) / 2)
@@ -80,6 +84,17 @@ def _to_codebook(centroids: np.ndarray, bits: int) -> Codebook:
 def sphere_codebook(dim: int, bits: int) -> Codebook:
     """Lloyd-Max codebook for a coordinate of a rotated unit vector (TurboQuant's stage-1 codebook)."""
     values, weights = sphere_coordinate_law(dim)
+    return _to_codebook(_symmetric(lloyd_max(values, weights, bits)), bits)
+
+
+@precomputable()
+def wide_codebook(dim: int, bits: int) -> Codebook:
+    """Lloyd-Max codebook for a Laplace law of the sphere law's variance (1/dim): its levels reach ~10 standard
+    deviations at 8 bits where the sphere law's stop at ~4.5. For `klt`'s strongest coordinates: they are rotated
+    only among the few of their run, so token classes stay apart (on Gemma 3 layer 1, commas sit at ~6 σ of a
+    top pre-RoPE key coordinate) and the sphere law's levels clip them."""
+    values = np.linspace(-1.0, 1.0, 2 * _GRID - 1)[1:-1]
+    weights = np.exp(-np.sqrt(2.0 * dim) * np.abs(values))
     return _to_codebook(_symmetric(lloyd_max(values, weights, bits)), bits)
 
 
