@@ -36,12 +36,13 @@ def lloyd_max(values: np.ndarray, weights: np.ndarray, bits: int) -> np.ndarray:
     values, weights = values[order], weights[order] / weights.sum()
     cdf = np.cumsum(weights)
     levels = 1 << bits
-    # Start from the quantiles of the law's density^(1/3), the optimal density of levels at high rate (Panter-Dite):
-    # Lloyd then converges in < 100 steps. From the law's own quantiles the tails start far too sparse and Lloyd
-    # crawls: after _ITERATIONS steps the 6 / 7 / 8-bit codebooks still had 1.19 / 1.78 / 2.82 times the optimum's
-    # distortion (klt plans give keys' strongest coordinates 6-8 bits).
-    density = np.cbrt(weights)
-    centroids = np.interp((np.arange(levels) + 0.5) / levels, np.cumsum(density) / density.sum(), values)
+    # From 5 bits on, start from the quantiles of the law's density^(1/3), the optimal density of levels at high
+    # rate (Panter-Dite): Lloyd then converges in < 100 steps. From the law's own quantiles the tails start far too
+    # sparse and Lloyd crawls: after _ITERATIONS steps the 6 / 7 / 8-bit codebooks still had 1.19 / 1.78 / 2.82 times
+    # the optimum's distortion (klt plans give keys' strongest coordinates 6-8 bits). Below 5 bits the law's own
+    # quantiles converge, and those codebooks stay as they were, so are the codes of sessions already stored.
+    start = np.cbrt(weights) if bits >= 5 else weights
+    centroids = np.interp((np.arange(levels) + 0.5) / levels, np.cumsum(start) / start.sum(), values)
     weighted = np.cumsum(weights * values)
     for _ in range(_ITERATIONS):
         edges = np.searchsorted(values, (centroids[1:] + centroids[:-1]) / 2)

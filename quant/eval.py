@@ -156,31 +156,24 @@ def effective_bits(model, caches) -> float:
     return 8 * sum(held_bytes(c) for c in caches) / elements
 
 
-def _windows(model) -> list:
-    """Per layer, the sliding window of the model's own cache, or None for full attention."""
-    from .builder import model_caches
-
-    return [c.max_size if isinstance(c, RotatingKVCache) else None for c in model_caches(model)]
-
-
 def baseline_config(model) -> EvalConfig:
     """float16 K/V in the model's own layout: sliding-window layers keep a rotating window."""
-    from .sliding import Float16RotatingKVCache
+    from .sliding import Float16RotatingKVCache, sliding_windows
 
     return EvalConfig("fp16", "fp16", lambda: [
-        Float16RotatingKVCache(max_size=w) if w else Float16KVCache() for w in _windows(model)
+        Float16RotatingKVCache(max_size=w) if w else Float16KVCache() for w in sliding_windows(model)
     ])
 
 
 def mlx_affine_configs(model, bits=MLX_AFFINE_BITS, group_size: int = MLX_AFFINE_GROUP) -> List[EvalConfig]:
     """mlx_lm's QuantizedKVCache on full-attention layers; sliding-window layers keep their float16 rotating window
     (mlx_lm has no quantized rotating cache)."""
-    from .sliding import Float16RotatingKVCache
+    from .sliding import Float16RotatingKVCache, sliding_windows
 
     def make(b):
         return lambda: [
             Float16RotatingKVCache(max_size=w) if w else Float16QuantizedKVCache(group_size=group_size, bits=b)
-            for w in _windows(model)
+            for w in sliding_windows(model)
         ]
 
     return [EvalConfig(f"mlx_lm affine {b}-bit g{group_size}", "mlx_lm affine", make(b)) for b in bits]

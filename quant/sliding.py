@@ -131,15 +131,21 @@ class SlidingCompressedKVCache(CompressedKVCache):
         return self.state["meta"]
 
 
+def sliding_windows(model) -> list:
+    """Per layer, the sliding window of the model's own cache (mlx_lm's make_cache), or None for full attention."""
+    from .builder import model_caches
+
+    return [c.max_size if isinstance(c, RotatingKVCache) else None for c in model_caches(model)]
+
+
 def effective_bits_vs_fp16(model, caches, tokens: int, batch: int = 1) -> float:
     """8 · bytes the caches keep / K+V elements of the model's fp16 cache at `tokens` tokens (module docstring),
     for caches holding `batch` sequences of that length."""
-    from .builder import model_caches
     from .eval import held_bytes, held_tokens
 
     args = model.args
     head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
-    windows = [c.max_size if isinstance(c, RotatingKVCache) else None for c in model_caches(model)]
+    windows = sliding_windows(model)
     fp16_tokens = sum(tokens if w is None else min(tokens, w) for w in windows)
     kept = 0.0
     for cache in caches:

@@ -373,3 +373,25 @@ def test_query_moment_under_rope_averages_over_the_key_positions_a_query_sees():
     assert np.linalg.norm(estimate - exact) < 0.05 * np.linalg.norm(exact)
     plain = np.array(queries[0].reshape(-1, D), np.float64)
     assert np.linalg.norm(plain.T @ plain / (L * heads) - exact) > 0.2 * np.linalg.norm(exact)  # it does differ
+
+
+def test_query_moment_of_a_sliding_layer_averages_over_its_window_only():
+    """A sliding-window query at position p sees keys p − window + 1..p: its moment is the mean over those, not over
+    0..p (Gemma 3's sliding layers see 512 of up to 2,048 calibration positions)."""
+    import mlx.nn as nn
+
+    rope = nn.RoPE(D, traditional=False, base=100.0)
+    omega, traditional = rope_frequencies(rope, D)
+    L, heads, window = 16, 2, 4
+    queries = rope(mx.random.normal((1, heads, L, D), key=mx.random.key(6)) + 1.0, offset=0)
+    cache = QueryMomentCache((omega, traditional), samples=3000, window=window)
+    cache.update_and_fetch(mx.zeros((1, 1, L, D)), mx.zeros((1, 1, L, D)))
+    cache.attention(queries, 0.125)
+    exact = np.zeros((D, D))
+    for p in range(L):
+        positions = mx.arange(max(0, p - window + 1), p + 1)
+        seen = rotate(mx.repeat(queries[:, :, p : p + 1], positions.size, axis=0), positions, omega, traditional, inverse=True)
+        seen = np.array(seen, np.float64).reshape(-1, D)
+        exact += seen.T @ seen / positions.size / (L * heads)
+    estimate = np.array(cache.query_moment[0], np.float64) / cache.query_count
+    assert np.linalg.norm(estimate - exact) < 0.05 * np.linalg.norm(exact)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..builder import install_attention_hook
 from ..methods.klt import KLTPlan
 from ..rope import rope_frequencies, rotate
+from ..sliding import sliding_windows
 from .ratequant import _attention_layers
 
 # E[(x − Q(x))²] of the b-bit Lloyd-Max quantizer of a unit-variance Gaussian, b = 0..8.
@@ -46,12 +47,14 @@ class QueryMomentCache(KVCache):
     at position p) scores key k (before RoPE, at position s) as q · R_s k = (R_sᵀ q) · k, so the score error
     of a pre-RoPE key error e is (R_sᵀ q) · e: the metric is E[R_sᵀ q qᵀ R_s] over the pairs attention forms.
     Each query is un-rotated to `samples` key positions s drawn uniformly from 0..p (seeded): an unbiased
-    estimate of each query's mean over the keys it can see, every query weighing the same, as in Σq."""
+    estimate of each query's mean over the keys it can see, every query weighing the same, as in Σq. A sliding-window
+    layer's query sees only the last `window` positions, so s is drawn from those: from all of 0..p, the moment of
+    Gemma 3's sliding layers at 2K calibration tokens was mostly of query-key pairs their attention never forms."""
 
-    def __init__(self, rope=None, samples: int = 4, seed: int = 0):
+    def __init__(self, rope=None, samples: int = 4, seed: int = 0, window: int | None = None):
         super().__init__()
         self.query_moment, self.query_count = 0.0, 0
-        self.rope, self.samples = rope, samples
+        self.rope, self.samples, self.window = rope, samples, window
         self._rng = np.random.default_rng(seed)
 
     def attention(self, queries, scale, mask=None):
@@ -61,7 +64,8 @@ class QueryMomentCache(KVCache):
         if self.rope is not None:
             # Tokens become the batch axis so that each gets its own key position: (B·L·samples, Hq, 1, D).
             positions = np.arange(self.offset - L, self.offset)
-            key_positions = np.floor(self._rng.random((B, self.samples, L)) * (positions + 1)).astype(np.int32)
+            seen = positions + 1 if self.window is None else np.minimum(positions + 1, self.window)
+            key_positions = (positions + 1 - seen + np.floor(self._rng.random((B, self.samples, L)) * seen)).astype(np.int32)
             q = mx.repeat(q[:, None], self.samples, axis=1).transpose(0, 1, 3, 2, 4).reshape(-1, n_q_heads, 1, D)
             q = rotate(q, mx.array(key_positions.reshape(-1)), *self.rope, inverse=True)
             q = q.reshape(B * self.samples, L, n_q_heads, D).transpose(0, 2, 1, 3)
@@ -166,10 +170,11 @@ def text_moment_sums(model, tokenizer, text: str, max_tokens: int = 2048, skip_t
     """One text's share of collect_moments: per attention layer, the sums of its moments and their counts."""
     layers = _attention_layers(model)
     ropes = [model_rope(model, i) if pre_rope else None for i in layers]
+    windows = sliding_windows(model)
     install_attention_hook(model)
     caches = make_prompt_cache(model)
     for i, rope in zip(layers, ropes):
-        caches[i] = QueryMomentCache(rope)
+        caches[i] = QueryMomentCache(rope, window=windows[i])
     model(mx.array(tokenizer.encode(text)[:max_tokens])[None], cache=caches)
     sums = []
     for i, rope in zip(layers, ropes):

@@ -1,0 +1,61 @@
+"""Gemma 3 270M on this CPU with the installed model: chunked perplexity (quant/eval.py: perplexity, chunk 256) of
+<bos> + 1,023 tokens of each text, one text at a time, fp16 against the all-layer profile at 4.5 / 3.5 / 2.5 bits
+(sliding layers in a compressed window); effective bits against the fp16 cache at that length.
+
+    python benchmarks/gemma_cpu_eval.py --out FILE.json [--texts pride_and_prejudice vim_manual]
+
+Another revision's code runs it through PYTHONPATH pointing at a kvshard/ folder of symlinks (as
+benchmarks/run_gpu.sh does), so before and after are measured by the same script. FILE is rewritten after each row.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+import mlx.core as mx
+
+from kvshard.quant import KVCacheBuilder, load_profile
+from kvshard.quant import eval as quality
+from kvshard.quant.models import load_model
+from kvshard.quant.sliding import effective_bits_vs_fp16
+
+PROFILE = os.path.join(os.path.dirname(__file__), "results", "gemma3-270m", "gemma3-270m-all-layers")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--texts", nargs="+", default=list(quality.TEXTS))
+    parser.add_argument("--budgets", type=float, nargs="+", default=[4.5, 3.5, 2.5])
+    parser.add_argument("--tokens", type=int, default=1024)
+    args = parser.parse_args(argv)
+    model, tokenizer = load_model("gemma3-270m")
+    profile = load_profile(PROFILE)
+    configs = [("fp16", quality.baseline_config(model).make_caches)] + [
+        (f"klt all layers <= {b} bits", lambda b=b: KVCacheBuilder.for_model(model, profile.config(b)))
+        for b in args.budgets]
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, MLX {mx.__version__} on {mx.default_device()}",
+              "model": "gemma3-270m", "tokens": args.tokens, "chunk": 256, "per_text": {}}
+    for name in args.texts:
+        ids = mx.array([tokenizer.bos_token_id] + tokenizer.encode(quality.load_text(name), add_special_tokens=False)
+                       [: args.tokens - 1])
+        rows, base = report["per_text"].setdefault(name, []), None
+        for label, make in configs:
+            start = time.perf_counter()
+            run = quality.perplexity(model, ids, make, 256, args.tokens)
+            base = base or run
+            rows.append({"label": label, "ppl": run["ppl"], "delta_ppl_pct": 100 * (run["ppl"] / base["ppl"] - 1),
+                         "effective_bits": effective_bits_vs_fp16(model, run["caches"], args.tokens - 1),
+                         "seconds": time.perf_counter() - start})
+            report["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+            print(f"{name} {label}: {rows[-1]['delta_ppl_pct']:+.3f}% at {rows[-1]['effective_bits']:.2f} bits", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
