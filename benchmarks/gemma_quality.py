@@ -9,6 +9,7 @@ dequantizes the blocks with `gguf` exactly as quant/gemma3.py does and checks th
     python benchmarks/gemma_quality.py pack --out DIR
     python3 benchmarks/gemma_quality.py run --packed DIR --out OUT [--deadline-s 150]
     python benchmarks/gemma_quality.py finish --results OUT --profile-out quant/data/profiles/gemma3-270m
+    python benchmarks/gemma_quality.py calibrate --out DIR   # here, with the installed model (CPU)
 
 Sections run in order and each rewrites its JSON in OUT as it goes, so a run stopped by its deadline or its timeout
 still returns what it measured: profile/ (the calibration), eval.json, long_range.json, passkey.json.
@@ -137,6 +138,21 @@ def calibrate(model, tokenizer, texts: list, name: str) -> Profile:
             "planned_tokens": 1024, "sink_tokens": SINK_TOKENS, "layers": "all 18 (KVCacheConfig.sliding='full')",
             "calibration_texts": [{"chars": len(t), "sha256": hashlib.sha256(t.encode()).hexdigest()} for t in texts]}
     return Profile(name, model_fingerprint(model), moments, *weights, meta=meta)
+
+
+def calibrate_here(out: str, count: int) -> None:
+    """The all-layer profile from the installed model and calibration texts (what `run` does there)."""
+    from kvshard.quant import gemma3
+    from kvshard.quant.calibrate.klt import calibration_texts
+    from kvshard.quant.models import load_model
+
+    model, tokenizer = load_model(gemma3.MODEL_NAME)
+    start = time.perf_counter()
+    profile = calibrate(model, tokenizer, calibration_texts()[:count], "gemma3-270m-all-layers")
+    profile.meta["calibration_seconds"] = time.perf_counter() - start
+    profile.meta["sliding_layers"] = sliding_layers(model)
+    print(f"calibrated in {profile.meta['calibration_seconds']:.1f} s", file=sys.stderr, flush=True)
+    save_profile(profile, out)
 
 
 def global_layers(model) -> list:
@@ -404,6 +420,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("pack").add_argument("--out", required=True)
+    here = sub.add_parser("calibrate", help="calibrate the all-layer profile here, with the installed model")
+    here.add_argument("--out", required=True)
+    here.add_argument("--calibration-texts", type=int, default=8)
     done = sub.add_parser("finish")
     done.add_argument("--results", required=True)
     done.add_argument("--profile-out", required=True)
@@ -424,6 +443,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "pack":
         pack(args.out)
+        return 0
+    if args.command == "calibrate":
+        calibrate_here(args.out, args.calibration_texts)
         return 0
     if args.command == "finish":
         finish(args.results, args.profile_out)
