@@ -4,7 +4,10 @@ and turboquant_mse at 4 / 3 / 2 bits, each with its sliding layers in a compress
 an fp16 rotating window ("sliding fp16"); effective bits against the fp16 cache at that length.
 
     python benchmarks/gemma_cpu_eval.py --out FILE.json [--texts pride_and_prejudice vim_manual]
-        [--profile DIR] [--recipes klt turboquant_mse] [--sliding compressed fp16]
+        [--profile DIR] [--recipes klt turboquant_mse] [--sliding compressed fp16] [--value-weights 0.25 4]
+
+--value-weights F...: klt rows whose profile has its value sensitivities times F, which moves bits between keys and
+values (is the calibration's key/value balance right?).
 
 Another revision's code runs it through PYTHONPATH pointing at a kvshard/ folder of symlinks (as
 benchmarks/run_gpu.sh does), so before and after are measured by the same script. FILE is rewritten after each row.
@@ -21,10 +24,16 @@ import mlx.core as mx
 
 from kvshard.quant import KVCacheBuilder, KVCacheConfig, load_profile
 from kvshard.quant import eval as quality
+from kvshard.quant.calibrate.profile import Profile
 from kvshard.quant.models import load_model
 from kvshard.quant.sliding import effective_bits_vs_fp16
 
 PROFILE = os.path.join(os.path.dirname(__file__), "results", "gemma3-270m", "gemma3-270m-all-layers")
+
+
+def value_weighted(profile: Profile, factor: float) -> Profile:
+    return Profile(profile.name, profile.model_fingerprint, profile.moments, profile.key_weights,
+                   [w * factor for w in profile.value_weights], dict(profile.meta))
 
 
 def main(argv=None) -> int:
@@ -36,6 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default=PROFILE, help="an all-layer profile folder of this model")
     parser.add_argument("--recipes", nargs="+", default=["klt"], choices=["klt", "turboquant_mse"])
     parser.add_argument("--sliding", nargs="+", default=["compressed"], choices=["compressed", "fp16"])
+    parser.add_argument("--value-weights", type=float, nargs="+", default=[1.0])
     args = parser.parse_args(argv)
     model, tokenizer = load_model("gemma3-270m")
     profile = load_profile(args.profile)
@@ -44,13 +54,14 @@ def main(argv=None) -> int:
         for sliding in args.sliding:
             layers = "all layers" if sliding == "compressed" else "global, sliding fp16"
             for b in args.budgets:
-                if recipe == "klt":
-                    label, config = f"klt {layers} <= {b} bits", profile.config(b, sliding=sliding)
-                else:
+                if recipe == "turboquant_mse":
                     bits = int(b)  # 4.5 -> 4: its norms and sinks bring it near the budget
-                    label = f"turboquant_mse {bits}-bit, {layers}"
-                    config = KVCacheConfig(method="turboquant_mse", key_bits=bits, seed=42, sliding=sliding)
-                configs.append((label, lambda config=config: KVCacheBuilder.for_model(model, config)))
+                    rows = [(f"turboquant_mse {bits}-bit, {layers}",
+                             KVCacheConfig(method="turboquant_mse", key_bits=bits, seed=42, sliding=sliding))]
+                else:
+                    rows = [(f"klt {layers} <= {b} bits" + ("" if f == 1 else f", value sensitivities x{f:g}"),
+                             value_weighted(profile, f).config(b, sliding=sliding)) for f in args.value_weights]
+                configs += [(label, lambda config=config: KVCacheBuilder.for_model(model, config)) for label, config in rows]
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, MLX {mx.__version__} on {mx.default_device()}",
               "model": "gemma3-270m", "tokens": args.tokens, "chunk": 256, "profile": os.path.relpath(args.profile),
               "per_text": {}}

@@ -369,13 +369,14 @@ def run_passkey(model, tokenizer, configs, lengths, trials: int, out: str, deadl
                                          "prefill_chunk": PREFILL_CHUNK, "results": results})
 
 
-def finish(results: str, profile_out: str) -> None:
+def finish(results: str, profile_out: str, eval_name: str = "eval_gpu.json", note: str = "") -> None:
     """Here, from a run's results (benchmarks/results/gemma3-270m): the all-layer profile, its moments rounded
     to float16 (half the file; at 4.5 / 3.5 / 2.5 bits plan_klt moves at most 2 of 9,216 coordinate bits), with
-    the eval's measured rows, written to `profile_out`; and eval_gpu.png."""
+    the eval's measured rows (`eval_name`: this script's eval_gpu.json, or gemma_cpu_eval.py's report), written
+    to `profile_out`; and, for the GPU's report, eval_gpu.png."""
     from kvshard.quant.calibrate.profile import load_profile
 
-    with open(os.path.join(results, "eval_gpu.json")) as f:
+    with open(os.path.join(results, eval_name)) as f:
         report = json.load(f)
     profile = load_profile(profile_out)
     rounded = [{k: v if k == "rope" else np.asarray(v, np.float16).astype(np.float64) for k, v in layer.items()}
@@ -393,10 +394,12 @@ def finish(results: str, profile_out: str) -> None:
     meta = dict(profile.meta, measured=measured, moments_dtype="float16", layers=(
         "all 18: Profile.config codes them all (sliding='compressed' or 'full'), or with sliding='fp16' the global "
         "layers 5, 11, 17 alone"), measurement_note=(
-        "benchmarks/gemma_quality.py on an H200: <bos> + 1,023 tokens of each of kvshard eval's 7 texts, with the "
-        "float32 moments; effective bits vs the fp16 cache at that length (sliding layers: their 512-token window)"))
+        note or "benchmarks/gemma_quality.py on an H200: <bos> + 1,023 tokens of each of kvshard eval's 7 texts, with "
+        "the float32 moments; effective bits vs the fp16 cache at that length (sliding layers: their 512-token window)"))
     half = Profile(profile.name, profile.model_fingerprint, rounded, profile.key_weights, profile.value_weights, meta)
     save_profile(half, profile_out, dtype=np.float16)
+    if "mean" not in report:
+        return
     rows = [r for r in report["mean"] + report["diagnostics_mean"][1:] if "turboquant_mse keys" not in r["label"]]
     quality.plot(rows, os.path.join(results, "eval_gpu.png"), f"gemma3-270m on an H200: chunked PPL, <bos> + "
                  f"{report['tokens'] - 1} tokens x {len(report['texts'])} texts, chunk 256; bits vs the fp16 cache")
@@ -426,6 +429,8 @@ def main(argv=None) -> int:
     done = sub.add_parser("finish")
     done.add_argument("--results", required=True)
     done.add_argument("--profile-out", required=True)
+    done.add_argument("--eval", default="eval_gpu.json", help="the eval report in --results whose rows the profile records")
+    done.add_argument("--note", default="", help="how that report was measured (default: this script on an H200)")
     run = sub.add_parser("run")
     run.add_argument("--packed", required=True)
     run.add_argument("--out", required=True)
@@ -448,7 +453,7 @@ def main(argv=None) -> int:
         calibrate_here(args.out, args.calibration_texts)
         return 0
     if args.command == "finish":
-        finish(args.results, args.profile_out)
+        finish(args.results, args.profile_out, args.eval, args.note)
         return 0
     began = time.monotonic()
     os.makedirs(args.out, exist_ok=True)
