@@ -9,6 +9,7 @@ dequantizes the blocks with `gguf` exactly as quant/gemma3.py does and checks th
     python benchmarks/gemma_quality.py pack --out DIR
     python3 benchmarks/gemma_quality.py run --packed DIR --out OUT [--deadline-s 150]
     python benchmarks/gemma_quality.py finish --results OUT --profile-out quant/data/profiles/gemma3-270m
+    python benchmarks/gemma_quality.py calibrate --out DIR   # here, with the installed model (CPU)
 
 Sections run in order and each rewrites its JSON in OUT as it goes, so a run stopped by its deadline or its timeout
 still returns what it measured: profile/ (the calibration), eval.json, long_range.json, passkey.json.
@@ -137,6 +138,21 @@ def calibrate(model, tokenizer, texts: list, name: str) -> Profile:
             "planned_tokens": 1024, "sink_tokens": SINK_TOKENS, "layers": "all 18 (KVCacheConfig.sliding='full')",
             "calibration_texts": [{"chars": len(t), "sha256": hashlib.sha256(t.encode()).hexdigest()} for t in texts]}
     return Profile(name, model_fingerprint(model), moments, *weights, meta=meta)
+
+
+def calibrate_here(out: str, count: int) -> None:
+    """The all-layer profile from the installed model and calibration texts (what `run` does there)."""
+    from kvshard.quant import gemma3
+    from kvshard.quant.calibrate.klt import calibration_texts
+    from kvshard.quant.models import load_model
+
+    model, tokenizer = load_model(gemma3.MODEL_NAME)
+    start = time.perf_counter()
+    profile = calibrate(model, tokenizer, calibration_texts()[:count], "gemma3-270m-all-layers")
+    profile.meta["calibration_seconds"] = time.perf_counter() - start
+    profile.meta["sliding_layers"] = sliding_layers(model)
+    print(f"calibrated in {profile.meta['calibration_seconds']:.1f} s", file=sys.stderr, flush=True)
+    save_profile(profile, out)
 
 
 def global_layers(model) -> list:
@@ -353,13 +369,14 @@ def run_passkey(model, tokenizer, configs, lengths, trials: int, out: str, deadl
                                          "prefill_chunk": PREFILL_CHUNK, "results": results})
 
 
-def finish(results: str, profile_out: str) -> None:
+def finish(results: str, profile_out: str, eval_name: str = "eval_gpu.json", note: str = "") -> None:
     """Here, from a run's results (benchmarks/results/gemma3-270m): the all-layer profile, its moments rounded
     to float16 (half the file; at 4.5 / 3.5 / 2.5 bits plan_klt moves at most 2 of 9,216 coordinate bits), with
-    the eval's measured rows, written to `profile_out`; and eval_gpu.png."""
+    the eval's measured rows (`eval_name`: this script's eval_gpu.json, or gemma_cpu_eval.py's report), written
+    to `profile_out`; and, for the GPU's report, eval_gpu.png."""
     from kvshard.quant.calibrate.profile import load_profile
 
-    with open(os.path.join(results, "eval_gpu.json")) as f:
+    with open(os.path.join(results, eval_name)) as f:
         report = json.load(f)
     profile = load_profile(profile_out)
     rounded = [{k: v if k == "rope" else np.asarray(v, np.float16).astype(np.float64) for k, v in layer.items()}
@@ -377,10 +394,12 @@ def finish(results: str, profile_out: str) -> None:
     meta = dict(profile.meta, measured=measured, moments_dtype="float16", layers=(
         "all 18: Profile.config codes them all (sliding='compressed' or 'full'), or with sliding='fp16' the global "
         "layers 5, 11, 17 alone"), measurement_note=(
-        "benchmarks/gemma_quality.py on an H200: <bos> + 1,023 tokens of each of kvshard eval's 7 texts, with the "
-        "float32 moments; effective bits vs the fp16 cache at that length (sliding layers: their 512-token window)"))
+        note or "benchmarks/gemma_quality.py on an H200: <bos> + 1,023 tokens of each of kvshard eval's 7 texts, with "
+        "the float32 moments; effective bits vs the fp16 cache at that length (sliding layers: their 512-token window)"))
     half = Profile(profile.name, profile.model_fingerprint, rounded, profile.key_weights, profile.value_weights, meta)
     save_profile(half, profile_out, dtype=np.float16)
+    if "mean" not in report:
+        return
     rows = [r for r in report["mean"] + report["diagnostics_mean"][1:] if "turboquant_mse keys" not in r["label"]]
     quality.plot(rows, os.path.join(results, "eval_gpu.png"), f"gemma3-270m on an H200: chunked PPL, <bos> + "
                  f"{report['tokens'] - 1} tokens x {len(report['texts'])} texts, chunk 256; bits vs the fp16 cache")
@@ -404,9 +423,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("pack").add_argument("--out", required=True)
+    here = sub.add_parser("calibrate", help="calibrate the all-layer profile here, with the installed model")
+    here.add_argument("--out", required=True)
+    here.add_argument("--calibration-texts", type=int, default=8)
     done = sub.add_parser("finish")
     done.add_argument("--results", required=True)
     done.add_argument("--profile-out", required=True)
+    done.add_argument("--eval", default="eval_gpu.json", help="the eval report in --results whose rows the profile records")
+    done.add_argument("--note", default="", help="how that report was measured (default: this script on an H200)")
     run = sub.add_parser("run")
     run.add_argument("--packed", required=True)
     run.add_argument("--out", required=True)
@@ -425,8 +449,11 @@ def main(argv=None) -> int:
     if args.command == "pack":
         pack(args.out)
         return 0
+    if args.command == "calibrate":
+        calibrate_here(args.out, args.calibration_texts)
+        return 0
     if args.command == "finish":
-        finish(args.results, args.profile_out)
+        finish(args.results, args.profile_out, args.eval, args.note)
         return 0
     began = time.monotonic()
     os.makedirs(args.out, exist_ok=True)

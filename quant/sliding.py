@@ -130,6 +130,37 @@ class SlidingCompressedKVCache(CompressedKVCache):
     def meta_state(self) -> str:
         return self.state["meta"]
 
+    def hold(self) -> dict:
+        """What `rewind` needs to bring the cache back to this moment exactly. A trim cannot: the tokens a later
+        store dropped do not come back. MLX arrays are immutable, so this copies references, not arrays."""
+        return {name: dict(value) if isinstance(value, dict) else value for name, value in vars(self).items()}
+
+    def rewind(self, held: dict) -> None:
+        vars(self).clear()
+        vars(self).update(held)
+
+
+def restore_cache(state: dict) -> CompressedKVCache:
+    """The cache a state was saved from: a SlidingCompressedKVCache when its meta names a window, else a
+    CompressedKVCache."""
+    sliding = "max_size" in json.loads(state["meta"])
+    return (SlidingCompressedKVCache if sliding else CompressedKVCache).from_state(state)
+
+
+def exact_trim_limit(caches, tokens: int) -> int | None:
+    """The most tokens a conversation of `tokens` tokens can lose so that its sliding-window caches still hold every
+    token the next step's queries see (the first of them may be the last kept token, fed again); None when no cache
+    has dropped any."""
+    limits = [tokens - c.max_size - c.n_dropped for c in caches if isinstance(c, SlidingCompressedKVCache) and c.n_dropped]
+    return max(min(limits), 0) if limits else None
+
+
+def sliding_windows(model) -> list:
+    """Per layer, the sliding window of the model's own cache (mlx_lm's make_cache), or None for full attention."""
+    from .builder import model_caches
+
+    return [c.max_size if isinstance(c, RotatingKVCache) else None for c in model_caches(model)]
+
 
 def sliding_windows(model) -> list:
     """Per layer, the sliding window of the model's own cache (mlx_lm's make_cache), or None for full attention."""

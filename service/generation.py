@@ -16,6 +16,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from kvshard.quant.batch_arena import BatchArena, SlidingWindowLayer
 from kvshard.quant.batch_view import batch_views
+from kvshard.quant.sliding import SlidingCompressedKVCache
 from kvshard.service import metrics
 from kvshard.service.errors import LimitExceeded
 from kvshard.service.sessions import Session, SessionManager
@@ -89,7 +90,7 @@ class Decoder:
         self.prompt = prompt
         self.sampling = sampling
         self.progress = progress  # the session's last_generate, counted here so it matches the tokens
-        self._before = None  # (tokens, cache offsets) before the token being fed, for a rollback
+        self._before = None  # (tokens, cache offsets, sliding caches held) before the token being fed, for a rollback
 
     def pending_tokens(self) -> int:
         """Tokens the next step feeds before it can sample (1 on a plain decode step)."""
@@ -119,7 +120,8 @@ class Decoder:
         """Move the input into the conversation; the tokens the caches do not hold yet."""
         caches, tokens = self.session.caches, self.session.record.token_ids
         if self._before is None:
-            self._before = len(tokens), [c.offset for c in caches]
+            held = [c.hold() if isinstance(c, SlidingCompressedKVCache) else None for c in caches]
+            self._before = len(tokens), [c.offset for c in caches], held
         tokens.extend(self.prompt)
         self.prompt = []
         if caches[0].offset == 0:
@@ -156,9 +158,12 @@ class Decoder:
         """The session as it was before this token's first chunk."""
         if self._before is None:
             return
-        before_tokens, before_offsets = self._before
-        for cache, offset in zip(self.session.caches, before_offsets, strict=True):
-            cache.trim(cache.offset - offset)
+        before_tokens, before_offsets, held = self._before
+        for cache, offset, was in zip(self.session.caches, before_offsets, held, strict=True):
+            if was is None:
+                cache.trim(cache.offset - offset)
+            else:
+                cache.rewind(was)  # a store may have dropped tokens that a trim cannot bring back
         del self.session.record.token_ids[before_tokens:]
         self._before = None
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig
 from kvshard.quant.codebooks import CHANGED_FROM_BITS, CODEBOOK_VERSION
+from kvshard.quant.sliding import exact_trim_limit, restore_cache
 from kvshard.service import logs, memory
 from kvshard.service.auth import DEFAULT_TENANT
 from kvshard.service.metrics import CACHE_OBSERVERS
@@ -42,9 +43,9 @@ ADMISSION_WAIT_S = 30  # how long a call waits for memory to fit the budget befo
 RESUME_PROGRESS_TOKENS = 8192  # sessions at least this long log one line per layer restored (32K tokens: ~1 s)
 _MAX_KV_HEADS = 256
 _MAX_HEAD_DIM = 1024
-# Sliding-window layers (Gemma 3) hold every token as codes under the window mask: the store persists append-only
-# codes, which a rotating window is not.
-SERVICE_SLIDING = "full"
+# Sliding-window layers (Gemma 3) hold their window as codes (quant/sliding.py): a commit after the window moved
+# rewrites that layer's codes whole (at most the window), so what a session stores and holds stays bounded.
+SERVICE_SLIDING = "compressed"
 
 
 def now_ms() -> int:
@@ -173,6 +174,8 @@ class Session:
         # encoded_until. Codes are append-only, so a commit only adds the range past the last block.
         self.block_starts = block_starts
         self.encoded_until = [c.n_encoded for c in caches]
+        # Tokens each sliding-window layer had dropped at the last commit: once it drops more, its codes have moved.
+        self.dropped_until = [getattr(c, "n_dropped", 0) for c in caches]
         self.dirty: set[int] = set()
         self.memory_bytes = sum(c.nbytes for c in caches)
         self.held_bytes = sum(memory.held_bytes(c) for c in caches)  # what the budget counts (memory.py)
@@ -233,7 +236,7 @@ class Session:
         report = record.offset >= RESUME_PROGRESS_TOKENS
         start, caches = time.monotonic(), []
         for done, (tail, blocks) in enumerate(layers, 1):
-            cache = CompressedKVCache.from_state(join_state(tail, [b for _, b in blocks]))
+            cache = restore_cache(join_state(tail, [b for _, b in blocks]))
             # Join the blocks now, so the stored bytes can be freed and the session's first call does not pay for it.
             mx.eval([cache.state.get(group, {}) for group in ("key_codes", "value_codes")])
             caches.append(cache)
@@ -322,6 +325,11 @@ class Session:
             if self.record.kind == "model":
                 raise ValueError("layer: a model session trims every layer together; leave layer unset")
         self.check_offset(expected_offset, layer)
+        limit = exact_trim_limit(self.caches, len(self.record.token_ids)) if self.record.kind == "model" else None
+        if limit is not None and n > limit:
+            raise FailedPrecondition(
+                f"n: this session's sliding-window layers no longer hold the tokens a trim of {n} would bring back into "
+                f"their window; trim at most {limit}")
 
     def trim(self, n: int, layer: int | None) -> int:
         """Drop the last n tokens of one layer or of every layer (MODEL sessions: of the conversation)."""
@@ -362,6 +370,8 @@ class Session:
             n = cache.n_encoded
             ends = starts[1:] + [self.encoded_until[layer]]
             keep_until = max((end for end in ends if end <= n), default=0)
+            if getattr(cache, "n_dropped", 0) != self.dropped_until[layer]:
+                keep_until = 0
             tail, block = split_state(cache.state, keep_until)
             deltas.append(LayerDelta(layer=layer, keep_until=keep_until, block=block, tail=tail))
         record = dataclasses.replace(
@@ -383,6 +393,7 @@ class Session:
                 starts.append(delta.keep_until)
             self.block_starts[delta.layer] = starts
             self.encoded_until[delta.layer] = self.caches[delta.layer].n_encoded
+            self.dropped_until[delta.layer] = getattr(self.caches[delta.layer], "n_dropped", 0)
             self.dirty.discard(delta.layer)
         self.record.version = record.version
         self.record.updated_at_ms = record.updated_at_ms

@@ -2,6 +2,7 @@
 loads into mlx_lm's gemma3_text with the right weights and tokenizer, compressed caches run it, and a shard
 serving it refuses sessions of another model. Short tests run by default; the served model is @slow."""
 
+import json
 import math
 import os
 
@@ -151,3 +152,63 @@ def test_served_gemma_refuses_sessions_of_another_model(tmp_path):
             assert text and session.refresh().offset > 4
     finally:
         served.stop()
+
+
+@pytest.mark.slow
+def test_served_gemma_holds_its_sliding_window_and_resumes_it_exactly(tmp_path):
+    """A Gemma session past its 512-token window: every sliding layer stores its window only (not every token), a
+    trim that would need dropped tokens is refused with the session unchanged, and after kill -9 the restarted
+    shard continues it exactly as an uninterrupted session (same tokens, bit-identical stored codes)."""
+    from conftest import free_port
+    from kvshard.client import NO_RETRY, Client, RetryPolicy
+    from kvshard.service.store.codec import join_state
+    from kvshard.service.store.sqlite import SQLiteStore
+
+    db_path, port = tmp_path / "kvshard.sqlite3", free_port()
+    shard = ShardProcess(tmp_path, "--model", "gemma3-270m", "--checkpoint-tokens", "4", store=f"sqlite:///{db_path}",
+                         port=port)
+    prompt, follow_up = load_text("persuasion")[:3000], " And then"  # ~700 Gemma tokens
+    config = dict(key_bits=4, value_bits=4)
+
+    def stored_layers(session_id):
+        store = SQLiteStore(db_path)
+        try:
+            layers = store.load_layers(session_id, 18)
+        finally:
+            store.close()
+        return [join_state(tail, [b for _, b in blocks]) for tail, blocks in layers]
+
+    shard.start(timeout=600)
+    try:
+        client = Client(shard.target, retry=NO_RETRY)
+        session = client.create_session(**config)
+        turn1 = [t.token_id for t in session.generate(prompt, max_tokens=6, ignore_eos=True)]
+        before = session.refresh()
+        assert before.offset > 600
+        with pytest.raises(grpc.RpcError) as refused:
+            session.trim(100)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "trim at most" in refused.value.details()
+        assert session.refresh().offset == before.offset and session.refresh().version == before.version
+        for i, state in enumerate(stored_layers(session.session_id)):
+            meta, codes = json.loads(state["meta"]), state["key_codes"]
+            held = next(iter(codes.values())).shape[2]
+            if i in (5, 11, 17):  # global layers: every token
+                assert "max_size" not in meta and held > 600
+            else:
+                assert meta["max_size"] == 512 and meta["n_dropped"] > 0 and held <= 512
+        shard.kill9()
+        shard.start(timeout=600)
+        client = Client(shard.target, retry=RetryPolicy(attempts=200, initial_backoff=0.2, max_backoff=0.5))
+        resumed = client.session(session.session_id)
+        turn2 = [t.token_id for t in resumed.generate(follow_up, max_tokens=6, ignore_eos=True)]
+        baseline = client.create_session(**config)
+        expected = [[t.token_id for t in baseline.generate(text, max_tokens=6, ignore_eos=True)] for text in (prompt, follow_up)]
+        assert [turn1, turn2] == expected
+        assert resumed.token_ids() == baseline.token_ids()
+    finally:
+        shard.stop()
+    for ours, theirs in zip(stored_layers(session.session_id), stored_layers(baseline.session_id), strict=True):
+        assert json.loads(ours["meta"]) == json.loads(theirs["meta"])
+        for group in ("key_codes", "value_codes"):
+            for name in ours[group]:
+                assert np.array_equal(np.array(ours[group][name]), np.array(theirs[group][name])), (group, name)
