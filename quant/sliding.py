@@ -162,13 +162,6 @@ def sliding_windows(model) -> list:
     return [c.max_size if isinstance(c, RotatingKVCache) else None for c in model_caches(model)]
 
 
-def sliding_windows(model) -> list:
-    """Per layer, the sliding window of the model's own cache (mlx_lm's make_cache), or None for full attention."""
-    from .builder import model_caches
-
-    return [c.max_size if isinstance(c, RotatingKVCache) else None for c in model_caches(model)]
-
-
 def effective_bits_vs_fp16(model, caches, tokens: int, batch: int = 1) -> float:
     """8 · bytes the caches keep / K+V elements of the model's fp16 cache at `tokens` tokens (module docstring),
     for caches holding `batch` sequences of that length."""
