@@ -739,7 +739,7 @@ def test_coded_merge_on_cpu_emulator(head_dim, queries_per_kv, coded_width, spli
 
     dense = lambda a, dtype: _dense(a, dtype, batch)  # noqa: E731
     inputs = {"q": dense(q, np.float16), "params": dense(np.array([scale], np.float32), np.float32),
-              "vsynth": dense(synth, np.float32), "sk": dense(sk, np.float16), "sv": dense(sv, np.float16),
+              "vsynth_t": dense(np.ascontiguousarray(synth.transpose(0, 2, 1)), np.float32), "sk": dense(sk, np.float16), "sv": dense(sv, np.float16),
               "wk": view(buffer_k, 7, window) if window else dense(np.zeros((1, 1, 1, 1)), np.float16),
               "wv": view(buffer_v, 7, window) if window else dense(np.zeros((1, 1, 1, 1)), np.float16),
               "part_o": dense(part_o, np.float32), "part_ml": dense(part_ml, np.float32)}

@@ -32,7 +32,7 @@ APPEND_INPUTS = ATTEND_INPUTS + ["xk", "xv", "kbounds", "vbounds"]
 RING_INPUTS = APPEND_INPUTS + ["wk", "wv", "ring"]
 CODED_INPUTS = ["q", "params", "synth", "kmean", "omega", "kcoord", "kcent", "vcoord", "vcent", "kidx", "knorm", "vidx",
                 "vnorm", "lengths"]
-CODED_MERGE_INPUTS = ["q", "params", "vsynth", "sk", "sv", "wk", "wv", "part_o", "part_ml"]
+CODED_MERGE_INPUTS = ["q", "params", "vsynth_t", "sk", "sv", "wk", "wv", "part_o", "part_ml"]
 ENCODE_INPUTS = ["x", "signs", "bounds"]
 ENCODE_OUTPUTS = ["idx", "norm"]
 ENCODE_PAIR_INPUTS = ["xk", "xv", "ksigns", "vsigns", "kbounds", "vbounds", "kcent", "vcent"]

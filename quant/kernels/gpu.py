@@ -512,6 +512,14 @@ def coded_merge_supported(value_method, head_dim: int) -> bool:
         head_dim, sum(n for n, _ in spec.runs)) and synthesis.dtype == mx.float32
 
 
+@lru_cache(maxsize=64)
+def _synthesis_t(value_method) -> mx.array:
+    """The value synthesis transposed, (H or 1, coded width, head_dim) row-contiguous, worked out once."""
+    transposed = mx.contiguous(value_method.fused_spec().synthesis.swapaxes(1, 2))
+    mx.eval(transposed)
+    return transposed
+
+
 def coded_decode(queries, segment, key_method, value_method, scale: float, exact=(), lengths=None) -> mx.array:
     """A decode step's attention over one code segment and up to two unmasked fp16 segments [(keys, values)] (the
     sinks, the window) in two launches: mma_coded's splits, then coded_merge.cu, which merges them, maps the values
@@ -526,7 +534,7 @@ def coded_decode(queries, segment, key_method, value_method, scale: float, exact
         raise ValueError(f"coded_decode merges at most two fp16 segments, got {len(fp16)}")
     slots = fp16 + [(_placeholder(), _placeholder())] * (2 - len(fp16))
     return cuda.kernel("coded_merge")(
-        inputs=[queries, params, value_method.fused_spec().synthesis, *slots[0], *slots[1], part_o, part_ml],
+        inputs=[queries, params, _synthesis_t(value_method), *slots[0], *slots[1], part_o, part_ml],
         template=[("D", D), ("R", R), ("MPV", MPV), ("MV", mv), ("NT", GPU_COMBINE_THREADS),
                   ("HAS_SINKS", len(fp16) > 0), ("HAS_WINDOW", len(fp16) > 1), ("OutT", queries.dtype)],
         grid=(R * GPU_COMBINE_THREADS, H, B), threadgroup=(GPU_COMBINE_THREADS, 1, 1),

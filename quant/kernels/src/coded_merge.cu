@@ -7,18 +7,13 @@
   __shared__ float red[NT / 32];
   const int tid = threadIdx.x;
   const KvsMergeRow row = kvs_merge_row<NT, R>(part_ml, q_shape[2], part_ml_shape[2], red);
-  const int r = row.r, h = row.h, b = row.b, S = row.S;
-  const int64_t split0 = row.split0;
+  const int r = row.r, h = row.h, b = row.b;
   const float scale = params[0];
   // The coded tokens' log-sum-exp and normalised coded-domain output, as combine.cu merges them.
-  const float cms = kvs_finite_or_zero(row.top), csum = row.total;
-  const float coded_lse = csum > 0.0f ? cms + logf(csum) : -cuda::std::numeric_limits<float>::infinity();
-  for (int m = tid; m < MPV; m += NT) {
-    float v = 0.0f;
-    for (int s = 0; s < S; ++s)
-      v += part_o[((split0 + s) * R + r) * MPV + m] * __expf(part_ml[((split0 + s) * R + r) * 2] - cms);
-    so[m] = csum > 0.0f ? v / csum : 0.0f;
-  }
+  const float csum = row.total;
+  const float coded_lse = csum > 0.0f ? kvs_finite_or_zero(row.top) + logf(csum)
+                                      : -cuda::std::numeric_limits<float>::infinity();
+  kvs_merge_outputs<NT, R, MPV>(part_o, part_ml, row, so, sw);
   for (int d = tid; d < D; d += NT)
     sq[d] = static_cast<float>(q[b * q_strides[0] + row.hq * q_strides[1] + row.pos * q_strides[2] + d * q_strides[3]]) *
             scale;
@@ -39,6 +34,7 @@
   };
   auto score = [&](int t) {
     float s = 0.0f;
+#pragma unroll 8
     for (int d = 0; d < D; ++d) s += sq[d] * key(t, d);
     return s;
   };
@@ -48,7 +44,7 @@
 
   // Each thread owns output coordinates d: the coded part through the synthesis, then the fp16 tokens' values a
   // chunk of weights at a time.
-  const int hs = vsynth_shape[0] == 1 ? 0 : h;
+  const int hs = vsynth_t_shape[0] == 1 ? 0 : h;  // Sᵀ, (H or 1, MV, D): a warp's threads read consecutive d
   const float coded_weight = csum > 0.0f ? __expf(coded_lse - top) : 0.0f;
   constexpr int PER_THREAD = (D + NT - 1) / NT;
   float acc[PER_THREAD];
@@ -57,7 +53,8 @@
     const int d = tid + j * NT;
     float v = 0.0f;
     if (d < D)
-      for (int m = 0; m < MV; ++m) v += vsynth[(static_cast<int64_t>(hs) * D + d) * MV + m] * so[m];
+#pragma unroll 8
+      for (int m = 0; m < MV; ++m) v += vsynth_t[(static_cast<int64_t>(hs) * MV + m) * D + d] * so[m];
     acc[j] = v * coded_weight;
   }
   float total = 0.0f;
@@ -71,6 +68,7 @@
     for (int j = 0; j < PER_THREAD; ++j) {
       const int d = tid + j * NT;
       if (d < D)
+#pragma unroll 4
         for (int k = 0; k < chunk; ++k) acc[j] += sw[k] * value(t0 + k, d);
     }
   }

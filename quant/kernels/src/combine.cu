@@ -3,38 +3,10 @@
   __shared__ float red[NT / 32];
   const int tid = threadIdx.x;
   const KvsMergeRow row = kvs_merge_row<NT, R>(part_ml, q_shape[2], part_ml_shape[2], red);
-  const int r = row.r, h = row.h, b = row.b, H = row.H, S = row.S, hq = row.hq, pos = row.pos;
-  const int64_t split0 = row.split0;
-  const float mx_ = row.top, ms = kvs_finite_or_zero(row.top), lsum = row.total;
+  const int r = row.r, h = row.h, b = row.b, H = row.H, hq = row.hq, pos = row.pos;
+  const float mx_ = row.top, lsum = row.total;
   const float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
-  const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
-  // Each output coordinate sums S partials: the splits' weights go to shared memory a chunk at a time, so
-  // the loads of a thread are independent (no exp on their path) and the loop unrolls.
-  constexpr int PER_THREAD = (D + NT - 1) / NT;
-  float acc_d[PER_THREAD];
-#pragma unroll
-  for (int j = 0; j < PER_THREAD; ++j) acc_d[j] = 0.0f;
-  for (int s0 = 0; s0 < S; s0 += NT) {
-    const int chunk = min(NT, S - s0);
-    if (tid < chunk) sw[tid] = __expf(part_ml[((split0 + s0 + tid) * R + r) * 2] - ms);
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < PER_THREAD; ++j) {
-      const int d = tid + j * NT;
-      if (d < D) {
-        const float* po = part_o + ((split0 + s0) * R + r) * D + d;
-        float v = 0.0f;
-#pragma unroll 8
-        for (int k = 0; k < chunk; ++k) v += po[static_cast<int64_t>(k) * R * D] * sw[k];
-        acc_d[j] += v;
-      }
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int j = 0; j < PER_THREAD; ++j)
-    if (tid + j * NT < D) so[tid + j * NT] = acc_d[j] * inv;
-  __syncthreads();
+  kvs_merge_outputs<NT, R, D>(part_o, part_ml, row, so, sw);
   // Un-rotate with the value rotation's inverse: rounds in reverse, each a Hadamard then its ±1 diagonal.
   for (int rd = ROUNDS - 1; rd >= 0; --rd) {
     for (int len = 1; len < D; len <<= 1) {

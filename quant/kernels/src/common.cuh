@@ -253,6 +253,42 @@ __device__ __forceinline__ KvsMergeRow kvs_merge_row(const float* part_ml, int L
   return row;
 }
 
+// The row's normalised output, so[w] = Σ_s exp(m_s − max) · part_o[s][w] / total (0 for a row without tokens), W
+// coordinates: the splits' weights go to shared memory (sw, NT floats) a chunk at a time, so that a thread's loads
+// are independent (no exp on their path) and the loop unrolls. Ends with so[] visible to the whole block.
+template <int NT, int R, int W>
+__device__ __forceinline__ void kvs_merge_outputs(const float* part_o, const float* part_ml, const KvsMergeRow& row,
+                                                  float* so, float* sw) {
+  const int tid = threadIdx.x;
+  const float ms = kvs_finite_or_zero(row.top);
+  const float inv = row.total > 0.0f ? 1.0f / row.total : 0.0f;
+  constexpr int PER_THREAD = (W + NT - 1) / NT;
+  float acc[PER_THREAD];
+#pragma unroll
+  for (int j = 0; j < PER_THREAD; ++j) acc[j] = 0.0f;
+  for (int s0 = 0; s0 < row.S; s0 += NT) {
+    const int chunk = min(NT, row.S - s0);
+    if (tid < chunk) sw[tid] = __expf(part_ml[((row.split0 + s0 + tid) * R + row.r) * 2] - ms);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+      const int w = tid + j * NT;
+      if (w < W) {
+        const float* po = part_o + ((row.split0 + s0) * R + row.r) * W + w;
+        float v = 0.0f;
+#pragma unroll 8
+        for (int k = 0; k < chunk; ++k) v += po[static_cast<int64_t>(k) * R * W] * sw[k];
+        acc[j] += v;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < PER_THREAD; ++j)
+    if (tid + j * NT < W) so[tid + j * NT] = acc[j] * inv;
+  __syncthreads();
+}
+
 // Append one token of one (batch, kv head) in place, by one warp: x (the token, minus the key mean when MEAN)
 // TurboQuant-coded into row `pos` of the cache's preallocated code and norm buffers (inputs that the kernel
 // writes: no block of the launch reads row `pos`), and its decoded rotated vector (centroids · fp16 norm, as
