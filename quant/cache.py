@@ -7,6 +7,7 @@ steps the cache holds only these — no fp16 copy of the history.
 
 import copy
 import json
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -134,6 +135,7 @@ class CompressedKVCache(_BaseCache):
         self._fusable = None  # whether this cache's appends can be coded in the attention launch (worked out once)
         self._block = None  # tokens that leave the window together (_window_block, worked out once)
         self._ring, self._ring_start = None, 0  # the window's buffers while held as a ring; its oldest slot
+        self._plan = None  # (key, the decode step's launches or None): _coded_decode_plan, _append_and_attend
         self._lease = None  # a batch arena's hold on this cache's newest codes (quant/batch_arena.py)
         # Set when `state` or `trim` may have handed out views of the buffers: in-place appends wait until an
         # ordinary append has given the cache buffers of its own again (MLX copies a buffer still viewed).
@@ -406,6 +408,12 @@ class CompressedKVCache(_BaseCache):
             kernel = dispatch.append_kernel(queries, mask, self.n_kv_heads, self.key_quantizer, self.value_quantizer)
             if kernel is not None:
                 return self._append_and_attend(queries, scale, kernel)
+        if mask is None and not self.observers and self.n_encoded and kernels.gpu_backend() == "cuda":
+            plan = self._coded_decode_plan(queries, scale)
+            if plan is not None:
+                exact = [(a, b) for a, b in ((self.sink_keys, self.sink_values), (self.window_keys, self.window_values))
+                         if a is not None and a.shape[2]]
+                return plan(queries, exact)
         start = start_timer(self.observers, queries)
         output = compressed_attention(
             queries,
@@ -420,18 +428,50 @@ class CompressedKVCache(_BaseCache):
             observer.on_attend(self, queries, output, start)
         return output
 
+    def _coded_decode_plan(self, queries: mx.array, scale: float):
+        """The decode step's two launches over the codes, the sinks and the window (gpu.coded_decode_plan) when
+        dispatch picks the coded-layout kernel for them, else None; worked out once for the codes as they stand
+        and reused until they change (every WINDOW_BLOCK steps), so that a step does not re-derive the path, the
+        launch shapes and the constant inputs. Keyed on everything they depend on; the plan holds the code
+        buffers it was made for, so their ids cannot come back for other buffers."""
+        self._settle()
+        key = ("coded", queries.shape, queries.dtype, scale, self.n_encoded, self._codes_start(),
+               id(self.key_codes["idx"]), id(self.value_codes["idx"]),
+               self.window_keys is not None and self.window_keys.shape[2] > 0, os.environ.get(dispatch.ENV_BACKEND))
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        segments = self.segments(exact=False)
+        codes = [s for s in segments if s.is_codes]
+        plan = None
+        if (len(codes) == 1 and len(segments) <= 3 and gpu.coded_merge_supported(self.value_quantizer, queries.shape[3])
+                and dispatch.choose(None, queries, segments, self.key_quantizer, self.value_quantizer, None)
+                == "mma_coded"):
+            plan = gpu.coded_decode_plan(queries, codes[0], self.key_quantizer, self.value_quantizer, scale,
+                                         len(segments) - 1)
+        self._plan = (key, plan)
+        return plan
+
     def _append_and_attend(self, queries: mx.array, scale: float, kernel: str) -> mx.array:
         """The deferred token coded into row n_encoded of the buffers (or, with a window, the ring's oldest token
         coded there and the new one put in its slot) and attended, with the rest, in one launch."""
         keys, values = self._pending
         self._pending = None
-        segment = CodeSegment(self.key_codes, self.value_codes, self.key_mean, self.n_encoded)
+        B = queries.shape[0]
+        # The launch's derivation is reused while these stay the same (gpu.append_plan): the plan holds the buffers
+        # it was made for, so their ids cannot come back for other buffers.
+        key = ("append", queries.shape, queries.dtype, scale, kernel, id(self.key_codes["idx"]),
+               id(self.value_codes["idx"]), id(self.key_mean), self.window,
+               gpu.split_size(kernel, B, self.n_kv_heads, self.n_encoded))
+        if self._plan is None or self._plan[0] != key:
+            segment = CodeSegment(self.key_codes, self.value_codes, self.key_mean, self.n_encoded)
+            self._plan = (key, gpu.append_plan(kernel, queries, segment, self.key_quantizer, self.value_quantizer,
+                                               scale, self.window))
         ring = None
         if self.window:
             ring = (self.window_keys, self.window_values, self._ring_start)
             self._ring_start = (self._ring_start + 1) % self.window
-        out = gpu.attention(queries, segment, self.key_quantizer, self.value_quantizer, scale, kernel,
-                            append=(keys.astype(mx.float16), values.astype(mx.float16)), ring=ring)[0]
+        out = self._plan[1](queries, (keys.astype(mx.float16), values.astype(mx.float16)),
+                            gpu.row_lengths(self.n_encoded, B), ring)[0]
         self.n_encoded += 1
         self._written = out
         return out
@@ -658,7 +698,7 @@ class CompressedKVCache(_BaseCache):
         memo[id(self)] = twin
         for name, value in self.__dict__.items():
             shared = name in _SHARED_ON_COPY or isinstance(value, mx.Dtype)  # a Dtype is immutable and cannot be pickled
-            if name == "_lease":  # a batch arena holds this cache, not its copy
+            if name in ("_lease", "_plan"):  # a batch arena holds this cache, not its copy; a plan holds our buffers
                 value, shared = None, True
             twin.__dict__[name] = value if shared else copy.deepcopy(value, memo)
         return twin

@@ -999,6 +999,32 @@ def test_gpu_decode_step_appends_in_the_attention_launch(head_dim, queries_per_k
         assert mx.allclose(*norms, rtol=2e-3).item()
 
 
+@pytest.mark.skipif(kernels.gpu_backend() != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", [16, 0])
+def test_gpu_coded_decode_steps_reuse_their_plan_and_match_pure(window):
+    """A hooked cache of the recommended configuration's shape (klt, keys before RoPE, mixed bits, 4 sinks, maybe a
+    16-token window) decoding 40 steps on CUDA: each step runs the plan the cache made for its codes (remade when a
+    block of window tokens is coded, every WINDOW_BLOCK steps, and when the buffers grow), and every output matches
+    the portable path over what the cache then holds, with queries aimed at the newest key so that a stale plan
+    (old codes, length or window) shows."""
+    from kvshard.quant.cache import WINDOW_BLOCK
+
+    cache = _coded_cache(64, RECOMMENDED_KEY_BITS, RECOMMENDED_VALUE_BITS, "half", 250, window=window)
+    cache.read_by_hook = True
+    plans = set()
+    for _ in range(40):
+        k = (mx.random.normal((1, 2, 1, 64)) + 0.5).astype(mx.float16)
+        cache.update_and_fetch(k, mx.random.normal((1, 2, 1, 64)).astype(mx.float16))
+        q = (0.5 * mx.repeat(k, 4, axis=1)).astype(mx.float16)
+        out = cache.attention(q, 64**-0.5)
+        assert cache._plan is not None and cache._plan[1] is not None
+        plans.add(id(cache._plan[1]))
+        with mx.stream(mx.cpu):
+            ref = _attend(cache, q.astype(mx.float32), "pure")
+        assert _max_err(out, ref) < 3e-3 * max(1.0, mx.abs(ref).max().item())
+    assert 40 // WINDOW_BLOCK <= len(plans) <= 2 * (40 // WINDOW_BLOCK + 2)  # reused between blocks, not every step
+
+
 def test_hooked_cache_stops_returning_the_decoded_history():
     """Once the attention hook has read a cache, update_and_fetch returns only the new tokens instead of a lazy
     graph of the whole decoded history that nobody evaluates; a cache no hook reads returns the full K/V."""

@@ -140,7 +140,7 @@ def _ring_slot(slot: int) -> mx.array:
 
 
 @lru_cache(maxsize=4096)
-def _row_lengths(length: int, batch: int) -> mx.array:
+def row_lengths(length: int, batch: int) -> mx.array:
     """Every row holding `length` tokens, cached: decode steps of all layers share one array per offset."""
     return mx.array([length] * batch, dtype=mx.int32)
 
@@ -206,6 +206,13 @@ def attention(queries, segment, key_method, value_method, scale: float, kernel: 
         out, lse = coded_attention(queries, segment, key_method, value_method, scale, lengths)
         return (out, lse) if with_lse else (out.astype(queries.dtype), None)
     B, n_q_heads, L, D = queries.shape
+    if lengths is None:
+        lengths = row_lengths(segment.length, B)
+    if append is not None:
+        window = 0 if ring is None else ring[0].shape[2]
+        out, lse = append_plan(kernel, queries, segment, key_method, value_method, scale, window)(
+            queries, append, lengths, ring)
+        return out, lse if with_lse else None
     H = segment.n_kv_heads
     G = n_q_heads // H
     kspec, vspec, ksigns, vsigns, dim = _specs(key_method, value_method)
@@ -214,10 +221,8 @@ def attention(queries, segment, key_method, value_method, scale: float, kernel: 
         q = key_method.rotate_query(queries.reshape(B, H, G, L, D)).reshape(B, n_q_heads, L, dim)
         q = q.astype(queries.dtype)
     has_mean = segment.key_mean is not None and kspec.signs is not None
-    if lengths is None:
-        lengths = _row_lengths(segment.length, B)
     out, lse = _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, float(scale), has_mean, lengths, G * L,
-                       queries.dtype, append, ring)
+                       queries.dtype)
     if vspec.signs is None:
         out = value_method.unrotate(out.reshape(B, H, G, L, dim)).reshape(B, n_q_heads, L, D).astype(queries.dtype)
     if not with_lse:
@@ -230,27 +235,52 @@ def attention(queries, segment, key_method, value_method, scale: float, kernel: 
     return out, lse
 
 
-def _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, scale, has_mean, lengths, R, out_dtype, append=None,
-            ring=None):
+def append_plan(kernel, queries, segment, key_method, value_method, scale: float, window: int = 0):
+    """The decode step's single launch that codes the new token into row `lengths` of the segment's buffers and
+    attends (dispatch.append_kernel's kernel; with a ring of `window` fp16 tokens, the ring's oldest token is the
+    one coded), worked out once for these buffers, this query shape and the split count split_size gives for
+    segment.length: a function of (queries, (keys, values), lengths, ring or None) -> (out, lse). A cache reuses
+    it while those stay the same, so that a step's host time is one launch's and not its derivation."""
+    B, n_q_heads, L, D = queries.shape
+    H = segment.n_kv_heads
+    kspec, vspec, ksigns, vsigns, _ = _specs(key_method, value_method)
+    has_mean = segment.key_mean is not None
+    split, kwargs = _launch_shape(kernel, kspec, vspec, ksigns.shape[0], vsigns.shape[0],
+                                  (B, H, n_q_heads, L, D, (n_q_heads // H) * L), queries.dtype, has_mean,
+                                  split_size(kernel, B, H, segment.length), GPU_SINGLE_LAUNCH, True, window)
+    before = [_scalar(float(scale)), ksigns, kspec.centroids, vspec.centroids, segment.key_codes["idx"],
+              segment.key_codes["norm"], segment.value_codes["idx"], segment.value_codes["norm"]]
+    after = [vsigns, segment.key_mean if has_mean else _placeholder()]
+    bounds = [kspec.boundaries, vspec.boundaries]
+
+    def run(queries, append, lengths, ring=None):
+        extra = [] if ring is None else [ring[0], ring[1], _ring_slot(ring[2])]
+        out = split(inputs=[queries, *before, lengths, *after, _tickets(B * H), *append, *bounds, *extra], **kwargs)
+        return out[2], out[3]
+
+    return run
+
+
+def split_size(kernel: str, batch: int, n_kv_heads: int, tokens: int) -> tuple:
+    """(splits per kv head, tokens per split (CUDA-core kernel), warps, unroll) of a "mma" or "cuda" launch."""
+    if kernel == "mma":
+        return _mma_splits(batch, n_kv_heads, tokens), 0, GPU_MMA_WARPS, GPU_MMA_UNROLL
+    per_split = _splits(batch, n_kv_heads, tokens)
+    return -(-tokens // per_split), per_split, GPU_WARPS, GPU_UNROLL
+
+
+def _launch(kernel, q, segment, kspec, vspec, ksigns, vsigns, scale, has_mean, lengths, R, out_dtype):
     B, n_q_heads, L, D = q.shape
     H = segment.n_kv_heads
     codes = [segment.key_codes["idx"], segment.key_codes["norm"], segment.value_codes["idx"],
              segment.value_codes["norm"], lengths]
     head = [q, _scalar(scale), ksigns, kspec.centroids, vspec.centroids]
     mean = segment.key_mean if has_mean else _placeholder()
-    if kernel == "mma":
-        split_size = (_mma_splits(B, H, segment.length), 0, GPU_MMA_WARPS, GPU_MMA_UNROLL)
-    else:
-        per_split = _splits(B, H, segment.length)
-        split_size = (-(-segment.length // per_split), per_split, GPU_WARPS, GPU_UNROLL)
-    window = 0 if ring is None else ring[0].shape[2]
     split, kwargs = _launch_shape(kernel, kspec, vspec, ksigns.shape[0], vsigns.shape[0], (B, H, n_q_heads, L, D, R),
-                                  out_dtype, has_mean, split_size, GPU_SINGLE_LAUNCH, append is not None, window)
+                                  out_dtype, has_mean, split_size(kernel, B, H, segment.length), GPU_SINGLE_LAUNCH,
+                                  False, 0)
     if len(kwargs["output_shapes"]) == 4:  # one launch: the last split block merges
-        extra = [] if append is None else [append[0], append[1], kspec.boundaries, vspec.boundaries]
-        if ring is not None:
-            extra += [ring[0], ring[1], _ring_slot(ring[2])]
-        out = split(inputs=head + codes + [vsigns, mean, _tickets(B * H)] + extra, **kwargs)
+        out = split(inputs=head + codes + [vsigns, mean, _tickets(B * H)], **kwargs)
         return out[2], out[3]
     part_o, part_ml = split(inputs=head + codes, **kwargs)
     vrounds = vsigns.shape[0] if vspec.signs is not None else 0
@@ -525,24 +555,50 @@ def coded_decode(queries, segment, key_method, value_method, scale: float, exact
     sinks, the window) in two launches: mma_coded's splits, then coded_merge.cu, which merges them, maps the values
     back through the synthesis (coded_merge_supported) and merges the fp16 tokens exactly. (B, Hq, L, D) in the
     queries' dtype."""
+    fp16 = [(k, v) for k, v in exact if k.shape[2]]
+    return coded_decode_plan(queries, segment, key_method, value_method, scale, len(fp16), lengths)(queries, fp16)
+
+
+def coded_decode_plan(queries, segment, key_method, value_method, scale: float, n_exact: int, lengths=None):
+    """coded_decode's two launches worked out once for this segment as it stands (its buffers, length and first
+    position) and this query shape: a function of (queries, [(keys, values)] of the n_exact non-empty fp16
+    segments) -> (B, Hq, L, D). A cache reuses it for every decode step until its codes change (a block leaving
+    the window: every WINDOW_BLOCK steps), so that a step's host time is two launches' and not their derivation."""
+    if n_exact > 2:
+        raise ValueError(f"coded_decode merges at most two fp16 segments, got {n_exact}")
     B, n_q_heads, L, D = queries.shape
     H = segment.n_kv_heads
     R = (n_q_heads // H) * L
-    part_o, part_ml, params, MPV, mv = _coded_split(queries, segment, key_method, value_method, scale, lengths)
-    fp16 = [(k, v) for k, v in exact if k.shape[2]]
-    if len(fp16) > 2:
-        raise ValueError(f"coded_decode merges at most two fp16 segments, got {len(fp16)}")
-    slots = fp16 + [(_placeholder(), _placeholder())] * (2 - len(fp16))
-    return cuda.kernel("coded_merge")(
-        inputs=[queries, params, _synthesis_t(value_method), *slots[0], *slots[1], part_o, part_ml],
-        template=[("D", D), ("R", R), ("MPV", MPV), ("MV", mv), ("NT", GPU_COMBINE_THREADS),
-                  ("HAS_SINKS", len(fp16) > 0), ("HAS_WINDOW", len(fp16) > 1), ("OutT", queries.dtype)],
-        grid=(R * GPU_COMBINE_THREADS, H, B), threadgroup=(GPU_COMBINE_THREADS, 1, 1),
-        output_shapes=[(B, n_q_heads, L, D)], output_dtypes=[queries.dtype])[0]
+    split, split_kwargs, split_inputs, params, MPV, mv = _coded_split_plan(queries, segment, key_method, value_method,
+                                                                           scale, lengths)
+    merge = cuda.kernel("coded_merge")
+    merge_kwargs = {
+        "template": [("D", D), ("R", R), ("MPV", MPV), ("MV", mv), ("NT", GPU_COMBINE_THREADS),
+                     ("HAS_SINKS", n_exact > 0), ("HAS_WINDOW", n_exact > 1), ("OutT", queries.dtype)],
+        "grid": (R * GPU_COMBINE_THREADS, H, B), "threadgroup": (GPU_COMBINE_THREADS, 1, 1),
+        "output_shapes": [(B, n_q_heads, L, D)], "output_dtypes": [queries.dtype]}
+    synthesis = _synthesis_t(value_method)
+    empty = [_placeholder(), _placeholder()] * (2 - n_exact)
+
+    def run(queries, fp16):
+        part_o, part_ml = split(inputs=[queries, *split_inputs], **split_kwargs)
+        slots = [a for pair in fp16 for a in pair] + empty
+        return merge(inputs=[queries, params, synthesis, *slots, part_o, part_ml], **merge_kwargs)[0]
+
+    return run
 
 
 def _coded_split(queries, segment, key_method, value_method, scale: float, lengths):
     """mma_coded's launch: (part_o, part_ml, params, padded and real value coded widths)."""
+    split, kwargs, inputs, params, MPV, mv = _coded_split_plan(queries, segment, key_method, value_method, scale,
+                                                               lengths)
+    part_o, part_ml = split(inputs=[queries, *inputs], **kwargs)
+    return part_o, part_ml, params, MPV, mv
+
+
+def _coded_split_plan(queries, segment, key_method, value_method, scale: float, lengths):
+    """mma_coded's launch but the queries: (kernel, launch arguments, inputs after the queries, params, padded and
+    real value coded widths)."""
     B, n_q_heads, L, D = queries.shape
     H = segment.n_kv_heads
     R = (n_q_heads // H) * L
@@ -555,15 +611,14 @@ def _coded_split(queries, segment, key_method, value_method, scale: float, lengt
         omega = _rope_omega(np.asarray(frequencies, np.float64).tobytes())
     has_mean = segment.key_mean is not None
     if lengths is None:
-        lengths = _row_lengths(segment.length, B)
+        lengths = row_lengths(segment.length, B)
     params = _coded_params(float(scale), int(position), *constants)
     splits = max(1, min(CODED_TARGET_BLOCKS // (B * H), -(-segment.length // (16 * CODED_WARPS))))
     split, kwargs = _coded_launch(template, D, R, rope, has_mean, splits, B, H)
-    part_o, part_ml = split(
-        inputs=[queries, params, synth, segment.key_mean if has_mean else _placeholder(), omega, kcoord, kcent,
-                vcoord, vcent, segment.key_codes["idx"], segment.key_codes["norm"], segment.value_codes["idx"],
-                segment.value_codes["norm"], lengths], **kwargs)
-    return part_o, part_ml, params, dict(template)["MPV"], mv
+    inputs = [params, synth, segment.key_mean if has_mean else _placeholder(), omega, kcoord, kcent, vcoord, vcent,
+              segment.key_codes["idx"], segment.key_codes["norm"], segment.value_codes["idx"],
+              segment.value_codes["norm"], lengths]
+    return split, kwargs, inputs, params, dict(template)["MPV"], mv
 
 
 @lru_cache(maxsize=256)
