@@ -436,7 +436,7 @@ class CompressedKVCache(_BaseCache):
         buffers it was made for, so their ids cannot come back for other buffers."""
         self._settle()
         key = ("coded", queries.shape, queries.dtype, scale, self.n_encoded, self._codes_start(),
-               id(self.key_codes["idx"]), id(self.value_codes["idx"]),
+               id(self.key_codes["idx"]), id(self.value_codes["idx"]), id(self.key_mean),
                self.window_keys is not None and self.window_keys.shape[2] > 0, os.environ.get(dispatch.ENV_BACKEND))
         if self._plan is not None and self._plan[0] == key:
             return self._plan[1]
