@@ -164,10 +164,10 @@ def amid_prompt(served, decoders, prompt_tokens: int) -> dict:
     turns, run_turn = [], scheduler_module._run_turn
 
     def recorded(prefill, chunk, batch, arena):
-        outcomes, prefill_s, decode_s = run_turn(prefill, chunk, batch, arena)
+        outcomes, began, prefill_s, decode_s = run_turn(prefill, chunk, batch, arena)
         turns.append({"at": time.perf_counter(), "chunk": chunk if prefill else 0, "prefill_s": prefill_s,
                       "decode_s": decode_s, "rows": len(batch)})
-        return outcomes, prefill_s, decode_s
+        return outcomes, began, prefill_s, decode_s
 
     scheduler_module._run_turn = recorded
     mlx_thread = SerialExecutor("kvshard-mlx")

@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench import device_info  # noqa: E402 (benchmarks/bench.py, beside this script)
 
 MAX_CONTEXT = 4000  # contexts of 100 ... MAX_CONTEXT tokens, and the long prompt's length (--max-context)
-CONTEXTS = [100 + (MAX_CONTEXT - 100) * i // 7 for i in range(8)]
 LONG_PROMPT = MAX_CONTEXT
 
 
@@ -49,7 +48,7 @@ def stream_stats(starts: float, times: list[float]) -> dict:
     gaps = np.diff([starts, *times])
     return {"tokens": len(times), "seconds": times[-1] - starts, "tok_s": len(times) / (times[-1] - starts),
             "p99_gap_ms": float(np.percentile(gaps[1:] if len(gaps) > 1 else gaps, 99) * 1e3),
-            "median_gap_ms": float(np.median(gaps) * 1e3)}
+            "median_gap_ms": float(np.median(gaps) * 1e3), "gaps_ms": [round(float(g) * 1e3, 1) for g in gaps]}
 
 
 def load_average() -> list[float]:
@@ -60,21 +59,28 @@ def load_average() -> list[float]:
 
 
 def bench_service(args) -> dict:
-    from conftest import ShardProcess  # the tests' helper: `kvshard serve` as a real process
+    from conftest import ShardProcess, free_port  # the tests' helper: `kvshard serve` as a real process
 
     from kvshard.client import NO_RETRY, Client
 
+    series = sorted({n for n in args.streams if n > 1})
+    contexts = spread(max(series))
     tmp = Path(tempfile.mkdtemp(prefix="kvshard-batching-"))
-    shard = ShardProcess(tmp, "--model", args.model, "--max-prompt-tokens", str(LONG_PROMPT + 100), "--max-tokens", "1024",
-                         "--max-session-tokens", "16384", "--checkpoint-tokens", "64", "--memory-budget", "4GiB",
-                         "--max-batch-size", "8").start(timeout=300)
+    metrics_port = free_port()
+    shard = ShardProcess(tmp, "--model", args.model, "--metrics-port", str(metrics_port), "--max-prompt-tokens", str(LONG_PROMPT + 100), "--max-tokens", "1024",
+                         "--max-session-tokens", "16384", "--checkpoint-tokens", "64", "--memory-budget", "8GiB",
+                         "--max-batch-size", str(max(series))).start(timeout=300)
     rng = np.random.default_rng(0)
     result = {"device": device_info(), "mode": "service (kvshard serve on loopback, real gRPC)",
-              "model": args.model, "cache": "turboquant_mse, 4-bit keys and values",
-              "contexts": CONTEXTS, "tokens_per_stream": args.tokens, "rounds": args.rounds, "load_average": {}}
+              "model": args.model, "cache": "turboquant_mse, 4-bit keys and values", "contexts": contexts,
+              "streams": series, "tokens_per_stream": args.tokens, "rounds": args.rounds,
+              "p99_gap_ratio": "per stream: the p99 of its gaps between tokens (the first token's wait left out) in a "
+                               "batched run over the p99 of its gaps decoding alone, from the same session state "
+                               "(the session is trimmed back after each run), same number of tokens",
+              "load_average": {}}
     try:
         with Client(shard.target, retry=NO_RETRY, timeout=3600) as client:
-            sessions = [client.create_session(key_bits=4, value_bits=4) for _ in CONTEXTS]
+            sessions = [client.create_session(key_bits=4, value_bits=4) for _ in contexts]
 
             def generate(session, max_tokens: int, tokens=None) -> tuple[float, list[float]]:
                 start, times = time.perf_counter(), []
@@ -82,46 +88,93 @@ def bench_service(args) -> dict:
                     times.append(time.perf_counter())
                 return start, times
 
-            def together(jobs) -> list:
-                out, errors = [None] * len(jobs), []
-
-                def run(i, job):
-                    try:
-                        out[i] = job()
-                    except Exception as error:  # noqa: BLE001 (raised below, in the main thread)
-                        errors.append(error)
-
-                threads = [threading.Thread(target=run, args=(i, j)) for i, j in enumerate(jobs)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                if errors:
-                    raise errors[0]
-                return out
+            def decode_and_trim(session) -> tuple[float, list[float], list[int]]:
+                """The session's next args.tokens greedy tokens, then the session trimmed back to where it was."""
+                start, times, ids = time.perf_counter(), [], []
+                for token in session.generate(resume=True, max_tokens=args.tokens, ignore_eos=True):
+                    times.append(time.perf_counter())
+                    ids.append(token.token_id)
+                session.trim(len(ids))
+                return start, times, ids
 
             started = time.perf_counter()
-            prompts = [rng.integers(100, _token_high(args.model), n).tolist() for n in CONTEXTS]
+            prompts = [rng.integers(100, _token_high(args.model), n).tolist() for n in contexts]
             together([lambda s=s, p=p: generate(s, 1, p) for s, p in zip(sessions, prompts, strict=True)])
             result["prefill_all_s"] = time.perf_counter() - started
             result["effective_bits"] = _effective_bits(sessions[-1], client.server_info().model_shape)
-            for session in sessions:
-                session.refresh()
             with timing_lock(args.lock):
-                rounds = _rounds(args, sessions, generate, together, result)
+                rounds = _rounds(args, sessions, series, decode_and_trim, result, lambda: scheduler_seconds(metrics_port))
             result["rounds_detail"] = rounds
-            result["summary"] = _summary(rounds)
+            result["summary"] = _summary(rounds, contexts, series)
             result["load_average"]["before prefill phase"] = load_average()
+            decoding = [sessions[i] for i in subset(len(contexts), min(8, len(contexts)))][:7]
             with timing_lock(args.lock):
-                result["prefill_amid_decoding"] = amid = _amid_prefill(client, sessions[:7], rng, generate, together)
+                result["prefill_amid_decoding"] = amid = _amid_prefill(client, decoding, rng, generate)
             # The second reading of "one prefill chunk": a stream waits for a chunk and then its own batched step.
-            amid["batched_step_s"] = statistics.median(b["median_gap_ms"] for r in rounds for b in r["batched"]) / 1e3
+            amid["batched_step_s"] = statistics.median(
+                b["median_gap_ms"] for r in rounds for b in r["batched"][str(series[0])]) / 1e3
             amid["worst_gap_in_solo_chunk_plus_batched_step"] = amid["worst_gap_s"] / (
                 amid["solo_seconds_per_chunk"] + amid["batched_step_s"])
             result["load_average"]["end"] = load_average()
     finally:
         shard.stop()
     return result
+
+
+def scheduler_seconds(port: int) -> dict:
+    """The shard's kvshard_scheduler_seconds by part, as {part: [sum, count]} (its /metrics endpoint)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "kvshard_scheduler_seconds":
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    out.setdefault(sample.labels["part"], [0.0, 0])[sample.name.endswith("_count")] = sample.value
+    return out
+
+
+def turn_parts(before: dict, after: dict) -> dict:
+    """Mean seconds of each scheduler part between two scrapes, and how many there were."""
+    parts = {}
+    for part, (total, count) in after.items():
+        total0, count0 = before.get(part, [0.0, 0])
+        if count > count0:
+            parts[part] = {"mean_ms": 1e3 * (total - total0) / (count - count0), "count": int(count - count0)}
+    return parts
+
+
+def spread(n: int) -> list[int]:
+    """n contexts spread evenly over 100 ... MAX_CONTEXT tokens."""
+    return [100 + (MAX_CONTEXT - 100) * i // max(n - 1, 1) for i in range(n)]
+
+
+def subset(total: int, n: int) -> list[int]:
+    """Indices of n of `total` sessions (contexts spread evenly) whose contexts also spread evenly."""
+    return [round(i * (total - 1) / max(n - 1, 1)) for i in range(n)]
+
+
+def together(jobs) -> list:
+    """Each job in a thread of its own, all at once; their results in order."""
+    out, errors = [None] * len(jobs), []
+
+    def run(i, job):
+        try:
+            out[i] = job()
+        except Exception as error:  # noqa: BLE001 (raised below, in the main thread)
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i, j)) for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
 
 
 @contextmanager
@@ -139,23 +192,32 @@ def timing_lock(path: str | None):
             fcntl.flock(held, fcntl.LOCK_UN)
 
 
-def _rounds(args, sessions, generate, together, result) -> list:
-    """Each round: every session decodes alone, one after another, then all of them at once."""
+def _rounds(args, sessions, series, decode_and_trim, result, scrape) -> list:
+    """Each round: every session decodes alone, one after another, then each series' sessions all at once; each
+    run starts from the same session state (decode_and_trim), so a batched stream's greedy tokens are comparable
+    with its tokens alone."""
     rounds = []
     for r in range(args.rounds):
-                result["load_average"][f"round {r} start"] = load_average()
-                solo = [stream_stats(*generate(s, args.tokens)) for s in sessions]
-                wall_start = time.perf_counter()
-                runs = together([lambda s=s: generate(s, args.tokens) for s in sessions])
-                wall = max(t[-1] for _, t in runs) - wall_start
-                batched = [stream_stats(*run) for run in runs]
-                rounds.append({
-                    "solo": solo, "batched": batched,
-                    "single_stream_tok_s": sum(x["tokens"] for x in solo) / sum(x["seconds"] for x in solo),
-                    "aggregate_tok_s": sum(x["tokens"] for x in batched) / wall,
-                })
-                print(f"round {r}: one stream {rounds[-1]['single_stream_tok_s']:.2f} tok/s, 8 streams "
-                      f"{rounds[-1]['aggregate_tok_s']:.2f} tok/s", flush=True)
+        result["load_average"][f"round {r} start"] = load_average()
+        before = scrape()
+        solo = [decode_and_trim(s) for s in sessions]
+        row = {"solo": [stream_stats(start, times) | {"token_ids": ids} for start, times, ids in solo], "batched": {},
+               "aggregate_tok_s": {}, "single_stream_tok_s": {}, "scheduler_parts": {"1": turn_parts(before, scrape())}}
+        for n in series:
+            chosen = subset(len(sessions), n)
+            before = scrape()
+            wall_start = time.perf_counter()
+            runs = together([lambda s=sessions[i]: decode_and_trim(s) for i in chosen])
+            wall = max(t[-1] for _, t, _ in runs) - wall_start
+            row["scheduler_parts"][str(n)] = turn_parts(before, scrape())
+            row["batched"][str(n)] = [stream_stats(start, times) | {"token_ids": ids, "session": i}
+                                      for i, (start, times, ids) in zip(chosen, runs, strict=True)]
+            alone = [row["solo"][i] for i in chosen]
+            row["single_stream_tok_s"][str(n)] = sum(x["tokens"] for x in alone) / sum(x["seconds"] for x in alone)
+            row["aggregate_tok_s"][str(n)] = sum(x["tokens"] for x in row["batched"][str(n)]) / wall
+            print(f"round {r}: {n} streams {row['aggregate_tok_s'][str(n)]:.2f} tok/s, the same streams alone "
+                  f"{row['single_stream_tok_s'][str(n)]:.2f} tok/s; scheduler {row['scheduler_parts'][str(n)]}", flush=True)
+        rounds.append(row)
     return rounds
 
 
@@ -172,17 +234,29 @@ def _effective_bits(session, shape) -> float:
     return 8 * info.memory_bytes / (2 * info.offset * shape.layers * shape.n_kv_heads * shape.head_dim)
 
 
-def _summary(rounds: list) -> dict:
-    single = statistics.median(r["single_stream_tok_s"] for r in rounds)
-    aggregate = statistics.median(r["aggregate_tok_s"] for r in rounds)
-    p99_ratio = [statistics.median(b["p99_gap_ms"] / s["p99_gap_ms"] for r in rounds for b, s in [(r["batched"][i], r["solo"][i])])
-                 for i in range(len(CONTEXTS))]
-    return {"single_stream_tok_s": single, "aggregate_tok_s_8_streams": aggregate, "speedup": aggregate / single,
-            "p99_gap_ratio_per_stream": dict(zip(map(str, CONTEXTS), p99_ratio, strict=True)),
-            "p99_gap_ratio_worst": max(p99_ratio)}
+def _summary(rounds: list, contexts: list[int], series: list[int]) -> dict:
+    """Per series: the aggregate rate over the same streams' rate alone; each stream's p99 gap ratio (median over
+    rounds), the worst and the median stream; greedy tokens batched equal to the same stream's alone."""
+    out = {}
+    for n in series:
+        key = str(n)
+        single = statistics.median(r["single_stream_tok_s"][key] for r in rounds)
+        aggregate = statistics.median(r["aggregate_tok_s"][key] for r in rounds)
+        chosen = [b["session"] for b in rounds[0]["batched"][key]]
+        ratios = [statistics.median(r["batched"][key][j]["p99_gap_ms"] / r["solo"][i]["p99_gap_ms"] for r in rounds)
+                  for j, i in enumerate(chosen)]
+        pairs = [(r["batched"][key][j]["token_ids"], r["solo"][i]["token_ids"]) for r in rounds
+                 for j, i in enumerate(chosen)]
+        out[key] = {"single_stream_tok_s": single, "aggregate_tok_s": aggregate, "speedup": aggregate / single,
+                    "p99_gap_ratio_per_stream": dict(zip((str(contexts[i]) for i in chosen), ratios, strict=True)),
+                    "p99_gap_ratio_worst": max(ratios), "p99_gap_ratio_median": statistics.median(ratios),
+                    "greedy_runs_identical": f"{sum(a == b for a, b in pairs)} of {len(pairs)}",
+                    "greedy_tokens_equal": f"{sum(x == y for a, b in pairs for x, y in zip(a, b))} of "
+                                           f"{sum(len(a) for a, _ in pairs)}"}
+    return out
 
 
-def _amid_prefill(client, decoding, rng, generate, together) -> dict:
+def _amid_prefill(client, decoding, rng, generate) -> dict:
     """Seven streams decode; a new session's 4,000-token prompt arrives once each has a few tokens."""
     from kvshard.service.generation import PREFILL_CHUNK
 
@@ -233,27 +307,32 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary, rounds = result["summary"], result["rounds_detail"]
+    first = str(result["streams"][0])  # the per-stream panel shows the smallest batch (8 streams)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    axes[0].bar(["one stream", "8 streams\n(aggregate)"], [summary["single_stream_tok_s"], summary["aggregate_tok_s_8_streams"]],
-                color=["grey", "tab:blue"])
+    names = ["one stream"] + [f"{n} streams\n(aggregate)" for n in summary]
+    rates = [summary[first]["single_stream_tok_s"]] + [row["aggregate_tok_s"] for row in summary.values()]
+    axes[0].bar(names, rates, color=["grey"] + ["tab:blue"] * len(summary))
     axes[0].set_ylabel("tokens / s")
-    axes[0].set_title(f"throughput: {summary['speedup']:.2f}x")
-    x = np.arange(len(CONTEXTS))
-    solo = [statistics.median(r["solo"][i]["p99_gap_ms"] for r in rounds) for i in x]
-    batched = [statistics.median(r["batched"][i]["p99_gap_ms"] for r in rounds) for i in x]
+    axes[0].set_title("throughput: " + ", ".join(f"{row['speedup']:.2f}x at {n}" for n, row in summary.items()))
+    chosen = [b["session"] for b in rounds[0]["batched"][first]]
+    x = np.arange(len(chosen))
+    solo = [statistics.median(r["solo"][i]["p99_gap_ms"] for r in rounds) for i in chosen]
+    batched = [statistics.median(r["batched"][first][j]["p99_gap_ms"] for r in rounds) for j in range(len(chosen))]
     axes[1].bar(x - 0.2, solo, 0.4, label="alone", color="grey")
-    axes[1].bar(x + 0.2, batched, 0.4, label="8 streams batched", color="tab:blue")
-    axes[1].set_xticks(x, [str(c) for c in CONTEXTS], rotation=45)
+    axes[1].bar(x + 0.2, batched, 0.4, label=f"{first} streams batched", color="tab:blue")
+    axes[1].set_xticks(x, [str(result["contexts"][i]) for i in chosen], rotation=45)
     axes[1].set_xlabel("stream's context (tokens)")
     axes[1].set_ylabel("p99 time between tokens (ms)")
+    axes[1].set_title(f"p99 gap batched / alone: worst {summary[first]['p99_gap_ratio_worst']:.2f}x, "
+                      f"median {summary[first]['p99_gap_ratio_median']:.2f}x")
     axes[1].legend()
     amid = result["prefill_amid_decoding"]
-    axes[2].bar(["worst gap of\n7 decoding streams", "one chunk\n(solo)", "whole 4K\nprefill (solo)"],
+    axes[2].bar(["worst gap of\n7 decoding streams", "one chunk\n(solo)", "whole prefill\n(solo)"],
                 [amid["worst_gap_s"], amid["solo_seconds_per_chunk"], amid["solo_prefill_s"]],
                 color=["tab:blue", "grey", "lightgrey"])
     axes[2].set_ylabel("seconds")
-    axes[2].set_title("a 4,000-token prompt arrives")
-    fig.suptitle(f"continuous batching over gRPC, {result['model']}, {result['device'].get('cpu', result['device'].get('gpu'))}")
+    axes[2].set_title(f"a {amid['prompt_tokens']}-token prompt arrives")
+    fig.suptitle(f"continuous batching over gRPC, {result['model']}, {result['device'].get('gpu') or result['device'].get('cpu')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -352,7 +431,8 @@ async def _streams(mlx_thread, Scheduler, Decoder, Sampling, served, sessions, t
 
 def _arena_vs_rows(model, sessions) -> dict:
     """One decode step of copies of the sessions in the batch arena against the same step row by row (the
-    per-row batch views): the largest logit difference, and each path's step time (a single step, warm)."""
+    per-row batch views) and against each session's step alone (a one-row arena step, as a stream decoding by
+    itself takes): the largest logit differences, and each path's step time (a single step, warm)."""
     import copy
 
     import mlx.core as mx
@@ -361,21 +441,34 @@ def _arena_vs_rows(model, sessions) -> dict:
     from kvshard.quant.batch_view import batch_views
 
     tokens = mx.array([[7 + i] for i in range(len(sessions))])
+
+    def step(name, copies):
+        if name == "alone":
+            rows = []
+            for i, caches in enumerate(copies):
+                arena = BatchArena()
+                rows.append(model(tokens[i : i + 1], cache=arena.views(arena.join([caches])))[:, -1])
+            return mx.concatenate(rows, axis=0)
+        arena = BatchArena()
+        views = arena.views(arena.join(copies)) if name == "arena" else batch_views(copies)
+        return model(tokens, cache=views)[:, -1]
+
     out = {}
-    for name in ("rows", "arena", "rows (timed)", "arena (timed)"):  # the first of each warms up
+    for name in ("rows", "arena", "alone", "rows (timed)", "arena (timed)", "alone (timed)"):  # the first warm up
         copies = [copy.deepcopy(s.caches) for s in sessions]
         mx.eval([c.state for caches in copies for c in caches])
-        arena, in_arena = BatchArena(), name.startswith("arena")
-        if in_arena and not all(arena.fits(c) for c in copies):
+        if name != "rows" and not all(BatchArena().fits(c) for c in copies):
             return {"arena": False}
-        views = arena.views(arena.join(copies)) if in_arena else batch_views(copies)
         started = time.perf_counter()
-        logits = model(tokens, cache=views)[:, -1].astype(mx.float32)
+        logits = step(name.split(" ")[0], copies).astype(mx.float32)
         mx.eval(logits)
         out[name] = (logits, time.perf_counter() - started)
     return {"arena": True, "max_abs_logit_diff": mx.abs(out["arena"][0] - out["rows"][0]).max().item(),
+            "max_abs_logit_diff_batched_vs_alone": mx.abs(out["arena"][0] - out["alone"][0]).max().item(),
             "max_abs_logit": mx.abs(out["rows"][0]).max().item(),
-            "step_s": {"rows": out["rows (timed)"][1], "arena": out["arena (timed)"][1]}}
+            "greedy_equal_batched_vs_alone": f"{sum(mx.argmax(out['arena'][0], -1) == mx.argmax(out['alone'][0], -1)).item()}"
+                                             f" of {len(sessions)}",
+            "step_s": {k: out[f"{k} (timed)"][1] for k in ("rows", "arena", "alone")}}
 
 
 def main() -> None:
@@ -383,17 +476,17 @@ def main() -> None:
     parser.add_argument("--mode", choices=("service", "inprocess"), default="service")
     parser.add_argument("--tokens", type=int, default=24, help="tokens each stream decodes per round")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32], help="inprocess: stream counts")
+    parser.add_argument("--streams", type=int, nargs="+", default=[8], help="stream counts decoded together (each "
+                        "stream's figures alone are measured too; on a GPU: 1 8 32)")
     parser.add_argument("--layers", type=int, default=0, help="inprocess: fewer layers for a quick check")
-    parser.add_argument("--max-context", type=int, default=MAX_CONTEXT, help="service: longest context (a quick check: 400)")
+    parser.add_argument("--max-context", type=int, default=4000, help="service: longest context (a quick check: 400)")
     parser.add_argument("--model", default="smollm2-135m", help="service: the model the shard serves (on a GPU: "
                         "random:llama-3.2-1b; results then go to batching_gpu_service.json)")
     parser.add_argument("--lock", help="service: a file to flock while timing (not while prefilling), e.g. /work/wt/timing.lock")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    global CONTEXTS, LONG_PROMPT
-    CONTEXTS = [100 + (args.max_context - 100) * i // 7 for i in range(8)]
-    LONG_PROMPT = args.max_context
+    global MAX_CONTEXT, LONG_PROMPT
+    MAX_CONTEXT = LONG_PROMPT = args.max_context
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.mode == "service":

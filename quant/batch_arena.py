@@ -252,6 +252,8 @@ class ArenaLayer:
             lengths = list(self.lengths)  # a slot not in the step gets a token past its length, never read
             keys, values = (x if every else _scatter(x, pending_slots, S) for x in (keys, values))
             segment = CodeSegment(self.codes["key_codes"], self.codes["value_codes"], self.key_mean, max(lengths))
+            if self._written is not None:  # the last step's launch runs first, even if its output was discarded
+                q = mx.depends(q, self._written)
             out = gpu.attention(q, segment, self.key_method, self.value_method, scale, kernel,
                                 lengths=mx.array(lengths, dtype=mx.int32), append=(keys, values))[0]
             for slot in pending_slots:

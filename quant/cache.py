@@ -470,6 +470,10 @@ class CompressedKVCache(_BaseCache):
         if self.window:
             ring = (self.window_keys, self.window_values, self._ring_start)
             self._ring_start = (self._ring_start + 1) % self.window
+        if self._written is not None:
+            # The last launch wrote the token before this one in place, and nothing but its output depends on it:
+            # if that output was never evaluated (a caller discarded it), the launch would never run.
+            queries = mx.depends(queries, self._written)
         out = self._plan[1](queries, (keys.astype(mx.float16), values.astype(mx.float16)),
                             gpu.row_lengths(self.n_encoded, B), ring)[0]
         self.n_encoded += 1

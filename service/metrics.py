@@ -20,6 +20,12 @@ BATCH_SIZE = Histogram("kvshard_batch_size", "Streams decoded together in one ba
 BATCH_FALLBACKS = Counter("kvshard_batch_fallbacks", "Batched decode steps that failed and were rerun one stream at a time")
 QUEUE_WAIT = Histogram("kvshard_queue_wait_seconds", "Seconds a Generate step waited for its scheduler turn",
                        buckets=(1e-4, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+SCHEDULER_SECONDS = Histogram(
+    "kvshard_scheduler_seconds",
+    "Seconds of the scheduler's turns, by part: decode_step and prefill_chunk (on the MLX thread), hand_off (a turn "
+    "handed to the MLX thread until it starts there), between_turns (a turn's end until the next is handed off while "
+    "streams generate: their tokens sent, commits, the gather of the next step's streams)",
+    ["part"], buckets=(1e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 TOKENS_PER_SECOND = Gauge("kvshard_generate_tokens_per_second", "Tokens all Generate streams produced per second (last 10 s)")
 STREAM_TOKENS_PER_SECOND = Histogram("kvshard_stream_tokens_per_second", "Tokens per second of one Generate call, over its run",
                                      buckets=(0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))

@@ -85,6 +85,7 @@ class Scheduler:
         self.chunk_cost = ChunkCost()
         self._spans: dict[int, tuple[int, int]] = {}  # id(decoder) -> (first, end position) of the prompt it feeds
         self._decode_s = 0.0  # the last batched decode step's seconds
+        self._turn_ended = None  # when the last turn ended, while streams are generating
 
     # ---- the streams' side --------------------------------------------------------------------------------
 
@@ -96,6 +97,8 @@ class Scheduler:
         self._streams.pop(id(decoder), None)
         self._served.pop(id(decoder), None)
         self._spans.pop(id(decoder), None)
+        if not self._streams:
+            self._turn_ended = None
         self._arrived.set()  # a turn waiting for this stream need not wait any more
 
     async def release(self, decoder) -> None:
@@ -146,15 +149,21 @@ class Scheduler:
                 metrics.BATCH_SIZE.observe(len(batch))
             chunk, fed_from, prompt_end = self._chunk(prefill.decoder, bool(batch)) if prefill else (0, 0, 0)
             started = time.monotonic()
+            if self._turn_ended is not None:
+                metrics.SCHEDULER_SECONDS.labels("between_turns").observe(started - self._turn_ended)
             # The job is handed to the MLX thread before this task can be interrupted, and the driver is never
             # cancelled by a stream, so a taken request always runs to its end.
-            outcomes, prefill_s, decode_s = await self.mlx.run(
+            outcomes, on_thread, prefill_s, decode_s = await self.mlx.run(
                 _run_turn, prefill.decoder if prefill else None, chunk, [r.decoder for r in batch], self.arena)
-            self._last_turn_s = time.monotonic() - started
+            self._turn_ended = time.monotonic()
+            self._last_turn_s = self._turn_ended - started
+            metrics.SCHEDULER_SECONDS.labels("hand_off").observe(on_thread - started)
             if prefill:
                 self.chunk_cost.add(fed_from, min(chunk, prompt_end - fed_from), prefill_s)
+                metrics.SCHEDULER_SECONDS.labels("prefill_chunk").observe(prefill_s)
             if batch:
                 self._decode_s = decode_s
+                metrics.SCHEDULER_SECONDS.labels("decode_step").observe(decode_s)
             self._count_tokens(outcomes)
             for request, outcome in zip(self._taken, outcomes, strict=True):
                 if request.future.done():  # its stream was cancelled meanwhile: the step happened regardless
@@ -214,10 +223,10 @@ class Scheduler:
         return tokens / _RATE_WINDOW_S
 
 
-def _run_turn(prefill, chunk: int, batch: list, arena: BatchArena) -> tuple[list, float, float]:
+def _run_turn(prefill, chunk: int, batch: list, arena: BatchArena) -> tuple[list, float, float, float]:
     """(MLX thread) One turn: a prefill chunk of `chunk` tokens, then the batched decode step. Each stream's outcome
-    is its token, None (a chunk fed, more input left) or the exception its step raised; and the seconds of each
-    part."""
+    is its token, None (a chunk fed, more input left) or the exception its step raised; when the turn began on
+    this thread (time.monotonic); and the seconds of each part."""
     outcomes = []
     started = time.monotonic()
     if prefill is not None:
@@ -230,7 +239,7 @@ def _run_turn(prefill, chunk: int, batch: list, arena: BatchArena) -> tuple[list
     if batch:
         with blas_threads(DECODE_BLAS_THREADS):
             outcomes.extend(decode_batch(batch, arena))
-    return outcomes, fed - started, time.monotonic() - fed
+    return outcomes, started, fed - started, time.monotonic() - fed
 
 
 def chunk_tokens(cost: "ChunkCost", first: int, end: int, start: int, decode_s: float) -> int:

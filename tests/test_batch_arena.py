@@ -143,7 +143,10 @@ def test_only_caches_of_codes_coded_alike_fit():
 @pytest.mark.skipif(kernels.gpu_backend() != "cuda", reason="the append launch is CUDA's")
 @pytest.mark.xfail(strict=True, reason="on the H200 (2026-12-01) the two caches' codes differ, with k − μ in fp16 or "
                    "in fp32 before the encode launch, and also when a token after a state read took the append launch "
-                   "into copied buffers (c9a0fb2, reverted); cause not found")
+                   "into copied buffers (c9a0fb2, reverted). Candidate cause, fixed 2026-12-02 but not yet run on a "
+                   "GPU: each step's in-place launch ran only if its output was evaluated, and this test discards them "
+                   "(now mx.depends chains each launch to the last). If this passes, drop the xfail and the CUDA case "
+                   "in test_readers_see_the_arena_codes_and_a_trimmed_row_joins_again")
 def test_a_token_gets_the_same_codes_from_the_append_launch_and_the_encode_launch():
     """A decoding cache's tokens are coded by the attention's append launch; after its state was read (a commit,
     a trim, a copy) the next one is coded by the encode launch. A token should get the same codes either way."""
