@@ -341,11 +341,16 @@ def test_seeded_sampling_is_reproducible_per_stream_under_batching(client):
 def test_batch_size_never_exceeds_the_flag(client, shard):
     """Four streams at once against --max-batch-size 3: batches of more than one are seen, never of four."""
     before = _metric(shard, "kvshard_batch_size_bucket"), _metric(shard, "kvshard_batch_size_count")[""]
+    parts_before = _metric(shard, "kvshard_scheduler_seconds_count")
     _concurrently([lambda n=n: _run(client, _prompt(n), 12) for n in (10, 20, 30, 40)])
     buckets = {k: v - before[0].get(k, 0) for k, v in _metric(shard, "kvshard_batch_size_bucket").items()}
     total = _metric(shard, "kvshard_batch_size_count")[""] - before[1]
     assert total > 0 and buckets['{le="3.0"}'] == total and buckets['{le="1.0"}'] < total
     assert _metric(shard, "kvshard_queue_wait_seconds_count")[""] >= total
+    parts = {k: v - parts_before.get(k, 0) for k, v in _metric(shard, "kvshard_scheduler_seconds_count").items()}
+    # Every batched decode step is timed once; so is each turn's hand-off; turns while streams generate have gaps.
+    assert parts['{part="decode_step"}'] == total and parts['{part="hand_off"}'] >= total
+    assert parts['{part="between_turns"}'] >= 1
     assert _metric(shard, "kvshard_stream_tokens_per_second_count")[""] > 0
     assert "" in _metric(shard, "kvshard_generate_tokens_per_second")
 
