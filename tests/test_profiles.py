@@ -121,6 +121,32 @@ def test_key_cost_scale_moves_bits_to_keys_under_a_new_fingerprint(profile, tmp_
     assert replanned(scaled, profile.key_cost_scale, "test").fingerprint == profile.fingerprint
 
 
+def test_codebook_choice_and_sinks_are_re_plans_under_new_fingerprints(profile, tmp_path):
+    """Without the wide codebook the plans code every run with the sphere law (KLTPlan.wide_bits None); more fp16
+    sinks are paid for from the codes. Each is another profile that survives a save and load; going back to the
+    profile's own choices gives the profile again."""
+    sphere = replanned(profile, profile.key_cost_scale, "test", wide_codebook=False)
+    more_sinks = replanned(profile, profile.key_cost_scale, "test", sink_tokens=16)
+    assert len({profile.fingerprint, sphere.fingerprint, more_sinks.fingerprint}) == 3
+    assert profile.wide_codebook and not sphere.wide_codebook and more_sinks.sink_tokens == 16
+    config = sphere.config(4.5)
+    assert {p.wide_bits for p in config.key_plans + config.value_plans} == {None}
+    assert {p.wide_bits for p in profile.config(4.5).key_plans} == {7}
+    assert more_sinks.config(3.0).sink_tokens == 16
+    coded = lambda plans: sum(sum(p.coordinate_bits) for p in plans)  # noqa: E731
+    assert coded(more_sinks.config(3.0).key_plans) + coded(more_sinks.config(3.0).value_plans) < coded(
+        profile.config(3.0).key_plans) + coded(profile.config(3.0).value_plans)
+    for made in (sphere, more_sinks):
+        again = load_profile(save_profile(made, str(tmp_path / made.fingerprint[:8])))
+        assert again.fingerprint == made.fingerprint
+        assert (again.wide_codebook, again.sink_tokens) == (made.wide_codebook, made.sink_tokens)
+        back = replanned(made, profile.key_cost_scale, "test", wide_codebook=profile.wide_codebook,
+                         sink_tokens=profile.sink_tokens)
+        assert back.fingerprint == profile.fingerprint
+    with pytest.raises(ValueError, match="sink_tokens"):
+        replanned(profile, profile.key_cost_scale, "test", sink_tokens=0)
+
+
 def test_calibration_texts_are_of_several_domains_and_none_is_an_eval_text():
     texts = calibration_texts()
     assert len(texts) == 8 and calibration_texts(2) == texts[:2]

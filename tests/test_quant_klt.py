@@ -19,7 +19,7 @@ from kvshard.quant.calibrate.klt import (
     collect_moments,
     plan_klt,
 )
-from kvshard.quant.methods.klt import KLT, KLTPlan
+from kvshard.quant.methods.klt import KLT, WIDE_BITS, KLTPlan
 from kvshard.quant.packing import pack_runs, unpack_runs
 from kvshard.quant.rope import rope_frequencies, rotate
 
@@ -105,11 +105,17 @@ def test_strong_coordinates_off_the_calibrated_law_are_not_clipped():
     x = rng.standard_normal((4096, d)) * spread
     spiked = rng.random(4096) < 0.03
     x[spiked, 0] = 6 * spread[0] * np.sign(rng.standard_normal(spiked.sum()))
-    klt = KLT(d, 3, plan=KLTPlan(np.eye(d)[None], (spread**2)[None], (8,) * strong + (3,) * (d - strong)))
-    decoded = np.array(klt.decode(klt.encode(mx.array(x[None, None].astype(np.float32)))))[0, 0]
-    error = ((decoded - x)[:, :strong] ** 2).sum(axis=1) / (spread[:strong] ** 2).sum()
-    assert error[spiked].mean() < 5e-4
-    assert error[~spiked].mean() < 1e-4
+    errors = {}
+    for wide_bits in (WIDE_BITS, None):
+        plan = KLTPlan(np.eye(d)[None], (spread**2)[None], (8,) * strong + (3,) * (d - strong), wide_bits=wide_bits)
+        klt = KLT(d, 3, plan=plan)
+        decoded = np.array(klt.decode(klt.encode(mx.array(x[None, None].astype(np.float32)))))[0, 0]
+        error = ((decoded - x)[:, :strong] ** 2).sum(axis=1) / (spread[:strong] ** 2).sum()
+        errors[wide_bits] = error[spiked].mean(), error[~spiked].mean()
+    assert errors[WIDE_BITS][0] < 5e-4 and errors[WIDE_BITS][1] < 1e-4
+    # A plan without the wide codebook (a profile's choice: Profile.wide_codebook) clips the spikes and codes the
+    # Gaussian tokens better.
+    assert errors[None][0] > 4 * errors[WIDE_BITS][0] and errors[None][1] < errors[WIDE_BITS][1]
 
 
 @pytest.mark.parametrize("mean_bits", [2, 3])
@@ -207,6 +213,26 @@ def test_bad_plans_are_refused_naming_the_field():
         KLTPlan(plan.analysis, plan.energies, plan.coordinate_bits, 16, np.array([1.0, np.nan]))
     with pytest.raises(ValueError, match="rope_traditional"):
         KLTPlan(plan.analysis, plan.energies, plan.coordinate_bits, 16, np.ones(D // 2), "yes")
+    for wide_bits in (0, 9, True, 7.0):
+        with pytest.raises(ValueError, match="wide_bits"):
+            KLTPlan(plan.analysis, plan.energies, plan.coordinate_bits, wide_bits=wide_bits)
+
+
+def test_a_plan_without_the_wide_codebook_restores_as_such(tmp_path):
+    """The codebook choice travels in the cache's state: a restored cache decodes its 7- and 8-bit runs with the
+    codebooks they were coded with (with the wide codebook instead, the restored keys differ)."""
+    x, _ = _spectrum_data(256, seed=4)
+    plan = _plan(x, 6)
+    assert max(plan.coordinate_bits) >= WIDE_BITS
+    sphere = KLTPlan(plan.analysis, plan.energies, plan.coordinate_bits, wide_bits=None)
+    cache = CompressedKVCache(head_dim=D, n_kv_heads=H, method="klt", sink_tokens=2, key_plan=sphere, value_plan=sphere)
+    tokens = mx.array(_spectrum_data(40, seed=5)[0][None].astype(np.float32))
+    cache.append(tokens, tokens)
+    path = str(tmp_path / "sphere.safetensors")
+    save_prompt_cache(path, [cache])
+    restored = load_prompt_cache(path)[0]
+    assert restored.key_plan.wide_bits is None and restored.value_plan.wide_bits is None
+    assert mx.array_equal(restored.dequantized()[0], cache.dequantized()[0])
 
 
 def test_planned_cache_rejects_bad_input_and_keeps_its_state():

@@ -25,7 +25,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from tqdm import tqdm
 
 from ..builder import install_attention_hook
-from ..methods.klt import KLTPlan
+from ..methods.klt import WIDE_BITS, KLTPlan
 from ..rope import rope_frequencies, rotate
 from ..sliding import sliding_windows
 from .ratequant import _attention_layers
@@ -272,11 +272,11 @@ def allocate_coordinate_bits(costs: list[np.ndarray], total_bits: int, max_bits:
 
 
 def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, probe_bits: int = 2, norm_bits: int = 8,
-             decomposed: list | None = None):
+             decomposed: list | None = None, wide_bits: int | None = WIDE_BITS):
     """(key_plans, value_plans), one KLTPlan per attention layer, with `code_bits` average code bits per K/V
     element (each token's norm, `norm_bits` per head, comes on top). key_weights / value_weights:
     `calibrate_layer_sensitivities`. decomposed: `decompose` of each layer's moments, when already computed
-    (a profile plans many budgets from one decomposition)."""
+    (a profile plans many budgets from one decomposition). wide_bits: KLTPlan.wide_bits of every plan."""
     if not len(moments) == len(key_weights) == len(value_weights):
         raise ValueError("moments, key_weights and value_weights must have one entry per attention layer")
     decomposed = [decompose(m) for m in moments] if decomposed is None else decomposed
@@ -296,6 +296,6 @@ def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, 
     key_plans, value_plans = [], []
     for layer, ((ka, ke), (va, ve)) in enumerate(decomposed):
         rope = moments[layer].get("rope") or (None, False)
-        key_plans.append(KLTPlan(ka, ke, tuple(bits[2 * layer]), norm_bits, *rope))
-        value_plans.append(KLTPlan(va, ve, tuple(bits[2 * layer + 1]), norm_bits))
+        key_plans.append(KLTPlan(ka, ke, tuple(bits[2 * layer]), norm_bits, *rope, wide_bits))
+        value_plans.append(KLTPlan(va, ve, tuple(bits[2 * layer + 1]), norm_bits, wide_bits=wide_bits))
     return key_plans, value_plans

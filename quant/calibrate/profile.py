@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..codebooks import CODEBOOK_VERSION
+from ..methods.klt import WIDE_BITS
 
 FORMAT_VERSION = 1
 SINK_TOKENS = 4
@@ -80,13 +81,28 @@ class Profile:
         """The codebooks (codebooks.CODEBOOK_VERSION) its measured rows were coded with (profiles without it: 1)."""
         return int(self.meta.get("codebook_version", 1))
 
+    @property
+    def wide_codebook(self) -> bool:
+        """Whether its plans code runs of klt.WIDE_BITS or more with the wide codebook (meta "wide_codebook";
+        profiles without it: they do). Made for Gemma 3's strongest key coordinates, which the sphere law clips; on
+        SmolLM2 it cost 16% of a test setting's next-token KL (benchmarks/klt_rope_codebooks.py)."""
+        return bool(self.meta.get("wide_codebook", True))
+
+    @property
+    def sink_tokens(self) -> int:
+        """fp16 attention sinks of its configurations, counted in every budget (meta "sink_tokens")."""
+        return int(self.meta.get("sink_tokens", SINK_TOKENS))
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 over what decides the configurations: model fingerprint, sensitivities (and the key cost scale,
-        when not 1; the codebook version, when not 1), moments (as stored)."""
+        when not 1; the codebook version, when not 1; the sphere codebooks, when chosen; the sinks, when not
+        SINK_TOKENS), moments (as stored)."""
         decides = [self.model_fingerprint, self.key_weights, self.value_weights]
         decides += [self.key_cost_scale] if self.key_cost_scale != 1.0 else []
         decides += [self.codebook_version] if self.codebook_version != 1 else []
+        decides += [] if self.wide_codebook else ["sphere codebooks"]
+        decides += [] if self.sink_tokens == SINK_TOKENS else [f"{self.sink_tokens} sinks"]
         digest = hashlib.sha256(json.dumps(decides).encode())
         for layer in self.moments:
             for name in _ARRAYS:
@@ -130,16 +146,16 @@ class Profile:
 
     def _coded_share(self, tokens: int, window: int) -> float:
         """The share of a cache's `tokens` tokens that are held as codes (not fp16 sinks or window)."""
-        if tokens <= SINK_TOKENS + window:
-            raise ValueError(f"tokens must exceed the {SINK_TOKENS} sinks and the {window}-token window, got {tokens}")
-        return (tokens - SINK_TOKENS - window) / tokens
+        if tokens <= self.sink_tokens + window:
+            raise ValueError(f"tokens must exceed the {self.sink_tokens} sinks and the {window}-token window, got {tokens}")
+        return (tokens - self.sink_tokens - window) / tokens
 
     def overhead_bits(self, tokens: int = PLANNED_TOKENS, window: int | None = None) -> float:
         """Effective bits per K/V element that are not codes, in a cache of `tokens` tokens: the fp16 sinks and
         fp16 window (keys and values) plus the fp16 key mean, and each coded token's scale byte per head and
         side. A budget b leaves (b − overhead) / coded share code bits per coordinate of a coded token."""
         window = self._window(window)
-        return (16 * (SINK_TOKENS + window) + 8) / tokens + self._coded_share(tokens, window) * 8 / self.head_dim
+        return (16 * (self.sink_tokens + window) + 8) / tokens + self._coded_share(tokens, window) * 8 / self.head_dim
 
     def bits_range(self, tokens: int = PLANNED_TOKENS, window: int | None = None) -> tuple[float, float]:
         """The budgets config() accepts: from one byte of codes per token and side, to 8 bits per coordinate."""
@@ -177,9 +193,9 @@ class Profile:
             key_costs = [w * self.key_cost_scale for w in self.key_weights]
             self._configs[code_bits, len(layers)] = plan_klt(
                 pick(self.moments), pick(key_costs), pick(self.value_weights), code_bits,
-                decomposed=pick(self._decomposed))
+                decomposed=pick(self._decomposed), wide_bits=WIDE_BITS if self.wide_codebook else None)
         key_plans, value_plans = self._configs[code_bits, len(layers)]
-        return KVCacheConfig(method="klt", sink_tokens=SINK_TOKENS, window=window, key_plans=key_plans,
+        return KVCacheConfig(method="klt", sink_tokens=self.sink_tokens, window=window, key_plans=key_plans,
                              value_plans=value_plans, sliding=sliding, profile=self.name, budget_bits=float(budget),
                              profile_fingerprint=self.fingerprint)
 
@@ -198,7 +214,8 @@ class Profile:
 def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, validation=None,
                       validation_tokens: int = 1024, progress: bool = False, on_measured=None, jobs: int = 1,
                       model_name: str | None = None, keys_after_rope: bool = False,
-                      key_cost_scale: float = KEY_COST_SCALE) -> Profile:
+                      key_cost_scale: float = KEY_COST_SCALE, wide_codebook: bool = True,
+                      sink_tokens: int = SINK_TOKENS) -> Profile:
     """Measure a profile on `model`: moments over `texts` (default klt.calibration_texts()), sensitivities on
     ratequant's prompts, then ΔPPL at each budget on the `validation` texts (default: `kvshard eval`'s).
     keys_after_rope: key moments (and so the plans) of keys as the model caches them, after RoPE, instead of before
@@ -207,7 +224,8 @@ def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, 
     on_measured(profile), when given, is called before the first validation text and after each, with
     meta["measured"] holding the texts measured so far (kvshard calibrate saves the profile each time).
     jobs > 1: each text's moments and each side's sensitivities are measured in one of `jobs` processes that load
-    `model_name` (load_model), with the same result as one process."""
+    `model_name` (load_model), with the same result as one process.
+    wide_codebook, sink_tokens: the profile's Profile.wide_codebook and sink_tokens."""
     import mlx.core as mx
 
     from .. import eval as quality
@@ -237,10 +255,11 @@ def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, 
         "calibration_texts": [{"chars": len(t), "sha256": hashlib.sha256(t.encode()).hexdigest()} for t in texts],
         "recommended_bits": RECOMMENDED_BITS,
         "planned_tokens": PLANNED_TOKENS,
-        "sink_tokens": SINK_TOKENS,
+        "sink_tokens": sink_tokens,
         "window_tokens": WINDOW_TOKENS,
         "codebook_version": CODEBOOK_VERSION,
         **({"key_cost_scale": key_cost_scale} if key_cost_scale != 1.0 else {}),
+        **({} if wide_codebook else {"wide_codebook": False}),
     })
 
     def measured(rows):
@@ -420,12 +439,19 @@ def list_profiles() -> list[str]:
     return sorted(names)
 
 
-def replanned(profile: Profile, key_cost_scale: float, command: str) -> Profile:
-    """`profile` with another key cost scale, for this library's codebooks: the same moments and sensitivities, other
-    plans or codes, so a new fingerprint and nothing measured yet; `command` joins the commands that made it."""
-    meta = {k: v for k, v in profile.meta.items() if k != "key_cost_scale"}
+def replanned(profile: Profile, key_cost_scale: float, command: str, wide_codebook: bool | None = None,
+              sink_tokens: int | None = None) -> Profile:
+    """`profile` with another key cost scale (wide codebook choice, sinks: None keeps the profile's), for this
+    library's codebooks: the same moments and sensitivities, other plans or codes, so a new fingerprint and nothing
+    measured yet; `command` joins the commands that made it."""
+    wide_codebook = profile.wide_codebook if wide_codebook is None else wide_codebook
+    sink_tokens = profile.sink_tokens if sink_tokens is None else sink_tokens
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 1:
+        raise ValueError(f"sink_tokens must be an integer >= 1, got {sink_tokens!r}")
+    meta = {k: v for k, v in profile.meta.items() if k not in ("key_cost_scale", "wide_codebook")}
     meta.update(measured=[], commands=profile.meta.get("commands", []) + [command], codebook_version=CODEBOOK_VERSION,
-                **({"key_cost_scale": key_cost_scale} if key_cost_scale != 1.0 else {}))
+                sink_tokens=sink_tokens, **({"key_cost_scale": key_cost_scale} if key_cost_scale != 1.0 else {}),
+                **({} if wide_codebook else {"wide_codebook": False}))
     return Profile(profile.name, profile.model_fingerprint, profile.moments, profile.key_weights, profile.value_weights,
                    meta)
 
@@ -459,6 +485,12 @@ def main(argv=None) -> int:
                         help=f"Profile.key_cost_scale (default {KEY_COST_SCALE}); with --measure, re-plans the profile in --out "
                              "with it (a new fingerprint, its measured rows dropped) before measuring, as --measure does "
                              "for a profile measured with older codebooks")
+    parser.add_argument("--wide-codebook", choices=("on", "off"),
+                        help="code klt runs of 7 bits or more with the wide codebook (default: on; Profile.wide_codebook); "
+                             "with --measure, re-plans the profile in --out with it, as --key-cost-scale does")
+    parser.add_argument("--sinks", type=int,
+                        help=f"fp16 sink tokens of its configurations (default {SINK_TOKENS}); with --measure, re-plans "
+                             "the profile in --out with them, as --key-cost-scale does")
     parser.add_argument("--keys-after-rope", action="store_true",
                         help="plan keys as cached, after RoPE (faster kernels, lower quality; default: before RoPE)")
     args = parser.parse_args(argv)
@@ -468,6 +500,9 @@ def main(argv=None) -> int:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.key_cost_scale is not None and not (math.isfinite(args.key_cost_scale) and args.key_cost_scale > 0):
         parser.error(f"--key-cost-scale must be a positive number, got {args.key_cost_scale}")
+    if args.sinks is not None and args.sinks < 1:
+        parser.error(f"--sinks must be >= 1, got {args.sinks}")
+    wide = None if args.wide_codebook is None else args.wide_codebook == "on"
     texts = None
     if args.texts:
         texts = []
@@ -512,8 +547,10 @@ def main(argv=None) -> int:
         if not args.validation:
             parser.error("--measure needs --validation")
         scale = profile.key_cost_scale if args.key_cost_scale is None else args.key_cost_scale
-        if scale != profile.key_cost_scale or profile.codebook_version != CODEBOOK_VERSION:
-            profile = replanned(profile, scale, command)
+        changes = (scale != profile.key_cost_scale, profile.codebook_version != CODEBOOK_VERSION,
+                   wide not in (None, profile.wide_codebook), args.sinks not in (None, profile.sink_tokens))
+        if any(changes):
+            profile = replanned(profile, scale, command, wide, args.sinks)
         profile.meta["measured"] = measure_profile(profile, model, tokenizer, tuple(args.budgets), args.validation,
                                                    args.validation_tokens, True, on_text=lambda rows: (
                                                        profile.meta.update(measured=rows), save(profile)))
@@ -521,7 +558,8 @@ def main(argv=None) -> int:
         profile = calibrate_profile(model, tokenizer, args.name or args.model, texts, tuple(args.budgets),
                                     args.validation, args.validation_tokens, progress=True, on_measured=save,
                                     jobs=args.jobs, model_name=args.model, keys_after_rope=args.keys_after_rope,
-                                    key_cost_scale=KEY_COST_SCALE if args.key_cost_scale is None else args.key_cost_scale)
+                                    key_cost_scale=KEY_COST_SCALE if args.key_cost_scale is None else args.key_cost_scale,
+                                    wide_codebook=wide is not False, sink_tokens=args.sinks or SINK_TOKENS)
     for row in profile.meta["measured"]:
         print(f"<= {row['budget_bits']} bits: {row['effective_bits']:.3f} effective, ΔPPL mean "
               f"{row['mean_delta_ppl_pct']:+.2f}% worst {row['worst_delta_ppl_pct']:+.2f}%")

@@ -7,7 +7,7 @@ decorrelated coordinates y with expected energies λ₁ ≥ λ₂ ≥ …; coord
 water-filling (more where λ is large, none where it is small); runs of coordinates with equal bits are
 randomly rotated among themselves and scaled to unit expected spread, so that, as in TurboQuant, the coded
 vector z is close to isotropic: each coordinate of z/‖z‖ is Lloyd-Max coded with the codebook of the
-m-dimensional sphere law at its own bit width (a calibrated plan's runs from WIDE_BITS on: a wider law's), and one
+m-dimensional sphere law at its own bit width (a plan's runs from its wide_bits on: a wider law's), and one
 scale per token is kept (fp16, or a log-scale byte): the least-squares gain of the chosen centroids rather than
 ‖z‖ (see `encode`). Coordinates with 0 bits are dropped.
 
@@ -43,7 +43,8 @@ NAME = "klt"
 # coordinates are the strongest, mixed only within their short run, and need not be Gaussian: on Gemma 3's layer 1
 # the sphere law's 8-bit levels clipped a key coordinate (commas) at 2.5 times its outermost level, 375 times the
 # expected error, and its 3.5-bit plan scored worse than its 2.5-bit one. The wide codebook costs 1.45 times the
-# distortion on a Gaussian coordinate, which at 7-8 bits is small beside the clipping it removes.
+# distortion on a Gaussian coordinate, which at 7-8 bits is small beside the clipping it removes. A plan's default;
+# a profile may turn it off (Profile.wide_codebook): SmolLM2's keys are not clipped and would pay the 1.45.
 WIDE_BITS = 7
 
 
@@ -56,7 +57,8 @@ class KLTPlan:
     coordinate_bits: d ints, non-increasing, 0..8 — shared by the heads so every token has one layout;
     rope_frequencies, rope_traditional: for keys, the model's RoPE (quant/rope.py) when the plan codes keys as
     they were before RoPE — the cache un-rotates them by position before coding and rotates them back after
-    decoding; None codes keys as given."""
+    decoding; None codes keys as given;
+    wide_bits: runs of this many bits or more use the wide codebook (codebooks.wide_codebook); None: none do."""
 
     analysis: np.ndarray
     energies: np.ndarray
@@ -64,6 +66,7 @@ class KLTPlan:
     norm_bits: int = 16  # 16: the token's norm in fp16; 8: a log-scale byte (steps of 2^(1/16), ±8 octaves)
     rope_frequencies: np.ndarray | None = None
     rope_traditional: bool = False
+    wide_bits: int | None = WIDE_BITS
 
     def __post_init__(self):
         # Held in float32, the precision a cache's state stores them in, so a restored cache decodes the same.
@@ -90,6 +93,9 @@ class KLTPlan:
                 )
         if not isinstance(self.rope_traditional, bool):
             raise ValueError(f"rope_traditional must be a bool, got {self.rope_traditional!r}")
+        wide = self.wide_bits
+        if wide is not None and (isinstance(wide, bool) or not isinstance(wide, (int, np.integer)) or not 1 <= wide <= 8):
+            raise ValueError(f"wide_bits must be None or an integer in 1..8, got {self.wide_bits!r}")
 
     @property
     def mean_bits(self) -> float:
@@ -118,10 +124,9 @@ class KLT(RotatedDomainMethod):
 
     def __init__(self, head_dim: int, bits: int, seed: int = 42, plan: KLTPlan | None = None):
         self.head_dim, self.seed = head_dim, seed
-        calibrated = plan is not None
         if plan is None:
             check_bits(bits, 1, 8, NAME)
-            plan = KLTPlan(np.eye(head_dim)[None], np.ones((1, head_dim)), (bits,) * head_dim)
+            plan = KLTPlan(np.eye(head_dim)[None], np.ones((1, head_dim)), (bits,) * head_dim, wide_bits=None)
         elif plan.analysis.shape[1] != head_dim:
             raise ValueError(f"plan head_dim must be {head_dim}, got {plan.analysis.shape[1]}")
         self.plan = plan
@@ -129,7 +134,8 @@ class KLT(RotatedDomainMethod):
         self.groups = _groups(bits_list)
         self.rotated_dim = m = sum(stop - start for start, stop, _ in self.groups)
         self.bits = plan.mean_bits
-        self.codebooks = [(wide_codebook if calibrated and b >= WIDE_BITS else sphere_codebook)(max(m, 2), b)
+        wide = plan.wide_bits
+        self.codebooks = [(wide_codebook if wide is not None and b >= wide else sphere_codebook)(max(m, 2), b)
                           for _, _, b in self.groups]
         self._runs = [(stop - start, b) for start, stop, b in self.groups]
         # One bit stream for all runs: exactly Σ bᵢ bits per token, padded to a byte once.
