@@ -19,6 +19,9 @@
 #   EVAL_S      kvshard eval, the texts split over EVAL_JOBS processes, each calibrating as `make eval` does
 #   MEASURE_S   `kvshard calibrate --measure` of re-plans of the profile into profiles/LABEL/, one process per run of
 #               MEASURE and text
+# Keep the processes few: 36 at once (21 MEASURE, 9 LONG_RANGE, 6 PASSKEY; H200, 2026-12-02) ran the GPU out of memory
+# ("cudaGraphInstantiate ... out of memory", then illegal memory accesses) within 4 minutes and nearly all died; the
+# survivors had slowed to ~30 s a passkey trial. Each MLX process keeps its own buffer cache.
 set -euo pipefail
 case "$1" in
 stage)

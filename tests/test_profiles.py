@@ -20,6 +20,7 @@ from kvshard.quant.calibrate.klt import calibration_texts
 from kvshard.quant.codebooks import CODEBOOK_VERSION
 from kvshard.quant.calibrate.profile import (BUDGETS, KEY_COST_SCALE, PATH_VARIABLE, PLANNED_TOKENS, RECOMMENDED_BITS,
                                              WINDOW_TOKENS, merge_measured, replanned)
+from kvshard.quant.calibrate.profile import main as calibrate_main
 from kvshard.quant.eval import TEXTS, Float16KVCache, effective_bits, load_text
 from kvshard.quant.models import model_fingerprint
 from kvshard.wire import kvshard_pb2 as pb
@@ -145,6 +146,21 @@ def test_codebook_choice_and_sinks_are_re_plans_under_new_fingerprints(profile, 
         assert back.fingerprint == profile.fingerprint
     with pytest.raises(ValueError, match="sink_tokens"):
         replanned(profile, profile.key_cost_scale, "test", sink_tokens=0)
+
+
+def test_kvshard_calibrate_measure_re_plans_without_the_wide_codebook(profile, tmp_path):
+    """`kvshard calibrate --measure --wide-codebook off` turns a profile folder into its sphere-codebook re-plan (the
+    fingerprint replanned() gives), measured on the texts asked."""
+    folder = save_profile(profile, str(tmp_path / "profile"))
+    with pytest.raises(SystemExit):
+        calibrate_main(["--measure", "--out", folder, "--sinks", "0", "--validation", "persuasion"])
+    calibrate_main(["--measure", "--out", folder, "--wide-codebook", "off", "--budgets", "3.0", "--validation",
+                    "persuasion", "--validation-tokens", "48"])
+    made = load_profile(folder)
+    assert not made.wide_codebook and made.fingerprint == replanned(profile, profile.key_cost_scale, "",
+                                                                    wide_codebook=False).fingerprint
+    assert [(r["budget_bits"], list(r["delta_ppl_pct"])) for r in made.meta["measured"]] == [(3.0, ["persuasion"])]
+    assert "--wide-codebook off" in made.meta["commands"][-1]
 
 
 def test_calibration_texts_are_of_several_domains_and_none_is_an_eval_text():
