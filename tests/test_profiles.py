@@ -149,17 +149,30 @@ def test_codebook_choice_and_sinks_are_re_plans_under_new_fingerprints(profile, 
 
 
 def test_kvshard_calibrate_measure_re_plans_without_the_wide_codebook(profile, tmp_path):
-    """`kvshard calibrate --measure --wide-codebook off` turns a profile folder into its sphere-codebook re-plan (the
-    fingerprint replanned() gives), measured on the texts asked."""
+    """`kvshard calibrate --measure --window 4`, then `--wide-codebook off`, turn a profile folder into its
+    sphere-codebook re-plan (the fingerprint replanned() gives) with another recommended window, measured on the
+    texts and budgets asked."""
     folder = save_profile(profile, str(tmp_path / "profile"))
-    with pytest.raises(SystemExit):
-        calibrate_main(["--measure", "--out", folder, "--sinks", "0", "--validation", "persuasion"])
-    calibrate_main(["--measure", "--out", folder, "--wide-codebook", "off", "--budgets", "3.0", "--validation",
-                    "persuasion", "--validation-tokens", "48"])
+    for bad in (["--sinks", "0"], ["--window", "-1"]):
+        with pytest.raises(SystemExit):
+            calibrate_main(["--measure", "--out", folder, *bad, "--validation", "persuasion"])
+    # Another window: the recommended budget's rows are measured again, the others kept.
+    calibrate_main(["--measure", "--out", folder, "--window", "4", "--budgets", str(profile.recommended_bits),
+                    "--validation", "persuasion", "--validation-tokens", "48"])
+    windowed = load_profile(folder)
+    assert windowed.fingerprint == profile.fingerprint and windowed.window == 4
+    assert [r for r in windowed.meta["measured"] if r["budget_bits"] != profile.recommended_bits] == [
+        r for r in profile.meta["measured"] if r["budget_bits"] != profile.recommended_bits]
+    assert [(r["budget_bits"], list(r["delta_ppl_pct"]), r["window_tokens"]) for r in windowed.meta["measured"]
+            if r["budget_bits"] == profile.recommended_bits] == [(profile.recommended_bits, ["persuasion"], 4)]
+    calibrate_main(["--measure", "--out", folder, "--wide-codebook", "off", "--budgets",
+                    str(profile.recommended_bits), "--validation", "persuasion", "--validation-tokens", "48"])
     made = load_profile(folder)
     assert not made.wide_codebook and made.fingerprint == replanned(profile, profile.key_cost_scale, "",
                                                                     wide_codebook=False).fingerprint
-    assert [(r["budget_bits"], list(r["delta_ppl_pct"])) for r in made.meta["measured"]] == [(3.0, ["persuasion"])]
+    assert made.window == 4 and made.config().window == 4
+    rows = [(r["budget_bits"], list(r["delta_ppl_pct"]), r["window_tokens"]) for r in made.meta["measured"]]
+    assert rows == [(profile.recommended_bits, ["persuasion"], 4)]
     assert "--wide-codebook off" in made.meta["commands"][-1]
 
 

@@ -215,7 +215,7 @@ def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, 
                       validation_tokens: int = 1024, progress: bool = False, on_measured=None, jobs: int = 1,
                       model_name: str | None = None, keys_after_rope: bool = False,
                       key_cost_scale: float = KEY_COST_SCALE, wide_codebook: bool = True,
-                      sink_tokens: int = SINK_TOKENS) -> Profile:
+                      sink_tokens: int = SINK_TOKENS, window: int = WINDOW_TOKENS) -> Profile:
     """Measure a profile on `model`: moments over `texts` (default klt.calibration_texts()), sensitivities on
     ratequant's prompts, then ΔPPL at each budget on the `validation` texts (default: `kvshard eval`'s).
     keys_after_rope: key moments (and so the plans) of keys as the model caches them, after RoPE, instead of before
@@ -225,7 +225,7 @@ def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, 
     meta["measured"] holding the texts measured so far (kvshard calibrate saves the profile each time).
     jobs > 1: each text's moments and each side's sensitivities are measured in one of `jobs` processes that load
     `model_name` (load_model), with the same result as one process.
-    wide_codebook, sink_tokens: the profile's Profile.wide_codebook and sink_tokens."""
+    wide_codebook, sink_tokens, window: the profile's Profile.wide_codebook, sink_tokens and window."""
     import mlx.core as mx
 
     from .. import eval as quality
@@ -256,7 +256,7 @@ def calibrate_profile(model, tokenizer, name: str, texts=None, budgets=BUDGETS, 
         "recommended_bits": RECOMMENDED_BITS,
         "planned_tokens": PLANNED_TOKENS,
         "sink_tokens": sink_tokens,
-        "window_tokens": WINDOW_TOKENS,
+        "window_tokens": window,
         "codebook_version": CODEBOOK_VERSION,
         **({"key_cost_scale": key_cost_scale} if key_cost_scale != 1.0 else {}),
         **({} if wide_codebook else {"wide_codebook": False}),
@@ -479,7 +479,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="effective bits to measure ΔPPL at")
     parser.add_argument("--validation", nargs="+", help="texts to measure ΔPPL on (default: kvshard eval's)")
     parser.add_argument("--validation-tokens", type=int, default=1024)
-    parser.add_argument("--measure", action="store_true", help="only measure the profile in --out on --validation")
+    parser.add_argument("--measure", action="store_true",
+                        help="only measure the profile in --out on --validation, at --budgets (its other rows kept)")
     parser.add_argument("--jobs", type=int, default=1, help="processes that measure moments and sensitivities (each loads the model)")
     parser.add_argument("--key-cost-scale", type=float,
                         help=f"Profile.key_cost_scale (default {KEY_COST_SCALE}); with --measure, re-plans the profile in --out "
@@ -491,6 +492,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sinks", type=int,
                         help=f"fp16 sink tokens of its configurations (default {SINK_TOKENS}); with --measure, re-plans "
                              "the profile in --out with them, as --key-cost-scale does")
+    parser.add_argument("--window", type=int,
+                        help=f"fp16 recent tokens of the recommended configuration (Profile.window; default {WINDOW_TOKENS}); "
+                             "with --measure, sets the profile's and drops its measured rows")
     parser.add_argument("--keys-after-rope", action="store_true",
                         help="plan keys as cached, after RoPE (faster kernels, lower quality; default: before RoPE)")
     args = parser.parse_args(argv)
@@ -502,6 +506,8 @@ def main(argv=None) -> int:
         parser.error(f"--key-cost-scale must be a positive number, got {args.key_cost_scale}")
     if args.sinks is not None and args.sinks < 1:
         parser.error(f"--sinks must be >= 1, got {args.sinks}")
+    if args.window is not None and args.window < 0:
+        parser.error(f"--window must be >= 0, got {args.window}")
     wide = None if args.wide_codebook is None else args.wide_codebook == "on"
     texts = None
     if args.texts:
@@ -530,7 +536,7 @@ def main(argv=None) -> int:
             if os.path.isfile(path):
                 with open(path) as f:
                     on_disk = json.load(f)
-            if on_disk.get("fingerprint") == profile.fingerprint:
+            if on_disk.get("fingerprint") == profile.fingerprint and on_disk.get("window_tokens", 0) == profile.window:
                 profile.meta["measured"] = merge_measured(profile.meta["measured"], on_disk.get("measured", []))
                 commands = on_disk.get("commands", [])
                 profile.meta["commands"] = commands + [command] * (command not in commands)
@@ -551,15 +557,25 @@ def main(argv=None) -> int:
                    wide not in (None, profile.wide_codebook), args.sinks not in (None, profile.sink_tokens))
         if any(changes):
             profile = replanned(profile, scale, command, wide, args.sinks)
-        profile.meta["measured"] = measure_profile(profile, model, tokenizer, tuple(args.budgets), args.validation,
-                                                   args.validation_tokens, True, on_text=lambda rows: (
-                                                       profile.meta.update(measured=rows), save(profile)))
+        if args.window not in (None, profile.window):
+            # Its plans stay; the recommended budget's configuration changes, so its rows go.
+            commands = profile.meta.get("commands", [])
+            profile.meta.update(window_tokens=args.window, commands=commands + [command] * (command not in commands))
+            profile.meta["measured"] = [r for r in profile.meta.get("measured", [])
+                                        if r["window_tokens"] == profile.default_window(r["budget_bits"])]
+        # Rows of budgets not measured now are kept as they are.
+        kept = [r for r in profile.meta.get("measured", []) if r["budget_bits"] not in args.budgets]
+        with_kept = lambda rows: sorted(kept + rows, key=lambda r: r["budget_bits"])  # noqa: E731
+        profile.meta["measured"] = with_kept(measure_profile(
+            profile, model, tokenizer, tuple(args.budgets), args.validation, args.validation_tokens, True,
+            on_text=lambda rows: (profile.meta.update(measured=with_kept(rows)), save(profile))))
     else:
         profile = calibrate_profile(model, tokenizer, args.name or args.model, texts, tuple(args.budgets),
                                     args.validation, args.validation_tokens, progress=True, on_measured=save,
                                     jobs=args.jobs, model_name=args.model, keys_after_rope=args.keys_after_rope,
                                     key_cost_scale=KEY_COST_SCALE if args.key_cost_scale is None else args.key_cost_scale,
-                                    wide_codebook=wide is not False, sink_tokens=args.sinks or SINK_TOKENS)
+                                    wide_codebook=wide is not False, sink_tokens=args.sinks or SINK_TOKENS,
+                                    window=WINDOW_TOKENS if args.window is None else args.window)
     for row in profile.meta["measured"]:
         print(f"<= {row['budget_bits']} bits: {row['effective_bits']:.3f} effective, ΔPPL mean "
               f"{row['mean_delta_ppl_pct']:+.2f}% worst {row['worst_delta_ppl_pct']:+.2f}%")
