@@ -14,6 +14,7 @@ benchmarks/run_gpu.sh does), so before and after are measured by the same script
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -36,6 +37,18 @@ def value_weighted(profile: Profile, factor: float) -> Profile:
                    [w * factor for w in profile.value_weights], dict(profile.meta))
 
 
+def only_coded(config, side: str):
+    """`config` with the other side's plans at 8 bits a coordinate (distortion ~4e-5: near exact)."""
+    other = "value_plans" if side == "keys" else "key_plans"
+    exact = [dataclasses.replace(p, coordinate_bits=(8,) * len(p.coordinate_bits)) for p in getattr(config, other)]
+    return dataclasses.replace(config, **{other: exact})
+
+
+def unpriced(profile: Profile) -> Profile:
+    meta = {k: v for k, v in profile.meta.items() if k != "sliding_window"}
+    return Profile(profile.name, profile.model_fingerprint, profile.moments, profile.key_weights, profile.value_weights, meta)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -43,7 +56,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", type=float, nargs="+", default=[4.5, 3.5, 2.5])
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--profile", default=PROFILE, help="an all-layer profile folder of this model")
-    parser.add_argument("--recipes", nargs="+", default=["klt"], choices=["klt", "turboquant_mse"])
+    parser.add_argument("--recipes", nargs="+", default=["klt"], choices=["klt", "klt-unpriced", "klt-keys", "klt-values", "turboquant_mse"],
+                        help="klt-unpriced: the profile's plans as before 2026-12-02, every layer counted as holding all "
+                             "the tokens (the profile without its sliding_window); klt-keys / klt-values: the klt plans "
+                             "with the other side at 8 bits a coordinate (where the error is)")
     parser.add_argument("--sliding", nargs="+", default=["compressed"], choices=["compressed", "fp16"])
     parser.add_argument("--value-weights", type=float, nargs="+", default=[1.0])
     args = parser.parse_args(argv)
@@ -58,6 +74,11 @@ def main(argv=None) -> int:
                     bits = int(b)  # 4.5 -> 4: its norms and sinks bring it near the budget
                     rows = [(f"turboquant_mse {bits}-bit, {layers}",
                              KVCacheConfig(method="turboquant_mse", key_bits=bits, seed=42, sliding=sliding))]
+                elif recipe in ("klt-keys", "klt-values"):
+                    side = recipe.split("-")[1]
+                    rows = [(f"klt {layers} <= {b} bits, {side} only", only_coded(profile.config(b, sliding=sliding), side))]
+                elif recipe == "klt-unpriced":
+                    rows = [(f"klt {layers} <= {b} bits, unpriced", unpriced(profile).config(b, sliding=sliding))]
                 else:
                     rows = [(f"klt {layers} <= {b} bits" + ("" if f == 1 else f", value sensitivities x{f:g}"),
                              value_weighted(profile, f).config(b, sliding=sliding)) for f in args.value_weights]

@@ -49,6 +49,7 @@ import numpy as np
 from kvshard.quant import KVCacheBuilder
 from kvshard.quant import eval as quality
 from kvshard.quant.calibrate.profile import SINK_TOKENS, Profile, save_profile
+from kvshard.quant.codebooks import CODEBOOK_VERSION
 
 BUDGETS = (4.5, 3.5, 2.5)
 PASSKEY_LENGTHS = (4096, 8192, 16384, 32768)
@@ -135,7 +136,8 @@ def calibrate(model, tokenizer, texts: list, name: str) -> Profile:
         moments = collect_moments(model, tokenizer, texts, skip_tokens=SINK_TOKENS)
         weights = [calibrate_layer_sensitivities(model, tokenizer, target=t, progress=False) for t in ("keys", "values")]
     meta = {"format_version": 1, "created": _now(), "machine": _machine(), "recommended_bits": 3.5,
-            "planned_tokens": 1024, "sink_tokens": SINK_TOKENS, "layers": "all 18 (KVCacheConfig.sliding='full')",
+            "codebook_version": CODEBOOK_VERSION, "planned_tokens": 1024, "sliding_window": model.args.sliding_window,
+            "sink_tokens": SINK_TOKENS, "layers": "all 18 (KVCacheConfig.sliding='full')",
             "calibration_texts": [{"chars": len(t), "sha256": hashlib.sha256(t.encode()).hexdigest()} for t in texts]}
     return Profile(name, model_fingerprint(model), moments, *weights, meta=meta)
 

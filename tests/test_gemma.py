@@ -20,6 +20,9 @@ from kvshard.quant.calibrate.klt import model_rope
 from kvshard.quant.models import load_model
 
 
+STORED_PROFILE = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "gemma3-270m", "gemma3-270m-all-layers")
+
+
 @pytest.fixture(scope="module")
 def gemma():
     try:
@@ -104,7 +107,7 @@ def test_stored_profile_belongs_to_gemma_and_codes_the_layers_asked(gemma):
     from kvshard.quant.sliding import SlidingCompressedKVCache
 
     model, tokenizer = gemma
-    profile = load_profile(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "gemma3-270m", "gemma3-270m-all-layers"))
+    profile = load_profile(STORED_PROFILE)
     assert profile.model_fingerprint == model_fingerprint(model)
     assert len(profile.moments) == 18 and profile.sliding_layers == [i for i in range(18) if i not in (5, 11, 17)]
     coded = KVCacheBuilder.for_model(model, profile.config(3.5))
@@ -123,6 +126,16 @@ def test_stored_profile_belongs_to_gemma_and_codes_the_layers_asked(gemma):
     ppl_fp16, _ = perplexity_tail(model, tokens, make_prompt_cache(model), 512)
     ppl_profile, _ = perplexity_tail(model, tokens, caches, 512)
     assert ppl_profile < 1.05 * ppl_fp16  # measured +0.50% mean over 1,023 tokens of 7 texts on the GPU
+
+
+def test_stored_profile_names_the_codebooks_it_was_made_with():
+    """The stored all-layer profile was calibrated and measured with version-2 codebooks: it must say so, or it reads
+    as version 1 and `kvshard calibrate --measure` would re-plan it and drop its measured rows."""
+    from kvshard.quant import load_profile
+    from kvshard.quant.codebooks import CODEBOOK_VERSION
+
+    profile = load_profile(STORED_PROFILE)
+    assert CODEBOOK_VERSION == 2 and profile.codebook_version == 2
 
 
 @pytest.mark.slow

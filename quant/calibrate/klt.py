@@ -223,45 +223,53 @@ def decompose(moments: dict, shrinkage: float = SHRINKAGE):
     return _decorrelate(keys, metric), _decorrelate(values, None)
 
 
-def _greedy(costs: list[np.ndarray], bits: list[list[int]], budgets: list[int | None], left: int, max_bits: int) -> None:
-    """Hand out `left` bits one at a time, each to the coordinate whose next bit removes the most cost;
-    budgets[s], when set, caps slot s's total."""
+def _greedy(costs: list[np.ndarray], bits: list[list[int]], budgets: list[int | None], left: int, max_bits: int,
+            prices: list[int] | None = None) -> None:
+    """Hand out `left` bits, each to the coordinate whose next bit removes the most cost per unit of its slot's
+    price (prices[s], default 1: what one bit of slot s takes from `left`); budgets[s], when set, caps slot s's
+    total."""
     delta = GAUSSIAN_DISTORTION
-    heap = [(-c[i] * (delta[bits[s][i]] - delta[bits[s][i] + 1]), s, i)
+    prices = [1] * len(costs) if prices is None else prices
+    heap = [(-c[i] * (delta[bits[s][i]] - delta[bits[s][i] + 1]) / prices[s], s, i)
             for s, c in enumerate(costs) for i in range(len(c)) if bits[s][i] < max_bits]
     heapq.heapify(heap)
     totals = [sum(b) for b in bits]
     while left > 0 and heap:
         _, s, i = heapq.heappop(heap)
-        if budgets[s] is not None and totals[s] >= budgets[s]:
+        if budgets[s] is not None and totals[s] >= budgets[s] or prices[s] > left:
             continue
         bits[s][i] += 1
         totals[s] += 1
-        left -= 1
+        left -= prices[s]
         b = bits[s][i]
         if b < max_bits:
-            heapq.heappush(heap, (-costs[s][i] * (delta[b] - delta[b + 1]), s, i))
+            heapq.heappush(heap, (-costs[s][i] * (delta[b] - delta[b + 1]) / prices[s], s, i))
 
 
-def allocate_coordinate_bits(costs: list[np.ndarray], total_bits: int, max_bits: int = 8) -> list[list[int]]:
+def allocate_coordinate_bits(costs: list[np.ndarray], total_bits: int, max_bits: int = 8,
+                             prices: list[int] | None = None) -> list[list[int]]:
     """Integer bits for every coordinate of every slot minimising Σ cost·δ(b) with at most total_bits in all,
     each slot a whole number of bytes (a token's codes are padded to a byte, so the padding might as well
     carry the slot's next most useful bits), and every slot's first coordinate coded. costs: one (d,) array
-    of c · λ per slot, descending."""
-    capacity = max_bits * sum(len(c) for c in costs)
-    if not 8 * len(costs) <= total_bits <= capacity:
-        raise ValueError(f"total_bits must be in {8 * len(costs)}..{capacity}, got {total_bits}")
+    of c · λ per slot, descending. prices: per slot, what one of its bits counts in total_bits (default 1 each):
+    the tokens a slot's layer holds, when layers hold different numbers of tokens (sliding windows)."""
+    prices = [1] * len(costs) if prices is None else [int(p) for p in prices]
+    if len(prices) != len(costs) or min(prices) < 1:
+        raise ValueError(f"prices must be {len(costs)} integers >= 1, got {prices}")
+    floor, capacity = 8 * sum(prices), max_bits * sum(p * len(c) for p, c in zip(prices, costs))
+    if not floor <= total_bits <= capacity:
+        raise ValueError(f"total_bits must be in {floor}..{capacity}, got {total_bits}")
     def fill(target: int) -> tuple[list[list[int]], int]:
         bits = [[1] + [0] * (len(c) - 1) for c in costs]
-        _greedy(costs, bits, [None] * len(costs), target - len(costs), max_bits)
+        _greedy(costs, bits, [None] * len(costs), target - sum(prices), max_bits, prices)
         # Round every slot up to whole bytes with its own next-best bits.
         padded = [min(-(-sum(b) // 8) * 8, max_bits * len(b)) for b in bits]
         for s in range(len(costs)):
             _greedy([costs[s]], [bits[s]], [padded[s]], padded[s] - sum(bits[s]), max_bits)
-        return bits, sum(padded)
+        return bits, sum(p * n for p, n in zip(prices, padded))
 
     # The largest target whose byte-rounded allocation still fits total_bits (rounding adds < 8 per slot).
-    low, high = max(len(costs), total_bits - 8 * len(costs)), total_bits
+    low, high = max(sum(prices), total_bits - floor), total_bits
     while low < high:
         middle = (low + high + 1) // 2
         low, high = (middle, high) if fill(middle)[1] <= total_bits else (low, middle - 1)
@@ -272,11 +280,14 @@ def allocate_coordinate_bits(costs: list[np.ndarray], total_bits: int, max_bits:
 
 
 def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, probe_bits: int = 2, norm_bits: int = 8,
-             decomposed: list | None = None, wide_bits: int | None = WIDE_BITS):
+             decomposed: list | None = None, wide_bits: int | None = WIDE_BITS, coded_tokens: list[int] | None = None):
     """(key_plans, value_plans), one KLTPlan per attention layer, with `code_bits` average code bits per K/V
     element (each token's norm, `norm_bits` per head, comes on top). key_weights / value_weights:
     `calibrate_layer_sensitivities`. decomposed: `decompose` of each layer's moments, when already computed
-    (a profile plans many budgets from one decomposition). wide_bits: KLTPlan.wide_bits of every plan."""
+    (a profile plans many budgets from one decomposition). wide_bits: KLTPlan.wide_bits of every plan.
+    coded_tokens: per layer, the coded tokens it holds, when they differ (a sliding-window layer holds its
+    window): the average is then over the elements held, and a bit of a layer that holds fewer tokens costs
+    that much less."""
     if not len(moments) == len(key_weights) == len(value_weights):
         raise ValueError("moments, key_weights and value_weights must have one entry per attention layer")
     decomposed = [decompose(m) for m in moments] if decomposed is None else decomposed
@@ -292,7 +303,11 @@ def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, 
         costs.append(wk / max(key_probe, 1e-30) * key_energy.sum(axis=0))
         costs.append(wv / max(value_probe, 1e-30) * value_energy.sum(axis=0))
     d = len(costs[0])
-    bits = allocate_coordinate_bits(costs, int(round(code_bits * d * len(costs))))
+    if coded_tokens is None:
+        bits = allocate_coordinate_bits(costs, int(round(code_bits * d * len(costs))))
+    else:
+        prices = [int(n) for n in coded_tokens for _ in ("keys", "values")]
+        bits = allocate_coordinate_bits(costs, int(round(code_bits * d * sum(prices))), prices=prices)
     key_plans, value_plans = [], []
     for layer, ((ka, ke), (va, ve)) in enumerate(decomposed):
         rope = moments[layer].get("rope") or (None, False)

@@ -117,6 +117,36 @@ class Profile:
         e.g. Gemma 3's); empty when every layer is a full-attention one."""
         return [int(i) for i in self.meta.get("sliding_layers", [])]
 
+    @property
+    def sliding_window(self) -> int | None:
+        """Tokens a sliding layer attends to (meta "sliding_window"); None: plans count every layer as holding all."""
+        window = self.meta.get("sliding_window")
+        return None if window is None else int(window)
+
+    def _coded_tokens(self, layers: list, tokens: int, window: int) -> list | None:
+        """Per coded layer, the tokens it holds as codes in a cache of `tokens` tokens with a `window`-token fp16
+        window, when some layers hold fewer than others (sliding layers in a compressed window, which has dropped
+        the fp16 sinks with the rest of what left it); else None."""
+        sliding = set(self.sliding_layers)
+        if self.sliding_window is None or tokens <= self.sliding_window or not sliding.intersection(layers):
+            return None
+        coded = [self.sliding_window - window if i in sliding else tokens - self.sink_tokens - window for i in layers]
+        if min(coded) < 1:
+            raise ValueError(f"window: a {window}-token fp16 window leaves no coded tokens in the {self.sliding_window}-token sliding window")
+        return coded
+
+    def _priced_code_bits(self, budget: float, tokens: int, window: int, layers: list, coded: list) -> float:
+        """Code bits per coded K/V element, averaged over the elements held, that keep a hybrid model's caches within
+        `budget` effective bits against its fp16 cache (quant/sliding.py: effective_bits_vs_fp16): the fp16 sinks
+        (global layers), window and key mean, and each coded token's scale byte per side, come first."""
+        d, sliding = self.head_dim, set(self.sliding_layers)
+        held = [self.sliding_window if i in sliding else tokens for i in layers]
+        fp16 = [h - c for h, c in zip(held, coded)]  # sinks and window tokens, keys and values in fp16
+        overhead = sum(2 * d * 16 * f + 16 * d + 16 * c for f, c in zip(fp16, coded))
+        slots = 2 * d * sum(coded)
+        code_bits = (budget * 2 * d * sum(held) - overhead) / slots
+        return max(math.floor(code_bits * slots) / slots, 8 / d)
+
     def _coded_layers(self, sliding: str) -> list:
         """The profile's layers that a cache of this `sliding` choice codes (KVCacheConfig.sliding): all of them,
         or with sliding="fp16" only the full-attention ones (the sliding layers keep fp16 windows)."""
@@ -169,7 +199,9 @@ class Profile:
         at least `tokens` tokens. None: the recommended budget; window None: default_window(budget_bits).
         sliding (KVCacheConfig.sliding; a profile with sliding layers only): "compressed" (its default) or "full"
         plan every layer; "fp16" plans the full-attention layers alone within the budget and leaves the sliding
-        layers' fp16 windows outside it."""
+        layers' fp16 windows outside it. With "compressed" and a known `sliding_window` shorter than `tokens`, the
+        budget is of the elements the model's fp16 cache holds (a sliding layer: its window) and a sliding layer's
+        bits cost what it holds: at 1,024 tokens half a global layer's (README, "A second model")."""
         from ..config import KVCacheConfig
         from .klt import plan_klt
 
@@ -185,16 +217,22 @@ class Profile:
         if sliding is None:
             sliding = "compressed" if self.sliding_layers else "fp16"
         layers = self._coded_layers(sliding)
-        slots = 2 * len(layers) * self.head_dim
-        code_bits = (budget - self.overhead_bits(tokens, window)) / self._coded_share(tokens, window)
-        code_bits = max(math.floor(code_bits * slots) / slots, 8 / self.head_dim)
-        if (code_bits, len(layers)) not in self._configs:
+        coded = self._coded_tokens(layers, tokens, window) if sliding == "compressed" else None
+        if coded is None:
+            slots = 2 * len(layers) * self.head_dim
+            code_bits = (budget - self.overhead_bits(tokens, window)) / self._coded_share(tokens, window)
+            code_bits = max(math.floor(code_bits * slots) / slots, 8 / self.head_dim)
+        else:
+            code_bits = self._priced_code_bits(budget, tokens, window, layers, coded)
+        key = (code_bits, len(layers), None if coded is None else tuple(coded))
+        if key not in self._configs:
             pick = lambda items: [items[i] for i in layers]  # noqa: E731
             key_costs = [w * self.key_cost_scale for w in self.key_weights]
-            self._configs[code_bits, len(layers)] = plan_klt(
+            self._configs[key] = plan_klt(
                 pick(self.moments), pick(key_costs), pick(self.value_weights), code_bits,
-                decomposed=pick(self._decomposed), wide_bits=WIDE_BITS if self.wide_codebook else None)
-        key_plans, value_plans = self._configs[code_bits, len(layers)]
+                decomposed=pick(self._decomposed), wide_bits=WIDE_BITS if self.wide_codebook else None,
+                coded_tokens=coded)
+        key_plans, value_plans = self._configs[key]
         return KVCacheConfig(method="klt", sink_tokens=self.sink_tokens, window=window, key_plans=key_plans,
                              value_plans=value_plans, sliding=sliding, profile=self.name, budget_bits=float(budget),
                              profile_fingerprint=self.fingerprint)
