@@ -303,11 +303,8 @@ def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, 
         costs.append(wk / max(key_probe, 1e-30) * key_energy.sum(axis=0))
         costs.append(wv / max(value_probe, 1e-30) * value_energy.sum(axis=0))
     d = len(costs[0])
-    if coded_tokens is None:
-        bits = allocate_coordinate_bits(costs, int(round(code_bits * d * len(costs))))
-    else:
-        prices = [int(n) for n in coded_tokens for _ in ("keys", "values")]
-        bits = allocate_coordinate_bits(costs, int(round(code_bits * d * sum(prices))), prices=prices)
+    prices = [1] * len(costs) if coded_tokens is None else [int(n) for n in coded_tokens for _ in ("keys", "values")]
+    bits = allocate_coordinate_bits(costs, int(round(code_bits * d * sum(prices))), prices=prices)
     key_plans, value_plans = [], []
     for layer, ((ka, ke), (va, ve)) in enumerate(decomposed):
         rope = moments[layer].get("rope") or (None, False)
