@@ -15,7 +15,7 @@ export PYTHONPATH=/tmp/bw:/tmp/bp:$PWD/tests PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" || true
 # The arena's tests on CUDA; --runxfail: the strict xfail's test reports plainly whether it passes now.
 timeout "${TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider --noconftest --runxfail tests/test_batch_arena.py 2>&1 \
-  | tail -n 30 > "$out/batch_arena_gpu_tests.log"
+  | tail -n 400 > "$out/batch_arena_gpu_tests.log"
 tail -n 3 "$out/batch_arena_gpu_tests.log"
 # Continuous batching over gRPC: kvshard serve --model random:llama-3.2-1b, 1 / 8 / 32 streams.
 timeout "${BENCH_S:-200}" python3 benchmarks/batching.py --mode service --model random:llama-3.2-1b --streams 1 8 32 \
