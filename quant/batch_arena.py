@@ -98,7 +98,8 @@ class ArenaLayer:
                 raise ValueError("cache: holds tokens other than codes, which a batch arena does not")
         self._flush()  # (a GPU write below copies the buffer it writes into)
         first = len(self.caches)
-        self._room(first + len(caches), max(c.n_encoded for c in caches) + 1)
+        # Room for them all at once (a growth copies every slot), and for each row's next token (`store`).
+        self._room(first + len(caches), max(c.n_encoded for c in caches) + 2)
         for slot, cache in enumerate(caches, start=first):
             n = cache.n_encoded
             for side in _CODE_SIDES:
@@ -132,16 +133,12 @@ class ArenaLayer:
         self.synced[slot] = stop
         return changed
 
-    def remove(self, slot: int, settle: bool = True) -> None:
-        """The slot's cache leaves with its codes synced; the last slot moves into its place. settle=False: the
-        caller has flushed the buffers and synced both slots, and evaluates the buffers after (BatchArena.release)."""
-        if settle:
-            self._flush()
-        self.sync(slot)
+    def remove(self, slot: int) -> None:
+        """The slot's cache leaves; the last slot moves into its place. The caller (BatchArena.release) has flushed
+        the buffers and synced both slots, and evaluates the buffers after, for every layer at once."""
         self.caches[slot]._lease = None
         last = len(self.caches) - 1
         if slot != last:
-            self.sync(last)
             n = self.lengths[last]
             for side in _CODE_SIDES:
                 for a in self.codes[side].values():
@@ -149,8 +146,6 @@ class ArenaLayer:
             if self.key_mean is not None:
                 order = mx.array([i if i != slot else last for i in range(last)], dtype=mx.int32)
                 self.key_mean = mx.take(self.key_mean, order, axis=0)
-            if settle:
-                self._settle_buffers()
             self.caches[slot], self.lengths[slot], self.synced[slot] = self.caches[last], n, self.synced[last]
             self.caches[slot]._lease = _Lease(self, slot)
         elif self.key_mean is not None:
@@ -390,7 +385,6 @@ class BatchArena:
                 # The buffers are kept while the arena is empty, for the next batch of the same coding.
                 self.layers = [ArenaLayer(c, on_gpu=kernels.gpu_backend() is not None) for c in joining[0]]
             for i, layer in enumerate(self.layers):
-                layer._room(len(self.members) + len(joining), max(caches[i].n_encoded for caches in joining) + 2)
                 layer.add([caches[i] for caches in joining])
             self.members.extend(joining)
         return [self.slot_of(caches) for caches in sessions]
@@ -413,7 +407,7 @@ class BatchArena:
                 changed += layer.sync(last, settle=False)
         mx.eval(changed)  # copies of their own before the slot is written
         for layer in self.layers:
-            layer.remove(slot, settle=False)
+            layer.remove(slot)
         if on_gpu:
             mx.eval([layer._held() for layer in self.layers])
         self.members[slot] = self.members[last]
