@@ -21,24 +21,15 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch_step import fresh_session  # noqa: E402 (beside this script)
+from batch_step import prefilled  # noqa: E402 (beside this script)
 from bench import device_info  # noqa: E402
 
 from kvshard.quant import kernels  # noqa: E402
 from kvshard.quant.batch_arena import BatchArena  # noqa: E402
-from kvshard.service.generation import Decoder, Sampling, decode_batch  # noqa: E402
+from kvshard.service.generation import decode_batch  # noqa: E402
 from kvshard.service.model import ServedModel  # noqa: E402
 
 SESSIONS = 32
-
-
-def prefilled(served, tokens: int, salt: int) -> Decoder:
-    high = min(20000, served.vocab_size - 100)
-    prompt = [(31 * i + 17 * salt) % high + 50 for i in range(tokens)]
-    decoder = Decoder(served, fresh_session(served), prompt, Sampling(), {"generated_tokens": 0})
-    while decoder.step() is None:
-        pass
-    return decoder
 
 
 def timed_ms(fn) -> float:

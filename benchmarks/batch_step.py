@@ -78,7 +78,8 @@ def fresh_session(served) -> Session:
 
 
 def prefilled(served, tokens: int, salt: int) -> Decoder:
-    prompt = [(31 * i + 17 * salt) % 20000 + 100 for i in range(tokens)]
+    high = min(20000, served.vocab_size - 100)  # ids past a small random model's vocabulary crash MLX's gather
+    prompt = [(31 * i + 17 * salt) % high + 100 for i in range(tokens)]
     decoder = Decoder(served, fresh_session(served), prompt, Sampling(), {"generated_tokens": 0})
     while decoder.step() is None:
         pass

@@ -5,7 +5,7 @@ variance qᵀΣq (Σ: the key error's covariance, after RoPE), so in expectation
 every coded key's weight is low by that factor beside the fp16 sinks (the shipped profile keeps 4 and no window;
 in chunked prefill every other key is coded before it is attended). This script measures Σ per layer and KV head
 from the profile's own coding of a calibration text (the first CALN tokens of calibration_texts(), none of them an
-eval text), then adds alpha·qᵀΣq/2 to every coded key's score (the portable attention loop, as a copy here) and
+eval text), then adds alpha·qᵀΣq/2 to every coded key's score (an additive mask over the cache's own attention) and
 reads chunked perplexity against an fp16 cache on eval texts, for several alpha (0: the shipped attention).
 
     BUDGET=2.5 TEXTS="vim_manual python_source" ALPHAS="-1 -0.5 0 0.5 1" python benchmarks/key_error_bias.py
@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-os.environ["KVSHARD_ATTENTION"] = "pure"  # the corrected loop below is the portable one; compare like with like
+os.environ["KVSHARD_ATTENTION"] = "pure"  # the portable loop, as the committed run: the CPU kernel moves ΔPPL too
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -72,44 +72,20 @@ def tagged(model, config, alpha: float, covariances) -> list:
 
 
 def corrected_attention(cache, queries, scale, mask=None):
-    """The portable loop of quant/attention.py over the cache's segments, every coded key's score raised by
-    alpha·qᵀΣq/2 (qᵀΣq: that score's error variance)."""
+    """The cache's own attention with every coded key's score raised by alpha·qᵀΣq/2 (qᵀΣq: that score's error
+    variance), handed over as an additive mask: the raise is one number per query row over the code segment."""
     segments = cache.segments()
     B, n_q_heads, L, D = queries.shape
     H = cache.n_kv_heads
-    q = (queries.astype(mx.float32) * scale).reshape(B, H, n_q_heads // H, L, D)
-    cov = cache.error_covariance
-    bias = 0.0 if cov is None else cache.alpha * 0.5 * ((q @ cov[None, :, None]) * q).sum(-1, keepdims=True)
     total = sum(s.length for s in segments)
-    peak = mx.full((B, H, n_q_heads // H, L, 1), -mx.inf)
-    denominator, acc, rotated, start = mx.zeros(peak.shape), mx.zeros(q.shape), None, 0
-    for segment in segments:
-        blocks = [(start, segment)] if not segment.is_codes else [
-            (start + b, segment.block(b, min(b + A.BLOCK_TOKENS, segment.length))) for b in range(0, segment.length, A.BLOCK_TOKENS)]
-        start += segment.length
-        for block_start, block in blocks:
-            if not block.length:
-                continue
-            if block.is_codes:
-                scores = q @ A.decode_keys(block, cache.key_quantizer)[:, :, None].swapaxes(-1, -2) + bias
-            else:
-                scores = q @ block.keys[:, :, None].astype(mx.float32).swapaxes(-1, -2)
-            scores = A._apply_mask(scores, A._allowed(mask, L, total, block_start, block.length))
-            new_peak = mx.maximum(peak, scores.max(axis=-1, keepdims=True))
-            safe = mx.where(mx.isinf(new_peak), 0.0, new_peak)
-            correction, weights = mx.exp(peak - safe), mx.exp(scores - safe)
-            denominator = denominator * correction + weights.sum(axis=-1, keepdims=True)
-            acc = acc * correction
-            rotated = None if rotated is None else rotated * correction
-            if block.is_codes:
-                part = weights @ cache.value_quantizer.decode_rotated(block.value_codes)[:, :, None]
-                rotated = part if rotated is None else rotated + part
-            else:
-                acc = acc + weights @ block.values[:, :, None].astype(mx.float32)
-            peak = new_peak
-    if rotated is not None:
-        acc = acc + cache.value_quantizer.unrotate(rotated)
-    return (acc / mx.maximum(denominator, 1e-30)).reshape(B, n_q_heads, L, D).astype(queries.dtype)
+    allowed = A._allowed(mask, L, total, 0, total)
+    additive = mx.zeros((L, total)) if allowed is None else mx.where(allowed, 0.0, -mx.inf)
+    q = (queries.astype(mx.float32) * scale).reshape(B, H, n_q_heads // H, L, D)
+    raise_ = cache.alpha * 0.5 * ((q @ cache.error_covariance[None, :, None]) * q).sum(-1)  # (B, H, g, L)
+    coded = mx.concatenate([mx.full((s.length,), float(s.is_codes)) for s in segments])
+    additive = additive + raise_.reshape(B, n_q_heads, L, 1) * coded
+    return A.compressed_attention(queries, segments, n_kv_heads=H, key_method=cache.key_quantizer,
+                                  value_method=cache.value_quantizer, scale=scale, mask=additive)
 
 
 def main() -> None:
