@@ -72,7 +72,7 @@ def bench_service(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="kvshard-batching-"))
     metrics_port = free_port()
     shard = ShardProcess(tmp, "--model", args.model, "--metrics-port", str(metrics_port), "--max-prompt-tokens", str(LONG_PROMPT + 100), "--max-tokens", "1024",
-                         "--max-session-tokens", "16384", "--checkpoint-tokens", "64", "--memory-budget", "8GiB",
+                         "--max-session-tokens", "16384", "--checkpoint-tokens", "64", "--memory-budget", args.memory_budget,
                          "--max-batch-size", str(max(series))).start(timeout=300)
     rng = np.random.default_rng(0)
     result = {"device": device_info(), "mode": "service (kvshard serve on loopback, real gRPC)",
@@ -126,7 +126,9 @@ def bench_service(args) -> dict:
 
 
 def scheduler_seconds(port: int) -> dict:
-    """The shard's kvshard_scheduler_seconds by part, as {part: [sum, count]} (its /metrics endpoint)."""
+    """The shard's kvshard_scheduler_seconds by part, as {part: [sum, count]} (its /metrics endpoint), and its MLX
+    thread's jobs (kvshard_worker_job_seconds) as {"mlx job <name>": [sum, count]}, their thread CPU time as
+    "mlx job cpu <name>" (a job whose CPU time falls short of its seconds waited: the GPU, the GIL, a page fault)."""
     from urllib.request import urlopen
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -138,16 +140,26 @@ def scheduler_seconds(port: int) -> dict:
             for sample in family.samples:
                 if sample.name.endswith(("_sum", "_count")):
                     out.setdefault(sample.labels["part"], [0.0, 0])[sample.name.endswith("_count")] = sample.value
+        if family.name == "kvshard_worker_job_seconds":
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")) and sample.labels["worker"] == "kvshard-mlx":
+                    key = f"mlx job {sample.labels['job']}"
+                    out.setdefault(key, [0.0, 0])[sample.name.endswith("_count")] = sample.value
+        if family.name == "kvshard_worker_job_cpu_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["worker"] == "kvshard-mlx":
+                    out[f"mlx job cpu {sample.labels['job']}"] = [sample.value, out[f"mlx job {sample.labels['job']}"][1]]
     return out
 
 
 def turn_parts(before: dict, after: dict) -> dict:
-    """Mean seconds of each scheduler part between two scrapes, and how many there were."""
+    """Mean and total milliseconds of each scheduler part (and MLX thread job) between two scrapes, and how many."""
     parts = {}
     for part, (total, count) in after.items():
         total0, count0 = before.get(part, [0.0, 0])
         if count > count0:
-            parts[part] = {"mean_ms": 1e3 * (total - total0) / (count - count0), "count": int(count - count0)}
+            parts[part] = {"mean_ms": 1e3 * (total - total0) / (count - count0), "count": int(count - count0),
+                           "total_ms": 1e3 * (total - total0)}
     return parts
 
 
@@ -505,6 +517,7 @@ def main() -> None:
     parser.add_argument("--max-context", type=int, default=4000, help="service: longest context (a quick check: 400)")
     parser.add_argument("--model", default="smollm2-135m", help="service: the model the shard serves (on a GPU: "
                         "random:llama-3.2-1b; results then go to batching_gpu_service.json)")
+    parser.add_argument("--memory-budget", default="8GiB", help="service: the shard's --memory-budget")
     parser.add_argument("--lock", help="service: a file to flock while timing (not while prefilling), e.g. /work/wt/timing.lock")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

@@ -91,6 +91,7 @@ class Decoder:
         self.sampling = sampling
         self.progress = progress  # the session's last_generate, counted here so it matches the tokens
         self._before = None  # (tokens, cache offsets, sliding caches held) before the token being fed, for a rollback
+        self.released = False  # out of the batch arena (Scheduler.release), once its stream ended
 
     def pending_tokens(self) -> int:
         """Tokens the next step feeds before it can sample (1 on a plain decode step)."""
@@ -193,8 +194,15 @@ def decode_batch(decoders: list[Decoder], arena: BatchArena | None = None) -> li
                 for caches in sessions:  # their caches take their codes back from the arena before the rows' own writes
                     _leave(arena, caches)
                 views = batch_views(sessions)
+            built, built_cpu = time.perf_counter(), time.thread_time()
             logits = model(mx.array(pending), cache=views)[:, -1, :]
+            evaluated, built_cpu = time.perf_counter(), time.thread_time() - built_cpu
             mx.eval(logits)
+            # Where a step's time goes: the graph's host build (and the thread's own CPU time in it: less than
+            # the build's wall time when the thread waited, for the GIL or a lock) against the wait for the device.
+            metrics.SCHEDULER_SECONDS.labels("decode_build").observe(evaluated - built)
+            metrics.SCHEDULER_SECONDS.labels("decode_build_cpu").observe(built_cpu)
+            metrics.SCHEDULER_SECONDS.labels("decode_eval").observe(time.perf_counter() - evaluated)
             greedy = mx.argmax(logits, axis=-1).tolist()  # one evaluation for every greedy row
             tokens = [greedy[row] if decoder.sampling.temperature == 0 else decoder._sample(logits[row : row + 1])
                       for row, decoder in enumerate(decoders)]
@@ -302,6 +310,10 @@ async def generate(manager: SessionManager, scheduler, model, session: Session, 
             if finish is not None:
                 delta += "" if text.stopped else text.flush()
                 progress.update(finished=True, finish_reason=finish)
+                # Out of the batch first: its codes come back to the caches for every stream ending in this
+                # step at once, and the commit's snapshot then copies nothing from the arena.
+                scheduler.leave(decoder)
+                await run_to_completion(scheduler.release(decoder))
                 await manager.commit(session)
             elif generated % limits.checkpoint_tokens == 0:
                 await manager.commit(session)

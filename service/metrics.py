@@ -24,8 +24,19 @@ SCHEDULER_SECONDS = Histogram(
     "kvshard_scheduler_seconds",
     "Seconds of the scheduler's turns, by part: decode_step and prefill_chunk (on the MLX thread), hand_off (a turn "
     "handed to the MLX thread until it starts there), between_turns (a turn's end until the next is handed off while "
-    "streams generate: their tokens sent, commits, the gather of the next step's streams)",
+    "streams generate: their tokens sent, commits, the gather of the next step's streams); inside a batched "
+    "decode_step: decode_build (the forward pass's graph built on the host), decode_build_cpu (the MLX thread's CPU "
+    "time in it) and decode_eval (its evaluation)",
     ["part"], buckets=(1e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+WORKER_JOB_SECONDS = Histogram(
+    "kvshard_worker_job_seconds",
+    "Seconds of each job on the shard's one-thread workers (kvshard-mlx: compute, kvshard-store: store I/O), by the "
+    "function run: what keeps the MLX thread from the next decode step",
+    ["worker", "job"], buckets=(1e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+WORKER_JOB_CPU_SECONDS = Counter(
+    "kvshard_worker_job_cpu_seconds",
+    "CPU seconds of the worker's thread in each job (against kvshard_worker_job_seconds: the rest it waited, for the "
+    "device, the GIL or the kernel)", ["worker", "job"])
 TOKENS_PER_SECOND = Gauge("kvshard_generate_tokens_per_second", "Tokens all Generate streams produced per second (last 10 s)")
 STREAM_TOKENS_PER_SECOND = Histogram("kvshard_stream_tokens_per_second", "Tokens per second of one Generate call, over its run",
                                      buckets=(0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))

@@ -103,8 +103,12 @@ class Scheduler:
 
     async def release(self, decoder) -> None:
         """After `leave`: the stream's session leaves the batch arena, its caches owning all their codes again
-        (on the MLX thread, after any turn still running its step), before the caller lets go of the session."""
-        await self.mlx.run(self.arena.release, decoder.session.caches)
+        (on the MLX thread, after any turn still running its step), before the caller lets go of the session.
+        One at a time: on the H200, jobs releasing 8 or 31 streams together cost more than they saved."""
+        if decoder.released:
+            return
+        await self.mlx.run(self.arena.release, decoder.session.caches, job="BatchArena.release")
+        decoder.released = True
 
     async def step(self, decoder) -> int | None:
         """The stream's next step: its sampled token, or None when a prefill chunk was fed and more input is left.

@@ -26,14 +26,16 @@ import mlx.core as mx
 import numpy as np
 
 from kvshard.quant import CompressedKVCache, KVCacheBuilder, KVCacheConfig
+from kvshard.quant.batch_arena import settle_leased
 from kvshard.quant.codebooks import CHANGED_FROM_BITS, CODEBOOK_VERSION
 from kvshard.quant.sliding import exact_trim_limit, restore_cache
 from kvshard.service import logs, memory
 from kvshard.service.auth import DEFAULT_TENANT
+from kvshard.service.commits import CommitGroup
 from kvshard.service.metrics import CACHE_OBSERVERS
 from kvshard.service.errors import FailedPrecondition, LeaseHeld, LimitExceeded, OffsetMismatch, SessionNotFound
 from kvshard.service.store import LayerDelta, Lease, SessionRecord, SessionStore
-from kvshard.service.store.codec import join_state, split_state
+from kvshard.service.store.codec import join_state, split_states
 from kvshard.service.worker import SerialExecutor, run_to_completion
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -361,19 +363,36 @@ class Session:
     # ---- commits ------------------------------------------------------------------------------------------
 
     def snapshot(self, only_if_changed: bool = False) -> tuple[SessionRecord, list[LayerDelta]] | None:
-        """(MLX thread) The record and the per-layer deltas that bring the store up to this state."""
-        if only_if_changed and not self.dirty and self.committed_tokens == len(self.record.token_ids):
+        """(MLX thread) The record and the per-layer deltas that bring the store up to this state; None when
+        only_if_changed and nothing changed since the last commit."""
+        if only_if_changed and self.unchanged_since_commit():
             return None
-        deltas = []
-        for layer in sorted(self.dirty):
+        # The arena's newer codes of every changed layer come back in two evaluations, and all the arrays reach
+        # the host in one copy (service/store/codec.py), where layer by layer each took its own.
+        settle_leased([self.caches[layer] for layer in self.dirty])
+        layers, splits = self._splits()
+        return self._snapshot_of(layers, splits, split_states(splits))
+
+    def unchanged_since_commit(self) -> bool:
+        return not self.dirty and self.committed_tokens == len(self.record.token_ids)
+
+    def _splits(self) -> tuple[list[int], list[tuple[dict, int]]]:
+        """The changed layers and, per layer, (its cache's state, the first token of its codes the store lacks)."""
+        layers = sorted(self.dirty)
+        splits = []
+        for layer in layers:
             cache, starts = self.caches[layer], self.block_starts[layer]
             n = cache.n_encoded
             ends = starts[1:] + [self.encoded_until[layer]]
             keep_until = max((end for end in ends if end <= n), default=0)
             if getattr(cache, "n_dropped", 0) != self.dropped_until[layer]:
                 keep_until = 0
-            tail, block = split_state(cache.state, keep_until)
-            deltas.append(LayerDelta(layer=layer, keep_until=keep_until, block=block, tail=tail))
+            splits.append((cache.state, keep_until))
+        return layers, splits
+
+    def _snapshot_of(self, layers, splits, parts) -> tuple[SessionRecord, list[LayerDelta]]:
+        deltas = [LayerDelta(layer=layer, keep_until=keep_until, block=block, tail=tail)
+                  for layer, (_, keep_until), (tail, block) in zip(layers, splits, parts, strict=True)]
         record = dataclasses.replace(
             self.record,
             token_ids=list(self.record.token_ids),
@@ -422,6 +441,7 @@ class SessionManager:
         self.store = store
         self.mlx = mlx
         self.io = io
+        self.commits = CommitGroup(store, io)  # commits arriving together share one write (service/commits.py)
         self.model = model
         self.limits = limits
         self.lease_ttl_s = lease_ttl_s
@@ -658,12 +678,14 @@ class SessionManager:
     async def commit(self, session: Session, only_if_changed: bool = False) -> None:
         """Make the session's state durable. If the store fails, the hot copy (now ahead of the store) is
         dropped, so the next call sees exactly what the store holds."""
-        snapshot = await self.mlx.run(session.snapshot, only_if_changed)
+        if only_if_changed and session.unchanged_since_commit():  # (no job of the session runs: we hold it)
+            return
+        snapshot = await self.mlx.run(session.snapshot, only_if_changed, job="snapshot")
         if snapshot is None:
             return
         record, deltas = snapshot
         try:
-            await self.io.run(self.store.commit, record, deltas, session.lease, self.limits.max_tenant_bytes)
+            await self.commits.commit(record, deltas, session.lease, self.limits.max_tenant_bytes)
         except BaseException:
             self.hot.pop(session.session_id, None)
             raise

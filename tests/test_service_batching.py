@@ -3,6 +3,7 @@ caches of different lengths and budgets), and the shard's scheduler over real so
 mid-stream, a long prompt fed in chunks among decoding streams, cancelling one of several, seeded sampling per
 stream, the batch-size limit and the scheduler's metrics."""
 
+import statistics
 import threading
 import urllib.request
 
@@ -206,11 +207,17 @@ def test_a_fresh_prompt_fed_in_pieces_takes_its_key_mean_from_a_whole_first_chun
     assert isinstance(pieces.step(64), int)
     first_piece = _fresh_decoder(served, prompt[:64])
     first_piece.step()
+    gaps = []  # per layer: (pieces' key mean, the first piece's) off the whole chunk's, relative to its largest entry
     for a, b, c in zip(whole.session.caches, pieces.session.caches, first_piece.session.caches, strict=True):
         mean = a.key_mean.astype(mx.float32)
         gap = lambda other: (mx.abs(mean - other.key_mean).max() / mx.abs(mean).max()).item()  # noqa: E731
-        assert gap(b) < 0.05 and gap(c) > 3 * gap(b)
+        gaps.append((gap(b), gap(c)))
         assert a.n_encoded == b.n_encoded == len(prompt) and b.window_keys is None
+    # The first piece alone is 15-37% off in every layer. The pieces' gap is the coding error's echo through the
+    # layers: 0 in layer 0, then growing with depth (up to 3.8% on one CPU, 5.1% on another: which BLAS kernels
+    # round differently), so its bound is on the median, with every layer still far closer than the first piece.
+    assert gaps[0][0] == 0 and statistics.median(b for b, _ in gaps) < 0.02, gaps
+    assert all(c > 3 * b and b < 0.1 for b, c in gaps), gaps
 
 
 @pytest.mark.skipif(worker._openblas() is None, reason="no OpenBLAS in this process (it is LD_PRELOADed on Linux)")

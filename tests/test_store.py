@@ -2,6 +2,7 @@
 
 import asyncio
 import sqlite3
+import threading
 import time
 
 import mlx.core as mx
@@ -170,6 +171,40 @@ def test_a_failed_commit_leaves_the_store_and_drops_the_hot_copy(sqlite_url):
         assert session.session_id not in h.manager.hot
         restored = await h.cold(session.session_id)
         assert restored.record.layer_offsets == [10]
+        h.close()
+
+    asyncio.run(scenario())
+
+
+def test_commits_that_arrive_together_share_one_transaction_and_keep_their_own_outcomes(sqlite_url):
+    """Group commit (service/commits.py): commits queued while the store thread is busy are written in one SQLite
+    transaction; one of them refused (a stale version) leaves its stored session as it was, and the others land."""
+    async def scenario():
+        h = Harness(open_store(sqlite_url))
+        rng = np.random.default_rng(4)
+        sessions = await h.filled(rng, 6, 6, 6, 6)
+        groups, commit_many = [], h.store.commit_many
+        h.store.commit_many = lambda commits: groups.append(len(commits)) or commit_many(commits)
+        stale = sessions[2].session_id
+        db = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        stale_blocks = db.execute("SELECT layer, start, data FROM blocks WHERE session_id = ?", (stale,)).fetchall()
+        db.execute("UPDATE sessions SET version = version + 1 WHERE session_id = ?", (stale,))  # another writer's
+        stale_record = db.execute("SELECT record FROM sessions WHERE session_id = ?", (stale,)).fetchone()
+        busy = threading.Event()
+        blocker = asyncio.ensure_future(h.io.run(busy.wait))  # the store thread busy: the commits queue
+        appends = [asyncio.ensure_future(h.append(s.session_id, 0, *kv(rng, 3))) for s in sessions]
+        while len(h.manager.commits._group._queued) < len(sessions):
+            await asyncio.sleep(0.01)
+        busy.set()
+        await blocker
+        outcomes = await asyncio.gather(*appends, return_exceptions=True)
+        assert groups == [len(sessions)]
+        assert [type(o) for o in outcomes] == [type(None), type(None), SessionConflict, type(None)]
+        assert db.execute("SELECT layer, start, data FROM blocks WHERE session_id = ?", (stale,)).fetchall() == stale_blocks
+        assert db.execute("SELECT record FROM sessions WHERE session_id = ?", (stale,)).fetchone() == stale_record
+        assert stale not in h.manager.hot
+        for session in sessions[:2] + sessions[3:]:
+            assert (await h.cold(session.session_id)).record.layer_offsets == [9]
         h.close()
 
     asyncio.run(scenario())
@@ -522,6 +557,18 @@ def test_mx_bfloat16_survives_the_codec():
     back = unpack_arrays(pack_arrays(arrays))
     assert back["a"].dtype == mx.bfloat16 and mx.array_equal(back["a"], arrays["a"]).item()
     assert back["b"].dtype == mx.uint32 and mx.array_equal(back["b"], arrays["b"]).item()
+
+
+def test_arrays_reach_the_host_byte_for_byte_whether_joined_on_the_device_or_not():
+    """host_bytes: strided slices and mixed dtypes (as a commit's code slices and norms are) give the same bytes as
+    numpy's C-order copy, through one joined transfer (the GPU path) or one copy per array."""
+    from kvshard.service.store.codec import host_bytes
+
+    codes = mx.arange(2 * 3 * 10, dtype=mx.uint32).reshape(2, 3, 10)[:, :, 4:]
+    norms = (mx.arange(3 * 7, dtype=mx.float16).reshape(1, 3, 7) / 3)[:, :, 2:]
+    arrays = [codes, norms, mx.array([[1.5, -2.25]], dtype=mx.bfloat16), mx.zeros((1, 3, 0), dtype=mx.uint8)]
+    expected = [np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).tobytes() for a in arrays]
+    assert host_bytes(arrays, join=True) == host_bytes(arrays, join=False) == expected
 
 
 def test_a_server_on_redis_survives_a_restart(tmp_path, redis_url):

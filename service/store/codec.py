@@ -16,19 +16,39 @@ import numpy as np
 CODE_GROUPS = ("key_codes", "value_codes")
 _TOKEN_AXIS = 2
 _HEADER_LEN = struct.Struct("<I")
-# mx dtypes that numpy cannot hold are stored through an unsigned view of the same width.
+# mx dtypes that numpy cannot hold are read back through an unsigned view of the same width (written as bytes).
 _VIEWS = {mx.bfloat16: mx.uint16}
 
 
 def pack_arrays(arrays: dict[str, mx.array]) -> bytes:
+    return _pack(arrays, iter(host_bytes(list(arrays.values()))))
+
+
+def _pack(arrays: dict[str, mx.array], data) -> bytes:
+    """A JSON header, then each array's bytes (taken in order from the iterator `data`)."""
     header, chunks = [], []
     for name, array in arrays.items():
-        view = array.view(_VIEWS[array.dtype]) if array.dtype in _VIEWS else array
-        data = np.array(view).tobytes()
-        header.append({"name": name, "dtype": str(array.dtype).removeprefix("mlx.core."), "shape": list(array.shape), "nbytes": len(data)})
-        chunks.append(data)
+        chunk = next(data)
+        header.append({"name": name, "dtype": str(array.dtype).removeprefix("mlx.core."), "shape": list(array.shape), "nbytes": len(chunk)})
+        chunks.append(chunk)
     head = json.dumps(header, separators=(",", ":")).encode()
     return _HEADER_LEN.pack(len(head)) + head + b"".join(chunks)
+
+
+def host_bytes(arrays: list[mx.array], join: bool | None = None) -> list[bytes]:
+    """Each array's bytes in C order. On a GPU (join=None) they come to the host in one copy, viewed as bytes and
+    joined on the device first (each np.array is its own transfer and wait there: 80 for a 16-layer commit)."""
+    flat = [array.reshape(-1).view(mx.uint8) for array in arrays]
+    if join is None:
+        join = mx.default_device() != mx.cpu  # on the CPU they are in host memory already: a join is one copy more
+    if not flat or not join:
+        return [np.array(array).tobytes() for array in flat]
+    joined = memoryview(np.array(mx.concatenate(flat)))
+    out, position = [], 0
+    for array in flat:
+        out.append(bytes(joined[position : position + array.size]))
+        position += array.size
+    return out
 
 
 def unpack_arrays(blob: bytes) -> dict[str, mx.array]:
@@ -45,17 +65,21 @@ def unpack_arrays(blob: bytes) -> dict[str, mx.array]:
     return arrays
 
 
-def split_state(state: dict, start: int) -> tuple[bytes, bytes | None]:
-    """(tail, block of the codes for tokens [start, n_encoded)) of one cache's state."""
-    tail = {name: value for name, value in state.items() if name not in CODE_GROUPS and name != "meta"}
-    meta = state["meta"]
-    codes = {}
-    for group in CODE_GROUPS:
-        for name, array in state.get(group, {}).items():
-            if array.shape[_TOKEN_AXIS] > start:
-                codes[f"{group}/{name}"] = array[:, :, start:]
-    tail_blob = json.dumps({"meta": meta}).encode() + b"\n" + pack_arrays(tail)
-    return tail_blob, (pack_arrays(codes) if codes else None)
+def split_states(states: list[tuple[dict, int]]) -> list[tuple[bytes, bytes | None]]:
+    """Per cache's (state, start): (tail, block of its codes for tokens [start, n_encoded)). Every array of them
+    comes to the host in one copy (host_bytes): a commit's snapshot runs on the MLX thread between decode steps."""
+    parts = []
+    for state, start in states:
+        tail = {name: value for name, value in state.items() if name not in CODE_GROUPS and name != "meta"}
+        codes = {f"{group}/{name}": array[:, :, start:] for group in CODE_GROUPS
+                 for name, array in state.get(group, {}).items() if array.shape[_TOKEN_AXIS] > start}
+        parts.append((state["meta"], tail, codes))
+    data = iter(host_bytes([a for _, tail, codes in parts for a in (*tail.values(), *codes.values())]))
+    out = []
+    for meta, tail, codes in parts:  # (in host_bytes' order: each cache's tail arrays, then its codes)
+        tail_blob = json.dumps({"meta": meta}).encode() + b"\n" + _pack(tail, data)
+        out.append((tail_blob, _pack(codes, data) if codes else None))
+    return out
 
 
 def join_state(tail_blob: bytes, blocks: list[bytes]) -> dict:
