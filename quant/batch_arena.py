@@ -404,7 +404,10 @@ class BatchArena:
             return
         if self.layers[0].on_gpu:  # every layer's last in-place launch run before its buffers are read
             mx.eval([layer._flushed() for layer in self.layers])
-        moving = range(slots[-1], len(self.members))  # the leaving slots and every member that may move into one
+        # The leaving slots, and the members that move into them: removed highest first, each takes the last
+        # member, so the ones that move are among the last len(slots) (for one session: its slot and the last).
+        n = len(self.members)
+        moving = sorted(set(slots) | set(range(max(n - len(slots), 0), n)))
         changed = [layer.sync(slot, settle=False) for layer in self.layers for slot in moving]
         mx.eval(changed)  # copies of their own before the slots are written
         for slot in slots:  # highest first: the last member is then never one that leaves after it
