@@ -51,6 +51,11 @@ struct __half2 {
   _Float16 x, y;
 };
 inline __half2 __floats2half2_rn(float lo, float hi) { return {static_cast<_Float16>(lo), static_cast<_Float16>(hi)}; }
+struct float2 {
+  float x, y;
+};
+inline float2 __half22float2(__half2 h) { return {static_cast<float>(h.x), static_cast<float>(h.y)}; }
+inline __half __float2half(float v) { return static_cast<_Float16>(v); }
 
 namespace emu {
 inline dim3 gridDim_, blockIdx_, blockDim_;

@@ -1071,3 +1071,53 @@ def test_gpu_gemma_shape_round_trip_and_attention(key_bits, value_bits):
         assert relative < bound[bits], (bits, relative)
     assert _max_err(fast, pure) < 2e-3
 
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+@pytest.mark.parametrize("rows, bucket, n, k", [(2, 4, 37, 264), (8, 8, 64, 512), (11, 16, 10, 24), (16, 16, 9, 256)])
+def test_skinny_matmul_on_cpu_emulator(rows, bucket, n, k, tmp_path):
+    """skinny_matmul's CUDA source under g++ against x·wᵀ in float64: fewer rows than the compiled bucket, output
+    columns that do not fill the last warp, K not a multiple of a warp's 256-element step."""
+    import numpy as np
+
+    from kvshard.quant.kernels.linear import COLS, WARPS
+
+    rng = np.random.default_rng(rows)
+    x = rng.normal(size=(rows, k)).astype(np.float16)
+    w = rng.normal(size=(n, k)).astype(np.float16)
+    launch, names, _ = _emulated("skinny_matmul", {"x": "__half", "w": "__half", "y": "__half"},
+                                 dict(M=bucket, COLS=COLS), tmp_path)
+    shapes, strides = np.zeros((2, 8), np.int32), np.zeros((2, 8), np.int64)
+    for i, a in enumerate((x, w)):
+        shapes[i, :2], strides[i, :2] = a.shape, [s // a.itemsize for s in a.strides]
+    y = np.full((rows, n), np.nan, np.float16)
+    pointers = (ctypes.c_void_p * 3)(*[a.ctypes.data for a in (x, w, y)])
+    warps = -(-n // COLS)
+    launch(pointers, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p),
+           -(-warps // WARPS), 1, 1, WARPS * 32)
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    assert not np.isnan(y).any()
+    # fp32 sums of k products, rounded once to fp16 (relative 2^-11 of the result, plus the sum's own rounding).
+    assert np.abs(y - want).max() <= 2e-3 * np.abs(want).max() + 1e-3
+
+
+@pytest.mark.skipif(kernels.gpu_backend() != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 16, 17])
+def test_gpu_skinny_linear_equals_mlx_matmul(rows):
+    """A model's Linear layers after linear.install: the same outputs as MLX's matmul, at row counts the kernel
+    takes (2..16) and ones it leaves to MLX (1, 17), with and without bias."""
+    import mlx.nn as nn
+
+    from kvshard.quant.kernels import linear
+
+    plain, biased = nn.Linear(2048, 520, bias=False), nn.Linear(256, 72)
+    for module in (plain, biased):
+        module.set_dtype(mx.float16)
+    x, small = (mx.random.normal((rows, 1, d)).astype(mx.float16) for d in (2048, 256))
+    want = [plain(x), biased(small)]
+    for module in (plain, biased):
+        assert linear.install(module) == 1
+    got = [plain(x), biased(small)]
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item() <= 2e-3 * mx.abs(b).max().item() + 1e-3

@@ -9,8 +9,9 @@ writes the output; "mma_split" / "mma_attend", the tensor-core kernel (4- or 2-b
 into the cache's code buffers in place and attends it from those codes; "append_ring" / "mma_append_ring",
 the same with an fp16 window held as a ring (the oldest token is coded, the new one takes its slot, the ring
 is attended exactly); "mma_coded", tensor-core split kernel for codes of any coded layout (klt's plans: mixed
-bits, log-scale bytes, keys before RoPE), merged by "combine"; "encode" / "encode_pair", the appends' encode. Codes are read through their strides and each row's token count
-from `lengths`: the cache hands over its preallocated buffers, longer than what they hold.
+bits, log-scale bytes, keys before RoPE), merged by "combine"; "encode" / "encode_pair", the appends' encode;
+"skinny_matmul", a few rows times a weight matrix (linear.py). Codes are read through their strides and each row's
+token count from `lengths`: the cache hands over its preallocated buffers, longer than what they hold.
 """
 
 import re
@@ -71,6 +72,7 @@ def parts(kind: str) -> tuple:
                                                             "attend_out.cu")),
         "mma_coded": (CODED_INPUTS, SPLIT_OUTPUTS, mma, ("mma_coded.cu",)),
         "coded_merge": (CODED_MERGE_INPUTS, ["out"], common, ("coded_merge.cu",)),
+        "skinny_matmul": (["x", "w"], ["y"], (), ("skinny_matmul.cu",)),
         "append_ring": (RING_INPUTS, ATTEND_OUTPUTS, common, ("split.cu", "attend_merge.cu", "append_ring.cu",
                                                               "attend_out.cu")),
         "mma_append_ring": (RING_INPUTS, ATTEND_OUTPUTS, mma, ("mma_split.cu", "attend_merge.cu", "append_ring.cu",
