@@ -379,14 +379,13 @@ def bench_inprocess(args) -> dict:
     from types import SimpleNamespace
 
     import mlx.core as mx
-    from decode_speed import LLAMA_1B, fill
+    from decode_speed import LLAMA_1B
     from mlx_lm.models import llama
 
-    from kvshard.quant import KVCacheConfig, install_attention_hook
+    from kvshard.quant import install_attention_hook
     from kvshard.service import metrics
     from kvshard.service.generation import Decoder, Sampling
     from kvshard.service.scheduler import Scheduler
-    from kvshard.service.sessions import Limits, Session, resolve_spec
     from kvshard.service.worker import SerialExecutor
 
     config = dict(LLAMA_1B, num_hidden_layers=args.layers or LLAMA_1B["num_hidden_layers"])
@@ -404,21 +403,13 @@ def bench_inprocess(args) -> dict:
     H, D, layers = config["num_key_value_heads"], config["head_dim"], config["num_hidden_layers"]
     shape = dict(layers=layers, n_kv_heads=H, head_dim=D)
 
-    def make_session(tokens: int) -> Session:
-        spec = resolve_spec("model", shape, KVCacheConfig(method="turboquant_mse", key_bits=4, value_bits=4, seed=42), Limits())
-        session = Session.new(spec, "default", served)
-        for cache in session.caches:
-            fill(cache, H, D, tokens)
-        session.record.token_ids = [1] * (tokens + 1)  # the last one is pending: the next step feeds it
-        return session
-
     result = {"device": device_info(), "mode": "in process: service/scheduler.py with real Sessions and Decoders, "
               "no gRPC (the service cannot load a random-weight model)", "model": config,
               "cache": "turboquant_mse, 4-bit keys and values", "contexts": "100 to 4000 tokens, spread evenly",
               "tokens_per_stream": args.tokens, "series": {}}
     for n_streams in args.streams:
         contexts = [100 + (4000 - 100) * i // max(n_streams - 1, 1) for i in range(n_streams)]
-        sessions = asyncio.run(_on(mlx_thread, lambda c=contexts: [make_session(t) for t in c]))
+        sessions = asyncio.run(_on(mlx_thread, lambda c=contexts: [filled_session(served, shape, t) for t in c]))
         if n_streams > 1:
             result.setdefault("arena_check", {})[str(n_streams)] = asyncio.run(
                 _on(mlx_thread, lambda s=sessions: _arena_vs_rows(model, s)))
@@ -438,6 +429,22 @@ def bench_inprocess(args) -> dict:
             row["speedup"] = row["aggregate_tok_s"] / single
     mlx_thread.shutdown()
     return result
+
+
+def filled_session(served, shape: dict, tokens: int):
+    """(MLX thread) A service Session (turboquant_mse 4/4 bits) whose caches hold `tokens` random K/V tokens and
+    whose conversation has one more, pending: its next step feeds it."""
+    from decode_speed import fill
+
+    from kvshard.quant import KVCacheConfig
+    from kvshard.service.sessions import Limits, Session, resolve_spec
+
+    spec = resolve_spec("model", shape, KVCacheConfig(method="turboquant_mse", key_bits=4, value_bits=4, seed=42), Limits())
+    session = Session.new(spec, "default", served)
+    for cache in session.caches:
+        fill(cache, shape["n_kv_heads"], shape["head_dim"], tokens)
+    session.record.token_ids = [1] * (tokens + 1)
+    return session
 
 
 async def _on(executor, fn):

@@ -31,15 +31,16 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bench import device_info  # noqa: E402 (benchmarks/bench.py, beside this script)
+from batching import filled_session  # noqa: E402 (benchmarks/batching.py, beside this script)
+from bench import device_info  # noqa: E402
 from decode_speed import fill  # noqa: E402
 
-from kvshard.quant import KVCacheConfig  # noqa: E402
 from kvshard.quant.batch_arena import BatchArena  # noqa: E402
 from kvshard.service import metrics  # noqa: E402
 from kvshard.service.generation import Decoder, Sampling, decode_batch  # noqa: E402
 from kvshard.service.random_model import load_random  # noqa: E402
-from kvshard.service.sessions import Limits, Session, resolve_spec  # noqa: E402
+
+PARTS = ("build_ms", "eval_ms", "step_ms")
 
 
 def contexts(rows: int) -> list[int]:
@@ -57,19 +58,26 @@ def timed(step, steps: int) -> dict:
         out.tolist()
         if i >= 3:
             runs.append((built - started, time.perf_counter() - built, time.perf_counter() - started))
-    return {name: 1e3 * statistics.median(r[k] for r in runs) for k, name in enumerate(("build_ms", "eval_ms", "step_ms"))}
+    return medians(runs)
+
+
+def medians(runs: list[tuple]) -> dict:
+    """PARTS -> median ms, of (build, evaluation, whole) seconds per step."""
+    return {name: 1e3 * statistics.median(r[k] for r in runs) for k, name in enumerate(PARTS)}
+
+
+def with_ratio_bound(rows: dict) -> dict:
+    """Each row count's step with rows x the one-row step / its step, where one row was timed."""
+    one = rows.get("1", {}).get("step_ms")
+    for n, row in rows.items():
+        if one:
+            row["ratio_bound"] = int(n) * one / row["step_ms"]
+    return rows
 
 
 def kvshard_arena(served, shape: dict, lengths: list[int], steps: int) -> dict:
-    H, D = shape["n_kv_heads"], shape["head_dim"]
-    decoders = []
-    for n in lengths:
-        spec = resolve_spec("model", shape, KVCacheConfig(method="turboquant_mse", key_bits=4, value_bits=4, seed=42), Limits())
-        session = Session.new(spec, "default", served)
-        for cache in session.caches:
-            fill(cache, H, D, n)
-        session.record.token_ids = [1] * (n + 1)  # the last one is pending: the next step feeds it
-        decoders.append(Decoder(served, session, [], Sampling(), {"generated_tokens": 0}))
+    decoders = [Decoder(served, filled_session(served, shape, n), [], Sampling(), {"generated_tokens": 0})
+                for n in lengths]
     arena = BatchArena()
     parts = ("decode_build", "decode_eval")
 
@@ -86,7 +94,7 @@ def kvshard_arena(served, shape: dict, lengths: list[int], steps: int) -> dict:
         build, evaluation = (a - b for a, b in zip(sums(), before, strict=True))
         runs.append((build, evaluation, whole))
     arena.release_many([d.session.caches for d in decoders])
-    return {name: 1e3 * statistics.median(r[k] for r in runs) for k, name in enumerate(("build_ms", "eval_ms", "step_ms"))}
+    return medians(runs)
 
 
 def fp16_caches(model, shape: dict, lengths: list[int]) -> list:
@@ -195,29 +203,25 @@ def main() -> None:
               "mlx_lm fp16": lambda n: mlx_lm_fp16(model, shape, contexts(n), args.steps),
               "no history": lambda n: no_history(model, shape, n, args.steps),
               "mlx_lm fp16 pipelined": lambda n: mlx_lm_fp16_pipelined(model, shape, contexts(n), args.steps)}
-    for name, run in series.items():
+
+    def measure(name, run):
         rows = {}
         for n in args.rows:
             rows[str(n)] = run(n)
             mx.clear_cache()
             print(name, n, {k: round(v, 3) for k, v in rows[str(n)].items()}, flush=True)
-        one = rows.get("1", {}).get("step_ms")
-        if one:
-            for n, row in rows.items():
-                row["ratio_bound"] = int(n) * one / row["step_ms"]
-        result["series"][name] = rows
+        result["series"][name] = with_ratio_bound(rows)
+
+    for name, run in series.items():
+        measure(name, run)
     if mx.default_device() == mx.gpu:
         from kvshard.quant.kernels import linear
 
         result["projections"] = projections(model, args.rows)
         linear.install(model)
         linear.warm_up()
-        for name, run in (("kvshard arena, skinny", series["kvshard arena"]), ("no history, skinny", series["no history"])):
-            rows = {str(n): run(n) for n in args.rows}
-            for n, row in rows.items():
-                row["ratio_bound"] = int(n) * rows[str(args.rows[0])]["step_ms"] / row["step_ms"]
-                print(name, n, {k: round(v, 3) for k, v in row.items()}, flush=True)
-            result["series"][name] = rows
+        measure("kvshard arena, skinny", series["kvshard arena"])
+        measure("no history, skinny", series["no history"])
     out = Path(args.out) / f"step_rows_{'gpu' if mx.default_device() == mx.gpu else 'cpu'}.json"
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["series"], indent=1))
