@@ -1101,6 +1101,14 @@ def test_skinny_matmul_on_cpu_emulator(rows, bucket, n, k, tmp_path):
     assert np.abs(y - want).max() <= 2e-3 * np.abs(want).max() + 1e-3
 
 
+def test_skinny_matmul_refuses_more_rows_than_its_buckets():
+    from kvshard.quant.kernels import linear
+
+    assert [linear.bucket(n) for n in (1, 4, 5, 16)] == [4, 4, 8, 16]
+    with pytest.raises(ValueError, match="x: skinny_matmul takes 1 to 16 rows, got 17"):
+        linear.bucket(17)
+
+
 @pytest.mark.skipif(kernels.gpu_backend() != "cuda", reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 16, 17])
 def test_gpu_skinny_linear_equals_mlx_matmul(rows):

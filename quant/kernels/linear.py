@@ -42,6 +42,9 @@ def _kernel():
 
 
 def bucket(rows: int) -> int:
+    """The compiled row count that takes `rows` rows."""
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"x: skinny_matmul takes 1 to {MAX_ROWS} rows, got {rows}")
     return next(b for b in BUCKETS if rows <= b)
 
 
