@@ -13,8 +13,8 @@ float32 on any device, as on the CPU.
 writes long_range_<cpu|gpu>.json (after every configuration, so a long run keeps what it measured): per
 configuration, ΔPPL % per window and overall, and the effective bits held. --variants re-plans the profile
 (profile_recipes.py's specs); --planned-tokens plans each budget for a cache of that many tokens (Profile.config's
-tokens: the fixed overheads of sinks and key mean spread over them) and --recent keeps that many recent tokens in
-fp16 (its window), both counted in the budget.
+tokens: the fixed overheads of sinks and key mean spread over them, keys weighed context_key_scale(tokens) times
+more) and --recent keeps that many recent tokens in fp16 (its window), both counted in the budget.
 """
 
 import argparse

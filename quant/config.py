@@ -29,7 +29,7 @@ WIRE_FIELDS = ("method", "key_bits", "value_bits", "sink_tokens", "window", "see
 IN_PROCESS_FIELDS = ("key_scales", "key_plans", "value_plans", "observers")
 SEED_ALIASES = {"bit_width_inlier": "key_bits", "bit_width_value": "value_bits"}
 _PROFILE_DECIDES = ("method", "key_bits", "value_bits", "sink_tokens", "key_plans", "value_plans", "budget_bits",
-                    "profile_fingerprint")
+                    "profile_fingerprint", "planned_tokens")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class KVCacheConfig:
     profile: str = ""
     budget_bits: float = 0.0  # effective bits per K/V element asked of the profile; 0 = its recommended budget
     profile_fingerprint: str = ""
+    planned_tokens: int = 0  # the cache length the profile planned for (Profile.config's tokens); 0 = its default
 
     def __post_init__(self):
         for name in ("method", "value_method"):
@@ -67,7 +68,7 @@ class KVCacheConfig:
         self.key_bits = _check_bits("key_bits", self.key_bits)
         if self.value_bits is not None:
             self.value_bits = _check_bits("value_bits", self.value_bits)
-        for name in ("sink_tokens", "window", "seed", "outlier_channels"):
+        for name in ("sink_tokens", "window", "seed", "outlier_channels", "planned_tokens"):
             _check_count(name, getattr(self, name))
         if self.head_dim is not None:
             _check_count("head_dim", self.head_dim)
@@ -165,7 +166,8 @@ class KVCacheConfig:
         # everything else (window, seed, sliding, observers...) stays this config's. The plans cover the layers
         # that this config's sliding choice codes (a hybrid model's all-layer profile plans them all, or with
         # sliding="fp16" its full-attention layers).
-        planned = found.config(self.budget_bits or None, window=self.window, sliding=self.sliding)
+        tokens = {"tokens": self.planned_tokens} if self.planned_tokens else {}
+        planned = found.config(self.budget_bits or None, window=self.window, sliding=self.sliding, **tokens)
         return replace(planned, **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in _PROFILE_DECIDES})
 
     # ---- the one serialisation -------------------------------------------------------------------------------

@@ -15,11 +15,12 @@ import pytest
 
 from conftest import ShardProcess
 from kvshard.client import NO_RETRY, Client
-from kvshard.quant import KVCacheBuilder, Profile, load_profile, save_profile
+from kvshard.quant import KVCacheBuilder, KVCacheConfig, Profile, load_profile, save_profile
 from kvshard.quant.calibrate.klt import calibration_texts
 from kvshard.quant.codebooks import CODEBOOK_VERSION
-from kvshard.quant.calibrate.profile import (BUDGETS, KEY_COST_SCALE, PATH_VARIABLE, PLANNED_TOKENS, RECOMMENDED_BITS,
-                                             WINDOW_TOKENS, merge_measured, replanned)
+from kvshard.quant.calibrate.profile import (BUDGETS, KEY_COST_SCALE, LONG_CONTEXT_KEY_SCALE, LONG_CONTEXT_TOKENS,
+                                             PATH_VARIABLE, PLANNED_TOKENS, RECOMMENDED_BITS, WINDOW_TOKENS,
+                                             context_key_scale, merge_measured, replanned)
 from kvshard.quant.calibrate.profile import main as calibrate_main
 from kvshard.quant.eval import TEXTS, Float16KVCache, effective_bits, load_text
 from kvshard.quant.models import model_fingerprint
@@ -124,6 +125,28 @@ def test_key_cost_scale_moves_bits_to_keys_under_a_new_fingerprint(profile, tmp_
     again = load_profile(save_profile(scaled, str(tmp_path / "scaled")))
     assert again.key_cost_scale == scaled.key_cost_scale and again.fingerprint == scaled.fingerprint
     assert replanned(scaled, profile.key_cost_scale, "test").fingerprint == profile.fingerprint
+
+
+def test_plans_for_longer_caches_weigh_keys_more_and_read_back_alike(profile):
+    """A plan for a cache of more tokens gives keys more of the codes (context_key_scale: 1.5 times their cost at
+    8K, held beyond), within the same budget; the default length plans as before; the length travels with the
+    config, so a config read back re-plans the same codes."""
+    coded = lambda plans: sum(sum(p.coordinate_bits) for p in plans)  # noqa: E731
+    assert context_key_scale(PLANNED_TOKENS) == context_key_scale(1) == 1.0
+    assert context_key_scale(LONG_CONTEXT_TOKENS) == pytest.approx(LONG_CONTEXT_KEY_SCALE)
+    assert context_key_scale(4 * LONG_CONTEXT_TOKENS) == context_key_scale(LONG_CONTEXT_TOKENS)
+    assert 1.0 < context_key_scale(2048) < context_key_scale(4096) < LONG_CONTEXT_KEY_SCALE
+    short, long = profile.config(3.5), profile.config(3.5, tokens=8192)
+    assert short.planned_tokens == 0 and long.planned_tokens == 8192
+    assert coded(long.key_plans) > coded(short.key_plans) and coded(long.value_plans) < coded(short.value_plans)
+    back = KVCacheConfig.from_dict(long.to_dict()).resolve_profile({profile.name: profile})
+    assert back.planned_tokens == 8192
+    assert [p.coordinate_bits for p in back.key_plans + back.value_plans] == \
+        [p.coordinate_bits for p in long.key_plans + long.value_plans]
+    default = KVCacheConfig.from_dict(short.to_dict()).resolve_profile({profile.name: profile})
+    assert [p.coordinate_bits for p in default.key_plans] == [p.coordinate_bits for p in short.key_plans]
+    with pytest.raises(ValueError, match="planned_tokens"):
+        KVCacheConfig(planned_tokens=-1)
 
 
 def test_codebook_choice_and_sinks_are_re_plans_under_new_fingerprints(profile, tmp_path):

@@ -43,10 +43,25 @@ BUDGETS = (2.0, 2.5, 3.5, RECOMMENDED_BITS, 4.5)
 # say, values' as probed. Measured against 1 on the same code, texts and machine (README, "Quality"), it lowered the
 # worst text at every budget.
 KEY_COST_SCALE = 1.4
+# Keys cost more the more of them a query attends over: a score error lifts every wrong key, and the more keys, the
+# more mass they take from the right ones. Re-plans of the shipped SmolLM2 profile with keys at 1.5 times their cost
+# did better on the late tokens of 8K windows at 2.5 / 3.5 / 4.5 bits but worse on 1,024-token texts (H200,
+# benchmarks/results/long_range_gpu_variants). So a plan for a cache of `tokens` tokens weighs keys
+# context_key_scale(tokens) times more: 1 up to PLANNED_TOKENS, then growing as a power of the tokens to
+# LONG_CONTEXT_KEY_SCALE at LONG_CONTEXT_TOKENS, and held there (not measured beyond).
+LONG_CONTEXT_KEY_SCALE, LONG_CONTEXT_TOKENS = 1.5, 8192
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "profiles")
 # Folders searched for a profile by name, before the shipped ones: colon-separated, like PATH.
 PATH_VARIABLE = "KVSHARD_PROFILE_PATH"
 _ARRAYS = ("query", "keys", "values", "key_trace")
+
+
+def context_key_scale(tokens: int) -> float:
+    """What a plan for a cache of `tokens` tokens multiplies the profile's key cost scale by (LONG_CONTEXT_KEY_SCALE)."""
+    if tokens <= PLANNED_TOKENS:
+        return 1.0
+    reach = math.log(min(tokens, LONG_CONTEXT_TOKENS) / PLANNED_TOKENS) / math.log(LONG_CONTEXT_TOKENS / PLANNED_TOKENS)
+    return LONG_CONTEXT_KEY_SCALE**reach
 
 
 @dataclass
@@ -196,7 +211,9 @@ class Profile:
                sliding: str | None = None):
         """The best `klt` configuration this profile knows within `budget_bits` effective bits per K/V element,
         all overheads counted (sinks, the fp16 window of `window` tokens, key mean and scales), for a cache holding
-        at least `tokens` tokens. None: the recommended budget; window None: default_window(budget_bits).
+        at least `tokens` tokens, its keys weighed context_key_scale(tokens) times more (the plans of the default
+        PLANNED_TOKENS are those of every earlier release). None: the recommended budget; window None:
+        default_window(budget_bits).
         sliding (KVCacheConfig.sliding; a profile with sliding layers only): "compressed" (its default) or "full"
         plan every layer; "fp16" plans the full-attention layers alone within the budget and leaves the sliding
         layers' fp16 windows outside it. With "compressed" and a known `sliding_window` shorter than `tokens`, the
@@ -224,10 +241,11 @@ class Profile:
             code_bits = max(math.floor(code_bits * slots) / slots, 8 / self.head_dim)
         else:
             code_bits = self._priced_code_bits(budget, tokens, window, layers, coded)
-        key = (code_bits, len(layers), None if coded is None else tuple(coded))
+        key_scale = self.key_cost_scale * context_key_scale(tokens)
+        key = (code_bits, len(layers), None if coded is None else tuple(coded), key_scale)
         if key not in self._configs:
             pick = lambda items: [items[i] for i in layers]  # noqa: E731
-            key_costs = [w * self.key_cost_scale for w in self.key_weights]
+            key_costs = [w * key_scale for w in self.key_weights]
             self._configs[key] = plan_klt(
                 pick(self.moments), pick(key_costs), pick(self.value_weights), code_bits,
                 decomposed=pick(self._decomposed), wide_bits=WIDE_BITS if self.wide_codebook else None,
@@ -235,7 +253,7 @@ class Profile:
         key_plans, value_plans = self._configs[key]
         return KVCacheConfig(method="klt", sink_tokens=self.sink_tokens, window=window, key_plans=key_plans,
                              value_plans=value_plans, sliding=sliding, profile=self.name, budget_bits=float(budget),
-                             profile_fingerprint=self.fingerprint)
+                             profile_fingerprint=self.fingerprint, planned_tokens=0 if tokens == PLANNED_TOKENS else tokens)
 
     @functools.cached_property
     def _decomposed(self) -> list:
