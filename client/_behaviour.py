@@ -197,7 +197,7 @@ class ClientBehaviour:
     @operation
     def create_session(self, session_id: str | None = None, **options):
         """A model session for generate(). options: method, key_bits, value_bits, sink_tokens, window, seed, profile,
-        budget_bits (CacheConfig's fields; none: the server's default profile), labels."""
+        budget_bits, planned_tokens (CacheConfig's fields; none: the server's default profile), labels."""
         return self.Session(self, (yield from self._create(pb.MODEL, None, session_id, SessionOptions(**options))))
 
     @operation

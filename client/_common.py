@@ -82,8 +82,8 @@ class SessionOptions:
     """CreateSession's cache settings, as keyword arguments. Their names are the wire's CacheConfig fields, which
     are kvshard.quant.KVCacheConfig's (the SDK does not import the library; a test keeps the three in step), less
     profile_fingerprint, which the server sets. None of them set: the server's default (for a model session, its
-    recommended calibration profile). profile / budget_bits pick a profile's configuration instead of method and
-    bits."""
+    recommended calibration profile). profile / budget_bits / planned_tokens pick a profile's configuration instead
+    of method and bits."""
 
     method: str | None = None
     key_bits: int | list[int] | None = None
@@ -93,6 +93,7 @@ class SessionOptions:
     seed: int | None = None
     profile: str = ""
     budget_bits: float = 0.0
+    planned_tokens: int = 0
     labels: dict = field(default_factory=dict)
 
     def cache_config(self) -> pb.CacheConfig | None:

@@ -24,7 +24,7 @@ SLIDING_CHOICES = ("fp16", "compressed", "full")
 MAX_BITS = 8  # packing.py's widest code; each method narrows its own range when its cache is built
 # The wire's CacheConfig fields, in its order: these travel, and the client's options carry the same names.
 WIRE_FIELDS = ("method", "key_bits", "value_bits", "sink_tokens", "window", "seed", "profile", "budget_bits",
-               "profile_fingerprint")
+               "profile_fingerprint", "planned_tokens")
 # Fields that hold arrays or objects: they never serialise (a profile's plans travel as its name and budget).
 IN_PROCESS_FIELDS = ("key_scales", "key_plans", "value_plans", "observers")
 SEED_ALIASES = {"bit_width_inlier": "key_bits", "bit_width_value": "value_bits"}

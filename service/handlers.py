@@ -85,7 +85,8 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         requested = cache_config_from_pb(cache)
         if key_bits is not None:
             requested = dataclasses.replace(requested, key_bits=list(key_bits))
-        if requested.profile or requested.budget_bits or (kind == "model" and not request.HasField("cache") and self.model.default_profile):
+        if requested.profile or requested.budget_bits or requested.planned_tokens or (
+                kind == "model" and not request.HasField("cache") and self.model.default_profile):
             if kind == "raw":
                 raise ValueError("cache.profile: profiles configure MODEL sessions; a RAW session takes method and bits")
             requested = profiles.profile_config(requested, self.model)
@@ -335,11 +336,12 @@ def cache_config_from_pb(cache: pb.CacheConfig) -> KVCacheConfig:
     profile_fingerprint is the server's to set. Errors name the field as `cache.<field>`."""
     if cache.profile_fingerprint:
         raise ValueError("cache.profile_fingerprint: set by the server, not by requests")
-    if cache.profile or cache.budget_bits:
+    if cache.profile or cache.budget_bits or cache.planned_tokens:
         for field in ("method", "key_bits", "value_bits", "sink_tokens"):
             if getattr(cache, field):
                 raise ValueError(f"cache.{field}: must be unset with cache.profile (the profile decides it)")
-    given = dict(sink_tokens=cache.sink_tokens, window=cache.window, profile=cache.profile, budget_bits=cache.budget_bits)
+    given = dict(sink_tokens=cache.sink_tokens, window=cache.window, profile=cache.profile, budget_bits=cache.budget_bits,
+                 planned_tokens=cache.planned_tokens)
     if cache.method:
         given["method"] = cache.method
     for field in ("key_bits", "value_bits"):
@@ -363,7 +365,7 @@ def cache_config_to_pb(config: KVCacheConfig) -> pb.CacheConfig:
     return pb.CacheConfig(
         method=config.method, key_bits=bits(config.key_bits), value_bits=bits(config.value_bits),
         sink_tokens=config.sink_tokens, window=config.window, seed=config.seed, profile=config.profile,
-        budget_bits=config.budget_bits, profile_fingerprint=config.profile_fingerprint,
+        budget_bits=config.budget_bits, profile_fingerprint=config.profile_fingerprint, planned_tokens=config.planned_tokens,
     )
 
 

@@ -7,7 +7,7 @@ import os
 import re
 
 from kvshard.quant import KVCacheConfig, list_profiles, load_profile
-from kvshard.quant.calibrate.profile import PATH_VARIABLE, RECOMMENDED_BITS, save_profile
+from kvshard.quant.calibrate.profile import PATH_VARIABLE, PLANNED_TOKENS, RECOMMENDED_BITS, save_profile
 from kvshard.wire import kvshard_pb2 as pb
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -40,15 +40,19 @@ def profile_config(requested: KVCacheConfig, model) -> KVCacheConfig:
     # 0: the profile's default window for the budget (its fp16 window with no budget_bits); any window is counted
     # in the budget, and the stored config names the window planned.
     window = requested.window or profile.default_window(requested.budget_bits or None)
+    tokens = requested.planned_tokens or PLANNED_TOKENS
+    if tokens <= profile.sink_tokens:
+        raise ValueError(f"cache.planned_tokens: must exceed the profile's {profile.sink_tokens} fp16 sinks, got {tokens}")
     try:
-        low, high = profile.bits_range(window=window)
+        low, high = profile.bits_range(tokens, window=window)
     except ValueError as err:
         raise ValueError(f"cache.window: {err}") from None
     if not (math.isfinite(budget) and low <= budget <= high):
         raise ValueError(f"cache.budget_bits: must be in [{low:.3f}, {high:.3f}] for profile {name!r}, got {budget}")
-    planned = profile.config(budget, window=window)
+    planned = profile.config(budget, tokens=tokens, window=window)
     return dataclasses.replace(requested, method=planned.method, sink_tokens=planned.sink_tokens, window=window,
-                               profile=name, budget_bits=budget, profile_fingerprint=profile.fingerprint)
+                               profile=name, budget_bits=budget, profile_fingerprint=profile.fingerprint,
+                               planned_tokens=planned.planned_tokens)
 
 
 def profile_info(profile) -> pb.ProfileInfo:

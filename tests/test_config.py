@@ -26,7 +26,8 @@ CONFIGS = [
     KVCacheConfig(method="turboquant_rvq", key_bits=2, value_bits=3, sink_tokens=4, window=16, seed=7),
     KVCacheConfig(method="qjl", key_bits=[3, 4, 5], value_bits=[2, 2, 8], value_method="turboquant_mse", seed=0),
     KVCacheConfig(head_dim=128, center_keys=False, sliding="full", outlier_channels=2, artifact_store="/tmp/artifacts"),
-    KVCacheConfig(method="klt", sink_tokens=4, window=8, profile=PROFILE, budget_bits=3.5, profile_fingerprint="ab" * 32),
+    KVCacheConfig(method="klt", sink_tokens=4, window=8, profile=PROFILE, budget_bits=3.5, profile_fingerprint="ab" * 32,
+                  planned_tokens=8192),
 ]
 
 
@@ -147,7 +148,7 @@ def test_the_wire_the_sdk_and_the_type_name_the_same_fields():
     options = {f.name for f in dataclasses.fields(SessionOptions)}
     assert options == set(WIRE_FIELDS) - {"profile_fingerprint"} | {"labels"}  # the server sets the fingerprint
     every = SessionOptions(method="qjl", key_bits=[3, 4], value_bits=2, sink_tokens=1, window=2, seed=0,
-                           profile="p", budget_bits=3.0).cache_config()
+                           profile="p", budget_bits=3.0, planned_tokens=2048).cache_config()
     assert {f.name for f, _ in every.ListFields()} == set(WIRE_FIELDS) - {"profile_fingerprint"}
 
 

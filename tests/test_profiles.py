@@ -24,6 +24,7 @@ from kvshard.quant.calibrate.profile import (BUDGETS, KEY_COST_SCALE, LONG_CONTE
 from kvshard.quant.calibrate.profile import main as calibrate_main
 from kvshard.quant.eval import TEXTS, Float16KVCache, effective_bits, load_text
 from kvshard.quant.models import model_fingerprint
+from kvshard.service import profiles as profiles_module
 from kvshard.wire import kvshard_pb2 as pb
 from test_service_raw import grpcurl
 
@@ -281,6 +282,24 @@ def test_a_session_with_no_cache_config_uses_the_recommended_profile(client, sha
     assert shown["default_profile"] == NAME and shown["profiles"][0]["measured"][0]["delta_ppl_pct"]
     created = json.loads(grpcurl("-plaintext", "-d", '{"cache": {"budget_bits": 2.5}}', shard.target, "kvshard.v1.KVShard/CreateSession"))
     assert created["cache"]["profile"] == NAME and created["cache"]["budget_bits"] == 2.5
+    # planned_tokens alone: the default profile, planned for that length.
+    long = client.create_session(planned_tokens=8192)
+    shown = long.refresh().cache
+    assert (shown.profile, shown.budget_bits, shown.planned_tokens) == (NAME, profile.recommended_bits, 8192)
+    assert len(list(long.generate("The capital of France is", max_tokens=2))) == 2
+
+
+def test_a_session_planned_for_more_tokens_gets_the_profile_plans_for_them(profile):
+    """The service's config for planned_tokens re-plans (as a resumed session does) to the profile's own plans for
+    that length, which differ from the default length's."""
+
+    class Served:
+        default_profile, profiles = NAME, {NAME: profile}
+
+    config = profiles_module.profile_config(KVCacheConfig(planned_tokens=8192), Served())
+    resolved = KVCacheConfig.from_dict(config.to_dict()).resolve_profile(Served.profiles)
+    bits = lambda c: [p.coordinate_bits for p in c.key_plans + c.value_plans]  # noqa: E731
+    assert bits(resolved) == bits(profile.config(profile.recommended_bits, tokens=8192)) != bits(profile.config())
 
 
 BAD = [
@@ -290,6 +309,8 @@ BAD = [
     ("profile with method", pb.CacheConfig(profile=NAME, method="qjl"), "cache.method: must be unset"),
     ("fingerprint from a client", pb.CacheConfig(profile=NAME, profile_fingerprint="ab"), "cache.profile_fingerprint"),
     ("window past the planned tokens", pb.CacheConfig(profile=NAME, window=PLANNED_TOKENS), "cache.window"),
+    ("planned tokens with bits", pb.CacheConfig(planned_tokens=8192, key_bits=[4]), "cache.key_bits: must be unset"),
+    ("planned tokens within the sinks", pb.CacheConfig(planned_tokens=3), "cache.planned_tokens"),
 ]
 
 

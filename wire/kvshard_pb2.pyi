@@ -47,7 +47,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class CacheConfig(_message.Message):
-    __slots__ = ("method", "key_bits", "value_bits", "sink_tokens", "window", "seed", "profile", "budget_bits", "profile_fingerprint")
+    __slots__ = ("method", "key_bits", "value_bits", "sink_tokens", "window", "seed", "profile", "budget_bits", "profile_fingerprint", "planned_tokens")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     KEY_BITS_FIELD_NUMBER: _ClassVar[int]
     VALUE_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class CacheConfig(_message.Message):
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BITS_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     method: str
     key_bits: _containers.RepeatedScalarFieldContainer[int]
     value_bits: _containers.RepeatedScalarFieldContainer[int]
@@ -66,7 +67,8 @@ class CacheConfig(_message.Message):
     profile: str
     budget_bits: float
     profile_fingerprint: str
-    def __init__(self, method: _Optional[str] = ..., key_bits: _Optional[_Iterable[int]] = ..., value_bits: _Optional[_Iterable[int]] = ..., sink_tokens: _Optional[int] = ..., window: _Optional[int] = ..., seed: _Optional[int] = ..., profile: _Optional[str] = ..., budget_bits: _Optional[float] = ..., profile_fingerprint: _Optional[str] = ...) -> None: ...
+    planned_tokens: int
+    def __init__(self, method: _Optional[str] = ..., key_bits: _Optional[_Iterable[int]] = ..., value_bits: _Optional[_Iterable[int]] = ..., sink_tokens: _Optional[int] = ..., window: _Optional[int] = ..., seed: _Optional[int] = ..., profile: _Optional[str] = ..., budget_bits: _Optional[float] = ..., profile_fingerprint: _Optional[str] = ..., planned_tokens: _Optional[int] = ...) -> None: ...
 
 class ProfileQuality(_message.Message):
     __slots__ = ("budget_bits", "effective_bits", "mean_delta_ppl_pct", "worst_delta_ppl_pct", "delta_ppl_pct", "tokens")
