@@ -10,6 +10,7 @@ dequantizes the blocks with `gguf` exactly as quant/gemma3.py does and checks th
     python3 benchmarks/gemma_quality.py run --packed DIR --out OUT [--deadline-s 150]
     python benchmarks/gemma_quality.py finish --results OUT --profile-out quant/data/profiles/gemma3-270m
     python benchmarks/gemma_quality.py calibrate --out DIR   # here, with the installed model (CPU)
+    python benchmarks/gemma_quality.py passkey --out DIR [--lengths 1024 2048]   # here too
 
 Sections run in order and each rewrites its JSON in OUT as it goes, so a run stopped by its deadline or its timeout
 still returns what it measured: profile/ (the calibration), eval.json, long_range.json, passkey.json.
@@ -155,6 +156,30 @@ def calibrate_here(out: str, count: int) -> None:
     profile.meta["sliding_layers"] = sliding_layers(model)
     print(f"calibrated in {profile.meta['calibration_seconds']:.1f} s", file=sys.stderr, flush=True)
     save_profile(profile, out)
+
+
+def klt_configs(model, profile: Profile, label: str, budgets, sliding: str) -> list:
+    """The profile's configuration at each budget, its sliding layers as `sliding` asks, as eval configs."""
+    return [quality.EvalConfig(f"{label} <= {b} bits", label, lambda b=b: KVCacheBuilder.for_model(
+        model, profile.config(b, sliding=sliding))) for b in budgets]
+
+
+def passkey_configs(model, profile: Profile) -> list:
+    """fp16, the global layers coded at 3.5 bits beside fp16 windows, every layer coded at 3.5 and 2.5 bits."""
+    return ([quality.baseline_config(model)] + klt_configs(model, profile, "klt global, sliding fp16", PASSKEY_BUDGETS[:1], "fp16")
+            + klt_configs(model, profile, "klt all layers", PASSKEY_BUDGETS, "compressed"))
+
+
+def passkey_here(out: str, profile_dir: str, lengths: list, trials: int) -> None:
+    """Passkey retrieval with the installed model (what `run`'s passkey section does there), e.g. at the shorter
+    lengths where the pretrained model's fp16 cache finds the key more often than at 4K-16K."""
+    from kvshard.quant import gemma3
+    from kvshard.quant.calibrate.profile import load_profile
+    from kvshard.quant.models import load_model
+
+    model, tokenizer = load_model(gemma3.MODEL_NAME)
+    os.makedirs(out, exist_ok=True)
+    run_passkey(model, tokenizer, passkey_configs(model, load_profile(profile_dir)), lengths, trials, out, math.inf)
 
 
 def global_layers(model) -> list:
@@ -428,6 +453,12 @@ def main(argv=None) -> int:
     here = sub.add_parser("calibrate", help="calibrate the all-layer profile here, with the installed model")
     here.add_argument("--out", required=True)
     here.add_argument("--calibration-texts", type=int, default=8)
+    keys = sub.add_parser("passkey", help="passkey retrieval here, with the installed model")
+    keys.add_argument("--out", required=True)
+    keys.add_argument("--profile", default=os.path.join(os.path.dirname(__file__), "results", "gemma3-270m",
+                                                        "gemma3-270m-all-layers"))
+    keys.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    keys.add_argument("--trials", type=int, default=20)
     done = sub.add_parser("finish")
     done.add_argument("--results", required=True)
     done.add_argument("--profile-out", required=True)
@@ -454,6 +485,9 @@ def main(argv=None) -> int:
     if args.command == "calibrate":
         calibrate_here(args.out, args.calibration_texts)
         return 0
+    if args.command == "passkey":
+        passkey_here(args.out, args.profile, args.lengths, args.trials)
+        return 0
     if args.command == "finish":
         finish(args.results, args.profile_out, args.eval, args.note)
         return 0
@@ -478,14 +512,9 @@ def main(argv=None) -> int:
     texts = {n: texts[n] for n in quality.TEXTS}
     eval_texts = {n: texts[n] for n in list(texts)[: args.eval_texts]}
     fp16 = quality.baseline_config(model)
-
-    def klt(label, budgets, sliding):
-        return [quality.EvalConfig(f"{label} <= {b} bits", label, lambda b=b: KVCacheBuilder.for_model(
-            model, profile.config(b, sliding=sliding))) for b in budgets]
-
-    long_configs = [fp16] + klt("klt all layers", BUDGETS, "compressed") + klt("klt global, sliding fp16", BUDGETS, "fp16")
-    passkey_configs = ([fp16] + klt("klt global, sliding fp16", PASSKEY_BUDGETS[:1], "fp16")
-                       + klt("klt all layers", PASSKEY_BUDGETS, "compressed"))[: args.passkey_configs]
+    long_configs = ([fp16] + klt_configs(model, profile, "klt all layers", BUDGETS, "compressed")
+                    + klt_configs(model, profile, "klt global, sliding fp16", BUDGETS, "fp16"))
+    passkeys = passkey_configs(model, profile)[: args.passkey_configs]
     affine = [fp16] + quality.mlx_affine_configs(model, bits=(4, 2))  # 3 bits fails at head_dim 256 (finish says why)
     # After loading, each section may start work until its share of the time left (and what an earlier one left
     # unused). A section that fails leaves the others.
@@ -496,7 +525,7 @@ def main(argv=None) -> int:
                                               args.out, until, check="klt all layers <= 3.5 bits")),
         "long_range": (0.2, lambda until: run_long_range(model, tokenizer, texts, long_configs, args.window,
                                                          args.scored, args.out, until)),
-        "passkey": (0.35, lambda until: run_passkey(model, tokenizer, passkey_configs, args.lengths, args.trials,
+        "passkey": (0.35, lambda until: run_passkey(model, tokenizer, passkeys, args.lengths, args.trials,
                                                     args.out, until)),
         "diagnostics": (0.15, lambda until: run_eval(model, tokenizer, eval_texts, diagnostics_left(model, profile),
                                                      args.tokens, args.out, until, name="eval_diagnostics.json")),
