@@ -48,7 +48,8 @@ KEY_COST_SCALE = 1.4
 # did better on the late tokens of 8K windows at 2.5 / 3.5 / 4.5 bits but worse on 1,024-token texts (H200,
 # benchmarks/results/long_range_gpu_variants). So a plan for a cache of `tokens` tokens weighs keys
 # context_key_scale(tokens) times more: 1 up to PLANNED_TOKENS, then growing as a power of the tokens to
-# LONG_CONTEXT_KEY_SCALE at LONG_CONTEXT_TOKENS, and held there (not measured beyond).
+# LONG_CONTEXT_KEY_SCALE at LONG_CONTEXT_TOKENS, and held there (not measured beyond). Measured on SmolLM2 only; every
+# profile's plans for long caches weigh keys so.
 LONG_CONTEXT_KEY_SCALE, LONG_CONTEXT_TOKENS = 1.5, 8192
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "profiles")
 # Folders searched for a profile by name, before the shipped ones: colon-separated, like PATH.
