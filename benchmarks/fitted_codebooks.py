@@ -175,15 +175,13 @@ def main() -> int:
                                           "runs_fitted": runs.count("fitted")}
         print(f"{budget} bits: {runs.count('fitted')} of {len(runs)} runs fitted", flush=True)
 
-    def make(budget, fit):
-        def build():
-            caches = KVCacheBuilder.for_model(model, profile.config(budget))
-            if fit:
-                for layer, cache in enumerate(caches):
-                    for side, q in quantizers(cache).items():
-                        install(klt_of(q), fitted[budget][(layer, side)])
-            return caches
-        return build
+    def build(budget, fit):
+        caches = KVCacheBuilder.for_model(model, profile.config(budget))
+        if fit:
+            for layer, cache in enumerate(caches):
+                for side, q in quantizers(cache).items():
+                    install(klt_of(q), fitted[budget][(layer, side)])
+        return caches
 
     for name in args.texts:
         ids = (prefix + tokenizer.encode(load_text(name), add_special_tokens=False))[: args.tokens]
@@ -192,8 +190,7 @@ def main() -> int:
         for budget in args.budgets:
             for fit in (False, True):
                 label = f"<= {budget} bits, {'fitted' if fit else 'plan'} codebooks"
-                build = make(budget, fit)
-                caches = build()
+                caches = build(budget, fit)
                 with recording() as (seen, watch):
                     watch(caches)
                     run = perplexity(model, ids, lambda: caches)

@@ -85,8 +85,7 @@ class KVShardServicer(pb_grpc.KVShardServicer):
         requested = cache_config_from_pb(cache)
         if key_bits is not None:
             requested = dataclasses.replace(requested, key_bits=list(key_bits))
-        if requested.profile or requested.budget_bits or requested.planned_tokens or (
-                kind == "model" and not request.HasField("cache") and self.model.default_profile):
+        if asks_for_profile(requested) or (kind == "model" and not request.HasField("cache") and self.model.default_profile):
             if kind == "raw":
                 raise ValueError("cache.profile: profiles configure MODEL sessions; a RAW session takes method and bits")
             requested = profiles.profile_config(requested, self.model)
@@ -329,6 +328,12 @@ def session_message(record: SessionRecord, session=None, include_token_ids: bool
     return message
 
 
+def asks_for_profile(cache) -> bool:
+    """Whether a request's cache settings (its CacheConfig, or the KVCacheConfig made of it: the same field names)
+    pick a profile's configuration rather than method and bits."""
+    return bool(cache.profile or cache.budget_bits or cache.planned_tokens)
+
+
 def cache_config_from_pb(cache: pb.CacheConfig) -> KVCacheConfig:
     """The one wire -> config conversion (a request's CacheConfig): the same field names; unset fields take
     KVCacheConfig's defaults (method turboquant_mse, 4 key bits, value bits as the keys, seed 42); bits stay lists
@@ -336,7 +341,7 @@ def cache_config_from_pb(cache: pb.CacheConfig) -> KVCacheConfig:
     profile_fingerprint is the server's to set. Errors name the field as `cache.<field>`."""
     if cache.profile_fingerprint:
         raise ValueError("cache.profile_fingerprint: set by the server, not by requests")
-    if cache.profile or cache.budget_bits or cache.planned_tokens:
+    if asks_for_profile(cache):
         for field in ("method", "key_bits", "value_bits", "sink_tokens"):
             if getattr(cache, field):
                 raise ValueError(f"cache.{field}: must be unset with cache.profile (the profile decides it)")
