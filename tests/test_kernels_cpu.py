@@ -179,6 +179,30 @@ def test_thread_count_is_checked(monkeypatch):
         _attend(cache, queries, "cpu")
 
 
+def test_large_calls_use_the_cores_and_agree_with_one_thread(monkeypatch):
+    """Unset, the thread count follows a call's work: a pre-RoPE klt layer over 4K tokens (~2 x 10^8 multiply-adds
+    of synthesis) goes parallel, the same tokens of turboquant_mse codes (~1.6 x 10^7) stay on one thread; the
+    parallel output equals the one-thread output."""
+    monkeypatch.delenv(cpu.ENV_THREADS, raising=False)
+    monkeypatch.setattr(cpu, "_cores", lambda: 2)
+    assert cpu._threads(cpu.PARALLEL_WORK - 1) == 1 and cpu._threads(cpu.PARALLEL_WORK) == 2
+    monkeypatch.setenv(cpu.ENV_THREADS, "3")
+    assert cpu._threads(0) == 3 and cpu._threads(10 * cpu.PARALLEL_WORK) == 3
+    queries = mx.random.normal((1, 12, 1, 64))
+    chosen = []
+    real = cpu._threads
+    monkeypatch.setattr(cpu, "_threads", lambda work=0: chosen.append(real(work)) or chosen[-1])
+    for kind, expected in (("klt pre-rope split", 2), ("tq4/4", 1)):
+        cache = _cache(kind, 64, 4)
+        cache.append(*_keys_values(1, 4, 4096, 64))
+        monkeypatch.delenv(cpu.ENV_THREADS, raising=False)
+        chosen.clear()
+        auto = _attend(cache, queries, "cpu")
+        assert chosen == [expected], kind
+        monkeypatch.setenv(cpu.ENV_THREADS, "1")
+        assert _max_err(auto, _attend(cache, queries, "cpu")) < 1e-5, kind
+
+
 def test_without_a_compiler_the_portable_path_runs(tmp_path):
     """No gcc/cc on PATH, no $CC, an empty kernel cache: one warning, the kernel is not offered, appends encode
     with the methods' own MLX ops, and attention still answers (the portable path) with what the portable path

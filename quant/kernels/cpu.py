@@ -41,14 +41,20 @@ from ..methods.scaled import ScaledKeys
 from ..methods.turboquant_mse import TurboQuantMSE
 from .object_cache import ObjectCache
 
-# Threads of the native kernel. Default 1: a parallel call ends at a barrier that waits for every thread, and
-# on a shared machine the second core is often busy, so waking a thread for it cost more than it saved (a
-# decode step over 8K tokens takes ~2-3 ms per layer on one core). benchmarks/decode_cpu_e2e.py measures both.
+# Threads of the native kernel. A parallel call ends at a barrier that waits for every thread, and on a shared
+# machine the second core is often busy, so waking a thread costs more than it saves on a small call (a decode
+# step over 8K tokens of turboquant_mse codes takes ~2-3 ms per layer on one core). A call that needs at least
+# PARALLEL_WORK multiply-adds uses the cores the process may run on (at most MAX_THREADS): keys coded before RoPE
+# are synthesised, d x m multiply-adds per key and KV head (~100 M a SmolLM2 layer at 8K tokens, ~8 ms on one
+# core), so those calls go parallel from ~3K tokens; plain codes (~0.4 M per 1K tokens and head) from ~35K.
+# KVSHARD_CPU_THREADS=N fixes the count. benchmarks/decode_cpu_e2e.py measures 1 and 2 threads side by side.
 ENV_THREADS = "KVSHARD_CPU_THREADS"
 ENV_CACHE = "KVSHARD_KERNEL_CACHE"  # where the compiled kernel is kept; default ~/.cache/kvshard/kernels
 SOURCES = tuple(Path(__file__).with_name("src") / name for name in ("cpu_attention.c", "cpu_encode.c"))
 # Tried in order: this machine's vector units, then AVX2 + FMA, then the compiler's default target.
 ARCH_FLAGS = (("-march=native",), ("-mavx2", "-mfma"), ())
+PARALLEL_WORK = 40_000_000
+MAX_THREADS = 8
 CHUNK_TOKENS = 256  # the smallest slice of the context one thread takes (slices merge their partial softmaxes)
 MAX_DIM, MAX_BYTES = 512, 1024  # per token: coordinates and code bytes the kernel's buffers hold
 # Below this many coded tokens the portable path costs about what the kernel's call does.
@@ -131,13 +137,21 @@ def native_library():
     return library
 
 
-def _threads() -> int:
+def _threads(work: int = 0) -> int:
+    """Threads for a kernel call of `work` multiply-adds: KVSHARD_CPU_THREADS when set, else 1 below
+    PARALLEL_WORK and the process's cores (at most MAX_THREADS) from there."""
     value = os.environ.get(ENV_THREADS)
     if value is None:
-        return 1
+        return _cores() if work >= PARALLEL_WORK else 1
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{ENV_THREADS} must be a positive integer, got {value!r}")
     return int(value)
+
+
+@lru_cache(maxsize=None)
+def _cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_THREADS))
 
 
 # ---- code layouts ------------------------------------------------------------------------------------------
@@ -356,7 +370,9 @@ def _attend_native(queries: np.ndarray, T: int, key_layout, keys: dict, value_la
     masking, keep_m = _masking(allowed, B, H, g, L, T)
     out = np.empty((B, H, R, value_layout.dim), np.float32)
     lse = np.empty((B, H, R), np.float32)
-    threads = _threads()
+    # Multiply-adds per token and KV head: scores and values for every row, and a pre-RoPE key's synthesis.
+    per_token = R * (key_layout.dim + value_layout.dim) + (key_layout.dim * q_np.shape[-1] if rope is not None else 0)
+    threads = _threads(B * H * T * per_token)
     chunk = max(CHUNK_TOKENS, -(-T // (4 * threads)))
     head = (_ptr(q_np, _f32), B, H, R, q_np.shape[-1], ctypes.c_int64(T))
     tail = (ctypes.byref(key_layout.struct), ctypes.byref(key_tensor), ctypes.byref(value_layout.struct),
