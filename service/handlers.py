@@ -342,9 +342,11 @@ def cache_config_from_pb(cache: pb.CacheConfig) -> KVCacheConfig:
     if cache.profile_fingerprint:
         raise ValueError("cache.profile_fingerprint: set by the server, not by requests")
     if asks_for_profile(cache):
+        # Name what picked the profile: a request that set only budget_bits or planned_tokens never said "profile".
+        chosen = next(f"cache.{name}" for name in ("profile", "budget_bits", "planned_tokens") if getattr(cache, name))
         for field in ("method", "key_bits", "value_bits", "sink_tokens"):
             if getattr(cache, field):
-                raise ValueError(f"cache.{field}: must be unset with cache.profile (the profile decides it)")
+                raise ValueError(f"cache.{field}: must be unset with {chosen} (a profile's configuration decides it)")
     given = dict(sink_tokens=cache.sink_tokens, window=cache.window, profile=cache.profile, budget_bits=cache.budget_bits,
                  planned_tokens=cache.planned_tokens)
     if cache.method:

@@ -305,11 +305,13 @@ def test_a_session_planned_for_more_tokens_gets_the_profile_plans_for_them(profi
 BAD = [
     ("unknown profile", pb.CacheConfig(profile="nope"), "cache.profile: unknown profile 'nope'"),
     ("budget out of range", pb.CacheConfig(profile=NAME, budget_bits=40), "cache.budget_bits"),
-    ("profile with bits", pb.CacheConfig(profile=NAME, key_bits=[4]), "cache.key_bits: must be unset"),
+    ("profile with bits", pb.CacheConfig(profile=NAME, key_bits=[4]), "cache.key_bits: must be unset with cache.profile"),
     ("profile with method", pb.CacheConfig(profile=NAME, method="qjl"), "cache.method: must be unset"),
     ("fingerprint from a client", pb.CacheConfig(profile=NAME, profile_fingerprint="ab"), "cache.profile_fingerprint"),
     ("window past the planned tokens", pb.CacheConfig(profile=NAME, window=PLANNED_TOKENS), "cache.window"),
-    ("planned tokens with bits", pb.CacheConfig(planned_tokens=8192, key_bits=[4]), "cache.key_bits: must be unset"),
+    ("planned tokens with bits", pb.CacheConfig(planned_tokens=8192, key_bits=[4]),
+     "cache.key_bits: must be unset with cache.planned_tokens"),
+    ("budget with sinks", pb.CacheConfig(budget_bits=3.5, sink_tokens=8), "cache.sink_tokens: must be unset with cache.budget_bits"),
     ("planned tokens within the sinks", pb.CacheConfig(planned_tokens=3), "cache.planned_tokens"),
 ]
 
