@@ -165,9 +165,20 @@ def klt_configs(model, profile: Profile, label: str, budgets, sliding: str) -> l
 
 
 def passkey_configs(model, profile: Profile) -> list:
-    """fp16, the global layers coded at 3.5 bits beside fp16 windows, every layer coded at 3.5 and 2.5 bits."""
+    """fp16, the global layers coded at 3.5 bits beside fp16 windows, every layer coded at 3.5 and 2.5 bits; then
+    two that locate the all-layer recipe's misses (run's --passkey-configs 6): the sliding layers alone coded (the
+    3.5-bit plans, global layers fp16), and every layer at 4.5 bits."""
+    def sliding_only():
+        caches = KVCacheBuilder.for_model(model, profile.config(PASSKEY_BUDGETS[0], sliding="compressed"))
+        for i in global_layers(model):
+            caches[i] = quality.Float16KVCache()
+        return caches
+
     return ([quality.baseline_config(model)] + klt_configs(model, profile, "klt global, sliding fp16", PASSKEY_BUDGETS[:1], "fp16")
-            + klt_configs(model, profile, "klt all layers", PASSKEY_BUDGETS, "compressed"))
+            + klt_configs(model, profile, "klt all layers", PASSKEY_BUDGETS, "compressed")
+            + [quality.EvalConfig(f"klt sliding layers only (global fp16), plans of <= {PASSKEY_BUDGETS[0]}", "diagnostic",
+                                  sliding_only)]
+            + klt_configs(model, profile, "klt all layers", (4.5,), "compressed"))
 
 
 def passkey_here(out: str, profile_dir: str, lengths: list, trials: int) -> None:
@@ -179,7 +190,7 @@ def passkey_here(out: str, profile_dir: str, lengths: list, trials: int) -> None
 
     model, tokenizer = load_model(gemma3.MODEL_NAME)
     os.makedirs(out, exist_ok=True)
-    run_passkey(model, tokenizer, passkey_configs(model, load_profile(profile_dir)), lengths, trials, out, math.inf)
+    run_passkey(model, tokenizer, passkey_configs(model, load_profile(profile_dir))[:4], lengths, trials, out, math.inf)
 
 
 def global_layers(model) -> list:
@@ -474,7 +485,8 @@ def main(argv=None) -> int:
     run.add_argument("--scored", type=int, default=1024)
     run.add_argument("--lengths", type=int, nargs="+", default=list(PASSKEY_LENGTHS))
     run.add_argument("--trials", type=int, default=20)
-    run.add_argument("--passkey-configs", type=int, default=4, help="the first N of fp16, global 3.5, all 3.5, all 2.5")
+    run.add_argument("--passkey-configs", type=int, default=4,
+                     help="the first N of fp16, global 3.5, all 3.5, all 2.5, sliding only 3.5, all 4.5")
     run.add_argument("--calibration-texts", type=int, default=8)
     run.add_argument("--eval-texts", type=int, default=len(quality.TEXTS), help="the first N of kvshard eval's texts")
     run.add_argument("--sections", nargs="+", default=["eval", "long_range", "passkey", "mlx_affine"])
