@@ -15,7 +15,8 @@ included) and the bytes its caches hold, with effective bits per K/V element (8 
 
 The recommended configuration is the service's default, `load_profile("smollm2-135m").config(budget_bits=3.5)`:
 klt with keys coded before RoPE, mixed bits per layer and coordinate, 8-bit scales and 4 fp16 sinks; beside it
-the same on 1 kernel thread (it takes both cores by default at this size), and its plans with keys coded after RoPE (what the pre-RoPE synthesis costs).
+the same on 1 kernel thread (by default its kernel calls take both cores at this size), and its plans with keys
+coded after RoPE (what the pre-RoPE synthesis costs).
 The prompt is the start of Pride and Prejudice (quant/data), repeated to the context length.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \

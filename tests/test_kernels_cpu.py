@@ -180,9 +180,9 @@ def test_thread_count_is_checked(monkeypatch):
 
 
 def test_large_calls_use_the_cores_and_agree_with_one_thread(monkeypatch):
-    """Unset, the thread count follows a call's work: a pre-RoPE klt layer over 4K tokens (~2 x 10^8 multiply-adds
-    of synthesis) goes parallel, the same tokens of turboquant_mse codes (~1.6 x 10^7) stay on one thread; the
-    parallel output equals the one-thread output."""
+    """Unset, the thread count follows a call's work: a pre-RoPE klt layer over 4K tokens and 4 KV heads (~6 x 10^7
+    multiply-adds, most of them synthesis) goes parallel, the same tokens of turboquant_mse codes (~6 x 10^6) stay
+    on one thread; the parallel output equals the one-thread output."""
     monkeypatch.delenv(cpu.ENV_THREADS, raising=False)
     monkeypatch.setattr(cpu, "_cores", lambda: 2)
     assert cpu._threads(cpu.PARALLEL_WORK - 1) == 1 and cpu._threads(cpu.PARALLEL_WORK) == 2

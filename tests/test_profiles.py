@@ -311,7 +311,8 @@ BAD = [
     ("window past the planned tokens", pb.CacheConfig(profile=NAME, window=PLANNED_TOKENS), "cache.window"),
     ("planned tokens with bits", pb.CacheConfig(planned_tokens=8192, key_bits=[4]),
      "cache.key_bits: must be unset with cache.planned_tokens"),
-    ("budget with sinks", pb.CacheConfig(budget_bits=3.5, sink_tokens=8), "cache.sink_tokens: must be unset with cache.budget_bits"),
+    ("budget with sinks", pb.CacheConfig(budget_bits=3.5, sink_tokens=8),
+     "cache.sink_tokens: must be unset with cache.budget_bits"),
     ("planned tokens within the sinks", pb.CacheConfig(planned_tokens=3), "cache.planned_tokens"),
 ]
 
