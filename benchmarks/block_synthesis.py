@@ -32,14 +32,12 @@ def _blocks(d: int, count: int, traditional: bool) -> list[np.ndarray]:
     return [np.r_[np.arange(b * per, (b + 1) * per), d // 2 + np.arange(b * per, (b + 1) * per)] for b in range(count)]
 
 
-def _key_energies(moments: dict, blocks) -> np.ndarray:
-    """(H, d) descending energies of the query-weighted key moments, decorrelated whole (blocks None) or per block
-    (each block's own metric: errors of different blocks are independent, so only the diagonal blocks of the
-    query moment weigh them)."""
+def _block_key_energies(moments: dict, blocks) -> np.ndarray:
+    """(H, d) descending energies of the query-weighted key moments decorrelated block by block (each block's own
+    metric: errors of different blocks are independent, so only the diagonal blocks of the query moment weigh
+    them), with decompose's ridges."""
     query = klt._shrink(moments["query"], klt.QUERY_RIDGE)
     keys = klt._shrink(moments["keys"], klt.SHRINKAGE)
-    if blocks is None:
-        return klt._decorrelate(keys, np.stack([klt._sqrtm(q) for q in query]))[1]
     heads = []
     for q, k in zip(query, keys):
         parts = []
@@ -50,19 +48,17 @@ def _key_energies(moments: dict, blocks) -> np.ndarray:
     return np.stack(heads)
 
 
-def _costs(profile, blocks, probe_bits: int = 2) -> list[np.ndarray]:
+def _costs(profile, decomposed: list, blocks=None) -> list[np.ndarray]:
     """Per (layer, side) the (d,) costs c·λ plan_klt allocates over (keys' weights times the profile's key cost
-    scale, as its plans use them)."""
-    probe = klt.GAUSSIAN_DISTORTION[probe_bits]
+    scale, as its plans use them): keys decorrelated whole (blocks None, the plans as built) or block by block."""
     costs = []
-    for m, wk, wv in zip(profile.moments, profile.key_weights, profile.value_weights):
-        d = m["query"].shape[-1]
-        key_trace = m.get("key_trace", np.trace(m["keys"], axis1=1, axis2=2))
-        key_probe = probe * np.sum(np.trace(m["query"], axis1=1, axis2=2) * key_trace) / d
-        value_probe = probe * np.sum(np.trace(m["values"], axis1=1, axis2=2))
-        value_energy = klt.decompose(m)[1][1]
-        costs.append(wk * profile.key_cost_scale / max(key_probe, 1e-30) * _key_energies(m, blocks).sum(axis=0))
-        costs.append(wv / max(value_probe, 1e-30) * value_energy.sum(axis=0))
+    for m, ((_, key_energy), (_, value_energy)), wk, wv in zip(profile.moments, decomposed, profile.key_weights,
+                                                               profile.value_weights):
+        key_cost, value_cost = klt.energy_costs(m, wk * profile.key_cost_scale, wv)
+        if blocks is not None:
+            key_energy = _block_key_energies(m, blocks)
+        costs.append(key_cost * key_energy.sum(axis=0))
+        costs.append(value_cost * value_energy.sum(axis=0))
     return costs
 
 
@@ -94,12 +90,13 @@ def main() -> None:
     profile = load_profile(args.profile)
     d = profile.head_dim
     traditional = bool(profile.moments[0]["rope"][1])
-    whole = _costs(profile, None)
+    decomposed = [klt.decompose(m) for m in profile.moments]
+    whole = _costs(profile, decomposed)
+    blocked_costs = {count: _costs(profile, decomposed, _blocks(d, count, traditional)) for count in args.blocks}
     rows = []
     for budget in args.budgets:
         keys, values = _distortion(whole, budget)
-        for count in args.blocks:
-            blocked = _costs(profile, _blocks(d, count, traditional))
+        for count, blocked in blocked_costs.items():
             block_keys, block_values = _distortion(blocked, budget)
             row = {"code_bits": budget, "blocks": count, "block_dims": d // count,
                    "synthesis_multiply_adds_per_key": d * d // count, "whole_multiply_adds_per_key": d * d,

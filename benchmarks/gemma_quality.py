@@ -55,6 +55,7 @@ from kvshard.quant.codebooks import CODEBOOK_VERSION
 BUDGETS = (4.5, 3.5, 2.5)
 PASSKEY_LENGTHS = (4096, 8192, 16384, 32768)
 PASSKEY_BUDGETS = (3.5, 2.5)
+PASSKEY_CONFIGS = 4  # passkey_configs' first four by default; its last two locate the all-layer recipe's misses
 PREFILL_CHUNK = 2048
 
 
@@ -190,7 +191,8 @@ def passkey_here(out: str, profile_dir: str, lengths: list, trials: int) -> None
 
     model, tokenizer = load_model(gemma3.MODEL_NAME)
     os.makedirs(out, exist_ok=True)
-    run_passkey(model, tokenizer, passkey_configs(model, load_profile(profile_dir))[:4], lengths, trials, out, math.inf)
+    configs = passkey_configs(model, load_profile(profile_dir))[:PASSKEY_CONFIGS]
+    run_passkey(model, tokenizer, configs, lengths, trials, out, math.inf)
 
 
 def global_layers(model) -> list:
@@ -485,7 +487,7 @@ def main(argv=None) -> int:
     run.add_argument("--scored", type=int, default=1024)
     run.add_argument("--lengths", type=int, nargs="+", default=list(PASSKEY_LENGTHS))
     run.add_argument("--trials", type=int, default=20)
-    run.add_argument("--passkey-configs", type=int, default=4,
+    run.add_argument("--passkey-configs", type=int, default=PASSKEY_CONFIGS,
                      help="the first N of fp16, global 3.5, all 3.5, all 2.5, sliding only 3.5, all 4.5")
     run.add_argument("--calibration-texts", type=int, default=8)
     run.add_argument("--eval-texts", type=int, default=len(quality.TEXTS), help="the first N of kvshard eval's texts")

@@ -17,22 +17,18 @@ import os
 import numpy as np
 
 from kvshard.quant import load_profile
-from kvshard.quant.calibrate.klt import GAUSSIAN_DISTORTION, allocate_coordinate_bits
+from kvshard.quant.calibrate.klt import GAUSSIAN_DISTORTION, allocate_coordinate_bits, energy_costs
 
 
 def head_costs(profile, probe_bits: int = 2) -> list[np.ndarray]:
     """Per (layer, side): (H, d) costs c·λ of every head's coordinates, as plan_klt weighs them."""
-    probe = GAUSSIAN_DISTORTION[probe_bits]
     costs = []
     for m, ((_, key_energy), (_, value_energy)), wk, wv in zip(
         profile.moments, profile._decomposed, profile.key_weights, profile.value_weights
     ):
-        d = m["query"].shape[-1]
-        key_trace = m.get("key_trace", np.trace(m["keys"], axis1=1, axis2=2))
-        key_probe = probe * np.sum(np.trace(m["query"], axis1=1, axis2=2) * key_trace) / d
-        value_probe = probe * np.sum(np.trace(m["values"], axis1=1, axis2=2))
-        costs.append(wk / max(key_probe, 1e-30) * key_energy)
-        costs.append(wv / max(value_probe, 1e-30) * value_energy)
+        key_cost, value_cost = energy_costs(m, wk, wv, probe_bits)
+        costs.append(key_cost * key_energy)
+        costs.append(value_cost * value_energy)
     return costs
 
 

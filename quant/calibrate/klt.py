@@ -279,6 +279,19 @@ def allocate_coordinate_bits(costs: list[np.ndarray], total_bits: int, max_bits:
     return [sorted(b, reverse=True) for b in bits]
 
 
+def energy_costs(moments: dict, key_weight: float, value_weight: float, probe_bits: int = 2) -> tuple[float, float]:
+    """What one unit of a layer's decorrelated key and value energy costs in plan_klt's allocation: the layer's
+    sensitivity (calibrate_layer_sensitivities, probed at probe_bits) over the distortion its probe caused."""
+    probe = GAUSSIAN_DISTORTION[probe_bits]
+    d = moments["query"].shape[-1]
+    # The probe spread its error evenly over the coordinates of keys after RoPE (whatever plan is made):
+    # E[(q·e)²] = tr Σq · tr Σk / d · δ per head. RoPE keeps tr Σq.
+    key_trace = moments.get("key_trace", np.trace(moments["keys"], axis1=1, axis2=2))
+    key_probe = probe * np.sum(np.trace(moments["query"], axis1=1, axis2=2) * key_trace) / d
+    value_probe = probe * np.sum(np.trace(moments["values"], axis1=1, axis2=2))
+    return key_weight / max(key_probe, 1e-30), value_weight / max(value_probe, 1e-30)
+
+
 def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, probe_bits: int = 2, norm_bits: int = 8,
              decomposed: list | None = None, wide_bits: int | None = WIDE_BITS, coded_tokens: list[int] | None = None):
     """(key_plans, value_plans), one KLTPlan per attention layer, with `code_bits` average code bits per K/V
@@ -291,17 +304,11 @@ def plan_klt(moments: list[dict], key_weights, value_weights, code_bits: float, 
     if not len(moments) == len(key_weights) == len(value_weights):
         raise ValueError("moments, key_weights and value_weights must have one entry per attention layer")
     decomposed = [decompose(m) for m in moments] if decomposed is None else decomposed
-    probe = GAUSSIAN_DISTORTION[probe_bits]
     costs = []
     for m, ((_, key_energy), (_, value_energy)), wk, wv in zip(moments, decomposed, key_weights, value_weights):
-        d = m["query"].shape[-1]
-        # The probe spread its error evenly over the coordinates of keys after RoPE (whatever plan is made):
-        # E[(q·e)²] = tr Σq · tr Σk / d · δ per head. RoPE keeps tr Σq.
-        key_trace = m.get("key_trace", np.trace(m["keys"], axis1=1, axis2=2))
-        key_probe = probe * np.sum(np.trace(m["query"], axis1=1, axis2=2) * key_trace) / d
-        value_probe = probe * np.sum(np.trace(m["values"], axis1=1, axis2=2))
-        costs.append(wk / max(key_probe, 1e-30) * key_energy.sum(axis=0))
-        costs.append(wv / max(value_probe, 1e-30) * value_energy.sum(axis=0))
+        key_cost, value_cost = energy_costs(m, wk, wv, probe_bits)
+        costs.append(key_cost * key_energy.sum(axis=0))
+        costs.append(value_cost * value_energy.sum(axis=0))
     d = len(costs[0])
     prices = [1] * len(costs) if coded_tokens is None else [int(n) for n in coded_tokens for _ in ("keys", "values")]
     bits = allocate_coordinate_bits(costs, int(round(code_bits * d * sum(prices))), prices=prices)
