@@ -5,7 +5,10 @@ BIN    := $(VENV)/bin
 # MLX's Linux CPU wheel links the reference BLAS; Debian's OpenBLAS is ~60x faster for its matmuls.
 # Checked when the recipe runs (setup may just have installed it), not when make reads this file.
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
-RUN    := LD_PRELOAD=$$([ -e $(OPENBLAS) ] && echo $(OPENBLAS)) $(BIN)
+# Its AVX-512 kernels sum a matmul's row differently when it is one of several rows, which would make a batched
+# decode step code K/V unlike the same step alone; Haswell's (AVX2) are row-invariant (service/cli.py).
+RUN    := LD_PRELOAD=$$([ -e $(OPENBLAS) ] && echo $(OPENBLAS)) \
+	OPENBLAS_CORETYPE=$${OPENBLAS_CORETYPE-$$(grep -qsw avx2 /proc/cpuinfo && echo Haswell)} $(BIN)
 STORE  ?= sqlite:///data/kvshard.sqlite3
 PORT   ?= 50051
 

@@ -39,6 +39,8 @@ command -v redis-server >/dev/null || { echo "local-cluster.sh: redis-server is 
 openblas=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 # MLX's CPU wheel links the reference BLAS; Debian's OpenBLAS is ~60x faster for its matmuls.
 [ -e "$openblas" ] && export LD_PRELOAD=$openblas
+# Row-invariant kernels: a batched decode step codes K/V as the same step alone (service/cli.py says why).
+grep -qsw avx2 /proc/cpuinfo && export OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-Haswell}
 
 run_dir=${KVSHARD_RUN_DIR:-$(mktemp -d /tmp/kvshard-cluster.XXXXXX)}
 mkdir -p "$run_dir"

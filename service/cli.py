@@ -16,6 +16,11 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
 _EXTRAS = {"redis": "redis", "matplotlib": "plot"}
 # MLX's Linux CPU wheel links the reference BLAS: its matmuls run ~60x slower than with Debian's OpenBLAS preloaded.
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+# OpenBLAS 0.3.21 picks its AVX-512 (SkylakeX) kernels on CPUs that have AVX-512, and their sgemm sums a row
+# differently when it is one of several (576 x 576 products of 1 and of 5 rows differ by 3e-5): a batched decode
+# step then codes some K/V coordinate of a session differently from the same step alone, and its logits move by
+# ~0.03. Haswell's AVX2 kernels give each row the same bits whatever the batch, at the same step time here.
+OPENBLAS_CORETYPE = "Haswell"
 _MLX_COMMANDS = ("serve", "eval", "bench", "calibrate", "precompute")
 _SERVER_MODULES = ("mlx", "mlx_lm", "structlog", "tokenizers", "grpc_health", "grpc_reflection", "prometheus_client", "tqdm", "threadpoolctl")
 
@@ -228,13 +233,34 @@ def one_line_error(parser: argparse.ArgumentParser, message: str) -> None:
     parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
 
 
+def has_avx2() -> bool:
+    """Whether this CPU runs OpenBLAS's Haswell kernels (Linux's /proc/cpuinfo; False where it cannot tell)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("flags") and " avx2" in line for line in info)
+    except OSError:
+        return False
+
+
+def openblas_env(env: dict) -> dict:
+    """env with Debian's OpenBLAS preloaded (MLX's CPU wheel links the reference BLAS: ~60x slower matmuls) and
+    its kernels pinned to row-invariant ones (OPENBLAS_CORETYPE above); env's own choices are kept."""
+    env = dict(env)
+    preload = env.get("LD_PRELOAD", "")
+    if sys.platform == "linux" and os.path.exists(OPENBLAS) and "libblas" not in preload:
+        env["LD_PRELOAD"] = f"{OPENBLAS}:{preload}" if preload else OPENBLAS
+    if "libblas" in env.get("LD_PRELOAD", "") and "OPENBLAS_CORETYPE" not in env and has_avx2():
+        env["OPENBLAS_CORETYPE"] = OPENBLAS_CORETYPE
+    return env
+
+
 def preload_openblas(argv: list[str]) -> None:
     """`make serve` preloads OpenBLAS; a bare `.venv/bin/kvshard serve` re-executes itself with it, so MLX's
-    commands are never silently 60x slower."""
-    preload = os.environ.get("LD_PRELOAD", "")
-    if argv[0] in _MLX_COMMANDS and sys.platform == "linux" and os.path.exists(OPENBLAS) and "libblas" not in preload:
-        env = {**os.environ, "LD_PRELOAD": f"{OPENBLAS}:{preload}" if preload else OPENBLAS}
-        os.execve(sys.executable, [sys.executable, "-m", "kvshard.service.cli", *argv], env)
+    commands are never silently 60x slower (nor batched steps unlike unbatched ones)."""
+    if argv[0] in _MLX_COMMANDS:
+        env = openblas_env(os.environ)
+        if env != dict(os.environ):
+            os.execve(sys.executable, [sys.executable, "-m", "kvshard.service.cli", *argv], env)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+from kvshard.service.cli import openblas_env
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,7 @@ def free_port() -> int:
 
 
 def child_env() -> dict:
-    env = dict(os.environ)
-    if os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS  # MLX's CPU wheel links the reference BLAS otherwise (~60x slower matmuls)
-    return env
+    return openblas_env(os.environ)  # OpenBLAS preloaded, its kernels row-invariant (service/cli.py says why)
 
 
 class ShardProcess:

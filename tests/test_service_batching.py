@@ -3,7 +3,10 @@ caches of different lengths and budgets), and the shard's scheduler over real so
 mid-stream, a long prompt fed in chunks among decoding streams, cancelling one of several, seeded sampling per
 stream, the batch-size limit and the scheduler's metrics."""
 
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import urllib.request
 
@@ -13,7 +16,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
-from conftest import ShardProcess, free_port
+from conftest import ShardProcess, child_env, free_port
 from kvshard.quant import KVCacheBuilder, KVCacheConfig, install_attention_hook
 from kvshard.quant.batch_arena import BatchArena
 from kvshard.quant.batch_view import batch_views
@@ -21,7 +24,7 @@ from kvshard.quant.models import model_fingerprint
 from kvshard.service.generation import PREFILL_CHUNK, Decoder, Sampling
 from kvshard.service.model import ServedModel
 from kvshard.service.sessions import Limits, Session, resolve_spec
-from kvshard.service import worker
+from kvshard.service import cli, worker
 from kvshard.service.scheduler import CHUNK_SHARE, DECODE_BLAS_THREADS, MIN_CHUNK, ChunkCost, chunk_tokens
 from kvshard.wire import kvshard_pb2 as pb
 
@@ -232,6 +235,36 @@ def test_decode_steps_take_one_blas_thread_and_give_the_count_back():
             seen.append(library.openblas_get_num_threads())
             raise RuntimeError("a failed step")
     assert seen == [DECODE_BLAS_THREADS] and library.openblas_get_num_threads() == before
+
+
+def test_matmul_rows_get_the_same_bits_alone_and_batched():
+    """A row's product is the same bits alone and among others: the batched step's equality with unbatched steps
+    rests on it (one differing bit can code a K/V coordinate differently). OpenBLAS's AVX-512 kernels break it
+    (3e-5 apart at 576 x 576), so `make test` and `kvshard serve` pin its Haswell kernels (service/cli.py)."""
+    mx.random.seed(0)
+    for k, n in [(576, 576), (1536, 576), (576, 192), (576, 1536)]:
+        w, x = mx.random.normal((n, k)), mx.random.normal((5, 1, k))
+        together = x @ w.T
+        for i in range(5):
+            assert mx.array_equal(together[i], (x[i : i + 1] @ w.T)[0]), (k, n, i, os.environ.get("OPENBLAS_CORETYPE"))
+
+
+def test_served_processes_get_openblas_with_row_invariant_kernels(monkeypatch):
+    """openblas_env (what `kvshard serve` re-executes with, and the tests' child processes get) preloads OpenBLAS
+    and pins OPENBLAS_CORETYPE where the CPU has AVX2, keeping a choice the caller made."""
+    if not os.path.exists(cli.OPENBLAS):
+        pytest.skip("Debian's OpenBLAS is not installed")
+    monkeypatch.setattr(cli, "has_avx2", lambda: True)
+    assert cli.openblas_env({"PATH": "/bin"}) == {"PATH": "/bin", "LD_PRELOAD": cli.OPENBLAS, "OPENBLAS_CORETYPE": "Haswell"}
+    assert cli.openblas_env({"OPENBLAS_CORETYPE": "Zen"})["OPENBLAS_CORETYPE"] == "Zen"
+    assert cli.openblas_env({"LD_PRELOAD": "/x.so"})["LD_PRELOAD"] == f"{cli.OPENBLAS}:/x.so"
+    monkeypatch.setattr(cli, "has_avx2", lambda: False)
+    assert "OPENBLAS_CORETYPE" not in cli.openblas_env({})
+    monkeypatch.undo()
+    if cli.has_avx2():  # a real child: the library it loads reports the kernels it took
+        probe = "import ctypes; f = ctypes.CDLL(None).openblas_get_corename; f.restype = ctypes.c_char_p; print(f().decode())"
+        out = subprocess.run([sys.executable, "-c", probe], env=child_env(), capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip().lower() == "haswell", out
 
 
 # ---- the shard ------------------------------------------------------------------------------------------------
