@@ -101,8 +101,8 @@ def test_decode_matches_portable_path(kind, head_dim):
 @pytest.mark.parametrize("kind", ["klt", "klt pre-rope", "klt pre-rope split"])
 @pytest.mark.parametrize("head_dim", [40, 72])
 def test_head_dims_off_the_vector_width(kind, head_dim):
-    """head_dim not a multiple of 16 (pre-RoPE keys are synthesized in tiles of 16 outputs, RoPE's halves are
-    not whole vectors): still the portable path's output. 257 tokens: blocks of 64 and one token."""
+    """head_dim not a multiple of 16 (pre-RoPE keys are synthesized in tiles of 32 outputs and a last one of 16,
+    RoPE's halves are not whole vectors): still the portable path's output. 257 tokens: blocks of 64 and one."""
     heads = 3
     cache = _cache(kind, head_dim, heads)
     cache.append(*_keys_values(1, heads, 257, head_dim))
