@@ -4,8 +4,9 @@ Attention (`cpu_attention`): src/cpu_attention.c, compiled with src/cpu_encode.c
 first use (-O3 -march=native, OpenMP over the cores; without a compiler the portable path runs instead),
 called through ctypes on the evaluated MLX arrays, zero-copy. It reads the packed codes of a segment directly:
 per block of 64 tokens it decodes them (one run of 1, 2 or 4 bits in place with constant shifts, other layouts
-group by group over the block's tokens from 64-bit windows), scores them against the rotated query, runs the
-online softmax and accumulates values in their rotated domain; the query is rotated and the output un-rotated
+group by group over the block's tokens from 64-bit windows, 8 codes a vector op: register permutes to 6 bits
+with AVX-512, else gathers), scores them against the rotated query, runs the online softmax and accumulates
+values in their rotated domain; the query is rotated and the output un-rotated
 once, by the method's own maps read as per-head matrices and applied in numpy. Keys coded before RoPE (klt plans)
 are mapped back by the per-head synthesis (register tiles of 6 tokens x 16 outputs; x 32 in 512-bit registers
 where the CPU has AVX-512), shifted by the key mean and turned by RoPE inside the kernel. fp16 segments (sinks, window) go through the same kernel as an fp16 layout; the

@@ -13,6 +13,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -66,7 +69,7 @@ static inline float token_scale(const code_layout *L, const code_tensor *c, int6
 }
 
 // Codes of up to 4 bits: the 8 codes of a group shifted into 8 lanes at once, looked up in the 16-entry table
-// by two register permutes (vpermps on AVX2) and a select. Wider codes: one table read per coordinate.
+// by two register permutes (vpermps on AVX2) and a select. Wider codes: see decode_block.
 // Lane k of a group of b-bit codes starts at bit k * b of its window.
 static const v8ui LANE_SHIFTS[5] = {{0}, {0, 1, 2, 3, 4, 5, 6, 7}, {0, 2, 4, 6, 8, 10, 12, 14},
                                     {0, 3, 6, 9, 12, 15, 18, 21}, {0, 4, 8, 12, 16, 20, 24, 28}};
@@ -123,7 +126,7 @@ static void decode_block(const code_layout *L, int uniform, const uint8_t *const
         case 16: for (int t = 0; t < n; t++) decode_fp16(L->dim, src[t], z + t * stride); return;
     }
     for (int g = 0; g < L->n_groups; g++) {
-        const int off = L->group_offset[g], b = L->group_bits[g], count = L->group_count[g];
+        const int off = L->group_offset[g], b = L->group_bits[g];
         const int byte = off >> 3, shift = off & 7;
         const float *restrict centroids = L->centroids + L->group_table[g];
         float *restrict to = z + L->group_coord[g];
@@ -144,7 +147,38 @@ static void decode_block(const code_layout *L, int uniform, const uint8_t *const
                 *(v8u *)(to + t * stride) = out;
             }
         } else {
+#if defined(__AVX2__)
+            // 5-8 bits: lanes 0-3 read the low 32 bits of the window, lanes 4-7 the 32 from lane 4's code on (a
+            // group holds at most 56 bits), so every lane's code is in its 32-bit word. Then the table: 32 or 64
+            // centroids in two or four 512-bit registers (vpermt2ps, and a select on bit 5), else a gather.
+            const v8ui lane_shifts = {0, b, 2 * b, 3 * b, 0, b, 2 * b, 3 * b}, mask = (v8ui){0} + ((1u << b) - 1);
+#if defined(__AVX512F__)
+            const __m512 t0 = _mm512_loadu_ps(centroids), t1 = _mm512_loadu_ps(centroids + 16);
+            const __m512 t2 = b == 6 ? _mm512_loadu_ps(centroids + 32) : t0, t3 = b == 6 ? _mm512_loadu_ps(centroids + 48) : t1;
+#endif
+            for (int t = 0; t < n; t++) {
+                uint64_t window;
+                memcpy(&window, src[t] + byte, 8);
+                window >>= shift;
+                const uint32_t lo = (uint32_t)window, hi = (uint32_t)(window >> (4 * b));
+                const v8i idx = (v8i)(((v8ui){lo, lo, lo, lo, hi, hi, hi, hi} >> lane_shifts) & mask);
+                float *restrict row = to + t * stride;
+#if defined(__AVX512F__)
+                if (b <= 6) {
+                    const __m512i wide = _mm512_zextsi256_si512((__m256i)idx);
+                    __m512 out = _mm512_permutex2var_ps(t0, wide, t1);
+                    if (b == 6)
+                        out = _mm512_mask_blend_ps(_mm512_test_epi32_mask(wide, _mm512_set1_epi32(32)), out,
+                                                   _mm512_permutex2var_ps(t2, wide, t3));
+                    _mm256_storeu_ps(row, _mm512_castps512_ps256(out));
+                    continue;
+                }
+#endif
+                _mm256_storeu_ps(row, _mm256_i32gather_ps(centroids, (__m256i)idx, 4));
+            }
+#else
             const uint64_t mask = (1u << b) - 1;
+            const int count = L->group_count[g];
             for (int t = 0; t < n; t++) {
                 uint64_t window;
                 memcpy(&window, src[t] + byte, 8);
@@ -152,6 +186,7 @@ static void decode_block(const code_layout *L, int uniform, const uint8_t *const
                 float *restrict row = to + t * stride;
                 for (int k = 0; k < count; k++) row[k] = centroids[(window >> (k * b)) & mask];
             }
+#endif
         }
     }
 }
@@ -295,7 +330,6 @@ static void synthesize(const float *restrict z, int zstride, const float *restri
         }
 }
 #else
-#include <immintrin.h>
 // The same with 512-bit vectors where the CPU has them: tiles of 6 tokens x 32 outputs (x 16 for a last odd
 // chunk). Zen 4 runs a 512-bit FMA at the rate of two 256-bit ones but issues half the instructions, so the
 // loads and broadcasts stop competing with the FMAs: 1.35x the multiply-adds per second of the 256-bit tiles in
