@@ -262,7 +262,8 @@ def test_served_processes_get_openblas_with_row_invariant_kernels(monkeypatch):
     assert "OPENBLAS_CORETYPE" not in cli.openblas_env({})
     monkeypatch.undo()
     if cli.has_avx2():  # a real child: the library it loads reports the kernels it took
-        probe = "import ctypes; f = ctypes.CDLL(None).openblas_get_corename; f.restype = ctypes.c_char_p; print(f().decode())"
+        probe = ("import ctypes; from kvshard.service.worker import _openblas; f = _openblas().openblas_get_corename; "
+                 "f.restype = ctypes.c_char_p; print(f().decode())")
         out = subprocess.run([sys.executable, "-c", probe], env=child_env(), capture_output=True, text=True, timeout=60)
         assert out.stdout.strip().lower() == "haswell", out
 

@@ -6,11 +6,11 @@ called through ctypes on the evaluated MLX arrays, zero-copy. It reads the packe
 per block of 64 tokens it decodes them (one run of 1, 2 or 4 bits in place with constant shifts, other layouts
 group by group over the block's tokens from 64-bit windows, 8 codes a vector op: register permutes to 6 bits
 with AVX-512, else gathers), scores them against the rotated query, runs the online softmax and accumulates
-values in their rotated domain; the query is rotated and the output un-rotated
-once, by the method's own maps read as per-head matrices and applied in numpy. Keys coded before RoPE (klt plans)
-are mapped back by the per-head synthesis (register tiles of 6 tokens x 16 outputs; x 32 in 512-bit registers
-where the CPU has AVX-512), shifted by the key mean and turned by RoPE inside the kernel. fp16 segments (sinks, window) go through the same kernel as an fp16 layout; the
-exact merge of the segments runs in numpy beside it: one evaluation of the inputs, one MLX array out. Covered: every method whose codes are runs
+values in their rotated domain; the query is rotated and the output un-rotated once, by the method's own maps
+read as per-head matrices and applied in numpy. Keys coded before RoPE (klt plans) are mapped back by the
+per-head synthesis (register tiles of 6 tokens x 16 outputs; x 32 in 512-bit registers where the CPU has
+AVX-512), shifted by the key mean and turned by RoPE inside the kernel. fp16 segments (sinks, window) go through
+the same kernel as an fp16 layout; the exact merge of the segments runs in numpy beside it: one evaluation of the inputs, one MLX array out. Covered: every method whose codes are runs
 of Lloyd-Max coordinates with one scale per token (turboquant_mse at 1-8 bits, klt), also inside query-aware
 key scales.
 
