@@ -5,6 +5,7 @@ an fp16 rotating window ("sliding fp16"); effective bits against the fp16 cache 
 
     python benchmarks/gemma_cpu_eval.py --out FILE.json [--texts pride_and_prejudice vim_manual]
         [--profile DIR] [--recipes klt turboquant_mse] [--sliding compressed fp16] [--value-weights 0.25 4]
+        [--sliding-values rotation klt]
 
 --value-weights F...: klt rows whose profile has its value sensitivities times F, which moves bits between keys and
 values (is the calibration's key/value balance right?).
@@ -62,6 +63,9 @@ def main(argv=None) -> int:
                              "with the other side at 8 bits a coordinate (where the error is)")
     parser.add_argument("--sliding", nargs="+", default=["compressed"], choices=["compressed", "fp16"])
     parser.add_argument("--value-weights", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--sliding-values", nargs="+", default=["rotation"], choices=["rotation", "klt"],
+                        help="klt rows: how the coded sliding layers code values (Profile.config's sliding_values; "
+                             "klt: the calibrated transform, the recipe before 2026-12-04)")
     args = parser.parse_args(argv)
     model, tokenizer = load_model("gemma3-270m")
     profile = load_profile(args.profile)
@@ -80,8 +84,10 @@ def main(argv=None) -> int:
                 elif recipe == "klt-unpriced":
                     rows = [(f"klt {layers} <= {b} bits, unpriced", unpriced(profile).config(b, sliding=sliding))]
                 else:
-                    rows = [(f"klt {layers} <= {b} bits" + ("" if f == 1 else f", value sensitivities x{f:g}"),
-                             value_weighted(profile, f).config(b, sliding=sliding)) for f in args.value_weights]
+                    rows = [(f"klt {layers} <= {b} bits" + ("" if f == 1 else f", value sensitivities x{f:g}")
+                             + ("" if v == "rotation" or sliding == "fp16" else ", sliding values klt"),
+                             value_weighted(profile, f).config(b, sliding=sliding, sliding_values=v))
+                            for f in args.value_weights for v in args.sliding_values if v == "rotation" or sliding != "fp16"]
                 configs += [(label, lambda config=config: KVCacheBuilder.for_model(model, config)) for label, config in rows]
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, MLX {mx.__version__} on {mx.default_device()}",
               "model": "gemma3-270m", "tokens": args.tokens, "chunk": 256, "profile": os.path.relpath(args.profile),

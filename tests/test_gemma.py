@@ -128,6 +128,37 @@ def test_stored_profile_belongs_to_gemma_and_codes_the_layers_asked(gemma):
     assert ppl_profile < 1.05 * ppl_fp16  # measured +0.50% mean over 1,023 tokens of 7 texts on the GPU
 
 
+def test_sliding_layers_code_values_with_a_rotation_at_the_bits_their_plans_give():
+    """Profile.config's sliding_values: a sliding layer's values keep the bits plan_klt gives them but are coded
+    over a random rotation (methods/klt.py: rotation_plan), as once <bos> has left the window the layer attends
+    small values its calibrated transform drops (benchmarks/results/gemma3-270m/passkey_logprob_4k_cpu.json); the
+    global layers and every key plan stay calibrated. "klt" gives the calibrated values back; the plans are made
+    once per budget, as caches and batch arenas compare them by identity."""
+    from kvshard.quant import load_profile
+    from kvshard.quant.methods.klt import KLT
+
+    profile = load_profile(STORED_PROFILE)
+    sliding = set(profile.sliding_layers)
+    for b, asked in ((3.5, "compressed"), (2.5, "full")):
+        ours, calibrated = profile.config(b, sliding=asked), profile.config(b, sliding=asked, sliding_values="klt")
+        again = profile.config(b, sliding=asked)
+        assert all(a is k for a, k in zip(ours.key_plans, calibrated.key_plans, strict=True))
+        assert all(a is v for a, v in zip(again.value_plans, ours.value_plans, strict=True))
+        for i, (plan, old) in enumerate(zip(ours.value_plans, calibrated.value_plans, strict=True)):
+            if i not in sliding:
+                assert plan is old
+                continue
+            assert sum(plan.coordinate_bits) == sum(old.coordinate_bits) and max(plan.coordinate_bits) - min(plan.coordinate_bits) <= 1
+            assert KLT(256, 4, plan=plan).layout == KLT(256, 4, plan=old).layout
+            assert np.allclose(plan.analysis[0] @ plan.analysis[0].T, np.eye(256), atol=1e-5)  # a rotation
+            assert max(old.coordinate_bits) - min(old.coordinate_bits) >= 2 and not np.allclose(plan.analysis, old.analysis)
+    fp16_windows = profile.config(3.5, sliding="fp16")
+    assert all(a is b for a, b in zip(fp16_windows.value_plans,
+                                      profile.config(3.5, sliding="fp16", sliding_values="klt").value_plans, strict=True))
+    with pytest.raises(ValueError, match="sliding_values"):
+        profile.config(3.5, sliding_values="hadamard")
+
+
 def test_stored_profile_names_the_codebooks_it_was_made_with():
     """The stored all-layer profile was calibrated and measured with version-2 codebooks: it must say so, or it reads
     as version 1 and `kvshard calibrate --measure` would re-plan it and drop its measured rows."""

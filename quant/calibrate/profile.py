@@ -209,7 +209,7 @@ class Profile:
         return overhead + share * 8 / self.head_dim, overhead + share * 8.0
 
     def config(self, budget_bits: float | None = None, tokens: int = PLANNED_TOKENS, window: int | None = None,
-               sliding: str | None = None):
+               sliding: str | None = None, sliding_values: str = "rotation"):
         """The best `klt` configuration this profile knows within `budget_bits` effective bits per K/V element,
         all overheads counted (sinks, the fp16 window of `window` tokens, key mean and scales), for a cache holding
         at least `tokens` tokens, its keys weighed context_key_scale(tokens) times more (the plans of the default
@@ -219,8 +219,12 @@ class Profile:
         plan every layer; "fp16" plans the full-attention layers alone within the budget and leaves the sliding
         layers' fp16 windows outside it. With "compressed" and a known `sliding_window` shorter than `tokens`, the
         budget is of the elements the model's fp16 cache holds (a sliding layer: its window) and a sliding layer's
-        bits cost what it holds: at 1,024 tokens half a global layer's (README, "A second model")."""
+        bits cost what it holds: at 1,024 tokens half a global layer's (README, "A second model").
+        sliding_values: how the coded sliding layers code values, at the bits their plans give them: "rotation"
+        (methods/klt.py: rotation_plan; the default) or "klt" (the calibrated transform, as before 2026-12-04:
+        it loses what those layers attend once the window has dropped <bos>)."""
         from ..config import KVCacheConfig
+        from ..methods.klt import rotation_plan
         from .klt import plan_klt
 
         budget = self.recommended_bits if budget_bits is None else budget_bits
@@ -251,6 +255,14 @@ class Profile:
                 pick(self.moments), pick(key_costs), pick(self.value_weights), code_bits,
                 decomposed=pick(self._decomposed), wide_bits=WIDE_BITS if self.wide_codebook else None,
                 coded_tokens=coded)
+        if sliding_values not in ("rotation", "klt"):
+            raise ValueError(f"sliding_values: must be 'rotation' or 'klt', got {sliding_values!r}")
+        if sliding_values == "rotation" and sliding != "fp16" and self.sliding_layers:
+            if (key, "rotation") not in self._configs:  # made once: caches and batch arenas compare plans by identity
+                slide, (keys, values) = set(self.sliding_layers), self._configs[key]
+                self._configs[key, "rotation"] = keys, [rotation_plan(p) if i in slide else p
+                                                        for i, p in zip(layers, values, strict=True)]
+            key = key, "rotation"
         key_plans, value_plans = self._configs[key]
         return KVCacheConfig(method="klt", sink_tokens=self.sink_tokens, window=window, key_plans=key_plans,
                              value_plans=value_plans, sliding=sliding, profile=self.name, budget_bits=float(budget),

@@ -102,6 +102,28 @@ class KLTPlan:
         return float(np.mean(self.coordinate_bits))
 
 
+def rotation_plan(plan: KLTPlan, seed: int = 42) -> KLTPlan:
+    """A plan of the same bits per token as `plan`, spread as evenly as whole bits allow over a seeded random
+    rotation of x instead of the calibrated transform (TurboQuant's coding, with KLT's layout and scale byte).
+
+    What it is for: values of Gemma 3's sliding-window layers (Profile.config). Once <bos> has left a 512-token
+    window, those layers put their spare attention on many small, near-null values (in the passkey filler, tokens
+    that recur every sentence),
+    whose energy lies in the directions calibration found weak and gave the fewest bits or none: coded 20-60% wrong
+    each, all alike, and heavily attended, they moved those layers' attention outputs by 9-18% at 5.5 bits where a
+    rotation's even error moved them 3-5% at 4 (benchmarks/gemma_attended_values.py). A rotation gives up the
+    calibrated transform's gain on typical tokens (tests/test_quant_klt.py); README, "A second model", has the
+    end-to-end effect."""
+    heads, d = plan.energies.shape
+    low, extra = divmod(int(sum(plan.coordinate_bits)), d)
+    bits = (low + 1,) * extra + (low,) * (d - extra)
+    rotation = np.broadcast_to(_rotation_matrix(d, seed), (heads, d, d))
+    # A rotation spreads a head's energy evenly: each coordinate expects the mean, which keeps the scale byte
+    # centred on typical tokens.
+    energies = np.broadcast_to(plan.energies.mean(axis=1, keepdims=True), (heads, d))
+    return KLTPlan(rotation, energies, bits, norm_bits=plan.norm_bits, wide_bits=None)
+
+
 def _groups(bits: list[int]) -> list[tuple[int, int, int]]:
     """(start, stop, bits) of every run of equal, non-zero bits."""
     runs, start = [], 0
