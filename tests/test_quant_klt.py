@@ -135,7 +135,7 @@ def test_transform_coding_gain_on_a_known_spectrum(mean_bits):
 
 def test_a_rotation_plan_codes_vectors_off_the_calibrated_subspace_as_well_as_typical_ones():
     """Gemma's sliding layers attend many small values lying where calibration saw little energy (its weakest
-    directions, 0-2 bits in the plan). rotation_plan keeps the plan's bytes per token but spreads its bits evenly
+    directions: no bits in this plan). rotation_plan keeps the plan's bytes per token but spreads its bits evenly
     over a random rotation: such vectors then get TurboQuant's error, as typical ones do; the calibrated plan
     drops most of them. Typical vectors pay for it (the plan's transform coding gain is gone)."""
     calibration, _ = _spectrum_data(4096, seed=2)

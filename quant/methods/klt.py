@@ -109,10 +109,11 @@ def rotation_plan(plan: KLTPlan, seed: int = 42) -> KLTPlan:
     What it is for: values of Gemma 3's sliding-window layers (Profile.config). Once <bos> has left a 512-token
     window, those layers put their spare attention on many small, near-null values (in the passkey filler, tokens
     that recur every sentence), whose energy lies in the directions calibration found weak and gave the fewest
-    bits or none: coded 20-60% wrong each, all alike, and heavily attended, they moved those layers' attention
-    outputs by 9-18% at 5.5 bits where a rotation's even error moved them 3-5% at 4
-    (benchmarks/gemma_attended_values.py). A rotation gives up the calibrated transform's gain on typical tokens
-    (tests/test_quant_klt.py); README, "A second model", has the end-to-end effect."""
+    bits or none: coded 25-60% wrong each, all alike, and heavily attended, they moved those layers' attention
+    outputs by 9-19% at 5.5 bits, where turboquant_mse's 4-bit values moved them 2-5% and this plan's, at the
+    5.5-bit plans' bytes, 0.7-1.5% (benchmarks/gemma_attended_values.py). A rotation gives up the calibrated
+    transform's gain on typical tokens (tests/test_quant_klt.py); README, "A second model", has the end-to-end
+    effect."""
     heads, d = plan.energies.shape
     low, extra = divmod(int(sum(plan.coordinate_bits)), d)
     bits = (low + 1,) * extra + (low,) * (d - extra)
