@@ -20,10 +20,9 @@ import sys
 import mlx.core as mx
 import numpy as np
 
-from gemma_passkey_logprob import PROFILE
+from gemma_passkey_logprob import PROFILE, mixed
 from gemma_quality import PREFILL_CHUNK, _machine, _now, passkey_batch, sliding_layers
-from kvshard.quant import KVCacheBuilder, KVCacheConfig, load_profile
-from kvshard.quant import eval as quality
+from kvshard.quant import KVCacheConfig, load_profile
 from kvshard.quant.cache import CompressedKVCache
 from kvshard.quant.models import load_model
 
@@ -106,8 +105,7 @@ def main() -> int:
     report = {"date": _now(), "machine": _machine(), "length": args.length, "prefill_chunk": PREFILL_CHUNK,
               "layers": "sliding layers coded, global layers fp16", "results": {}}
     for label, config in configs.items():
-        coded, fp16 = KVCacheBuilder.for_model(model, config), quality.baseline_config(model).make_caches()
-        caches = [coded[i] if i in sliding else fp16[i] for i in range(len(fp16))]
+        caches = mixed(model, config, sliding)()
         for i in sliding:
             caches[i].layer_index = i
         with Recorder() as recorder:

@@ -23,9 +23,18 @@ from gemma_quality import PREFILL_CHUNK, _head, _machine, _now, global_layers, p
 from kvshard.quant import KVCacheBuilder, KVCacheConfig, load_profile
 from kvshard.quant import eval as quality
 from kvshard.quant.models import load_model
-from kvshard.quant.sliding import Float16RotatingKVCache, effective_bits_vs_fp16, sliding_windows
+from kvshard.quant.sliding import effective_bits_vs_fp16
 
 PROFILE = os.path.join(os.path.dirname(__file__), "results", "gemma3-270m", "gemma3-270m-all-layers")
+
+
+def mixed(model, config, coded_layers):
+    """A caches factory: `config`'s caches on `coded_layers`, the fp16 baseline's (rotating windows where the
+    layer slides) on the others."""
+    def make():
+        coded, base = KVCacheBuilder.for_model(model, config), quality.baseline_config(model).make_caches()
+        return [coded[i] if i in coded_layers else base[i] for i in range(len(base))]
+    return make
 
 
 def configs(model, profile) -> dict:
@@ -33,27 +42,21 @@ def configs(model, profile) -> dict:
     the reverse, 'all' every layer; 'sliding values klt' codes the sliding layers' values with their calibrated
     transform (Profile.config's sliding_values="klt", the recipe before 2026-12-04) instead of a rotation."""
     fp16 = quality.baseline_config(model).make_caches
-
-    def mixed(config, coded_layers):
-        def make():
-            coded, base = KVCacheBuilder.for_model(model, config), fp16()
-            return [coded[i] if i in coded_layers else base[i] for i in range(len(base))]
-        return make
-
     every, sliding, global_ = set(range(len(model.layers))), set(sliding_layers(model)), set(global_layers(model))
     tq = lambda k, v: KVCacheConfig(method="turboquant_mse", key_bits=k, value_bits=v, seed=42, sliding="compressed")
     rows = {"fp16": fp16}
     for b in (3.5, 2.5):
-        rows[f"klt {b} all"] = mixed(profile.config(b), every)
-        rows[f"klt {b} all, sliding values klt"] = mixed(profile.config(b, sliding_values="klt"), every)
-    rows["klt 3.5 on global"] = mixed(profile.config(3.5), global_)
+        rows[f"klt {b} all"] = mixed(model, profile.config(b), every)
+        rows[f"klt {b} all, sliding values klt"] = mixed(model, profile.config(b, sliding_values="klt"), every)
+    rows["klt 3.5 on global"] = mixed(model, profile.config(3.5), global_)
     for b in (3.5, 5.5):
-        rows[f"klt {b} on sliding"] = mixed(profile.config(b), sliding)
-        rows[f"klt {b} on sliding, sliding values klt"] = mixed(profile.config(b, sliding_values="klt"), sliding)
+        rows[f"klt {b} on sliding"] = mixed(model, profile.config(b), sliding)
+        rows[f"klt {b} on sliding, sliding values klt"] = mixed(model, profile.config(b, sliding_values="klt"), sliding)
     for k, v in ((8, 8), (4, 4), (8, 4), (4, 8)):
-        rows[f"tq k{k}/v{v} on sliding"] = mixed(tq(k, v), sliding)
-    rows["klt 5.5 keys, tq 4-bit values, on sliding"] = mixed(tq_values(profile.config(5.5, sliding_values="klt"), 4), sliding)
-    rows["klt 3.5 keys, tq 3-bit values, on sliding"] = mixed(tq_values(profile.config(3.5, sliding_values="klt"), 3), sliding)
+        rows[f"tq k{k}/v{v} on sliding"] = mixed(model, tq(k, v), sliding)
+    for b, bits in ((5.5, 4), (3.5, 3)):
+        calibrated = profile.config(b, sliding_values="klt")
+        rows[f"klt {b} keys, tq {bits}-bit values, on sliding"] = mixed(model, tq_values(calibrated, bits), sliding)
     return rows
 
 

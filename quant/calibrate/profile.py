@@ -227,6 +227,8 @@ class Profile:
         from ..methods.klt import rotation_plan
         from .klt import plan_klt
 
+        if sliding_values not in ("rotation", "klt"):
+            raise ValueError(f"sliding_values: must be 'rotation' or 'klt', got {sliding_values!r}")
         budget = self.recommended_bits if budget_bits is None else budget_bits
         window = self._window(self.default_window(budget_bits) if window is None else window)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
@@ -255,8 +257,6 @@ class Profile:
                 pick(self.moments), pick(key_costs), pick(self.value_weights), code_bits,
                 decomposed=pick(self._decomposed), wide_bits=WIDE_BITS if self.wide_codebook else None,
                 coded_tokens=coded)
-        if sliding_values not in ("rotation", "klt"):
-            raise ValueError(f"sliding_values: must be 'rotation' or 'klt', got {sliding_values!r}")
         if sliding_values == "rotation" and sliding != "fp16" and self.sliding_layers:
             if (key, "rotation") not in self._configs:  # made once: caches and batch arenas compare plans by identity
                 slide, (keys, values) = set(self.sliding_layers), self._configs[key]

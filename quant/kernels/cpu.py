@@ -10,9 +10,9 @@ values in their rotated domain; the query is rotated and the output un-rotated o
 read as per-head matrices and applied in numpy. Keys coded before RoPE (klt plans) are mapped back by the
 per-head synthesis (register tiles of 6 tokens x 16 outputs; x 32 in 512-bit registers where the CPU has
 AVX-512), shifted by the key mean and turned by RoPE inside the kernel. fp16 segments (sinks, window) go through
-the same kernel as an fp16 layout; the exact merge of the segments runs in numpy beside it: one evaluation of the inputs, one MLX array out. Covered: every method whose codes are runs
-of Lloyd-Max coordinates with one scale per token (turboquant_mse at 1-8 bits, klt), also inside query-aware
-key scales.
+the same kernel as an fp16 layout; the exact merge of the segments runs in numpy beside it: one evaluation of
+the inputs, one MLX array out. Covered: every method whose codes are runs of Lloyd-Max coordinates with one
+scale per token (turboquant_mse at 1-8 bits, klt), also inside query-aware key scales.
 
 Encode (`native_encode`): the method's transform in MLX (klt's matmul, turboquant's rotation), then nearest
 centroids, klt's scale refits and the bit stream in src/cpu_encode.c: one call per append where the methods'
