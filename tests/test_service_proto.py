@@ -1,6 +1,7 @@
 """The committed stubs are exactly what the build generates from proto/, and the wire contract has every RPC."""
 
 import pathlib
+import tomllib
 
 from kvshard.wire import protogen
 from kvshard.wire import kvshard_pb2 as pb
@@ -15,6 +16,15 @@ def test_committed_stubs_match_the_proto(tmp_path):
         assert committed.read_text() == path.read_text(), f"{path.name} drifted from the .proto; run python wire/protogen.py"
     stale = {p.name for p in protogen.STUB_DIR.glob("*_pb2*.py*")} - {p.name for p in generated}
     assert not stale, f"stubs without a .proto: {stale}"
+
+
+def test_the_build_generates_the_stubs_with_the_pinned_grpcio_tools():
+    """setup.py regenerates the stubs in pip's build environment, which ignores constraints.txt: unpinned there,
+    a newer grpcio-tools wrote stubs that refused to import under the pinned grpcio (2026-12-06)."""
+    root = protogen.ROOT
+    build = tomllib.loads((root / "pyproject.toml").read_text())["build-system"]["requires"]
+    pins = dict(line.split("==") for line in (root / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert f"grpcio-tools=={pins['grpcio-tools']}" in build, (build, pins["grpcio-tools"])
 
 
 def test_the_service_has_the_contracted_rpcs():
