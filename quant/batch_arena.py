@@ -13,7 +13,10 @@ arena; the codes themselves are copied back lazily: a cache that belongs to an a
 (`cache._lease`), and whatever reads its codes first (its `_settle`: state for a commit, trim, segments,
 nbytes, deepcopy) takes back the tokens the arena coded since. A row leaves (`release`) with the same copy,
 and before anything but the arena writes to its cache (a prefill chunk, a row run alone): `sync` rejects a row
-whose cache moved behind the arena's back (a trim), which then joins again from its cache.
+whose cache moved behind the arena's back (a trim), which then joins again from its cache. A row that leaves
+frees its slot, which the next session to join takes: moving the last member into the hole instead copied that
+member's whole codes on the MLX thread while every stream waited (~5-12 ms a 4K-token SmolLM2 session on the
+CPU, each time a stream ended).
 
 Rows that can share a layer's buffer: caches that hold only codes (no fp16 sinks or window, the key mean known),
 coded alike (one configuration, the same calibrated plans and key scales), keys coded after RoPE, no observers.
@@ -67,7 +70,7 @@ class _Lease:
 
 class ArenaLayer:
     """One layer's buffer: slot s holds the codes of `caches[s]`, its first `lengths[s]` tokens; the cache's own
-    buffers hold the first `synced[s]` of them."""
+    buffers hold the first `synced[s]` of them. A free slot (its member left) holds None and no tokens."""
 
     def __init__(self, first: CompressedKVCache, on_gpu: bool):
         self.key_method, self.value_method = first.key_quantizer, first.value_quantizer
@@ -78,7 +81,8 @@ class ArenaLayer:
         self.lengths: list[int] = []
         self.synced: list[int] = []
         self.codes = {side: None for side in _CODE_SIDES}  # name -> (slots, H, capacity, w)
-        self.key_mean = None  # (slots, H, 1, D) fp16, or None when keys are not centred
+        self._means: list = []  # per slot its cache's key mean (1, H, 1, D) fp16, None where free or not centred
+        self.key_mean = None  # (slots, H, 1, D) fp16 (zeros in free slots), or None when keys are not centred
         self._pending = None  # on a GPU, the step's (slots, keys, values): `attend`'s launch codes them in place
         self._written = None  # on a GPU, the output of the last in-place launch, until evaluated
 
@@ -88,30 +92,33 @@ class ArenaLayer:
 
     # ---- rows in and out ------------------------------------------------------------------------------------
 
-    def add(self, caches: list[CompressedKVCache]) -> None:
-        """Copy the caches' codes into new slots, in order (each must fit: codes_only and coded like the first).
-        All at once: on a GPU every evaluation waits for the device, and two per cache and layer (1,024 for 32
-        sessions of 16 layers; now 32) made 32 sessions joining take 120 ms on the H200, now 28-39 ms."""
+    def add(self, caches: list[CompressedKVCache], slots: list[int]) -> None:
+        """Copy the caches' codes into the given slots (free ones, or new ones at the end; each cache must fit:
+        codes_only and coded like the first). All at once: on a GPU every evaluation waits for the device, and two
+        per cache and layer (1,024 for 32 sessions of 16 layers; now 32) made 32 sessions joining take 120 ms on
+        the H200, now 28-39 ms."""
         for cache in caches:
             cache._settle()  # a token its own GPU step left for the next launch goes into its codes first
             if cache.n_encoded != cache.offset:
                 raise ValueError("cache: holds tokens other than codes, which a batch arena does not")
         self._flush()  # (a GPU write below copies the buffer it writes into)
-        first = len(self.caches)
         # Room for them all at once (a growth copies every slot), and for each row's next token (`store`).
-        self._room(first + len(caches), max(c.n_encoded for c in caches) + 2)
-        for slot, cache in enumerate(caches, start=first):
+        self._room(max(len(self.caches), max(slots) + 1), max(c.n_encoded for c in caches) + 2)
+        for slot, cache in zip(slots, caches, strict=True):
             n = cache.n_encoded
             for side in _CODE_SIDES:
                 for name, held in getattr(cache, side).items():
-                    self._write(self.codes[side][name], slot, 0, held[:, :, :n])
-            self.caches.append(cache)
-            self.lengths.append(n)
-            self.synced.append(n)
+                    self._write_prefix(self.codes[side][name], slot, held, n)
+            if slot >= len(self.caches):  # new slots at the end (free ones in between stay free)
+                grow = slot + 1 - len(self.caches)
+                self.caches += [None] * grow
+                self.lengths += [0] * grow
+                self.synced += [0] * grow
+                self._means += [None] * grow
+            self.caches[slot], self.lengths[slot], self.synced[slot] = cache, n, n
+            self._means[slot] = None if cache.key_mean is None else cache.key_mean.astype(mx.float16)
             cache._lease = _Lease(self, slot)
-        if caches[0].key_mean is not None:
-            means = [c.key_mean.astype(mx.float16) for c in caches]
-            self.key_mean = mx.concatenate(([self.key_mean[:first]] if first else []) + means, axis=0)
+        self._stack_means()
         self._settle_buffers()
 
     def sync(self, slot: int, settle: bool = True) -> list:
@@ -119,7 +126,7 @@ class ArenaLayer:
         arrays that changed. settle=False: the caller has flushed the buffers and evaluates what is returned before
         the buffers are written again (BatchArena.release, for every layer in one evaluation)."""
         cache, start, stop = self.caches[slot], self.synced[slot], self.lengths[slot]
-        lease = cache._lease
+        lease = None if cache is None else cache._lease
         if stop <= start or lease is None or lease.layer is not self or lease.slot != slot or cache.n_encoded != stop:
             return []  # nothing new, or the cache moved on without the arena (its state replaced): ours is stale
         if settle:
@@ -134,23 +141,22 @@ class ArenaLayer:
         return changed
 
     def remove(self, slot: int) -> None:
-        """The slot's cache leaves; the last slot moves into its place. The caller (BatchArena.release) has flushed
-        the buffers and synced both slots, and evaluates the buffers after, for every layer at once."""
+        """The slot's cache leaves and the slot is free (trailing free slots are dropped, so that a step's rows
+        are the live ones). The caller (BatchArena.release) has synced the slot and evaluated what came back."""
         self.caches[slot]._lease = None
-        last = len(self.caches) - 1
-        if slot != last:
-            n = self.lengths[last]
-            for side in _CODE_SIDES:
-                for a in self.codes[side].values():
-                    self._write(a, slot, 0, self._read(a, last, 0, n))
-            if self.key_mean is not None:
-                order = mx.array([i if i != slot else last for i in range(last)], dtype=mx.int32)
-                self.key_mean = mx.take(self.key_mean, order, axis=0)
-            self.caches[slot], self.lengths[slot], self.synced[slot] = self.caches[last], n, self.synced[last]
-            self.caches[slot]._lease = _Lease(self, slot)
-        elif self.key_mean is not None:
-            self.key_mean = self.key_mean[:last]
-        del self.caches[last], self.lengths[last], self.synced[last]
+        self.caches[slot], self.lengths[slot], self.synced[slot], self._means[slot] = None, 0, 0, None
+        while self.caches and self.caches[-1] is None:
+            del self.caches[-1], self.lengths[-1], self.synced[-1], self._means[-1]
+        self._stack_means()
+
+    def _stack_means(self) -> None:
+        """key_mean: the slots' means in one array, zeros in free slots (their rows attend nothing)."""
+        present = [m for m in self._means if m is not None]
+        if not present:
+            self.key_mean = None
+            return
+        zeros = mx.zeros_like(present[0])
+        self.key_mean = mx.concatenate([zeros if m is None else m for m in self._means], axis=0)
 
     # ---- storage: numpy on the CPU (the kernel reads it, written in place), MLX arrays on a GPU ---------------
 
@@ -190,19 +196,20 @@ class ArenaLayer:
         fresh[:rows, :, :tokens] = old  # numpy in place; MLX as a slice update of the new array
         return fresh
 
-    def _write(self, buffer, slot: int, start: int, data) -> None:
-        """buffer[slot, :, start : start + n] = data (1, H, n, w), in place."""
-        n = data.shape[2]
+    def _write_prefix(self, buffer, slot: int, held, n: int) -> None:
+        """buffer[slot, :, :n] = held[0, :, :n] (a cache's code buffer, (1, H, capacity, w)), in one copy: on the
+        CPU numpy reads the evaluated MLX buffer where it lies (slicing it in MLX first copied it once more)."""
         if self.on_gpu:
-            buffer[slot : slot + 1, :, start : start + n] = data
+            buffer[slot : slot + 1, :, :n] = held[:, :, :n]
         else:
-            buffer[slot, :, start : start + n] = np.asarray(data)[0]
+            mx.eval(held)
+            buffer[slot, :, :n] = np.asarray(held)[0, :, :n]
 
     def _read(self, buffer, slot: int, start: int, stop: int) -> mx.array:
         """buffer[slot, :, start:stop] as a (1, H, n, w) MLX array of its own."""
         if self.on_gpu:
             return buffer[slot : slot + 1, :, start:stop] + 0  # an op: a buffer of its own, not a view of ours
-        return mx.array(buffer[slot : slot + 1, :, start:stop])
+        return mx.array(np.ascontiguousarray(buffer[slot : slot + 1, :, start:stop]))  # (a strided copy: 3.5x slower)
 
     def _settle_buffers(self) -> None:
         """On a GPU, the buffers evaluated, so that the in-place launch writes the arrays we hold."""
@@ -347,7 +354,7 @@ class BatchArena:
 
     def __init__(self):
         self.layers: list[ArenaLayer] | None = None
-        self.members: list[list] = []  # per slot, the session's per-layer caches
+        self.members: list[list | None] = []  # per slot, the session's per-layer caches (None: a free slot)
         self.model_slides = False  # set once a step met a sliding-window layer: no session of this model fits
 
     def fits(self, caches: list) -> bool:
@@ -369,8 +376,9 @@ class BatchArena:
 
     def join(self, sessions: list[list]) -> list[int]:
         """The sessions' slots (each session: its per-layer caches, which must fit): joined now where needed (their
-        codes copied in, the buffers sized once for all of them), or again where a member's caches moved without
-        the arena (a trim: their offsets differ from the arena's lengths)."""
+        codes copied into free slots, lowest first, then new ones; the buffers sized once for all of them), or
+        again where a member's caches moved without the arena (a trim: their offsets differ from the arena's
+        lengths)."""
         joining = []
         for caches in sessions:
             slot = self.slot_of(caches)
@@ -384,9 +392,13 @@ class BatchArena:
             if not self.members and not self._codes_alike(joining[0]):
                 # The buffers are kept while the arena is empty, for the next batch of the same coding.
                 self.layers = [ArenaLayer(c, on_gpu=kernels.gpu_backend() is not None) for c in joining[0]]
+            free = [slot for slot, member in enumerate(self.members) if member is None][: len(joining)]
+            slots = free + list(range(len(self.members), len(self.members) + len(joining) - len(free)))
             for i, layer in enumerate(self.layers):
-                layer.add([caches[i] for caches in joining])
-            self.members.extend(joining)
+                layer.add([caches[i] for caches in joining], slots)
+            self.members.extend([None] * (max(slots) + 1 - len(self.members)))
+            for slot, caches in zip(slots, joining, strict=True):
+                self.members[slot] = caches
         return [self.slot_of(caches) for caches in sessions]
 
     def release(self, caches: list) -> None:
@@ -395,27 +407,23 @@ class BatchArena:
 
     def release_many(self, sessions: list[list]) -> None:
         """The sessions leave (each: its per-layer caches; ones not in the arena are skipped): their caches get the
-        codes back and own them again, and the members in the last slots move into the freed ones. Every layer's
-        buffers are read, copied back and moved in three evaluations for all of them: on a GPU each waits for the
-        device, and per layer and session they cost 3.5 ms a 16-layer session (32 leaving one by one: 110-118 ms on
-        the H200, 51-59 ms with three evaluations a session)."""
-        slots = sorted({slot for slot in map(self.slot_of, sessions) if slot is not None}, reverse=True)
+        codes back and own them again, and their slots are free. Every layer's buffers are read and copied back
+        in two evaluations for all of them: on a GPU each waits for the device, and per layer and session they
+        cost 3.5 ms a 16-layer session (32 leaving one by one: 110-118 ms on the H200, 51-59 ms with three
+        evaluations a session)."""
+        slots = sorted({slot for slot in map(self.slot_of, sessions) if slot is not None})
         if not slots:
             return
         if self.layers[0].on_gpu:  # every layer's last in-place launch run before its buffers are read
             mx.eval([layer._flushed() for layer in self.layers])
-        # The leaving slots, and the members that move into them: removed highest first, each takes the last
-        # member, so the ones that move are among the last len(slots) (for one session: its slot and the last).
-        n = len(self.members)
-        moving = sorted(set(slots) | set(range(max(n - len(slots), 0), n)))
-        changed = [layer.sync(slot, settle=False) for layer in self.layers for slot in moving]
+        changed = [layer.sync(slot, settle=False) for layer in self.layers for slot in slots]
         mx.eval(changed)  # copies of their own before the slots are written
-        for slot in slots:  # highest first: the last member is then never one that leaves after it
+        for slot in slots:
             for layer in self.layers:
                 layer.remove(slot)
-            last = len(self.members) - 1
-            self.members[slot] = self.members[last]
-            del self.members[last]
+            self.members[slot] = None
+        while self.members and self.members[-1] is None:
+            del self.members[-1]
         if self.layers[0].on_gpu:
             mx.eval([layer._held() for layer in self.layers])
 

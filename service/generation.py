@@ -17,7 +17,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 from kvshard.quant.batch_arena import BatchArena, SlidingWindowLayer
 from kvshard.quant.batch_view import batch_views
 from kvshard.quant.sliding import SlidingCompressedKVCache
-from kvshard.service import metrics
+from kvshard.service import logs, metrics
 from kvshard.service.errors import LimitExceeded
 from kvshard.service.sessions import Session, SessionManager
 from kvshard.service.worker import run_to_completion
@@ -92,6 +92,8 @@ class Decoder:
         self.progress = progress  # the session's last_generate, counted here so it matches the tokens
         self._before = None  # (tokens, cache offsets, sliding caches held) before the token being fed, for a rollback
         self.released = False  # out of the batch arena (Scheduler.release), once its stream ended
+        self.stop_token_ids: frozenset[int] = frozenset()
+        self.final = None  # (finish reason, the session's snapshot) taken in the turn that sampled the last token
 
     def pending_tokens(self) -> int:
         """Tokens the next step feeds before it can sample (1 on a plain decode step)."""
@@ -154,6 +156,13 @@ class Decoder:
             session.record.layer_offsets = [c.offset for c in session.caches]
             session.memory_bytes += grown_bytes
         return token
+
+    def finish_reason(self, token: int) -> str | None:
+        """After `_accept(token)`: why the stream ends on it, as far as tokens tell (a stop string, found in the
+        text, can end it too: `generate` decides)."""
+        if token in self.stop_token_ids:
+            return _STOP
+        return _LENGTH if self.progress["generated_tokens"] >= self.progress["max_tokens"] else None
 
     def rollback(self) -> None:
         """The session as it was before this token's first chunk."""
@@ -223,6 +232,32 @@ def decode_batch(decoders: list[Decoder], arena: BatchArena | None = None) -> li
         except Exception as error:  # noqa: BLE001 (handed to its own stream, which re-raises it)
             outcomes.append(error)
     return outcomes
+
+
+def finish_in_turn(decoders: list[Decoder], outcomes: list, arena: BatchArena | None) -> None:
+    """(MLX thread, right after the step) The streams whose token ends them leave the arena together and their
+    sessions' commit snapshots are taken here, so that `generate` only writes them to the store before yielding
+    the last token. As jobs of their own, queued behind the next turn of the streams still decoding, they held
+    each ending stream's last token back by a whole batched step, and by the others' releases."""
+    ending = []
+    for decoder, outcome in zip(decoders, outcomes, strict=True):
+        reason = decoder.finish_reason(outcome) if isinstance(outcome, int) and not isinstance(outcome, bool) else None
+        if reason is not None:
+            ending.append((decoder, reason))
+    if not ending:
+        return
+    try:
+        if arena is not None:
+            arena.release_many([decoder.session.caches for decoder, _ in ending])
+        for decoder, reason in ending:
+            decoder.released = True
+            decoder.progress.update(finished=True, finish_reason=reason)
+            decoder.final = reason, decoder.session.snapshot()
+    except Exception:  # noqa: BLE001 (the tokens stand; each stream releases and commits in jobs of its own)
+        logs.logger().exception("finish_in_turn failed: the streams release and commit in jobs of their own")
+        for decoder, _ in ending:
+            decoder.final = None
+            decoder.released = False
 
 
 def _leave(arena: BatchArena | None, caches: list) -> None:
@@ -297,7 +332,7 @@ async def generate(manager: SessionManager, scheduler, model, session: Session, 
     progress = dict(start_offset=start, prompt_tokens=len(prompt), generated_tokens=0, max_tokens=options.max_tokens, finished=False)
     record.last_generate = progress
     decoder = Decoder(model, session, prompt, options.sampling, progress)
-    stop_ids = options.stop_token_ids
+    stop_ids = decoder.stop_token_ids = options.stop_token_ids
     scheduler.join(decoder)
     started = time.monotonic()
     try:
@@ -309,12 +344,14 @@ async def generate(manager: SessionManager, scheduler, model, session: Session, 
             finish = _STOP if (token in stop_ids or text.stopped) else _LENGTH if generated == options.max_tokens else None
             if finish is not None:
                 delta += "" if text.stopped else text.flush()
-                progress.update(finished=True, finish_reason=finish)
-                # Out of the batch first: its codes come back to the caches for every stream ending in this
-                # step at once, and the commit's snapshot then copies nothing from the arena.
                 scheduler.leave(decoder)
-                await run_to_completion(scheduler.release(decoder))
-                await manager.commit(session)
+                final, decoder.final = decoder.final, None
+                if final is not None and final[0] == finish:  # the turn left the arena and took the snapshot
+                    await manager.commit(session, snapshot=final[1])
+                else:  # (a stop string ended it: the snapshot, if any, says another finish reason)
+                    progress.update(finished=True, finish_reason=finish)
+                    await run_to_completion(scheduler.release(decoder))
+                    await manager.commit(session)
             elif generated % limits.checkpoint_tokens == 0:
                 await manager.commit(session)
             yield GeneratedToken(

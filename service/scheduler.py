@@ -35,7 +35,7 @@ import numpy as np
 
 from kvshard.quant.batch_arena import BatchArena
 from kvshard.service import metrics
-from kvshard.service.generation import PREFILL_CHUNK, decode_batch
+from kvshard.service.generation import PREFILL_CHUNK, decode_batch, finish_in_turn
 from kvshard.service.worker import SerialExecutor, blas_threads
 
 ORDERS = ("round-robin", "arrival")
@@ -243,7 +243,9 @@ def _run_turn(prefill, chunk: int, batch: list, arena: BatchArena) -> tuple[list
     if batch:
         with blas_threads(DECODE_BLAS_THREADS):
             outcomes.extend(decode_batch(batch, arena))
-    return outcomes, started, fed - started, time.monotonic() - fed
+    decoded = time.monotonic()
+    finish_in_turn(([prefill] if prefill is not None else []) + batch, outcomes, arena)
+    return outcomes, started, fed - started, decoded - fed
 
 
 def chunk_tokens(cost: "ChunkCost", first: int, end: int, start: int, decode_s: float) -> int:

@@ -675,12 +675,14 @@ class SessionManager:
         parts = [await self.mlx.run(session.attend, layer, queries[..., i : i + step, :]) for i in range(0, tokens, step)]
         return np.concatenate(parts, axis=-2)
 
-    async def commit(self, session: Session, only_if_changed: bool = False) -> None:
+    async def commit(self, session: Session, only_if_changed: bool = False, snapshot=None) -> None:
         """Make the session's state durable. If the store fails, the hot copy (now ahead of the store) is
-        dropped, so the next call sees exactly what the store holds."""
+        dropped, so the next call sees exactly what the store holds. snapshot: the session's snapshot, taken on
+        the MLX thread since its last change (generation.finish_in_turn), or None to take one now."""
         if only_if_changed and session.unchanged_since_commit():  # (no job of the session runs: we hold it)
             return
-        snapshot = await self.mlx.run(session.snapshot, only_if_changed, job="snapshot")
+        if snapshot is None:
+            snapshot = await self.mlx.run(session.snapshot, only_if_changed, job="snapshot")
         if snapshot is None:
             return
         record, deltas = snapshot

@@ -1,6 +1,6 @@
 """The batch arena (quant/batch_arena.py) against each row's own cache: one decode step of many rows in one buffer
-per layer gives each row the attention and the codes that row's cache gives alone; rows join, leave (the last
-slot moving into the hole) and sit out steps; a cache's readers (state, trim, deepcopy, nbytes) see its codes
+per layer gives each row the attention and the codes that row's cache gives alone; rows join, leave (their slot
+free for the next to join) and sit out steps; a cache's readers (state, trim, deepcopy, nbytes) see its codes
 from the arena; a cache that moved behind the arena's back (a trim) joins again from its own codes. Also the CPU
 kernel's per-row-length entry point against one call per row."""
 
@@ -74,8 +74,8 @@ def test_steps_equal_each_row_alone_with_rows_joining_leaving_and_sitting_out():
     steps = [[0, 1, 2, 3], [0, 1, 2, 3], [3, 0], [1, 2, 3, 0], [2, 1]]  # a subset in another order; rows sitting out
     for step, rows in enumerate(steps):
         if step == 3:
-            arena.release(members[0])  # slot 0 leaves: the last slot moves into its place
-            assert caches[0]._lease is None
+            arena.release(members[0])  # slot 0 leaves and is free; the row joins again next step, into it
+            assert caches[0]._lease is None and arena.members[0] is None
         keys, values, queries = _token(rng, len(rows))
         together = _arena_step(arena, members, rows, keys, values, queries)
         alone = _alone_step(twins, rows, keys, values, queries)
@@ -87,8 +87,9 @@ def test_steps_equal_each_row_alone_with_rows_joining_leaving_and_sitting_out():
 
 
 def test_sessions_leaving_together_get_their_codes_and_the_others_keep_stepping():
-    """release_many: rows 0 and 2 of five leave in one call (the last rows move into their slots); every leaver
-    holds the codes its twin coded alone, and the rows left step on as alone."""
+    """release_many: rows 0 and 2 of five leave in one call (their slots free, nobody moves); every leaver holds
+    the codes its twin coded alone, the rows left step on as alone, and a session joining later takes the lowest
+    free slot, from its own codes."""
     lengths = LENGTHS + [64]
     caches, twins = _rows(lengths)
     members = [[c] for c in caches]
@@ -99,9 +100,10 @@ def test_sessions_leaving_together_get_their_codes_and_the_others_keep_stepping(
         together = _arena_step(arena, members, everyone, keys, values, queries)
         alone = _alone_step(twins, everyone, keys, values, queries)
         assert mx.abs(together - alone).max().item() <= TOLERANCE  # (evaluated, as the service evaluates every step)
+    slots_before = [arena.slot_of(m) for m in members]
     arena.release_many([members[2], members[0], members[2]])  # a session named twice leaves once
-    assert len(arena.members) == 3 and all(caches[r]._lease is None for r in (0, 2))
-    assert sorted(map(id, arena.members)) == sorted(id(members[r]) for r in (1, 3, 4))
+    assert all(caches[r]._lease is None for r in (0, 2)) and arena.members[0] is None and arena.members[2] is None
+    assert [arena.slot_of(members[r]) for r in (1, 3, 4)] == [slots_before[r] for r in (1, 3, 4)]  # nobody moved
     for r in (0, 2):
         _same_state(caches[r], twins[r])
     staying = [4, 1, 3]
@@ -110,9 +112,17 @@ def test_sessions_leaving_together_get_their_codes_and_the_others_keep_stepping(
         together = _arena_step(arena, members, staying, keys, values, queries)
         alone = _alone_step(twins, staying, keys, values, queries)
         assert mx.abs(together - alone).max().item() <= TOLERANCE
-    arena.release_many([members[r] for r in staying])
-    assert not arena.members
-    for r in staying:
+    # Row 2 comes back (its cache holds its codes again): the lowest free slot, 0, with row 0's old codes under it.
+    rows = [2, 4, 1, 3]
+    for _ in range(2):
+        keys, values, queries = _token(rng, len(rows))
+        together = _arena_step(arena, members, rows, keys, values, queries)
+        alone = _alone_step(twins, rows, keys, values, queries)
+        assert mx.abs(together - alone).max().item() <= TOLERANCE
+    assert arena.slot_of(members[2]) == 0 and arena.members[2] is None
+    arena.release_many([members[r] for r in rows])
+    assert not arena.members and all(not layer.caches for layer in arena.layers)
+    for r in rows:
         _same_state(caches[r], twins[r])
 
 
@@ -228,3 +238,29 @@ def test_cpu_kernel_rows_of_their_own_lengths_equal_one_call_per_row():
         assert mx.abs(together[b] - alone[0]).max().item() <= 1e-6
     with pytest.raises(RuntimeError, match="refused"):
         cpu.cpu_rows_attention(q, segment, method_k, method_v, np.asarray([800, 0, 1, 1], np.int32))
+
+
+@pytest.mark.skipif(cpu.native_library() is None, reason="no C compiler for the CPU kernel")
+def test_cpu_rows_calls_count_their_rows_tokens_for_threads_and_agree_with_one_thread(monkeypatch):
+    """The rows entry point's thread count follows the tokens the rows hold (not rows x the longest row) against
+    ROWS_PARALLEL_WORK; on two threads it answers as on one."""
+    caches = [_cache(n, seed) for seed, n in enumerate([700, 40, 129])]
+    layer_arena = BatchArena()
+    slots = layer_arena.join([[c] for c in caches])
+    layer = layer_arena.layers[0]
+    rng = np.random.default_rng(2)
+    q = mx.array(rng.normal(size=(3, H, Q_HEADS // H, 1, D)).astype(np.float32) * SCALE)
+    segment = CodeSegment(layer.codes["key_codes"], layer.codes["value_codes"], None, max(layer.lengths))
+    lengths = np.asarray(layer.lengths, np.int32)
+    work = H * int(lengths.sum()) * (Q_HEADS // H) * 2 * D  # scores and values of every query row
+    assert slots == [0, 1, 2] and work < H * 3 * 700 * (Q_HEADS // H) * 2 * D
+    monkeypatch.delenv(cpu.ENV_THREADS, raising=False)
+    monkeypatch.setattr(cpu, "_cores", lambda: 2)
+    chosen, real = [], cpu._threads
+    monkeypatch.setattr(cpu, "_threads", lambda work=0, *limit: chosen.append(real(work, *limit)) or chosen[-1])
+    outputs = []
+    for limit in (work + 1, work):
+        monkeypatch.setattr(cpu, "ROWS_PARALLEL_WORK", limit)
+        outputs.append(cpu.cpu_rows_attention(q, segment, layer.key_method, layer.value_method, lengths))
+    assert chosen == [1, 2]
+    assert mx.abs(outputs[0] - outputs[1]).max().item() <= 1e-6

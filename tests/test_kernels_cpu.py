@@ -191,7 +191,7 @@ def test_large_calls_use_the_cores_and_agree_with_one_thread(monkeypatch):
     queries = mx.random.normal((1, 12, 1, 64))
     chosen = []
     real = cpu._threads
-    monkeypatch.setattr(cpu, "_threads", lambda work=0: chosen.append(real(work)) or chosen[-1])
+    monkeypatch.setattr(cpu, "_threads", lambda work=0, *limit: chosen.append(real(work, *limit)) or chosen[-1])
     for kind, expected in (("klt pre-rope split", 2), ("tq4/4", 1)):
         cache = _cache(kind, 64, 4)
         cache.append(*_keys_values(1, 4, 4096, 64))

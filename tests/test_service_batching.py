@@ -347,6 +347,41 @@ def test_streams_join_and_leave_mid_stream_and_match_solo_runs(client, shard):
     assert _metric(shard, "kvshard_batch_size_count")[""] > before
 
 
+def _mlx_jobs(shard, job: str) -> float:
+    """How many jobs of this name the shard's MLX thread ran (kvshard_worker_job_seconds)."""
+    counts = _metric(shard, "kvshard_worker_job_seconds_count")
+    return sum(v for k, v in counts.items() if 'worker="kvshard-mlx"' in k and f'job="{job}"' in k)
+
+
+def test_a_stream_ending_on_a_token_commits_what_its_last_turn_took(client, shard):
+    """A stream that max_tokens or a stop token ends leaves the batch arena and has its commit snapshot taken in
+    the turn that sampled its last token, with no job of its own that the next turn could run ahead of; the store
+    holds the finished call before the last token arrives. A stop string, which only the text shows, takes the
+    jobs of its own."""
+    prompt = _prompt(30)
+    tokens = _run(client, prompt, 3)  # (3 tokens: no checkpoint at --checkpoint-tokens 4)
+    cases = [(dict(max_tokens=3), pb.LENGTH, 3), (dict(max_tokens=12, stop_token_ids=[tokens[1]]), pb.STOP, 2)]
+    for kwargs, reason, count in cases:
+        before = _mlx_jobs(shard, "snapshot"), _mlx_jobs(shard, "BatchArena.release")
+        session = client.create_session(key_bits=4)
+        streamed = list(session.generate(prompt, **kwargs))
+        assert [t.token_id for t in streamed] == tokens[:count]
+        assert streamed[-1].committed_offset == streamed[-1].offset  # durable before the last token came
+        info = session.refresh()
+        assert info.last_generate.finished and info.last_generate.finish_reason == reason
+        assert info.last_generate.generated_tokens == count and info.committed_offset == info.offset
+        assert (_mlx_jobs(shard, "snapshot"), _mlx_jobs(shard, "BatchArena.release")) == before, kwargs
+    text = client.create_session(key_bits=4).generate_text(prompt, max_tokens=3)
+    stop = text[len(client.create_session(key_bits=4).generate_text(prompt, max_tokens=1)):][:2]
+    before = _mlx_jobs(shard, "snapshot")
+    session = client.create_session(key_bits=4)
+    streamed = list(session.generate(prompt, max_tokens=12, stop=[stop]))
+    info = session.refresh()
+    assert info.last_generate.finished and info.last_generate.finish_reason == pb.STOP and len(streamed) == 2
+    assert streamed[-1].committed_offset == streamed[-1].offset == info.committed_offset
+    assert _mlx_jobs(shard, "snapshot") == before + 1
+
+
 def test_cancelling_one_stream_leaves_the_others_alone(client):
     prompts = [_prompt(25), _prompt(45), _prompt(30)]
     solo = [_run(client, p, 16) for p in prompts[1:]]

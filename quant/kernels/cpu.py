@@ -49,12 +49,18 @@ from .object_cache import ObjectCache
 # are synthesised, d x m multiply-adds per key and KV head (~100 M a SmolLM2 layer at 8K tokens, ~8 ms on one
 # core), so those calls go parallel from ~3K tokens; plain codes (~0.4 M per 1K tokens and head) from ~35K.
 # KVSHARD_CPU_THREADS=N fixes the count. benchmarks/decode_cpu_e2e.py measures 1 and 2 threads side by side.
+# The batch arena's calls (one per layer over every co-decoding session's rows) run while the service holds
+# OpenBLAS to one thread (service/scheduler.py), so no idle BLAS worker spins on the other core: they go
+# parallel from ROWS_PARALLEL_WORK, counted over the rows' own lengths: 8 rows of 4-bit SmolLM2 codes on this
+# 2-core machine, quiet, 2 threads against 1: 0.86x at 400 tokens in all, 1.01x at 1K, 1.24x at 2K, 1.6-1.7x
+# from 4K to 18K (2026-12-06).
 ENV_THREADS = "KVSHARD_CPU_THREADS"
 ENV_CACHE = "KVSHARD_KERNEL_CACHE"  # where the compiled kernel is kept; default ~/.cache/kvshard/kernels
 SOURCES = tuple(Path(__file__).with_name("src") / name for name in ("cpu_attention.c", "cpu_encode.c"))
 # Tried in order: this machine's vector units, then AVX2 + FMA, then the compiler's default target.
 ARCH_FLAGS = (("-march=native",), ("-mavx2", "-mfma"), ())
 PARALLEL_WORK = 40_000_000
+ROWS_PARALLEL_WORK = 2_000_000
 MAX_THREADS = 8
 CHUNK_TOKENS = 256  # the smallest slice of the context one thread takes (slices merge their partial softmaxes)
 MAX_DIM, MAX_BYTES = 512, 1024  # per token: coordinates and code bytes the kernel's buffers hold
@@ -138,12 +144,12 @@ def native_library():
     return library
 
 
-def _threads(work: int = 0) -> int:
+def _threads(work: int = 0, parallel_work: int = PARALLEL_WORK) -> int:
     """Threads for a kernel call of `work` multiply-adds: KVSHARD_CPU_THREADS when set, else 1 below
-    PARALLEL_WORK and the process's cores (at most MAX_THREADS) from there."""
+    parallel_work and the process's cores (at most MAX_THREADS) from there."""
     value = os.environ.get(ENV_THREADS)
     if value is None:
-        return _cores() if work >= PARALLEL_WORK else 1
+        return _cores() if work >= parallel_work else 1
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{ENV_THREADS} must be a positive integer, got {value!r}")
     return int(value)
@@ -373,7 +379,10 @@ def _attend_native(queries: np.ndarray, T: int, key_layout, keys: dict, value_la
     lse = np.empty((B, H, R), np.float32)
     # Multiply-adds per token and KV head: scores and values for every row, and a pre-RoPE key's synthesis.
     per_token = R * (key_layout.dim + value_layout.dim) + (key_layout.dim * q_np.shape[-1] if rope is not None else 0)
-    threads = _threads(B * H * T * per_token)
+    if lengths is None:
+        threads = _threads(B * H * T * per_token)
+    else:
+        threads = _threads(H * int(np.sum(lengths)) * per_token, ROWS_PARALLEL_WORK)
     chunk = max(CHUNK_TOKENS, -(-T // (4 * threads)))
     head = (_ptr(q_np, _f32), B, H, R, q_np.shape[-1], ctypes.c_int64(T))
     tail = (ctypes.byref(key_layout.struct), ctypes.byref(key_tensor), ctypes.byref(value_layout.struct),
