@@ -19,7 +19,7 @@ from kvshard.quant.batch_view import batch_views
 from kvshard.quant.sliding import SlidingCompressedKVCache
 from kvshard.service import logs, metrics
 from kvshard.service.errors import LimitExceeded
-from kvshard.service.sessions import Session, SessionManager
+from kvshard.service.sessions import Session, SessionManager, snapshots
 from kvshard.service.worker import run_to_completion
 
 PREFILL_CHUNK = 256  # tokens per forward pass while feeding a long input
@@ -252,7 +252,9 @@ def finish_in_turn(decoders: list[Decoder], outcomes: list, arena: BatchArena | 
         for decoder, reason in ending:
             decoder.released = True
             decoder.progress.update(finished=True, finish_reason=reason)
-            decoder.final = reason, decoder.session.snapshot()
+        taken = snapshots([decoder.session for decoder, _ in ending])
+        for (decoder, reason), snapshot in zip(ending, taken, strict=True):
+            decoder.final = reason, snapshot
     except Exception:  # noqa: BLE001 (the tokens stand; each stream releases and commits in jobs of its own)
         logs.logger().exception("finish_in_turn failed: the streams release and commit in jobs of their own")
         for decoder, _ in ending:

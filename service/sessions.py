@@ -367,11 +367,7 @@ class Session:
         only_if_changed and nothing changed since the last commit."""
         if only_if_changed and self.unchanged_since_commit():
             return None
-        # The arena's newer codes of every changed layer come back in two evaluations, and all the arrays reach
-        # the host in one copy (service/store/codec.py), where layer by layer each took its own.
-        settle_leased([self.caches[layer] for layer in self.dirty])
-        layers, splits = self._splits()
-        return self._snapshot_of(layers, splits, split_states(splits))
+        return snapshots([self])[0]
 
     def unchanged_since_commit(self) -> bool:
         return not self.dirty and self.committed_tokens == len(self.record.token_ids)
@@ -419,6 +415,19 @@ class Session:
         self.committed_offset = record.offset
         self.committed_tokens = len(record.token_ids)
 
+
+
+def snapshots(sessions: list["Session"]) -> list[tuple[SessionRecord, list[LayerDelta]]]:
+    """(MLX thread) Each session's snapshot (Session.snapshot), all of them in one pass: the arena's newer codes
+    of every changed layer come back in two evaluations, and every array of every session reaches the host in
+    one copy (service/store/codec.py), where layer by layer each took its own, and session by session (streams
+    ending in one turn, generation.finish_in_turn) each took one wait for the GPU: 32 sessions' last tokens
+    waited 246-279 ms on an H100."""
+    settle_leased([session.caches[layer] for session in sessions for layer in session.dirty])
+    taken = [session._splits() for session in sessions]
+    parts = iter(split_states([split for _, splits in taken for split in splits]))
+    return [session._snapshot_of(layers, splits, [next(parts) for _ in splits])
+            for session, (layers, splits) in zip(sessions, taken, strict=True)]
 
 class SessionManager:
     """Hot sessions under a byte budget (least recently used dropped first), loaded from the store on use.

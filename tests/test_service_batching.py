@@ -21,9 +21,9 @@ from kvshard.quant import KVCacheBuilder, KVCacheConfig, install_attention_hook
 from kvshard.quant.batch_arena import BatchArena
 from kvshard.quant.batch_view import batch_views
 from kvshard.quant.models import model_fingerprint
-from kvshard.service.generation import PREFILL_CHUNK, Decoder, Sampling
+from kvshard.service.generation import PREFILL_CHUNK, Decoder, Sampling, decode_batch
 from kvshard.service.model import ServedModel
-from kvshard.service.sessions import Limits, Session, resolve_spec
+from kvshard.service.sessions import Limits, Session, resolve_spec, snapshots
 from kvshard.service import cli, worker
 from kvshard.service.scheduler import CHUNK_SHARE, DECODE_BLAS_THREADS, MIN_CHUNK, ChunkCost, chunk_tokens
 from kvshard.wire import kvshard_pb2 as pb
@@ -221,6 +221,31 @@ def test_a_fresh_prompt_fed_in_pieces_takes_its_key_mean_from_a_whole_first_chun
     # round differently), so its bound is on the median, with every layer still far closer than the first piece.
     assert gaps[0][0] == 0 and statistics.median(b for b, _ in gaps) < 0.02, gaps
     assert all(c > 3 * b and b < 0.1 for b, c in gaps), gaps
+
+
+def test_snapshots_of_sessions_in_one_pass_equal_each_session_s_own(smollm):
+    """sessions.snapshots (what finish_in_turn takes for the streams ending in one turn: one host copy for all)
+    gives each session the record and deltas its own snapshot gives, from the arena's codes too."""
+    model, tokenizer = smollm
+    install_attention_hook(model)
+    served = ServedModel("smollm2-135m", model, tokenizer, model_fingerprint(model),
+                         dict(layers=len(model.layers), n_kv_heads=3, head_dim=64), model.args.vocab_size,
+                         frozenset(), {}, "")
+    decoders = [_fresh_decoder(served, [(31 * i + 7 * k) % 4000 + 50 for i in range(n)]) for k, n in enumerate((40, 75))]
+    arena = BatchArena()
+    for decoder in decoders:
+        assert isinstance(decoder.step(), int)
+        decoder.session.committed(*decoder.session.snapshot())  # as a commit does: later deltas start past it
+    for _ in range(3):
+        assert all(isinstance(t, int) for t in decode_batch(decoders, arena))
+    together = snapshots([d.session for d in decoders])  # (their newest codes still in the arena)
+    alone = [d.session.snapshot() for d in decoders]
+    for (record_a, deltas_a), (record_b, deltas_b) in zip(together, alone, strict=True):
+        assert record_a.token_ids == record_b.token_ids and record_a.layer_offsets == record_b.layer_offsets
+        assert record_a.version == record_b.version
+        assert [(d.layer, d.keep_until, d.block, d.tail) for d in deltas_a] == \
+               [(d.layer, d.keep_until, d.block, d.tail) for d in deltas_b]
+        assert all(d.keep_until > 0 and d.block for d in deltas_a)  # only the codes since the commit
 
 
 @pytest.mark.skipif(worker._openblas() is None, reason="no OpenBLAS in this process (it is LD_PRELOADed on Linux)")
