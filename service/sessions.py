@@ -416,7 +416,6 @@ class Session:
         self.committed_tokens = len(record.token_ids)
 
 
-
 def snapshots(sessions: list["Session"]) -> list[tuple[SessionRecord, list[LayerDelta]]]:
     """(MLX thread) Each session's snapshot (Session.snapshot), all of them in one pass: the arena's newer codes
     of every changed layer come back in two evaluations, and every array of every session reaches the host in
@@ -428,6 +427,7 @@ def snapshots(sessions: list["Session"]) -> list[tuple[SessionRecord, list[Layer
     parts = iter(split_states([split for _, splits in taken for split in splits]))
     return [session._snapshot_of(layers, splits, [next(parts) for _ in splits])
             for session, (layers, splits) in zip(sessions, taken, strict=True)]
+
 
 class SessionManager:
     """Hot sessions under a byte budget (least recently used dropped first), loaded from the store on use.
