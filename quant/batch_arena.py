@@ -140,11 +140,13 @@ class ArenaLayer:
         self.synced[slot] = stop
         return changed
 
-    def remove(self, slot: int) -> None:
-        """The slot's cache leaves and the slot is free (trailing free slots are dropped, so that a step's rows
-        are the live ones). The caller (BatchArena.release) has synced the slot and evaluated what came back."""
-        self.caches[slot]._lease = None
-        self.caches[slot], self.lengths[slot], self.synced[slot], self._means[slot] = None, 0, 0, None
+    def remove(self, slots: list[int]) -> None:
+        """The slots' caches leave and the slots are free (trailing free slots are dropped, so that a step's rows
+        are the live ones); the key means are stacked again once for all of them. The caller
+        (BatchArena.release_many) has synced the slots and evaluated what came back."""
+        for slot in slots:
+            self.caches[slot]._lease = None
+            self.caches[slot], self.lengths[slot], self.synced[slot], self._means[slot] = None, 0, 0, None
         while self.caches and self.caches[-1] is None:
             del self.caches[-1], self.lengths[-1], self.synced[-1], self._means[-1]
         self._stack_means()
@@ -418,9 +420,9 @@ class BatchArena:
             mx.eval([layer._flushed() for layer in self.layers])
         changed = [layer.sync(slot, settle=False) for layer in self.layers for slot in slots]
         mx.eval(changed)  # copies of their own before the slots are written
+        for layer in self.layers:
+            layer.remove(slots)
         for slot in slots:
-            for layer in self.layers:
-                layer.remove(slot)
             self.members[slot] = None
         while self.members and self.members[-1] is None:
             del self.members[-1]

@@ -241,7 +241,7 @@ def finish_in_turn(decoders: list[Decoder], outcomes: list, arena: BatchArena | 
     each ending stream's last token back by a whole batched step, and by the others' releases."""
     ending = []
     for decoder, outcome in zip(decoders, outcomes, strict=True):
-        reason = decoder.finish_reason(outcome) if isinstance(outcome, int) and not isinstance(outcome, bool) else None
+        reason = decoder.finish_reason(outcome) if isinstance(outcome, int) else None  # (None: a chunk fed; or an error)
         if reason is not None:
             ending.append((decoder, reason))
     if not ending:
